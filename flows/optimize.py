@@ -1,0 +1,60 @@
+"""The main pipeline: data -> search -> train -> compress -> export -> validate -> register -> ship.
+
+Wiring only; each stage lives in `tasks/`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+from prefect import flow
+
+from tasks import track_run
+from tasks.compress_model import compress_candidate_task
+from tasks.register_model import register_model_task
+from tasks.report_candidates import report_candidates_task
+from tasks.search_model import search_model_task
+from tasks.ship_bundle import ship_bundle_task
+from tasks.train_model import train_model_task
+from tasks.validate_model import BASELINE, apply_gates, best_passing, require_passing, validate_candidate_task
+from tasks.version_data import version_data_task
+
+
+@flow(name="optimize", log_prints=True)
+def optimize(config_path: str = "configs/digits.yaml", root: str = ".") -> dict:
+    with track_run.pipeline_run(config_path, root) as run:
+        cfg, work = run.cfg, run.cfg.workdir
+
+        data = version_data_task(cfg.data, run.root)
+        track_run.set_tags(run.run_id, {"data_version": data.md5})
+
+        study = f"{cfg.tracking.experiment}-{data.md5[:12]}-{cfg.section_hash('search')}"
+        search = search_model_task(cfg.search, data.dir, work / "search", study, run.experiment_id, run.run_id)
+        track_run.log_stage(run.run_id, "search", {**asdict(search), **search.best_params})
+
+        trained = train_model_task(cfg.train, search.best_params, data.dir, data.md5, work / "train")
+        track_run.log_stage(run.run_id, "train", asdict(trained))
+
+        recipes = {BASELINE: [], **cfg.compress.candidates}
+        candidates = [compress_candidate_task(name, recipe, trained.checkpoint, data.dir, cfg.train,
+                                              work / "candidates" / run.run_id)
+                      for name, recipe in recipes.items()]
+
+        # One at a time: concurrent measurements would skew each other's latency.
+        reports = apply_gates([validate_candidate_task(c, cfg.validate_, data.dir) for c in candidates], cfg.gates)
+        chosen = best_passing(reports, cfg.gates)
+        summary = report_candidates_task(reports, chosen and chosen.name, work / "reports" / run.run_id)
+        track_run.log_candidates(run.run_id, candidates, reports, summary)
+        require_passing(chosen, reports)
+
+        registered = register_model_task(Path(chosen.onnx), cfg.register_, run.run_id, data.dir)
+        bundle = ship_bundle_task(
+            Path(chosen.onnx), cfg.register_.bundle_dir, data.dir, data.md5,
+            {"candidate": chosen.name, "metrics": chosen.to_dict(), "mlflow_run_id": run.run_id,
+             "registered_model": asdict(registered)},
+        )
+        track_run.set_tags(run.run_id, {"chosen_candidate": chosen.name, "bundle": str(bundle),
+                                        "registered_version": registered.version})
+        return {"run_id": run.run_id, "data_version": data.md5, "chosen": chosen.name,
+                "bundle": str(bundle), "model_uri": registered.model_uri, "version": registered.version}

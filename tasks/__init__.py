@@ -1,0 +1,1 @@
+"""Pipeline stages: plain typed functions, each wrapped as a Prefect task (`<name>_task`)."""

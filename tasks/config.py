@@ -1,0 +1,250 @@
+"""Pipeline configuration: one model per concern, every field defaulted and documented.
+
+`load_config` validates the whole file at once and raises a single `ConfigError` listing every
+problem, so a user fixes a config in one pass instead of one error per run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """The configuration file is missing, unreadable or invalid; the message lists every problem."""
+
+
+class _Section(BaseModel):
+    # A misspelt key must be an error, not a silently ignored default.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(_Section):
+    dataset: Literal["digits"] = Field("digits", description="Built-in data set written to `dir` when it is absent.")
+    dir: Path = Field(Path("data"), description="DVC-tracked data folder (relative to the project root).")
+    val_fraction: float = Field(0.15, gt=0, lt=0.5, description="Share of samples held out for validation.")
+    test_fraction: float = Field(0.2, gt=0, lt=0.5, description="Share of samples held out for the final test.")
+    split_seed: int = Field(0, description="Seed of the stratified train/val/test split.")
+    dvc_remote: Path = Field(Path(".modelforge/dvc-remote"), description="Local DVC remote the data is pushed to.")
+
+
+class SearchSpace(_Section):
+    families: list[Literal["mlp", "cnn"]] = Field(["cnn", "mlp"], min_length=1, description="Model families to search over.")
+    lr: tuple[float, float] = Field((1e-3, 3e-2), description="Log-uniform learning-rate range.")
+    optimizers: list[Literal["sgd", "adam"]] = Field(["sgd", "adam"], min_length=1, description="Optimizers to try.")
+    depth: tuple[int, int] = Field((1, 3), description="Hidden layers (mlp) or conv blocks (cnn), inclusive range.")
+    width: tuple[int, int] = Field((32, 128), description="Hidden units per MLP layer, inclusive range.")
+    channels: tuple[int, int] = Field((8, 32), description="Channels of the first conv block (doubling per block).")
+
+    @model_validator(mode="after")
+    def _ranges_ordered(self) -> "SearchSpace":
+        problems = [
+            f"{name}: low {lo} must be > 0 and <= high {hi}"
+            for name in ("lr", "depth", "width", "channels")
+            for lo, hi in [getattr(self, name)]
+            if not 0 < lo <= hi
+        ]
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+class SearchConfig(_Section):
+    sampler: Literal["tpe", "random"] = Field("tpe", description="Optuna sampler.")
+    n_trials: int = Field(12, ge=1, description="Trials to run (an interrupted study resumes up to this count).")
+    epochs: int = Field(8, ge=1, description="Training epochs per trial.")
+    seed: int = Field(0, description="Sampler seed: same seed, same trials.")
+    storage: str | None = Field(None, description="Optuna storage URL; default SQLite under the work dir.")
+    space: SearchSpace = Field(default_factory=SearchSpace, description="What the search may choose.")
+
+
+class TrainConfig(_Section):
+    max_epochs: int = Field(40, ge=1, description="Upper bound on training epochs.")
+    patience: int = Field(6, ge=1, description="Early stopping: epochs without val-accuracy gain before stopping.")
+    batch_size: int = Field(64, ge=1, description="Mini-batch size.")
+    weight_decay: float = Field(0.0, ge=0, description="L2 penalty.")
+    init_from: Path | None = Field(None, description="Checkpoint to fine-tune from instead of a random init.")
+    seed: int = Field(0, description="Torch seed for initialisation and shuffling.")
+
+
+class _Step(_Section):
+    finetune_epochs: int = Field(0, ge=0, description="Epochs of training after the step (torch-level steps).")
+
+
+class MagnitudePrune(_Step):
+    method: Literal["magnitude_prune"]
+    sparsity: float = Field(0.5, ge=0, lt=1, description="Fraction of weights (global, by |w|) set to zero.")
+    finetune_epochs: int = Field(5, ge=0, description="Fine-tuning epochs with the mask held fixed.")
+
+
+class Distill(_Step):
+    method: Literal["distill"]
+    width_factor: float = Field(0.5, gt=0, le=1, description="Student width/channels as a share of the teacher's.")
+    depth: int | None = Field(None, ge=1, description="Student depth; default the teacher's.")
+    temperature: float = Field(4.0, gt=0, description="Softmax temperature of the KL term.")
+    alpha: float = Field(0.7, ge=0, le=1, description="Weight of the KL term; 1-alpha weights the hard-label loss.")
+    epochs: int = Field(30, ge=1, description="Student training epochs (early stopping applies).")
+
+
+class QuantizeDynamic(_Step):
+    method: Literal["quantize_dynamic"]
+    per_channel: bool = Field(False, description="Per-channel weight scales.")
+
+
+class QuantizeStatic(_Step):
+    method: Literal["quantize_static"]
+    calibration_samples: int = Field(256, ge=1, description="Training samples fed to the calibrator.")
+    calibrate_method: Literal["minmax", "entropy", "percentile"] = Field("minmax", description="Activation range estimator.")
+    per_channel: bool = Field(True, description="Per-channel weight scales.")
+
+
+Step = Annotated[Union[MagnitudePrune, Distill, QuantizeDynamic, QuantizeStatic], Field(discriminator="method")]
+
+
+def _default_candidates() -> dict[str, list]:
+    return {
+        "pruned": [MagnitudePrune(method="magnitude_prune")],
+        "student": [Distill(method="distill")],
+        "int8_dynamic": [QuantizeDynamic(method="quantize_dynamic")],
+        "int8_static": [QuantizeStatic(method="quantize_static")],
+    }
+
+
+class CompressConfig(_Section):
+    candidates: dict[str, list[Step]] = Field(
+        default_factory=_default_candidates,
+        description="Candidate name -> recipe: steps applied in order to the trained FP32 baseline.",
+    )
+
+    @model_validator(mode="after")
+    def _recipes_valid(self) -> "CompressConfig":
+        from tasks.compress_model import ONNX_METHODS  # the registry knows which steps act on ONNX
+
+        problems = []
+        for name, steps in self.candidates.items():
+            if name == "baseline":
+                problems.append("'baseline' is reserved for the uncompressed FP32 model")
+            if not steps:
+                problems.append(f"candidate {name!r}: empty recipe")
+            kinds = [s.method in ONNX_METHODS for s in steps]
+            if kinds != sorted(kinds):
+                problems.append(f"candidate {name!r}: torch steps cannot follow an ONNX step (quantize last)")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+class ValidateConfig(_Section):
+    warmup: int = Field(20, ge=0, description="Untimed runs before measuring.")
+    latency_runs: int = Field(200, ge=5, description="Timed batch-1 runs for the p50/p95 latency.")
+    throughput_batch: int = Field(64, ge=1, description="Batch size of the throughput measurement.")
+    throughput_runs: int = Field(30, ge=1, description="Timed batches for the throughput measurement.")
+    intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads (0 = runtime default).")
+    use_cuda: bool = Field(True, description="Also measure on CUDAExecutionProvider when it is available.")
+
+
+class GateConfig(_Section):
+    max_accuracy_drop: float = Field(1.0, ge=0, description="Allowed test-accuracy drop vs the FP32 baseline, in points.")
+    min_accuracy: float = Field(0.90, ge=0, le=1, description="Absolute floor on test accuracy.")
+    max_parity_error: float = Field(1e-4, gt=0, description="Max |ORT - PyTorch| on test logits for exported models.")
+    max_latency_ratio: float | None = Field(
+        1.0, gt=0, description="Reject a compressed model whose p50 latency exceeds this multiple of the baseline's."
+    )
+    select_by: Literal["latency_p50_ms", "size_bytes", "accuracy"] = Field(
+        "latency_p50_ms", description="Among passing candidates pick the lowest latency/size or highest accuracy."
+    )
+
+
+class RegisterConfig(_Section):
+    model_name: str = Field("digits-classifier", min_length=1, description="MLflow registered-model name.")
+    alias: str = Field("candidate", min_length=1, description="Registry alias set on the new version.")
+    bundle_dir: Path = Field(Path("deploy/bundle"), description="Serving bundle folder (replaced atomically).")
+
+
+class TrackingConfig(_Section):
+    uri: str = Field("sqlite:///.modelforge/mlflow.db", description="MLflow tracking URI (sqlite:/// by default).")
+    experiment: str = Field("modelforge", min_length=1, description="MLflow experiment name.")
+    artifact_dir: Path = Field(Path(".modelforge/mlartifacts"), description="Artifact root of a new experiment.")
+
+
+class PipelineConfig(_Section):
+    workdir: Path = Field(Path(".modelforge"), description="Everything a run writes (checkpoints, ONNX, studies).")
+    data: DataConfig = Field(default_factory=DataConfig)
+    search: SearchConfig = Field(default_factory=SearchConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    compress: CompressConfig = Field(default_factory=CompressConfig)
+    validate_: ValidateConfig = Field(default_factory=ValidateConfig, alias="validate")
+    gates: GateConfig = Field(default_factory=GateConfig)
+    register_: RegisterConfig = Field(default_factory=RegisterConfig, alias="register")
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    def resolved(self, root: Path) -> "PipelineConfig":
+        """The same config with every relative path anchored at `root` (the project folder)."""
+        root = Path(root).resolve()
+        at = lambda p: p if p is None or p.is_absolute() else root / p
+        uri = self.tracking.uri
+        if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+            uri = f"sqlite:///{root / uri.removeprefix('sqlite:///')}"
+        return self.model_copy(update={
+            "workdir": at(self.workdir),
+            "data": self.data.model_copy(update={"dir": at(self.data.dir), "dvc_remote": at(self.data.dvc_remote)}),
+            "train": self.train.model_copy(update={"init_from": at(self.train.init_from)}),
+            "register_": self.register_.model_copy(update={"bundle_dir": at(self.register_.bundle_dir)}),
+            "tracking": self.tracking.model_copy(update={"uri": uri, "artifact_dir": at(self.tracking.artifact_dir)}),
+        })
+
+    def section_hash(self, *sections: str) -> str:
+        """Stable hash of the named sections, used in cache keys: same config, same key."""
+        payload = {s: self.model_dump(mode="json", by_alias=True)[s] for s in sections}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+    def flat(self) -> dict[str, str]:
+        """Dotted key -> value, for MLflow params."""
+        out: dict[str, str] = {}
+
+        def walk(prefix: str, value: object) -> None:
+            if isinstance(value, dict):
+                for k, v in value.items():
+                    walk(f"{prefix}.{k}" if prefix else str(k), v)
+            else:
+                out[prefix] = json.dumps(value) if isinstance(value, list) else str(value)
+
+        walk("", self.model_dump(mode="json", by_alias=True))
+        return out
+
+
+def _format_errors(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "<root>"
+        lines.append(f"  - {where}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def parse_config(raw: dict, source: str = "<dict>") -> PipelineConfig:
+    try:
+        return PipelineConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(f"invalid config {source} ({err.error_count()} problem(s)):\n{_format_errors(err)}") from None
+
+
+def load_config(path: str | Path) -> PipelineConfig:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise ConfigError(f"cannot read config {path}: {err.strerror}") from None
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config {path} is not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config {path} must be a mapping of sections, got {type(raw).__name__}")
+    return parse_config(raw, str(path))

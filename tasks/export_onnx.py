@@ -1,0 +1,49 @@
+"""torch -> ONNX with a dynamic batch axis, checked by `onnx.checker` and against PyTorch on ORT."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from tasks.run_onnx import predict_logits, make_session
+
+INPUT_NAME = "input"
+OUTPUT_NAME = "logits"
+
+# The exporter warns once per missing torchvision op; none of them can occur in these models.
+logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    path: Path
+    parity_max_abs: float  # max |ORT - PyTorch| over the reference inputs
+
+
+def export_onnx(model: nn.Module, path: Path, reference_x: np.ndarray) -> ExportResult:
+    """Export with the dynamo exporter and measure parity on `reference_x` (N, *input_shape).
+
+    The example batch has 2 samples: with 1 the exporter specialises the batch axis to a constant.
+    """
+    model = model.eval()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    example = torch.from_numpy(np.ascontiguousarray(reference_x[:2]))
+    program = torch.onnx.export(
+        model, (example,), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+        dynamic_shapes=({0: torch.export.Dim("batch")},), dynamo=True, verbose=False,
+    )
+    tmp = path.with_suffix(".tmp.onnx")
+    program.save(str(tmp))
+    onnx.checker.check_model(str(tmp), full_check=True)
+    tmp.replace(path)
+    with torch.no_grad():
+        expected = model(torch.from_numpy(reference_x)).numpy()
+    got = predict_logits(make_session(path), reference_x)
+    return ExportResult(path, float(np.abs(got - expected).max()))

@@ -1,0 +1,42 @@
+"""Log the chosen ONNX model to MLflow with its signature, register it and point an alias at it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import onnx
+from mlflow.models import infer_signature
+from mlflow.tracking import MlflowClient
+from prefect import task
+
+from tasks.config import RegisterConfig
+from tasks.run_onnx import make_session, predict_logits
+from tasks.version_data import load_splits
+
+
+@dataclass(frozen=True)
+class RegisteredModel:
+    name: str
+    version: str
+    alias: str
+    model_uri: str  # models:/name@alias
+
+
+def register_model(onnx_path: Path, cfg: RegisterConfig, run_id: str, data_dir: Path) -> RegisteredModel:
+    sample_x = load_splits(data_dir).test[0][:4]
+    signature = infer_signature(sample_x, predict_logits(make_session(onnx_path), sample_x))
+    # log_model takes no run id: resume the pipeline run in this thread just for the call.
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.onnx.log_model(
+            onnx.load(str(onnx_path)), name="model", signature=signature, input_example=sample_x,
+            registered_model_name=cfg.model_name, onnx_execution_providers=["CPUExecutionProvider"],
+        )
+    version = str(info.registered_model_version)
+    MlflowClient().set_registered_model_alias(cfg.model_name, cfg.alias, version)
+    print(f"[register] {cfg.model_name} version {version} -> alias '{cfg.alias}'")
+    return RegisteredModel(cfg.model_name, version, cfg.alias, f"models:/{cfg.model_name}@{cfg.alias}")
+
+
+register_model_task = task(register_model, name="register_model")

@@ -1,0 +1,72 @@
+"""Write the serving bundle: model.onnx + manifest.json, swapped in atomically.
+
+The bundle is assembled in a sibling temp folder and renamed into place, so a failure at any point
+leaves the previous bundle (or none) and never a half-written one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+
+from prefect import task
+
+from tasks.run_onnx import make_session
+from tasks.version_data import load_splits
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _io_spec(path: Path) -> dict:
+    session = make_session(path)
+    spec = lambda args: [{"name": a.name, "shape": [d if isinstance(d, int) else str(d) for d in a.shape],
+                          "dtype": a.type} for a in args]
+    return {"inputs": spec(session.get_inputs()), "outputs": spec(session.get_outputs())}
+
+
+def ship_bundle(onnx_path: Path, bundle_dir: Path, data_dir: Path, data_version: str, details: dict) -> Path:
+    """`details`: candidate name, metrics, registry info, run id — copied into the manifest."""
+    data_manifest = load_splits(data_dir).manifest
+    bundle_dir = Path(bundle_dir)
+    bundle_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{bundle_dir.name}-", dir=bundle_dir.parent))
+    try:
+        model = tmp / "model.onnx"
+        shutil.copyfile(onnx_path, model)
+        manifest = {
+            "model_file": model.name,
+            "sha256": sha256_of(model),
+            "size_bytes": model.stat().st_size,
+            **_io_spec(model),
+            "preprocessing": data_manifest["preprocessing"],
+            "input_shape": data_manifest["input_shape"],
+            "labels": list(range(data_manifest["num_classes"])),
+            "data_version": data_version,
+            "created_at": datetime.now(timezone.utc).isoformat(),
+            **details,
+        }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
+        old = bundle_dir.with_name(f".{bundle_dir.name}-old")
+        shutil.rmtree(old, ignore_errors=True)
+        if bundle_dir.exists():
+            bundle_dir.rename(old)
+        tmp.rename(bundle_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    print(f"[ship] bundle {bundle_dir} (model sha256 {manifest['sha256'][:12]}...)")
+    return bundle_dir
+
+
+ship_bundle_task = task(ship_bundle, name="ship_bundle")

@@ -1,0 +1,149 @@
+"""MLflow bookkeeping through explicit run ids.
+
+Stages log through `MlflowClient` with the run id they are handed instead of mlflow's thread-local
+"active run", so logging works the same from any Prefect worker thread.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import yaml
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+
+from tasks.config import ConfigError, PipelineConfig, TrackingConfig, load_config
+
+_MAX_PARAM_LEN = 6000
+
+
+def setup_tracking(cfg: TrackingConfig) -> str:
+    """Point mlflow at the configured store and return the experiment id (created on first use)."""
+    if cfg.uri.startswith("sqlite:///"):
+        Path(cfg.uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(cfg.uri)
+    mlflow.set_registry_uri(cfg.uri)
+    client = MlflowClient()
+    exp = client.get_experiment_by_name(cfg.experiment)
+    if exp is not None:
+        return exp.experiment_id
+    artifact_dir = cfg.artifact_dir.resolve()
+    artifact_dir.mkdir(parents=True, exist_ok=True)
+    return client.create_experiment(cfg.experiment, artifact_location=artifact_dir.as_uri())
+
+
+def start_run(experiment_id: str, name: str, parent_id: str | None = None, tags: dict | None = None) -> str:
+    tags = {MLFLOW_RUN_NAME: name, **(tags or {})}
+    if parent_id:
+        tags[MLFLOW_PARENT_RUN_ID] = parent_id
+    return MlflowClient().create_run(experiment_id, tags=tags, run_name=name).info.run_id
+
+
+def log_params(run_id: str, params: dict) -> None:
+    items = [Param(str(k), str(v)[:_MAX_PARAM_LEN]) for k, v in params.items()]
+    for i in range(0, len(items), 100):  # the store caps one batch at 100 params
+        MlflowClient().log_batch(run_id, params=items[i : i + 100])
+
+
+def log_metrics(run_id: str, metrics: dict, step: int = 0) -> None:
+    now = int(time.time() * 1000)
+    items = [Metric(str(k), float(v), now, step) for k, v in metrics.items() if v is not None]
+    if items:
+        MlflowClient().log_batch(run_id, metrics=items)
+
+
+def set_tags(run_id: str, tags: dict) -> None:
+    MlflowClient().log_batch(run_id, tags=[RunTag(str(k), str(v)) for k, v in tags.items()])
+
+
+def log_artifact(run_id: str, path: Path, artifact_path: str | None = None) -> None:
+    MlflowClient().log_artifact(run_id, str(path), artifact_path)
+
+
+def log_text(run_id: str, text: str, artifact_file: str) -> None:
+    MlflowClient().log_text(run_id, text, artifact_file)
+
+
+def log_json(run_id: str, obj: object, artifact_file: str) -> None:
+    log_text(run_id, json.dumps(obj, indent=2, sort_keys=True, default=str), artifact_file)
+
+
+def end_run(run_id: str, status: str = "FINISHED") -> None:
+    MlflowClient().set_terminated(run_id, status)
+
+
+def fail_run(run_id: str, err: BaseException) -> None:
+    """Mark the run FAILED with the error as a tag (visible in the runs table) and a full traceback."""
+    summary = f"{type(err).__name__}: {err}"
+    set_tags(run_id, {"error": summary[:5000], "status_reason": "failed"})
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "error.txt"
+        path.write_text("".join(traceback.format_exception(err)))
+        log_artifact(run_id, path)
+    end_run(run_id, "FAILED")
+
+
+def log_stage(run_id: str, stage: str, values: dict) -> None:
+    """Numbers become metrics `result.stage.key`, everything else params (config params own `stage.key`)."""
+    prefix = f"result.{stage}"
+    numbers = {f"{prefix}.{k}": v for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    others = {f"{prefix}.{k}": v for k, v in values.items() if f"{prefix}.{k}" not in numbers and v is not None}
+    log_metrics(run_id, numbers)
+    log_params(run_id, others)
+
+
+@dataclass(frozen=True)
+class PipelineRun:
+    cfg: PipelineConfig
+    root: Path
+    experiment_id: str
+    run_id: str
+
+
+@contextmanager
+def pipeline_run(config_path: str | Path, root: str | Path, run_name: str = "optimize") -> Iterator[PipelineRun]:
+    """Load and print the resolved config, open the parent MLflow run, and close it FINISHED or,
+    on any error (a bad config included), FAILED with the error recorded on the run."""
+    root = Path(root).resolve()
+    try:
+        cfg = load_config(config_path).resolved(root)
+    except ConfigError as err:
+        # The config names the store; with no usable config the default store still records the failure.
+        tracking = PipelineConfig().resolved(root).tracking
+        run_id = start_run(setup_tracking(tracking), run_name, tags={"config_path": str(config_path)})
+        fail_run(run_id, err)
+        raise
+    text = yaml.safe_dump(cfg.model_dump(mode="json", by_alias=True), sort_keys=False)
+    print(f"[config] resolved config from {config_path}:\n{text}")
+    experiment_id = setup_tracking(cfg.tracking)
+    run_id = start_run(experiment_id, run_name, tags={"config_path": str(config_path)})
+    try:
+        log_params(run_id, cfg.flat())
+        log_text(run_id, text, "config.yaml")
+        yield PipelineRun(cfg, root, experiment_id, run_id)
+    except BaseException as err:
+        fail_run(run_id, err)
+        raise
+    end_run(run_id, "FINISHED")
+
+
+def log_candidates(run_id: str, candidates: list, reports: list, summary: dict[str, Path]) -> None:
+    """Per-candidate metrics (`<name>.accuracy`, ...), compression facts, and the summary files."""
+    for report in reports:
+        d = report.to_dict()
+        log_metrics(run_id, {f"{report.name}.{k}": d[k] for k in
+                             ("accuracy", "latency_p50_ms", "latency_p95_ms", "throughput_sps", "size_bytes",
+                              "parity_max_abs")} | {f"{report.name}.passed": float(report.passed)})
+    log_json(run_id, {c.name: {"info": c.info, "onnx": str(c.onnx)} for c in candidates}, "candidates/compression.json")
+    log_json(run_id, [r.to_dict() for r in reports], "candidates/reports.json")
+    for path in summary.values():
+        log_artifact(run_id, path, "candidates")

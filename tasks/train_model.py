@@ -1,0 +1,189 @@
+"""Training: one loop (SGD/Adam, cosine schedule, early stopping on val accuracy) for every stage
+that trains — search trials, the final model, pruning fine-tunes and distillation students."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from prefect import task
+from torch import nn
+
+from tasks.build_model import Arch, build_model, count_params, load_checkpoint, save_checkpoint
+from tasks.config import TrainConfig
+from tasks.version_data import load_splits
+
+LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, x, y) -> loss
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    lr: float
+    optimizer: str  # "sgd" | "adam"
+    epochs: int
+    patience: int
+    batch_size: int = 64
+    weight_decay: float = 0.0
+    seed: int = 0
+
+
+@dataclass
+class FitResult:
+    best_val_accuracy: float
+    best_epoch: int
+    epochs_run: int
+    seconds: float
+    history: list[dict] = field(default_factory=list)
+
+
+def accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray) -> float:
+    model.eval()
+    with torch.no_grad():
+        pred = model(torch.from_numpy(x)).argmax(1).numpy()
+    return float((pred == y).mean())
+
+
+def _optimizer(model: nn.Module, p: TrainParams) -> torch.optim.Optimizer:
+    if p.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=p.lr, momentum=0.9, weight_decay=p.weight_decay)
+    if p.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=p.lr, weight_decay=p.weight_decay)
+    raise ValueError(f"unknown optimizer {p.optimizer!r} (expected 'sgd' or 'adam')")
+
+
+def fit(
+    model: nn.Module,
+    train: tuple[np.ndarray, np.ndarray],
+    val: tuple[np.ndarray, np.ndarray],
+    params: TrainParams,
+    loss_fn: LossFn | None = None,
+    after_step: Callable[[nn.Module], None] | None = None,
+    on_epoch: Callable[[dict], None] | None = None,
+) -> FitResult:
+    """Train in place, restoring the weights of the best validation epoch before returning.
+
+    `after_step` runs after every optimizer step (pruning uses it to keep masked weights at zero);
+    `on_epoch` receives each epoch's metrics (for MLflow curves, pruners and progress output).
+    """
+    torch.manual_seed(params.seed)
+    gen = torch.Generator().manual_seed(params.seed)
+    x_train, y_train = torch.from_numpy(train[0]), torch.from_numpy(train[1])
+    opt = _optimizer(model, params)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=params.epochs)
+    loss_fn = loss_fn or (lambda logits, _x, y: nn.functional.cross_entropy(logits, y))
+    best_acc, best_epoch, best_state = -1.0, 0, copy.deepcopy(model.state_dict())
+    history: list[dict] = []
+    start = time.perf_counter()
+    for epoch in range(1, params.epochs + 1):
+        model.train()
+        order = torch.randperm(len(x_train), generator=gen)
+        total = 0.0
+        for i in range(0, len(order), params.batch_size):
+            idx = order[i : i + params.batch_size]
+            xb, yb = x_train[idx], y_train[idx]
+            loss = loss_fn(model(xb), xb, yb)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"training diverged at epoch {epoch} (loss {loss.item()}); lower the lr")
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if after_step:
+                after_step(model)
+            total += loss.item() * len(idx)
+        sched.step()
+        val_acc = accuracy(model, *val)
+        record = {"epoch": epoch, "train_loss": total / len(order), "val_accuracy": val_acc}
+        history.append(record)
+        if on_epoch:
+            on_epoch(record)
+        if val_acc > best_acc:
+            best_acc, best_epoch, best_state = val_acc, epoch, copy.deepcopy(model.state_dict())
+        elif epoch - best_epoch >= params.patience:
+            break
+    model.load_state_dict(best_state)
+    model.eval()
+    return FitResult(best_acc, best_epoch, len(history), time.perf_counter() - start, history)
+
+
+@dataclass(frozen=True)
+class TrainedModel:
+    checkpoint: Path
+    val_accuracy: float
+    test_accuracy: float
+    params: int
+    epochs_run: int
+
+
+def check_init_checkpoint(cfg: TrainConfig, num_classes: int, input_shape: tuple[int, ...]) -> Arch | None:
+    """Fail before any training if the fine-tuning checkpoint is unreadable or does not fit the data."""
+    if cfg.init_from is None:
+        return None
+    _, arch, _ = load_checkpoint(cfg.init_from)
+    if arch.num_classes != num_classes or tuple(arch.input_shape) != tuple(input_shape):
+        raise ValueError(
+            f"train.init_from {cfg.init_from}: model has {arch.num_classes} classes / input {arch.input_shape}, "
+            f"data has {num_classes} classes / input {tuple(input_shape)}"
+        )
+    return arch
+
+
+def train_model(cfg: TrainConfig, best: dict, data_dir: Path, data_version: str, out_dir: Path) -> TrainedModel:
+    """Train the searched configuration (`best`: family, depth, width, channels, lr, optimizer) to
+    convergence with early stopping; fine-tune from `cfg.init_from` when set.
+
+    Writes under `out_dir/<cache key>/`: the same data version, config and code reuse the result."""
+    splits = load_splits(data_dir)
+    init_arch = check_init_checkpoint(cfg, splits.num_classes, tuple(splits.manifest["input_shape"]))
+    if init_arch is not None:
+        model, arch, _ = load_checkpoint(cfg.init_from)
+        print(f"[train] fine-tuning from {cfg.init_from} ({arch.family}, {count_params(model)} params)")
+    else:
+        arch = Arch.from_search(
+            best["family"], best["depth"], best["width"], best["channels"], splits.num_classes,
+            splits.manifest["input_shape"],
+        )
+        torch.manual_seed(cfg.seed)
+        model = build_model(arch)
+    params = TrainParams(best["lr"], best["optimizer"], cfg.max_epochs, cfg.patience, cfg.batch_size,
+                         cfg.weight_decay, cfg.seed)
+
+    def progress(r: dict) -> None:
+        print(f"[train] epoch {r['epoch']:3d}/{params.epochs} loss {r['train_loss']:.4f} val_acc {r['val_accuracy']:.4f}")
+
+    result = fit(model, splits.train, splits.val, params, on_epoch=progress)
+    test_acc = accuracy(model, *splits.test)
+    out_dir = Path(out_dir) / train_cache_key(cfg, best, data_version)
+    ckpt = save_checkpoint(out_dir / "baseline.pt", model, arch,
+                           {"train": asdict(params), "search": best, "data_version": data_version})
+    (out_dir / "train_history.json").write_text(json.dumps(result.history, indent=1))
+    print(f"[train] best epoch {result.best_epoch}/{result.epochs_run}: val {result.best_val_accuracy:.4f} "
+          f"test {test_acc:.4f} ({result.seconds:.1f}s)")
+    return TrainedModel(ckpt, result.best_val_accuracy, test_acc, count_params(model), result.epochs_run)
+
+
+def code_version() -> str:
+    """Hash of the pipeline's own source: a code change invalidates cached stages."""
+    h = hashlib.sha256()
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def train_cache_key(cfg: TrainConfig, best: dict, data_version: str) -> str:
+    payload = json.dumps([cfg.model_dump(mode="json"), best, data_version, code_version()], sort_keys=True)
+    return f"train-{data_version[:12]}-{hashlib.sha256(payload.encode()).hexdigest()[:16]}"
+
+
+def _cached_train_key(_context, p: dict) -> str:
+    # out_dir is part of the key: a result cached for another work dir points at files elsewhere.
+    return f"{train_cache_key(p['cfg'], p['best'], p['data_version'])}-{hashlib.sha256(str(p['out_dir']).encode()).hexdigest()[:8]}"
+
+
+train_model_task = task(train_model, name="train_model", cache_key_fn=_cached_train_key, persist_result=True)
