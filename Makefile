@@ -1,0 +1,32 @@
+# Two commands do all the set-up on a fresh machine:
+#   make run   - install into .venv, then run the optimize flow end to end on configs/digits.yaml
+#   make test  - install into .venv, then run the test suite
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+CONFIG ?= configs/digits.yaml
+
+.PHONY: install run test bench mlflow-ui clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# torch first and pinned: it resolves to the on-disk CPU wheel; left to the resolver it pulls CUDA builds.
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $@
+
+install: $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/modelforge run --config $(CONFIG)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+mlflow-ui: $(STAMP)
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///.modelforge/mlflow.db --host 127.0.0.1 --port 5000
+
+clean:
+	rm -rf .modelforge deploy/bundle

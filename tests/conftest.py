@@ -1,0 +1,62 @@
+"""Shared fixtures: the real digits data in a temp folder and small trained models.
+
+Every tool gets state in a per-session temp folder, set before prefect/mlflow are imported.
+"""
+
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+_STATE = Path(tempfile.mkdtemp(prefix="modelforge-tests-"))
+os.environ["PREFECT_HOME"] = str(_STATE / "prefect")
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ["DVC_NO_ANALYTICS"] = "1"
+os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
+os.environ["DO_NOT_TRACK"] = "true"
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from tasks.build_model import Arch, build_model, save_checkpoint  # noqa: E402
+from tasks.config import DataConfig, TrainConfig  # noqa: E402
+from tasks.train_model import TrainParams, fit  # noqa: E402
+from tasks.version_data import load_splits, materialize_digits  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "data"
+    materialize_digits(DataConfig(), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def splits(data_dir):
+    return load_splits(data_dir)
+
+
+def train_small(arch: Arch, splits, path: Path, epochs: int = 15) -> Path:
+    torch.manual_seed(0)
+    model = build_model(arch)
+    params = TrainParams(lr=0.01, optimizer="adam", epochs=epochs, patience=epochs)
+    fit(model, splits.train, splits.val, params)
+    return save_checkpoint(path, model, arch, {"train": params.__dict__})
+
+
+@pytest.fixture(scope="session")
+def cnn_checkpoint(splits, tmp_path_factory) -> Path:
+    arch = Arch("cnn", 10, (1, 8, 8), conv=(8, 16), hidden=(32,))
+    return train_small(arch, splits, tmp_path_factory.mktemp("cnn") / "cnn.pt")
+
+
+@pytest.fixture(scope="session")
+def mlp_checkpoint(splits, tmp_path_factory) -> Path:
+    arch = Arch("mlp", 10, (1, 8, 8), hidden=(32, 32))
+    return train_small(arch, splits, tmp_path_factory.mktemp("mlp") / "mlp.pt")
+
+
+@pytest.fixture(scope="session")
+def train_cfg() -> TrainConfig:
+    return TrainConfig(max_epochs=4, patience=5)

@@ -1,0 +1,23 @@
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from tasks.build_model import load_checkpoint
+from tasks.export_onnx import export_onnx
+from tasks.run_onnx import make_session, predict_logits
+
+
+@pytest.mark.parametrize("fixture", ["cnn_checkpoint", "mlp_checkpoint"])
+def test_onnx_matches_pytorch_on_any_batch(fixture, request, splits, tmp_path):
+    model, _, _ = load_checkpoint(request.getfixturevalue(fixture))
+    result = export_onnx(model, tmp_path / "m.onnx", splits.test[0])
+    assert result.parity_max_abs < 1e-4
+    onnx.checker.check_model(str(result.path))
+    session = make_session(result.path)
+    assert session.get_inputs()[0].shape[0] == "batch"
+    for n in (1, 7, 64):
+        x = splits.test[0][:n]
+        with torch.no_grad():
+            expected = model(torch.from_numpy(x)).numpy()
+        np.testing.assert_allclose(predict_logits(session, x), expected, atol=1e-4, rtol=1e-4)

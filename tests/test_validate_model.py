@@ -1,0 +1,54 @@
+import pytest
+
+from tasks.compress_model import compress_candidate
+from tasks.config import GateConfig, ValidateConfig
+from tasks.validate_model import GateError, Report, apply_gates, best_passing, require_passing, validate_candidate
+
+
+def report(name, acc, p50, parity=1e-6, size=1000):
+    return Report(name, f"{name}.onnx", acc, p50, p50 * 2, 1000 / p50, size, parity)
+
+
+def test_measures_a_real_onnx_model(cnn_checkpoint, data_dir, splits, train_cfg, tmp_path):
+    cand = compress_candidate("baseline", [], cnn_checkpoint, data_dir, train_cfg, tmp_path)
+    r = validate_candidate(cand, ValidateConfig(warmup=2, latency_runs=10, throughput_runs=3), data_dir)
+    assert 0.5 < r.accuracy <= 1.0
+    assert 0 < r.latency_p50_ms <= r.latency_p95_ms
+    assert r.throughput_sps > 0 and r.size_bytes == cand.onnx.stat().st_size
+
+
+def test_each_gate_rejects_what_breaks_it():
+    gates = GateConfig(max_accuracy_drop=1.0, min_accuracy=0.9, max_parity_error=1e-4, max_latency_ratio=1.0)
+    reports = apply_gates([
+        report("baseline", 0.97, 1.0),
+        report("ok", 0.965, 0.5),
+        report("inaccurate", 0.95, 0.4),
+        report("below_floor", 0.89, 0.4),
+        report("broken_export", 0.97, 0.4, parity=1e-2),
+        report("slow", 0.97, 1.5),
+        report("nan_parity", 0.97, 0.4, parity=float("nan")),
+    ], gates)
+    failed = {r.name: " ".join(r.failed_gates) for r in reports}
+    assert failed["baseline"] == "" and failed["ok"] == ""
+    assert "accuracy drop 2.00 pts" in failed["inaccurate"]
+    assert "min" in failed["below_floor"]
+    assert "parity" in failed["broken_export"] and "parity" in failed["nan_parity"]
+    assert "latency 1.50x" in failed["slow"]
+    assert best_passing(reports, gates).name == "ok"
+
+
+def test_selection_rules():
+    reports = apply_gates([report("baseline", 0.97, 1.0, size=900), report("fast", 0.965, 0.5, size=1000)],
+                          GateConfig(max_latency_ratio=None))
+    assert best_passing(reports, GateConfig(select_by="latency_p50_ms")).name == "fast"
+    assert best_passing(reports, GateConfig(select_by="accuracy")).name == "baseline"
+    assert best_passing(reports, GateConfig(select_by="size_bytes")).name == "baseline"
+
+
+def test_no_passing_candidate_fails_loudly():
+    reports = apply_gates([report("baseline", 0.5, 1.0)], GateConfig(min_accuracy=0.9))
+    assert best_passing(reports, GateConfig()) is None
+    with pytest.raises(GateError, match="baseline: accuracy 0.5000 < min"):
+        require_passing(None, reports)
+    with pytest.raises(GateError, match="baseline"):
+        apply_gates([report("other", 0.99, 1.0)], GateConfig())
