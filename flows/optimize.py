@@ -16,7 +16,7 @@ from tasks.register_model import register_model_task
 from tasks.report_candidates import report_candidates_task
 from tasks.search_model import search_model_task
 from tasks.ship_bundle import ship_bundle_task
-from tasks.train_model import train_model_task
+from tasks.train_model import check_init_checkpoint_task, train_model_task
 from tasks.validate_model import BASELINE, apply_gates, best_passing, require_passing, validate_candidate_task
 from tasks.version_data import version_data_task
 
@@ -28,6 +28,7 @@ def optimize(config_path: str = "configs/digits.yaml", root: str = ".") -> dict:
 
         data = version_data_task(cfg.data, run.root)
         track_run.set_tags(run.run_id, {"data_version": data.md5})
+        check_init_checkpoint_task(cfg.train, data.num_classes, data.input_shape)  # fail before any training
 
         study = f"{cfg.tracking.experiment}-{data.md5[:12]}-{cfg.section_hash('search')}"
         search = search_model_task(cfg.search, data.dir, work / "search", study, run.experiment_id, run.run_id)

@@ -186,4 +186,5 @@ def _cached_train_key(_context, p: dict) -> str:
     return f"{train_cache_key(p['cfg'], p['best'], p['data_version'])}-{hashlib.sha256(str(p['out_dir']).encode()).hexdigest()[:8]}"
 
 
+check_init_checkpoint_task = task(check_init_checkpoint, name="check_init_checkpoint")
 train_model_task = task(train_model, name="train_model", cache_key_fn=_cached_train_key, persist_result=True)

@@ -1,0 +1,143 @@
+"""End to end: the real Prefect flow on a tiny config in a throw-away project folder."""
+
+import json
+
+import mlflow
+import numpy as np
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+from prefect.testing.utilities import prefect_test_harness
+
+from flows.optimize import optimize
+from tasks.config import ConfigError
+from tasks.ship_bundle import sha256_of
+from tasks.validate_model import GateError
+from tasks.version_data import DataError, load_splits, materialize_digits, read_data_md5
+from tasks.config import DataConfig
+
+pytestmark = pytest.mark.e2e
+
+TINY = {
+    "search": {"n_trials": 2, "epochs": 2, "space": {"families": ["cnn"], "lr": [0.005, 0.02],
+                                                      "optimizers": ["adam"], "depth": [1, 1]}},
+    "train": {"max_epochs": 10, "patience": 4},
+    "compress": {"candidates": {
+        "int8_static": [{"method": "quantize_static", "calibration_samples": 64}],
+        # Deliberately crippled: 1 epoch, 10% width. The accuracy gate must reject it.
+        "tiny_student": [{"method": "distill", "width_factor": 0.1, "epochs": 1}],
+    }},
+    "validate": {"warmup": 3, "latency_runs": 20, "throughput_runs": 3},
+    "gates": {"max_accuracy_drop": 2.0, "min_accuracy": 0.8, "max_latency_ratio": None},
+    "register": {"model_name": "tiny-digits"},
+    "tracking": {"experiment": "e2e"},
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def prefect_server():
+    with prefect_test_harness():
+        yield
+
+
+def write_config(root, overrides=None):
+    cfg = json.loads(json.dumps(TINY))
+    for section, values in (overrides or {}).items():
+        cfg.setdefault(section, {}).update(values)
+    path = root / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def runs(root, experiment="e2e"):
+    mlflow.set_tracking_uri(f"sqlite:///{root}/.modelforge/mlflow.db")
+    exp = MlflowClient().get_experiment_by_name(experiment)
+    return MlflowClient().search_runs([exp.experiment_id]) if exp else []
+
+
+def test_full_run_ships_a_gated_registered_model(tmp_path):
+    result = optimize(config_path=str(write_config(tmp_path)), root=str(tmp_path))
+
+    # Bundle: model + manifest, checksum and data version consistent with DVC.
+    bundle = tmp_path / "deploy" / "bundle"
+    assert sorted(p.name for p in bundle.iterdir()) == ["manifest.json", "model.onnx"]
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["sha256"] == sha256_of(bundle / "model.onnx")
+    assert manifest["data_version"] == read_data_md5(tmp_path / "data.dvc") == result["data_version"]
+    assert manifest["candidate"] == result["chosen"] != "tiny_student"
+
+    # MLflow: one FINISHED parent with the data version, one nested run per trial.
+    all_runs = runs(tmp_path)
+    parent = next(r for r in all_runs if r.info.run_id == result["run_id"])
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["data_version"] == result["data_version"]
+    assert parent.data.tags["chosen_candidate"] == result["chosen"]
+    trials = [r for r in all_runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(trials) == 2 and all(r.info.status == "FINISHED" for r in trials)
+    assert parent.data.metrics["baseline.passed"] == 1.0
+    assert parent.data.metrics["tiny_student.passed"] == 0.0  # the gate rejected the crippled student
+    artifacts = {a.path for a in MlflowClient().list_artifacts(parent.info.run_id, "candidates")}
+    assert {"candidates/candidates.png", "candidates/candidates.csv", "candidates/reports.json"} <= artifacts
+    reports = json.loads(mlflow.artifacts.load_text(f"runs:/{parent.info.run_id}/candidates/reports.json"))
+    student = next(r for r in reports if r["name"] == "tiny_student")
+    assert any("accuracy drop" in g for g in student["failed_gates"])
+
+    # Registry: the alias serves the same model that was shipped, with the measured accuracy.
+    version = MlflowClient().get_model_version_by_alias("tiny-digits", "candidate")
+    assert str(version.version) == result["version"]
+    model = mlflow.pyfunc.load_model("models:/tiny-digits@candidate")
+    x, y = load_splits(tmp_path / "data").test
+    logits = np.asarray(model.predict(x)["logits"])
+    assert float((logits.argmax(1) == y).mean()) == pytest.approx(manifest["metrics"]["accuracy"])
+
+    # Same data and config again: the study is complete, so no new trial runs.
+    again = optimize(config_path=str(write_config(tmp_path)), root=str(tmp_path))
+    assert again["data_version"] == result["data_version"]
+    assert len([r for r in runs(tmp_path) if r.data.tags.get("mlflow.parentRunId") == again["run_id"]]) == 0
+
+
+def failed_run(root, experiment="e2e"):
+    failed = [r for r in runs(root, experiment) if r.info.status == "FAILED"]
+    assert len(failed) == 1
+    return failed[0]
+
+
+def test_bad_config_fails_the_run_before_anything_else(tmp_path):
+    path = write_config(tmp_path, {"train": {"patience": "soon", "epochs_max": 3}})
+    with pytest.raises(ConfigError) as err:
+        optimize(config_path=str(path), root=str(tmp_path))
+    assert "train.patience" in str(err.value) and "train.epochs_max" in str(err.value)
+    run = failed_run(tmp_path, "modelforge")  # the defaults' store: the config never got to name one
+    assert "train.patience" in run.data.tags["error"]
+    assert not (tmp_path / "deploy").exists() and not (tmp_path / "data").exists()
+
+
+def test_bad_data_fails_before_training(tmp_path):
+    materialize_digits(DataConfig(), tmp_path / "data")
+    x = np.load(tmp_path / "data" / "val_x.npy")
+    x[3] = np.nan
+    np.save(tmp_path / "data" / "val_x.npy", x)
+    with pytest.raises(DataError, match="val_x: 64 NaN"):
+        optimize(config_path=str(write_config(tmp_path)), root=str(tmp_path))
+    assert "DataError" in failed_run(tmp_path).data.tags["error"]
+    assert not (tmp_path / ".modelforge" / "search").exists() and not (tmp_path / "deploy").exists()
+
+
+def test_unreadable_init_checkpoint_fails_before_training(tmp_path):
+    (tmp_path / "init.pt").write_text("garbage")
+    path = write_config(tmp_path, {"train": {"init_from": "init.pt"}})
+    with pytest.raises(ValueError, match="init.pt is not a readable modelforge checkpoint"):
+        optimize(config_path=str(path), root=str(tmp_path))
+    failed_run(tmp_path)
+    assert not (tmp_path / ".modelforge" / "search").exists()
+
+
+def test_no_passing_candidate_fails_loudly_and_ships_nothing(tmp_path):
+    path = write_config(tmp_path, {"gates": {"min_accuracy": 1.0}})
+    with pytest.raises(GateError, match="no candidate passed the gates"):
+        optimize(config_path=str(path), root=str(tmp_path))
+    run = failed_run(tmp_path)
+    assert "GateError" in run.data.tags["error"]
+    # The evidence is still there: the candidate table was logged before the gate failed the run.
+    assert "candidates/candidates.md" in {a.path for a in MlflowClient().list_artifacts(run.info.run_id, "candidates")}
+    assert not (tmp_path / "deploy").exists()
