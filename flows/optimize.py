@@ -17,7 +17,7 @@ from tasks.report_candidates import report_candidates_task
 from tasks.search_model import search_model_task
 from tasks.ship_bundle import ship_bundle_task
 from tasks.train_model import check_init_checkpoint_task, train_model_task
-from tasks.validate_model import BASELINE, apply_gates, best_passing, require_passing, validate_candidate_task
+from tasks.validate_model import BASELINE, apply_gates, best_passing, require_passing, validate_candidates_task
 from tasks.version_data import version_data_task
 
 
@@ -42,8 +42,7 @@ def optimize(config_path: str = "configs/digits.yaml", root: str = ".") -> dict:
                                               work / "candidates" / run.run_id)
                       for name, recipe in recipes.items()]
 
-        # One at a time: concurrent measurements would skew each other's latency.
-        reports = apply_gates([validate_candidate_task(c, cfg.validate_, data.dir) for c in candidates], cfg.gates)
+        reports = apply_gates(validate_candidates_task(candidates, cfg.validate_, data.dir), cfg.gates)
         chosen = best_passing(reports, cfg.gates)
         summary = report_candidates_task(reports, chosen and chosen.name, work / "reports" / run.run_id)
         track_run.log_candidates(run.run_id, candidates, reports, summary)

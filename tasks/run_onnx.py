@@ -40,25 +40,39 @@ class Timing:
     throughput_sps: float  # samples per second at the throughput batch size
 
 
-def measure_speed(
-    session: ort.InferenceSession, x: np.ndarray, warmup: int, latency_runs: int, batch: int, batch_runs: int
-) -> Timing:
-    """Batch-1 latency percentiles and batch-`batch` throughput, each after `warmup` untimed runs."""
-    name = session.get_inputs()[0].name
+def measure_speeds(
+    sessions: dict[str, ort.InferenceSession], x: np.ndarray, warmup: int, latency_runs: int, batch: int,
+    batch_runs: int, rounds: int = 10,
+) -> dict[str, Timing]:
+    """Batch-1 latency percentiles and batch-`batch` throughput for several models side by side.
+
+    Runs are interleaved in `rounds` (every model gets a slice of its runs each round), so clock,
+    thermal and background-load drift hit every model alike and their ratios stay meaningful.
+    """
     single = x[:1]
     big = np.resize(x, (batch, *x.shape[1:])).astype(x.dtype)  # repeats samples when x is short
-    for _ in range(warmup):
-        session.run(None, {name: single})
-    times = []
-    for _ in range(latency_runs):
-        t = time.perf_counter()
-        session.run(None, {name: single})
-        times.append(time.perf_counter() - t)
-    for _ in range(max(1, warmup // 4)):
-        session.run(None, {name: big})
-    t = time.perf_counter()
-    for _ in range(batch_runs):
-        session.run(None, {name: big})
-    elapsed = time.perf_counter() - t
-    ms = np.array(times) * 1000
-    return Timing(float(np.percentile(ms, 50)), float(np.percentile(ms, 95)), batch * batch_runs / elapsed)
+    feeds = {k: s.get_inputs()[0].name for k, s in sessions.items()}
+    for key, session in sessions.items():
+        for _ in range(warmup):
+            session.run(None, {feeds[key]: single})
+        session.run(None, {feeds[key]: big})
+    lat_per_round, batch_per_round = -(-latency_runs // rounds), -(-batch_runs // rounds)
+    latencies: dict[str, list[float]] = {k: [] for k in sessions}
+    batch_seconds = dict.fromkeys(sessions, 0.0)
+    for _ in range(rounds):
+        for key, session in sessions.items():
+            feed = feeds[key]
+            for _ in range(lat_per_round):
+                t = time.perf_counter()
+                session.run(None, {feed: single})
+                latencies[key].append(time.perf_counter() - t)
+            t = time.perf_counter()
+            for _ in range(batch_per_round):
+                session.run(None, {feed: big})
+            batch_seconds[key] += time.perf_counter() - t
+    out = {}
+    for key in sessions:
+        ms = np.array(latencies[key]) * 1000
+        out[key] = Timing(float(np.percentile(ms, 50)), float(np.percentile(ms, 95)),
+                          batch * batch_per_round * rounds / batch_seconds[key])
+    return out

@@ -21,6 +21,8 @@ from tasks.config import SearchConfig
 from tasks.train_model import TrainParams, fit
 from tasks.version_data import load_splits
 
+optuna.logging.set_verbosity(optuna.logging.WARNING)  # the per-trial progress line below says it better
+
 
 @dataclass(frozen=True)
 class SearchResult:

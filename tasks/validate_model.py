@@ -13,7 +13,7 @@ from prefect import task
 
 from tasks.compress_model import Candidate
 from tasks.config import GateConfig, ValidateConfig
-from tasks.run_onnx import available_devices, make_session, measure_speed, predict_logits
+from tasks.run_onnx import available_devices, make_session, measure_speeds, predict_logits
 from tasks.version_data import load_splits
 
 BASELINE = "baseline"
@@ -45,24 +45,27 @@ class Report:
         return {**asdict(self), "passed": self.passed}
 
 
-def validate_candidate(candidate: Candidate, cfg: ValidateConfig, data_dir: Path) -> Report:
-    """Held-out test accuracy, batch-1 latency p50/p95, batch throughput and file size."""
+def validate_candidates(candidates: list[Candidate], cfg: ValidateConfig, data_dir: Path) -> list[Report]:
+    """Held-out test accuracy, batch-1 latency p50/p95, batch throughput and file size of every
+    candidate; timings are taken side by side (interleaved) so latency ratios are fair."""
     x_test, y_test = load_splits(data_dir).test
-    timings = {}
-    accuracy = None
+    timings: dict[str, dict] = {}
+    accuracy: dict[str, float] = {}
     for device in available_devices(cfg.use_cuda):
-        session = make_session(candidate.onnx, device, cfg.intra_op_threads)
-        if accuracy is None:
-            accuracy = float((predict_logits(session, x_test).argmax(1) == y_test).mean())
-        timings[device] = measure_speed(session, x_test, cfg.warmup, cfg.latency_runs, cfg.throughput_batch,
-                                        cfg.throughput_runs)
-    cpu = timings["cpu"]
-    report = Report(candidate.name, str(candidate.onnx), accuracy, cpu.latency_p50_ms, cpu.latency_p95_ms,
-                    cpu.throughput_sps, Path(candidate.onnx).stat().st_size, candidate.parity_max_abs,
-                    cuda=asdict(timings["cuda"]) if "cuda" in timings else None)
-    print(f"[validate] {report.name}: acc {report.accuracy:.4f} p50 {report.latency_p50_ms:.3f} ms "
-          f"p95 {report.latency_p95_ms:.3f} ms {report.throughput_sps:,.0f} samples/s {report.size_bytes:,} B")
-    return report
+        sessions = {c.name: make_session(c.onnx, device, cfg.intra_op_threads) for c in candidates}
+        if device == "cpu":
+            accuracy = {k: float((predict_logits(s, x_test).argmax(1) == y_test).mean()) for k, s in sessions.items()}
+        print(f"[validate] timing {len(sessions)} candidates side by side on {device} "
+              f"({cfg.latency_runs} batch-1 runs, {cfg.throughput_runs} batch-{cfg.throughput_batch} runs each)")
+        timings[device] = measure_speeds(sessions, x_test, cfg.warmup, cfg.latency_runs, cfg.throughput_batch,
+                                         cfg.throughput_runs)
+    reports = []
+    for c in candidates:
+        cpu = timings["cpu"][c.name]
+        reports.append(Report(c.name, str(c.onnx), accuracy[c.name], cpu.latency_p50_ms, cpu.latency_p95_ms,
+                              cpu.throughput_sps, Path(c.onnx).stat().st_size, c.parity_max_abs,
+                              cuda=asdict(timings["cuda"][c.name]) if "cuda" in timings else None))
+    return reports
 
 
 def apply_gates(reports: list[Report], gates: GateConfig) -> list[Report]:
@@ -106,5 +109,4 @@ def require_passing(chosen: Report | None, reports: list[Report]) -> Report:
     return chosen
 
 
-validate_candidate_task = task(validate_candidate, name="validate_candidate",
-                               task_run_name="validate-{candidate.name}")
+validate_candidates_task = task(validate_candidates, name="validate_candidates")

@@ -2,19 +2,24 @@ import pytest
 
 from tasks.compress_model import compress_candidate
 from tasks.config import GateConfig, ValidateConfig
-from tasks.validate_model import GateError, Report, apply_gates, best_passing, require_passing, validate_candidate
+from tasks.run_onnx import make_session, predict_logits
+from tasks.validate_model import GateError, Report, apply_gates, best_passing, require_passing, validate_candidates
 
 
 def report(name, acc, p50, parity=1e-6, size=1000):
     return Report(name, f"{name}.onnx", acc, p50, p50 * 2, 1000 / p50, size, parity)
 
 
-def test_measures_a_real_onnx_model(cnn_checkpoint, data_dir, splits, train_cfg, tmp_path):
-    cand = compress_candidate("baseline", [], cnn_checkpoint, data_dir, train_cfg, tmp_path)
-    r = validate_candidate(cand, ValidateConfig(warmup=2, latency_runs=10, throughput_runs=3), data_dir)
-    assert 0.5 < r.accuracy <= 1.0
-    assert 0 < r.latency_p50_ms <= r.latency_p95_ms
-    assert r.throughput_sps > 0 and r.size_bytes == cand.onnx.stat().st_size
+def test_measures_real_onnx_models(cnn_checkpoint, mlp_checkpoint, data_dir, splits, train_cfg, tmp_path):
+    cands = [compress_candidate(name, [], ckpt, data_dir, train_cfg, tmp_path)
+             for name, ckpt in (("cnn", cnn_checkpoint), ("mlp", mlp_checkpoint))]
+    reports = validate_candidates(cands, ValidateConfig(warmup=2, latency_runs=20, throughput_runs=4), data_dir)
+    assert [r.name for r in reports] == ["cnn", "mlp"]
+    for r, cand in zip(reports, cands):
+        logits = predict_logits(make_session(cand.onnx), splits.test[0])
+        assert r.accuracy == float((logits.argmax(1) == splits.test[1]).mean()) > 0.5
+        assert 0 < r.latency_p50_ms <= r.latency_p95_ms
+        assert r.throughput_sps > 0 and r.size_bytes == cand.onnx.stat().st_size
 
 
 def test_each_gate_rejects_what_breaks_it():
