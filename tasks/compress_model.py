@@ -14,13 +14,16 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
+import onnx
 import torch
+from onnxruntime.quantization import CalibrationDataReader
 from prefect import task
 from torch import nn
 
 from tasks.build_model import build_model, count_params, load_checkpoint, save_checkpoint
-from tasks.config import Distill, MagnitudePrune, QuantizeDynamic, QuantizeStatic, TrainConfig
+from tasks.config import ConvertFp16, Distill, MagnitudePrune, QuantizeDynamic, QuantizeStatic, StructuredPrune, TrainConfig
 from tasks.export_onnx import INPUT_NAME, export_onnx
+from tasks.run_onnx import make_session, predict_logits
 from tasks.train_model import TrainParams, accuracy, fit
 from tasks.version_data import Splits, load_splits
 
@@ -64,38 +67,98 @@ def _train_params(ctx: CompressContext, meta: dict, epochs: int, lr_scale: float
                        ctx.train.batch_size, ctx.train.weight_decay, ctx.train.seed)
 
 
+def _layers(model: nn.Module) -> list[nn.Module]:
+    """Conv and Linear layers in forward order (build_model's order: convs, hiddens, classifier)."""
+    return [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+
+
 def _prunable(model: nn.Module) -> list[nn.Parameter]:
-    return [m.weight for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    return [m.weight for m in _layers(model)]
+
+
+def _magnitude_masks(weights: list[torch.Tensor], sparsity: float, scope: str) -> list[torch.Tensor]:
+    """Keep-masks zeroing the `sparsity` share of smallest |w|, ranked globally or per layer."""
+    def threshold(values: torch.Tensor) -> torch.Tensor:
+        k = int(sparsity * values.numel())
+        return values.kthvalue(k).values if k > 0 else torch.tensor(-1.0)
+
+    if scope == "global":
+        t = threshold(torch.cat([w.abs().flatten() for w in weights]))
+        return [(w.abs() > t).float() for w in weights]
+    return [(w.abs() > threshold(w.abs().flatten())).float() for w in weights]
 
 
 @register("magnitude_prune")
 def magnitude_prune(state: ModelState, cfg: MagnitudePrune, ctx: CompressContext) -> ModelState:
-    """Global unstructured pruning: zero the smallest |w| across all conv/linear weights, then
-    fine-tune with the mask re-applied after every step so pruned weights stay zero."""
+    """Unstructured pruning on an iterative schedule: each step zeroes more of the smallest |w|
+    (never reviving earlier zeros) and fine-tunes with the mask re-applied after every update."""
     model, arch, meta = load_checkpoint(state.checkpoint)
-    weights = _prunable(model)
-    magnitudes = torch.cat([w.detach().abs().flatten() for w in weights])
-    k = int(cfg.sparsity * magnitudes.numel())
-    threshold = magnitudes.kthvalue(k).values if k > 0 else torch.tensor(-1.0)
-    masks = [(w.detach().abs() > threshold).float() for w in weights]
+    masks: list[torch.Tensor] = []
 
     def apply_masks(m: nn.Module) -> None:
         with torch.no_grad():
             for w, mask in zip(_prunable(m), masks):
                 w.mul_(mask)
 
-    apply_masks(model)
-    acc_before = accuracy(model, *ctx.splits.val)
-    if cfg.finetune_epochs:
-        fit(model, ctx.splits.train, ctx.splits.val, _train_params(ctx, meta, cfg.finetune_epochs, 0.1),
-            after_step=apply_masks)
+    history = []
+    for step in range(1, cfg.steps + 1):
+        target = cfg.sparsity * step / cfg.steps
+        masks = _magnitude_masks([w.detach() for w in _prunable(model)], target, cfg.scope)
+        apply_masks(model)
+        acc_pruned = accuracy(model, *ctx.splits.val)
+        if cfg.finetune_epochs:
+            fit(model, ctx.splits.train, ctx.splits.val, _train_params(ctx, meta, cfg.finetune_epochs, 0.1),
+                after_step=apply_masks)
+        history.append({"sparsity": target, "val_acc_pruned": acc_pruned, "val_acc_finetuned": accuracy(model, *ctx.splits.val)})
+        print(f"[compress] magnitude_prune step {step}/{cfg.steps}: sparsity {target:.2f}, val acc "
+              f"{acc_pruned:.4f} -> {history[-1]['val_acc_finetuned']:.4f} after {cfg.finetune_epochs} fine-tune epochs")
     zeros = sum(int((w == 0).sum()) for w in _prunable(model))
     total = sum(w.numel() for w in _prunable(model))
-    info = {"sparsity": zeros / total, "val_acc_after_prune": acc_before, "val_acc_after_finetune": accuracy(model, *ctx.splits.val)}
+    info = {"sparsity": zeros / total, "scope": cfg.scope, "steps": history, "params": count_params(model),
+            "nonzero_params": count_params(model) - zeros}
     ckpt = save_checkpoint(ctx.out_dir / "pruned.pt", model, arch, {**meta, "magnitude_prune": info})
-    print(f"[compress] magnitude_prune: sparsity {info['sparsity']:.2f}, val acc {acc_before:.4f} -> "
-          f"{info['val_acc_after_finetune']:.4f} after {cfg.finetune_epochs} fine-tune epochs")
     return replace(state, checkpoint=ckpt, info={**state.info, "magnitude_prune": info})
+
+
+@register("structured_prune")
+def structured_prune(state: ModelState, cfg: StructuredPrune, ctx: CompressContext) -> ModelState:
+    """Remove whole conv channels / hidden neurons (lowest weight norm) and rebuild physically
+    smaller layers, so the exported graph itself shrinks and speeds up; then fine-tune."""
+    model, arch, meta = load_checkpoint(state.checkpoint)
+    layers = _layers(model)
+    keep: list[torch.Tensor] = []
+    for layer in layers[:-1]:
+        scores = layer.weight.detach().flatten(1).norm(p=cfg.norm, dim=1)
+        n_keep = max(1, round(len(scores) * (1 - cfg.amount)))
+        keep.append(scores.topk(n_keep).indices.sort().values)
+    keep.append(torch.arange(arch.num_classes))  # the classifier keeps every class
+    n_conv = len(arch.conv)
+    small_arch = replace(arch, conv=tuple(len(k) for k in keep[:n_conv]),
+                         hidden=tuple(len(k) for k in keep[n_conv:-1]))
+    small = build_model(small_arch)
+    prev = torch.arange(arch.input_shape[0])
+    with torch.no_grad():
+        for i, (old, new, rows) in enumerate(zip(layers, _layers(small), keep)):
+            if i == n_conv:  # first Linear after Flatten: each kept channel owns a block of spatial inputs
+                channels_in = arch.conv[-1] if n_conv else arch.input_shape[0]
+                spatial = old.in_features // channels_in
+                cols = (prev[:, None] * spatial + torch.arange(spatial)).flatten()
+            else:
+                cols = prev
+            new.weight.copy_(old.weight[rows][:, cols])
+            new.bias.copy_(old.bias[rows])
+            prev = rows
+    acc_pruned = accuracy(small, *ctx.splits.val)
+    if cfg.finetune_epochs:
+        fit(small, ctx.splits.train, ctx.splits.val, _train_params(ctx, meta, cfg.finetune_epochs, 0.1))
+    info = {"amount": cfg.amount, "params_before": count_params(model), "params_after": count_params(small),
+            "arch_after": small_arch.to_dict(), "val_acc_pruned": acc_pruned,
+            "val_acc_finetuned": accuracy(small, *ctx.splits.val)}
+    ckpt = save_checkpoint(ctx.out_dir / "structured.pt", small, small_arch, {**meta, "structured_prune": info})
+    print(f"[compress] structured_prune: conv {arch.conv}->{small_arch.conv} hidden {arch.hidden}->{small_arch.hidden}, "
+          f"params {info['params_before']}->{info['params_after']}, val acc {acc_pruned:.4f} -> "
+          f"{info['val_acc_finetuned']:.4f} after {cfg.finetune_epochs} fine-tune epochs")
+    return replace(state, checkpoint=ckpt, info={**state.info, "structured_prune": info})
 
 
 @register("distill")
@@ -103,6 +166,9 @@ def distill(state: ModelState, cfg: Distill, ctx: CompressContext) -> ModelState
     """Train a narrower student on temperature-scaled KL to the teacher's logits plus hard labels."""
     teacher, arch, meta = load_checkpoint(state.checkpoint)
     student_arch = arch.scaled(cfg.width_factor, cfg.depth)
+    if cfg.conv is not None or cfg.hidden is not None:
+        student_arch = replace(student_arch, conv=tuple(cfg.conv if cfg.conv is not None else student_arch.conv),
+                               hidden=tuple(cfg.hidden if cfg.hidden is not None else student_arch.hidden))
     torch.manual_seed(ctx.train.seed)
     student = build_model(student_arch)
     t2 = cfg.temperature**2  # keeps the soft-target gradient scale independent of T (Hinton et al.)
@@ -153,8 +219,8 @@ def quantize_dynamic(state: ModelState, cfg: QuantizeDynamic, ctx: CompressConte
                    info={**state.info, "quantize_dynamic": {"per_channel": cfg.per_channel}})
 
 
-class _CalibrationReader:
-    """Feeds calibration samples one at a time, as ORT's CalibrationDataReader protocol expects."""
+class _CalibrationReader(CalibrationDataReader):
+    """Feeds samples one at a time to the calibrator and the QDQ debugger."""
 
     def __init__(self, x: np.ndarray):
         self._it = iter(x[i : i + 1] for i in range(len(x)))
@@ -164,8 +230,59 @@ class _CalibrationReader:
         return None if batch is None else {INPUT_NAME: batch}
 
 
+def _onnx_accuracy(path: Path, x: np.ndarray, y: np.ndarray) -> float:
+    return float((predict_logits(make_session(path), x).argmax(1) == y).mean())
+
+
+QUANTIZABLE_OPS = ("Conv", "Gemm", "MatMul")
+
+
+def rank_nodes_by_error(fp32: Path, int8: Path, x: np.ndarray, work: Path) -> list[tuple[str, float]]:
+    """(node name, dB of SQNR lost across the node) for every Conv/Gemm/MatMul, worst first.
+
+    SQNR compares a tensor in the INT8 model with the same tensor in the FP32 model on `x`. The
+    drop from a node's input to its output is the error that node itself adds, so a late layer is
+    not blamed for noise it merely inherited. ORT fuses Conv+Relu in QDQ graphs, so a node's output
+    is observed at the first tensor down its single-consumer chain that both models expose.
+    """
+    from onnxruntime.quantization.qdq_loss_debug import (
+        collect_activations, compute_activation_error, create_activation_matching,
+        modify_model_output_intermediate_tensors)
+
+    fp32_aug, int8_aug = work / "fp32_debug.onnx", work / "int8_debug.onnx"
+    modify_model_output_intermediate_tensors(str(fp32), str(fp32_aug))
+    modify_model_output_intermediate_tensors(str(int8), str(int8_aug))
+    matching = create_activation_matching(collect_activations(str(int8_aug), _CalibrationReader(x)),
+                                          collect_activations(str(fp32_aug), _CalibrationReader(x)))
+    sqnr = {t: min(e["xmodel_err"], 100.0) for t, e in compute_activation_error(matching).items() if "xmodel_err" in e}
+    nodes = onnx.load(str(fp32)).graph.node
+    consumers: dict[str, list] = {}
+    for node in nodes:
+        for t in node.input:
+            consumers.setdefault(t, []).append(node)
+
+    def observed(tensor: str) -> float | None:
+        while tensor not in sqnr:
+            nxt = consumers.get(tensor, [])
+            if len(nxt) != 1:
+                return None
+            tensor = nxt[0].output[0]
+        return sqnr[tensor]
+
+    ranked = []
+    for node in nodes:
+        if node.op_type in QUANTIZABLE_OPS:
+            before, after = observed(node.input[0]), observed(node.output[0])
+            if after is not None:
+                ranked.append((node.name, (100.0 if before is None else before) - after))
+    return sorted(ranked, key=lambda item: -item[1])
+
+
 @register("quantize_static", onnx_level=True)
 def quantize_static(state: ModelState, cfg: QuantizeStatic, ctx: CompressContext) -> ModelState:
+    """QDQ INT8 with calibration. With `max_accuracy_loss`, nodes whose INT8 output strays most from
+    FP32 fall back to FP32 one at a time until the val-accuracy loss is within bounds; the best
+    model seen is kept even if the bound is never met."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType
     from onnxruntime.quantization import quantize_static as ort_quantize_static
 
@@ -177,13 +294,56 @@ def quantize_static(state: ModelState, cfg: QuantizeStatic, ctx: CompressContext
     method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
               "percentile": CalibrationMethod.Percentile}[cfg.calibrate_method]
     reduce_range = not cpu_has_vnni()  # 7-bit weights avoid u8s8 overflow on CPUs without VNNI
+    fp32 = _preprocessed(state, ctx)
+
+    def quantize(exclude: list[str], out: Path) -> float:
+        ort_quantize_static(str(fp32), str(out), _CalibrationReader(calib), quant_format=QuantFormat.QDQ,
+                            per_channel=cfg.per_channel, reduce_range=reduce_range, nodes_to_exclude=exclude,
+                            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, calibrate_method=method)
+        return _onnx_accuracy(out, *ctx.splits.val)
+
     out = ctx.out_dir / "int8_static.onnx"
-    ort_quantize_static(str(_preprocessed(state, ctx)), str(out), _CalibrationReader(calib),
-                        quant_format=QuantFormat.QDQ, per_channel=cfg.per_channel, reduce_range=reduce_range,
-                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, calibrate_method=method)
+    acc = quantize([], out)
+    fp32_acc = _onnx_accuracy(fp32, *ctx.splits.val)
     info = {"calibration_samples": len(calib), "calibrate_method": cfg.calibrate_method,
-            "per_channel": cfg.per_channel, "reduce_range": reduce_range}
+            "per_channel": cfg.per_channel, "reduce_range": reduce_range, "val_acc_fp32": fp32_acc,
+            "val_acc_int8_full": acc, "nodes_excluded": []}
+    loss = lambda a: (fp32_acc - a) * 100
+    if cfg.max_accuracy_loss is not None and loss(acc) > cfg.max_accuracy_loss:
+        ranking = rank_nodes_by_error(fp32, out, calib[:64], ctx.out_dir)
+        info["node_sqnr_loss_db"] = dict(ranking)
+        best_acc, best_excluded, excluded = acc, [], []
+        for node, sqnr in ranking[: cfg.max_fallback_nodes]:
+            excluded.append(node)
+            trial = ctx.out_dir / f"int8_fallback_{len(excluded)}.onnx"
+            trial_acc = quantize(list(excluded), trial)
+            print(f"[compress] quantize_static: FP32 fallback of {node} (loses {sqnr:.1f} dB SQNR): val acc {trial_acc:.4f} "
+                  f"(loss {loss(trial_acc):.2f} pts, allowed {cfg.max_accuracy_loss:.2f})")
+            if trial_acc > best_acc:
+                best_acc, best_excluded = trial_acc, list(excluded)
+                trial.replace(out)
+            if loss(trial_acc) <= cfg.max_accuracy_loss:
+                break
+        acc = best_acc
+        info["nodes_excluded"] = best_excluded
+    info["val_acc_int8"] = acc
+    info["accuracy_criterion_met"] = cfg.max_accuracy_loss is None or loss(acc) <= cfg.max_accuracy_loss
     return replace(state, onnx=out, parity_max_abs=None, info={**state.info, "quantize_static": info})
+
+
+@register("convert_fp16", onnx_level=True)
+def convert_fp16(state: ModelState, cfg: ConvertFp16, ctx: CompressContext) -> ModelState:
+    """Half-precision weights and compute; float32 I/O kept by default so callers need no change."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    out = ctx.out_dir / "fp16.onnx"
+    model = OnnxModel(convert_float_to_float16(onnx.load(str(state.onnx)), keep_io_types=cfg.keep_io_types))
+    model.topological_sort()  # the converter appends its I/O Casts last, which onnx.checker rejects
+    onnx.checker.check_model(model.model)
+    onnx.save(model.model, str(out))
+    return replace(state, onnx=out, parity_max_abs=None,
+                   info={**state.info, "convert_fp16": {"keep_io_types": cfg.keep_io_types}})
 
 
 def _export(state: ModelState, ctx: CompressContext) -> ModelState:

@@ -78,14 +78,25 @@ class _Step(_Section):
 
 class MagnitudePrune(_Step):
     method: Literal["magnitude_prune"]
-    sparsity: float = Field(0.5, ge=0, lt=1, description="Fraction of weights (global, by |w|) set to zero.")
-    finetune_epochs: int = Field(5, ge=0, description="Fine-tuning epochs with the mask held fixed.")
+    sparsity: float = Field(0.5, ge=0, lt=1, description="Final fraction of conv/linear weights set to zero (by |w|).")
+    scope: Literal["global", "layer"] = Field("global", description="Rank weights across all layers or within each.")
+    steps: int = Field(1, ge=1, description="Iterative schedule: sparsity ramps up over this many prune+fine-tune steps.")
+    finetune_epochs: int = Field(5, ge=0, description="Fine-tuning epochs after each step, with the mask held fixed.")
+
+
+class StructuredPrune(_Step):
+    method: Literal["structured_prune"]
+    amount: float = Field(0.5, ge=0, lt=1, description="Fraction of channels/neurons removed from every hidden layer.")
+    norm: Literal[1, 2] = Field(1, description="Rank channels/neurons by the L1 or L2 norm of their weights.")
+    finetune_epochs: int = Field(10, ge=0, description="Fine-tuning epochs of the rebuilt, smaller model.")
 
 
 class Distill(_Step):
     method: Literal["distill"]
     width_factor: float = Field(0.5, gt=0, le=1, description="Student width/channels as a share of the teacher's.")
     depth: int | None = Field(None, ge=1, description="Student depth; default the teacher's.")
+    conv: list[int] | None = Field(None, description="Explicit student conv channels (e.g. from a search trial); overrides width_factor.")
+    hidden: list[int] | None = Field(None, description="Explicit student hidden widths; overrides width_factor.")
     temperature: float = Field(4.0, gt=0, description="Softmax temperature of the KL term.")
     alpha: float = Field(0.7, ge=0, le=1, description="Weight of the KL term; 1-alpha weights the hard-label loss.")
     epochs: int = Field(30, ge=1, description="Student training epochs (early stopping applies).")
@@ -101,9 +112,21 @@ class QuantizeStatic(_Step):
     calibration_samples: int = Field(256, ge=1, description="Training samples fed to the calibrator.")
     calibrate_method: Literal["minmax", "entropy", "percentile"] = Field("minmax", description="Activation range estimator.")
     per_channel: bool = Field(True, description="Per-channel weight scales.")
+    max_accuracy_loss: float | None = Field(
+        None, ge=0, description="Accuracy-aware tuning: allowed val-accuracy loss (points) vs FP32; nodes fall back "
+        "to FP32, most sensitive first, until it holds. None = quantize everything.")
+    max_fallback_nodes: int = Field(8, ge=1, description="Most nodes accuracy-aware tuning may keep in FP32.")
 
 
-Step = Annotated[Union[MagnitudePrune, Distill, QuantizeDynamic, QuantizeStatic], Field(discriminator="method")]
+class ConvertFp16(_Step):
+    method: Literal["convert_fp16"]
+    keep_io_types: bool = Field(True, description="Keep float32 inputs/outputs so callers need no change.")
+
+
+Step = Annotated[
+    Union[MagnitudePrune, StructuredPrune, Distill, QuantizeDynamic, QuantizeStatic, ConvertFp16],
+    Field(discriminator="method"),
+]
 
 
 def _default_candidates() -> dict[str, list]:

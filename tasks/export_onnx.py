@@ -39,8 +39,13 @@ def export_onnx(model: nn.Module, path: Path, reference_x: np.ndarray) -> Export
         model, (example,), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
         dynamic_shapes=({0: torch.export.Dim("batch")},), dynamo=True, verbose=False,
     )
+    model_proto = program.model_proto
+    # The exporter annotates every node with FX provenance (stack traces with local paths): useless to
+    # serving, a leak of build paths, and a fixed overhead that dominates the size of small models.
+    for node in model_proto.graph.node:
+        del node.metadata_props[:]
     tmp = path.with_suffix(".tmp.onnx")
-    program.save(str(tmp))
+    onnx.save(model_proto, str(tmp))
     onnx.checker.check_model(str(tmp), full_check=True)
     tmp.replace(path)
     with torch.no_grad():

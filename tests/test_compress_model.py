@@ -7,18 +7,20 @@ import torch
 
 from tasks.build_model import count_params, load_checkpoint
 from tasks.compress_model import HANDLERS, ONNX_METHODS, compress_candidate
-from tasks.config import Distill, MagnitudePrune, QuantizeDynamic, QuantizeStatic
+from tasks.config import ConvertFp16, Distill, MagnitudePrune, QuantizeDynamic, QuantizeStatic, StructuredPrune
 from tasks.run_onnx import make_session, predict_logits
 from tasks.train_model import accuracy
 
 STEPS = {
     "magnitude_prune": MagnitudePrune(method="magnitude_prune", sparsity=0.6, finetune_epochs=2),
+    "structured_prune": StructuredPrune(method="structured_prune", amount=0.5, finetune_epochs=8),
+    "convert_fp16": ConvertFp16(method="convert_fp16"),
     "distill": Distill(method="distill", width_factor=0.5, epochs=15),
     "quantize_dynamic": QuantizeDynamic(method="quantize_dynamic"),
     "quantize_static": QuantizeStatic(method="quantize_static", calibration_samples=64),
 }
 # Allowed test-accuracy loss vs the teacher: a 3.5x smaller student trained for a few seconds gets more.
-MAX_DROP = {"distill": 0.10}
+MAX_DROP = {"distill": 0.10, "structured_prune": 0.06}
 
 
 def test_every_handler_is_covered():
@@ -81,3 +83,62 @@ def test_empty_calibration_set_is_a_clear_error(cnn_checkpoint, data_dir, train_
     monkeypatch.setattr(cm, "load_splits", no_train)
     with pytest.raises(ValueError, match="calibration set .* is empty"):
         compress_candidate("q", [STEPS["quantize_static"]], cnn_checkpoint, data_dir, train_cfg, tmp_path)
+
+
+def test_iterative_per_layer_magnitude_schedule(cnn_checkpoint, data_dir, train_cfg, tmp_path):
+    step = MagnitudePrune(method="magnitude_prune", sparsity=0.8, scope="layer", steps=3, finetune_epochs=1)
+    cand = compress_candidate("p", [step], cnn_checkpoint, data_dir, train_cfg, tmp_path)
+    info = cand.info["magnitude_prune"]
+    assert [round(h["sparsity"], 3) for h in info["steps"]] == [0.267, 0.533, 0.8]
+    model, _, _ = load_checkpoint(cand.checkpoint)
+    for m in model.modules():  # per-layer scope: every layer individually reaches the target
+        if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
+            assert float((m.weight == 0).float().mean()) == pytest.approx(0.8, abs=0.02)
+
+
+def test_structured_prune_rebuilds_smaller_layers(cnn_checkpoint, mlp_checkpoint, data_dir, train_cfg, tmp_path):
+    base = compress_candidate("base", [], cnn_checkpoint, data_dir, train_cfg, tmp_path)
+    cand = compress_candidate("s", [STEPS["structured_prune"]], cnn_checkpoint, data_dir, train_cfg, tmp_path)
+    _, arch, _ = load_checkpoint(cand.checkpoint)
+    assert arch.conv == (4, 8) and arch.hidden == (16,)
+    info = cand.info["structured_prune"]
+    assert info["params_after"] < info["params_before"] / 3
+    assert cand.onnx.stat().st_size < base.onnx.stat().st_size / 2  # the graph itself shrank
+    conv_shapes = [tuple(i.dims) for i in onnx.load(str(cand.onnx)).graph.initializer if len(i.dims) == 4]
+    assert sorted(conv_shapes) == [(4, 1, 3, 3), (8, 4, 3, 3)]
+    mlp = compress_candidate("m", [STEPS["structured_prune"]], mlp_checkpoint, data_dir, train_cfg, tmp_path)
+    assert load_checkpoint(mlp.checkpoint)[1].hidden == (16, 16)
+
+
+def test_structured_prune_keeps_the_function_of_kept_units(cnn_checkpoint, data_dir, train_cfg, tmp_path, splits):
+    """amount=0 keeps every unit: the rebuilt model must compute exactly what the original did."""
+    step = StructuredPrune(method="structured_prune", amount=0.0, finetune_epochs=0)
+    cand = compress_candidate("s0", [step], cnn_checkpoint, data_dir, train_cfg, tmp_path)
+    original, _, _ = load_checkpoint(cnn_checkpoint)
+    rebuilt, _, _ = load_checkpoint(cand.checkpoint)
+    x = torch.from_numpy(splits.test[0][:32])
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(x), original(x))
+
+
+def test_accuracy_aware_fallback_excludes_sensitive_nodes(cnn_checkpoint, data_dir, train_cfg, tmp_path):
+    # One calibration sample and per-tensor scales make INT8 lose accuracy; zero tolerance forces fallback.
+    step = QuantizeStatic(method="quantize_static", calibration_samples=1, per_channel=False,
+                          max_accuracy_loss=0.0, max_fallback_nodes=4)
+    cand = compress_candidate("q", [step], cnn_checkpoint, data_dir, train_cfg, tmp_path)
+    info = cand.info["quantize_static"]
+    assert info["val_acc_int8_full"] < info["val_acc_fp32"], "precondition: harsh calibration must lose accuracy"
+    assert info["nodes_excluded"], "tight tolerance must push nodes back to FP32"
+    ranked = list(info["node_sqnr_loss_db"])
+    assert info["nodes_excluded"] == ranked[: len(info["nodes_excluded"])]  # most sensitive first
+    assert info["val_acc_int8"] > info["val_acc_int8_full"]
+    assert info["accuracy_criterion_met"] == (info["val_acc_int8"] >= info["val_acc_fp32"])
+    graph = {n.name: n for n in onnx.load(str(cand.onnx)).graph.node}
+    for name in info["nodes_excluded"]:  # excluded nodes read float weights, not dequantized INT8 ones
+        assert not graph[name].input[1].endswith("_DequantizeLinear_Output")
+
+
+def test_no_fallback_without_a_tolerance(cnn_checkpoint, data_dir, train_cfg, tmp_path):
+    step = QuantizeStatic(method="quantize_static", calibration_samples=1, per_channel=False)
+    info = compress_candidate("q", [step], cnn_checkpoint, data_dir, train_cfg, tmp_path).info["quantize_static"]
+    assert info["nodes_excluded"] == [] and info["accuracy_criterion_met"]
