@@ -107,8 +107,8 @@ def magnitude_prune(state: ModelState, cfg: MagnitudePrune, ctx: CompressContext
         apply_masks(model)
         acc_pruned = accuracy(model, *ctx.splits.val)
         if cfg.finetune_epochs:
-            fit(model, ctx.splits.train, ctx.splits.val, _train_params(ctx, meta, cfg.finetune_epochs, 0.1),
-                after_step=apply_masks)
+            fit(model, ctx.splits.train, ctx.splits.val,
+                _train_params(ctx, meta, cfg.finetune_epochs, cfg.finetune_lr_scale), after_step=apply_masks)
         history.append({"sparsity": target, "val_acc_pruned": acc_pruned, "val_acc_finetuned": accuracy(model, *ctx.splits.val)})
         print(f"[compress] magnitude_prune step {step}/{cfg.steps}: sparsity {target:.2f}, val acc "
               f"{acc_pruned:.4f} -> {history[-1]['val_acc_finetuned']:.4f} after {cfg.finetune_epochs} fine-tune epochs")
@@ -150,7 +150,7 @@ def structured_prune(state: ModelState, cfg: StructuredPrune, ctx: CompressConte
             prev = rows
     acc_pruned = accuracy(small, *ctx.splits.val)
     if cfg.finetune_epochs:
-        fit(small, ctx.splits.train, ctx.splits.val, _train_params(ctx, meta, cfg.finetune_epochs, 0.1))
+        fit(small, ctx.splits.train, ctx.splits.val, _train_params(ctx, meta, cfg.finetune_epochs, cfg.finetune_lr_scale))
     info = {"amount": cfg.amount, "params_before": count_params(model), "params_after": count_params(small),
             "arch_after": small_arch.to_dict(), "val_acc_pruned": acc_pruned,
             "val_acc_finetuned": accuracy(small, *ctx.splits.val)}

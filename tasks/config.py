@@ -73,10 +73,15 @@ class TrainConfig(_Section):
 
 
 class _Step(_Section):
-    finetune_epochs: int = Field(0, ge=0, description="Epochs of training after the step (torch-level steps).")
+    """A compression step; `method` selects its handler in tasks.compress_model."""
 
 
-class MagnitudePrune(_Step):
+class _Finetuned(_Step):
+    finetune_epochs: int = Field(5, ge=0, description="Fine-tuning epochs after the step.")
+    finetune_lr_scale: float = Field(0.1, gt=0, description="Fine-tuning lr as a multiple of the baseline's lr.")
+
+
+class MagnitudePrune(_Finetuned):
     method: Literal["magnitude_prune"]
     sparsity: float = Field(0.5, ge=0, lt=1, description="Final fraction of conv/linear weights set to zero (by |w|).")
     scope: Literal["global", "layer"] = Field("global", description="Rank weights across all layers or within each.")
@@ -84,7 +89,7 @@ class MagnitudePrune(_Step):
     finetune_epochs: int = Field(5, ge=0, description="Fine-tuning epochs after each step, with the mask held fixed.")
 
 
-class StructuredPrune(_Step):
+class StructuredPrune(_Finetuned):
     method: Literal["structured_prune"]
     amount: float = Field(0.5, ge=0, lt=1, description="Fraction of channels/neurons removed from every hidden layer.")
     norm: Literal[1, 2] = Field(1, description="Rank channels/neurons by the L1 or L2 norm of their weights.")

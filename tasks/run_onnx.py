@@ -10,6 +10,7 @@ import numpy as np
 import onnxruntime as ort
 
 PROVIDER_NAMES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+SPIN_SETTLE_S = 0.05
 
 
 def available_devices(use_cuda: bool = True) -> list[str]:
@@ -37,7 +38,7 @@ def predict_logits(session: ort.InferenceSession, x: np.ndarray, batch: int = 25
 class Timing:
     latency_p50_ms: float
     latency_p95_ms: float
-    throughput_sps: float  # samples per second at the throughput batch size
+    throughput_sps: float  # samples per second at the throughput batch size (from the median batch time)
 
 
 def measure_speeds(
@@ -47,7 +48,10 @@ def measure_speeds(
     """Batch-1 latency percentiles and batch-`batch` throughput for several models side by side.
 
     Runs are interleaved in `rounds` (every model gets a slice of its runs each round), so clock,
-    thermal and background-load drift hit every model alike and their ratios stay meaningful.
+    thermal and background-load drift hit every model alike and their ratios stay meaningful. Each
+    session's thread pool spin-waits after its last run; the pause before the next model's slice
+    lets it go idle, else it steals cores from the model being timed (measured: -26% throughput
+    on an identical graph with 8 models on 2 cores).
     """
     single = x[:1]
     big = np.resize(x, (batch, *x.shape[1:])).astype(x.dtype)  # repeats samples when x is short
@@ -58,21 +62,23 @@ def measure_speeds(
         session.run(None, {feeds[key]: big})
     lat_per_round, batch_per_round = -(-latency_runs // rounds), -(-batch_runs // rounds)
     latencies: dict[str, list[float]] = {k: [] for k in sessions}
-    batch_seconds = dict.fromkeys(sessions, 0.0)
+    batch_times: dict[str, list[float]] = {k: [] for k in sessions}
     for _ in range(rounds):
         for key, session in sessions.items():
             feed = feeds[key]
+            time.sleep(SPIN_SETTLE_S)
             for _ in range(lat_per_round):
                 t = time.perf_counter()
                 session.run(None, {feed: single})
                 latencies[key].append(time.perf_counter() - t)
-            t = time.perf_counter()
             for _ in range(batch_per_round):
+                t = time.perf_counter()
                 session.run(None, {feed: big})
-            batch_seconds[key] += time.perf_counter() - t
+                batch_times[key].append(time.perf_counter() - t)
     out = {}
     for key in sessions:
         ms = np.array(latencies[key]) * 1000
+        # Median batch time: one preempted batch must not move a throughput figure.
         out[key] = Timing(float(np.percentile(ms, 50)), float(np.percentile(ms, 95)),
-                          batch * batch_per_round * rounds / batch_seconds[key])
+                          batch / float(np.median(batch_times[key])))
     return out

@@ -1,0 +1,102 @@
+"""Compression benchmark: FP32 vs every method and chain, measured side by side on ONNX Runtime CPU.
+
+    .venv/bin/python bench/compress.py [--conv 32,64] [--hidden 128] [--epochs 60]
+
+Trains a digits CNN for real, builds each compressed variant through the pipeline's own
+`compress_candidate`, then times all of them interleaved in one `validate_candidates` call, so the
+ratios compare like with like. Prints the table and checks the targets from issue #4:
+  INT8: >= 3.5x smaller and >= 1.5x batch-64 throughput vs FP32 at <= 1 point accuracy drop
+  structured pruning (50% channels): >= 1.5x throughput at <= 1 point drop after fine-tuning
+Not a test: figures depend on the machine; nothing here asserts on wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import warnings
+from pathlib import Path
+
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
+
+import torch  # noqa: E402
+
+from tasks.build_model import Arch, build_model, save_checkpoint  # noqa: E402
+from tasks.compress_model import compress_candidate  # noqa: E402
+from tasks.config import (  # noqa: E402
+    ConvertFp16, DataConfig, Distill, MagnitudePrune, QuantizeDynamic, QuantizeStatic, StructuredPrune, TrainConfig,
+    ValidateConfig)
+from tasks.train_model import TrainParams, accuracy, fit  # noqa: E402
+from tasks.validate_model import validate_candidates  # noqa: E402
+from tasks.version_data import load_splits, materialize_digits  # noqa: E402
+
+STATIC = QuantizeStatic(method="quantize_static", calibration_samples=256)
+STRUCTURED = StructuredPrune(method="structured_prune", amount=0.5, finetune_epochs=20)
+RECIPES = {
+    "fp32": [],
+    "magnitude_50": [MagnitudePrune(method="magnitude_prune", sparsity=0.5, finetune_epochs=10)],
+    "structured_50": [STRUCTURED],
+    "student_50": [Distill(method="distill", width_factor=0.5, epochs=60, alpha=0.5)],
+    "int8_dynamic": [QuantizeDynamic(method="quantize_dynamic")],
+    "int8_static": [STATIC],
+    "fp16": [ConvertFp16(method="convert_fp16")],
+    "structured_50+int8": [STRUCTURED, STATIC],
+}
+TARGETS = {  # candidate: (min size ratio, min throughput ratio, max accuracy drop in points)
+    "int8_static": (3.5, 1.5, 1.0),
+    "structured_50": (None, 1.5, 1.0),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--conv", default="32,64", help="conv channels of the benchmark CNN")
+    parser.add_argument("--hidden", default="128", help="hidden widths of its head")
+    parser.add_argument("--epochs", type=int, default=60)
+    parser.add_argument("--latency-runs", type=int, default=2000)
+    parser.add_argument("--throughput-runs", type=int, default=400)
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="bench-compress-"))
+    data_dir = work / "data"
+    materialize_digits(DataConfig(), data_dir)
+    splits = load_splits(data_dir)
+    arch = Arch("cnn", 10, (1, 8, 8), tuple(int(c) for c in args.conv.split(",")),
+                tuple(int(h) for h in args.hidden.split(",")))
+    torch.manual_seed(0)
+    model = build_model(arch)
+    params = TrainParams(lr=0.003, optimizer="adam", epochs=args.epochs, patience=15)
+    result = fit(model, splits.train, splits.val, params)
+    print(f"[bench] FP32 {arch.conv}/{arch.hidden}: val {result.best_val_accuracy:.4f} "
+          f"test {accuracy(model, *splits.test):.4f} after {result.epochs_run} epochs")
+    ckpt = save_checkpoint(work / "fp32.pt", model, arch, {"train": params.__dict__})
+
+    train_cfg = TrainConfig(patience=15)
+    candidates = [compress_candidate(name, recipe, ckpt, data_dir, train_cfg, work / "candidates")
+                  for name, recipe in RECIPES.items()]
+    reports = validate_candidates(candidates, ValidateConfig(warmup=100, latency_runs=args.latency_runs,
+                                                             throughput_runs=args.throughput_runs), data_dir)
+    base = reports[0]
+    header = f"{'candidate':<20}{'acc':>8}{'drop pts':>10}{'size KB':>10}{'size x':>8}{'p50 us':>9}{'p50 x':>8}{'thr/s b64':>12}{'thr x':>8}"
+    print("\n" + header + "\n" + "-" * len(header))
+    for r in reports:
+        print(f"{r.name:<20}{r.accuracy:>8.4f}{(base.accuracy - r.accuracy) * 100:>10.2f}{r.size_bytes / 1024:>10.1f}"
+              f"{base.size_bytes / r.size_bytes:>8.2f}{r.latency_p50_ms * 1000:>9.1f}"
+              f"{base.latency_p50_ms / r.latency_p50_ms:>8.2f}{r.throughput_sps:>12,.0f}"
+              f"{r.throughput_sps / base.throughput_sps:>8.2f}")
+    print("\ntargets (issue #4):")
+    by_name = {r.name: r for r in reports}
+    for name, (min_size, min_thr, max_drop) in TARGETS.items():
+        r = by_name[name]
+        checks = []
+        if min_size:
+            checks.append((f"size {base.size_bytes / r.size_bytes:.2f}x >= {min_size}x", base.size_bytes / r.size_bytes >= min_size))
+        checks.append((f"throughput {r.throughput_sps / base.throughput_sps:.2f}x >= {min_thr}x",
+                       r.throughput_sps / base.throughput_sps >= min_thr))
+        drop = (base.accuracy - r.accuracy) * 100
+        checks.append((f"accuracy drop {drop:.2f} <= {max_drop} pts", drop <= max_drop))
+        print(f"  {name:<16}" + "; ".join(f"{text} {'MET' if ok else 'MISSED'}" for text, ok in checks))
+
+
+if __name__ == "__main__":
+    main()
