@@ -9,19 +9,20 @@ from dataclasses import asdict
 from pathlib import Path
 
 from prefect import flow
+from prefect.task_runners import ThreadPoolTaskRunner
 
 from tasks import track_run
 from tasks.compress_model import compress_candidate_task
 from tasks.register_model import register_model_task
 from tasks.report_candidates import report_candidates_task
-from tasks.search_model import search_model_task
+from tasks.search_model import run_trials_task, summarize_search_task
 from tasks.ship_bundle import ship_bundle_task
 from tasks.train_model import check_init_checkpoint_task, train_model_task
 from tasks.validate_model import BASELINE, apply_gates, best_passing, require_passing, validate_candidates_task
 from tasks.version_data import version_data_task
 
 
-@flow(name="optimize", log_prints=True)
+@flow(name="optimize", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=8))
 def optimize(config_path: str = "configs/digits.yaml", root: str = ".") -> dict:
     with track_run.pipeline_run(config_path, root) as run:
         cfg, work = run.cfg, run.cfg.workdir
@@ -31,8 +32,10 @@ def optimize(config_path: str = "configs/digits.yaml", root: str = ".") -> dict:
         check_init_checkpoint_task(cfg.train, data.num_classes, data.input_shape)  # fail before any training
 
         study = f"{cfg.tracking.experiment}-{data.md5[:12]}-{cfg.section_hash('search')}"
-        search = search_model_task(cfg.search, data.dir, work / "search", study, run.experiment_id, run.run_id)
-        track_run.log_stage(run.run_id, "search", {**asdict(search), **search.best_params})
+        workers = [run_trials_task.submit(cfg.search, data.dir, work / "search", study, run.experiment_id,
+                                          run.run_id, worker=i) for i in range(cfg.search.workers)]
+        search = summarize_search_task(cfg.search, work / "search", study, run.run_id, wait_for=workers)
+        track_run.log_stage(run.run_id, "search", search.flat())
 
         trained = train_model_task(cfg.train, search.best_params, data.dir, data.md5, work / "train")
         track_run.log_stage(run.run_id, "train", asdict(trained))

@@ -20,12 +20,20 @@ class Arch:
     input_shape: tuple[int, ...]  # (C, H, W)
     conv: tuple[int, ...] = ()  # output channels per conv block (cnn only)
     hidden: tuple[int, ...] = field(default=(64,))  # widths of the hidden Linear layers
+    activation: str = "relu"
+    dropout: float = 0.0  # after every hidden activation; identity in eval mode and in the exported graph
+    kernel: int = 3  # conv kernel size (odd: "same" padding)
 
     @staticmethod
-    def from_search(family: str, depth: int, width: int, channels: int, num_classes: int, input_shape) -> "Arch":
-        if family == "cnn":
-            return Arch("cnn", num_classes, tuple(input_shape), tuple(channels * 2**i for i in range(depth)), (width,))
-        return Arch("mlp", num_classes, tuple(input_shape), (), (width,) * depth)
+    def from_params(p: dict, num_classes: int, input_shape) -> "Arch":
+        """The architecture a search trial describes: family, depth, width, channels (+ optional
+        activation, dropout, kernel). A CNN doubles its channels per block and has one hidden layer."""
+        extra = {k: p[k] for k in ("activation", "dropout", "kernel") if k in p}
+        shape = tuple(input_shape)
+        if p["family"] == "cnn":
+            conv = tuple(p["channels"] * 2**i for i in range(p["depth"]))
+            return Arch("cnn", num_classes, shape, conv, (p["width"],), **extra)
+        return Arch("mlp", num_classes, shape, (), (p["width"],) * p["depth"], **extra)
 
     def scaled(self, factor: float, depth: int | None = None) -> "Arch":
         """A proportionally narrower (and optionally shallower) variant, for distillation students."""
@@ -43,16 +51,23 @@ class Arch:
 
     @staticmethod
     def from_dict(d: dict) -> "Arch":
-        return Arch(d["family"], d["num_classes"], tuple(d["input_shape"]), tuple(d["conv"]), tuple(d["hidden"]))
+        extra = {k: d[k] for k in ("activation", "dropout", "kernel") if k in d}
+        return Arch(d["family"], d["num_classes"], tuple(d["input_shape"]), tuple(d["conv"]), tuple(d["hidden"]), **extra)
+
+
+ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
 
 
 def build_model(arch: Arch) -> nn.Sequential:
-    """Conv blocks (conv3x3-ReLU-maxpool while the map is >= 2 px) then an MLP head."""
+    """Conv blocks (conv-act-maxpool while the map is >= 2 px) then an MLP head."""
+    if arch.activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {arch.activation!r}; known: {sorted(ACTIVATIONS)}")
+    act = ACTIVATIONS[arch.activation]
     layers: list[nn.Module] = []
     c, h, w = arch.input_shape
     if arch.family == "cnn":
         for out in arch.conv:
-            layers += [nn.Conv2d(c, out, 3, padding=1), nn.ReLU()]
+            layers += [nn.Conv2d(c, out, arch.kernel, padding=arch.kernel // 2), act()]
             if min(h, w) >= 2:
                 layers.append(nn.MaxPool2d(2))
                 h, w = h // 2, w // 2
@@ -62,7 +77,9 @@ def build_model(arch: Arch) -> nn.Sequential:
     layers.append(nn.Flatten())
     features = c * h * w
     for width in arch.hidden:
-        layers += [nn.Linear(features, width), nn.ReLU()]
+        layers += [nn.Linear(features, width), act()]
+        if arch.dropout > 0:
+            layers.append(nn.Dropout(arch.dropout))
         features = width
     layers.append(nn.Linear(features, arch.num_classes))
     return nn.Sequential(*layers)

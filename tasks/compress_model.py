@@ -62,9 +62,9 @@ def register(method: str, onnx_level: bool = False) -> Callable[[Handler], Handl
 
 
 def _train_params(ctx: CompressContext, meta: dict, epochs: int, lr_scale: float = 1.0) -> TrainParams:
-    base = meta["train"]
-    return TrainParams(base["lr"] * lr_scale, base["optimizer"], epochs, ctx.train.patience,
-                       ctx.train.batch_size, ctx.train.weight_decay, ctx.train.seed)
+    """The baseline's own training settings (from its checkpoint), with a new budget and lr scale."""
+    base = {**meta["train"], "lr": meta["train"]["lr"] * lr_scale}
+    return TrainParams.from_search(base, epochs, ctx.train.patience, ctx.train.seed)
 
 
 def _layers(model: nn.Module) -> list[nn.Module]:

@@ -33,41 +33,98 @@ class DataConfig(_Section):
     dvc_remote: Path = Field(Path(".modelforge/dvc-remote"), description="Local DVC remote the data is pushed to.")
 
 
+Optimizer = Literal["sgd", "momentum", "adam", "adamw"]
+Schedule = Literal["constant", "cosine", "step"]
+Activation = Literal["relu", "gelu", "silu", "tanh"]
+
+
 class SearchSpace(_Section):
     families: list[Literal["mlp", "cnn"]] = Field(["cnn", "mlp"], min_length=1, description="Model families to search over.")
     lr: tuple[float, float] = Field((1e-3, 3e-2), description="Log-uniform learning-rate range.")
-    optimizers: list[Literal["sgd", "adam"]] = Field(["sgd", "adam"], min_length=1, description="Optimizers to try.")
+    weight_decay: list[float] = Field([0.0, 1e-4], min_length=1, description="L2 penalties to try.")
+    batch_sizes: list[int] = Field([32, 64], min_length=1, description="Mini-batch sizes to try.")
+    optimizers: list[Optimizer] = Field(["sgd", "momentum", "adam", "adamw"], min_length=1,
+                                        description="sgd (plain), momentum (SGD+Nesterov 0.9), adam, adamw.")
+    schedules: list[Schedule] = Field(["cosine", "constant"], min_length=1, description="Learning-rate schedules.")
     depth: tuple[int, int] = Field((1, 3), description="Hidden layers (mlp) or conv blocks (cnn), inclusive range.")
-    width: tuple[int, int] = Field((32, 128), description="Hidden units per MLP layer, inclusive range.")
+    width: tuple[int, int] = Field((32, 128), description="Hidden units per layer (log-uniform), inclusive range.")
+    activations: list[Activation] = Field(["relu", "gelu"], min_length=1, description="Activation functions.")
+    dropout: tuple[float, float] = Field((0.0, 0.3), description="Dropout after each hidden layer, range.")
     channels: tuple[int, int] = Field((8, 32), description="Channels of the first conv block (doubling per block).")
+    kernels: list[int] = Field([3], min_length=1, description="Conv kernel sizes (odd).")
 
     @model_validator(mode="after")
-    def _ranges_ordered(self) -> "SearchSpace":
+    def _space_valid(self) -> "SearchSpace":
         problems = [
             f"{name}: low {lo} must be > 0 and <= high {hi}"
             for name in ("lr", "depth", "width", "channels")
             for lo, hi in [getattr(self, name)]
             if not 0 < lo <= hi
         ]
+        if not 0 <= self.dropout[0] <= self.dropout[1] < 1:
+            problems.append(f"dropout: need 0 <= low <= high < 1, got {self.dropout}")
+        problems += [f"kernels: {k} is not a positive odd size" for k in self.kernels if k < 1 or k % 2 == 0]
+        problems += [f"batch_sizes: {b} must be >= 1" for b in self.batch_sizes if b < 1]
+        problems += [f"weight_decay: {w} must be >= 0" for w in self.weight_decay if w < 0]
         if problems:
             raise ValueError("; ".join(problems))
         return self
 
 
+Objective = Literal["accuracy", "latency", "size"]
+
+
 class SearchConfig(_Section):
-    sampler: Literal["tpe", "random"] = Field("tpe", description="Optuna sampler.")
-    n_trials: int = Field(12, ge=1, description="Trials to run (an interrupted study resumes up to this count).")
-    epochs: int = Field(8, ge=1, description="Training epochs per trial.")
-    seed: int = Field(0, description="Sampler seed: same seed, same trials.")
-    storage: str | None = Field(None, description="Optuna storage URL; default SQLite under the work dir.")
+    sampler: Literal["tpe", "random", "grid", "cmaes", "nsga2"] = Field(
+        "tpe", description="tpe (Bayesian), random, grid, cmaes (single objective), nsga2 (evolutionary).")
+    pruner: Literal["none", "median", "hyperband", "successive_halving"] = Field(
+        "none", description="Stop poor trials early on their per-epoch val accuracy (single objective only).")
+    objectives: list[Objective] = Field(
+        ["accuracy"], min_length=1, description="accuracy (val, maximised) first; latency (ORT CPU p50 ms) and size "
+        "(parameters) are minimised. More than one makes the study multi-objective.")
+    selection: Literal["best_accuracy", "accuracy_under_latency", "accuracy_under_size"] = Field(
+        "best_accuracy", description="How the final configuration is picked from the Pareto front.")
+    latency_budget_ms: float | None = Field(None, gt=0, description="Budget for accuracy_under_latency.")
+    size_budget_params: int | None = Field(None, gt=0, description="Budget for accuracy_under_size.")
+    n_trials: int = Field(12, ge=1, description="Finished trials to reach (an interrupted study resumes up to this count).")
+    grid_points: int = Field(3, ge=1, description="Values per numeric range when sampler is grid.")
+    epochs: int = Field(8, ge=1, description="Training budget per trial, in epochs.")
+    seed: int = Field(0, description="Sampler seed: same seed, same trials (with workers: 1).")
+    workers: int = Field(1, ge=1, description="Trials run concurrently as Prefect tasks on one shared study.")
+    storage: str | None = Field(
+        None, description="Optuna storage: an RDB URL (sqlite:///, postgresql://) or journal:///path/file.log; "
+        "default SQLite under the work dir, or a journal file when workers > 1.")
     space: SearchSpace = Field(default_factory=SearchSpace, description="What the search may choose.")
+
+    @model_validator(mode="after")
+    def _strategy_fits(self) -> "SearchConfig":
+        problems = []
+        multi = len(self.objectives) > 1
+        if self.objectives[0] != "accuracy" or len(set(self.objectives)) != len(self.objectives):
+            problems.append(f"objectives: must start with 'accuracy' and not repeat, got {self.objectives}")
+        if multi and self.pruner != "none":
+            problems.append("pruner: multi-objective studies cannot prune; set pruner: none")
+        if multi and self.sampler in ("cmaes",):
+            problems.append("sampler: cmaes is single-objective; use nsga2, tpe or random")
+        needs = {"accuracy_under_latency": ("latency", self.latency_budget_ms, "latency_budget_ms"),
+                 "accuracy_under_size": ("size", self.size_budget_params, "size_budget_params")}
+        if self.selection in needs:
+            objective, budget, field_name = needs[self.selection]
+            if objective not in self.objectives:
+                problems.append(f"selection: {self.selection} needs '{objective}' in objectives")
+            if budget is None:
+                problems.append(f"selection: {self.selection} needs {field_name}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
 
 
 class TrainConfig(_Section):
+    """Final training of the searched configuration (its lr, optimizer, batch size, weight decay and
+    schedule come from the search)."""
+
     max_epochs: int = Field(40, ge=1, description="Upper bound on training epochs.")
     patience: int = Field(6, ge=1, description="Early stopping: epochs without val-accuracy gain before stopping.")
-    batch_size: int = Field(64, ge=1, description="Mini-batch size.")
-    weight_decay: float = Field(0.0, ge=0, description="L2 penalty.")
     init_from: Path | None = Field(None, description="Checkpoint to fine-tune from instead of a random init.")
     seed: int = Field(0, description="Torch seed for initialisation and shuffling.")
 

@@ -1,18 +1,26 @@
-"""Hyperparameter and architecture search with a persistent, resumable Optuna study.
+"""Hyperparameter and architecture search on a persistent Optuna study.
 
-The study lives in SQLite (by default) under a name derived from the data version and the search
-config, so an interrupted run resumes where it stopped and a changed config starts a new study.
+The study lives in shared storage (SQLite by default) under a name derived from the data version
+and the search config, so an interrupted run resumes where it stopped, a changed config starts a
+new study, and several workers (Prefect tasks, threads or processes) can fill one study together.
+
+`run_trials` is the worker; `summarize_search` reads the finished study, picks the final
+configuration (Pareto front + selection rule for multi-objective studies) and reports it.
 """
 
 from __future__ import annotations
 
 import json
+import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import optuna
 import torch
+from optuna.trial import TrialState
 from prefect import task
 
 from tasks import track_run
@@ -21,108 +29,304 @@ from tasks.config import SearchConfig
 from tasks.train_model import TrainParams, fit
 from tasks.version_data import load_splits
 
-optuna.logging.set_verbosity(optuna.logging.WARNING)  # the per-trial progress line below says it better
+optuna.logging.set_verbosity(optuna.logging.WARNING)  # the per-trial progress line says it better
+
+DIRECTIONS = {"accuracy": "maximize", "latency": "minimize", "size": "minimize"}
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+class SearchError(RuntimeError):
+    """The search produced nothing usable: every trial failed, or nothing meets the selection budget."""
 
 
 @dataclass(frozen=True)
 class SearchResult:
     best_params: dict
-    best_value: float
+    best_values: dict  # objective -> value of the chosen trial
+    chosen_trial: int
     completed_trials: int
+    pruned_trials: int
     failed_trials: int
+    pareto_front: list[dict]  # [{"trial", "values", "params"}] (single objective: the best trial)
     study_name: str
     storage: str
     best_params_path: Path
 
+    def flat(self) -> dict:
+        """Scalars for MLflow: counts, chosen trial, its objective values and parameters."""
+        return {"chosen_trial": self.chosen_trial, "completed_trials": self.completed_trials,
+                "pruned_trials": self.pruned_trials, "failed_trials": self.failed_trials,
+                "study_name": self.study_name, "storage": self.storage,
+                **{f"value_{k}": v for k, v in self.best_values.items()}, **self.best_params}
+
+
+def resolve_storage(cfg: SearchConfig, out_dir: Path) -> str:
+    if cfg.storage:
+        return cfg.storage
+    # SQLite serialises writers badly under concurrent workers; Optuna's journal file is made for it.
+    if cfg.workers > 1:
+        return f"journal:///{(Path(out_dir) / 'optuna-journal.log').resolve()}"
+    return f"sqlite:///{(Path(out_dir) / 'optuna.db').resolve()}"
+
+
+def _storage(url: str) -> optuna.storages.BaseStorage | str:
+    if url.startswith("journal:///"):
+        from optuna.storages.journal import JournalFileBackend
+
+        return optuna.storages.JournalStorage(JournalFileBackend(url.removeprefix("journal://")))
+    return url
+
+
+def grid_space(cfg: SearchConfig) -> dict[str, list]:
+    """Every parameter `suggest` asks for, as the finite list of values the grid visits."""
+    s, n = cfg.space, cfg.grid_points
+
+    def ints(lo: int, hi: int) -> list[int]:
+        return sorted({int(round(v)) for v in np.geomspace(lo, hi, n)})
+
+    return {
+        "family": list(s.families), "lr": sorted({float(v) for v in np.geomspace(*s.lr, n)}),
+        "weight_decay": list(s.weight_decay), "batch_size": list(s.batch_sizes), "optimizer": list(s.optimizers),
+        "schedule": list(s.schedules), "depth": list(range(s.depth[0], s.depth[1] + 1)), "width": ints(*s.width),
+        "activation": list(s.activations), "dropout": sorted({float(v) for v in np.linspace(*s.dropout, n)}),
+        "channels": ints(*s.channels), "kernel": list(s.kernels),
+    }
+
 
 def make_sampler(cfg: SearchConfig) -> optuna.samplers.BaseSampler:
     if cfg.sampler == "tpe":
-        return optuna.samplers.TPESampler(seed=cfg.seed)
+        return optuna.samplers.TPESampler(seed=cfg.seed, multivariate=True)
     if cfg.sampler == "random":
         return optuna.samplers.RandomSampler(seed=cfg.seed)
+    if cfg.sampler == "grid":
+        return optuna.samplers.GridSampler(grid_space(cfg), seed=cfg.seed)
+    if cfg.sampler == "cmaes":
+        # CMA-ES models numeric parameters only; categorical ones are drawn independently.
+        return optuna.samplers.CmaEsSampler(seed=cfg.seed, warn_independent_sampling=False)
+    if cfg.sampler == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=cfg.seed, population_size=max(4, min(20, cfg.n_trials // 3)))
     raise ValueError(f"unknown sampler {cfg.sampler!r}")
 
 
+def make_pruner(cfg: SearchConfig) -> optuna.pruners.BasePruner:
+    if cfg.pruner == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=max(1, cfg.epochs // 4))
+    if cfg.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=cfg.epochs)
+    if cfg.pruner == "successive_halving":
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=1)
+    return optuna.pruners.NopPruner()
+
+
 def suggest(trial: optuna.Trial, cfg: SearchConfig) -> dict:
+    """Every parameter is drawn in every trial (channels/kernel are unused by MLPs), which keeps the
+    space flat: the grid is an exact product and samplers need no conditional handling."""
     s = cfg.space
-    params = {
+    return {
         "family": trial.suggest_categorical("family", s.families),
         "lr": trial.suggest_float("lr", *s.lr, log=True),
+        "weight_decay": trial.suggest_categorical("weight_decay", s.weight_decay),
+        "batch_size": trial.suggest_categorical("batch_size", s.batch_sizes),
         "optimizer": trial.suggest_categorical("optimizer", s.optimizers),
+        "schedule": trial.suggest_categorical("schedule", s.schedules),
         "depth": trial.suggest_int("depth", *s.depth),
         "width": trial.suggest_int("width", *s.width, log=True),
+        "activation": trial.suggest_categorical("activation", s.activations),
+        "dropout": trial.suggest_float("dropout", *s.dropout),
+        "channels": trial.suggest_int("channels", *s.channels, log=True),
+        "kernel": trial.suggest_categorical("kernel", s.kernels),
     }
-    # Channels only matter for conv nets; an MLP trial records the lower bound so every trial has the key.
-    params["channels"] = (
-        trial.suggest_int("channels", *s.channels, log=True) if params["family"] == "cnn" else s.channels[0]
-    )
-    return params
 
 
-def search_model(
-    cfg: SearchConfig, data_dir: Path, out_dir: Path, study_name: str, experiment_id: str, parent_run_id: str
-) -> SearchResult:
+def open_study(cfg: SearchConfig, study_name: str, storage: str) -> optuna.Study:
+    directions = [DIRECTIONS[o] for o in cfg.objectives]
+    kwargs = {"direction": directions[0]} if len(directions) == 1 else {"directions": directions}
+    return optuna.create_study(study_name=study_name, storage=_storage(storage), sampler=make_sampler(cfg),
+                               pruner=make_pruner(cfg), load_if_exists=True, **kwargs)
+
+
+def measure_trial_latency(model: torch.nn.Module, x: np.ndarray) -> float:
+    """p50 batch-1 latency (ms) of the model exported to ONNX and run on ORT CPU: the real target."""
+    from tasks.export_onnx import export_onnx
+    from tasks.run_onnx import make_session, measure_speeds
+
+    with tempfile.TemporaryDirectory() as tmp:
+        exported = export_onnx(model, Path(tmp) / "trial.onnx", x[:64])
+        timing = measure_speeds({"m": make_session(exported.path)}, x, warmup=20, latency_runs=200, batch=64,
+                                batch_runs=10, rounds=1)
+    return timing["m"].latency_p50_ms
+
+
+class _TrialRuns:
+    """One nested MLflow run per trial under the pipeline run; silent without a parent (benchmarks)."""
+
+    def __init__(self, experiment_id: str | None, parent_run_id: str | None, study_name: str):
+        self.enabled = bool(experiment_id and parent_run_id)
+        self.experiment_id, self.parent, self.study = experiment_id, parent_run_id, study_name
+
+    def start(self, trial: optuna.Trial, params: dict) -> str | None:
+        if not self.enabled:
+            return None
+        run_id = track_run.start_run(self.experiment_id, f"trial-{trial.number}", self.parent,
+                                     {"optuna.trial": trial.number, "optuna.study": self.study})
+        track_run.log_params(run_id, params)
+        return run_id
+
+    def log(self, run_id: str | None, metrics: dict, step: int = 0) -> None:
+        if run_id:
+            track_run.log_metrics(run_id, metrics, step)
+
+    def end(self, run_id: str | None, status: str = "FINISHED", err: BaseException | None = None) -> None:
+        if run_id:
+            track_run.fail_run(run_id, err) if err is not None else track_run.end_run(run_id, status)
+
+
+class _Budget:
+    """Stop a worker once the shared study holds `n_trials` finished trials (resume-aware and shared by
+    all workers), or when failures alone reach that count (a broken setup must not loop forever)."""
+
+    def __init__(self, n_trials: int):
+        self.n_trials = n_trials
+
+    def done(self, study: optuna.Study) -> bool:
+        trials = study.get_trials(deepcopy=False)
+        return (sum(t.state in FINISHED for t in trials) >= self.n_trials
+                or sum(t.state == TrialState.FAIL for t in trials) >= self.n_trials)
+
+    def __call__(self, study: optuna.Study, _trial: optuna.trial.FrozenTrial) -> None:
+        if self.done(study):
+            study.stop()
+
+
+def run_trials(cfg: SearchConfig, data_dir: Path, out_dir: Path, study_name: str,
+               experiment_id: str | None = None, parent_run_id: str | None = None, worker: int = 0) -> int:
+    """Run trials on the shared study until it holds `cfg.n_trials` finished ones; returns how many
+    this worker ran. Safe to call from several workers at once."""
     splits = load_splits(data_dir)
     input_shape = tuple(splits.manifest["input_shape"])
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    storage = cfg.storage or f"sqlite:///{(out_dir / 'optuna.db').resolve()}"
-    study = optuna.create_study(
-        study_name=study_name, storage=storage, sampler=make_sampler(cfg), direction="maximize", load_if_exists=True
-    )
-    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    remaining = cfg.n_trials - len(done)
-    if done:
-        print(f"[search] resuming study {study_name}: {len(done)} trials already complete, {max(remaining, 0)} to run")
-    started = time.perf_counter()
-    errors: list[str] = []
+    study = open_study(cfg, study_name, resolve_storage(cfg, out_dir))
+    budget = _Budget(cfg.n_trials)
+    if budget.done(study):
+        return 0
+    before = sum(t.state in FINISHED for t in study.get_trials(deepcopy=False))
+    if before and worker == 0:
+        print(f"[search] resuming study {study_name}: {before}/{cfg.n_trials} trials already finished")
+    runs = _TrialRuns(experiment_id, parent_run_id, study_name)
+    multi = len(cfg.objectives) > 1
+    started, ran = time.perf_counter(), [0]
+    lock = threading.Lock()
 
-    def objective(trial: optuna.Trial) -> float:
+    def objective(trial: optuna.Trial):
         params = suggest(trial, cfg)
-        run_id = track_run.start_run(experiment_id, f"trial-{trial.number}", parent_run_id,
-                                     {"optuna.trial": trial.number, "optuna.study": study_name})
-        track_run.log_params(run_id, params)
+        run_id = runs.start(trial, params)
         try:
             torch.manual_seed(cfg.seed + trial.number)
-            arch = Arch.from_search(params["family"], params["depth"], params["width"], params["channels"],
-                                    splits.num_classes, input_shape)
-            model = build_model(arch)
-            tp = TrainParams(params["lr"], params["optimizer"], cfg.epochs, patience=cfg.epochs, seed=cfg.seed)
-            result = fit(model, splits.train, splits.val, tp,
-                         on_epoch=lambda r: track_run.log_metrics(
-                             run_id, {"train_loss": r["train_loss"], "val_accuracy": r["val_accuracy"]}, r["epoch"]))
-            track_run.log_metrics(run_id, {"objective_val_accuracy": result.best_val_accuracy,
-                                           "params_count": count_params(model), "train_seconds": result.seconds})
-            track_run.end_run(run_id)
-            return result.best_val_accuracy
+            model = build_model(Arch.from_params(params, splits.num_classes, input_shape))
+            tp = TrainParams.from_search(params, cfg.epochs, patience=cfg.epochs, seed=cfg.seed)
+
+            def on_epoch(r: dict) -> None:
+                runs.log(run_id, {"train_loss": r["train_loss"], "val_accuracy": r["val_accuracy"]}, r["epoch"])
+                if not multi:
+                    trial.report(r["val_accuracy"], r["epoch"])
+                    if trial.should_prune():
+                        raise optuna.TrialPruned(f"val accuracy {r['val_accuracy']:.4f} at epoch {r['epoch']}")
+
+            result = fit(model, splits.train, splits.val, tp, on_epoch=on_epoch)
+            values = {"accuracy": result.best_val_accuracy, "size": float(count_params(model))}
+            if "latency" in cfg.objectives:
+                values["latency"] = measure_trial_latency(model, splits.val[0])
+            runs.log(run_id, {f"objective_{k}": v for k, v in values.items()} | {"train_seconds": result.seconds})
+            runs.end(run_id)
+            out = [values[o] for o in cfg.objectives]
+            return out if multi else out[0]
+        except optuna.TrialPruned:
+            runs.end(run_id, "KILLED")
+            raise
         except Exception as err:
-            errors.append(f"trial {trial.number}: {type(err).__name__}: {err}")
-            track_run.fail_run(run_id, err)
+            trial.set_user_attr("error", f"{type(err).__name__}: {err}")
+            runs.end(run_id, err=err)
             raise
 
-    first_new = len(study.trials)  # trial numbers of this session start here
-
     def progress(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        ran = trial.number - first_new + 1
-        eta = (time.perf_counter() - started) / ran * max(remaining - ran, 0)
-        complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-        best = f"{study.best_value:.4f}" if complete else "n/a"
-        value = f"{trial.value:.4f}" if trial.value is not None else trial.state.name
-        print(f"[search] trial {ran}/{remaining} (#{trial.number}): {value}  best {best}  ETA {eta:.0f}s")
+        with lock:
+            ran[0] += 1
+            trials = study.get_trials(deepcopy=False)
+            finished = sum(t.state in FINISHED for t in trials)
+            rate = (time.perf_counter() - started) / ran[0] * (1 if cfg.workers == 1 else 1 / cfg.workers)
+            eta = rate * max(cfg.n_trials - finished, 0)
+            if trial.state == TrialState.COMPLETE:
+                value = " / ".join(f"{v:.4g}" for v in trial.values)
+            else:
+                value = trial.state.name + (f" ({trial.user_attrs['error']})" if "error" in trial.user_attrs else "")
+            complete = [t for t in trials if t.state == TrialState.COMPLETE]
+            best = f"{max(t.values[0] for t in complete):.4f}" if complete else "n/a"
+            print(f"[search] trial {min(finished, cfg.n_trials)}/{cfg.n_trials} (#{trial.number}, worker {worker}): "
+                  f"{value}  best accuracy {best}  ETA {eta:.0f}s")
 
-    if remaining > 0:
-        # catch=Exception: a crashing trial is recorded as FAIL with its error and the study goes on.
-        study.optimize(objective, n_trials=remaining, catch=(Exception,), callbacks=[progress])
-    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    failed = [t for t in study.trials if t.state == optuna.trial.TrialState.FAIL]
-    if not complete:
-        raise RuntimeError(f"search: all {len(failed)} trials failed:\n" + "\n".join(errors[-5:]))
-    best = study.best_trial
-    best_params = suggest(optuna.trial.FixedTrial(best.params), cfg)
+    # catch=Exception: a crashing trial is recorded as FAIL with its error and the study goes on.
+    study.optimize(objective, n_trials=None, catch=(Exception,), callbacks=[budget, progress])
+    return ran[0]
+
+
+def pick_trial(study: optuna.Study, cfg: SearchConfig) -> tuple[optuna.trial.FrozenTrial, list]:
+    """(chosen trial, Pareto front). Multi-objective: the selection rule over the front."""
+    if len(cfg.objectives) == 1:
+        return study.best_trial, [study.best_trial]
+    front = sorted(study.best_trials, key=lambda t: -t.values[0])
+    feasible = front
+    if cfg.selection == "accuracy_under_latency":
+        i, budget = cfg.objectives.index("latency"), cfg.latency_budget_ms
+        feasible = [t for t in front if t.values[i] <= budget]
+    elif cfg.selection == "accuracy_under_size":
+        i, budget = cfg.objectives.index("size"), cfg.size_budget_params
+        feasible = [t for t in front if t.values[i] <= budget]
+    if not feasible:
+        rows = "\n".join(f"  trial {t.number}: " + ", ".join(f"{o}={v:.4g}" for o, v in zip(cfg.objectives, t.values))
+                         for t in front)
+        raise SearchError(f"no Pareto-optimal trial meets {cfg.selection} (budget {budget}); the front is:\n{rows}")
+    return feasible[0], front
+
+
+def summarize_search(cfg: SearchConfig, out_dir: Path, study_name: str,
+                     parent_run_id: str | None = None) -> SearchResult:
+    """Choose the final configuration and report the study (front, importances, plots, trials table)."""
+    from tasks.report_search import report_search
+
+    out_dir = Path(out_dir)
+    storage = resolve_storage(cfg, out_dir)
+    study = open_study(cfg, study_name, storage)
+    trials = study.get_trials(deepcopy=False)
+    count = {s: sum(t.state == s for t in trials) for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
+    if not count[TrialState.COMPLETE]:
+        errors = [t.user_attrs.get("error", "?") for t in trials if t.state == TrialState.FAIL][-5:]
+        raise SearchError(f"search: no trial completed ({count[TrialState.FAIL]} failed, "
+                          f"{count[TrialState.PRUNED]} pruned); last errors:\n  " + "\n  ".join(errors))
+    chosen, front = pick_trial(study, cfg)
+    best_params = suggest(optuna.trial.FixedTrial(chosen.params), cfg)
+    values = dict(zip(cfg.objectives, chosen.values))
     path = out_dir / "best_params.json"
-    path.write_text(json.dumps({"params": best_params, "value": best.value, "trial": best.number}, indent=2))
-    print(f"[search] best trial #{best.number}: val_acc {best.value:.4f} {best_params}")
-    return SearchResult(best_params, float(best.value), len(complete), len(failed), study_name, storage, path)
+    path.write_text(json.dumps({"params": best_params, "values": values, "trial": chosen.number}, indent=2))
+    result = SearchResult(
+        best_params, values, chosen.number, count[TrialState.COMPLETE], count[TrialState.PRUNED],
+        count[TrialState.FAIL],
+        [{"trial": t.number, "values": dict(zip(cfg.objectives, t.values)), "params": t.params} for t in front],
+        study_name, storage, path,
+    )
+    report_search(study, cfg, result, out_dir, parent_run_id)
+    print(f"[search] chosen trial #{chosen.number} ({cfg.selection}): "
+          + ", ".join(f"{k} {v:.4g}" for k, v in values.items()) + f" {best_params}")
+    return result
 
 
-search_model_task = task(search_model, name="search_model")
+def search_model(cfg: SearchConfig, data_dir: Path, out_dir: Path, study_name: str,
+                 experiment_id: str | None = None, parent_run_id: str | None = None) -> SearchResult:
+    """Single-worker search: run the missing trials, then summarize."""
+    run_trials(cfg, data_dir, out_dir, study_name, experiment_id, parent_run_id)
+    return summarize_search(cfg, out_dir, study_name, parent_run_id)
+
+
+run_trials_task = task(run_trials, name="run_trials", task_run_name="search-worker-{worker}")
+summarize_search_task = task(summarize_search, name="summarize_search")
+

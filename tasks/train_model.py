@@ -26,12 +26,19 @@ LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (
 @dataclass(frozen=True)
 class TrainParams:
     lr: float
-    optimizer: str  # "sgd" | "adam"
+    optimizer: str  # "sgd" | "momentum" | "adam" | "adamw"
     epochs: int
     patience: int
     batch_size: int = 64
     weight_decay: float = 0.0
     seed: int = 0
+    schedule: str = "cosine"  # "constant" | "cosine" | "step"
+
+    @staticmethod
+    def from_search(p: dict, epochs: int, patience: int, seed: int) -> "TrainParams":
+        """Training settings of a search result; keys a search space left out keep their defaults."""
+        keys = ("batch_size", "weight_decay", "schedule")
+        return TrainParams(p["lr"], p["optimizer"], epochs, patience, seed=seed, **{k: p[k] for k in keys if k in p})
 
 
 @dataclass
@@ -51,11 +58,26 @@ def accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray) -> float:
 
 
 def _optimizer(model: nn.Module, p: TrainParams) -> torch.optim.Optimizer:
+    params = model.parameters()
     if p.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=p.lr, momentum=0.9, weight_decay=p.weight_decay)
+        return torch.optim.SGD(params, lr=p.lr, weight_decay=p.weight_decay)
+    if p.optimizer == "momentum":
+        return torch.optim.SGD(params, lr=p.lr, momentum=0.9, nesterov=True, weight_decay=p.weight_decay)
     if p.optimizer == "adam":
-        return torch.optim.Adam(model.parameters(), lr=p.lr, weight_decay=p.weight_decay)
-    raise ValueError(f"unknown optimizer {p.optimizer!r} (expected 'sgd' or 'adam')")
+        return torch.optim.Adam(params, lr=p.lr, weight_decay=p.weight_decay)
+    if p.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=p.lr, weight_decay=p.weight_decay)
+    raise ValueError(f"unknown optimizer {p.optimizer!r} (expected sgd, momentum, adam or adamw)")
+
+
+def _scheduler(opt: torch.optim.Optimizer, p: TrainParams) -> torch.optim.lr_scheduler.LRScheduler:
+    if p.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=p.epochs)
+    if p.schedule == "step":  # /10 at half and three quarters of the budget
+        return torch.optim.lr_scheduler.MultiStepLR(opt, [max(1, p.epochs // 2), max(1, 3 * p.epochs // 4)], 0.1)
+    if p.schedule == "constant":
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+    raise ValueError(f"unknown schedule {p.schedule!r} (expected constant, cosine or step)")
 
 
 def fit(
@@ -76,7 +98,7 @@ def fit(
     gen = torch.Generator().manual_seed(params.seed)
     x_train, y_train = torch.from_numpy(train[0]), torch.from_numpy(train[1])
     opt = _optimizer(model, params)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=params.epochs)
+    sched = _scheduler(opt, params)
     loss_fn = loss_fn or (lambda logits, _x, y: nn.functional.cross_entropy(logits, y))
     best_acc, best_epoch, best_state = -1.0, 0, copy.deepcopy(model.state_dict())
     history: list[dict] = []
@@ -135,8 +157,8 @@ def check_init_checkpoint(cfg: TrainConfig, num_classes: int, input_shape: tuple
 
 
 def train_model(cfg: TrainConfig, best: dict, data_dir: Path, data_version: str, out_dir: Path) -> TrainedModel:
-    """Train the searched configuration (`best`: family, depth, width, channels, lr, optimizer) to
-    convergence with early stopping; fine-tune from `cfg.init_from` when set.
+    """Train the searched configuration (`best`: architecture and optimizer settings of the chosen
+    trial) to convergence with early stopping; fine-tune from `cfg.init_from` when set.
 
     Writes under `out_dir/<cache key>/`: the same data version, config and code reuse the result."""
     splits = load_splits(data_dir)
@@ -145,14 +167,10 @@ def train_model(cfg: TrainConfig, best: dict, data_dir: Path, data_version: str,
         model, arch, _ = load_checkpoint(cfg.init_from)
         print(f"[train] fine-tuning from {cfg.init_from} ({arch.family}, {count_params(model)} params)")
     else:
-        arch = Arch.from_search(
-            best["family"], best["depth"], best["width"], best["channels"], splits.num_classes,
-            splits.manifest["input_shape"],
-        )
+        arch = Arch.from_params(best, splits.num_classes, splits.manifest["input_shape"])
         torch.manual_seed(cfg.seed)
         model = build_model(arch)
-    params = TrainParams(best["lr"], best["optimizer"], cfg.max_epochs, cfg.patience, cfg.batch_size,
-                         cfg.weight_decay, cfg.seed)
+    params = TrainParams.from_search(best, cfg.max_epochs, cfg.patience, cfg.seed)
 
     def progress(r: dict) -> None:
         print(f"[train] epoch {r['epoch']:3d}/{params.epochs} loss {r['train_loss']:.4f} val_acc {r['val_accuracy']:.4f}")

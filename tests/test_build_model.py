@@ -12,13 +12,18 @@ def test_forward_shapes(arch):
     assert build_model(arch)(torch.zeros(3, *arch.input_shape)).shape == (3, 10)
 
 
-def test_from_search_and_scaled():
-    cnn = Arch.from_search("cnn", depth=3, width=64, channels=8, num_classes=10, input_shape=(1, 8, 8))
-    assert cnn.conv == (8, 16, 32) and cnn.hidden == (64,)
+def test_from_params_and_scaled():
+    cnn = Arch.from_params({"family": "cnn", "depth": 3, "width": 64, "channels": 8, "activation": "gelu",
+                            "dropout": 0.2, "kernel": 5}, 10, (1, 8, 8))
+    assert cnn.conv == (8, 16, 32) and cnn.hidden == (64,) and cnn.kernel == 5
+    model = build_model(cnn)
+    assert any(isinstance(m, torch.nn.GELU) for m in model) and any(isinstance(m, torch.nn.Dropout) for m in model)
+    assert model(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
     small = cnn.scaled(0.5, depth=2)
     assert small.conv == (4, 8) and small.hidden == (32,)
     assert count_params(build_model(small)) < count_params(build_model(cnn)) / 3
-    mlp = Arch.from_search("mlp", depth=2, width=40, channels=8, num_classes=10, input_shape=(1, 8, 8))
+    assert small.activation == "gelu" and small.kernel == 5
+    mlp = Arch.from_params({"family": "mlp", "depth": 2, "width": 40, "channels": 8}, 10, (1, 8, 8))
     assert mlp.conv == () and mlp.scaled(0.5, depth=3).hidden == (20, 20, 20)
 
 
@@ -35,3 +40,11 @@ def test_checkpoint_roundtrip_and_errors(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="not a readable modelforge checkpoint"):
         load_checkpoint(tmp_path / "junk.pt")
+
+
+def test_old_checkpoints_without_new_fields_still_load(tmp_path):
+    arch = Arch("mlp", 10, (1, 8, 8), hidden=(8,))
+    d = arch.to_dict()
+    for k in ("activation", "dropout", "kernel"):
+        d.pop(k)
+    assert Arch.from_dict(d) == arch

@@ -1,39 +1,71 @@
+import itertools
+import threading
+
 import optuna
 import pytest
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
 
 from tasks import search_model as search_mod
 from tasks import track_run
-from tasks.config import SearchConfig, TrackingConfig
+from tasks.config import ConfigError, SearchConfig, TrackingConfig, parse_config
 
 
 @pytest.fixture()
 def tracking(tmp_path):
     exp = track_run.setup_tracking(TrackingConfig(uri=f"sqlite:///{tmp_path}/mlflow.db", experiment="search",
                                                   artifact_dir=tmp_path / "art"))
-    parent = track_run.start_run(exp, "parent")
-    return exp, parent
+    return exp, track_run.start_run(exp, "parent")
+
+
+FAST = {"families": ["mlp"], "depth": (1, 1), "width": (16, 32), "batch_sizes": [64]}
 
 
 def small(**kw) -> SearchConfig:
-    return SearchConfig(n_trials=3, epochs=1, **kw)
+    space = kw.pop("space", FAST)
+    return SearchConfig(**{"n_trials": 3, "epochs": 1, "space": space, **kw})
 
 
-def test_same_seed_same_trials(data_dir, tmp_path, tracking):
-    a = search_mod.search_model(small(seed=3), data_dir, tmp_path / "a", "s", *tracking)
-    b = search_mod.search_model(small(seed=3), data_dir, tmp_path / "b", "s", *tracking)
-    assert a.best_params == b.best_params and a.best_value == b.best_value
-    study = optuna.load_study(study_name="s", storage=a.storage)
-    assert len(study.trials) == 3
+def study_of(result):
+    return optuna.load_study(study_name=result.study_name, storage=search_mod._storage(result.storage))
 
 
-def test_resume_runs_only_the_missing_trials(data_dir, tmp_path, tracking):
-    first = search_mod.search_model(small(), data_dir, tmp_path, "resume", *tracking)
+def test_same_seed_same_trials(data_dir, tmp_path):
+    a = search_mod.search_model(small(seed=3), data_dir, tmp_path / "a", "s")
+    b = search_mod.search_model(small(seed=3), data_dir, tmp_path / "b", "s")
+    assert [t.params for t in study_of(a).trials] == [t.params for t in study_of(b).trials]
+    assert a.best_values == b.best_values
+    c = search_mod.search_model(small(seed=4), data_dir, tmp_path / "c", "s")
+    assert [t.params for t in study_of(c).trials] != [t.params for t in study_of(a).trials]
+
+
+def test_resume_runs_only_the_missing_trials(data_dir, tmp_path):
+    first = search_mod.search_model(small(), data_dir, tmp_path, "resume")
     assert first.completed_trials == 3
-    more = search_mod.search_model(SearchConfig(n_trials=5, epochs=1), data_dir, tmp_path, "resume", *tracking)
+    more = search_mod.search_model(small(n_trials=5), data_dir, tmp_path, "resume")
     assert more.completed_trials == 5
-    again = search_mod.search_model(SearchConfig(n_trials=5, epochs=1), data_dir, tmp_path, "resume", *tracking)
-    study = optuna.load_study(study_name="resume", storage=again.storage)
-    assert len(study.trials) == 5  # nothing re-run
+    search_mod.search_model(small(n_trials=5), data_dir, tmp_path, "resume")
+    assert len(study_of(more).trials) == 5  # nothing re-run
+
+
+def test_interrupted_study_resumes_without_losing_trials(data_dir, tmp_path, monkeypatch):
+    real_fit = search_mod.fit
+    calls = {"n": 0}
+
+    def interrupted(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt  # Ctrl-C / a killed worker in the middle of trial #2
+        return real_fit(*a, **k)
+
+    monkeypatch.setattr(search_mod, "fit", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        search_mod.search_model(small(n_trials=4), data_dir, tmp_path, "ctrl-c")
+    monkeypatch.setattr(search_mod, "fit", real_fit)
+    result = search_mod.search_model(small(n_trials=4), data_dir, tmp_path, "ctrl-c")
+    states = [t.state for t in study_of(result).trials]
+    assert states[:2] == [TrialState.COMPLETE] * 2  # the two finished before the interrupt were kept
+    assert result.completed_trials == 4
 
 
 def test_crashing_trial_does_not_kill_the_study(data_dir, tmp_path, tracking, monkeypatch):
@@ -48,22 +80,103 @@ def test_crashing_trial_does_not_kill_the_study(data_dir, tmp_path, tracking, mo
 
     monkeypatch.setattr(search_mod, "fit", flaky_fit)
     result = search_mod.search_model(small(), data_dir, tmp_path, "flaky", *tracking)
-    assert (result.completed_trials, result.failed_trials) == (2, 1)
-    from mlflow.tracking import MlflowClient
-    failed = MlflowClient().search_runs([tracking[0]], "attributes.status = 'FAILED'")
-    assert any("simulated out-of-memory" in r.data.tags.get("error", "") for r in failed)
+    assert (result.completed_trials, result.failed_trials) == (3, 1)
+    failed = [t for t in study_of(result).trials if t.state == TrialState.FAIL]
+    assert failed[0].user_attrs["error"] == "RuntimeError: simulated out-of-memory"
+    runs = MlflowClient().search_runs([tracking[0]], "attributes.status = 'FAILED'")
+    assert any("simulated out-of-memory" in r.data.tags.get("error", "") for r in runs)
 
 
-def test_all_trials_failing_is_an_error(data_dir, tmp_path, tracking, monkeypatch):
+def test_all_trials_failing_is_an_error(data_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(search_mod, "fit", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
-    with pytest.raises(RuntimeError, match="all 3 trials failed"):
-        search_mod.search_model(small(), data_dir, tmp_path, "dead", *tracking)
+    with pytest.raises(search_mod.SearchError, match=r"(?s)no trial completed \(3 failed.*RuntimeError: boom"):
+        search_mod.search_model(small(), data_dir, tmp_path, "dead")
 
 
-def test_trials_are_nested_mlflow_runs(data_dir, tmp_path, tracking):
-    from mlflow.tracking import MlflowClient
-    search_mod.search_model(small(), data_dir, tmp_path, "nested", *tracking)
-    children = MlflowClient().search_runs([tracking[0]], f"tags.mlflow.parentRunId = '{tracking[1]}'")
-    assert len(children) >= 3
-    history = MlflowClient().get_metric_history(children[0].info.run_id, "val_accuracy")
-    assert len(history) == 1 and "lr" in children[0].data.params
+def test_grid_visits_exactly_the_grid(data_dir, tmp_path):
+    space = {**FAST, "optimizers": ["adam", "sgd"], "lr": (0.01, 0.01), "dropout": (0.0, 0.0), "channels": (8, 8),
+             "schedules": ["constant"], "activations": ["relu"], "weight_decay": [0.0]}
+    result = search_mod.search_model(small(sampler="grid", grid_points=2, n_trials=50, space=space),
+                                     data_dir, tmp_path, "grid")
+    visited = sorted((t.params["optimizer"], t.params["width"]) for t in study_of(result).trials)
+    assert visited == sorted(itertools.product(["adam", "sgd"], [16, 32]))
+
+
+def dominates(a, b, directions):
+    better = [(x >= y) if d == "maximize" else (x <= y) for x, y, d in zip(a, b, directions)]
+    strictly = [(x > y) if d == "maximize" else (x < y) for x, y, d in zip(a, b, directions)]
+    return all(better) and any(strictly)
+
+
+def test_multi_objective_front_is_non_dominated_and_selection_respects_budget(data_dir, tmp_path, tracking):
+    space = {**FAST, "width": (4, 64)}
+    cfg = small(sampler="nsga2", objectives=["accuracy", "size"], n_trials=8, space=space,
+                selection="accuracy_under_size", size_budget_params=1500)
+    result = search_mod.search_model(cfg, data_dir, tmp_path, "mo", *tracking)
+    study = study_of(result)
+    directions = ["maximize", "minimize"]
+    front = [f["values"] for f in result.pareto_front]
+    front_vals = [(v["accuracy"], v["size"]) for v in front]
+    for a, b in itertools.permutations(front_vals, 2):
+        assert not dominates(a, b, directions)
+    complete = [tuple(t.values) for t in study.trials if t.state == TrialState.COMPLETE]
+    for v in complete:
+        assert v in front_vals or any(dominates(f, v, directions) for f in front_vals)
+    feasible = [v for v in front_vals if v[1] <= 1500]
+    if feasible:  # the most accurate trial under the budget was chosen
+        assert result.best_values["accuracy"] == max(v[0] for v in feasible)
+        assert result.best_values["size"] <= 1500
+    arts = {a.path for a in MlflowClient().list_artifacts(tracking[1], "search")}
+    assert {"search/pareto.png", "search/trials.csv", "search/summary.json"} <= arts
+    with pytest.raises(search_mod.SearchError, match="no Pareto-optimal trial meets accuracy_under_size"):
+        search_mod.summarize_search(cfg.model_copy(update={"size_budget_params": 1}), tmp_path, "mo")
+
+
+def test_latency_objective_is_measured_on_onnx_runtime(data_dir, tmp_path):
+    cfg = small(objectives=["accuracy", "latency"], n_trials=2, selection="accuracy_under_latency",
+                latency_budget_ms=1000.0)
+    result = search_mod.search_model(cfg, data_dir, tmp_path, "lat")
+    for t in study_of(result).trials:
+        assert 0 < t.values[1] < 1000  # milliseconds of a real ORT session on a tiny MLP
+
+
+def test_concurrent_workers_fill_one_study(data_dir, tmp_path):
+    cfg = small(workers=2, n_trials=4, sampler="random")
+    assert search_mod.resolve_storage(cfg, tmp_path).startswith("journal:///")
+    errors = []
+
+    def worker(i):
+        try:
+            search_mod.run_trials(cfg, data_dir, tmp_path, "par", worker=i)
+        except Exception as err:  # surfaced below
+            errors.append(err)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    result = search_mod.summarize_search(cfg, tmp_path, "par")
+    assert 4 <= result.completed_trials <= 5  # at most one overshoot per extra worker
+    assert result.failed_trials == 0
+
+
+def test_pruner_stops_hopeless_trials(data_dir, tmp_path):
+    # Plain SGD at lr 1e-4 barely moves in 6 epochs while Adam at 1e-2 converges: the median pruner
+    # must cut some SGD trials once three trials have set the bar.
+    space = {**FAST, "optimizers": ["sgd", "adam"], "lr": (1e-4, 1e-2)}
+    result = search_mod.search_model(small(pruner="median", n_trials=12, epochs=6, space=space, sampler="random"),
+                                     data_dir, tmp_path, "prune")
+    assert result.pruned_trials >= 1 and result.completed_trials + result.pruned_trials >= 12
+
+
+def test_search_config_rejects_impossible_strategies():
+    with pytest.raises(ConfigError) as err:
+        parse_config({"search": {"objectives": ["accuracy", "latency"], "pruner": "median", "sampler": "cmaes",
+                                 "selection": "accuracy_under_size"}})
+    msg = str(err.value)
+    assert "cannot prune" in msg and "cmaes is single-objective" in msg
+    assert "needs 'size' in objectives" in msg and "needs size_budget_params" in msg
+    with pytest.raises(ConfigError, match="kernels: 4"):
+        parse_config({"search": {"space": {"kernels": [3, 4]}}})
