@@ -45,7 +45,23 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, GateError, ValueError) as err:
         print(f"modelforge: {type(err).__name__}: {err}", file=sys.stderr)
         return 2
-    print(f"modelforge: shipped {result['chosen']} -> {result['bundle']} ({result['model_uri']} v{result['version']})")
+    print(f"modelforge: shipped {result['chosen']} -> {result['bundle']} ({result['model_uri']} v{result['version']}); "
+          f"{'promoted to champion' if result['promoted'] else 'champion kept'}: {result['promotion_reason']}")
+    return 0
+
+
+def _rollback(config: str, root: Path) -> int:
+    from tasks.config import ConfigError, load_config
+    from tasks.promote_model import rollback
+    from tasks.track_run import setup_tracking
+
+    try:
+        cfg = load_config(config).resolved(root)
+        setup_tracking(cfg.tracking)
+        rollback(cfg.register_.model_name, cfg.promote)
+    except (ConfigError, ValueError) as err:
+        print(f"modelforge: {type(err).__name__}: {err}", file=sys.stderr)
+        return 2
     return 0
 
 

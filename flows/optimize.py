@@ -13,6 +13,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from tasks import track_run
 from tasks.compress_model import compress_candidate_task
+from tasks.promote_model import promote_model_task
 from tasks.register_model import register_model_task
 from tasks.report_candidates import report_candidates_task
 from tasks.search_model import run_trials_task, summarize_search_task
@@ -57,7 +58,11 @@ def optimize(config_path: str = "configs/digits.yaml", root: str = ".") -> dict:
             {"candidate": chosen.name, "metrics": chosen.to_dict(), "mlflow_run_id": run.run_id,
              "registered_model": asdict(registered)},
         )
+        track_run.log_artifacts(run.run_id, bundle, "bundle")  # what rollback republishes
         track_run.set_tags(run.run_id, {"chosen_candidate": chosen.name, "bundle": str(bundle),
                                         "registered_version": registered.version})
-        return {"run_id": run.run_id, "data_version": data.md5, "chosen": chosen.name,
-                "bundle": str(bundle), "model_uri": registered.model_uri, "version": registered.version}
+
+        decision = promote_model_task(registered, bundle, cfg.promote, cfg.validate_, data.dir, run.run_id)
+        return {"run_id": run.run_id, "data_version": data.md5, "chosen": chosen.name, "bundle": str(bundle),
+                "model_uri": registered.model_uri, "version": registered.version, "promoted": decision.promoted,
+                "promotion_reason": decision.reason}

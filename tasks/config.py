@@ -253,6 +253,14 @@ class RegisterConfig(_Section):
     bundle_dir: Path = Field(Path("deploy/bundle"), description="Serving bundle folder (replaced atomically).")
 
 
+class PromoteConfig(_Section):
+    champion_alias: str = Field("champion", min_length=1, description="Registry alias of the model in service.")
+    previous_alias: str = Field("previous-champion", min_length=1, description="Alias kept for one-command rollback.")
+    accuracy_tolerance: float = Field(
+        0.25, ge=0, description="Points within which a challenger 'matches' the champion; it then needs to be faster.")
+    champion_bundle_dir: Path = Field(Path("deploy/champion"), description="Bundle the server loads; replaced atomically on promotion.")
+
+
 class TrackingConfig(_Section):
     uri: str = Field("sqlite:///.modelforge/mlflow.db", description="MLflow tracking URI (sqlite:/// by default).")
     experiment: str = Field("modelforge", min_length=1, description="MLflow experiment name.")
@@ -268,6 +276,7 @@ class PipelineConfig(_Section):
     validate_: ValidateConfig = Field(default_factory=ValidateConfig, alias="validate")
     gates: GateConfig = Field(default_factory=GateConfig)
     register_: RegisterConfig = Field(default_factory=RegisterConfig, alias="register")
+    promote: PromoteConfig = Field(default_factory=PromoteConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
@@ -284,6 +293,7 @@ class PipelineConfig(_Section):
             "data": self.data.model_copy(update={"dir": at(self.data.dir), "dvc_remote": at(self.data.dvc_remote)}),
             "train": self.train.model_copy(update={"init_from": at(self.train.init_from)}),
             "register_": self.register_.model_copy(update={"bundle_dir": at(self.register_.bundle_dir)}),
+            "promote": self.promote.model_copy(update={"champion_bundle_dir": at(self.promote.champion_bundle_dir)}),
             "tracking": self.tracking.model_copy(update={"uri": uri, "artifact_dir": at(self.tracking.artifact_dir)}),
         })
 

@@ -34,6 +34,30 @@ def _io_spec(path: Path) -> dict:
     return {"inputs": spec(session.get_inputs()), "outputs": spec(session.get_outputs())}
 
 
+def swap_in(ready: Path, target: Path) -> None:
+    """Replace `target` by the fully written folder `ready` (same parent) with two renames, so a
+    reader sees the old bundle or the new one, never a mix."""
+    old = target.with_name(f".{target.name}-old")
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        target.rename(old)
+    ready.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def publish_copy(source: Path, target: Path) -> Path:
+    """Atomically make `target` a copy of the bundle folder `source`."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        shutil.copytree(source, tmp, dirs_exist_ok=True)
+        swap_in(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
 def ship_bundle(onnx_path: Path, bundle_dir: Path, data_dir: Path, data_version: str, details: dict) -> Path:
     """`details`: candidate name, metrics, registry info, run id — copied into the manifest."""
     data_manifest = load_splits(data_dir).manifest
@@ -56,12 +80,7 @@ def ship_bundle(onnx_path: Path, bundle_dir: Path, data_dir: Path, data_version:
             **details,
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
-        old = bundle_dir.with_name(f".{bundle_dir.name}-old")
-        shutil.rmtree(old, ignore_errors=True)
-        if bundle_dir.exists():
-            bundle_dir.rename(old)
-        tmp.rename(bundle_dir)
-        shutil.rmtree(old, ignore_errors=True)
+        swap_in(tmp, bundle_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -69,6 +69,10 @@ def log_artifact(run_id: str, path: Path, artifact_path: str | None = None) -> N
     MlflowClient().log_artifact(run_id, str(path), artifact_path)
 
 
+def log_artifacts(run_id: str, folder: Path, artifact_path: str) -> None:
+    MlflowClient().log_artifacts(run_id, str(folder), artifact_path)
+
+
 def log_text(run_id: str, text: str, artifact_file: str) -> None:
     MlflowClient().log_text(run_id, text, artifact_file)
 

@@ -90,6 +90,12 @@ def test_full_run_ships_a_gated_registered_model(tmp_path):
     logits = np.asarray(model.predict(x)["logits"])
     assert float((logits.argmax(1) == y).mean()) == pytest.approx(manifest["metrics"]["accuracy"])
 
+    # First model in the registry: promoted to champion, and its bundle is what the server loads.
+    assert result["promoted"] and result["promotion_reason"] == "no champion yet"
+    assert str(MlflowClient().get_model_version_by_alias("tiny-digits", "champion").version) == result["version"]
+    champion = json.loads((tmp_path / "deploy" / "champion" / "manifest.json").read_text())
+    assert champion["sha256"] == manifest["sha256"]
+
     # Same data and config again: the study is complete, so no new trial runs.
     again = optimize(config_path=str(write_config(tmp_path)), root=str(tmp_path))
     assert again["data_version"] == result["data_version"]
