@@ -1,4 +1,4 @@
-"""`modelforge` command line."""
+"""modelforge: dataset + model family -> compressed, validated, shipped ONNX model."""
 
 from __future__ import annotations
 
@@ -21,48 +21,103 @@ def _embedded_defaults(root: Path) -> None:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("DO_NOT_TRACK", "true")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="modelforge", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run the optimize flow end to end")
-    run.add_argument("--config", default="configs/digits.yaml", help="pipeline config (YAML)")
-    run.add_argument("--root", default=".", help="project folder: DVC repo, relative paths anchor here")
-    args = parser.parse_args(argv)
-
     # torch's exporter trips a deprecation inside its own pytree code on every export.
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
-    root = Path(args.root).resolve()
-    _embedded_defaults(root)
-    from flows.optimize import optimize
-    from tasks.config import ConfigError
-    from tasks.validate_model import GateError
-    from tasks.version_data import DataError
 
-    try:
-        result = optimize(config_path=args.config, root=str(root))
-    except (ConfigError, DataError, GateError, ValueError) as err:
-        print(f"modelforge: {type(err).__name__}: {err}", file=sys.stderr)
-        return 2
+
+def _config(args: argparse.Namespace):
+    from tasks.config import load_config
+
+    return load_config(args.config).resolved(args.root)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from flows.optimize import optimize
+
+    result = optimize(config_path=args.config, root=str(args.root), force=args.force)
+    if result.get("skipped"):
+        print(f"modelforge: nothing new: {result['skipped']}")
+        return 0
     print(f"modelforge: shipped {result['chosen']} -> {result['bundle']} ({result['model_uri']} v{result['version']}); "
           f"{'promoted to champion' if result['promoted'] else 'champion kept'}: {result['promotion_reason']}")
     return 0
 
 
-def _rollback(config: str, root: Path) -> int:
-    from tasks.config import ConfigError, load_config
+def cmd_rollback(args: argparse.Namespace) -> int:
     from tasks.promote_model import rollback
     from tasks.track_run import setup_tracking
 
+    cfg = _config(args)
+    setup_tracking(cfg.tracking)
+    rollback(cfg.register_.model_name, cfg.promote)
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from tasks.compare_runs import compare_runs, format_rows
+
+    print(format_rows(compare_runs(_config(args).tracking, args.last)))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from deploy.server import serve
+
+    if args.model_uri:
+        from tasks.track_run import setup_tracking
+
+        setup_tracking(_config(args).tracking)
+    serve(None if args.model_uri else args.bundle, args.model_uri, args.host, args.port)
+    return 0
+
+
+def cmd_data_changed(args: argparse.Namespace) -> int:
+    from tasks.notify_data import notify_data_change
+
+    changed = notify_data_change(_config(args).data, args.root)
+    print(f"modelforge: data version {changed.md5}: "
+          + ("changed, event emitted" if changed.emitted else "unchanged, no event"))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", default="configs/digits.yaml", help="pipeline config (YAML)")
+    common.add_argument("--root", default=".", type=lambda p: Path(p).resolve(),
+                        help="project folder: DVC repo; relative paths anchor here")
+    parser = argparse.ArgumentParser(prog="modelforge", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", parents=[common], help="run the optimize flow end to end")
+    run.add_argument("--force", action="store_true", help="run even when data, config and code are unchanged")
+    run.set_defaults(fn=cmd_run)
+    sub.add_parser("rollback", parents=[common], help="point the champion alias back at the previous champion "
+                   "and republish its bundle").set_defaults(fn=cmd_rollback)
+    cmp_ = sub.add_parser("compare", parents=[common], help="compare the last pipeline runs recorded in MLflow")
+    cmp_.add_argument("--last", type=int, default=10)
+    cmp_.set_defaults(fn=cmd_compare)
+    srv = sub.add_parser("serve", parents=[common], help="serve a bundle or models:/name@alias over HTTP on ORT")
+    source = srv.add_mutually_exclusive_group()
+    source.add_argument("--bundle", default="deploy/champion", help="bundle folder to serve and watch")
+    source.add_argument("--model-uri", help="models:/<name>@<alias> from the MLflow registry")
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.set_defaults(fn=cmd_serve)
+    sub.add_parser("data-changed", parents=[common], help="version data/ with DVC and emit a Prefect event if "
+                   "its version changed (triggers the on-new-data deployment)").set_defaults(fn=cmd_data_changed)
+    args = parser.parse_args(argv)
+
+    _embedded_defaults(args.root)
+    from tasks.config import ConfigError
+    from tasks.search_model import SearchError
+    from tasks.validate_model import GateError
+    from tasks.version_data import DataError
+
     try:
-        cfg = load_config(config).resolved(root)
-        setup_tracking(cfg.tracking)
-        rollback(cfg.register_.model_name, cfg.promote)
-    except (ConfigError, ValueError) as err:
+        return args.fn(args)
+    except (ConfigError, DataError, GateError, SearchError, ValueError, FileNotFoundError) as err:
         print(f"modelforge: {type(err).__name__}: {err}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

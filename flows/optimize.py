@@ -24,12 +24,16 @@ from tasks.version_data import version_data_task
 
 
 @flow(name="optimize", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=8))
-def optimize(config_path: str = "configs/digits.yaml", root: str = ".") -> dict:
+def optimize(config_path: str = "configs/digits.yaml", root: str = ".", force: bool = False) -> dict:
     with track_run.pipeline_run(config_path, root) as run:
         cfg, work = run.cfg, run.cfg.workdir
 
         data = version_data_task(cfg.data, run.root)
-        track_run.set_tags(run.run_id, {"data_version": data.md5})
+        fingerprint = track_run.fingerprint(cfg, data.md5)
+        track_run.set_tags(run.run_id, fingerprint)
+        previous = None if force else track_run.find_equivalent_run(run.experiment_id, fingerprint, run.run_id)
+        if previous:
+            return track_run.skip_run(run.run_id, previous, data.md5)
         check_init_checkpoint_task(cfg.train, data.num_classes, data.input_shape)  # fail before any training
 
         study = f"{cfg.tracking.experiment}-{data.md5[:12]}-{cfg.section_hash('search')}"

@@ -6,6 +6,7 @@ Stages log through `MlflowClient` with the run id they are handed instead of mlf
 
 from __future__ import annotations
 
+import hashlib
 import json
 import tempfile
 import time
@@ -24,6 +25,39 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 from tasks.config import ConfigError, PipelineConfig, TrackingConfig, load_config
 
 _MAX_PARAM_LEN = 6000
+
+
+def code_version() -> str:
+    """Hash of the pipeline's own source (tasks/ and flows/): a code change invalidates cached work."""
+    h = hashlib.sha256()
+    root = Path(__file__).resolve().parents[1]
+    for path in sorted([*root.glob("tasks/*.py"), *root.glob("flows/*.py")]):
+        h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def fingerprint(cfg: PipelineConfig, data_version: str) -> dict[str, str]:
+    """What determines a run's outcome: the data, the whole config and the code."""
+    sections = [f for f in PipelineConfig.model_fields if f != "workdir"]
+    return {"data_version": data_version, "config_hash": cfg.section_hash(*[
+        PipelineConfig.model_fields[f].alias or f for f in sections]), "code_version": code_version()}
+
+
+def find_equivalent_run(experiment_id: str, tags: dict[str, str], exclude: str) -> str | None:
+    """A FINISHED run with the same fingerprint that shipped a model, if any."""
+    query = " and ".join(f"tags.{k} = '{v}'" for k, v in tags.items())
+    for run in MlflowClient().search_runs([experiment_id], f"{query} and attributes.status = 'FINISHED'",
+                                          order_by=["attributes.start_time DESC"], max_results=20):
+        if run.info.run_id != exclude and "registered_version" in run.data.tags and "skipped" not in run.data.tags:
+            return run.info.run_id
+    return None
+
+
+def skip_run(run_id: str, previous: str, data_version: str) -> dict:
+    reason = f"data {data_version[:12]}, config and code unchanged since run {previous[:8]}; pass --force to rerun"
+    set_tags(run_id, {"skipped": reason, "equivalent_run": previous})
+    print(f"[optimize] nothing new: {reason}")
+    return {"run_id": run_id, "skipped": reason, "equivalent_run": previous, "data_version": data_version}
 
 
 def setup_tracking(cfg: TrackingConfig) -> str:

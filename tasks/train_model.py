@@ -18,6 +18,7 @@ from torch import nn
 
 from tasks.build_model import Arch, build_model, count_params, load_checkpoint, save_checkpoint
 from tasks.config import TrainConfig
+from tasks.track_run import code_version
 from tasks.version_data import load_splits
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, x, y) -> loss
@@ -184,14 +185,6 @@ def train_model(cfg: TrainConfig, best: dict, data_dir: Path, data_version: str,
     print(f"[train] best epoch {result.best_epoch}/{result.epochs_run}: val {result.best_val_accuracy:.4f} "
           f"test {test_acc:.4f} ({result.seconds:.1f}s)")
     return TrainedModel(ckpt, result.best_val_accuracy, test_acc, count_params(model), result.epochs_run)
-
-
-def code_version() -> str:
-    """Hash of the pipeline's own source: a code change invalidates cached stages."""
-    h = hashlib.sha256()
-    for path in sorted(Path(__file__).parent.glob("*.py")):
-        h.update(path.read_bytes())
-    return h.hexdigest()[:16]
 
 
 def train_cache_key(cfg: TrainConfig, best: dict, data_version: str) -> str:

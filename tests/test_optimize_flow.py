@@ -96,10 +96,17 @@ def test_full_run_ships_a_gated_registered_model(tmp_path):
     champion = json.loads((tmp_path / "deploy" / "champion" / "manifest.json").read_text())
     assert champion["sha256"] == manifest["sha256"]
 
-    # Same data and config again: the study is complete, so no new trial runs.
+    # Same data, config and code again: the nightly run finds nothing new, says so and ships nothing.
     again = optimize(config_path=str(write_config(tmp_path)), root=str(tmp_path))
-    assert again["data_version"] == result["data_version"]
-    assert len([r for r in runs(tmp_path) if r.data.tags.get("mlflow.parentRunId") == again["run_id"]]) == 0
+    assert again["equivalent_run"] == result["run_id"] and "unchanged" in again["skipped"]
+    skipped = MlflowClient().get_run(again["run_id"])
+    assert skipped.info.status == "FINISHED" and "skipped" in skipped.data.tags
+    assert len(MlflowClient().search_model_versions("name = 'tiny-digits'")) == 1
+    # A config change is not "nothing new".
+    changed = optimize(config_path=str(write_config(tmp_path, {"gates": {"max_accuracy_drop": 2.5}})),
+                       root=str(tmp_path))
+    assert "skipped" not in changed and changed["version"] == "2"
+    assert len([r for r in runs(tmp_path) if r.data.tags.get("mlflow.parentRunId") == changed["run_id"]]) == 0
 
 
 def failed_run(root, experiment="e2e"):
