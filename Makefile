@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CONFIG ?= configs/digits.yaml
 
-.PHONY: install run test bench mlflow-ui clean
+.PHONY: install run test mlflow-ui serve serve-stack stop-stack clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,15 @@ test: $(STAMP)
 
 mlflow-ui: $(STAMP)
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///.modelforge/mlflow.db --host 127.0.0.1 --port 5000
+
+serve: $(STAMP)
+	$(BIN)/modelforge serve --bundle deploy/champion
+
+serve-stack: $(STAMP)
+	deploy/serve-stack.sh
+
+stop-stack:
+	deploy/stop-stack.sh
 
 clean:
 	rm -rf .modelforge deploy/bundle

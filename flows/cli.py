@@ -80,6 +80,14 @@ def cmd_data_changed(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_deploy(args: argparse.Namespace) -> int:
+    from flows.deployments import deploy_all
+
+    for name, deployment_id in deploy_all(args.root, args.config, cron=args.cron).items():
+        print(f"modelforge: deployment optimize/{name} -> {deployment_id}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", default="configs/digits.yaml", help="pipeline config (YAML)")
@@ -105,6 +113,10 @@ def main(argv: list[str] | None = None) -> int:
     srv.set_defaults(fn=cmd_serve)
     sub.add_parser("data-changed", parents=[common], help="version data/ with DVC and emit a Prefect event if "
                    "its version changed (triggers the on-new-data deployment)").set_defaults(fn=cmd_data_changed)
+    dep = sub.add_parser("deploy", parents=[common], help="create/update the nightly and on-new-data Prefect "
+                         "deployments (needs PREFECT_API_URL: make serve-stack)")
+    dep.add_argument("--cron", default="0 2 * * *", help="nightly schedule (UTC)")
+    dep.set_defaults(fn=cmd_deploy)
     args = parser.parse_args(argv)
 
     _embedded_defaults(args.root)

@@ -1,0 +1,109 @@
+"""The deployments on a real Prefect server (started here, on loopback): a scheduled-style run of
+`nightly` completes, and a data-change event makes `on-new-data` start a run that completes."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId, FlowRunFilter
+from prefect.deployments import run_deployment
+from prefect.settings import PREFECT_API_URL, temporary_settings
+
+from flows.deployments import NIGHTLY, ON_NEW_DATA, deploy_all
+from tasks.config import DataConfig
+from tasks.notify_data import notify_data_change
+
+pytestmark = pytest.mark.e2e
+POOL = "modelforge-test-pool"
+TINY = {
+    "search": {"n_trials": 1, "epochs": 1, "space": {"families": ["mlp"], "depth": [1, 1], "width": [16, 16]}},
+    "train": {"max_epochs": 3, "patience": 3},
+    "compress": {"candidates": {"int8_static": [{"method": "quantize_static", "calibration_samples": 32}]}},
+    "validate": {"warmup": 2, "latency_runs": 10, "throughput_runs": 2},
+    "gates": {"min_accuracy": 0.5, "max_accuracy_drop": 5.0, "max_latency_ratio": None},
+    "tracking": {"experiment": "deployments"},
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait(predicate, timeout: float, what: str):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(2)
+    raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    home = tmp_path_factory.mktemp("prefect-server")
+    url = f"http://127.0.0.1:{free_port()}/api"
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": url,
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    prefect = [sys.executable, "-m", "prefect"]
+    server = subprocess.Popen([*prefect, "server", "start", "--host", "127.0.0.1", "--port", url.split(":")[-1][:-4]],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    worker = None
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: url}):
+            def healthy():
+                try:
+                    with get_client(sync_client=True) as c:
+                        return c.api_healthcheck() is None
+                except Exception:
+                    return False
+
+            wait(healthy, 120, "the Prefect server")
+            project = tmp_path_factory.mktemp("project")
+            (project / "config.yaml").write_text(yaml.safe_dump(TINY))
+            ids = deploy_all(project, str(project / "config.yaml"), pool=POOL)
+            worker = subprocess.Popen([*prefect, "worker", "start", "--pool", POOL], env=env,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+            yield {"ids": ids, "project": project}
+    finally:
+        for proc in (worker, server):
+            if proc is not None:
+                proc.terminate()
+                proc.wait(30)
+
+
+def final_state(flow_run_id, timeout=300):
+    def done():
+        with get_client(sync_client=True) as c:
+            state = c.read_flow_run(flow_run_id).state
+        return state if state.is_final() else None
+
+    return wait(done, timeout, f"flow run {flow_run_id}")
+
+
+def test_nightly_deployment_run_completes(stack):
+    flow_run = run_deployment(f"optimize/{NIGHTLY}", timeout=0)
+    assert final_state(flow_run.id).is_completed()
+    assert (stack["project"] / "deploy" / "champion" / "model.onnx").exists()
+
+
+def test_data_change_event_starts_the_on_new_data_deployment(stack):
+    change = notify_data_change(DataConfig(), stack["project"])
+    assert change.emitted
+    deployment = DeploymentFilter(id=DeploymentFilterId(any_=[stack["ids"][ON_NEW_DATA]]))
+
+    def triggered():
+        with get_client(sync_client=True) as c:
+            return c.read_flow_runs(deployment_filter=deployment, flow_run_filter=FlowRunFilter())
+
+    runs = wait(triggered, 120, "a run of on-new-data after the event")
+    assert final_state(runs[0].id).is_completed()
+    # Announcing the same version again is not news: no event.
+    assert not notify_data_change(DataConfig(), stack["project"]).emitted
