@@ -1,0 +1,54 @@
+"""The MLflow UI really shows the pipeline's runs: `mlflow ui` on loopback, rendered by headless
+Chromium. Skips when no Chromium is installed (CI has none; `apt-get install chromium` adds it)."""
+
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from tasks import track_run
+from tasks.config import TrackingConfig
+
+CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_runs_are_visible_in_the_mlflow_ui(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    exp = track_run.setup_tracking(TrackingConfig(uri=uri, experiment="ui-check", artifact_dir=tmp_path / "art"))
+    for name, acc in (("optimize-run-alpha", 0.97), ("optimize-run-beta", 0.95)):
+        run_id = track_run.start_run(exp, name, tags={"data_version": "abc123.dir"})
+        track_run.log_metrics(run_id, {"baseline.accuracy": acc})
+        track_run.end_run(run_id)
+    port = free_port()
+    ui = subprocess.Popen([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
+                           "--port", str(port), "--workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 90
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except OSError:
+                if time.time() > deadline or ui.poll() is not None:
+                    pytest.fail("mlflow ui did not start")
+                time.sleep(1)
+        dom = subprocess.run(
+            [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'chrome'}",
+             "--virtual-time-budget=20000", "--dump-dom", f"http://127.0.0.1:{port}/#/experiments/{exp}/runs"],
+            capture_output=True, text=True, timeout=120).stdout
+    finally:
+        ui.terminate()
+        ui.wait(30)
+    assert "optimize-run-alpha" in dom and "optimize-run-beta" in dom, dom[-2000:]
