@@ -38,9 +38,8 @@ def code_version() -> str:
 
 def fingerprint(cfg: PipelineConfig, data_version: str) -> dict[str, str]:
     """What determines a run's outcome: the data, the whole config and the code."""
-    sections = [f for f in PipelineConfig.model_fields if f != "workdir"]
-    return {"data_version": data_version, "config_hash": cfg.section_hash(*[
-        PipelineConfig.model_fields[f].alias or f for f in sections]), "code_version": code_version()}
+    sections = [s for s in cfg.model_dump(by_alias=True) if s != "workdir"]
+    return {"data_version": data_version, "config_hash": cfg.section_hash(*sections), "code_version": code_version()}
 
 
 def find_equivalent_run(experiment_id: str, tags: dict[str, str], exclude: str) -> str | None:

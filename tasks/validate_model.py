@@ -33,7 +33,6 @@ class Report:
     throughput_sps: float
     size_bytes: int
     parity_max_abs: float | None
-    device: str = "cpu"
     cuda: dict | None = None  # the same timings on CUDAExecutionProvider, when present
     failed_gates: list[str] = field(default_factory=list)
 
