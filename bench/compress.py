@@ -4,7 +4,8 @@
 
 Trains a digits CNN for real, builds each compressed variant through the pipeline's own
 `compress_candidate`, then times all of them interleaved in one `validate_candidates` call, so the
-ratios compare like with like. Prints the table and checks the targets from issue #4:
+ratios compare like with like; once per `--threads` setting (all cores, and one thread per session
+as when serving one replica per core: FP32 and INT8 kernels scale differently across cores). Prints the table and checks the targets from issue #4:
   INT8: >= 3.5x smaller and >= 1.5x batch-64 throughput vs FP32 at <= 1 point accuracy drop
   structured pruning (50% channels): >= 1.5x throughput at <= 1 point drop after fine-tuning
 Not a test: figures depend on the machine; nothing here asserts on wall time.
@@ -55,6 +56,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=60)
     parser.add_argument("--latency-runs", type=int, default=2000)
     parser.add_argument("--throughput-runs", type=int, default=400)
+    parser.add_argument("--threads", default="0,1",
+                        help="ORT intra-op threads per session to measure with (0 = all cores); one table each")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="bench-compress-"))
@@ -74,17 +77,23 @@ def main() -> None:
     train_cfg = TrainConfig(patience=15)
     candidates = [compress_candidate(name, recipe, ckpt, data_dir, train_cfg, work / "candidates")
                   for name, recipe in RECIPES.items()]
-    reports = validate_candidates(candidates, ValidateConfig(warmup=100, latency_runs=args.latency_runs,
-                                                             throughput_runs=args.throughput_runs), data_dir)
+    for threads in (int(t) for t in args.threads.split(",")):
+        cfg = ValidateConfig(warmup=100, latency_runs=args.latency_runs, throughput_runs=args.throughput_runs,
+                             intra_op_threads=threads)
+        print_table(validate_candidates(candidates, cfg, data_dir), threads)
+
+
+def print_table(reports, threads: int) -> None:
     base = reports[0]
+    print(f"\nintra-op threads per session: {threads or 'all cores'}")
     header = f"{'candidate':<20}{'acc':>8}{'drop pts':>10}{'size KB':>10}{'size x':>8}{'p50 us':>9}{'p50 x':>8}{'thr/s b64':>12}{'thr x':>8}"
-    print("\n" + header + "\n" + "-" * len(header))
+    print(header + "\n" + "-" * len(header))
     for r in reports:
         print(f"{r.name:<20}{r.accuracy:>8.4f}{(base.accuracy - r.accuracy) * 100:>10.2f}{r.size_bytes / 1024:>10.1f}"
               f"{base.size_bytes / r.size_bytes:>8.2f}{r.latency_p50_ms * 1000:>9.1f}"
               f"{base.latency_p50_ms / r.latency_p50_ms:>8.2f}{r.throughput_sps:>12,.0f}"
               f"{r.throughput_sps / base.throughput_sps:>8.2f}")
-    print("\ntargets (issue #4):")
+    print("targets (issue #4):")
     by_name = {r.name: r for r in reports}
     for name, (min_size, min_thr, max_drop) in TARGETS.items():
         r = by_name[name]
