@@ -42,38 +42,44 @@ class Timing:
 
 
 def measure_speeds(
-    sessions: dict[str, ort.InferenceSession], x: np.ndarray, warmup: int, latency_runs: int, batch: int,
-    batch_runs: int, rounds: int = 10,
+    sessions: dict[str, ort.InferenceSession], x: np.ndarray | dict[str, np.ndarray], warmup: int, latency_runs: int,
+    batch: int, batch_runs: int, rounds: int = 10,
 ) -> dict[str, Timing]:
     """Batch-1 latency percentiles and batch-`batch` throughput for several models side by side.
 
-    Runs are interleaved in `rounds` (every model gets a slice of its runs each round), so clock,
-    thermal and background-load drift hit every model alike and their ratios stay meaningful. Each
-    session's thread pool spin-waits after its last run; the pause before the next model's slice
-    lets it go idle, else it steals cores from the model being timed (measured: -26% throughput
-    on an identical graph with 8 models on 2 cores).
+    `x` is the input array, or a dict of input name -> array for multi-input models (samples along
+    axis 0; repeated when fewer than `batch`). Runs are interleaved in `rounds` (every model gets a
+    slice of its runs each round), so clock, thermal and background-load drift hit every model
+    alike and their ratios stay meaningful. Each session's thread pool spin-waits after its last
+    run; the pause before the next model's slice lets it go idle, else it steals cores from the
+    model being timed (measured: -26% throughput on an identical graph with 8 models on 2 cores).
     """
-    single = x[:1]
-    big = np.resize(x, (batch, *x.shape[1:])).astype(x.dtype)  # repeats samples when x is short
-    feeds = {k: s.get_inputs()[0].name for k, s in sessions.items()}
+    def feeds_for(session: ort.InferenceSession) -> tuple[dict, dict]:
+        arrays = x if isinstance(x, dict) else {session.get_inputs()[0].name: x}
+        single = {k: v[:1] for k, v in arrays.items()}
+        big = {k: np.resize(v, (batch, *v.shape[1:])).astype(v.dtype) for k, v in arrays.items()}
+        return single, big
+
+    feeds = {k: feeds_for(s) for k, s in sessions.items()}
     for key, session in sessions.items():
+        single, big = feeds[key]
         for _ in range(warmup):
-            session.run(None, {feeds[key]: single})
-        session.run(None, {feeds[key]: big})
+            session.run(None, single)
+        session.run(None, big)
     lat_per_round, batch_per_round = -(-latency_runs // rounds), -(-batch_runs // rounds)
     latencies: dict[str, list[float]] = {k: [] for k in sessions}
     batch_times: dict[str, list[float]] = {k: [] for k in sessions}
     for _ in range(rounds):
         for key, session in sessions.items():
-            feed = feeds[key]
+            single, big = feeds[key]
             time.sleep(SPIN_SETTLE_S)
             for _ in range(lat_per_round):
                 t = time.perf_counter()
-                session.run(None, {feed: single})
+                session.run(None, single)
                 latencies[key].append(time.perf_counter() - t)
             for _ in range(batch_per_round):
                 t = time.perf_counter()
-                session.run(None, {feed: big})
+                session.run(None, big)
                 batch_times[key].append(time.perf_counter() - t)
     out = {}
     for key in sessions:

