@@ -45,7 +45,7 @@ def test_optimized_and_int8_variants_stay_faithful(tiny, tmp_path):
     opt = fidelity(ref, encode_onnx(tmp_path / "opt.onnx", tok, sentences), queries=20)
     assert opt["cosine_min"] >= 0.9999 and opt["top10_overlap"] == 1.0
     q = fidelity(ref, encode_onnx(int8, tok, sentences), queries=20)
-    assert 0.9 < q["cosine_min"] <= q["cosine_mean"] < 1.0  # INT8 perturbs, but stays close
+    assert 0.95 < q["cosine_min"] <= q["cosine_mean"] < 1.0  # INT8 perturbs, but stays close
     assert q["top10_overlap"] >= 0.6
 
 
