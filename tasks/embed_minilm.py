@@ -151,3 +151,43 @@ def offline_corpus(n: int, seed: int = 0) -> list[str]:
     if len(ordered) < n:
         raise ValueError(f"offline corpus has {len(ordered)} sentences, {n} requested")
     return ordered[:n]
+
+
+def make_student(teacher: SentenceEncoder, keep: tuple[int, ...]) -> SentenceEncoder:
+    """A shallower copy of the teacher that keeps the listed transformer layers (and their weights)."""
+    import copy
+
+    student = copy.deepcopy(teacher)
+    layers = student.bert.encoder.layer
+    if not keep or max(keep) >= len(layers):
+        raise ValueError(f"keep={keep}: the teacher has layers 0..{len(layers) - 1}")
+    student.bert.encoder.layer = nn.ModuleList([layers[i] for i in keep])
+    student.bert.config.num_hidden_layers = len(keep)
+    return student
+
+
+def distill_encoder(teacher: SentenceEncoder, tokenizer, sentences: list[str], keep: tuple[int, ...] = (0, 2, 4),
+                    epochs: int = 2, lr: float = 5e-5, batch: int = 32, seed: int = 0) -> tuple[SentenceEncoder, list[float]]:
+    """Train a student (teacher layers `keep`) to reproduce the teacher's normalised embeddings on
+    `sentences` (loss: 1 - cosine); returns it in eval mode with the per-epoch mean loss."""
+    torch.manual_seed(seed)
+    student = make_student(teacher, keep).train()
+    opt = torch.optim.AdamW(student.parameters(), lr=lr)
+    order = list(range(len(sentences)))
+    history = []
+    for epoch in range(1, epochs + 1):
+        random.Random(seed + epoch).shuffle(order)
+        losses = []
+        for i in range(0, len(order), batch):
+            feeds = tokenize(tokenizer, [sentences[j] for j in order[i : i + batch]])
+            ids, mask = (torch.from_numpy(feeds[k]) for k in INPUTS)
+            with torch.no_grad():
+                target = teacher(ids, mask)
+            loss = (1 - (student(ids, mask) * target).sum(1)).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        history.append(float(np.mean(losses)))
+        print(f"[distill] epoch {epoch}/{epochs}: mean 1-cosine {history[-1]:.5f} over {len(losses)} batches")
+    return student.eval(), history

@@ -4,8 +4,8 @@ import numpy as np
 import onnx
 import pytest
 
-from tasks.embed_minilm import (encode_onnx, encode_torch, export_encoder, fidelity, load_minilm, offline_corpus,
-                                optimize_encoder, quantize_encoder, tokenize)
+from tasks.embed_minilm import (distill_encoder, encode_onnx, encode_torch, export_encoder, fidelity, load_minilm,
+                                make_student, offline_corpus, optimize_encoder, quantize_encoder, tokenize)
 from tasks.run_onnx import make_session
 
 
@@ -68,3 +68,20 @@ def test_offline_corpus_is_deterministic_text():
     assert all(6 <= len(s.split()) <= 40 for s in a)
     with pytest.raises(ValueError, match="requested"):
         offline_corpus(10**7)
+
+
+def test_distilled_student_learns_to_match_the_teacher(tmp_path):
+    teacher, tok = load_minilm(num_layers=2)
+    corpus = offline_corpus(240)
+    train, held_out = corpus[:160], corpus[160:]
+    ref = encode_torch(teacher, tokenize(tok, held_out))
+    untrained = make_student(teacher, keep=(0,))
+    before = fidelity(ref, encode_torch(untrained, tokenize(tok, held_out)), queries=20)
+    student, history = distill_encoder(teacher, tok, train, keep=(0,), epochs=3, lr=2e-4, batch=16)
+    after = fidelity(ref, encode_torch(student, tokenize(tok, held_out)), queries=20)
+    assert len(student.bert.encoder.layer) == 1 and history[-1] < history[0]
+    assert after["cosine_mean"] > before["cosine_mean"]  # on sentences it never trained on
+    exported = export_encoder(student, tok, tmp_path / "student.onnx", held_out[:8])
+    assert exported.min_cosine >= 0.9999
+    with pytest.raises(ValueError, match="layers 0..1"):
+        make_student(teacher, keep=(0, 5))
