@@ -29,7 +29,8 @@ def main() -> None:
     parser.add_argument("--sentences", type=int, default=600, help="held-out sentences for fidelity")
     parser.add_argument("--queries", type=int, default=100, help="of which retrieval queries")
     parser.add_argument("--train-sentences", type=int, default=1500, help="distillation corpus (disjoint)")
-    parser.add_argument("--epochs", type=int, default=2, help="distillation epochs")
+    parser.add_argument("--epochs", type=int, default=4, help="distillation epochs")
+    parser.add_argument("--lr", type=float, default=3e-4, help="distillation learning rate")
     parser.add_argument("--latency-runs", type=int, default=200)
     parser.add_argument("--throughput-runs", type=int, default=30)
     args = parser.parse_args()
@@ -42,7 +43,7 @@ def main() -> None:
     print(f"[bench] FP32 export: worst cosine vs PyTorch {exported.min_cosine:.7f}")
     fused = optimize_encoder(exported.path, work / "optimized.onnx")
     print(f"[bench] ORT optimiser fused: {fused}")
-    student, _ = distill_encoder(model, tok, train, keep=(0, 2, 4), epochs=args.epochs)
+    student, _ = distill_encoder(model, tok, train, keep=(0, 2, 4), epochs=args.epochs, lr=args.lr)
     student_onnx = export_encoder(student, tok, work / "student.onnx", sentences[:32]).path
     variants = {"fp32": exported.path, "optimized": work / "optimized.onnx",
                 "int8_dynamic": quantize_encoder(work / "optimized.onnx", work / "int8.onnx"),
