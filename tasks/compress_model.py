@@ -23,7 +23,7 @@ from torch import nn
 from tasks.build_model import build_model, count_params, load_checkpoint, save_checkpoint
 from tasks.config import ConvertFp16, Distill, MagnitudePrune, QuantizeDynamic, QuantizeStatic, StructuredPrune, TrainConfig
 from tasks.export_onnx import INPUT_NAME, export_onnx
-from tasks.run_onnx import make_session, predict_logits
+from tasks.run_onnx import make_session, onnx_accuracy
 from tasks.train_model import TrainParams, accuracy, fit
 from tasks.version_data import Splits, load_splits
 
@@ -230,10 +230,6 @@ class _CalibrationReader(CalibrationDataReader):
         return None if batch is None else {INPUT_NAME: batch}
 
 
-def _onnx_accuracy(path: Path, x: np.ndarray, y: np.ndarray) -> float:
-    return float((predict_logits(make_session(path), x).argmax(1) == y).mean())
-
-
 QUANTIZABLE_OPS = ("Conv", "Gemm", "MatMul")
 
 
@@ -300,11 +296,11 @@ def quantize_static(state: ModelState, cfg: QuantizeStatic, ctx: CompressContext
         ort_quantize_static(str(fp32), str(out), _CalibrationReader(calib), quant_format=QuantFormat.QDQ,
                             per_channel=cfg.per_channel, reduce_range=reduce_range, nodes_to_exclude=exclude,
                             activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, calibrate_method=method)
-        return _onnx_accuracy(out, *ctx.splits.val)
+        return onnx_accuracy(make_session(out), *ctx.splits.val)
 
     out = ctx.out_dir / "int8_static.onnx"
     acc = quantize([], out)
-    fp32_acc = _onnx_accuracy(fp32, *ctx.splits.val)
+    fp32_acc = onnx_accuracy(make_session(fp32), *ctx.splits.val)
     info = {"calibration_samples": len(calib), "calibrate_method": cfg.calibrate_method,
             "per_channel": cfg.per_channel, "reduce_range": reduce_range, "val_acc_fp32": fp32_acc,
             "val_acc_int8_full": acc, "nodes_excluded": []}

@@ -8,7 +8,6 @@ Building blocks for the `minilm` model family (issue #6); the pipeline does not 
 from __future__ import annotations
 
 import ast
-import logging
 import os
 import random
 import re
@@ -17,16 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import onnx
 import torch
 from torch import nn
 
+from tasks.export_onnx import save_exported
 from tasks.run_onnx import make_session
 
 INPUTS = ("input_ids", "attention_mask")
 OUTPUT = "sentence_embedding"  # "embedding" would clash with a tensor name inside BERT's graph
-
-logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
 
 
 class SentenceEncoder(nn.Module):
@@ -87,13 +84,7 @@ def export_encoder(model: SentenceEncoder, tokenizer, path: Path, reference: lis
     program = torch.onnx.export(model, tuple(torch.from_numpy(example[k]) for k in INPUTS), input_names=list(INPUTS),
                                 output_names=[OUTPUT], dynamic_shapes=({0: batch, 1: seq}, {0: batch, 1: seq}),
                                 dynamo=True, verbose=False)
-    proto = program.model_proto
-    for node in proto.graph.node:  # FX provenance with local paths: not for shipping
-        del node.metadata_props[:]
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(proto, str(path))
-    onnx.checker.check_model(str(path))
+    path = save_exported(program, path)
     feeds = tokenize(tokenizer, reference)
     got = make_session(path).run(None, feeds)[0]
     return ExportedEncoder(path, float((got * encode_torch(model, feeds)).sum(1).min()))

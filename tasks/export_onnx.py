@@ -26,28 +26,36 @@ class ExportResult:
     parity_max_abs: float  # max |ORT - PyTorch| over the reference inputs
 
 
+def save_exported(program, path: Path) -> Path:
+    """Write a `torch.onnx.export` result to `path` only once it passes `onnx.checker`.
+
+    The exporter annotates every node with FX provenance (stack traces with local paths): useless to
+    serving, a leak of build paths, and a fixed overhead that dominates the size of small models.
+    """
+    proto = program.model_proto
+    for node in proto.graph.node:
+        del node.metadata_props[:]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.onnx")
+    onnx.save(proto, str(tmp))
+    onnx.checker.check_model(str(tmp), full_check=True)
+    tmp.replace(path)
+    return path
+
+
 def export_onnx(model: nn.Module, path: Path, reference_x: np.ndarray) -> ExportResult:
     """Export with the dynamo exporter and measure parity on `reference_x` (N, *input_shape).
 
     The example batch has 2 samples: with 1 the exporter specialises the batch axis to a constant.
     """
     model = model.eval()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     example = torch.from_numpy(np.ascontiguousarray(reference_x[:2]))
     program = torch.onnx.export(
         model, (example,), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
         dynamic_shapes=({0: torch.export.Dim("batch")},), dynamo=True, verbose=False,
     )
-    model_proto = program.model_proto
-    # The exporter annotates every node with FX provenance (stack traces with local paths): useless to
-    # serving, a leak of build paths, and a fixed overhead that dominates the size of small models.
-    for node in model_proto.graph.node:
-        del node.metadata_props[:]
-    tmp = path.with_suffix(".tmp.onnx")
-    onnx.save(model_proto, str(tmp))
-    onnx.checker.check_model(str(tmp), full_check=True)
-    tmp.replace(path)
+    path = save_exported(program, path)
     with torch.no_grad():
         expected = model(torch.from_numpy(reference_x)).numpy()
     got = predict_logits(make_session(path), reference_x)

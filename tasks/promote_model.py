@@ -21,7 +21,7 @@ from prefect import task
 from tasks import track_run
 from tasks.config import PromoteConfig, ValidateConfig
 from tasks.register_model import RegisteredModel
-from tasks.run_onnx import make_session, measure_speeds, predict_logits
+from tasks.run_onnx import make_session, measure_speeds, onnx_accuracy
 from tasks.ship_bundle import publish_copy
 from tasks.version_data import load_splits
 
@@ -70,7 +70,7 @@ def promote_model(registered: RegisteredModel, bundle_dir: Path, cfg: PromoteCon
             sessions["champion"] = make_session(path)
         speeds = measure_speeds(sessions, x_test, timing.warmup, timing.latency_runs, timing.throughput_batch,
                                 timing.throughput_runs)
-        scores = {k: {"accuracy": float((predict_logits(s, x_test).argmax(1) == y_test).mean()),
+        scores = {k: {"accuracy": onnx_accuracy(s, x_test, y_test),
                       "latency_p50_ms": speeds[k].latency_p50_ms} for k, s in sessions.items()}
     promoted, reason = decide(scores["challenger"], scores.get("champion"), cfg.accuracy_tolerance)
     decision = Decision(promoted, reason, registered.version, champion_version, scores["challenger"],

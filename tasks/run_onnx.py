@@ -34,6 +34,11 @@ def predict_logits(session: ort.InferenceSession, x: np.ndarray, batch: int = 25
     return np.concatenate([session.run(None, {name: x[i : i + batch]})[0] for i in range(0, len(x), batch)])
 
 
+def onnx_accuracy(session: ort.InferenceSession, x: np.ndarray, y: np.ndarray) -> float:
+    """Share of samples whose arg-max logit is the label."""
+    return float((predict_logits(session, x).argmax(1) == y).mean())
+
+
 @dataclass(frozen=True)
 class Timing:
     latency_p50_ms: float

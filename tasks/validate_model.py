@@ -13,7 +13,7 @@ from prefect import task
 
 from tasks.compress_model import Candidate
 from tasks.config import GateConfig, ValidateConfig
-from tasks.run_onnx import available_devices, make_session, measure_speeds, predict_logits
+from tasks.run_onnx import available_devices, make_session, measure_speeds, onnx_accuracy
 from tasks.version_data import load_splits
 
 BASELINE = "baseline"
@@ -53,7 +53,7 @@ def validate_candidates(candidates: list[Candidate], cfg: ValidateConfig, data_d
     for device in available_devices(cfg.use_cuda):
         sessions = {c.name: make_session(c.onnx, device, cfg.intra_op_threads) for c in candidates}
         if device == "cpu":
-            accuracy = {k: float((predict_logits(s, x_test).argmax(1) == y_test).mean()) for k, s in sessions.items()}
+            accuracy = {k: onnx_accuracy(s, x_test, y_test) for k, s in sessions.items()}
         print(f"[validate] timing {len(sessions)} candidates side by side on {device} "
               f"({cfg.latency_runs} batch-1 runs, {cfg.throughput_runs} batch-{cfg.throughput_batch} runs each)")
         timings[device] = measure_speeds(sessions, x_test, cfg.warmup, cfg.latency_runs, cfg.throughput_batch,
