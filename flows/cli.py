@@ -9,7 +9,7 @@ import warnings
 from pathlib import Path
 
 
-def _embedded_defaults(root: Path) -> None:
+def embedded_defaults(root: Path) -> None:
     """Project-local state for every tool, set before prefect/mlflow/dvc are imported."""
     state = root / ".modelforge"
     os.environ.setdefault("PREFECT_HOME", str(state / "prefect"))
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     dep.set_defaults(fn=cmd_deploy)
     args = parser.parse_args(argv)
 
-    _embedded_defaults(args.root)
+    embedded_defaults(args.root)
     from tasks.config import ConfigError
     from tasks.search_model import SearchError
     from tasks.validate_model import GateError

@@ -5,17 +5,13 @@ Every tool gets state in a per-session temp folder, set before prefect/mlflow ar
 
 import os
 import tempfile
-import warnings
 from pathlib import Path
 
+from flows.cli import embedded_defaults
+
 _STATE = Path(tempfile.mkdtemp(prefix="modelforge-tests-"))
-os.environ["PREFECT_HOME"] = str(_STATE / "prefect")
-os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
-os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "120"
-os.environ["DVC_NO_ANALYTICS"] = "1"
-os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
-os.environ["DO_NOT_TRACK"] = "true"
-warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
+os.environ["PREFECT_HOME"] = str(_STATE / "prefect")  # forced: never the developer's own Prefect state
+embedded_defaults(_STATE)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
