@@ -27,6 +27,7 @@ from tasks.compress_model import compress_candidate  # noqa: E402
 from tasks.config import (  # noqa: E402
     ConvertFp16, DataConfig, Distill, MagnitudePrune, QuantizeDynamic, QuantizeStatic, StructuredPrune, TrainConfig,
     ValidateConfig)
+from tasks.evaluate_model import ClassifierEval  # noqa: E402
 from tasks.train_model import TrainParams, accuracy, fit  # noqa: E402
 from tasks.validate_model import validate_candidates  # noqa: E402
 from tasks.version_data import load_splits, materialize_digits  # noqa: E402
@@ -80,7 +81,7 @@ def main() -> None:
     for threads in (int(t) for t in args.threads.split(",")):
         cfg = ValidateConfig(warmup=100, latency_runs=args.latency_runs, throughput_runs=args.throughput_runs,
                              intra_op_threads=threads)
-        print_table(validate_candidates(candidates, cfg, data_dir), threads)
+        print_table(validate_candidates(candidates, cfg, ClassifierEval(data_dir)), threads)
 
 
 def print_table(reports, threads: int) -> None:
@@ -89,7 +90,7 @@ def print_table(reports, threads: int) -> None:
     header = f"{'candidate':<20}{'acc':>8}{'drop pts':>10}{'size KB':>10}{'size x':>8}{'p50 us':>9}{'p50 x':>8}{'thr/s b64':>12}{'thr x':>8}"
     print(header + "\n" + "-" * len(header))
     for r in reports:
-        print(f"{r.name:<20}{r.accuracy:>8.4f}{(base.accuracy - r.accuracy) * 100:>10.2f}{r.size_bytes / 1024:>10.1f}"
+        print(f"{r.name:<20}{r.score:>8.4f}{(base.score - r.score) * 100:>10.2f}{r.size_bytes / 1024:>10.1f}"
               f"{base.size_bytes / r.size_bytes:>8.2f}{r.latency_p50_ms * 1000:>9.1f}"
               f"{base.latency_p50_ms / r.latency_p50_ms:>8.2f}{r.throughput_sps:>12,.0f}"
               f"{r.throughput_sps / base.throughput_sps:>8.2f}")
@@ -102,7 +103,7 @@ def print_table(reports, threads: int) -> None:
             checks.append((f"size {base.size_bytes / r.size_bytes:.2f}x >= {min_size}x", base.size_bytes / r.size_bytes >= min_size))
         checks.append((f"throughput {r.throughput_sps / base.throughput_sps:.2f}x >= {min_thr}x",
                        r.throughput_sps / base.throughput_sps >= min_thr))
-        drop = (base.accuracy - r.accuracy) * 100
+        drop = (base.score - r.score) * 100
         checks.append((f"accuracy drop {drop:.2f} <= {max_drop} pts", drop <= max_drop))
         print(f"  {name:<16}" + "; ".join(f"{text} {'MET' if ok else 'MISSED'}" for text, ok in checks))
 

@@ -32,9 +32,17 @@ def _config(args: argparse.Namespace):
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from flows.optimize import optimize
+    from tasks.config import ConfigError, load_config
 
-    result = optimize(config_path=args.config, root=str(args.root), force=args.force)
+    try:
+        family = load_config(args.config).family
+    except ConfigError:
+        family = "classifier"  # its flow records the config error on a FAILED MLflow run, then raises it
+    if family == "minilm":
+        from flows.encode import optimize_encoder as pipeline
+    else:
+        from flows.optimize import optimize as pipeline
+    result = pipeline(config_path=args.config, root=str(args.root), force=args.force)
     if result.get("skipped"):
         print(f"modelforge: nothing new: {result['skipped']}")
         return 0
@@ -96,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="modelforge", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", parents=[common], help="run the optimize flow end to end")
+    run = sub.add_parser("run", parents=[common], help="run the pipeline the config's `family` names (classifier: "
+                         "optimize flow; minilm: optimize-encoder flow) end to end")
     run.add_argument("--force", action="store_true", help="run even when data, config and code are unchanged")
     run.set_defaults(fn=cmd_run)
     sub.add_parser("rollback", parents=[common], help="point the champion alias back at the previous champion "

@@ -51,14 +51,21 @@ HANDLERS: dict[str, Handler] = {}
 ONNX_METHODS: set[str] = set()
 
 
-def register(method: str, onnx_level: bool = False) -> Callable[[Handler], Handler]:
-    def deco(fn: Handler) -> Handler:
-        HANDLERS[method] = fn
-        if onnx_level:
-            ONNX_METHODS.add(method)
-        return fn
+def registrar(handlers: dict[str, Callable], onnx_methods: set[str]):
+    """A `@register(method, onnx_level=...)` decorator filling one pipeline's handler registry."""
+    def register(method: str, onnx_level: bool = False) -> Callable[[Callable], Callable]:
+        def deco(fn: Callable) -> Callable:
+            handlers[method] = fn
+            if onnx_level:
+                onnx_methods.add(method)
+            return fn
 
-    return deco
+        return deco
+
+    return register
+
+
+register = registrar(HANDLERS, ONNX_METHODS)
 
 
 def _train_params(ctx: CompressContext, meta: dict, epochs: int, lr_scale: float = 1.0) -> TrainParams:

@@ -33,6 +33,24 @@ class DataConfig(_Section):
     dvc_remote: Path = Field(Path(".modelforge/dvc-remote"), description="Local DVC remote the data is pushed to.")
 
 
+class TextDataConfig(_Section):
+    dataset: Literal["docstrings"] = Field(
+        "docstrings", description="English sentences from the Python standard library's docstrings (read offline with ast).")
+    dir: Path = Field(Path("corpus"), description="DVC-tracked corpus folder (relative to the project root).")
+    train_sentences: int = Field(4000, ge=8, description="Sentences for distillation (never used for evaluation).")
+    eval_sentences: int = Field(600, ge=12, description="Held-out sentences for fidelity and retrieval checks.")
+    queries: int = Field(100, ge=1, description="Held-out sentences used as retrieval queries against the rest.")
+    seed: int = Field(0, description="Seed of the sentence shuffle before the split.")
+    dvc_remote: Path = Field(Path(".modelforge/dvc-remote"), description="Local DVC remote the corpus is pushed to.")
+
+    @model_validator(mode="after")
+    def _queries_fit(self) -> "TextDataConfig":
+        if self.queries > self.eval_sentences - 10:
+            raise ValueError(f"queries ({self.queries}) must leave at least 10 of the {self.eval_sentences} "
+                             "eval_sentences to search (top-10 retrieval)")
+        return self
+
+
 Optimizer = Literal["sgd", "momentum", "adam", "adamw"]
 Schedule = Literal["constant", "cosine", "step"]
 Activation = Literal["relu", "gelu", "silu", "tanh"]
@@ -210,18 +228,70 @@ class CompressConfig(_Section):
     def _recipes_valid(self) -> "CompressConfig":
         from tasks.compress_model import ONNX_METHODS  # the registry knows which steps act on ONNX
 
-        problems = []
-        for name, steps in self.candidates.items():
-            if name == "baseline":
-                problems.append("'baseline' is reserved for the uncompressed FP32 model")
-            if not steps:
-                problems.append(f"candidate {name!r}: empty recipe")
-            kinds = [s.method in ONNX_METHODS for s in steps]
-            if kinds != sorted(kinds):
-                problems.append(f"candidate {name!r}: torch steps cannot follow an ONNX step (quantize last)")
-        if problems:
+        if problems := _recipe_problems(self.candidates, ONNX_METHODS):
             raise ValueError("; ".join(problems))
         return self
+
+
+class DistillLayers(_Step):
+    method: Literal["distill_layers"]
+    keep: list[int] = Field([0, 2, 4], min_length=1, description="Teacher layers the student starts from (its depth).")
+    epochs: int = Field(8, ge=1, description="Passes over the training sentences.")
+    lr: float = Field(3e-4, gt=0, description="Peak AdamW learning rate (linear warm-up, cosine decay).")
+    batch: int = Field(32, ge=1, description="Sentences per step.")
+
+
+class OrtOptimize(_Step):
+    method: Literal["ort_optimize"]
+    opt_level: Literal[0, 1, 2, 99] = Field(
+        1, description="ONNX Runtime graph-optimisation level applied before the transformer fusions (1 = basic).")
+
+
+EncoderStep = Annotated[Union[DistillLayers, OrtOptimize, QuantizeDynamic], Field(discriminator="method")]
+
+
+def _recipe_problems(candidates: dict[str, list], onnx_methods: set[str]) -> list[str]:
+    problems = []
+    for name, steps in candidates.items():
+        if name == "baseline":
+            problems.append("'baseline' is reserved for the uncompressed FP32 model")
+        if not steps:
+            problems.append(f"candidate {name!r}: empty recipe")
+        kinds = [s.method in onnx_methods for s in steps]
+        if kinds != sorted(kinds):
+            problems.append(f"candidate {name!r}: torch steps cannot follow an ONNX step (quantize last)")
+    return problems
+
+
+def _default_encoder_candidates() -> dict[str, list]:
+    student = DistillLayers(method="distill_layers")
+    int8 = QuantizeDynamic(method="quantize_dynamic", per_channel=True)
+    return {"optimized": [OrtOptimize(method="ort_optimize")],
+            "int8": [OrtOptimize(method="ort_optimize"), int8],
+            "student": [student], "student_int8": [student, int8]}
+
+
+class EncoderCompressConfig(_Section):
+    candidates: dict[str, list[EncoderStep]] = Field(
+        default_factory=_default_encoder_candidates,
+        description="Candidate name -> recipe: steps applied in order to the exported FP32 teacher.",
+    )
+
+    @model_validator(mode="after")
+    def _recipes_valid(self) -> "EncoderCompressConfig":
+        from tasks.compress_encoder import ONNX_METHODS
+
+        if problems := _recipe_problems(self.candidates, ONNX_METHODS):
+            raise ValueError("; ".join(problems))
+        return self
+
+
+class EncoderConfig(_Section):
+    family: Literal["minilm"] = Field("minilm", description="Pretrained encoder shipped in a package (no hub access).")
+    num_layers: int | None = Field(None, ge=1, le=6, description="Keep only the first N transformer layers (fast tests).")
+    max_length: int = Field(128, ge=8, le=512, description="Tokenizer truncation length.")
+    timing_seq_len: int = Field(128, ge=8, le=512, description="Sequence length every timed input is padded to.")
+    min_export_cosine: float = Field(0.9999, gt=0, le=1, description="Worst per-sentence cosine, ORT vs PyTorch, an export must reach.")
 
 
 class ValidateConfig(_Section):
@@ -242,8 +312,12 @@ class GateConfig(_Section):
         description="Reject a compressed model whose p50 latency exceeds this multiple of the baseline's "
         "(1.1 leaves room for timing noise on models that run in microseconds).",
     )
-    select_by: Literal["latency_p50_ms", "size_bytes", "accuracy"] = Field(
-        "latency_p50_ms", description="Among passing candidates pick the lowest latency/size or highest accuracy."
+    min_cosine_worst: float = Field(0.97, ge=-1, le=1, description="Embeddings: floor on the worst per-sentence cosine to the FP32 model.")
+    min_cosine_mean: float = Field(0.99, ge=-1, le=1, description="Embeddings: floor on the mean per-sentence cosine.")
+    min_top10_overlap: float = Field(0.8, ge=0, le=1, description="Embeddings: floor on top-10 retrieval overlap with the FP32 model.")
+    select_by: Literal["latency_p50_ms", "size_bytes", "quality"] = Field(
+        "latency_p50_ms", description="Among passing candidates pick the lowest latency/size or the best primary quality "
+        "(accuracy; worst-case cosine for embeddings)."
     )
 
 
@@ -256,8 +330,9 @@ class RegisterConfig(_Section):
 class PromoteConfig(_Section):
     champion_alias: str = Field("champion", min_length=1, description="Registry alias of the model in service.")
     previous_alias: str = Field("previous-champion", min_length=1, description="Alias kept for one-command rollback.")
-    accuracy_tolerance: float = Field(
-        0.25, ge=0, description="Points within which a challenger 'matches' the champion; it then needs to be faster.")
+    quality_tolerance: float = Field(
+        0.25, ge=0, description="Points (hundredths of the primary quality: accuracy, worst-case cosine) within which "
+        "a challenger 'matches' the champion; it then needs to be faster.")
     champion_bundle_dir: Path = Field(Path("deploy/champion"), description="Bundle the server loads; replaced atomically on promotion.")
 
 
@@ -267,12 +342,11 @@ class TrackingConfig(_Section):
     artifact_dir: Path = Field(Path(".modelforge/mlartifacts"), description="Artifact root of a new experiment.")
 
 
-class PipelineConfig(_Section):
+class _Pipeline(_Section):
+    """What every pipeline shares: where it writes, how candidates are judged, registered,
+    promoted and tracked."""
+
     workdir: Path = Field(Path(".modelforge"), description="Everything a run writes (checkpoints, ONNX, studies).")
-    data: DataConfig = Field(default_factory=DataConfig)
-    search: SearchConfig = Field(default_factory=SearchConfig)
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    compress: CompressConfig = Field(default_factory=CompressConfig)
     validate_: ValidateConfig = Field(default_factory=ValidateConfig, alias="validate")
     gates: GateConfig = Field(default_factory=GateConfig)
     register_: RegisterConfig = Field(default_factory=RegisterConfig, alias="register")
@@ -281,21 +355,23 @@ class PipelineConfig(_Section):
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
-    def resolved(self, root: Path) -> "PipelineConfig":
-        """The same config with every relative path anchored at `root` (the project folder)."""
+    def resolved(self, root: Path):
+        """The same config with every relative path (top level or one section down) anchored at
+        `root` (the project folder), the SQLite tracking URI included."""
         root = Path(root).resolve()
-        at = lambda p: p if p is None or p.is_absolute() else root / p
+        at = lambda p: root / p if isinstance(p, Path) and not p.is_absolute() else p
+        update = {}
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if isinstance(value, BaseModel):
+                update[name] = value.model_copy(update={k: at(getattr(value, k)) for k in type(value).model_fields})
+            else:
+                update[name] = at(value)
         uri = self.tracking.uri
         if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
             uri = f"sqlite:///{root / uri.removeprefix('sqlite:///')}"
-        return self.model_copy(update={
-            "workdir": at(self.workdir),
-            "data": self.data.model_copy(update={"dir": at(self.data.dir), "dvc_remote": at(self.data.dvc_remote)}),
-            "train": self.train.model_copy(update={"init_from": at(self.train.init_from)}),
-            "register_": self.register_.model_copy(update={"bundle_dir": at(self.register_.bundle_dir)}),
-            "promote": self.promote.model_copy(update={"champion_bundle_dir": at(self.promote.champion_bundle_dir)}),
-            "tracking": self.tracking.model_copy(update={"uri": uri, "artifact_dir": at(self.tracking.artifact_dir)}),
-        })
+        update["tracking"] = update["tracking"].model_copy(update={"uri": uri})
+        return self.model_copy(update=update)
 
     def section_hash(self, *sections: str) -> str:
         """Stable hash of the named sections, used in cache keys: same config, same key."""
@@ -317,6 +393,51 @@ class PipelineConfig(_Section):
         return out
 
 
+class PipelineConfig(_Pipeline):
+    """Classifier pipeline: data set -> search -> train -> compress -> validate -> ship."""
+
+    family: Literal["classifier"] = Field("classifier", description="Which pipeline this file configures.")
+    data: DataConfig = Field(default_factory=DataConfig)
+    search: SearchConfig = Field(default_factory=SearchConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    compress: CompressConfig = Field(default_factory=CompressConfig)
+
+
+class EncoderRegisterConfig(RegisterConfig):
+    """The encoder's own registry name and bundle, so both pipelines can ship from one project."""
+
+    model_name: str = Field("minilm-encoder", min_length=1, description="MLflow registered-model name.")
+    bundle_dir: Path = Field(Path("deploy/minilm-bundle"), description="Serving bundle folder (replaced atomically).")
+
+
+class EncoderPromoteConfig(PromoteConfig):
+    champion_bundle_dir: Path = Field(Path("deploy/minilm-champion"), description="Champion bundle; replaced atomically on promotion.")
+
+
+class EncoderPipelineConfig(_Pipeline):
+    """Sentence-encoder pipeline: pretrained MiniLM -> ONNX -> optimise/quantise/distil -> validate -> ship."""
+
+    family: Literal["minilm"] = Field("minilm", description="Which pipeline this file configures.")
+    data: TextDataConfig = Field(default_factory=TextDataConfig)
+    encoder: EncoderConfig = Field(default_factory=EncoderConfig)
+    compress: EncoderCompressConfig = Field(default_factory=EncoderCompressConfig)
+    register_: EncoderRegisterConfig = Field(default_factory=EncoderRegisterConfig, alias="register")
+    promote: EncoderPromoteConfig = Field(default_factory=EncoderPromoteConfig)
+
+    @model_validator(mode="after")
+    def _students_fit_teacher(self) -> "EncoderPipelineConfig":
+        layers = self.encoder.num_layers or 6
+        problems = [f"compress.candidates.{name}: keep={step.keep} but the teacher has layers 0..{layers - 1}"
+                    for name, steps in self.compress.candidates.items() for step in steps
+                    if isinstance(step, DistillLayers) and (max(step.keep) >= layers or min(step.keep) < 0)]
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+PIPELINES: dict[str, type[_Pipeline]] = {"classifier": PipelineConfig, "minilm": EncoderPipelineConfig}
+
+
 def _format_errors(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
@@ -325,14 +446,18 @@ def _format_errors(err: ValidationError) -> str:
     return "\n".join(lines)
 
 
-def parse_config(raw: dict, source: str = "<dict>") -> PipelineConfig:
+def parse_config(raw: dict, source: str = "<dict>") -> PipelineConfig | EncoderPipelineConfig:
+    """Validate `raw` against the pipeline its `family` key names (default: classifier)."""
+    family = raw.get("family", "classifier")
+    if family not in PIPELINES:
+        raise ConfigError(f"invalid config {source}: family {family!r} is not one of {sorted(PIPELINES)}")
     try:
-        return PipelineConfig.model_validate(raw)
+        return PIPELINES[family].model_validate(raw)
     except ValidationError as err:
         raise ConfigError(f"invalid config {source} ({err.error_count()} problem(s)):\n{_format_errors(err)}") from None
 
 
-def load_config(path: str | Path) -> PipelineConfig:
+def load_config(path: str | Path) -> PipelineConfig | EncoderPipelineConfig:
     path = Path(path)
     try:
         text = path.read_text()

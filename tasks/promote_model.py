@@ -21,9 +21,9 @@ from prefect import task
 from tasks import track_run
 from tasks.config import PromoteConfig, ValidateConfig
 from tasks.register_model import RegisteredModel
-from tasks.run_onnx import make_session, measure_speeds, onnx_accuracy
+from tasks.evaluate_model import Evaluator
+from tasks.run_onnx import make_session, measure_speeds
 from tasks.ship_bundle import publish_copy
-from tasks.version_data import load_splits
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,7 @@ class Decision:
     reason: str
     challenger_version: str
     champion_version: str | None  # the champion before this decision
-    challenger: dict  # accuracy, latency_p50_ms on the shared test split
+    challenger: dict  # primary quality (accuracy, worst-case cosine) and latency_p50_ms on the same held-out data
     champion: dict | None
 
 
@@ -43,24 +43,24 @@ def _alias_version(name: str, alias: str) -> str | None:
         return None
 
 
-def decide(challenger: dict, champion: dict | None, tolerance_pts: float) -> tuple[bool, str]:
-    """Promote when clearly more accurate, or when accuracy matches within tolerance and it is faster."""
+def decide(challenger: dict, champion: dict | None, tolerance_pts: float, quality: str = "accuracy") -> tuple[bool, str]:
+    """Promote when clearly better on `quality`, or when it matches within tolerance (in points,
+    i.e. hundredths) and is faster."""
     if champion is None:
         return True, "no champion yet"
-    gain = (challenger["accuracy"] - champion["accuracy"]) * 100
+    gain = (challenger[quality] - champion[quality]) * 100
     speedup = champion["latency_p50_ms"] / challenger["latency_p50_ms"]
     if gain > tolerance_pts:
-        return True, f"more accurate by {gain:.2f} pts"
+        return True, f"{quality} better by {gain:.2f} pts"
     if gain >= -tolerance_pts and speedup > 1:
-        return True, f"accuracy within {tolerance_pts} pts ({gain:+.2f}) and {speedup:.2f}x faster"
+        return True, f"{quality} within {tolerance_pts} pts ({gain:+.2f}) and {speedup:.2f}x faster"
     if gain < -tolerance_pts:
-        return False, f"less accurate by {-gain:.2f} pts"
-    return False, f"accuracy within {tolerance_pts} pts ({gain:+.2f}) but not faster ({speedup:.2f}x)"
+        return False, f"{quality} worse by {-gain:.2f} pts"
+    return False, f"{quality} within {tolerance_pts} pts ({gain:+.2f}) but not faster ({speedup:.2f}x)"
 
 
 def promote_model(registered: RegisteredModel, bundle_dir: Path, cfg: PromoteConfig, timing: ValidateConfig,
-                  data_dir: Path, run_id: str) -> Decision:
-    x_test, y_test = load_splits(data_dir).test
+                  evaluator: Evaluator, run_id: str) -> Decision:
     champion_version = _alias_version(registered.name, cfg.champion_alias)
     with tempfile.TemporaryDirectory() as tmp:
         sessions = {"challenger": make_session(Path(bundle_dir) / "model.onnx")}
@@ -68,11 +68,11 @@ def promote_model(registered: RegisteredModel, bundle_dir: Path, cfg: PromoteCon
             path = Path(tmp) / "champion.onnx"
             onnx.save(mlflow.onnx.load_model(f"models:/{registered.name}/{champion_version}"), str(path))
             sessions["champion"] = make_session(path)
-        speeds = measure_speeds(sessions, x_test, timing.warmup, timing.latency_runs, timing.throughput_batch,
-                                timing.throughput_runs)
-        scores = {k: {"accuracy": onnx_accuracy(s, x_test, y_test),
+        speeds = measure_speeds(sessions, evaluator.timing_inputs(), timing.warmup, timing.latency_runs,
+                                timing.throughput_batch, timing.throughput_runs)
+        scores = {k: {evaluator.primary: evaluator.quality(s)[evaluator.primary],
                       "latency_p50_ms": speeds[k].latency_p50_ms} for k, s in sessions.items()}
-    promoted, reason = decide(scores["challenger"], scores.get("champion"), cfg.accuracy_tolerance)
+    promoted, reason = decide(scores["challenger"], scores.get("champion"), cfg.quality_tolerance, evaluator.primary)
     decision = Decision(promoted, reason, registered.version, champion_version, scores["challenger"],
                         scores.get("champion"))
     client = MlflowClient()

@@ -12,8 +12,8 @@ from mlflow.tracking import MlflowClient
 from prefect import task
 
 from tasks.config import RegisterConfig
-from tasks.run_onnx import make_session, predict_logits
-from tasks.version_data import load_splits
+from tasks.evaluate_model import Evaluator
+from tasks.run_onnx import make_session
 
 
 @dataclass(frozen=True)
@@ -24,9 +24,11 @@ class RegisteredModel:
     model_uri: str  # models:/name@alias
 
 
-def register_model(onnx_path: Path, cfg: RegisterConfig, run_id: str, data_dir: Path) -> RegisteredModel:
-    sample_x = load_splits(data_dir).test[0][:4]
-    signature = infer_signature(sample_x, predict_logits(make_session(onnx_path), sample_x))
+def register_model(onnx_path: Path, cfg: RegisterConfig, run_id: str, evaluator: Evaluator) -> RegisteredModel:
+    session = make_session(onnx_path)
+    sample_x = evaluator.example_inputs()
+    feeds = sample_x if isinstance(sample_x, dict) else {session.get_inputs()[0].name: sample_x}
+    signature = infer_signature(sample_x, session.run(None, feeds)[0])
     # log_model takes no run id: resume the pipeline run in this thread just for the call.
     with mlflow.start_run(run_id=run_id):
         info = mlflow.onnx.log_model(

@@ -16,13 +16,11 @@ from prefect.context import FlowRunContext
 
 from tasks.validate_model import Report
 
-COLUMNS = ["candidate", "accuracy", "p50_ms", "p95_ms", "throughput_sps", "size_kb", "parity", "passed", "chosen", "failed_gates"]
-
-
 def rows(reports: list[Report], chosen: str | None) -> list[dict]:
+    """One row per candidate: its quality metrics (whichever the evaluator measured), then speed and size."""
     return [{
         "candidate": r.name,
-        "accuracy": f"{r.accuracy:.4f}",
+        **{k: f"{v:.4f}" for k, v in r.quality.items()},
         "p50_ms": f"{r.latency_p50_ms:.3f}",
         "p95_ms": f"{r.latency_p95_ms:.3f}",
         "throughput_sps": f"{r.throughput_sps:,.0f}",
@@ -35,22 +33,24 @@ def rows(reports: list[Report], chosen: str | None) -> list[dict]:
 
 
 def format_table(table: list[dict]) -> str:
-    widths = {c: max(len(c), *(len(row[c]) for row in table)) for c in COLUMNS}
-    line = lambda row: "| " + " | ".join(str(row[c]).ljust(widths[c]) for c in COLUMNS) + " |"
-    sep = "|" + "|".join("-" * (widths[c] + 2) for c in COLUMNS) + "|"
-    return "\n".join([line({c: c for c in COLUMNS}), sep, *map(line, table)])
+    columns = list(table[0])
+    widths = {c: max(len(c), *(len(row[c]) for row in table)) for c in columns}
+    line = lambda row: "| " + " | ".join(str(row[c]).ljust(widths[c]) for c in columns) + " |"
+    sep = "|" + "|".join("-" * (widths[c] + 2) for c in columns) + "|"
+    return "\n".join([line({c: c for c in columns}), sep, *map(line, table)])
 
 
 def plot_tradeoff(reports: list[Report], chosen: str | None, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    largest = max(r.size_bytes for r in reports)  # marker area relative to the largest model, MB or KB alike
     for r in reports:
         marker = "*" if r.name == chosen else ("o" if r.passed else "x")
-        ax.scatter(r.latency_p50_ms, r.accuracy * 100, s=40 + r.size_bytes / 2000, marker=marker,
+        ax.scatter(r.latency_p50_ms, r.score, s=40 + 200 * r.size_bytes / largest, marker=marker,
                    color="tab:green" if r.passed else "tab:red")
-        ax.annotate(r.name, (r.latency_p50_ms, r.accuracy * 100), textcoords="offset points", xytext=(6, 4))
+        ax.annotate(r.name, (r.latency_p50_ms, r.score), textcoords="offset points", xytext=(6, 4))
     ax.set_xlabel("ONNX Runtime CPU latency p50, batch 1 (ms)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title("Candidates: accuracy vs latency (size = marker area; x = failed a gate, * = chosen)")
+    ax.set_ylabel(f"{reports[0].primary} (held out)")
+    ax.set_title(f"Candidates: {reports[0].primary} vs latency (size = marker area; x = failed a gate, * = chosen)")
     ax.title.set_fontsize(9)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -70,7 +70,7 @@ def report_candidates(reports: list[Report], chosen: str | None, out_dir: Path) 
     md.write_text(text + "\n")
     csv_path = out_dir / "candidates.csv"
     with open(csv_path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer = csv.DictWriter(f, fieldnames=list(table[0]))
         writer.writeheader()
         writer.writerows(table)
     png = plot_tradeoff(reports, chosen, out_dir / "candidates.png")

@@ -15,8 +15,8 @@ from pathlib import Path
 
 from prefect import task
 
+from tasks.evaluate_model import Evaluator
 from tasks.run_onnx import make_session
-from tasks.version_data import load_splits
 
 
 def sha256_of(path: Path) -> str:
@@ -58,9 +58,9 @@ def publish_copy(source: Path, target: Path) -> Path:
     return target
 
 
-def ship_bundle(onnx_path: Path, bundle_dir: Path, data_dir: Path, data_version: str, details: dict) -> Path:
-    """`details`: candidate name, metrics, registry info, run id — copied into the manifest."""
-    data_manifest = load_splits(data_dir).manifest
+def ship_bundle(onnx_path: Path, bundle_dir: Path, evaluator: Evaluator, data_version: str, details: dict) -> Path:
+    """`details`: candidate name, metrics, registry info, run id — copied into the manifest. The
+    evaluator says what serving must know (preprocessing, labels) and adds what it needs (a tokenizer)."""
     bundle_dir = Path(bundle_dir)
     bundle_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{bundle_dir.name}-", dir=bundle_dir.parent))
@@ -72,13 +72,12 @@ def ship_bundle(onnx_path: Path, bundle_dir: Path, data_dir: Path, data_version:
             "sha256": sha256_of(model),
             "size_bytes": model.stat().st_size,
             **_io_spec(model),
-            "preprocessing": data_manifest["preprocessing"],
-            "input_shape": data_manifest["input_shape"],
-            "labels": list(range(data_manifest["num_classes"])),
+            **evaluator.serving_info(),
             "data_version": data_version,
             "created_at": datetime.now(timezone.utc).isoformat(),
             **details,
         }
+        evaluator.attach(tmp)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
         swap_in(tmp, bundle_dir)
     except BaseException:

@@ -52,6 +52,15 @@ def find_equivalent_run(experiment_id: str, tags: dict[str, str], exclude: str) 
     return None
 
 
+def already_done(run: "PipelineRun", data_version: str, force: bool) -> dict | None:
+    """Tag the run with its fingerprint; if an equivalent run already shipped (and not `force`),
+    mark this one skipped and return its result, else None."""
+    tags = fingerprint(run.cfg, data_version)
+    set_tags(run.run_id, tags)
+    previous = None if force else find_equivalent_run(run.experiment_id, tags, run.run_id)
+    return skip_run(run.run_id, previous, data_version) if previous else None
+
+
 def skip_run(run_id: str, previous: str, data_version: str) -> dict:
     reason = f"data {data_version[:12]}, config and code unchanged since run {previous[:8]}; pass --force to rerun"
     set_tags(run_id, {"skipped": reason, "equivalent_run": previous})
@@ -174,12 +183,12 @@ def pipeline_run(config_path: str | Path, root: str | Path, run_name: str = "opt
 
 
 def log_candidates(run_id: str, candidates: list, reports: list, summary: dict[str, Path]) -> None:
-    """Per-candidate metrics (`<name>.accuracy`, ...), compression facts, and the summary files."""
+    """Per-candidate metrics (`<name>.accuracy` or `<name>.cosine_min`, ..., timings, size), compression
+    facts, and the summary files."""
     for report in reports:
         d = report.to_dict()
-        log_metrics(run_id, {f"{report.name}.{k}": d[k] for k in
-                             ("accuracy", "latency_p50_ms", "latency_p95_ms", "throughput_sps", "size_bytes",
-                              "parity_max_abs")} | {f"{report.name}.passed": float(report.passed)})
+        keys = [*report.quality, "latency_p50_ms", "latency_p95_ms", "throughput_sps", "size_bytes", "parity_max_abs"]
+        log_metrics(run_id, {f"{report.name}.{k}": d[k] for k in keys} | {f"{report.name}.passed": float(report.passed)})
     log_json(run_id, {c.name: {"info": c.info, "onnx": str(c.onnx)} for c in candidates}, "candidates/compression.json")
     log_json(run_id, [r.to_dict() for r in reports], "candidates/reports.json")
     for path in summary.values():

@@ -13,8 +13,8 @@ from prefect import task
 
 from tasks.compress_model import Candidate
 from tasks.config import GateConfig, ValidateConfig
-from tasks.run_onnx import available_devices, make_session, measure_speeds, onnx_accuracy
-from tasks.version_data import load_splits
+from tasks.evaluate_model import Evaluator
+from tasks.run_onnx import available_devices, make_session, measure_speeds
 
 BASELINE = "baseline"
 
@@ -27,7 +27,8 @@ class GateError(RuntimeError):
 class Report:
     name: str
     onnx: str
-    accuracy: float
+    quality: dict[str, float]  # held-out quality metrics (accuracy; or cosine/retrieval fidelity)
+    primary: str  # the quality metric that ranks candidates
     latency_p50_ms: float
     latency_p95_ms: float
     throughput_sps: float
@@ -40,31 +41,57 @@ class Report:
     def passed(self) -> bool:
         return not self.failed_gates
 
+    @property
+    def score(self) -> float:
+        return self.quality[self.primary]
+
     def to_dict(self) -> dict:
-        return {**asdict(self), "passed": self.passed}
+        """Flat: quality metrics sit beside the timings (`accuracy`, `cosine_min`, ...)."""
+        d = asdict(self)
+        return {**d.pop("quality"), **d, "passed": self.passed}
 
 
-def validate_candidates(candidates: list[Candidate], cfg: ValidateConfig, data_dir: Path) -> list[Report]:
-    """Held-out test accuracy, batch-1 latency p50/p95, batch throughput and file size of every
+def validate_candidates(candidates: list[Candidate], cfg: ValidateConfig, evaluator: Evaluator) -> list[Report]:
+    """Held-out quality, batch-1 latency p50/p95, batch throughput and file size of every
     candidate; timings are taken side by side (interleaved) so latency ratios are fair."""
-    x_test, y_test = load_splits(data_dir).test
     timings: dict[str, dict] = {}
-    accuracy: dict[str, float] = {}
+    quality: dict[str, dict] = {}
+    inputs = evaluator.timing_inputs()
     for device in available_devices(cfg.use_cuda):
         sessions = {c.name: make_session(c.onnx, device, cfg.intra_op_threads) for c in candidates}
         if device == "cpu":
-            accuracy = {k: onnx_accuracy(s, x_test, y_test) for k, s in sessions.items()}
+            for name, session in sessions.items():
+                quality[name] = evaluator.quality(session)
+                print(f"[validate] {name}: " + ", ".join(f"{k} {v:.4f}" for k, v in quality[name].items()))
         print(f"[validate] timing {len(sessions)} candidates side by side on {device} "
               f"({cfg.latency_runs} batch-1 runs, {cfg.throughput_runs} batch-{cfg.throughput_batch} runs each)")
-        timings[device] = measure_speeds(sessions, x_test, cfg.warmup, cfg.latency_runs, cfg.throughput_batch,
+        timings[device] = measure_speeds(sessions, inputs, cfg.warmup, cfg.latency_runs, cfg.throughput_batch,
                                          cfg.throughput_runs)
     reports = []
     for c in candidates:
         cpu = timings["cpu"][c.name]
-        reports.append(Report(c.name, str(c.onnx), accuracy[c.name], cpu.latency_p50_ms, cpu.latency_p95_ms,
+        reports.append(Report(c.name, str(c.onnx), quality[c.name], evaluator.primary, cpu.latency_p50_ms,
+                              cpu.latency_p95_ms,
                               cpu.throughput_sps, Path(c.onnx).stat().st_size, c.parity_max_abs,
                               cuda=asdict(timings["cuda"][c.name]) if "cuda" in timings else None))
     return reports
+
+
+def _quality_failures(r: Report, base: Report, gates: GateConfig) -> list[str]:
+    """Floors on whichever quality metrics the report carries; accuracy is also held to the baseline."""
+    q, failed = r.quality, []
+    if "accuracy" in q:
+        if q["accuracy"] < gates.min_accuracy:
+            failed.append(f"accuracy {q['accuracy']:.4f} < min {gates.min_accuracy:.4f}")
+        drop = (base.quality["accuracy"] - q["accuracy"]) * 100
+        if drop > gates.max_accuracy_drop:
+            failed.append(f"accuracy drop {drop:.2f} pts > {gates.max_accuracy_drop:.2f}")
+    floors = {"cosine_min": ("worst-case cosine", gates.min_cosine_worst),
+              "cosine_mean": ("mean cosine", gates.min_cosine_mean),
+              "top10_overlap": ("top-10 overlap", gates.min_top10_overlap)}
+    failed += [f"{label} {q[k]:.4f} < min {floor:.4f}" for k, (label, floor) in floors.items()
+               if k in q and not q[k] >= floor]
+    return failed
 
 
 def apply_gates(reports: list[Report], gates: GateConfig) -> list[Report]:
@@ -75,12 +102,7 @@ def apply_gates(reports: list[Report], gates: GateConfig) -> list[Report]:
     base = by_name[BASELINE]
     gated = []
     for r in reports:
-        failed = []
-        if r.accuracy < gates.min_accuracy:
-            failed.append(f"accuracy {r.accuracy:.4f} < min {gates.min_accuracy:.4f}")
-        drop = (base.accuracy - r.accuracy) * 100
-        if drop > gates.max_accuracy_drop:
-            failed.append(f"accuracy drop {drop:.2f} pts > {gates.max_accuracy_drop:.2f}")
+        failed = _quality_failures(r, base, gates)
         if r.parity_max_abs is not None and not r.parity_max_abs <= gates.max_parity_error:
             failed.append(f"parity {r.parity_max_abs:.2e} > {gates.max_parity_error:.0e}")
         if gates.max_latency_ratio is not None and r.name != BASELINE:
@@ -92,13 +114,13 @@ def apply_gates(reports: list[Report], gates: GateConfig) -> list[Report]:
 
 
 def best_passing(reports: list[Report], gates: GateConfig) -> Report | None:
-    """The passing candidate ranked first by `gates.select_by` (ties: higher accuracy), or None."""
+    """The passing candidate ranked first by `gates.select_by` (ties: better primary quality), or None."""
     passing = [r for r in reports if r.passed]
     if not passing:
         return None
-    if gates.select_by == "accuracy":
-        return max(passing, key=lambda r: (r.accuracy, -r.latency_p50_ms))
-    return min(passing, key=lambda r: (getattr(r, gates.select_by), -r.accuracy))
+    if gates.select_by == "quality":
+        return max(passing, key=lambda r: (r.score, -r.latency_p50_ms))
+    return min(passing, key=lambda r: (getattr(r, gates.select_by), -r.score))
 
 
 def require_passing(chosen: Report | None, reports: list[Report]) -> Report:

@@ -17,7 +17,7 @@ import numpy as np
 import yaml
 from prefect import task
 
-from tasks.config import DataConfig
+from tasks.config import DataConfig, TextDataConfig
 
 SPLITS = ("train", "val", "test")
 MANIFEST = "manifest.json"
@@ -31,8 +31,15 @@ class DataError(ValueError):
 class DataVersion:
     md5: str  # DVC .dir md5 of the data folder
     dir: Path
-    num_classes: int
-    input_shape: tuple[int, ...]  # per sample, without the batch axis
+    manifest: dict  # the folder's manifest.json
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.manifest["num_classes"])
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:  # per sample, without the batch axis
+        return tuple(self.manifest["input_shape"])
 
 
 @dataclass(frozen=True)
@@ -119,6 +126,68 @@ def load_splits(data_dir: Path) -> Splits:
     return Splits(arrays["train"], arrays["val"], arrays["test"], num_classes, manifest)
 
 
+@dataclass(frozen=True)
+class Sentences:
+    train: list[str]  # distillation only
+    eval: list[str]  # held out: fidelity and retrieval
+    queries: int  # the first `queries` eval sentences search the rest
+    manifest: dict
+
+
+def materialize_docstrings(cfg: TextDataConfig, data_dir: Path) -> None:
+    """Write disjoint train/eval sentence files (one per line) from the offline docstring corpus."""
+    from tasks.embed_minilm import offline_corpus
+
+    corpus = offline_corpus(cfg.eval_sentences + cfg.train_sentences, seed=cfg.seed)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    (data_dir / "eval.txt").write_text("\n".join(corpus[: cfg.eval_sentences]) + "\n")
+    (data_dir / "train.txt").write_text("\n".join(corpus[cfg.eval_sentences :]) + "\n")
+    manifest = {"dataset": "docstrings", "source": f"docstrings of the Python {sys.version.split()[0]} standard library",
+                "queries": cfg.queries, "seed": cfg.seed,
+                "counts": {"train": cfg.train_sentences, "eval": cfg.eval_sentences}}
+    (data_dir / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+
+
+def load_sentences(data_dir: Path) -> Sentences:
+    """Load and validate the corpus; raise one DataError naming every problem found."""
+    data_dir = Path(data_dir)
+    try:
+        manifest = json.loads((data_dir / MANIFEST).read_text())
+        queries = int(manifest["queries"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise DataError(f"{data_dir / MANIFEST}: unreadable or incomplete manifest ({err})") from None
+    problems, texts = [], {}
+    for split in ("train", "eval"):
+        try:
+            lines = (data_dir / f"{split}.txt").read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as err:
+            problems.append(f"{split}.txt: unreadable ({err})")
+            continue
+        if blank := sum(not line.strip() for line in lines):
+            problems.append(f"{split}.txt: {blank} blank line(s)")
+        texts[split] = lines
+    if len(texts) == 2:
+        if overlap := len(set(texts["train"]) & set(texts["eval"])):
+            problems.append(f"{overlap} sentence(s) are in both train.txt and eval.txt: the evaluation would not be held out")
+        if len(texts["eval"]) < queries + 10:
+            problems.append(f"eval.txt: {len(texts['eval'])} sentences, need queries ({queries}) + 10 to search")
+    if problems:
+        raise DataError(f"invalid corpus in {data_dir}:\n" + "\n".join(f"  - {p}" for p in problems))
+    return Sentences(texts["train"], texts["eval"], queries, manifest)
+
+
+def _describe(dataset: str, data_dir: Path) -> tuple[dict, dict]:
+    """(manifest, split counts) of a validated data folder."""
+    if dataset == "docstrings":
+        sentences = load_sentences(data_dir)
+        return sentences.manifest, {"train": len(sentences.train), "eval": len(sentences.eval)}
+    splits = load_splits(data_dir)
+    return splits.manifest, {s: len(getattr(splits, s)[1]) for s in SPLITS}
+
+
+MATERIALIZE = {"digits": materialize_digits, "docstrings": materialize_docstrings}
+
+
 def _dvc(root: Path, *args: str) -> str:
     env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
     proc = subprocess.run(
@@ -134,7 +203,7 @@ def read_data_md5(dvc_file: Path) -> str:
     return outs[0]["md5"]
 
 
-def version_data(cfg: DataConfig, root: Path) -> DataVersion:
+def version_data(cfg: DataConfig | TextDataConfig, root: Path) -> DataVersion:
     """Ensure `cfg.dir` holds valid data tracked by DVC and pushed to the local remote.
 
     Missing data is pulled from the remote when `data.dvc` names a version there, otherwise written
@@ -155,15 +224,14 @@ def version_data(cfg: DataConfig, root: Path) -> DataVersion:
         except RuntimeError as err:
             print(f"[version_data] data not in the remote, rebuilding it ({str(err).splitlines()[0]})")
     if not data_dir.exists():
-        materialize_digits(cfg, data_dir)
-    splits = load_splits(data_dir)
+        MATERIALIZE[cfg.dataset](cfg, data_dir)
+    manifest, counts = _describe(cfg.dataset, data_dir)
     _dvc(root, "add", str(data_dir.relative_to(root)))
     remote.mkdir(parents=True, exist_ok=True)
     _dvc(root, "push", str(dvc_file))
     md5 = read_data_md5(dvc_file)
-    counts = {s: len(getattr(splits, s)[1]) for s in SPLITS}
     print(f"[version_data] {data_dir.relative_to(root)} version {md5} {counts}")
-    return DataVersion(md5, data_dir, splits.num_classes, tuple(splits.manifest["input_shape"]))
+    return DataVersion(md5, data_dir, manifest)
 
 
 version_data_task = task(version_data, name="version_data")

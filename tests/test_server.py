@@ -6,6 +6,7 @@ import pytest
 from deploy.loadtest import load, request, running_server
 from deploy.server import BundleSource, create_app, parse_inputs
 from tasks.compress_model import compress_candidate
+from tasks.evaluate_model import ClassifierEval
 from tasks.run_onnx import make_session, predict_logits
 from tasks.ship_bundle import publish_copy, ship_bundle
 
@@ -16,7 +17,7 @@ def bundles(cnn_checkpoint, mlp_checkpoint, data_dir, train_cfg, tmp_path_factor
     out = {}
     for name, ckpt in (("cnn", cnn_checkpoint), ("mlp", mlp_checkpoint)):
         onnx_path = compress_candidate(name, [], ckpt, data_dir, train_cfg, tmp / "c").onnx
-        out[name] = ship_bundle(onnx_path, tmp / name, data_dir, "v.dir", {"candidate": name})
+        out[name] = ship_bundle(onnx_path, tmp / name, ClassifierEval(data_dir), "v.dir", {"candidate": name})
     return out
 
 

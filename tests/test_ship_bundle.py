@@ -3,6 +3,7 @@ import json
 import pytest
 
 from tasks.compress_model import compress_candidate
+from tasks.evaluate_model import ClassifierEval
 from tasks.ship_bundle import sha256_of, ship_bundle
 
 
@@ -12,7 +13,7 @@ def onnx_model(cnn_checkpoint, data_dir, train_cfg, tmp_path):
 
 
 def test_bundle_manifest_describes_the_model(onnx_model, data_dir, tmp_path):
-    bundle = ship_bundle(onnx_model, tmp_path / "bundle", data_dir, "abc.dir", {"candidate": "baseline"})
+    bundle = ship_bundle(onnx_model, tmp_path / "bundle", ClassifierEval(data_dir), "abc.dir", {"candidate": "baseline"})
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert manifest["sha256"] == sha256_of(bundle / "model.onnx") == sha256_of(onnx_model)
     assert manifest["inputs"][0] == {"name": "input", "shape": ["batch", 1, 8, 8], "dtype": "tensor(float)"}
@@ -22,11 +23,11 @@ def test_bundle_manifest_describes_the_model(onnx_model, data_dir, tmp_path):
 
 
 def test_failed_ship_keeps_the_previous_bundle(onnx_model, data_dir, tmp_path):
-    ship_bundle(onnx_model, tmp_path / "bundle", data_dir, "v1.dir", {})
+    ship_bundle(onnx_model, tmp_path / "bundle", ClassifierEval(data_dir), "v1.dir", {})
     before = (tmp_path / "bundle" / "manifest.json").read_text()
     corrupt = tmp_path / "corrupt.onnx"
     corrupt.write_bytes(b"not onnx")
     with pytest.raises(Exception, match="(?i)protobuf|load|invalid"):
-        ship_bundle(corrupt, tmp_path / "bundle", data_dir, "v2.dir", {})
+        ship_bundle(corrupt, tmp_path / "bundle", ClassifierEval(data_dir), "v2.dir", {})
     assert (tmp_path / "bundle" / "manifest.json").read_text() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle", "c", "corrupt.onnx"]  # no temp folder left behind

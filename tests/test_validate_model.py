@@ -2,22 +2,25 @@ import pytest
 
 from tasks.compress_model import compress_candidate
 from tasks.config import GateConfig, ValidateConfig
+from tasks.evaluate_model import ClassifierEval
 from tasks.run_onnx import make_session, predict_logits
 from tasks.validate_model import GateError, Report, apply_gates, best_passing, require_passing, validate_candidates
 
 
 def report(name, acc, p50, parity=1e-6, size=1000):
-    return Report(name, f"{name}.onnx", acc, p50, p50 * 2, 1000 / p50, size, parity)
+    return Report(name, f"{name}.onnx", {"accuracy": acc}, "accuracy", p50, p50 * 2, 1000 / p50, size, parity)
 
 
 def test_measures_real_onnx_models(cnn_checkpoint, mlp_checkpoint, data_dir, splits, train_cfg, tmp_path):
     cands = [compress_candidate(name, [], ckpt, data_dir, train_cfg, tmp_path)
              for name, ckpt in (("cnn", cnn_checkpoint), ("mlp", mlp_checkpoint))]
-    reports = validate_candidates(cands, ValidateConfig(warmup=2, latency_runs=20, throughput_runs=4), data_dir)
+    reports = validate_candidates(cands, ValidateConfig(warmup=2, latency_runs=20, throughput_runs=4),
+                                  ClassifierEval(data_dir))
     assert [r.name for r in reports] == ["cnn", "mlp"]
     for r, cand in zip(reports, cands):
         logits = predict_logits(make_session(cand.onnx), splits.test[0])
-        assert r.accuracy == float((logits.argmax(1) == splits.test[1]).mean()) > 0.5
+        expected = float((logits.argmax(1) == splits.test[1]).mean())
+        assert r.quality == {"accuracy": expected} and r.score == expected > 0.5
         assert 0 < r.latency_p50_ms <= r.latency_p95_ms
         assert r.throughput_sps > 0 and r.size_bytes == cand.onnx.stat().st_size
 
@@ -46,7 +49,7 @@ def test_selection_rules():
     reports = apply_gates([report("baseline", 0.97, 1.0, size=900), report("fast", 0.965, 0.5, size=1000)],
                           GateConfig(max_latency_ratio=None))
     assert best_passing(reports, GateConfig(select_by="latency_p50_ms")).name == "fast"
-    assert best_passing(reports, GateConfig(select_by="accuracy")).name == "baseline"
+    assert best_passing(reports, GateConfig(select_by="quality")).name == "baseline"
     assert best_passing(reports, GateConfig(select_by="size_bytes")).name == "baseline"
 
 
@@ -57,3 +60,18 @@ def test_no_passing_candidate_fails_loudly():
         require_passing(None, reports)
     with pytest.raises(GateError, match="baseline"):
         apply_gates([report("other", 0.99, 1.0)], GateConfig())
+
+
+def test_embedding_gates_hold_the_worst_sentence_not_only_the_mean():
+    def emb(name, worst, mean=0.995, top10=0.9):
+        return Report(name, f"{name}.onnx", {"cosine_mean": mean, "cosine_min": worst, "top10_overlap": top10},
+                      "cosine_min", 1.0, 2.0, 1000.0, 1000, None)
+
+    gates = GateConfig(min_cosine_worst=0.97, min_cosine_mean=0.99, min_top10_overlap=0.8, max_latency_ratio=None)
+    reports = apply_gates([emb("baseline", 1.0, 1.0, 1.0), emb("ok", 0.975), emb("one_bad_sentence", 0.90),
+                           emb("drifted", 0.98, mean=0.985), emb("wrong_neighbours", 0.98, top10=0.7)], gates)
+    failed = {r.name: " ".join(r.failed_gates) for r in reports}
+    assert failed["baseline"] == failed["ok"] == ""
+    assert failed["one_bad_sentence"] == "worst-case cosine 0.9000 < min 0.9700"  # its mean alone would pass
+    assert "mean cosine 0.9850" in failed["drifted"] and "top-10 overlap 0.7000" in failed["wrong_neighbours"]
+    assert best_passing(reports, GateConfig(select_by="quality")).name == "baseline"

@@ -1,0 +1,36 @@
+"""The sentence-encoder pipeline: corpus -> pretrained MiniLM -> ONNX -> optimise / quantise / distil
+-> validate -> register -> ship -> promote.
+
+Wiring only; each stage lives in `tasks/`. Validation, gates, registry, bundle and promotion are the
+classifier pipeline's own stages, with an evaluator that measures embedding fidelity.
+"""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from flows.release import validate_and_release
+from tasks import track_run
+from tasks.compress_encoder import compress_encoder_task, export_teacher_task
+from tasks.evaluate_model import EncoderEval
+from tasks.version_data import version_data_task
+
+
+@flow(name="optimize-encoder", log_prints=True)
+def optimize_encoder(config_path: str = "configs/minilm.yaml", root: str = ".", force: bool = False) -> dict:
+    with track_run.pipeline_run(config_path, root, run_name="optimize-encoder") as run:
+        cfg, work = run.cfg, run.cfg.workdir / "encoder"
+
+        data = version_data_task(cfg.data, run.root)
+        if skipped := track_run.already_done(run, data.md5, force):
+            return skipped
+
+        out = work / "candidates" / run.run_id
+        teacher, tokenizer_dir = export_teacher_task(cfg.encoder, data.dir, data.md5, out)
+        candidates = [teacher] + [compress_encoder_task(name, recipe, teacher, cfg.encoder, data.dir, data.md5, out,
+                                                        work / "students")
+                                  for name, recipe in cfg.compress.candidates.items()]
+
+        evaluator = EncoderEval(data.dir, teacher.onnx, tokenizer_dir, cfg.encoder.max_length,
+                                cfg.encoder.timing_seq_len)
+        return validate_and_release(run, candidates, evaluator, data.md5, work / "reports" / run.run_id)

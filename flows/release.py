@@ -1,0 +1,40 @@
+"""The second half every pipeline shares: validate the candidates, gate, report, register, ship
+and promote. Wiring only; `evaluator` says what quality means for the model family."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+from tasks import track_run
+from tasks.compress_model import Candidate
+from tasks.evaluate_model import Evaluator
+from tasks.promote_model import promote_model_task
+from tasks.register_model import register_model_task
+from tasks.report_candidates import report_candidates_task
+from tasks.ship_bundle import ship_bundle_task
+from tasks.validate_model import apply_gates, best_passing, require_passing, validate_candidates_task
+
+
+def validate_and_release(run: track_run.PipelineRun, candidates: list[Candidate], evaluator: Evaluator,
+                         data_version: str, reports_dir) -> dict:
+    cfg = run.cfg
+    reports = apply_gates(validate_candidates_task(candidates, cfg.validate_, evaluator), cfg.gates)
+    chosen = best_passing(reports, cfg.gates)
+    summary = report_candidates_task(reports, chosen and chosen.name, reports_dir)
+    track_run.log_candidates(run.run_id, candidates, reports, summary)
+    require_passing(chosen, reports)
+
+    registered = register_model_task(chosen.onnx, cfg.register_, run.run_id, evaluator)
+    bundle = ship_bundle_task(
+        chosen.onnx, cfg.register_.bundle_dir, evaluator, data_version,
+        {"candidate": chosen.name, "metrics": chosen.to_dict(), "mlflow_run_id": run.run_id,
+         "registered_model": asdict(registered)},
+    )
+    track_run.log_artifacts(run.run_id, bundle, "bundle")  # what rollback republishes
+    track_run.set_tags(run.run_id, {"chosen_candidate": chosen.name, "bundle": str(bundle),
+                                    "registered_version": registered.version})
+
+    decision = promote_model_task(registered, bundle, cfg.promote, cfg.validate_, evaluator, run.run_id)
+    return {"run_id": run.run_id, "data_version": data_version, "chosen": chosen.name, "bundle": str(bundle),
+            "model_uri": registered.model_uri, "version": registered.version, "promoted": decision.promoted,
+            "promotion_reason": decision.reason}
