@@ -1,13 +1,14 @@
 # Two commands do all the set-up on a fresh machine:
 #   make run   - install into .venv, then run the optimize flow end to end on configs/digits.yaml
 #   make test  - install into .venv, then run the test suite
+# Optional: make run-minilm - the sentence-encoder pipeline (configs/minilm.yaml) end to end
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CONFIG ?= configs/digits.yaml
 
-.PHONY: install run test mlflow-ui serve serve-stack stop-stack clean
+.PHONY: install run run-minilm test mlflow-ui serve serve-stack stop-stack clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +22,9 @@ install: $(STAMP)
 
 run: $(STAMP)
 	$(BIN)/modelforge run --config $(CONFIG)
+
+run-minilm: $(STAMP)
+	$(BIN)/modelforge run --config configs/minilm.yaml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
@@ -38,4 +42,4 @@ stop-stack:
 	deploy/stop-stack.sh
 
 clean:
-	rm -rf .modelforge deploy/bundle
+	rm -rf .modelforge deploy/bundle deploy/minilm-bundle

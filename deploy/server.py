@@ -3,9 +3,10 @@
     modelforge serve --bundle deploy/champion [--host 127.0.0.1 --port 8000]
     modelforge serve --model-uri models:/digits-classifier@champion
 
-Endpoints: POST /predict {"inputs": [...]}, GET /health, GET /model-info, POST /reload.
-Input is checked against the manifest (shape, numeric, finite, batch limit) and rejected with a
-4xx naming the problem. A watcher reloads the model when the bundle (or the registry alias)
+Endpoints: POST /predict {"inputs": [...]} (classifier bundles), POST /embed {"texts": [...]}
+(sentence-encoder bundles, tokenised with the tokenizer shipped in the bundle), GET /health,
+GET /model-info, POST /reload. Input is checked against the manifest (shape, numeric, finite,
+batch limit; strings for texts) and rejected with a 4xx naming the problem. A watcher reloads the model when the bundle (or the registry alias)
 changes; the new session is built completely before one reference swap, so requests in flight
 finish on the old model and none are dropped.
 """
@@ -34,14 +35,21 @@ class LoadedModel:
     session: object
     manifest: dict
     input_name: str
-    sample_shape: tuple[int, ...]
+    sample_shape: tuple[int, ...] | None  # classifier bundles
+    tokenizer: object | None  # sentence-encoder bundles
     loaded_at: float
 
 
 def load_bundle(bundle_dir: Path) -> LoadedModel:
     manifest = json.loads((Path(bundle_dir) / "manifest.json").read_text())
     session = make_session(Path(bundle_dir) / manifest["model_file"])
-    return LoadedModel(session, manifest, session.get_inputs()[0].name, tuple(manifest["input_shape"]), time.time())
+    tokenizer = None
+    if "tokenizer_dir" in manifest:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(Path(bundle_dir) / manifest["tokenizer_dir"]))
+    shape = tuple(manifest["input_shape"]) if "input_shape" in manifest else None
+    return LoadedModel(session, manifest, session.get_inputs()[0].name, shape, tokenizer, time.time())
 
 
 class BundleSource:
@@ -144,6 +152,23 @@ def parse_inputs(payload: object, sample_shape: tuple[int, ...], max_batch: int 
     return x
 
 
+def parse_texts(payload: object, max_batch: int = MAX_BATCH) -> list[str] | JSONResponse:
+    """A list of non-empty strings, or the 4xx response that says what is wrong."""
+    if not isinstance(payload, dict) or "texts" not in payload:
+        return _error(400, 'body must be a JSON object with a "texts" array')
+    texts = payload["texts"]
+    if isinstance(texts, str):
+        texts = [texts]
+    if not isinstance(texts, list) or not texts:
+        return _error(400, "texts must be a non-empty array of strings")
+    bad = [i for i, t in enumerate(texts) if not isinstance(t, str) or not t.strip()]
+    if bad:
+        return _error(400, f"texts[{bad[0]}] is not a non-empty string ({len(bad)} such item(s))")
+    if len(texts) > max_batch:
+        return _error(413, f"batch of {len(texts)} exceeds the limit of {max_batch}")
+    return texts
+
+
 def create_app(source: BundleSource | RegistrySource, poll_seconds: float = 1.0, max_batch: int = MAX_BATCH) -> FastAPI:
     holder = ModelHolder(source)
     stop = threading.Event()
@@ -185,12 +210,32 @@ def create_app(source: BundleSource | RegistrySource, poll_seconds: float = 1.0,
         except (ValueError, UnicodeDecodeError):
             return _error(400, "body is not valid JSON")
         model = holder.model  # one consistent (session, manifest) pair for this request
+        if model.sample_shape is None:
+            return _error(400, "this bundle is a sentence encoder: POST /embed {\"texts\": [...]}")
         x = parse_inputs(payload, model.sample_shape, max_batch)
         if isinstance(x, JSONResponse):
             return x
         logits = model.session.run(None, {model.input_name: x})[0]
         return {"predictions": logits.argmax(1).tolist(), "logits": logits.tolist(),
                 "model_sha256": model.manifest["sha256"]}
+
+    @app.post("/embed")
+    async def embed(request: Request):
+        try:
+            payload = json.loads(await request.body())
+        except (ValueError, UnicodeDecodeError):
+            return _error(400, "body is not valid JSON")
+        model = holder.model
+        if model.tokenizer is None:
+            return _error(400, "this bundle is a classifier: POST /predict {\"inputs\": [...]}")
+        texts = parse_texts(payload, max_batch)
+        if isinstance(texts, JSONResponse):
+            return texts
+        from tasks.embed_minilm import tokenize
+
+        feeds = tokenize(model.tokenizer, texts, model.manifest["max_length"])
+        embeddings = model.session.run(None, feeds)[0]
+        return {"embeddings": embeddings.tolist(), "model_sha256": model.manifest["sha256"]}
 
     return app
 

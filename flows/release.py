@@ -32,7 +32,7 @@ def validate_and_release(run: track_run.PipelineRun, candidates: list[Candidate]
     )
     track_run.log_artifacts(run.run_id, bundle, "bundle")  # what rollback republishes
     track_run.set_tags(run.run_id, {"chosen_candidate": chosen.name, "bundle": str(bundle),
-                                    "registered_version": registered.version})
+                                    "registered_version": registered.version, "quality_metric": evaluator.primary})
 
     decision = promote_model_task(registered, bundle, cfg.promote, cfg.validate_, evaluator, run.run_id)
     return {"run_id": run.run_id, "data_version": data_version, "chosen": chosen.name, "bundle": str(bundle),

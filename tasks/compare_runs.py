@@ -9,18 +9,18 @@ from mlflow.tracking import MlflowClient
 from tasks.config import TrackingConfig
 from tasks.track_run import setup_tracking
 
-COLUMNS = ["started", "run", "status", "data_version", "chosen", "accuracy", "p50_ms", "size_kb", "version", "promotion"]
+COLUMNS = ["started", "run", "status", "data_version", "chosen", "quality", "p50_ms", "size_kb", "version", "promotion"]
 
 
 def compare_runs(tracking: TrackingConfig, last: int = 10) -> list[dict]:
     """The last `last` pipeline runs (trial runs excluded), newest first."""
     experiment_id = setup_tracking(tracking)
     runs = MlflowClient().search_runs(
-        [experiment_id], "tags.mlflow.runName = 'optimize'", order_by=["attributes.start_time DESC"], max_results=last)
+        [experiment_id], "tags.mlflow.runName LIKE 'optimize%'", order_by=["attributes.start_time DESC"], max_results=last)
     rows = []
     for r in runs:
         tags, metrics = r.data.tags, r.data.metrics
-        chosen = tags.get("chosen_candidate", "")
+        chosen, quality = tags.get("chosen_candidate", ""), tags.get("quality_metric", "accuracy")
         metric = lambda k, scale=1.0, fmt="{:.4f}": fmt.format(metrics[f"{chosen}.{k}"] * scale) if f"{chosen}.{k}" in metrics else ""
         rows.append({
             "started": datetime.fromtimestamp(r.info.start_time / 1000, timezone.utc).strftime("%Y-%m-%d %H:%M"),
@@ -28,7 +28,7 @@ def compare_runs(tracking: TrackingConfig, last: int = 10) -> list[dict]:
             "status": r.info.status if "skipped" not in tags else "SKIPPED",
             "data_version": tags.get("data_version", "")[:12],
             "chosen": chosen,
-            "accuracy": metric("accuracy"),
+            "quality": f"{quality} {metric(quality)}" if metric(quality) else "",
             "p50_ms": metric("latency_p50_ms", fmt="{:.3f}"),
             "size_kb": metric("size_bytes", 1 / 1024, "{:.1f}"),
             "version": tags.get("registered_version", ""),

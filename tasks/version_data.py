@@ -176,16 +176,19 @@ def load_sentences(data_dir: Path) -> Sentences:
     return Sentences(texts["train"], texts["eval"], queries, manifest)
 
 
-def _describe(dataset: str, data_dir: Path) -> tuple[dict, dict]:
-    """(manifest, split counts) of a validated data folder."""
-    if dataset == "docstrings":
-        sentences = load_sentences(data_dir)
-        return sentences.manifest, {"train": len(sentences.train), "eval": len(sentences.eval)}
+def _describe_digits(data_dir: Path) -> tuple[dict, dict]:
     splits = load_splits(data_dir)
     return splits.manifest, {s: len(getattr(splits, s)[1]) for s in SPLITS}
 
 
-MATERIALIZE = {"digits": materialize_digits, "docstrings": materialize_docstrings}
+def _describe_sentences(data_dir: Path) -> tuple[dict, dict]:
+    sentences = load_sentences(data_dir)
+    return sentences.manifest, {"train": len(sentences.train), "eval": len(sentences.eval)}
+
+
+# dataset -> (write it from its built-in source, validate it and return (manifest, split counts))
+DATASETS = {"digits": (materialize_digits, _describe_digits),
+            "docstrings": (materialize_docstrings, _describe_sentences)}
 
 
 def _dvc(root: Path, *args: str) -> str:
@@ -223,9 +226,10 @@ def version_data(cfg: DataConfig | TextDataConfig, root: Path) -> DataVersion:
             _dvc(root, "pull", str(dvc_file))
         except RuntimeError as err:
             print(f"[version_data] data not in the remote, rebuilding it ({str(err).splitlines()[0]})")
+    materialize, describe = DATASETS[cfg.dataset]
     if not data_dir.exists():
-        MATERIALIZE[cfg.dataset](cfg, data_dir)
-    manifest, counts = _describe(cfg.dataset, data_dir)
+        materialize(cfg, data_dir)
+    manifest, counts = describe(data_dir)
     _dvc(root, "add", str(data_dir.relative_to(root)))
     remote.mkdir(parents=True, exist_ok=True)
     _dvc(root, "push", str(dvc_file))

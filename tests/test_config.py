@@ -57,3 +57,24 @@ def test_resolved_anchors_relative_paths(tmp_path):
     assert cfg.register_.bundle_dir == tmp_path.resolve() / "deploy" / "bundle"
     assert cfg.tracking.uri == f"sqlite:///{tmp_path.resolve()}/.modelforge/mlflow.db"
     assert cfg.section_hash("search") == PipelineConfig().section_hash("search")
+
+
+def test_family_selects_the_pipeline_and_its_checks():
+    cfg = load_config(Path(__file__).parents[1] / "configs" / "minilm.yaml")
+    assert cfg.family == "minilm" and cfg.register_.model_name == "minilm-encoder"
+    assert set(cfg.compress.candidates) == {"optimized", "int8", "student", "student_int8"}
+    # A partial register section keeps the encoder's own bundle, not the classifier's.
+    assert parse_config({"family": "minilm", "register": {"model_name": "x"}}).register_.bundle_dir == Path(
+        "deploy/minilm-bundle")
+    with pytest.raises(ConfigError, match="family 'bert' is not one of"):
+        parse_config({"family": "bert"})
+    with pytest.raises(ConfigError) as err:
+        parse_config({"family": "minilm", "encoder": {"num_layers": 2},
+                      "data": {"eval_sentences": 50, "queries": 45},
+                      "compress": {"candidates": {"q": [{"method": "quantize_dynamic"}, {"method": "distill_layers"}]}}})
+    assert "queries (45) must leave at least 10" in str(err.value) and "torch steps cannot follow" in str(err.value)
+    with pytest.raises(ConfigError, match="structured_prune.*does not match any of the expected tags: 'distill_layers'"):
+        parse_config({"family": "minilm", "compress": {"candidates": {"c": [{"method": "structured_prune"}]}}})
+    with pytest.raises(ConfigError, match=r"keep=\[0, 3\] but the teacher has layers 0..1"):
+        parse_config({"family": "minilm", "encoder": {"num_layers": 2},
+                      "compress": {"candidates": {"s": [{"method": "distill_layers", "keep": [0, 3]}]}}})

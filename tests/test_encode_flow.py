@@ -12,7 +12,11 @@ from mlflow.tracking import MlflowClient
 from prefect.testing.utilities import prefect_test_harness
 from transformers import AutoTokenizer
 
+from deploy.loadtest import request, running_server
+from deploy.server import BundleSource, create_app
 from flows.encode import optimize_encoder
+from tasks.compare_runs import compare_runs
+from tasks.config import TrackingConfig
 from tasks.embed_minilm import encode_torch, load_minilm, tokenize
 from tasks.run_onnx import make_session
 from tasks.ship_bundle import sha256_of
@@ -66,6 +70,8 @@ def test_encoder_run_ships_a_gated_registered_model(shipped):
 
     version = client.get_model_version_by_alias("tiny-minilm", "champion")
     assert str(version.version) == result["version"] and result["promoted"]
+    [row] = compare_runs(TrackingConfig(uri=f"sqlite:///{root}/.modelforge/mlflow.db", experiment="e2e-minilm"))
+    assert row["chosen"] == result["chosen"] and row["quality"].startswith("cosine_min 0.9")
 
 
 def test_bundle_serves_embeddings_with_its_own_tokenizer(shipped):
@@ -83,3 +89,20 @@ def test_bundle_serves_embeddings_with_its_own_tokenizer(shipped):
     cosine = (got * encode_torch(teacher, feeds)).sum(1)
     assert got.shape == (2, 384) and cosine.min() > 0.95  # the shipped model still encodes like the teacher
     np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-3)
+
+
+def test_server_embeds_texts_with_the_shipped_encoder(shipped):
+    root, _ = shipped
+    bundle = root / "deploy" / "minilm-champion"
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    texts = ["Return a new sorted list.", "Close the connection to the server."]
+    with running_server(create_app(BundleSource(bundle))) as (host, port):
+        status, body = request(host, port, "POST", "/embed", {"texts": texts})
+        assert status == 200 and body["model_sha256"] == manifest["sha256"]
+        tokenizer = AutoTokenizer.from_pretrained(str(bundle / "tokenizer"))
+        expected = make_session(bundle / "model.onnx").run(None, tokenize(tokenizer, texts, 128))[0]
+        np.testing.assert_allclose(np.array(body["embeddings"]), expected, atol=1e-5)
+        assert request(host, port, "POST", "/embed", {"texts": ["ok", 3]}) == (
+            400, {"error": "texts[1] is not a non-empty string (1 such item(s))"})
+        status, body = request(host, port, "POST", "/predict", {"inputs": [[0.0]]})
+        assert status == 400 and "sentence encoder" in body["error"]

@@ -4,8 +4,9 @@ import shutil
 import numpy as np
 import pytest
 
-from tasks.config import DataConfig
-from tasks.version_data import DataError, load_splits, materialize_digits, read_data_md5, version_data
+from tasks.config import DataConfig, TextDataConfig
+from tasks.version_data import (DataError, load_sentences, load_splits, materialize_digits, materialize_docstrings,
+                                read_data_md5, version_data)
 
 
 def test_digits_split_is_stratified_and_complete(splits):
@@ -68,3 +69,18 @@ def test_bad_data_is_never_versioned(tmp_path):
     with pytest.raises(DataError):
         version_data(cfg, tmp_path)
     assert not (tmp_path / "data.dvc").exists()
+
+
+def test_sentence_corpus_is_disjoint_and_validated(tmp_path):
+    cfg = TextDataConfig(train_sentences=40, eval_sentences=30, queries=10)
+    materialize_docstrings(cfg, tmp_path / "a")
+    materialize_docstrings(cfg, tmp_path / "b")
+    assert (tmp_path / "a" / "eval.txt").read_bytes() == (tmp_path / "b" / "eval.txt").read_bytes()
+    corpus = load_sentences(tmp_path / "a")
+    assert len(corpus.train) == 40 and len(corpus.eval) == 30 and corpus.queries == 10
+    assert not set(corpus.train) & set(corpus.eval)
+    train = tmp_path / "a" / "train.txt"
+    train.write_text(train.read_text() + "\n" + corpus.eval[0] + "\n")  # a blank line and a leaked eval sentence
+    with pytest.raises(DataError) as err:
+        load_sentences(tmp_path / "a")
+    assert "1 blank line" in str(err.value) and "1 sentence(s) are in both" in str(err.value)
