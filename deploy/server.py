@@ -130,6 +130,13 @@ def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse(status_code=status, content={"error": message})
 
 
+async def _json_body(request: Request) -> object | JSONResponse:
+    try:
+        return json.loads(await request.body())
+    except (ValueError, UnicodeDecodeError):
+        return _error(400, "body is not valid JSON")
+
+
 def parse_inputs(payload: object, sample_shape: tuple[int, ...], max_batch: int = MAX_BATCH) -> np.ndarray | JSONResponse:
     """A float32 batch of shape (N, *sample_shape), or the 4xx response that says what is wrong."""
     if not isinstance(payload, dict) or "inputs" not in payload:
@@ -205,10 +212,9 @@ def create_app(source: BundleSource | RegistrySource, poll_seconds: float = 1.0,
 
     @app.post("/predict")
     async def predict(request: Request):
-        try:
-            payload = json.loads(await request.body())
-        except (ValueError, UnicodeDecodeError):
-            return _error(400, "body is not valid JSON")
+        payload = await _json_body(request)
+        if isinstance(payload, JSONResponse):
+            return payload
         model = holder.model  # one consistent (session, manifest) pair for this request
         if model.sample_shape is None:
             return _error(400, "this bundle is a sentence encoder: POST /embed {\"texts\": [...]}")
@@ -221,10 +227,9 @@ def create_app(source: BundleSource | RegistrySource, poll_seconds: float = 1.0,
 
     @app.post("/embed")
     async def embed(request: Request):
-        try:
-            payload = json.loads(await request.body())
-        except (ValueError, UnicodeDecodeError):
-            return _error(400, "body is not valid JSON")
+        payload = await _json_body(request)
+        if isinstance(payload, JSONResponse):
+            return payload
         model = holder.model
         if model.tokenizer is None:
             return _error(400, "this bundle is a classifier: POST /predict {\"inputs\": [...]}")

@@ -7,9 +7,10 @@ problem, so a user fixes a config in one pass instead of one error per run.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 from pathlib import Path
-from typing import Annotated, Literal, Union
+from typing import Annotated, ClassVar, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -218,19 +219,34 @@ def _default_candidates() -> dict[str, list]:
     }
 
 
-class CompressConfig(_Section):
+class _Recipes(_Section):
+    """Candidate name -> recipe; the handler registry in `_registry` knows which steps act on ONNX."""
+
+    _registry: ClassVar[str]
+
+    @model_validator(mode="after")
+    def _recipes_valid(self) -> "_Recipes":
+        onnx_methods = importlib.import_module(self._registry).ONNX_METHODS
+        problems = []
+        for name, steps in self.candidates.items():
+            if name == "baseline":
+                problems.append("'baseline' is reserved for the uncompressed FP32 model")
+            if not steps:
+                problems.append(f"candidate {name!r}: empty recipe")
+            kinds = [s.method in onnx_methods for s in steps]
+            if kinds != sorted(kinds):
+                problems.append(f"candidate {name!r}: torch steps cannot follow an ONNX step (quantize last)")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+class CompressConfig(_Recipes):
+    _registry: ClassVar[str] = "tasks.compress_model"
     candidates: dict[str, list[Step]] = Field(
         default_factory=_default_candidates,
         description="Candidate name -> recipe: steps applied in order to the trained FP32 baseline.",
     )
-
-    @model_validator(mode="after")
-    def _recipes_valid(self) -> "CompressConfig":
-        from tasks.compress_model import ONNX_METHODS  # the registry knows which steps act on ONNX
-
-        if problems := _recipe_problems(self.candidates, ONNX_METHODS):
-            raise ValueError("; ".join(problems))
-        return self
 
 
 class DistillLayers(_Step):
@@ -250,19 +266,6 @@ class OrtOptimize(_Step):
 EncoderStep = Annotated[Union[DistillLayers, OrtOptimize, QuantizeDynamic], Field(discriminator="method")]
 
 
-def _recipe_problems(candidates: dict[str, list], onnx_methods: set[str]) -> list[str]:
-    problems = []
-    for name, steps in candidates.items():
-        if name == "baseline":
-            problems.append("'baseline' is reserved for the uncompressed FP32 model")
-        if not steps:
-            problems.append(f"candidate {name!r}: empty recipe")
-        kinds = [s.method in onnx_methods for s in steps]
-        if kinds != sorted(kinds):
-            problems.append(f"candidate {name!r}: torch steps cannot follow an ONNX step (quantize last)")
-    return problems
-
-
 def _default_encoder_candidates() -> dict[str, list]:
     student = DistillLayers(method="distill_layers")
     int8 = QuantizeDynamic(method="quantize_dynamic", per_channel=True)
@@ -271,19 +274,12 @@ def _default_encoder_candidates() -> dict[str, list]:
             "student": [student], "student_int8": [student, int8]}
 
 
-class EncoderCompressConfig(_Section):
+class EncoderCompressConfig(_Recipes):
+    _registry: ClassVar[str] = "tasks.compress_encoder"
     candidates: dict[str, list[EncoderStep]] = Field(
         default_factory=_default_encoder_candidates,
         description="Candidate name -> recipe: steps applied in order to the exported FP32 teacher.",
     )
-
-    @model_validator(mode="after")
-    def _recipes_valid(self) -> "EncoderCompressConfig":
-        from tasks.compress_encoder import ONNX_METHODS
-
-        if problems := _recipe_problems(self.candidates, ONNX_METHODS):
-            raise ValueError("; ".join(problems))
-        return self
 
 
 class EncoderConfig(_Section):
