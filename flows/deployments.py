@@ -1,4 +1,5 @@
-"""Prefect deployments of the optimize flow on a local process work pool:
+"""Prefect deployments of the pipeline a config names (`optimize`, or `optimize-encoder` for
+`family: minilm`) on a local process work pool:
 
 - `nightly`: a cron schedule (02:00 UTC by default);
 - `on-new-data`: started by the `modelforge.data.changed` event that `modelforge data-changed`
@@ -33,16 +34,20 @@ def ensure_pool(pool: str = POOL) -> None:
 
 
 CODE_ROOT = Path(__file__).resolve().parents[1]
+ENTRYPOINTS = {"classifier": "flows/optimize.py:optimize", "minilm": "flows/encode.py:optimize_encoder"}
 
 
 def deploy_all(root: Path, config_path: str = "configs/digits.yaml", pool: str = POOL,
                cron: str = "0 2 * * *") -> dict[str, str]:
     """Create or update both deployments for the project at `root`; returns name -> deployment id.
     The worker loads the flow code from this checkout, so deployments run what is checked out."""
-    from flows.optimize import optimize
+    from prefect import Flow
+
+    from tasks.config import load_config
 
     ensure_pool(pool)
-    source = optimize.from_source(source=str(CODE_ROOT), entrypoint="flows/optimize.py:optimize")
+    entrypoint = ENTRYPOINTS[load_config(config_path).family]
+    source = Flow.from_source(source=str(CODE_ROOT), entrypoint=entrypoint)
     params = {"config_path": str(config_path), "root": str(Path(root).resolve())}
     ids = {
         NIGHTLY: source.deploy(NIGHTLY, work_pool_name=pool, cron=cron, parameters=params, build=False,

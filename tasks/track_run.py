@@ -156,12 +156,16 @@ class PipelineRun:
 
 
 @contextmanager
-def pipeline_run(config_path: str | Path, root: str | Path, run_name: str = "optimize") -> Iterator[PipelineRun]:
+def pipeline_run(config_path: str | Path, root: str | Path, run_name: str = "optimize",
+                 family: str = "classifier") -> Iterator[PipelineRun]:
     """Load and print the resolved config, open the parent MLflow run, and close it FINISHED or,
     on any error (a bad config included), FAILED with the error recorded on the run."""
     root = Path(root).resolve()
     try:
         cfg = load_config(config_path).resolved(root)
+        if cfg.family != family:
+            raise ConfigError(f"{config_path} configures the {cfg.family!r} pipeline, not {family!r}: "
+                              "run it with `modelforge run --config ...`, which picks the flow by family")
     except ConfigError as err:
         # The config names the store; with no usable config the default store still records the failure.
         tracking = PipelineConfig().resolved(root).tracking

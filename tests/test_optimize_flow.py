@@ -154,3 +154,12 @@ def test_no_passing_candidate_fails_loudly_and_ships_nothing(tmp_path):
     # The evidence is still there: the candidate table was logged before the gate failed the run.
     assert "candidates/candidates.md" in {a.path for a in MlflowClient().list_artifacts(run.info.run_id, "candidates")}
     assert not (tmp_path / "deploy").exists()
+
+
+def test_config_of_another_family_is_refused(tmp_path):
+    path = tmp_path / "minilm.yaml"
+    path.write_text("family: minilm\n")
+    with pytest.raises(ConfigError, match="configures the 'minilm' pipeline, not 'classifier'"):
+        optimize(config_path=str(path), root=str(tmp_path))
+    [run] = runs(tmp_path, "modelforge")
+    assert run.info.status == "FAILED" and "minilm" in run.data.tags["error"]
