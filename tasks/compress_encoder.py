@@ -72,14 +72,14 @@ def distill_layers(state: ModelState, cfg: DistillLayers, ctx: EncoderContext) -
         print(f"[compress] distill_layers: reusing the student trained in this configuration ({weights.name})")
     else:
         student, history = distill_encoder(teacher, tokenizer, load_sentences(ctx.data_dir).train, tuple(cfg.keep),
-                                           cfg.epochs, cfg.lr, cfg.batch)
+                                           cfg.epochs, cfg.lr, cfg.batch, max_length=ctx.encoder.max_length)
         saved = {"state_dict": student.state_dict(), "loss_history": history}
         weights.parent.mkdir(parents=True, exist_ok=True)
         tmp = weights.with_suffix(".tmp")
         torch.save(saved, tmp)
         tmp.replace(weights)  # a run killed mid-save leaves no half-written cache entry
     exported = _export_checked(student.eval(), tokenizer, ctx.out_dir / "student.onnx", ctx)
-    info = {"keep": cfg.keep, "epochs": cfg.epochs, "lr": cfg.lr, "loss_history": saved["loss_history"],
+    info = {**cfg.model_dump(exclude={"method"}), "loss_history": saved["loss_history"],
             "teacher_params": sum(p.numel() for p in teacher.parameters())}
     return replace(exported, checkpoint=weights, info={**state.info, **exported.info, "distill_layers": info})
 

@@ -251,7 +251,8 @@ class CompressConfig(_Recipes):
 
 class DistillLayers(_Step):
     method: Literal["distill_layers"]
-    keep: list[int] = Field([0, 2, 4], min_length=1, description="Teacher layers the student starts from (its depth).")
+    keep: list[int] = Field([0, 2, 5], min_length=1, description="Teacher layers the student starts from (its depth); "
+                            "keeping the last one keeps the embedding space (measured: far better than 0, 2, 4).")
     epochs: int = Field(8, ge=1, description="Passes over the training sentences.")
     lr: float = Field(3e-4, gt=0, description="Peak AdamW learning rate (linear warm-up, cosine decay).")
     batch: int = Field(32, ge=1, description="Sentences per step.")

@@ -71,8 +71,7 @@ def validate_candidates(candidates: list[Candidate], cfg: ValidateConfig, evalua
     for c in candidates:
         cpu = timings["cpu"][c.name]
         reports.append(Report(c.name, str(c.onnx), quality[c.name], evaluator.primary, cpu.latency_p50_ms,
-                              cpu.latency_p95_ms,
-                              cpu.throughput_sps, Path(c.onnx).stat().st_size, c.parity_max_abs,
+                              cpu.latency_p95_ms, cpu.throughput_sps, Path(c.onnx).stat().st_size, c.parity_max_abs,
                               cuda=asdict(timings["cuda"][c.name]) if "cuda" in timings else None))
     return reports
 
