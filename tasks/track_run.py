@@ -6,6 +6,7 @@ Stages log through `MlflowClient` with the run id they are handed instead of mlf
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import tempfile
@@ -27,8 +28,13 @@ from tasks.config import ConfigError, PipelineConfig, TrackingConfig, load_confi
 _MAX_PARAM_LEN = 6000
 
 
+@functools.cache
 def code_version() -> str:
-    """Hash of the pipeline's own source (tasks/ and flows/): a code change invalidates cached work."""
+    """Hash of the pipeline's own source (tasks/ and flows/): a code change invalidates cached work.
+
+    Taken once per process: the code that runs is the code imported at the start, and a file edited
+    mid-run must not change cache keys between two stages of the same run (it once made
+    student_int8 retrain the student that student had just cached)."""
     h = hashlib.sha256()
     root = Path(__file__).resolve().parents[1]
     for path in sorted([*root.glob("tasks/*.py"), *root.glob("flows/*.py")]):
