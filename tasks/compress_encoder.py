@@ -65,7 +65,8 @@ def distill_layers(state: ModelState, cfg: DistillLayers, ctx: EncoderContext) -
     key = hashlib.sha256(json.dumps([ctx.data_version, ctx.encoder.num_layers, ctx.encoder.max_length,
                                      cfg.model_dump(mode="json"), code_version()]).encode()).hexdigest()[:16]
     weights = ctx.cache_dir / f"student-{key}.pt"
-    if weights.exists():
+    reused = weights.exists()
+    if reused:
         saved = torch.load(weights)
         student = make_student(teacher, tuple(cfg.keep))
         student.load_state_dict(saved["state_dict"])
@@ -79,7 +80,7 @@ def distill_layers(state: ModelState, cfg: DistillLayers, ctx: EncoderContext) -
         torch.save(saved, tmp)
         tmp.replace(weights)  # a run killed mid-save leaves no half-written cache entry
     exported = _export_checked(student.eval(), tokenizer, ctx.out_dir / "student.onnx", ctx)
-    info = {**cfg.model_dump(exclude={"method"}), "loss_history": saved["loss_history"],
+    info = {**cfg.model_dump(exclude={"method"}), "loss_history": saved["loss_history"], "reused": reused,
             "teacher_params": sum(p.numel() for p in teacher.parameters())}
     return replace(exported, checkpoint=weights, info={**state.info, **exported.info, "distill_layers": info})
 

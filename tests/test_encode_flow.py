@@ -32,6 +32,8 @@ TINY = {
         "int8": [{"method": "ort_optimize"}, {"method": "quantize_dynamic", "per_channel": True}],
         # One layer trained for one short epoch: far from the teacher, so the fidelity gates must reject it.
         "student": [{"method": "distill_layers", "keep": [1], "epochs": 1, "lr": 1e-4, "batch": 32}],
+        "student_int8": [{"method": "distill_layers", "keep": [1], "epochs": 1, "lr": 1e-4, "batch": 32},
+                         {"method": "quantize_dynamic", "per_channel": True}],
     }},
     "validate": {"warmup": 2, "latency_runs": 10, "throughput_batch": 4, "throughput_runs": 2},
     "gates": {"min_cosine_worst": 0.95, "min_cosine_mean": 0.98, "min_top10_overlap": 0.6, "max_latency_ratio": None},
@@ -66,6 +68,10 @@ def test_encoder_run_ships_a_gated_registered_model(shipped):
     reports = {r["name"]: r for r in json.loads(
         mlflow.artifacts.load_text(f"runs:/{result['run_id']}/candidates/reports.json"))}
     assert any("cosine" in gate for gate in reports["student"]["failed_gates"])
+    compression = json.loads(mlflow.artifacts.load_text(f"runs:/{result['run_id']}/candidates/compression.json"))
+    trained, reused = (compression[k]["info"]["distill_layers"] for k in ("student", "student_int8"))
+    assert not trained["reused"] and reused["reused"]  # one student, trained once for both recipes
+    assert reused["loss_history"] == trained["loss_history"] and len(trained["loss_history"]) == 1
     assert reports["baseline"]["parity_max_abs"] < 1e-4 and reports["student"]["parity_max_abs"] < 1e-4
 
     version = client.get_model_version_by_alias("tiny-minilm", "champion")
