@@ -230,6 +230,13 @@ def version_data(cfg: DataConfig | TextDataConfig, root: Path) -> DataVersion:
     if not data_dir.exists():
         materialize(cfg, data_dir)
     manifest, counts = describe(data_dir)
+    if isinstance(cfg, TextDataConfig):
+        asked = {"queries": cfg.queries, "seed": cfg.seed, "counts": {"train": cfg.train_sentences,
+                                                                      "eval": cfg.eval_sentences}}
+        if differ := {k: (manifest.get(k), v) for k, v in asked.items() if manifest.get(k) != v}:
+            raise DataError(f"{data_dir} was built with other settings than the config asks for: "
+                            + ", ".join(f"{k}: {have} vs {want}" for k, (have, want) in differ.items())
+                            + f"; delete {data_dir} to rebuild it (the old version stays in the DVC remote)")
     _dvc(root, "add", str(data_dir.relative_to(root)))
     remote.mkdir(parents=True, exist_ok=True)
     _dvc(root, "push", str(dvc_file))
