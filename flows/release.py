@@ -4,6 +4,7 @@ and promote. Wiring only; `evaluator` says what quality means for the model fami
 from __future__ import annotations
 
 from dataclasses import asdict
+from pathlib import Path
 
 from tasks import track_run
 from tasks.compress_model import Candidate
@@ -16,7 +17,7 @@ from tasks.validate_model import apply_gates, best_passing, require_passing, val
 
 
 def validate_and_release(run: track_run.PipelineRun, candidates: list[Candidate], evaluator: Evaluator,
-                         data_version: str, reports_dir) -> dict:
+                         data_version: str, reports_dir: Path) -> dict:
     cfg = run.cfg
     reports = apply_gates(validate_candidates_task(candidates, cfg.validate_, evaluator), cfg.gates)
     chosen = best_passing(reports, cfg.gates)
