@@ -26,7 +26,7 @@ def optimize_encoder(config_path: str = "configs/minilm.yaml", root: str = ".", 
             return skipped
 
         out = work / "candidates" / run.run_id
-        teacher, tokenizer_dir = export_teacher_task(cfg.encoder, data.dir, data.md5, out)
+        teacher, tokenizer_dir = export_teacher_task(cfg.encoder, data.dir, out)
         candidates = [teacher] + [compress_encoder_task(name, recipe, teacher, cfg.encoder, data.dir, data.md5, out,
                                                         work / "students")
                                   for name, recipe in cfg.compress.candidates.items()]

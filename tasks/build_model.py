@@ -25,10 +25,15 @@ class Arch:
     kernel: int = 3  # conv kernel size (odd: "same" padding)
 
     @staticmethod
+    def _optional(d: dict) -> dict:
+        """The defaulted fields `d` sets: older checkpoints and narrower search spaces leave them out."""
+        return {k: d[k] for k in ("activation", "dropout", "kernel") if k in d}
+
+    @staticmethod
     def from_params(p: dict, num_classes: int, input_shape) -> "Arch":
         """The architecture a search trial describes: family, depth, width, channels (+ optional
         activation, dropout, kernel). A CNN doubles its channels per block and has one hidden layer."""
-        extra = {k: p[k] for k in ("activation", "dropout", "kernel") if k in p}
+        extra = Arch._optional(p)
         shape = tuple(input_shape)
         if p["family"] == "cnn":
             conv = tuple(p["channels"] * 2**i for i in range(p["depth"]))
@@ -51,8 +56,8 @@ class Arch:
 
     @staticmethod
     def from_dict(d: dict) -> "Arch":
-        extra = {k: d[k] for k in ("activation", "dropout", "kernel") if k in d}
-        return Arch(d["family"], d["num_classes"], tuple(d["input_shape"]), tuple(d["conv"]), tuple(d["hidden"]), **extra)
+        return Arch(d["family"], d["num_classes"], tuple(d["input_shape"]), tuple(d["conv"]), tuple(d["hidden"]),
+                    **Arch._optional(d))
 
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}

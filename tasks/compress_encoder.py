@@ -43,12 +43,12 @@ ONNX_METHODS: set[str] = set()
 register = registrar(HANDLERS, ONNX_METHODS)
 
 
-def _export_checked(model, tokenizer, path: Path, ctx: EncoderContext) -> ModelState:
+def _export_checked(model, tokenizer, path: Path, encoder: EncoderConfig, data_dir: Path) -> ModelState:
     """Export and refuse a graph whose embeddings drift from PyTorch's on held-out sentences."""
-    exported = export_encoder(model, tokenizer, path, load_sentences(ctx.data_dir).eval[:32])
-    if exported.min_cosine < ctx.encoder.min_export_cosine:
+    exported = export_encoder(model, tokenizer, path, load_sentences(data_dir).eval[:32])
+    if exported.min_cosine < encoder.min_export_cosine:
         raise ExportError(f"{path.name}: worst cosine ORT vs PyTorch {exported.min_cosine:.6f} < "
-                          f"{ctx.encoder.min_export_cosine} (encoder.min_export_cosine)")
+                          f"{encoder.min_export_cosine} (encoder.min_export_cosine)")
     params = sum(p.numel() for p in model.parameters())
     print(f"[compress] exported {path.name}: {params / 1e6:.1f}M parameters, worst cosine vs PyTorch "
           f"{exported.min_cosine:.7f}, max |diff| {exported.max_abs:.1e}")
@@ -79,7 +79,7 @@ def distill_layers(state: ModelState, cfg: DistillLayers, ctx: EncoderContext) -
         tmp = weights.with_suffix(".tmp")
         torch.save(saved, tmp)
         tmp.replace(weights)  # a run killed mid-save leaves no half-written cache entry
-    exported = _export_checked(student.eval(), tokenizer, ctx.out_dir / "student.onnx", ctx)
+    exported = _export_checked(student.eval(), tokenizer, ctx.out_dir / "student.onnx", ctx.encoder, ctx.data_dir)
     info = {**cfg.model_dump(exclude={"method"}), "loss_history": saved["loss_history"], "reused": reused,
             "teacher_params": sum(p.numel() for p in teacher.parameters())}
     return replace(exported, checkpoint=weights, info={**state.info, **exported.info, "distill_layers": info})
@@ -100,12 +100,11 @@ def quantize_dynamic(state: ModelState, cfg: QuantizeDynamic, ctx: EncoderContex
                    info={**state.info, "quantize_dynamic": {"per_channel": cfg.per_channel}})
 
 
-def export_teacher(encoder: EncoderConfig, data_dir: Path, data_version: str, out_dir: Path) -> tuple[Candidate, Path]:
+def export_teacher(encoder: EncoderConfig, data_dir: Path, out_dir: Path) -> tuple[Candidate, Path]:
     """The FP32 baseline: packaged MiniLM (optionally truncated) exported and checked against
     PyTorch; also saves the tokenizer the bundle ships with. Returns (candidate, tokenizer dir)."""
-    ctx = EncoderContext(encoder, Path(data_dir), data_version, Path(out_dir) / "baseline", Path(out_dir))
     model, tokenizer = load_minilm(encoder.num_layers)
-    state = _export_checked(model, tokenizer, ctx.out_dir / "model.onnx", ctx)
+    state = _export_checked(model, tokenizer, Path(out_dir) / "baseline" / "model.onnx", encoder, Path(data_dir))
     tokenizer_dir = Path(out_dir) / "tokenizer"
     tokenizer.save_pretrained(str(tokenizer_dir))
     return Candidate("baseline", state.onnx, state.checkpoint, state.parity_max_abs, state.info), tokenizer_dir

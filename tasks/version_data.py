@@ -134,6 +134,12 @@ class Sentences:
     manifest: dict
 
 
+def _corpus_settings(cfg: TextDataConfig) -> dict:
+    """The config settings a corpus is built from; its manifest records them."""
+    return {"queries": cfg.queries, "seed": cfg.seed,
+            "counts": {"train": cfg.train_sentences, "eval": cfg.eval_sentences}}
+
+
 def materialize_docstrings(cfg: TextDataConfig, data_dir: Path) -> None:
     """Write disjoint train/eval sentence files (one per line) from the offline docstring corpus."""
     from tasks.embed_minilm import offline_corpus
@@ -143,8 +149,7 @@ def materialize_docstrings(cfg: TextDataConfig, data_dir: Path) -> None:
     (data_dir / "eval.txt").write_text("\n".join(corpus[: cfg.eval_sentences]) + "\n")
     (data_dir / "train.txt").write_text("\n".join(corpus[cfg.eval_sentences :]) + "\n")
     manifest = {"dataset": "docstrings", "source": f"docstrings of the Python {sys.version.split()[0]} standard library",
-                "queries": cfg.queries, "seed": cfg.seed,
-                "counts": {"train": cfg.train_sentences, "eval": cfg.eval_sentences}}
+                **_corpus_settings(cfg)}
     (data_dir / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
 
@@ -176,17 +181,23 @@ def load_sentences(data_dir: Path) -> Sentences:
     return Sentences(texts["train"], texts["eval"], queries, manifest)
 
 
-def _describe_digits(data_dir: Path) -> tuple[dict, dict]:
+def _describe_digits(cfg: DataConfig, data_dir: Path) -> tuple[dict, dict]:
     splits = load_splits(data_dir)
     return splits.manifest, {s: len(getattr(splits, s)[1]) for s in SPLITS}
 
 
-def _describe_sentences(data_dir: Path) -> tuple[dict, dict]:
+def _describe_sentences(cfg: TextDataConfig, data_dir: Path) -> tuple[dict, dict]:
     sentences = load_sentences(data_dir)
+    asked = _corpus_settings(cfg)
+    if differ := {k: (sentences.manifest.get(k), v) for k, v in asked.items() if sentences.manifest.get(k) != v}:
+        raise DataError(f"{data_dir} was built with other settings than the config asks for: "
+                        + ", ".join(f"{k}: {have} vs {want}" for k, (have, want) in differ.items())
+                        + f"; delete {data_dir} to rebuild it (the old version stays in the DVC remote)")
     return sentences.manifest, {"train": len(sentences.train), "eval": len(sentences.eval)}
 
 
-# dataset -> (write it from its built-in source, validate it and return (manifest, split counts))
+# dataset -> (write it from its built-in source; validate it, against the config too, and return
+# (manifest, split counts))
 DATASETS = {"digits": (materialize_digits, _describe_digits),
             "docstrings": (materialize_docstrings, _describe_sentences)}
 
@@ -229,14 +240,7 @@ def version_data(cfg: DataConfig | TextDataConfig, root: Path) -> DataVersion:
     materialize, describe = DATASETS[cfg.dataset]
     if not data_dir.exists():
         materialize(cfg, data_dir)
-    manifest, counts = describe(data_dir)
-    if isinstance(cfg, TextDataConfig):
-        asked = {"queries": cfg.queries, "seed": cfg.seed, "counts": {"train": cfg.train_sentences,
-                                                                      "eval": cfg.eval_sentences}}
-        if differ := {k: (manifest.get(k), v) for k, v in asked.items() if manifest.get(k) != v}:
-            raise DataError(f"{data_dir} was built with other settings than the config asks for: "
-                            + ", ".join(f"{k}: {have} vs {want}" for k, (have, want) in differ.items())
-                            + f"; delete {data_dir} to rebuild it (the old version stays in the DVC remote)")
+    manifest, counts = describe(cfg, data_dir)
     _dvc(root, "add", str(data_dir.relative_to(root)))
     remote.mkdir(parents=True, exist_ok=True)
     _dvc(root, "push", str(dvc_file))
