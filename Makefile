@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CONFIG ?= configs/digits.yaml
 
-.PHONY: install run run-minilm test mlflow-ui serve serve-stack stop-stack clean
+.PHONY: install browser run run-minilm test mlflow-ui serve serve-stack stop-stack clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,7 +26,13 @@ run: $(STAMP)
 run-minilm: $(STAMP)
 	$(BIN)/modelforge run --config configs/minilm.yaml
 
-test: $(STAMP)
+# The MLflow UI test drives a real browser: Debian's Chromium, installed when missing (as root, as in CI).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+	  echo "note: Chromium is missing and cannot be installed here (needs root and apt-get): the MLflow UI test skips"
+
+test: $(STAMP) browser
 	$(BIN)/python -m pytest
 
 mlflow-ui: $(STAMP)

@@ -5,14 +5,19 @@
 
 Endpoints: POST /predict {"inputs": [...]} (classifier bundles), POST /embed {"texts": [...]}
 (sentence-encoder bundles, tokenised with the tokenizer shipped in the bundle), GET /health,
-GET /model-info, POST /reload. Input is checked against the manifest (shape, numeric, finite,
-batch limit; strings for texts) and rejected with a 4xx naming the problem. A watcher reloads the model when the bundle (or the registry alias)
-changes; the new session is built completely before one reference swap, so requests in flight
-finish on the old model and none are dropped.
+GET /model-info, POST /reload. Input is checked against the manifest (shape, plain finite numbers,
+batch limit; strings for texts) and rejected with a 4xx naming the problem; a body must be
+application/json (415) within a size limit checked before it is read (413), and is parsed and run
+on worker threads, never on the event loop. The model file must match the manifest's sha256, at
+start (else the server refuses to start) and at every reload (else the old model keeps serving
+and /health reports why). A watcher reloads when the manifest, the model file or the registry
+alias changes; the new session is built completely before one reference swap, so requests in
+flight finish on the old model and none are dropped.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import tempfile
 import threading
@@ -24,10 +29,14 @@ from pathlib import Path
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
 
+from tasks.guard_bundle import BundleError, relative_paths
 from tasks.run_onnx import make_session
 
 MAX_BATCH = 1024
+MAX_BODY_BYTES = 8 << 20  # 1,024 samples of 8x8 pixels are about 1.5 MB of JSON
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 @dataclass(frozen=True)
@@ -41,28 +50,41 @@ class LoadedModel:
 
 
 def load_bundle(bundle_dir: Path) -> LoadedModel:
-    manifest = json.loads((Path(bundle_dir) / "manifest.json").read_text())
-    session = make_session(Path(bundle_dir) / manifest["model_file"])
+    """Load a bundle whose model bytes match the manifest's sha256; the session is built from the very
+    bytes that were hashed, so what is verified is what serves. A mismatch raises `BundleError`."""
+    bundle_dir = Path(bundle_dir)
+    manifest = json.loads((bundle_dir / "manifest.json").read_text())
+    model_bytes = (bundle_dir / manifest["model_file"]).read_bytes()
+    actual = hashlib.sha256(model_bytes).hexdigest()
+    if actual != manifest.get("sha256"):
+        raise BundleError(f"{bundle_dir / manifest['model_file']}: sha256 {actual[:12]}... does not match the "
+                          f"manifest's {str(manifest.get('sha256'))[:12]}...: the model file was changed or corrupted "
+                          "after shipping; refusing to serve it")
+    session = make_session(model_bytes)
     tokenizer = None
     if "tokenizer_dir" in manifest:
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(str(Path(bundle_dir) / manifest["tokenizer_dir"]))
+        tokenizer = AutoTokenizer.from_pretrained(str(bundle_dir / manifest["tokenizer_dir"]))
     shape = tuple(manifest["input_shape"]) if "input_shape" in manifest else None
-    return LoadedModel(session, manifest, session.get_inputs()[0].name, shape, tokenizer, time.time())
+    return LoadedModel(session, relative_paths(manifest, bundle_dir), session.get_inputs()[0].name, shape, tokenizer,
+                       time.time())
 
 
 class BundleSource:
-    """A bundle folder on disk; its identity is the manifest's sha256."""
+    """A bundle folder on disk; it changed when its manifest or its model file did."""
 
     def __init__(self, bundle_dir: Path):
         self.bundle_dir = Path(bundle_dir)
 
     def fingerprint(self) -> str | None:
         try:
-            return json.loads((self.bundle_dir / "manifest.json").read_text())["sha256"]
-        except (OSError, ValueError, KeyError):
+            manifest = json.loads((self.bundle_dir / "manifest.json").read_text())
+            model = (self.bundle_dir / manifest["model_file"]).stat()
+        except (OSError, ValueError, KeyError, TypeError):
             return None  # mid-swap or not shipped yet: keep serving what is loaded
+        # The file's identity and timestamps, not only the manifest: a model edited in place is noticed.
+        return f"{manifest.get('sha256')}:{model.st_ino}:{model.st_size}:{model.st_mtime_ns}"
 
     def load(self) -> LoadedModel:
         return load_bundle(self.bundle_dir)
@@ -130,53 +152,101 @@ def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse(status_code=status, content={"error": message})
 
 
-async def _json_body(request: Request) -> object | JSONResponse:
+class BadRequest(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+async def read_body(request: Request, max_bytes: int) -> bytes:
+    """The raw JSON body, refused before it is read when it says (or turns out) to be too large."""
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind != "application/json":
+        raise BadRequest(415, f"Content-Type must be application/json, got {kind or 'none'!r}")
+    declared = request.headers.get("content-length")
+    if declared is not None and (not declared.isdigit() or int(declared) > max_bytes):
+        raise BadRequest(413, f"body of {declared} bytes exceeds the limit of {max_bytes} bytes")
+    body = bytearray()
+    async for chunk in request.stream():  # a chunked body has no length to check up front
+        body += chunk
+        if len(body) > max_bytes:
+            raise BadRequest(413, f"body exceeds the limit of {max_bytes} bytes")
+    return bytes(body)
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
+def parse_json(body: bytes) -> object:
     try:
-        return json.loads(await request.body())
-    except (ValueError, UnicodeDecodeError):
-        return _error(400, "body is not valid JSON")
+        return json.loads(body, parse_constant=_reject_constant)
+    except RecursionError:
+        raise BadRequest(400, "body is nested too deeply") from None
+    except (ValueError, UnicodeDecodeError) as err:
+        raise BadRequest(400, f"body is not valid JSON ({err})") from None
 
 
-def parse_inputs(payload: object, sample_shape: tuple[int, ...], max_batch: int = MAX_BATCH) -> np.ndarray | JSONResponse:
-    """A float32 batch of shape (N, *sample_shape), or the 4xx response that says what is wrong."""
+def _numbers_problem(value: object, max_depth: int) -> str | None:
+    """Why `value` is not nested lists of plain numbers at most `max_depth` deep (None when it is).
+    Booleans and numeric strings are not numbers; an integer beyond float32 is out of range."""
+    stack = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, list):
+            if depth >= max_depth:
+                return f"inputs is nested deeper than the {max_depth} levels [batch, *input_shape]"
+            stack.extend((x, depth + 1) for x in item)
+        elif isinstance(item, bool) or not isinstance(item, (int, float)):
+            return f"inputs must hold only numbers, found {type(item).__name__} {json.dumps(item)[:40]}"
+        elif isinstance(item, int) and abs(item) > FLOAT32_MAX:
+            return f"inputs holds an integer of {len(str(abs(item)))} digits, beyond the float32 range"
+    return None
+
+
+def parse_inputs(payload: object, sample_shape: tuple[int, ...], max_batch: int = MAX_BATCH) -> np.ndarray:
+    """A float32 batch of shape (N, *sample_shape), or `BadRequest` saying what is wrong."""
     if not isinstance(payload, dict) or "inputs" not in payload:
-        return _error(400, 'body must be a JSON object with an "inputs" array')
+        raise BadRequest(400, 'body must be a JSON object with an "inputs" array')
+    if problem := _numbers_problem(payload["inputs"], len(sample_shape) + 1):
+        raise BadRequest(400, problem)
     try:
         x = np.asarray(payload["inputs"], dtype=np.float32)
     except (ValueError, TypeError):
-        return _error(400, "inputs must be a rectangular array of numbers")
+        raise BadRequest(400, "inputs must be a rectangular array of numbers") from None
     if x.shape == sample_shape:
         x = x[None]
     expected = ["batch", *sample_shape]
     if x.ndim != len(sample_shape) + 1 or x.shape[1:] != sample_shape:
-        return _error(400, f"inputs has shape {list(x.shape)}, expected {expected}")
+        raise BadRequest(400, f"inputs has shape {list(x.shape)}, expected {expected}")
     if x.shape[0] == 0:
-        return _error(400, "inputs is an empty batch")
+        raise BadRequest(400, "inputs is an empty batch")
     if x.shape[0] > max_batch:
-        return _error(413, f"batch of {x.shape[0]} exceeds the limit of {max_batch}")
+        raise BadRequest(413, f"batch of {x.shape[0]} exceeds the limit of {max_batch}")
     if not np.isfinite(x).all():
-        return _error(400, "inputs contains NaN or infinity")
+        raise BadRequest(400, "inputs contains NaN or infinity (or a number beyond the float32 range)")
     return x
 
 
-def parse_texts(payload: object, max_batch: int = MAX_BATCH) -> list[str] | JSONResponse:
-    """A list of non-empty strings, or the 4xx response that says what is wrong."""
+def parse_texts(payload: object, max_batch: int = MAX_BATCH) -> list[str]:
+    """A list of non-empty strings, or `BadRequest` saying what is wrong."""
     if not isinstance(payload, dict) or "texts" not in payload:
-        return _error(400, 'body must be a JSON object with a "texts" array')
+        raise BadRequest(400, 'body must be a JSON object with a "texts" array')
     texts = payload["texts"]
     if isinstance(texts, str):
         texts = [texts]
     if not isinstance(texts, list) or not texts:
-        return _error(400, "texts must be a non-empty array of strings")
+        raise BadRequest(400, "texts must be a non-empty array of strings")
     bad = [i for i, t in enumerate(texts) if not isinstance(t, str) or not t.strip()]
     if bad:
-        return _error(400, f"texts[{bad[0]}] is not a non-empty string ({len(bad)} such item(s))")
+        raise BadRequest(400, f"texts[{bad[0]}] is not a non-empty string ({len(bad)} such item(s))")
     if len(texts) > max_batch:
-        return _error(413, f"batch of {len(texts)} exceeds the limit of {max_batch}")
+        raise BadRequest(413, f"batch of {len(texts)} exceeds the limit of {max_batch}")
     return texts
 
 
-def create_app(source: BundleSource | RegistrySource, poll_seconds: float = 1.0, max_batch: int = MAX_BATCH) -> FastAPI:
+def create_app(source: BundleSource | RegistrySource, poll_seconds: float = 1.0, max_batch: int = MAX_BATCH,
+               max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
     holder = ModelHolder(source)
     stop = threading.Event()
 
@@ -210,43 +280,48 @@ def create_app(source: BundleSource | RegistrySource, poll_seconds: float = 1.0,
         return {"reloaded": reloaded, "model_sha256": holder.model.manifest["sha256"],
                 "last_reload_error": holder.failed[1] if holder.failed else None}
 
-    @app.post("/predict")
-    async def predict(request: Request):
-        payload = await _json_body(request)
-        if isinstance(payload, JSONResponse):
-            return payload
+    def predict(body: bytes) -> dict:
         model = holder.model  # one consistent (session, manifest) pair for this request
         if model.sample_shape is None:
-            return _error(400, "this bundle is a sentence encoder: POST /embed {\"texts\": [...]}")
-        x = parse_inputs(payload, model.sample_shape, max_batch)
-        if isinstance(x, JSONResponse):
-            return x
+            raise BadRequest(400, "this bundle is a sentence encoder: POST /embed {\"texts\": [...]}")
+        x = parse_inputs(parse_json(body), model.sample_shape, max_batch)
         logits = model.session.run(None, {model.input_name: x})[0]
         return {"predictions": logits.argmax(1).tolist(), "logits": logits.tolist(),
                 "model_sha256": model.manifest["sha256"]}
 
-    @app.post("/embed")
-    async def embed(request: Request):
-        payload = await _json_body(request)
-        if isinstance(payload, JSONResponse):
-            return payload
+    def embed(body: bytes) -> dict:
         model = holder.model
         if model.tokenizer is None:
-            return _error(400, "this bundle is a classifier: POST /predict {\"inputs\": [...]}")
-        texts = parse_texts(payload, max_batch)
-        if isinstance(texts, JSONResponse):
-            return texts
+            raise BadRequest(400, "this bundle is a classifier: POST /predict {\"inputs\": [...]}")
+        texts = parse_texts(parse_json(body), max_batch)
         from tasks.embed_minilm import tokenize
 
         feeds = tokenize(model.tokenizer, texts, model.manifest["max_length"])
-        embeddings = model.session.run(None, feeds)[0]
-        return {"embeddings": embeddings.tolist(), "model_sha256": model.manifest["sha256"]}
+        return {"embeddings": model.session.run(None, feeds)[0].tolist(), "model_sha256": model.manifest["sha256"]}
+
+    async def answer(request: Request, handler) -> dict | JSONResponse:
+        """Read the body within its limit, then parse, check and run it on a worker thread: a large
+        or slow request never blocks the event loop that serves everyone else."""
+        try:
+            body = await read_body(request, max_body_bytes)
+            return await run_in_threadpool(handler, body)
+        except BadRequest as err:
+            return _error(err.status, str(err))
+
+    @app.post("/predict")
+    async def predict_route(request: Request):
+        return await answer(request, predict)
+
+    @app.post("/embed")
+    async def embed_route(request: Request):
+        return await answer(request, embed)
 
     return app
 
 
-def serve(bundle: str | None, model_uri: str | None, host: str, port: int) -> None:
+def serve(bundle: str | None, model_uri: str | None, host: str, port: int, max_body_bytes: int = MAX_BODY_BYTES) -> None:
+    """Raises (the CLI exits non-zero) when there is nothing to serve or the model fails its sha256 check."""
     import uvicorn
 
     source = RegistrySource(model_uri) if model_uri else BundleSource(Path(bundle))
-    uvicorn.run(create_app(source), host=host, port=port, log_level="warning")
+    uvicorn.run(create_app(source, max_body_bytes=max_body_bytes), host=host, port=port, log_level="warning")

@@ -33,6 +33,8 @@ def _config(args: argparse.Namespace):
 
 def cmd_run(args: argparse.Namespace) -> int:
     from tasks.config import ConfigError, load_config
+    from tasks.start_prefect import temporary_prefect_server
+    from tasks.stop_run import stop_on_signals
 
     try:
         family = load_config(args.config).family
@@ -42,7 +44,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         from flows.encode import optimize_encoder as pipeline
     else:
         from flows.optimize import optimize as pipeline
-    result = pipeline(config_path=args.config, root=str(args.root), force=args.force)
+    # Signals first: a Ctrl-C while the server starts must also stop it.
+    with stop_on_signals(), temporary_prefect_server(Path(os.environ["PREFECT_HOME"])):
+        result = pipeline(config_path=args.config, root=str(args.root), force=args.force, lock_wait_s=args.wait)
     if result.get("skipped"):
         print(f"modelforge: nothing new: {result['skipped']}")
         return 0
@@ -52,12 +56,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
+    from tasks.lock_workdir import lock_workdir
     from tasks.promote_model import rollback
     from tasks.track_run import setup_tracking
 
     cfg = _config(args)
     setup_tracking(cfg.tracking)
-    rollback(cfg.register_.model_name, cfg.promote)
+    with lock_workdir(cfg.workdir, "modelforge rollback", args.wait):  # never under a run that is shipping
+        rollback(cfg.register_.model_name, cfg.promote)
     return 0
 
 
@@ -75,7 +81,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from tasks.track_run import setup_tracking
 
         setup_tracking(_config(args).tracking)
-    serve(None if args.model_uri else args.bundle, args.model_uri, args.host, args.port)
+    serve(None if args.model_uri else args.bundle, args.model_uri, args.host, args.port, int(args.max_body_mb * 2**20))
     return 0
 
 
@@ -101,6 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     common.add_argument("--config", default="configs/digits.yaml", help="pipeline config (YAML)")
     common.add_argument("--root", default=".", type=lambda p: Path(p).resolve(),
                         help="project folder: DVC repo; relative paths anchor here")
+    common.add_argument("--wait", type=float, default=0, metavar="SECONDS",
+                        help="run/rollback: when another run holds the work dir, wait this long for it "
+                        "(negative: for ever) instead of failing at once")
     parser = argparse.ArgumentParser(prog="modelforge", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -119,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     source.add_argument("--model-uri", help="models:/<name>@<alias> from the MLflow registry")
     srv.add_argument("--host", default="127.0.0.1")
     srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--max-body-mb", type=float, default=8.0, help="largest request body accepted (413 above)")
     srv.set_defaults(fn=cmd_serve)
     sub.add_parser("data-changed", parents=[common], help="version data/ with DVC and emit a Prefect event if "
                    "its version changed (triggers the on-new-data deployment)").set_defaults(fn=cmd_data_changed)
@@ -130,13 +140,22 @@ def main(argv: list[str] | None = None) -> int:
 
     embedded_defaults(args.root)
     from tasks.config import ConfigError
+    from tasks.lock_workdir import WorkdirBusy
     from tasks.search_model import SearchError
+    from prefect.exceptions import TerminationSignal
+
+    from tasks.stop_run import exit_code, interruption
     from tasks.validate_model import GateError
     from tasks.version_data import DataError
 
     try:
         return args.fn(args)
-    except (ConfigError, DataError, GateError, SearchError, ValueError, FileNotFoundError) as err:
+    except (KeyboardInterrupt, TerminationSignal) as err:
+        reason = interruption(err)
+        print(f"modelforge: interrupted ({reason}); the MLflow run is marked KILLED, finished trials are kept: "
+              "run the same command again to resume", file=sys.stderr)
+        return exit_code(reason)
+    except (ConfigError, DataError, GateError, SearchError, WorkdirBusy, ValueError, FileNotFoundError) as err:
         print(f"modelforge: {type(err).__name__}: {err}", file=sys.stderr)
         return 2
 

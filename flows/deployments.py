@@ -48,7 +48,8 @@ def deploy_all(root: Path, config_path: str = "configs/digits.yaml", pool: str =
     ensure_pool(pool)
     entrypoint = ENTRYPOINTS[load_config(config_path).family]
     source = Flow.from_source(source=str(CODE_ROOT), entrypoint=entrypoint)
-    params = {"config_path": str(config_path), "root": str(Path(root).resolve())}
+    # A scheduled or triggered run queues behind one already running on the work dir (an hour at most).
+    params = {"config_path": str(config_path), "root": str(Path(root).resolve()), "lock_wait_s": 3600}
     ids = {
         NIGHTLY: source.deploy(NIGHTLY, work_pool_name=pool, cron=cron, parameters=params, build=False,
                                push=False, print_next_steps=False,

@@ -21,8 +21,9 @@ from tasks.version_data import version_data_task
 
 
 @flow(name="optimize", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=8))
-def optimize(config_path: str = "configs/digits.yaml", root: str = ".", force: bool = False) -> dict:
-    with track_run.pipeline_run(config_path, root) as run:
+def optimize(config_path: str = "configs/digits.yaml", root: str = ".", force: bool = False,
+             lock_wait_s: float = 0) -> dict:
+    with track_run.pipeline_run(config_path, root, lock_wait_s=lock_wait_s) as run:
         cfg, work = run.cfg, run.cfg.workdir
 
         data = version_data_task(cfg.data, run.root)
@@ -33,7 +34,8 @@ def optimize(config_path: str = "configs/digits.yaml", root: str = ".", force: b
         study = f"{cfg.tracking.experiment}-{data.md5[:12]}-{cfg.section_hash('search')}"
         workers = [run_trials_task.submit(cfg.search, data.dir, work / "search", study, run.experiment_id,
                                           run.run_id, worker=i) for i in range(cfg.search.workers)]
-        search = summarize_search_task(cfg.search, work / "search", study, run.run_id, wait_for=workers)
+        [w.result() for w in workers]  # a failed worker raises its own exception here
+        search = summarize_search_task(cfg.search, work / "search", study, run.run_id)
         track_run.log_stage(run.run_id, "search", search.flat())
 
         trained = train_model_task(cfg.train, search.best_params, data.dir, data.md5, work / "train")

@@ -67,7 +67,7 @@ def distill_layers(state: ModelState, cfg: DistillLayers, ctx: EncoderContext) -
     weights = ctx.cache_dir / f"student-{key}.pt"
     reused = weights.exists()
     if reused:
-        saved = torch.load(weights)
+        saved = torch.load(weights, map_location="cpu", weights_only=True)
         student = make_student(teacher, tuple(cfg.keep))
         student.load_state_dict(saved["state_dict"])
         print(f"[compress] distill_layers: reusing the student trained in this configuration ({weights.name})")

@@ -6,6 +6,7 @@ problem, so a user fixes a config in one pass instead of one error per run.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib
 import json
@@ -352,7 +353,7 @@ class _Pipeline(_Section):
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
-    def resolved(self, root: Path):
+    def anchored(self, root: Path):
         """The same config with every relative path (top level or one section down) anchored at
         `root` (the project folder), the SQLite tracking URI included."""
         root = Path(root).resolve()
@@ -369,6 +370,36 @@ class _Pipeline(_Section):
             uri = f"sqlite:///{root / uri.removeprefix('sqlite:///')}"
         update["tracking"] = update["tracking"].model_copy(update={"uri": uri})
         return self.model_copy(update=update)
+
+    def resolved(self, root: Path):
+        """`anchored` at `root`, and refused with one `ConfigError` when a folder it writes is unsafe."""
+        root = Path(root).resolve()
+        resolved = self.anchored(root)
+        if problems := resolved.path_problems(root):
+            raise ConfigError(f"unsafe paths in the config ({len(problems)} problem(s)):\n"
+                              + "\n".join(f"  - {p}" for p in problems))
+        return resolved
+
+    def path_problems(self, root: Path) -> list[str]:
+        """Folders a run writes, replaces or versions must lie strictly inside the project; a bundle
+        folder (replaced whole on every ship) must not hold the project's other folders or each
+        other, and if it exists it must be a bundle modelforge wrote."""
+        from tasks.guard_bundle import bundle_problem
+
+        written = {"workdir": self.workdir, "data.dir": self.data.dir,
+                   "register.bundle_dir": self.register_.bundle_dir,
+                   "promote.champion_bundle_dir": self.promote.champion_bundle_dir}
+        where = {name: Path(path).resolve() for name, path in written.items()}
+        problems = [f"{name}: {path} is {'the project folder itself' if path == root else 'outside the project'} "
+                    f"({root}); use a folder inside it" for name, path in where.items()
+                    if path == root or not path.is_relative_to(root)]
+        for bundle in ("register.bundle_dir", "promote.champion_bundle_dir"):
+            problems += [f"{bundle}: {where[bundle]} would contain {other} ({where[other]}), which a ship "
+                         "replaces with the bundle" for other in where
+                         if other != bundle and where[other].is_relative_to(where[bundle])]
+            if where[bundle].is_relative_to(root) and where[bundle] != root and (why := bundle_problem(where[bundle])):
+                problems.append(f"{bundle}: {why}; a ship would replace it")
+        return problems
 
     def section_hash(self, *sections: str) -> str:
         """Stable hash of the named sections, used in cache keys: same config, same key."""
@@ -435,12 +466,45 @@ class EncoderPipelineConfig(_Pipeline):
 PIPELINES: dict[str, type[_Pipeline]] = {"classifier": PipelineConfig, "minilm": EncoderPipelineConfig}
 
 
-def _format_errors(err: ValidationError) -> str:
+def _format_errors(errors: list[dict]) -> str:
     lines = []
-    for e in err.errors():
+    for e in errors:
         where = ".".join(str(p) for p in e["loc"]) or "<root>"
         lines.append(f"  - {where}: {e['msg']}")
     return "\n".join(lines)
+
+
+def _without(raw: object, loc: tuple) -> bool:
+    """Delete from `raw` the deepest mapping key on the error location `loc` (union tags that are not
+    keys are skipped); False when there is nothing left to delete (an error about the whole file)."""
+    target, key, node = None, None, raw
+    for part in loc:
+        if isinstance(node, dict) and part in node:
+            target, key, node = node, part, node[part]
+        elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+            node = node[part]
+    if target is None:
+        return False
+    del target[key]
+    return True
+
+
+def _all_errors(cls: type[BaseModel], raw: dict) -> list[dict]:
+    """Every problem in one pass. Pydantic runs a section's cross-field checks only once its fields
+    are valid, so each failing key is dropped (falling back to its default) and the rest validated
+    again, until the errors stop changing: a bad field and a cross-field conflict show together."""
+    errors: list[dict] = []
+    work = copy.deepcopy(raw)
+    for _ in range(8):  # nesting depth bounds the rounds; 8 is ample
+        try:
+            cls.model_validate(work)
+            break
+        except ValidationError as err:
+            fresh = [e for e in err.errors() if (e["loc"], e["msg"]) not in {(x["loc"], x["msg"]) for x in errors}]
+            errors += fresh
+            if not fresh or not all([_without(work, e["loc"]) for e in fresh]):
+                break
+    return errors
 
 
 def parse_config(raw: dict, source: str = "<dict>") -> PipelineConfig | EncoderPipelineConfig:
@@ -450,8 +514,19 @@ def parse_config(raw: dict, source: str = "<dict>") -> PipelineConfig | EncoderP
         raise ConfigError(f"invalid config {source}: family {family!r} is not one of {sorted(PIPELINES)}")
     try:
         return PIPELINES[family].model_validate(raw)
-    except ValidationError as err:
-        raise ConfigError(f"invalid config {source} ({err.error_count()} problem(s)):\n{_format_errors(err)}") from None
+    except ValidationError:
+        errors = _all_errors(PIPELINES[family], raw)
+        raise ConfigError(f"invalid config {source} ({len(errors)} problem(s)):\n{_format_errors(errors)}") from None
+
+
+def tracking_of(path: str | Path) -> TrackingConfig:
+    """The tracking section of a config that may be invalid elsewhere (so a failed run is filed
+    under the experiment the user named); the defaults when that section itself is unusable."""
+    try:
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+        return TrackingConfig.model_validate(raw.get("tracking") or {})
+    except (OSError, yaml.YAMLError, ValidationError, AttributeError):
+        return TrackingConfig()
 
 
 def load_config(path: str | Path) -> PipelineConfig | EncoderPipelineConfig:

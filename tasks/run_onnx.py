@@ -21,12 +21,14 @@ def available_devices(use_cuda: bool = True) -> list[str]:
     return devices
 
 
-def make_session(path: Path, device: str = "cpu", intra_op_threads: int = 0) -> ort.InferenceSession:
+def make_session(path: Path | bytes, device: str = "cpu", intra_op_threads: int = 0) -> ort.InferenceSession:
+    """A session on `path`, or on the model's bytes (when the caller verified exactly those bytes)."""
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = intra_op_threads
     opts.log_severity_level = 3  # ORT's per-node warnings would bury the progress output
     providers = [PROVIDER_NAMES[device]] + ([PROVIDER_NAMES["cpu"]] if device != "cpu" else [])
-    return ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+    model = path if isinstance(path, bytes) else str(path)
+    return ort.InferenceSession(model, sess_options=opts, providers=providers)
 
 
 def predict_logits(session: ort.InferenceSession, x: np.ndarray, batch: int = 256) -> np.ndarray:

@@ -15,6 +15,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,7 @@ from prefect import task
 from tasks import track_run
 from tasks.build_model import Arch, build_model, count_params
 from tasks.config import SearchConfig
+from tasks.stop_run import interruption
 from tasks.train_model import TrainParams, fit
 from tasks.version_data import load_splits
 
@@ -176,22 +178,25 @@ class _TrialRuns:
         if run_id:
             track_run.log_metrics(run_id, metrics, step)
 
-    def end(self, run_id: str | None, status: str = "FINISHED", err: BaseException | None = None) -> None:
+    def end(self, run_id: str | None, status: str = "FINISHED", err: BaseException | None = None,
+            reason: str | None = None) -> None:
         if run_id:
-            track_run.fail_run(run_id, err) if err is not None else track_run.end_run(run_id, status)
+            track_run.fail_run(run_id, err, status, reason) if err is not None else track_run.end_run(run_id, status)
 
 
 class _Budget:
     """Stop a worker once the shared study holds `n_trials` finished trials (resume-aware and shared by
-    all workers), or when failures alone reach that count (a broken setup must not loop forever)."""
+    all workers), or when trials started by this run failed `n_trials` times (a broken setup must not
+    loop forever). Failures of earlier runs do not count: they would end a fixed setup's study for good."""
 
-    def __init__(self, n_trials: int):
-        self.n_trials = n_trials
+    def __init__(self, n_trials: int, since: datetime):
+        self.n_trials, self.since = n_trials, since
 
     def done(self, study: optuna.Study) -> bool:
         trials = study.get_trials(deepcopy=False)
         return (sum(t.state in FINISHED for t in trials) >= self.n_trials
-                or sum(t.state == TrialState.FAIL for t in trials) >= self.n_trials)
+                or sum(t.state == TrialState.FAIL and t.datetime_start is not None and t.datetime_start >= self.since
+                       for t in trials) >= self.n_trials)
 
     def __call__(self, study: optuna.Study, _trial: optuna.trial.FrozenTrial) -> None:
         if self.done(study):
@@ -207,7 +212,7 @@ def run_trials(cfg: SearchConfig, data_dir: Path, out_dir: Path, study_name: str
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     study = open_study(cfg, study_name, resolve_storage(cfg, out_dir))
-    budget = _Budget(cfg.n_trials)
+    budget = _Budget(cfg.n_trials, datetime.now())
     if budget.done(study):
         return 0
     before = sum(t.state in FINISHED for t in study.get_trials(deepcopy=False))
@@ -219,9 +224,10 @@ def run_trials(cfg: SearchConfig, data_dir: Path, out_dir: Path, study_name: str
     lock = threading.Lock()
 
     def objective(trial: optuna.Trial):
-        params = suggest(trial, cfg)
-        run_id = runs.start(trial, params)
-        try:
+        run_id = None
+        try:  # everything, MLflow included: a failure anywhere is recorded on the trial with its real message
+            params = suggest(trial, cfg)
+            run_id = runs.start(trial, params)
             torch.manual_seed(cfg.seed + trial.number)
             model = build_model(Arch.from_params(params, splits.num_classes, input_shape))
             tp = TrainParams.from_search(params, cfg.epochs, patience=cfg.epochs, seed=cfg.seed)
@@ -244,9 +250,10 @@ def run_trials(cfg: SearchConfig, data_dir: Path, out_dir: Path, study_name: str
         except optuna.TrialPruned:
             runs.end(run_id, "KILLED")
             raise
-        except Exception as err:
-            trial.set_user_attr("error", f"{type(err).__name__}: {err}")
-            runs.end(run_id, err=err)
+        except BaseException as err:  # a stop too: the trial's run ends KILLED, not RUNNING
+            stopped = interruption(err)
+            trial.set_user_attr("error", f"{type(err).__name__}: {stopped or err}")
+            runs.end(run_id, "KILLED" if stopped else "FAILED", err, stopped)
             raise
 
     def progress(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
@@ -300,7 +307,8 @@ def summarize_search(cfg: SearchConfig, out_dir: Path, study_name: str,
     trials = study.get_trials(deepcopy=False)
     count = {s: sum(t.state == s for t in trials) for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
     if not count[TrialState.COMPLETE]:
-        errors = [t.user_attrs.get("error", "?") for t in trials if t.state == TrialState.FAIL][-5:]
+        errors = [f"trial {t.number}: {t.user_attrs.get('error', 'failed before its objective ran')}"
+                  for t in trials if t.state == TrialState.FAIL][-5:]
         raise SearchError(f"search: no trial completed ({count[TrialState.FAIL]} failed, "
                           f"{count[TrialState.PRUNED]} pruned); last errors:\n  " + "\n  ".join(errors))
     chosen, front = pick_trial(study, cfg)

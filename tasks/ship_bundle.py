@@ -6,7 +6,6 @@ leaves the previous bundle (or none) and never a half-written one.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import tempfile
@@ -16,15 +15,8 @@ from pathlib import Path
 from prefect import task
 
 from tasks.evaluate_model import Evaluator
+from tasks.guard_bundle import BUNDLE_FORMAT, check_replaceable, relative_paths, sha256_of
 from tasks.run_onnx import make_session
-
-
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _io_spec(path: Path) -> dict:
@@ -36,11 +28,15 @@ def _io_spec(path: Path) -> dict:
 
 def swap_in(ready: Path, target: Path) -> None:
     """Replace `target` by the fully written folder `ready` (same parent) with two renames, so a
-    reader sees the old bundle or the new one, never a mix."""
-    old = target.with_name(f".{target.name}-old")
-    shutil.rmtree(old, ignore_errors=True)
-    if target.exists():
-        target.rename(old)
+    reader sees the old bundle or the new one, never a mix. Only a folder that is provably a bundle
+    modelforge wrote is ever moved aside and deleted; anything else raises `BundleError`."""
+    check_replaceable(target)
+    if not target.exists():
+        ready.rename(target)
+        return
+    # A fresh, unique folder for the old bundle: nothing that already exists is ever deleted.
+    old = Path(tempfile.mkdtemp(prefix=f".{target.name}-old-", dir=target.parent))
+    target.rename(old / target.name)
     ready.rename(target)
     shutil.rmtree(old, ignore_errors=True)
 
@@ -68,6 +64,7 @@ def ship_bundle(onnx_path: Path, bundle_dir: Path, evaluator: Evaluator, data_ve
         model = tmp / "model.onnx"
         shutil.copyfile(onnx_path, model)
         manifest = {
+            "format": BUNDLE_FORMAT,
             "model_file": model.name,
             "sha256": sha256_of(model),
             "size_bytes": model.stat().st_size,
@@ -75,7 +72,7 @@ def ship_bundle(onnx_path: Path, bundle_dir: Path, evaluator: Evaluator, data_ve
             **evaluator.serving_info(),
             "data_version": data_version,
             "created_at": datetime.now(timezone.utc).isoformat(),
-            **details,
+            **relative_paths(details, bundle_dir),
         }
         evaluator.attach(tmp)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")

@@ -9,6 +9,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import os
+import socket
 import tempfile
 import time
 import traceback
@@ -23,7 +25,9 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
-from tasks.config import ConfigError, PipelineConfig, TrackingConfig, load_config
+from tasks.config import ConfigError, PipelineConfig, TrackingConfig, load_config, tracking_of
+from tasks.lock_workdir import lock_workdir
+from tasks.stop_run import clear_stop, interruption, request_stop
 
 _MAX_PARAM_LEN = 6000
 
@@ -133,15 +137,16 @@ def end_run(run_id: str, status: str = "FINISHED") -> None:
     MlflowClient().set_terminated(run_id, status)
 
 
-def fail_run(run_id: str, err: BaseException) -> None:
-    """Mark the run FAILED with the error as a tag (visible in the runs table) and a full traceback."""
-    summary = f"{type(err).__name__}: {err}"
-    set_tags(run_id, {"error": summary[:5000], "status_reason": "failed"})
+def fail_run(run_id: str, err: BaseException, status: str = "FAILED", reason: str | None = None) -> None:
+    """End the run FAILED (or KILLED, for a stop request) with the error, or `reason`, as a tag (visible
+    in the runs table) and a full traceback."""
+    summary = f"{type(err).__name__}: {reason or err}"
+    set_tags(run_id, {"error": summary[:5000], "status_reason": "interrupted" if status == "KILLED" else "failed"})
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "error.txt"
         path.write_text("".join(traceback.format_exception(err)))
         log_artifact(run_id, path)
-    end_run(run_id, "FAILED")
+    end_run(run_id, status)
 
 
 def log_stage(run_id: str, stage: str, values: dict) -> None:
@@ -161,35 +166,69 @@ class PipelineRun:
     run_id: str
 
 
+def close_orphans(experiment_id: str, workdir: Path, closer: str) -> list[str]:
+    """Mark FAILED the runs of this work dir on this host that are still RUNNING: with the work dir
+    locked by the caller, no live process can own them (their process was SIGKILLed, or the machine
+    went down). Their RUNNING trial runs go with them. Returns the ids closed."""
+    client = MlflowClient()
+    query = (f"attributes.status = 'RUNNING' and tags.`modelforge.workdir` = '{workdir}' "
+             f"and tags.`modelforge.host` = '{socket.gethostname()}'")
+    closed = []
+    for run in client.search_runs([experiment_id], query, max_results=1000):
+        if run.info.run_id == closer:
+            continue
+        note = (f"orphaned: its process (pid {run.data.tags.get('modelforge.pid', '?')}) ended without closing "
+                f"the run (killed?); marked FAILED by run {closer}")
+        children = client.search_runs([experiment_id], f"attributes.status = 'RUNNING' and "
+                                      f"tags.mlflow.parentRunId = '{run.info.run_id}'", max_results=1000)
+        for orphan in [run, *children]:
+            set_tags(orphan.info.run_id, {"error": note, "status_reason": "orphaned"})
+            end_run(orphan.info.run_id, "FAILED")
+        closed.append(run.info.run_id)
+    if closed:
+        print(f"[track] marked {len(closed)} orphaned run(s) FAILED: {', '.join(c[:8] for c in closed)}")
+    return closed
+
+
 @contextmanager
 def pipeline_run(config_path: str | Path, root: str | Path, run_name: str = "optimize",
-                 family: str = "classifier") -> Iterator[PipelineRun]:
-    """Load and print the resolved config, open the parent MLflow run, and close it FINISHED or,
-    on any error (a bad config included), FAILED with the error recorded on the run."""
+                 family: str = "classifier", lock_wait_s: float = 0) -> Iterator[PipelineRun]:
+    """Load and print the resolved config, lock the work dir, close runs a killed process left
+    RUNNING, open the parent MLflow run, and close it FINISHED; on a stop request (Ctrl-C, SIGTERM)
+    KILLED, on any other error (a bad config included) FAILED, with the reason recorded on the run.
+    Any error also asks the stages still running in other threads to stop."""
     root = Path(root).resolve()
+    clear_stop()
     try:
         cfg = load_config(config_path).resolved(root)
         if cfg.family != family:
             raise ConfigError(f"{config_path} configures the {cfg.family!r} pipeline, not {family!r}: "
                               "run it with `modelforge run --config ...`, which picks the flow by family")
     except ConfigError as err:
-        # The config names the store; with no usable config the default store still records the failure.
-        tracking = PipelineConfig().resolved(root).tracking
+        # Filed under the experiment the config names when its tracking section is usable.
+        tracking = PipelineConfig(tracking=tracking_of(config_path)).anchored(root).tracking
         run_id = start_run(setup_tracking(tracking), run_name, tags={"config_path": str(config_path)})
         fail_run(run_id, err)
         raise
-    text = yaml.safe_dump(cfg.model_dump(mode="json", by_alias=True), sort_keys=False)
-    print(f"[config] resolved config from {config_path}:\n{text}")
-    experiment_id = setup_tracking(cfg.tracking)
-    run_id = start_run(experiment_id, run_name, tags={"config_path": str(config_path)})
-    try:
-        log_params(run_id, cfg.flat())
-        log_text(run_id, text, "config.yaml")
-        yield PipelineRun(cfg, root, experiment_id, run_id)
-    except BaseException as err:
-        fail_run(run_id, err)
-        raise
-    end_run(run_id, "FINISHED")
+    with lock_workdir(cfg.workdir, f"{run_name} --config {config_path}", lock_wait_s) as note:
+        text = yaml.safe_dump(cfg.model_dump(mode="json", by_alias=True), sort_keys=False)
+        print(f"[config] resolved config from {config_path}:\n{text}")
+        experiment_id = setup_tracking(cfg.tracking)
+        run_id = start_run(experiment_id, run_name, tags={
+            "config_path": str(config_path), "modelforge.workdir": str(cfg.workdir),
+            "modelforge.host": socket.gethostname(), "modelforge.pid": str(os.getpid())})
+        note(mlflow_run=run_id)
+        try:
+            close_orphans(experiment_id, cfg.workdir, run_id)
+            log_params(run_id, cfg.flat())
+            log_text(run_id, text, "config.yaml")
+            yield PipelineRun(cfg, root, experiment_id, run_id)
+        except BaseException as err:
+            stopped = interruption(err)
+            request_stop(stopped or f"{type(err).__name__} in the pipeline run")
+            fail_run(run_id, err, "KILLED" if stopped else "FAILED", stopped)
+            raise
+        end_run(run_id, "FINISHED")
 
 
 def log_candidates(run_id: str, candidates: list, reports: list, summary: dict[str, Path]) -> None:

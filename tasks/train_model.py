@@ -18,6 +18,7 @@ from torch import nn
 
 from tasks.build_model import Arch, build_model, count_params, load_checkpoint, save_checkpoint
 from tasks.config import TrainConfig
+from tasks.stop_run import check_stop
 from tasks.track_run import code_version
 from tasks.version_data import load_splits
 
@@ -94,6 +95,7 @@ def fit(
 
     `after_step` runs after every optimizer step (pruning uses it to keep masked weights at zero);
     `on_epoch` receives each epoch's metrics (for MLflow curves, pruners and progress output).
+    A stop request (Ctrl-C, SIGTERM, a failed stage) ends it between two batches with `RunInterrupted`.
     """
     torch.manual_seed(params.seed)
     gen = torch.Generator().manual_seed(params.seed)
@@ -109,6 +111,7 @@ def fit(
         order = torch.randperm(len(x_train), generator=gen)
         total = 0.0
         for i in range(0, len(order), params.batch_size):
+            check_stop()
             idx = order[i : i + params.batch_size]
             xb, yb = x_train[idx], y_train[idx]
             loss = loss_fn(model(xb), xb, yb)
@@ -198,4 +201,7 @@ def _cached_train_key(_context, p: dict) -> str:
 
 
 check_init_checkpoint_task = task(check_init_checkpoint, name="check_init_checkpoint")
-train_model_task = task(train_model, name="train_model", cache_key_fn=_cached_train_key, persist_result=True)
+# JSON, not Prefect's default pickle: a cache hit reads this file back, and the work dir must hold
+# nothing that runs code when it is loaded.
+train_model_task = task(train_model, name="train_model", cache_key_fn=_cached_train_key, persist_result=True,
+                        result_serializer="json")

@@ -21,6 +21,7 @@ from tasks.config import DataConfig, TextDataConfig
 
 SPLITS = ("train", "val", "test")
 MANIFEST = "manifest.json"
+REQUIRED_MANIFEST = {"preprocessing": "what a caller must do to raw inputs; shipped in the serving bundle"}
 
 
 class DataError(ValueError):
@@ -97,6 +98,8 @@ def load_splits(data_dir: Path) -> Splits:
         input_shape = tuple(manifest["input_shape"])
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise DataError(f"{data_dir / MANIFEST}: unreadable or incomplete manifest ({err})") from None
+    # Later stages need these (the serving bundle states the preprocessing): fail now, not after registering.
+    problems += [f"{MANIFEST}: missing {key!r} ({why})" for key, why in REQUIRED_MANIFEST.items() if key not in manifest]
 
     arrays: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for split in SPLITS:
@@ -108,6 +111,9 @@ def load_splits(data_dir: Path) -> Splits:
             continue
         if xs.shape[1:] != input_shape:
             problems.append(f"{split}_x: sample shape {xs.shape[1:]} != manifest input_shape {input_shape}")
+        if ys.ndim != 1:
+            problems.append(f"{split}_y: labels have shape {list(ys.shape)}; they must be one class index per "
+                            f"sample, shape [{len(ys)}]")
         if len(xs) != len(ys):
             problems.append(f"{split}: {len(xs)} samples but {len(ys)} labels")
         if len(ys) == 0:

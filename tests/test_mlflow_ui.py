@@ -1,6 +1,7 @@
 """The MLflow UI really shows the pipeline's runs: `mlflow ui` on loopback, rendered by headless
-Chromium. Skips when no Chromium is installed (CI has none; `apt-get install chromium` adds it)."""
+Chromium. `make test` installs Chromium when missing; the test skips only outside CI when it could not."""
 
+import os
 import shutil
 import socket
 import subprocess
@@ -14,7 +15,9 @@ from tasks import track_run
 from tasks.config import TrackingConfig
 
 CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed")
+# `make test` installs Chromium where it can (root + apt-get); in CI a missing browser is a failure, not a skip.
+pytestmark = pytest.mark.skipif(CHROMIUM is None and os.environ.get("CI") != "true",
+                                reason="Chromium is not installed (make test installs it as root)")
 
 
 def free_port() -> int:
@@ -24,6 +27,7 @@ def free_port() -> int:
 
 
 def test_runs_are_visible_in_the_mlflow_ui(tmp_path):
+    assert CHROMIUM, "CI must run this test: `make test` installs Debian's chromium as root"
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     exp = track_run.setup_tracking(TrackingConfig(uri=uri, experiment="ui-check", artifact_dir=tmp_path / "art"))
     for name, acc in (("optimize-run-alpha", 0.97), ("optimize-run-beta", 0.95)):

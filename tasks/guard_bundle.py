@@ -1,0 +1,78 @@
+"""Proof of ownership before a bundle folder is replaced.
+
+Shipping, promotion and rollback swap a whole folder, which means moving the old one aside and
+deleting it. That is only safe for a folder modelforge wrote itself: a manifest that carries the
+bundle format marker (or, for bundles written before the marker existed, a sha256 that matches its
+model file) and nothing in the folder but what the manifest names. Anything else is refused with
+a `BundleError` and left untouched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+BUNDLE_FORMAT = "modelforge-bundle/1"
+MANIFEST = "manifest.json"
+
+
+class BundleError(ValueError):
+    """A bundle folder is not what it claims to be: not written by modelforge, or not intact."""
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def relative_paths(value: object, base: Path) -> object:
+    """`value` with every absolute path string made relative to `base` (or cut to its file name when
+    it lies elsewhere): a manifest travels to other machines and must not show this one's layout."""
+    if isinstance(value, dict):
+        return {k: relative_paths(v, base) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [relative_paths(v, base) for v in value]
+    if isinstance(value, (str, Path)) and Path(value).is_absolute():
+        path = Path(value)
+        return str(path.relative_to(base)) if path.is_relative_to(base) else path.name
+    return value
+
+
+def bundle_entries(manifest: dict) -> set[str]:
+    """The names a bundle folder may hold: the manifest, the model and what the manifest points to."""
+    return {MANIFEST, str(manifest.get("model_file", "model.onnx"))} | (
+        {str(manifest["tokenizer_dir"])} if "tokenizer_dir" in manifest else set())
+
+
+def bundle_problem(folder: Path) -> str | None:
+    """Why `folder` may not be replaced, or None when it is absent or provably a modelforge bundle."""
+    folder = Path(folder)
+    if not folder.exists() and not folder.is_symlink():
+        return None
+    if folder.is_symlink() or not folder.is_dir():
+        return f"{folder} exists and is not a folder modelforge wrote (a file or a link)"
+    refuse = f"{folder} exists and is not a bundle modelforge wrote"
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+        if not isinstance(manifest, dict):
+            raise ValueError("not an object")
+    except (OSError, ValueError) as err:
+        return f"{refuse} (no readable {MANIFEST}: {type(err).__name__})"
+    if manifest.get("format") != BUNDLE_FORMAT:
+        model = folder / str(manifest.get("model_file", "model.onnx"))
+        if not (model.is_file() and manifest.get("sha256") == sha256_of(model)):
+            return f"{refuse} (its manifest has no '{BUNDLE_FORMAT}' marker and no sha256 of its model)"
+    if extra := sorted(p.name for p in folder.iterdir() if p.name not in bundle_entries(manifest)):
+        shown = ", ".join(extra[:5]) + (f" and {len(extra) - 5} more" if len(extra) > 5 else "")
+        return f"{folder} is a bundle but also holds files modelforge did not write ({shown})"
+    return None
+
+
+def check_replaceable(folder: Path) -> None:
+    if problem := bundle_problem(folder):
+        raise BundleError(f"{problem}: refusing to replace it; point the bundle setting at another folder "
+                          "or move this one away")
