@@ -211,7 +211,8 @@ def parse_inputs(payload: object, sample_shape: tuple[int, ...], max_batch: int 
     if problem := _numbers_problem(payload["inputs"], len(sample_shape) + 1):
         raise BadRequest(400, problem)
     try:
-        x = np.asarray(payload["inputs"], dtype=np.float32)
+        with np.errstate(over="ignore"):  # a float beyond float32 becomes inf, refused below
+            x = np.asarray(payload["inputs"], dtype=np.float32)
     except (ValueError, TypeError):
         raise BadRequest(400, "inputs must be a rectangular array of numbers") from None
     if x.shape == sample_shape:

@@ -57,3 +57,12 @@ def mlp_checkpoint(splits, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def train_cfg() -> TrainConfig:
     return TrainConfig(max_epochs=4, patience=5)
+
+
+@pytest.fixture(autouse=True)
+def _no_stop_request_leaks():
+    """A failed in-process pipeline run asks running stages to stop; the next test starts clean."""
+    from tasks.stop_run import clear_stop
+
+    yield
+    clear_stop()

@@ -120,7 +120,7 @@ def test_bad_config_fails_the_run_before_anything_else(tmp_path):
     with pytest.raises(ConfigError) as err:
         optimize(config_path=str(path), root=str(tmp_path))
     assert "train.patience" in str(err.value) and "train.epochs_max" in str(err.value)
-    run = failed_run(tmp_path, "modelforge")  # the defaults' store: the config never got to name one
+    run = failed_run(tmp_path)  # filed under the experiment the config names: its tracking section is valid
     assert "train.patience" in run.data.tags["error"]
     assert not (tmp_path / "deploy").exists() and not (tmp_path / "data").exists()
 
