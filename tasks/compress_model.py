@@ -19,9 +19,11 @@ import torch
 from onnxruntime.quantization import CalibrationDataReader
 from prefect import task
 from torch import nn
+from torch.nn.utils import parametrize
 
 from tasks.build_model import build_model, count_params, load_checkpoint, save_checkpoint
-from tasks.config import ConvertFp16, Distill, MagnitudePrune, QuantizeDynamic, QuantizeStatic, StructuredPrune, TrainConfig
+from tasks.config import (Binarize, ConvertFp16, Distill, MagnitudePrune, QuantizeAware, QuantizeDynamic,
+                          QuantizeStatic, SparsityTrain, StructuredPrune, TrainConfig)
 from tasks.export_onnx import INPUT_NAME, export_onnx
 from tasks.run_onnx import make_session, onnx_accuracy
 from tasks.train_model import TrainParams, accuracy, fit
@@ -197,6 +199,148 @@ def distill(state: ModelState, cfg: Distill, ctx: CompressContext) -> ModelState
     return replace(state, checkpoint=ckpt, info={**state.info, "distill": info})
 
 
+class _BinaryWeight(nn.Module):
+    """Parametrization: sign(w) x alpha, alpha the mean |w| of each output channel (XNOR-Net's
+    optimal scale). The backward pass is the identity on w (straight-through estimator), so the
+    latent full-precision weights keep learning while every forward pass sees binary ones."""
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        alpha = w.detach().abs().flatten(1).mean(1).view(-1, *[1] * (w.dim() - 1))
+        return w + (torch.where(w >= 0, alpha, -alpha) - w).detach()
+
+
+@register("binarize")
+def binarize(state: ModelState, cfg: Binarize, ctx: CompressContext) -> ModelState:
+    """1-bit weights with a per-channel scale, trained with a straight-through estimator, then baked
+    in. ONNX Runtime has no 1-bit kernels: the exported graph stores the +-alpha values as float32
+    and runs at float speed; `info` states the size the weights would take packed to one bit."""
+    model, arch, meta = load_checkpoint(state.checkpoint)
+    layers = _layers(model)
+    chosen = layers[1:-1] if cfg.keep_first_last else layers
+    if not chosen:
+        raise ValueError(f"binarize: the model has {len(layers)} conv/linear layers; with keep_first_last nothing "
+                         "is left to binarize")
+    for layer in chosen:
+        parametrize.register_parametrization(layer, "weight", _BinaryWeight())
+    acc_binary = accuracy(model, *ctx.splits.val)
+    fit(model, ctx.splits.train, ctx.splits.val, _train_params(ctx, meta, cfg.finetune_epochs, cfg.finetune_lr_scale))
+    for layer in chosen:
+        parametrize.remove_parametrizations(layer, "weight", leave_parametrized=True)
+    binary = sum(layer.weight.numel() for layer in chosen)
+    scales = sum(layer.weight.shape[0] for layer in chosen)
+    bits = binary + 32 * (scales + count_params(model) - binary)
+    info = {"layers_binarized": len(chosen), "binary_weights": binary, "params": count_params(model),
+            "packed_bits": bits, "packed_bytes": -(-bits // 8), "float32_bytes": 4 * count_params(model),
+            "val_acc_binarized": acc_binary, "val_acc_trained": accuracy(model, *ctx.splits.val)}
+    ckpt = save_checkpoint(ctx.out_dir / "binary.pt", model, arch, {**meta, "binarize": info})
+    print(f"[compress] binarize: {binary} of {count_params(model)} weights in {len(chosen)} layers are 1-bit "
+          f"({info['packed_bytes']} bytes packed vs {info['float32_bytes']} float32; ORT stores and runs them as "
+          f"float32), val acc {acc_binary:.4f} -> {info['val_acc_trained']:.4f} after {cfg.finetune_epochs} epochs")
+    return replace(state, checkpoint=ckpt, info={**state.info, "binarize": info})
+
+
+def _channel_norms(model: nn.Module) -> list[torch.Tensor]:
+    """L2 norm of every conv filter / hidden neuron (the classifier's rows are classes, not channels)."""
+    return [layer.weight.flatten(1).norm(dim=1) for layer in _layers(model)[:-1]]
+
+
+@register("sparsity_train")
+def sparsity_train(state: ModelState, cfg: SparsityTrain, ctx: CompressContext) -> ModelState:
+    """Fine-tune with an L1 penalty: on channel norms (group lasso, driving whole filters/neurons
+    towards zero, so a following structured_prune removes channels that carry little) or on the
+    weights themselves (ahead of magnitude_prune). The last epoch is kept: the penalty's effect
+    builds up over the run."""
+    model, arch, meta = load_checkpoint(state.checkpoint)
+    if cfg.target == "channels":
+        l1 = lambda: sum(n.sum() for n in _channel_norms(model))
+    else:
+        l1 = lambda: sum(w.abs().sum() for w in _prunable(model))
+
+    def penalised(logits: torch.Tensor, _x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(logits, y) + cfg.penalty * l1()
+
+    acc_before = accuracy(model, *ctx.splits.val)
+    fit(model, ctx.splits.train, ctx.splits.val, _train_params(ctx, meta, cfg.finetune_epochs, cfg.finetune_lr_scale),
+        loss_fn=penalised, restore_best=False)
+    with torch.no_grad():
+        norms = torch.cat(_channel_norms(model))
+        weights = torch.cat([w.abs().flatten() for w in _prunable(model)])
+    info = {"target": cfg.target, "penalty": cfg.penalty, "val_acc_before": acc_before,
+            "val_acc_after": accuracy(model, *ctx.splits.val),
+            # "near zero": under 5% of the largest channel norm / weight
+            "channels_near_zero": float((norms < 0.05 * norms.max()).float().mean()),
+            "weights_near_zero": float((weights < 0.05 * weights.max()).float().mean())}
+    ckpt = save_checkpoint(ctx.out_dir / "sparse.pt", model, arch, {**meta, "sparsity_train": info})
+    print(f"[compress] sparsity_train ({cfg.target}, penalty {cfg.penalty}): {info['channels_near_zero']:.0%} of "
+          f"channels and {info['weights_near_zero']:.0%} of weights near zero, val acc {acc_before:.4f} -> "
+          f"{info['val_acc_after']:.4f}")
+    return replace(state, checkpoint=ckpt, info={**state.info, "sparsity_train": info})
+
+
+class _FakeQuantWeight(nn.Module):
+    """Parametrization: weights rounded to the symmetric int8 grid ORT's QDQ quantizer will use
+    (scale = max |w| / 127, per output channel or per tensor), straight-through in the backward pass."""
+
+    def __init__(self, per_channel: bool):
+        super().__init__()
+        self.per_channel = per_channel
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        peak = w.detach().abs().flatten(1).amax(1) if self.per_channel else w.detach().abs().max().expand(w.shape[0])
+        scale = (peak.clamp_min(1e-8) / 127).view(-1, *[1] * (w.dim() - 1))
+        return w + ((w / scale).round().clamp(-127, 127) * scale - w).detach()
+
+
+def _fake_quant_inputs(layer: nn.Module, momentum: float = 0.1):
+    """A pre-hook fake-quantizing the layer's input to int8 over its running min/max (what
+    calibration will see), with torch's straight-through gradient."""
+    state = {"lo": None, "hi": None}
+
+    def hook(_module: nn.Module, args: tuple) -> tuple:
+        x = args[0]
+        lo, hi = float(x.detach().min()), float(x.detach().max())
+        if state["lo"] is None:
+            state["lo"], state["hi"] = lo, hi
+        elif _module.training:
+            state["lo"] += momentum * (lo - state["lo"])
+            state["hi"] += momentum * (hi - state["hi"])
+        lo, hi = min(state["lo"], 0.0), max(state["hi"], 0.0)
+        scale = max(hi - lo, 1e-8) / 255
+        zero = int(round(-128 - lo / scale))
+        return (torch.fake_quantize_per_tensor_affine(x, scale, zero, -128, 127), *args[1:])
+
+    return layer.register_forward_pre_hook(hook)
+
+
+@register("quantize_aware", onnx_level=True)
+def quantize_aware(state: ModelState, cfg: QuantizeAware, ctx: CompressContext) -> ModelState:
+    """Quantization-aware training: fine-tune with every conv/linear weight on the int8 grid and every
+    such layer's input fake-quantized, so the network learns to live with INT8 rounding; then bake
+    the weights, export, and convert to QDQ INT8 with ORT's static quantizer (calibrated as
+    quantize_static). For when post-training quantization loses too much accuracy."""
+    model, arch, meta = load_checkpoint(state.checkpoint)
+    layers = _layers(model)
+    for layer in layers:
+        parametrize.register_parametrization(layer, "weight", _FakeQuantWeight(cfg.per_channel))
+    hooks = [_fake_quant_inputs(layer) for layer in layers]
+    acc_fq = accuracy(model, *ctx.splits.val)
+    fit(model, ctx.splits.train, ctx.splits.val, _train_params(ctx, meta, cfg.finetune_epochs, cfg.finetune_lr_scale))
+    acc_trained = accuracy(model, *ctx.splits.val)
+    for hook in hooks:
+        hook.remove()
+    for layer in layers:
+        parametrize.remove_parametrizations(layer, "weight", leave_parametrized=True)
+    ckpt = save_checkpoint(ctx.out_dir / "qat.pt", model, arch, {**meta, "quantize_aware": {}})
+    exported = _export(replace(state, checkpoint=ckpt), ctx)
+    out = _quantize_qdq(_preprocessed(exported, ctx), ctx.out_dir / "int8_qat.onnx",
+                        _calibration_set(ctx, cfg.calibration_samples, "quantize_aware"), cfg.per_channel)
+    info = {"val_acc_fake_quant_before": acc_fq, "val_acc_fake_quant_trained": acc_trained,
+            "val_acc_int8": onnx_accuracy(make_session(out), *ctx.splits.val), "per_channel": cfg.per_channel}
+    print(f"[compress] quantize_aware: fake-quant val acc {acc_fq:.4f} -> {acc_trained:.4f} after "
+          f"{cfg.finetune_epochs} epochs; exported INT8 val acc {info['val_acc_int8']:.4f}")
+    return replace(exported, onnx=out, parity_max_abs=None, info={**exported.info, "quantize_aware": info})
+
+
 def _preprocessed(state: ModelState, ctx: CompressContext) -> Path:
     """ORT's recommended pre-pass (shape inference + graph cleanup) before quantizing."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -238,6 +382,29 @@ class _CalibrationReader(CalibrationDataReader):
 
 
 QUANTIZABLE_OPS = ("Conv", "Gemm", "MatMul")
+
+
+def _calibration_set(ctx: CompressContext, samples: int, method: str) -> np.ndarray:
+    x_train = ctx.splits.train[0]
+    if len(x_train) == 0:
+        raise ValueError(f"{method}: the calibration set (training split) is empty")
+    rng = np.random.default_rng(ctx.train.seed)
+    return x_train[rng.permutation(len(x_train))[:samples]]
+
+
+def _quantize_qdq(fp32: Path, out: Path, calib: np.ndarray, per_channel: bool, calibrate_method: str = "minmax",
+                  exclude: list[str] | tuple = ()) -> Path:
+    """ORT static INT8 in QDQ format (signed 8-bit weights and activations), calibrated on `calib`."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType
+    from onnxruntime.quantization import quantize_static as ort_quantize_static
+
+    method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+              "percentile": CalibrationMethod.Percentile}[calibrate_method]
+    # reduce_range: 7-bit weights avoid u8s8 overflow on CPUs without VNNI.
+    ort_quantize_static(str(fp32), str(out), _CalibrationReader(calib), quant_format=QuantFormat.QDQ,
+                        per_channel=per_channel, reduce_range=not cpu_has_vnni(), nodes_to_exclude=list(exclude),
+                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, calibrate_method=method)
+    return out
 
 
 def rank_nodes_by_error(fp32: Path, int8: Path, x: np.ndarray, work: Path) -> list[tuple[str, float]]:
@@ -286,23 +453,12 @@ def quantize_static(state: ModelState, cfg: QuantizeStatic, ctx: CompressContext
     """QDQ INT8 with calibration. With `max_accuracy_loss`, nodes whose INT8 output strays most from
     FP32 fall back to FP32 one at a time until the val-accuracy loss is within bounds; the best
     model seen is kept even if the bound is never met."""
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType
-    from onnxruntime.quantization import quantize_static as ort_quantize_static
-
-    x_train = ctx.splits.train[0]
-    if len(x_train) == 0:
-        raise ValueError("quantize_static: the calibration set (training split) is empty")
-    rng = np.random.default_rng(ctx.train.seed)
-    calib = x_train[rng.permutation(len(x_train))[: cfg.calibration_samples]]
-    method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-              "percentile": CalibrationMethod.Percentile}[cfg.calibrate_method]
-    reduce_range = not cpu_has_vnni()  # 7-bit weights avoid u8s8 overflow on CPUs without VNNI
+    calib = _calibration_set(ctx, cfg.calibration_samples, "quantize_static")
+    reduce_range = not cpu_has_vnni()
     fp32 = _preprocessed(state, ctx)
 
     def quantize(exclude: list[str], out: Path) -> float:
-        ort_quantize_static(str(fp32), str(out), _CalibrationReader(calib), quant_format=QuantFormat.QDQ,
-                            per_channel=cfg.per_channel, reduce_range=reduce_range, nodes_to_exclude=exclude,
-                            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, calibrate_method=method)
+        _quantize_qdq(fp32, out, calib, cfg.per_channel, cfg.calibrate_method, exclude)
         return onnx_accuracy(make_session(out), *ctx.splits.val)
 
     out = ctx.out_dir / "int8_static.onnx"

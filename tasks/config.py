@@ -95,8 +95,15 @@ Objective = Literal["accuracy", "latency", "size"]
 
 
 class SearchConfig(_Section):
-    sampler: Literal["tpe", "random", "grid", "cmaes", "nsga2"] = Field(
-        "tpe", description="tpe (Bayesian), random, grid, cmaes (single objective), nsga2 (evolutionary).")
+    sampler: Literal["tpe", "random", "grid", "cmaes", "nsga2", "greedy", "genetic"] = Field(
+        "tpe", description="tpe (Bayesian), random, grid, cmaes (single objective), nsga2 (evolutionary, Pareto), "
+        "greedy (hill climbing one parameter at a time, random restarts), genetic (GA: tournament selection, "
+        "uniform crossover, mutation).")
+    greedy_patience: int = Field(8, ge=1, description="greedy: trials without improvement before a random restart.")
+    greedy_step: float = Field(0.25, gt=0, le=1, description="greedy: a numeric move's std-dev as a share of its range.")
+    population: int | None = Field(None, ge=2, description="nsga2/genetic: population size (default n_trials/3, 4..20).")
+    mutation_prob: float | None = Field(None, gt=0, le=1, description="genetic: per-parameter mutation probability "
+                                        "(default 1 / number of parameters).")
     pruner: Literal["none", "median", "hyperband", "successive_halving"] = Field(
         "none", description="Stop poor trials early on their per-epoch val accuracy (single objective only).")
     objectives: list[Objective] = Field(
@@ -184,6 +191,32 @@ class Distill(_Step):
     epochs: int = Field(30, ge=1, description="Student training epochs (early stopping applies).")
 
 
+class Binarize(_Finetuned):
+    method: Literal["binarize"]
+    keep_first_last: bool = Field(True, description="Keep the first and the last layer in full precision (as "
+                                  "XNOR-Net does): they hold few weights and much of the accuracy.")
+    finetune_epochs: int = Field(20, ge=1, description="Training epochs with binary weights (straight-through estimator).")
+    finetune_lr_scale: float = Field(0.5, gt=0, description="Training lr as a multiple of the baseline's lr.")
+
+
+class SparsityTrain(_Finetuned):
+    method: Literal["sparsity_train"]
+    target: Literal["channels", "weights"] = Field(
+        "channels", description="channels: group L1 (the sum of every conv filter's / hidden neuron's weight L2 "
+        "norm, as network slimming does on BatchNorm scales) drives whole channels to zero before "
+        "structured_prune; weights: plain L1, before magnitude_prune.")
+    penalty: float = Field(1e-3, gt=0, description="Weight of the L1 term beside the cross-entropy.")
+    finetune_epochs: int = Field(10, ge=1, description="Fine-tuning epochs with the penalty.")
+    finetune_lr_scale: float = Field(0.5, gt=0, description="Fine-tuning lr as a multiple of the baseline's lr.")
+
+
+class QuantizeAware(_Finetuned):
+    method: Literal["quantize_aware"]
+    finetune_epochs: int = Field(5, ge=1, description="Fine-tuning epochs with fake-quantized weights and activations.")
+    calibration_samples: int = Field(256, ge=1, description="Training samples that calibrate the exported QDQ model.")
+    per_channel: bool = Field(True, description="Per-channel weight scales (in training and in the export).")
+
+
 class QuantizeDynamic(_Step):
     method: Literal["quantize_dynamic"]
     per_channel: bool = Field(False, description="Per-channel weight scales.")
@@ -206,7 +239,8 @@ class ConvertFp16(_Step):
 
 
 Step = Annotated[
-    Union[MagnitudePrune, StructuredPrune, Distill, QuantizeDynamic, QuantizeStatic, ConvertFp16],
+    Union[MagnitudePrune, StructuredPrune, Distill, Binarize, SparsityTrain, QuantizeDynamic, QuantizeStatic,
+          QuantizeAware, ConvertFp16],
     Field(discriminator="method"),
 ]
 

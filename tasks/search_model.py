@@ -105,8 +105,20 @@ def make_sampler(cfg: SearchConfig) -> optuna.samplers.BaseSampler:
     if cfg.sampler == "cmaes":
         # CMA-ES models numeric parameters only; categorical ones are drawn independently.
         return optuna.samplers.CmaEsSampler(seed=cfg.seed, warn_independent_sampling=False)
+    population = cfg.population or max(4, min(20, cfg.n_trials // 3))
     if cfg.sampler == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=cfg.seed, population_size=max(4, min(20, cfg.n_trials // 3)))
+        return optuna.samplers.NSGAIISampler(seed=cfg.seed, population_size=population)
+    if cfg.sampler == "genetic":
+        # A GA over the mixed space: with one objective, NSGA-II's non-dominated ranking is plain
+        # fitness ranking, so its binary tournament, uniform crossover and mutation make a textbook GA.
+        from optuna.samplers.nsgaii import UniformCrossover
+
+        return optuna.samplers.NSGAIISampler(seed=cfg.seed, population_size=population, crossover=UniformCrossover(),
+                                             mutation_prob=cfg.mutation_prob)
+    if cfg.sampler == "greedy":
+        from tasks.sample_greedy import GreedySampler
+
+        return GreedySampler(seed=cfg.seed, patience=cfg.greedy_patience, step=cfg.greedy_step)
     raise ValueError(f"unknown sampler {cfg.sampler!r}")
 
 

@@ -90,12 +90,15 @@ def fit(
     loss_fn: LossFn | None = None,
     after_step: Callable[[nn.Module], None] | None = None,
     on_epoch: Callable[[dict], None] | None = None,
+    restore_best: bool = True,
 ) -> FitResult:
     """Train in place, restoring the weights of the best validation epoch before returning.
 
     `after_step` runs after every optimizer step (pruning uses it to keep masked weights at zero);
     `on_epoch` receives each epoch's metrics (for MLflow curves, pruners and progress output).
     A stop request (Ctrl-C, SIGTERM, a failed stage) ends it between two batches with `RunInterrupted`.
+    `restore_best=False` keeps the last epoch's weights (a penalty that shapes the weights over the
+    whole run, as sparsity training's, must not be rolled back to an early epoch).
     """
     torch.manual_seed(params.seed)
     gen = torch.Generator().manual_seed(params.seed)
@@ -133,7 +136,8 @@ def fit(
             best_acc, best_epoch, best_state = val_acc, epoch, copy.deepcopy(model.state_dict())
         elif epoch - best_epoch >= params.patience:
             break
-    model.load_state_dict(best_state)
+    if restore_best:
+        model.load_state_dict(best_state)
     model.eval()
     return FitResult(best_acc, best_epoch, len(history), time.perf_counter() - start, history)
 

@@ -7,7 +7,8 @@ import torch
 
 from tasks.build_model import count_params, load_checkpoint
 from tasks.compress_model import HANDLERS, ONNX_METHODS, compress_candidate
-from tasks.config import ConvertFp16, Distill, MagnitudePrune, QuantizeDynamic, QuantizeStatic, StructuredPrune
+from tasks.config import (Binarize, ConvertFp16, Distill, MagnitudePrune, QuantizeAware, QuantizeDynamic,
+                          QuantizeStatic, SparsityTrain, StructuredPrune)
 from tasks.run_onnx import make_session, predict_logits
 from tasks.train_model import accuracy
 
@@ -18,9 +19,12 @@ STEPS = {
     "distill": Distill(method="distill", width_factor=0.5, epochs=15),
     "quantize_dynamic": QuantizeDynamic(method="quantize_dynamic"),
     "quantize_static": QuantizeStatic(method="quantize_static", calibration_samples=64),
+    "binarize": Binarize(method="binarize", finetune_epochs=10),
+    "sparsity_train": SparsityTrain(method="sparsity_train", finetune_epochs=4),
+    "quantize_aware": QuantizeAware(method="quantize_aware", finetune_epochs=2, calibration_samples=64),
 }
 # Allowed test-accuracy loss vs the teacher: a 3.5x smaller student trained for a few seconds gets more.
-MAX_DROP = {"distill": 0.10, "structured_prune": 0.06}
+MAX_DROP = {"distill": 0.10, "structured_prune": 0.06, "binarize": 0.10}
 
 
 def test_every_handler_is_covered():

@@ -180,3 +180,42 @@ def test_search_config_rejects_impossible_strategies():
     assert "needs 'size' in objectives" in msg and "needs size_budget_params" in msg
     with pytest.raises(ConfigError, match="kernels: 4"):
         parse_config({"search": {"space": {"kernels": [3, 4]}}})
+
+
+def test_greedy_moves_one_parameter_from_the_incumbent_and_restarts_when_stale():
+    from tasks.sample_greedy import GreedySampler
+
+    def objective(trial):  # a smooth bowl over a float, a log int and a categorical: optimum x=1.3, y=8, c="b"
+        x, y = trial.suggest_float("x", -5, 5), trial.suggest_int("y", 1, 64, log=True)
+        c = trial.suggest_categorical("c", ["a", "b", "c"])
+        return -((x - 1.3) ** 2) - (y.bit_length() - 4) ** 2 - (0 if c == "b" else 2)
+
+    study = optuna.create_study(direction="maximize", sampler=GreedySampler(seed=0, patience=4))
+    study.optimize(objective, n_trials=60)
+    assert study.best_value > -0.5
+    moves = [t for t in study.trials if "greedy:from_trial" in t.system_attrs]
+    assert len(moves) > 30
+    for t in moves:
+        source = study.trials[t.system_attrs["greedy:from_trial"]]
+        assert [k for k in t.params if t.params[k] != source.params[k]] == [t.system_attrs["greedy:moved"]]
+    restarts = [t for t in study.trials[4:] if "greedy:from_trial" not in t.system_attrs]
+    assert restarts, "a stale climb must restart from a random point"
+
+
+@pytest.mark.parametrize("sampler", ["greedy", "genetic"])
+def test_new_samplers_run_resumable_pipeline_studies(sampler, data_dir, tmp_path, tracking):
+    exp, parent = tracking
+    cfg = small(sampler=sampler, n_trials=6, seed=1, population=2 if sampler == "genetic" else None)
+    first = search_mod.search_model(small(sampler=sampler, n_trials=3, seed=1, population=cfg.population),
+                                    data_dir, tmp_path, "s", exp, parent)
+    resumed = search_mod.search_model(cfg, data_dir, tmp_path, "s", exp, parent)  # the same study, 3 more trials
+    assert first.completed_trials == 3 and resumed.completed_trials == 6
+    trial_runs = MlflowClient().search_runs([exp], f"tags.mlflow.parentRunId = '{parent}'")
+    assert len(trial_runs) == 6 and all(r.info.status == "FINISHED" for r in trial_runs)
+
+
+def test_sampler_settings_are_validated():
+    with pytest.raises(ConfigError) as err:
+        parse_config({"search": {"sampler": "hill", "greedy_patience": 0, "mutation_prob": 1.5, "population": 1}})
+    for key in ("search.sampler", "search.greedy_patience", "search.mutation_prob", "search.population"):
+        assert key in str(err.value)
