@@ -8,6 +8,9 @@ ratios compare like with like; once per `--threads` setting (all cores, and one 
 as when serving one replica per core: FP32 and INT8 kernels scale differently across cores). Prints the table and checks the targets from issue #4:
   INT8: >= 3.5x smaller and >= 1.5x batch-64 throughput vs FP32 at <= 1 point accuracy drop
   structured pruning (50% channels): >= 1.5x throughput at <= 1 point drop after fine-tuning
+and the comparisons of issue #16: binarized weights (packed size vs what ORT stores and runs),
+structured pruning with and without sparsity training at the same amount (before and after the
+pruning's own fine-tuning), and post-training vs quantization-aware INT8 at equal speed.
 Not a test: figures depend on the machine; nothing here asserts on wall time.
 """
 
@@ -25,8 +28,8 @@ import torch  # noqa: E402
 from tasks.build_model import Arch, build_model, save_checkpoint  # noqa: E402
 from tasks.compress_model import compress_candidate  # noqa: E402
 from tasks.config import (  # noqa: E402
-    ConvertFp16, DataConfig, Distill, MagnitudePrune, QuantizeDynamic, QuantizeStatic, StructuredPrune, TrainConfig,
-    ValidateConfig)
+    Binarize, ConvertFp16, DataConfig, Distill, MagnitudePrune, QuantizeAware, QuantizeDynamic, QuantizeStatic,
+    SparsityTrain, StructuredPrune, TrainConfig, ValidateConfig)
 from tasks.evaluate_model import ClassifierEval  # noqa: E402
 from tasks.train_model import TrainParams, accuracy, fit  # noqa: E402
 from tasks.validate_model import validate_candidates  # noqa: E402
@@ -34,6 +37,7 @@ from tasks.version_data import load_splits, materialize_digits  # noqa: E402
 
 STATIC = QuantizeStatic(method="quantize_static", calibration_samples=256)
 STRUCTURED = StructuredPrune(method="structured_prune", amount=0.5, finetune_epochs=20)
+SLIM = SparsityTrain(method="sparsity_train", target="channels", penalty=2e-3, finetune_epochs=20)
 RECIPES = {
     "fp32": [],
     "magnitude_50": [MagnitudePrune(method="magnitude_prune", sparsity=0.5, finetune_epochs=10)],
@@ -43,6 +47,9 @@ RECIPES = {
     "int8_static": [STATIC],
     "fp16": [ConvertFp16(method="convert_fp16")],
     "structured_50+int8": [STRUCTURED, STATIC],
+    "binary": [Binarize(method="binarize", finetune_epochs=40)],
+    "slim+structured_50": [SLIM, STRUCTURED],
+    "int8_qat": [QuantizeAware(method="quantize_aware", finetune_epochs=5, calibration_samples=256)],
 }
 TARGETS = {  # candidate: (min size ratio, min throughput ratio, max accuracy drop in points)
     "int8_static": (3.5, 1.5, 1.0),
@@ -81,7 +88,30 @@ def main() -> None:
     for threads in (int(t) for t in args.threads.split(",")):
         cfg = ValidateConfig(warmup=100, latency_runs=args.latency_runs, throughput_runs=args.throughput_runs,
                              intra_op_threads=threads)
-        print_table(validate_candidates(candidates, cfg, ClassifierEval(data_dir)), threads)
+        reports = validate_candidates(candidates, cfg, ClassifierEval(data_dir))
+        print_table(reports, threads)
+    print_techniques({c.name: c.info for c in candidates}, {r.name: r for r in reports})
+
+
+def print_techniques(info: dict[str, dict], reports: dict) -> None:
+    """Issue #16's comparisons, from the candidates' own step reports and the last timing table."""
+    base = reports["fp32"]
+    b = info["binary"]["binarize"]
+    print(f"
+binarize: {b['binary_weights']} of {b['params']} weights 1-bit; packed {b['packed_bytes'] / 1024:.1f} KB "
+          f"vs {b['float32_bytes'] / 1024:.1f} KB float32 ({b['float32_bytes'] / b['packed_bytes']:.1f}x); ORT stores "
+          f"and runs float32 (ONNX file {reports['binary'].size_bytes / 1024:.1f} KB, throughput "
+          f"{reports['binary'].throughput_sps / base.throughput_sps:.2f}x); test accuracy {reports['binary'].score:.4f} "
+          f"(drop {(base.score - reports['binary'].score) * 100:.2f} pts)")
+    slim = info["slim+structured_50"]["sparsity_train"]
+    print(f"sparsity training (group L1 {slim['penalty']}): {slim['channels_near_zero']:.0%} of channels near zero; "
+          "50% structured pruning, val accuracy right after pruning -> after fine-tuning, test accuracy:")
+    for name in ("structured_50", "slim+structured_50"):
+        s = info[name]["structured_prune"]
+        print(f"  {name:<20} {s['val_acc_pruned']:.4f} -> {s['val_acc_finetuned']:.4f}, test {reports[name].score:.4f}")
+    ptq, qat = reports["int8_static"], reports["int8_qat"]
+    print(f"INT8 post-training vs quantization-aware: test accuracy {ptq.score:.4f} vs {qat.score:.4f}, throughput "
+          f"{ptq.throughput_sps / base.throughput_sps:.2f}x vs {qat.throughput_sps / base.throughput_sps:.2f}x of FP32")
 
 
 def print_table(reports, threads: int) -> None:

@@ -1,4 +1,4 @@
-"""Search benchmark: best validation accuracy reached after N trials, random vs TPE vs NSGA-II.
+"""Search benchmark: best validation accuracy reached after N trials, random vs TPE vs NSGA-II vs greedy vs GA.
 
     .venv/bin/python bench/search.py [--trials 50] [--seeds 0,1,2] [--epochs 4]
 
@@ -22,7 +22,7 @@ from tasks.config import DataConfig, SearchConfig
 from tasks.search_model import _storage, resolve_storage, run_trials
 from tasks.version_data import materialize_digits
 
-SAMPLERS = ("random", "tpe", "nsga2")
+SAMPLERS = ("random", "tpe", "nsga2", "greedy", "genetic")
 
 
 def best_so_far(study: optuna.Study) -> np.ndarray:

@@ -2,6 +2,7 @@
 the code before its fix. Grouped by what the project guarantees (README, "Reliability")."""
 
 import ast
+import dataclasses
 import http.client
 import json
 import os
@@ -226,6 +227,30 @@ def test_a_chunked_body_over_the_limit_is_cut_off(strict_server):
 def test_a_valid_sample_still_predicts(strict_server):
     status, got = post(*strict_server, sample("1").encode())
     assert status == 200 and len(got["predictions"]) == 1
+
+
+def test_a_slow_inference_does_not_stall_the_event_loop(bundle, tmp_path, splits):
+    class SlowSession:  # the real session, one second slower per call (sleep releases the GIL, as ORT does)
+        def __init__(self, session):
+            self.session = session
+
+        def run(self, *args):
+            time.sleep(1.0)
+            return self.session.run(*args)
+
+    app = create_app(BundleSource(publish_copy(bundle, tmp_path / "served")))
+    holder = app.state.holder
+    holder.model = dataclasses.replace(holder.model, session=SlowSession(holder.model.session))
+    with running_server(app) as (host, port):
+        slow = threading.Thread(target=request, args=(host, port, "POST", "/predict",
+                                                       {"inputs": splits.test[0][:1].tolist()}))
+        slow.start()
+        time.sleep(0.3)
+        start = time.monotonic()
+        assert request(host, port, "GET", "/health")[0] == 200
+        waited = time.monotonic() - start
+        slow.join()
+    assert waited < 0.5, f"/health waited {waited:.2f}s behind a running inference"
 
 
 # --- 3, 4. Ctrl-C and SIGTERM stop a run cleanly; a SIGKILLed run is closed by the next one ----------
