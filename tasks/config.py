@@ -97,8 +97,8 @@ Objective = Literal["accuracy", "latency", "size"]
 class SearchConfig(_Section):
     sampler: Literal["tpe", "random", "grid", "cmaes", "nsga2", "greedy", "genetic"] = Field(
         "tpe", description="tpe (Bayesian), random, grid, cmaes (single objective), nsga2 (evolutionary, Pareto), "
-        "greedy (hill climbing one parameter at a time, random restarts), genetic (GA: tournament selection, "
-        "uniform crossover, mutation).")
+        "greedy (hill climbing one parameter at a time, random restarts), genetic (real-coded GA: tournament "
+        "selection, simulated binary crossover, mutation, elitism).")
     greedy_patience: int = Field(8, ge=1, description="greedy: trials without improvement before a random restart.")
     greedy_step: float = Field(0.25, gt=0, le=1, description="greedy: a numeric move's std-dev as a share of its range.")
     population: int | None = Field(None, ge=2, description="nsga2/genetic: population size (default n_trials/3, 4..20).")

@@ -14,6 +14,7 @@ import json
 import tempfile
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -109,11 +110,16 @@ def make_sampler(cfg: SearchConfig) -> optuna.samplers.BaseSampler:
     if cfg.sampler == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=cfg.seed, population_size=population)
     if cfg.sampler == "genetic":
-        # A GA over the mixed space: with one objective, NSGA-II's non-dominated ranking is plain
-        # fitness ranking, so its binary tournament, uniform crossover and mutation make a textbook GA.
-        from optuna.samplers.nsgaii import UniformCrossover
+        # A real-coded GA: with one objective NSGA-II's non-dominated ranking is plain fitness ranking,
+        # so its binary tournament and elitist survival are a (mu + lambda) GA. What makes it a
+        # different strategy from `nsga2` (uniform crossover) is simulated binary crossover on the
+        # numbers (children near their parents, as in real-coded GAs); categoricals cross uniformly.
+        from optuna.samplers.nsgaii import SBXCrossover
 
-        return optuna.samplers.NSGAIISampler(seed=cfg.seed, population_size=population, crossover=UniformCrossover(),
+        with warnings.catch_warnings():  # stable since Optuna 3.0, still labelled experimental
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            crossover = SBXCrossover()
+        return optuna.samplers.NSGAIISampler(seed=cfg.seed, population_size=population, crossover=crossover,
                                              mutation_prob=cfg.mutation_prob)
     if cfg.sampler == "greedy":
         from tasks.sample_greedy import GreedySampler

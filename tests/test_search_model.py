@@ -219,3 +219,16 @@ def test_sampler_settings_are_validated():
         parse_config({"search": {"sampler": "hill", "greedy_patience": 0, "mutation_prob": 1.5, "population": 1}})
     for key in ("search.sampler", "search.greedy_patience", "search.mutation_prob", "search.population"):
         assert key in str(err.value)
+
+
+def test_genetic_is_not_nsga2_under_another_name():
+    def objective(trial):
+        return -sum((trial.suggest_float(k, -3, 3) - 1) ** 2 for k in "abcd")
+
+    trials = {}
+    for sampler in ("nsga2", "genetic"):
+        study = optuna.create_study(direction="maximize", sampler=search_mod.make_sampler(small(sampler=sampler, population=6)))
+        study.optimize(objective, n_trials=24)
+        trials[sampler] = [t.params for t in study.trials]
+    assert trials["nsga2"][:6] == trials["genetic"][:6]  # the same random first generation (same seed)
+    assert trials["nsga2"][6:] != trials["genetic"][6:]  # then different crossover
