@@ -78,3 +78,16 @@ def test_family_selects_the_pipeline_and_its_checks():
     with pytest.raises(ConfigError, match=r"keep=\[0, 3\] but the teacher has layers 0..1"):
         parse_config({"family": "minilm", "encoder": {"num_layers": 2},
                       "compress": {"candidates": {"s": [{"method": "distill_layers", "keep": [0, 3]}]}}})
+
+
+def test_new_compression_methods_report_every_bad_value_at_once():
+    with pytest.raises(ConfigError) as err:
+        parse_config({"compress": {"candidates": {
+            "binary": [{"method": "binarize", "finetune_epochs": 0}],
+            "slim": [{"method": "sparsity_train", "penalty": -1, "target": "filters"}, {"method": "structured_prune"}],
+            "qat": [{"method": "quantize_aware", "calibration_samples": 0}, {"method": "binarize"}],
+        }}})
+    text = str(err.value)
+    for where in ("binary.0.binarize.finetune_epochs", "slim.0.sparsity_train.penalty", "slim.0.sparsity_train.target",
+                  "qat.0.quantize_aware.calibration_samples", "torch steps cannot follow an ONNX step"):
+        assert where in text, text
