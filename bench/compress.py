@@ -97,8 +97,7 @@ def print_techniques(info: dict[str, dict], reports: dict) -> None:
     """Issue #16's comparisons, from the candidates' own step reports and the last timing table."""
     base = reports["fp32"]
     b = info["binary"]["binarize"]
-    print(f"
-binarize: {b['binary_weights']} of {b['params']} weights 1-bit; packed {b['packed_bytes'] / 1024:.1f} KB "
+    print(f"\nbinarize: {b['binary_weights']} of {b['params']} weights 1-bit; packed {b['packed_bytes'] / 1024:.1f} KB "
           f"vs {b['float32_bytes'] / 1024:.1f} KB float32 ({b['float32_bytes'] / b['packed_bytes']:.1f}x); ORT stores "
           f"and runs float32 (ONNX file {reports['binary'].size_bytes / 1024:.1f} KB, throughput "
           f"{reports['binary'].throughput_sps / base.throughput_sps:.2f}x); test accuracy {reports['binary'].score:.4f} "
