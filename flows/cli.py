@@ -28,7 +28,7 @@ def embedded_defaults(root: Path) -> None:
 def _config(args: argparse.Namespace):
     from tasks.config import load_config
 
-    return load_config(args.config).resolved(args.root)
+    return load_config(args.config, args.set).resolved(args.root)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -37,7 +37,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from tasks.stop_run import stop_on_signals
 
     try:
-        family = load_config(args.config).family
+        family = load_config(args.config, args.set).family
     except ConfigError:
         family = "classifier"  # its flow records the config error on a FAILED MLflow run, then raises it
     if family == "minilm":
@@ -46,7 +46,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         from flows.optimize import optimize as pipeline
     # Signals first: a Ctrl-C while the server starts must also stop it.
     with stop_on_signals(), temporary_prefect_server(Path(os.environ["PREFECT_HOME"])):
-        result = pipeline(config_path=args.config, root=str(args.root), force=args.force, lock_wait_s=args.wait)
+        result = pipeline(config_path=args.config, root=str(args.root), force=args.force, lock_wait_s=args.wait,
+                          overrides=args.set)
     if result.get("skipped"):
         print(f"modelforge: nothing new: {result['skipped']}")
         return 0
@@ -107,6 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     common.add_argument("--config", default="configs/digits.yaml", help="pipeline config (YAML)")
     common.add_argument("--root", default=".", type=lambda p: Path(p).resolve(),
                         help="project folder: DVC repo; relative paths anchor here")
+    common.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key by its dotted path, validated like the file "
+                        "(e.g. --set search.n_trials=3 --set train.max_epochs=10); repeatable")
     common.add_argument("--wait", type=float, default=0, metavar="SECONDS",
                         help="run/rollback: when another run holds the work dir, wait this long for it "
                         "(negative: for ever) instead of failing at once")

@@ -18,8 +18,9 @@ from tasks.version_data import version_data_task
 
 @flow(name="optimize-encoder", log_prints=True)
 def optimize_encoder(config_path: str = "configs/minilm.yaml", root: str = ".", force: bool = False,
-                     lock_wait_s: float = 0) -> dict:
-    with track_run.pipeline_run(config_path, root, "optimize-encoder", family="minilm", lock_wait_s=lock_wait_s) as run:
+                     lock_wait_s: float = 0, overrides: list[str] | None = None) -> dict:
+    with track_run.pipeline_run(config_path, root, "optimize-encoder", family="minilm",
+                                 lock_wait_s=lock_wait_s, overrides=tuple(overrides or ())) as run:
         cfg, work = run.cfg, run.cfg.workdir / "encoder"
 
         data = version_data_task(cfg.data, run.root)

@@ -22,8 +22,9 @@ from tasks.version_data import version_data_task
 
 @flow(name="optimize", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=8))
 def optimize(config_path: str = "configs/digits.yaml", root: str = ".", force: bool = False,
-             lock_wait_s: float = 0) -> dict:
-    with track_run.pipeline_run(config_path, root, lock_wait_s=lock_wait_s) as run:
+             lock_wait_s: float = 0, overrides: list[str] | None = None) -> dict:
+    with track_run.pipeline_run(config_path, root, lock_wait_s=lock_wait_s,
+                                 overrides=tuple(overrides or ())) as run:
         cfg, work = run.cfg, run.cfg.workdir
 
         data = version_data_task(cfg.data, run.root)

@@ -553,17 +553,44 @@ def parse_config(raw: dict, source: str = "<dict>") -> PipelineConfig | EncoderP
         raise ConfigError(f"invalid config {source} ({len(errors)} problem(s)):\n{_format_errors(errors)}") from None
 
 
-def tracking_of(path: str | Path) -> TrackingConfig:
+def tracking_of(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> TrackingConfig:
     """The tracking section of a config that may be invalid elsewhere (so a failed run is filed
     under the experiment the user named); the defaults when that section itself is unusable."""
     try:
-        raw = yaml.safe_load(Path(path).read_text()) or {}
+        raw = apply_overrides(yaml.safe_load(Path(path).read_text()) or {}, overrides)
         return TrackingConfig.model_validate(raw.get("tracking") or {})
-    except (OSError, yaml.YAMLError, ValidationError, AttributeError):
+    except (OSError, yaml.YAMLError, ValidationError, AttributeError, ConfigError):
         return TrackingConfig()
 
 
-def load_config(path: str | Path) -> PipelineConfig | EncoderPipelineConfig:
+def apply_overrides(raw: dict, overrides: list[str] | tuple[str, ...]) -> dict:
+    """`raw` with each `dotted.key=value` set (the value read as YAML: 3, 0.5, true, [a, b], text), as
+    `modelforge run --set search.n_trials=3` asks; the result is validated like the file itself."""
+    out, problems = copy.deepcopy(raw), []
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        parts = key.strip().split(".")
+        if not sep or not all(parts):
+            problems.append(f"--set {item!r}: expected KEY=VALUE with a dotted KEY (e.g. search.n_trials=3)")
+            continue
+        node = out
+        for depth, part in enumerate(parts[:-1]):
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                problems.append(f"--set {item!r}: {'.'.join(parts[: depth + 1])} is not a section")
+                break
+        else:
+            try:
+                node[parts[-1]] = yaml.safe_load(text)
+            except yaml.YAMLError as err:
+                problems.append(f"--set {item!r}: the value is not valid YAML ({err})")
+    if problems:
+        raise ConfigError("invalid overrides:\n" + "\n".join(f"  - {p}" for p in problems))
+    return out
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig | EncoderPipelineConfig:
+    """The config file at `path`, with `overrides` (`dotted.key=value`) applied, validated as one."""
     path = Path(path)
     try:
         text = path.read_text()
@@ -575,4 +602,5 @@ def load_config(path: str | Path) -> PipelineConfig | EncoderPipelineConfig:
         raise ConfigError(f"config {path} is not valid YAML: {err}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"config {path} must be a mapping of sections, got {type(raw).__name__}")
-    return parse_config(raw, str(path))
+    source = f"{path}" + (f" with --set {' '.join(overrides)}" if overrides else "")
+    return parse_config(apply_overrides(raw, overrides), source)

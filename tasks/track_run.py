@@ -192,7 +192,8 @@ def close_orphans(experiment_id: str, workdir: Path, closer: str) -> list[str]:
 
 @contextmanager
 def pipeline_run(config_path: str | Path, root: str | Path, run_name: str = "optimize",
-                 family: str = "classifier", lock_wait_s: float = 0) -> Iterator[PipelineRun]:
+                 family: str = "classifier", lock_wait_s: float = 0,
+                 overrides: list[str] | tuple[str, ...] = ()) -> Iterator[PipelineRun]:
     """Load and print the resolved config, lock the work dir, close runs a killed process left
     RUNNING, open the parent MLflow run, and close it FINISHED; on a stop request (Ctrl-C, SIGTERM)
     KILLED, on any other error (a bad config included) FAILED, with the reason recorded on the run.
@@ -200,22 +201,24 @@ def pipeline_run(config_path: str | Path, root: str | Path, run_name: str = "opt
     root = Path(root).resolve()
     clear_stop()
     try:
-        cfg = load_config(config_path).resolved(root)
+        cfg = load_config(config_path, overrides).resolved(root)
         if cfg.family != family:
             raise ConfigError(f"{config_path} configures the {cfg.family!r} pipeline, not {family!r}: "
                               "run it with `modelforge run --config ...`, which picks the flow by family")
     except ConfigError as err:
         # Filed under the experiment the config names when its tracking section is usable.
-        tracking = PipelineConfig(tracking=tracking_of(config_path)).anchored(root).tracking
-        run_id = start_run(setup_tracking(tracking), run_name, tags={"config_path": str(config_path)})
+        tracking = PipelineConfig(tracking=tracking_of(config_path, overrides)).anchored(root).tracking
+        run_id = start_run(setup_tracking(tracking), run_name, tags={"config_path": str(config_path),
+                                                                     "config_overrides": " ".join(overrides)})
         fail_run(run_id, err)
         raise
     with lock_workdir(cfg.workdir, f"{run_name} --config {config_path}", lock_wait_s) as note:
         text = yaml.safe_dump(cfg.model_dump(mode="json", by_alias=True), sort_keys=False)
-        print(f"[config] resolved config from {config_path}:\n{text}")
+        print(f"[config] resolved config from {config_path}{' with --set ' + ' '.join(overrides) if overrides else ''}:\n{text}")
         experiment_id = setup_tracking(cfg.tracking)
         run_id = start_run(experiment_id, run_name, tags={
-            "config_path": str(config_path), "modelforge.workdir": str(cfg.workdir),
+            "config_path": str(config_path), "config_overrides": " ".join(overrides),
+            "modelforge.workdir": str(cfg.workdir),
             "modelforge.host": socket.gethostname(), "modelforge.pid": str(os.getpid())})
         note(mlflow_run=run_id)
         try:

@@ -91,3 +91,35 @@ def test_new_compression_methods_report_every_bad_value_at_once():
     for where in ("binary.0.binarize.finetune_epochs", "slim.0.sparsity_train.penalty", "slim.0.sparsity_train.target",
                   "qat.0.quantize_aware.calibration_samples", "torch steps cannot follow an ONNX step"):
         assert where in text, text
+
+
+def test_set_overrides_any_key_by_dotted_path_and_is_validated_like_the_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("search:\n  n_trials: 20\n")
+    cfg = load_config(path, ["search.n_trials=3", "train.max_epochs=10", "search.space.families=[mlp]",
+                             "validate.warmup=0", "gates.max_latency_ratio=null"])
+    assert (cfg.search.n_trials, cfg.train.max_epochs, cfg.search.space.families) == (3, 10, ["mlp"])
+    assert cfg.validate_.warmup == 0 and cfg.gates.max_latency_ratio is None
+    with pytest.raises(ConfigError) as err:
+        load_config(path, ["search.n_trialz=3", "train.max_epochs=soon"])
+    assert "search.n_trialz" in str(err.value) and "train.max_epochs" in str(err.value)
+    assert "with --set search.n_trialz=3" in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        load_config(path, ["search.n_trials.x=1", "nothing", "a..b=1"])
+    assert "search.n_trials is not a section" in str(err.value) and "expected KEY=VALUE" in str(err.value)
+    assert str(err.value).count("--set") == 3
+
+
+def test_a_run_records_its_overrides(tmp_path):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from tasks import track_run
+
+    path = tmp_path / "c.yaml"
+    path.write_text("tracking: {experiment: base}\n")
+    with track_run.pipeline_run(path, tmp_path, overrides=("tracking.experiment=overridden",)) as run:
+        assert run.cfg.tracking.experiment == "overridden"
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/.modelforge/mlflow.db")
+    [recorded] = MlflowClient().search_runs([MlflowClient().get_experiment_by_name("overridden").experiment_id])
+    assert recorded.data.tags["config_overrides"] == "tracking.experiment=overridden"
