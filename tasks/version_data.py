@@ -187,12 +187,23 @@ def load_sentences(data_dir: Path) -> Sentences:
     return Sentences(texts["train"], texts["eval"], queries, manifest)
 
 
+def _only_known_files(data_dir: Path, known: set[str]) -> None:
+    """A file the source does not read would change the DVC version (and trigger a full new run)
+    without any effect on training: refuse it, by name."""
+    if unknown := sorted(p.name for p in Path(data_dir).iterdir() if p.name not in known):
+        raise DataError(f"{data_dir} holds {len(unknown)} file(s) this data set does not read: {', '.join(unknown[:10])}"
+                        f"; it reads only {', '.join(sorted(known))}. Move the others out (new samples belong "
+                        "in those files)")
+
+
 def _describe_digits(cfg: DataConfig, data_dir: Path) -> tuple[dict, dict]:
+    _only_known_files(data_dir, {MANIFEST, *(f"{s}_{part}.npy" for s in SPLITS for part in "xy")})
     splits = load_splits(data_dir)
     return splits.manifest, {s: len(getattr(splits, s)[1]) for s in SPLITS}
 
 
 def _describe_sentences(cfg: TextDataConfig, data_dir: Path) -> tuple[dict, dict]:
+    _only_known_files(data_dir, {MANIFEST, "train.txt", "eval.txt"})
     sentences = load_sentences(data_dir)
     asked = _corpus_settings(cfg)
     if differ := {k: (sentences.manifest.get(k), v) for k, v in asked.items() if sentences.manifest.get(k) != v}:

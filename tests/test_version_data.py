@@ -71,6 +71,15 @@ def test_bad_data_is_never_versioned(tmp_path):
     assert not (tmp_path / "data.dvc").exists()
 
 
+def test_a_file_the_data_set_does_not_read_is_refused_not_versioned(tmp_path):
+    cfg = DataConfig()
+    v1 = version_data(cfg, tmp_path)
+    np.save(tmp_path / "data" / "new_batch_x.npy", np.zeros((5, 1, 8, 8), np.float32))
+    with pytest.raises(DataError, match="1 file.* this data set does not read: new_batch_x.npy"):
+        version_data(cfg, tmp_path)
+    assert read_data_md5(tmp_path / "data.dvc") == v1.md5  # no new version for data nothing would read
+
+
 def test_sentence_corpus_is_disjoint_and_validated(tmp_path):
     cfg = TextDataConfig(train_sentences=40, eval_sentences=30, queries=10)
     materialize_docstrings(cfg, tmp_path / "a")
