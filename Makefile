@@ -36,7 +36,7 @@ test: $(STAMP) browser
 	$(BIN)/python -m pytest
 
 mlflow-ui: $(STAMP)
-	$(BIN)/mlflow ui --backend-store-uri sqlite:///.modelforge/mlflow.db --host 127.0.0.1 --port 5000
+	$(BIN)/modelforge ui --config $(CONFIG)
 
 serve: $(STAMP)
 	$(BIN)/modelforge serve --bundle deploy/champion

@@ -86,6 +86,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ui(args: argparse.Namespace) -> int:
+    """The MLflow UI on the store the config names (not a hard-coded path)."""
+    import subprocess
+
+    uri = _config(args).tracking.uri
+    print(f"modelforge: MLflow UI for {uri} on http://{args.host}:{args.port}", flush=True)
+    return subprocess.call([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
+                            "--host", args.host, "--port", str(args.port)])
+
+
 def cmd_data_changed(args: argparse.Namespace) -> int:
     from tasks.notify_data import notify_data_change
 
@@ -134,6 +144,10 @@ def main(argv: list[str] | None = None) -> int:
     srv.add_argument("--port", type=int, default=8000)
     srv.add_argument("--max-body-mb", type=float, default=8.0, help="largest request body accepted (413 above)")
     srv.set_defaults(fn=cmd_serve)
+    ui = sub.add_parser("ui", parents=[common], help="the MLflow UI on the config's tracking store")
+    ui.add_argument("--host", default="127.0.0.1")
+    ui.add_argument("--port", type=int, default=5000)
+    ui.set_defaults(fn=cmd_ui)
     sub.add_parser("data-changed", parents=[common], help="version data/ with DVC and emit a Prefect event if "
                    "its version changed (triggers the on-new-data deployment)").set_defaults(fn=cmd_data_changed)
     dep = sub.add_parser("deploy", parents=[common], help="create/update the nightly and on-new-data Prefect "

@@ -56,3 +56,31 @@ def test_runs_are_visible_in_the_mlflow_ui(tmp_path):
         ui.terminate()
         ui.wait(30)
     assert "optimize-run-alpha" in dom and "optimize-run-beta" in dom, dom[-2000:]
+
+
+def test_modelforge_ui_serves_the_store_the_config_names(tmp_path):
+    store = tmp_path / "elsewhere" / "runs.db"
+    exp = track_run.setup_tracking(TrackingConfig(uri=f"sqlite:///{store}", experiment="named-store",
+                                                  artifact_dir=tmp_path / "art"))
+    track_run.end_run(track_run.start_run(exp, "run-in-the-named-store"))
+    (tmp_path / "c.yaml").write_text(f"tracking: {{uri: 'sqlite:///{store}', experiment: named-store}}\n")
+    port = free_port()
+    ui = subprocess.Popen([sys.executable, "-m", "flows.cli", "ui", "--config", str(tmp_path / "c.yaml"), "--root",
+                           str(tmp_path), "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          start_new_session=True)
+    try:
+        deadline = time.time() + 90
+        while True:
+            try:
+                body = urllib.request.urlopen(
+                    f"http://127.0.0.1:{port}/ajax-api/2.0/mlflow/experiments/get-by-name?experiment_name=named-store",
+                    timeout=2).read()
+                break
+            except OSError:
+                if time.time() > deadline or ui.poll() is not None:
+                    pytest.fail("modelforge ui did not start")
+                time.sleep(1)
+    finally:
+        os.killpg(ui.pid, 15)
+        ui.wait(30)
+    assert b"named-store" in body
