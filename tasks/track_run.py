@@ -200,6 +200,7 @@ def pipeline_run(config_path: str | Path, root: str | Path, run_name: str = "opt
     Any error also asks the stages still running in other threads to stop."""
     root = Path(root).resolve()
     clear_stop()
+    source = {"config_path": str(config_path), "config_overrides": " ".join(overrides)}
     try:
         cfg = load_config(config_path, overrides).resolved(root)
         if cfg.family != family:
@@ -208,18 +209,17 @@ def pipeline_run(config_path: str | Path, root: str | Path, run_name: str = "opt
     except ConfigError as err:
         # Filed under the experiment the config names when its tracking section is usable.
         tracking = PipelineConfig(tracking=tracking_of(config_path, overrides)).anchored(root).tracking
-        run_id = start_run(setup_tracking(tracking), run_name, tags={"config_path": str(config_path),
-                                                                     "config_overrides": " ".join(overrides)})
+        run_id = start_run(setup_tracking(tracking), run_name, tags=source)
         fail_run(run_id, err)
         raise
     with lock_workdir(cfg.workdir, f"{run_name} --config {config_path}", lock_wait_s) as note:
         text = yaml.safe_dump(cfg.model_dump(mode="json", by_alias=True), sort_keys=False)
-        print(f"[config] resolved config from {config_path}{' with --set ' + ' '.join(overrides) if overrides else ''}:\n{text}")
+        print(f"[config] resolved config from {config_path}"
+              f"{' with --set ' + source['config_overrides'] if overrides else ''}:\n{text}")
         experiment_id = setup_tracking(cfg.tracking)
         run_id = start_run(experiment_id, run_name, tags={
-            "config_path": str(config_path), "config_overrides": " ".join(overrides),
-            "modelforge.workdir": str(cfg.workdir),
-            "modelforge.host": socket.gethostname(), "modelforge.pid": str(os.getpid())})
+            **source, "modelforge.workdir": str(cfg.workdir), "modelforge.host": socket.gethostname(),
+            "modelforge.pid": str(os.getpid())})
         note(mlflow_run=run_id)
         try:
             close_orphans(experiment_id, cfg.workdir, run_id)
