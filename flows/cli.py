@@ -157,11 +157,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     embedded_defaults(args.root)
+    from prefect.exceptions import TerminationSignal
+
     from tasks.config import ConfigError
     from tasks.lock_workdir import WorkdirBusy
     from tasks.search_model import SearchError
-    from prefect.exceptions import TerminationSignal
-
     from tasks.stop_run import exit_code, interruption
     from tasks.validate_model import GateError
     from tasks.version_data import DataError

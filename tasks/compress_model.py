@@ -9,7 +9,8 @@ PyTorch model that was exported. Adding a method = one config class + one `@regi
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -199,6 +200,17 @@ def distill(state: ModelState, cfg: Distill, ctx: CompressContext) -> ModelState
     return replace(state, checkpoint=ckpt, info={**state.info, "distill": info})
 
 
+@contextmanager
+def _weights_seen_through(layers: list[nn.Module], make: Callable[[], nn.Module]) -> Iterator[None]:
+    """Inside, every layer's weight is seen through a fresh `make()` parametrization (training updates
+    the latent weight); on leaving, the parametrized value is baked into the plain weight."""
+    for layer in layers:
+        parametrize.register_parametrization(layer, "weight", make())
+    yield
+    for layer in layers:
+        parametrize.remove_parametrizations(layer, "weight", leave_parametrized=True)
+
+
 class _BinaryWeight(nn.Module):
     """Parametrization: sign(w) x alpha, alpha the mean |w| of each output channel (XNOR-Net's
     optimal scale). The backward pass is the identity on w (straight-through estimator), so the
@@ -220,12 +232,10 @@ def binarize(state: ModelState, cfg: Binarize, ctx: CompressContext) -> ModelSta
     if not chosen:
         raise ValueError(f"binarize: the model has {len(layers)} conv/linear layers; with keep_first_last nothing "
                          "is left to binarize")
-    for layer in chosen:
-        parametrize.register_parametrization(layer, "weight", _BinaryWeight())
-    acc_binary = accuracy(model, *ctx.splits.val)
-    fit(model, ctx.splits.train, ctx.splits.val, _train_params(ctx, meta, cfg.finetune_epochs, cfg.finetune_lr_scale))
-    for layer in chosen:
-        parametrize.remove_parametrizations(layer, "weight", leave_parametrized=True)
+    with _weights_seen_through(chosen, _BinaryWeight):
+        acc_binary = accuracy(model, *ctx.splits.val)
+        fit(model, ctx.splits.train, ctx.splits.val,
+            _train_params(ctx, meta, cfg.finetune_epochs, cfg.finetune_lr_scale))
     binary = sum(layer.weight.numel() for layer in chosen)
     scales = sum(layer.weight.shape[0] for layer in chosen)
     bits = binary + 32 * (scales + count_params(model) - binary)
@@ -296,12 +306,12 @@ def _fake_quant_inputs(layer: nn.Module, momentum: float = 0.1):
     calibration will see), with torch's straight-through gradient."""
     state = {"lo": None, "hi": None}
 
-    def hook(_module: nn.Module, args: tuple) -> tuple:
+    def hook(module: nn.Module, args: tuple) -> tuple:
         x = args[0]
         lo, hi = float(x.detach().min()), float(x.detach().max())
         if state["lo"] is None:
             state["lo"], state["hi"] = lo, hi
-        elif _module.training:
+        elif module.training:
             state["lo"] += momentum * (lo - state["lo"])
             state["hi"] += momentum * (hi - state["hi"])
         lo, hi = min(state["lo"], 0.0), max(state["hi"], 0.0)
@@ -320,16 +330,14 @@ def quantize_aware(state: ModelState, cfg: QuantizeAware, ctx: CompressContext) 
     quantize_static). For when post-training quantization loses too much accuracy."""
     model, arch, meta = load_checkpoint(state.checkpoint)
     layers = _layers(model)
-    for layer in layers:
-        parametrize.register_parametrization(layer, "weight", _FakeQuantWeight(cfg.per_channel))
-    hooks = [_fake_quant_inputs(layer) for layer in layers]
-    acc_fq = accuracy(model, *ctx.splits.val)
-    fit(model, ctx.splits.train, ctx.splits.val, _train_params(ctx, meta, cfg.finetune_epochs, cfg.finetune_lr_scale))
-    acc_trained = accuracy(model, *ctx.splits.val)
-    for hook in hooks:
-        hook.remove()
-    for layer in layers:
-        parametrize.remove_parametrizations(layer, "weight", leave_parametrized=True)
+    with _weights_seen_through(layers, lambda: _FakeQuantWeight(cfg.per_channel)):
+        hooks = [_fake_quant_inputs(layer) for layer in layers]
+        acc_fq = accuracy(model, *ctx.splits.val)
+        fit(model, ctx.splits.train, ctx.splits.val,
+            _train_params(ctx, meta, cfg.finetune_epochs, cfg.finetune_lr_scale))
+        acc_trained = accuracy(model, *ctx.splits.val)
+        for hook in hooks:
+            hook.remove()
     ckpt = save_checkpoint(ctx.out_dir / "qat.pt", model, arch, {**meta, "quantize_aware": {}})
     exported = _export(replace(state, checkpoint=ckpt), ctx)
     out = _quantize_qdq(_preprocessed(exported, ctx), ctx.out_dir / "int8_qat.onnx",
