@@ -8,14 +8,14 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CONFIG ?= configs/digits.yaml
 
-.PHONY: install browser run run-minilm test mlflow-ui serve serve-stack stop-stack clean
+.PHONY: install browser postgres run run-minilm test mlflow-ui serve serve-stack stop-stack clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch first and pinned: it resolves to the on-disk CPU wheel; left to the resolver it pulls CUDA builds.
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q -e '.[test,cluster]'
 	touch $@
 
 install: $(STAMP)
@@ -32,7 +32,13 @@ browser:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
 	  echo "note: Chromium is missing and cannot be installed here (needs root and apt-get): the MLflow UI test skips"
 
-test: $(STAMP) browser
+# The cluster tests run a real PostgreSQL: Debian's server, installed when missing (as root, as in CI).
+postgres:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; } || \
+	  echo "note: PostgreSQL is missing and cannot be installed here (needs root and apt-get): the PostgreSQL test skips"
+
+test: $(STAMP) browser postgres
 	$(BIN)/python -m pytest
 
 mlflow-ui: $(STAMP)

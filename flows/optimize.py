@@ -11,10 +11,13 @@ from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.release import validate_and_release
+from flows.search import search_trials
 from tasks import track_run
+from tasks.connect_runner import search_runner
+from tasks.fetch_data import worker_data
 from tasks.compress_model import compress_candidate_task
 from tasks.evaluate_model import ClassifierEval
-from tasks.search_model import run_trials_task, summarize_search_task
+from tasks.search_model import TrialTracking, summarize_search_task
 from tasks.train_model import check_init_checkpoint_task, train_model_task
 from tasks.validate_model import BASELINE
 from tasks.version_data import version_data_task
@@ -26,6 +29,7 @@ def optimize(config_path: str = "configs/digits.yaml", root: str = ".", force: b
     with track_run.pipeline_run(config_path, root, lock_wait_s=lock_wait_s,
                                  overrides=tuple(overrides or ())) as run:
         cfg, work = run.cfg, run.cfg.workdir
+        runner = search_runner(cfg)  # a runner that cannot work fails before any data or training
 
         data = version_data_task(cfg.data, run.root)
         if skipped := track_run.already_done(run, data.md5, force):
@@ -33,9 +37,9 @@ def optimize(config_path: str = "configs/digits.yaml", root: str = ".", force: b
         check_init_checkpoint_task(cfg.train, data.num_classes, data.input_shape)  # fail before any training
 
         study = f"{cfg.tracking.experiment}-{data.md5[:12]}-{cfg.section_hash('search')}"
-        workers = [run_trials_task.submit(cfg.search, data.dir, work / "search", study, run.experiment_id,
-                                          run.run_id, worker=i) for i in range(cfg.search.workers)]
-        [w.result() for w in workers]  # a failed worker raises its own exception here
+        search_trials.with_options(task_runner=runner)(
+            cfg.search, worker_data(data, cfg.runner), work / "search", study,
+            TrialTracking(cfg.tracking.uri, run.experiment_id, run.run_id), remote=cfg.runner.kind != "local")
         search = summarize_search_task(cfg.search, work / "search", study, run.run_id)
         track_run.log_stage(run.run_id, "search", search.flat())
 

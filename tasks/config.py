@@ -32,7 +32,8 @@ class DataConfig(_Section):
     val_fraction: float = Field(0.15, gt=0, lt=0.5, description="Share of samples held out for validation.")
     test_fraction: float = Field(0.2, gt=0, lt=0.5, description="Share of samples held out for the final test.")
     split_seed: int = Field(0, description="Seed of the stratified train/val/test split.")
-    dvc_remote: Path = Field(Path(".modelforge/dvc-remote"), description="Local DVC remote the data is pushed to.")
+    dvc_remote: str = Field(".modelforge/dvc-remote", description="DVC remote the data is pushed to: a folder "
+                            "(relative to the project, or a path every worker mounts) or a URL (s3://bucket/path).")
 
 
 class TextDataConfig(_Section):
@@ -43,7 +44,7 @@ class TextDataConfig(_Section):
     eval_sentences: int = Field(600, ge=12, description="Held-out sentences for fidelity and retrieval checks.")
     queries: int = Field(100, ge=1, description="Held-out sentences used as retrieval queries against the rest.")
     seed: int = Field(0, description="Seed of the sentence shuffle before the split.")
-    dvc_remote: Path = Field(Path(".modelforge/dvc-remote"), description="Local DVC remote the corpus is pushed to.")
+    dvc_remote: str = Field(".modelforge/dvc-remote", description="DVC remote the corpus is pushed to (a folder or a URL).")
 
     @model_validator(mode="after")
     def _queries_fit(self) -> "TextDataConfig":
@@ -154,6 +155,8 @@ class TrainConfig(_Section):
     patience: int = Field(6, ge=1, description="Early stopping: epochs without val-accuracy gain before stopping.")
     init_from: Path | None = Field(None, description="Checkpoint to fine-tune from instead of a random init.")
     seed: int = Field(0, description="Torch seed for initialisation and shuffling.")
+    processes: int = Field(1, ge=1, le=64, description="Data-parallel training (DistributedDataParallel) over this many "
+                           "processes on this machine: gloo on CPU, NCCL with one GPU each when there are enough.")
 
 
 class _Step(_Section):
@@ -368,8 +371,34 @@ class PromoteConfig(_Section):
     champion_bundle_dir: Path = Field(Path("deploy/champion"), description="Bundle the server loads; replaced atomically on promotion.")
 
 
+SERVER_DATABASES = ("postgresql", "mysql", "mssql", "oracle")  # SQLAlchemy dialects several machines can share
+
+
+def is_server_database(url: str) -> bool:
+    return url.split(":", 1)[0].split("+", 1)[0] in SERVER_DATABASES
+
+
+class RunnerConfig(_Section):
+    """Where the search trials run. Every worker gets all it needs from the config: the data by its
+    DVC md5 from the remote, the tracking store and the study storage by URL."""
+
+    kind: Literal["local", "dask", "ray"] = Field(
+        "local", description="local: threads of the run's own process; dask: a Dask cluster, or with no address a "
+        "LocalCluster of `search.workers` processes on this machine; ray: a Ray cluster.")
+    address: str | None = Field(None, description="Scheduler of a running cluster (dask: tcp://host:8786; "
+                                "ray: ray://host:10001). None: dask starts a LocalCluster, ray a local instance.")
+    data_cache: str = Field("~/.cache/modelforge/data", description="Folder, on each worker's machine, where the "
+                            "worker keeps the data versions it fetched from the DVC remote.")
+
+    @property
+    def multi_machine(self) -> bool:
+        """Workers may sit on other machines: nothing local to the driver (files, SQLite) is shared."""
+        return self.kind == "ray" or (self.kind == "dask" and self.address is not None)
+
+
 class TrackingConfig(_Section):
-    uri: str = Field("sqlite:///.modelforge/mlflow.db", description="MLflow tracking URI (sqlite:/// by default).")
+    uri: str = Field("sqlite:///.modelforge/mlflow.db", description="MLflow tracking URI: sqlite:/// (default), a "
+                     "server database (postgresql+psycopg://user@host/db) or an MLflow server (http://host:5000).")
     experiment: str = Field("modelforge", min_length=1, description="MLflow experiment name.")
     artifact_dir: Path = Field(Path(".modelforge/mlartifacts"), description="Artifact root of a new experiment.")
 
@@ -403,6 +432,9 @@ class _Pipeline(_Section):
         if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
             uri = f"sqlite:///{root / uri.removeprefix('sqlite:///')}"
         update["tracking"] = update["tracking"].model_copy(update={"uri": uri})
+        remote = self.data.dvc_remote
+        if "://" not in remote and not Path(remote).is_absolute():
+            update["data"] = update["data"].model_copy(update={"dvc_remote": str(root / remote)})
         return self.model_copy(update=update)
 
     def resolved(self, root: Path):
@@ -463,6 +495,29 @@ class PipelineConfig(_Pipeline):
     search: SearchConfig = Field(default_factory=SearchConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     compress: CompressConfig = Field(default_factory=CompressConfig)
+    runner: RunnerConfig = Field(default_factory=RunnerConfig)
+
+    @model_validator(mode="after")
+    def _runner_fits(self) -> "PipelineConfig":
+        """Workers on other machines cannot share the driver's files: SQLite, a journal file, a
+        relative folder. Refused here, before anything runs, not found out as trials landing in a
+        stray store on each worker."""
+        if not self.runner.multi_machine:
+            return self
+        where = f"runner.kind {self.runner.kind}" + (f" at {self.runner.address}" if self.runner.address else "")
+        problems = []
+        if not (self.search.storage and is_server_database(self.search.storage)):
+            problems.append(f"search.storage is {self.search.storage or 'a file under the work dir (default)'}; with "
+                            f"{where} the study must live in a server database every worker reaches, "
+                            "e.g. postgresql+psycopg://user:password@host:5432/optuna")
+        uri = self.tracking.uri
+        if not (is_server_database(uri) or uri.startswith(("http://", "https://"))):
+            problems.append(f"tracking.uri is {uri}; with {where} trial runs must go to a store every worker "
+                            "reaches: an MLflow server (http://host:5000) or a server database "
+                            "(postgresql+psycopg://user:password@host:5432/mlflow)")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
 
 
 class EncoderRegisterConfig(RegisterConfig):

@@ -11,6 +11,8 @@ configuration (Pareto front + selection rule for multi-objective studies) and re
 from __future__ import annotations
 
 import json
+import os
+import socket
 import tempfile
 import threading
 import time
@@ -28,6 +30,7 @@ from prefect import task
 from tasks import track_run
 from tasks.build_model import Arch, build_model, count_params
 from tasks.config import SearchConfig
+from tasks.fetch_data import DataRef, resolve_data
 from tasks.stop_run import interruption
 from tasks.train_model import TrainParams, fit
 from tasks.version_data import load_splits
@@ -177,18 +180,34 @@ def measure_trial_latency(model: torch.nn.Module, x: np.ndarray) -> float:
     return timing["m"].latency_p50_ms
 
 
-class _TrialRuns:
-    """One nested MLflow run per trial under the pipeline run; silent without a parent (benchmarks)."""
+@dataclass(frozen=True)
+class TrialTracking:
+    """Where a search worker logs its trials, handed over explicitly: a worker in another process or
+    on another machine has none of the driver's MLflow settings and would otherwise log into a
+    stray store of its own."""
 
-    def __init__(self, experiment_id: str | None, parent_run_id: str | None, study_name: str):
-        self.enabled = bool(experiment_id and parent_run_id)
-        self.experiment_id, self.parent, self.study = experiment_id, parent_run_id, study_name
+    uri: str  # the MLflow tracking URI
+    experiment_id: str
+    parent_run_id: str
+
+
+class _TrialRuns:
+    """One nested MLflow run per trial under the pipeline run; silent without tracking (benchmarks)."""
+
+    def __init__(self, tracking: TrialTracking | None, study_name: str, data_dir: Path):
+        self.tracking, self.study = tracking, study_name
+        self.where = {"modelforge.host": socket.gethostname(), "modelforge.pid": str(os.getpid()),
+                      "modelforge.data_dir": str(data_dir)}
+        if tracking:
+            import mlflow
+
+            mlflow.set_tracking_uri(tracking.uri)
 
     def start(self, trial: optuna.Trial, params: dict) -> str | None:
-        if not self.enabled:
+        if not self.tracking:
             return None
-        run_id = track_run.start_run(self.experiment_id, f"trial-{trial.number}", self.parent,
-                                     {"optuna.trial": trial.number, "optuna.study": self.study})
+        run_id = track_run.start_run(self.tracking.experiment_id, f"trial-{trial.number}", self.tracking.parent_run_id,
+                                     {"optuna.trial": trial.number, "optuna.study": self.study, **self.where})
         track_run.log_params(run_id, params)
         return run_id
 
@@ -221,14 +240,17 @@ class _Budget:
             study.stop()
 
 
-def run_trials(cfg: SearchConfig, data_dir: Path, out_dir: Path, study_name: str,
-               experiment_id: str | None = None, parent_run_id: str | None = None, worker: int = 0) -> int:
+def run_trials(cfg: SearchConfig, data: Path | DataRef, out_dir: Path, study_name: str,
+               tracking: TrialTracking | None = None, worker: int = 0) -> int:
     """Run trials on the shared study until it holds `cfg.n_trials` finished ones; returns how many
-    this worker ran. Safe to call from several workers at once."""
+    this worker ran. Safe to call from several workers at once, in any process or machine: the data
+    comes by reference, the tracking store and the study storage by URL (`out_dir` holds only the
+    default file storage, which the config refuses for workers on other machines)."""
+    data_dir = resolve_data(data)
     splits = load_splits(data_dir)
     input_shape = tuple(splits.manifest["input_shape"])
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if not cfg.storage:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
     study = open_study(cfg, study_name, resolve_storage(cfg, out_dir))
     budget = _Budget(cfg.n_trials, datetime.now())
     if budget.done(study):
@@ -236,7 +258,7 @@ def run_trials(cfg: SearchConfig, data_dir: Path, out_dir: Path, study_name: str
     before = sum(t.state in FINISHED for t in study.get_trials(deepcopy=False))
     if before and worker == 0:
         print(f"[search] resuming study {study_name}: {before}/{cfg.n_trials} trials already finished")
-    runs = _TrialRuns(experiment_id, parent_run_id, study_name)
+    runs = _TrialRuns(tracking, study_name, data_dir)
     multi = len(cfg.objectives) > 1
     started, ran = time.perf_counter(), [0]
     lock = threading.Lock()
@@ -320,6 +342,7 @@ def summarize_search(cfg: SearchConfig, out_dir: Path, study_name: str,
     from tasks.report_search import report_search
 
     out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)  # workers elsewhere never wrote here
     storage = resolve_storage(cfg, out_dir)
     study = open_study(cfg, study_name, storage)
     trials = study.get_trials(deepcopy=False)
@@ -347,10 +370,35 @@ def summarize_search(cfg: SearchConfig, out_dir: Path, study_name: str,
 
 
 def search_model(cfg: SearchConfig, data_dir: Path, out_dir: Path, study_name: str,
-                 experiment_id: str | None = None, parent_run_id: str | None = None) -> SearchResult:
+                 tracking: TrialTracking | None = None) -> SearchResult:
     """Single-worker search: run the missing trials, then summarize."""
-    run_trials(cfg, data_dir, out_dir, study_name, experiment_id, parent_run_id)
-    return summarize_search(cfg, out_dir, study_name, parent_run_id)
+    run_trials(cfg, data_dir, out_dir, study_name, tracking)
+    return summarize_search(cfg, out_dir, study_name, tracking.parent_run_id if tracking else None)
+
+
+def watch_workers(futures: list, cfg: SearchConfig, out_dir: Path, study_name: str, progress: bool,
+                  every_s: float = 10.0) -> list[int]:
+    """Wait for the search workers and return how many trials each ran; the first failed worker
+    raises its own exception. With `progress` (workers in other processes, whose prints stay on
+    their machines) the study's progress is printed here as it grows."""
+    from prefect.futures import wait
+
+    started, seen = time.perf_counter(), -1
+    while progress:
+        done, pending = wait(futures, timeout=every_s)
+        if not pending or any(f.state.is_failed() or f.state.is_crashed() for f in done):
+            break
+        trials = open_study(cfg, study_name, resolve_storage(cfg, out_dir)).get_trials(deepcopy=False)
+        finished = sum(t.state in FINISHED for t in trials)
+        if finished != seen:
+            seen = finished
+            best = [t.values[0] for t in trials if t.state == TrialState.COMPLETE]
+            failed = [t for t in trials if t.state == TrialState.FAIL]
+            print(f"[search] {min(finished, cfg.n_trials)}/{cfg.n_trials} trials finished on {len(futures)} "
+                  f"worker(s) after {time.perf_counter() - started:.0f}s; best accuracy "
+                  + (f"{max(best):.4f}" if best else "n/a")
+                  + (f"; {len(failed)} failed, last: {failed[-1].user_attrs.get('error', '?')}" if failed else ""))
+    return [f.result() for f in futures]
 
 
 run_trials_task = task(run_trials, name="run_trials", task_run_name="search-worker-{worker}")

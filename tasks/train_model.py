@@ -50,12 +50,17 @@ class FitResult:
     epochs_run: int
     seconds: float
     history: list[dict] = field(default_factory=list)
+    processes: int = 1  # data-parallel ranks that trained it (the process group's world size)
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
 
 
 def accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray) -> float:
     model.eval()
     with torch.no_grad():
-        pred = model(torch.from_numpy(x)).argmax(1).numpy()
+        pred = model(torch.from_numpy(x).to(_device(model))).argmax(1).cpu().numpy()
     return float((pred == y).mean())
 
 
@@ -91,6 +96,7 @@ def fit(
     after_step: Callable[[nn.Module], None] | None = None,
     on_epoch: Callable[[dict], None] | None = None,
     restore_best: bool = True,
+    shard: tuple[int, int] = (0, 1),
 ) -> FitResult:
     """Train in place, restoring the weights of the best validation epoch before returning.
 
@@ -99,10 +105,16 @@ def fit(
     A stop request (Ctrl-C, SIGTERM, a failed stage) ends it between two batches with `RunInterrupted`.
     `restore_best=False` keeps the last epoch's weights (a penalty that shapes the weights over the
     whole run, as sparsity training's, must not be rolled back to an early epoch).
+    `shard=(rank, world)` is data-parallel training (the model a DistributedDataParallel): every rank
+    draws the same epoch order and takes every world-th sample of it, `batch_size / world` per step, so
+    the averaged gradient is that of one global batch of `batch_size`.
     """
+    rank, world = shard
     torch.manual_seed(params.seed)
     gen = torch.Generator().manual_seed(params.seed)
-    x_train, y_train = torch.from_numpy(train[0]), torch.from_numpy(train[1])
+    device = _device(model)
+    x_train, y_train = torch.from_numpy(train[0]).to(device), torch.from_numpy(train[1]).to(device)
+    batch_size = max(1, params.batch_size // world)
     opt = _optimizer(model, params)
     sched = _scheduler(opt, params)
     loss_fn = loss_fn or (lambda logits, _x, y: nn.functional.cross_entropy(logits, y))
@@ -112,10 +124,12 @@ def fit(
     for epoch in range(1, params.epochs + 1):
         model.train()
         order = torch.randperm(len(x_train), generator=gen)
+        # Equal shards: a rank with one batch more would wait forever for the others' gradients.
+        order = order[: len(order) - len(order) % world][rank::world].to(device)
         total = 0.0
-        for i in range(0, len(order), params.batch_size):
+        for i in range(0, len(order), batch_size):
             check_stop()
-            idx = order[i : i + params.batch_size]
+            idx = order[i : i + batch_size]
             xb, yb = x_train[idx], y_train[idx]
             loss = loss_fn(model(xb), xb, yb)
             if not torch.isfinite(loss):
@@ -139,7 +153,7 @@ def fit(
     if restore_best:
         model.load_state_dict(best_state)
     model.eval()
-    return FitResult(best_acc, best_epoch, len(history), time.perf_counter() - start, history)
+    return FitResult(best_acc, best_epoch, len(history), time.perf_counter() - start, history, world)
 
 
 @dataclass(frozen=True)
@@ -183,14 +197,19 @@ def train_model(cfg: TrainConfig, best: dict, data_dir: Path, data_version: str,
     def progress(r: dict) -> None:
         print(f"[train] epoch {r['epoch']:3d}/{params.epochs} loss {r['train_loss']:.4f} val_acc {r['val_accuracy']:.4f}")
 
-    result = fit(model, splits.train, splits.val, params, on_epoch=progress)
+    if cfg.processes > 1:
+        from tasks.train_ddp import fit_parallel
+
+        result = fit_parallel(model, splits.train, splits.val, params, cfg.processes, on_epoch=progress)
+    else:
+        result = fit(model, splits.train, splits.val, params, on_epoch=progress)
     test_acc = accuracy(model, *splits.test)
     out_dir = Path(out_dir) / train_cache_key(cfg, best, data_version)
     ckpt = save_checkpoint(out_dir / "baseline.pt", model, arch,
                            {"train": asdict(params), "search": best, "data_version": data_version})
     (out_dir / "train_history.json").write_text(json.dumps(result.history, indent=1))
     print(f"[train] best epoch {result.best_epoch}/{result.epochs_run}: val {result.best_val_accuracy:.4f} "
-          f"test {test_acc:.4f} ({result.seconds:.1f}s)")
+          f"test {test_acc:.4f} ({result.seconds:.1f}s{f' on {result.processes} DDP processes' if result.processes > 1 else ''})")
     return TrainedModel(ckpt, result.best_val_accuracy, test_acc, count_params(model), result.epochs_run)
 
 

@@ -33,6 +33,7 @@ class DataVersion:
     md5: str  # DVC .dir md5 of the data folder
     dir: Path
     manifest: dict  # the folder's manifest.json
+    remote: str  # the DVC remote holding this version (a folder or a URL)
 
     @property
     def num_classes(self) -> int:
@@ -243,12 +244,12 @@ def version_data(cfg: DataConfig | TextDataConfig, root: Path) -> DataVersion:
     root = Path(root).resolve()
     data_dir = root / cfg.dir
     dvc_file = data_dir.with_name(data_dir.name + ".dvc")
-    remote = (root / cfg.dvc_remote).resolve()
+    remote = cfg.dvc_remote if "://" in cfg.dvc_remote else str((root / cfg.dvc_remote).resolve())
     if not (root / ".dvc").is_dir():
         _dvc(root, "init", *(() if (root / ".git").exists() else ("--no-scm",)))
     _dvc(root, "config", "--local", "core.analytics", "false")
     # --local keeps the machine-specific absolute path out of the committed .dvc/config.
-    _dvc(root, "remote", "add", "--local", "--default", "--force", "modelforge", str(remote))
+    _dvc(root, "remote", "add", "--local", "--default", "--force", "modelforge", remote)
     if not data_dir.exists() and dvc_file.exists():
         try:
             _dvc(root, "pull", str(dvc_file))
@@ -259,11 +260,12 @@ def version_data(cfg: DataConfig | TextDataConfig, root: Path) -> DataVersion:
         materialize(cfg, data_dir)
     manifest, counts = describe(cfg, data_dir)
     _dvc(root, "add", str(data_dir.relative_to(root)))
-    remote.mkdir(parents=True, exist_ok=True)
+    if "://" not in remote:
+        Path(remote).mkdir(parents=True, exist_ok=True)
     _dvc(root, "push", str(dvc_file))
     md5 = read_data_md5(dvc_file)
     print(f"[version_data] {data_dir.relative_to(root)} version {md5} {counts}")
-    return DataVersion(md5, data_dir, manifest)
+    return DataVersion(md5, data_dir, manifest, remote)
 
 
 version_data_task = task(version_data, name="version_data")

@@ -35,7 +35,7 @@ from tasks.config import ConfigError, SearchConfig, TrackingConfig, parse_config
 from tasks.evaluate_model import ClassifierEval
 from tasks.guard_bundle import BundleError
 from tasks.lock_workdir import WorkdirBusy, lock_workdir
-from tasks.search_model import SearchError, open_study, resolve_storage, run_trials, summarize_search
+from tasks.search_model import SearchError, TrialTracking, open_study, resolve_storage, run_trials, summarize_search
 from tasks.ship_bundle import publish_copy, ship_bundle
 from tasks.train_model import train_model_task
 from tasks.version_data import DataError, load_splits, materialize_digits
@@ -375,7 +375,7 @@ def test_failures_of_an_earlier_run_do_not_use_up_the_budget(data_dir, tmp_path)
 def test_a_failure_outside_training_reports_its_real_error(data_dir, tmp_path):
     track_run.setup_tracking(TrackingConfig(uri=f"sqlite:///{tmp_path}/m.db", artifact_dir=tmp_path / "a"))
     cfg = search_cfg(n_trials=1)
-    run_trials(cfg, data_dir, tmp_path, "s", experiment_id="424242", parent_run_id="none")  # no such experiment
+    run_trials(cfg, data_dir, tmp_path, "s", TrialTracking(f"sqlite:///{tmp_path}/m.db", "424242", "none"))  # no such experiment
     with pytest.raises(SearchError) as err:
         summarize_search(cfg, tmp_path, "s")
     assert "trial 0: MlflowException" in str(err.value) and "?" not in str(err.value)

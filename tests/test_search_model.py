@@ -15,7 +15,7 @@ from tasks.config import ConfigError, SearchConfig, TrackingConfig, parse_config
 def tracking(tmp_path):
     exp = track_run.setup_tracking(TrackingConfig(uri=f"sqlite:///{tmp_path}/mlflow.db", experiment="search",
                                                   artifact_dir=tmp_path / "art"))
-    return exp, track_run.start_run(exp, "parent")
+    return search_mod.TrialTracking(f"sqlite:///{tmp_path}/mlflow.db", exp, track_run.start_run(exp, "parent"))
 
 
 FAST = {"families": ["mlp"], "depth": (1, 1), "width": (16, 32), "batch_sizes": [64]}
@@ -79,11 +79,11 @@ def test_crashing_trial_does_not_kill_the_study(data_dir, tmp_path, tracking, mo
         return real_fit(*args, **kwargs)
 
     monkeypatch.setattr(search_mod, "fit", flaky_fit)
-    result = search_mod.search_model(small(), data_dir, tmp_path, "flaky", *tracking)
+    result = search_mod.search_model(small(), data_dir, tmp_path, "flaky", tracking)
     assert (result.completed_trials, result.failed_trials) == (3, 1)
     failed = [t for t in study_of(result).trials if t.state == TrialState.FAIL]
     assert failed[0].user_attrs["error"] == "RuntimeError: simulated out-of-memory"
-    runs = MlflowClient().search_runs([tracking[0]], "attributes.status = 'FAILED'")
+    runs = MlflowClient().search_runs([tracking.experiment_id], "attributes.status = 'FAILED'")
     assert any("simulated out-of-memory" in r.data.tags.get("error", "") for r in runs)
 
 
@@ -112,7 +112,7 @@ def test_multi_objective_front_is_non_dominated_and_selection_respects_budget(da
     space = {**FAST, "width": (4, 64)}
     cfg = small(sampler="nsga2", objectives=["accuracy", "size"], n_trials=8, space=space,
                 selection="accuracy_under_size", size_budget_params=1500)
-    result = search_mod.search_model(cfg, data_dir, tmp_path, "mo", *tracking)
+    result = search_mod.search_model(cfg, data_dir, tmp_path, "mo", tracking)
     study = study_of(result)
     directions = ["maximize", "minimize"]
     front = [f["values"] for f in result.pareto_front]
@@ -126,7 +126,7 @@ def test_multi_objective_front_is_non_dominated_and_selection_respects_budget(da
     if feasible:  # the most accurate trial under the budget was chosen
         assert result.best_values["accuracy"] == max(v[0] for v in feasible)
         assert result.best_values["size"] <= 1500
-    arts = {a.path for a in MlflowClient().list_artifacts(tracking[1], "search")}
+    arts = {a.path for a in MlflowClient().list_artifacts(tracking.parent_run_id, "search")}
     assert {"search/pareto.png", "search/trials.csv", "search/summary.json"} <= arts
     with pytest.raises(search_mod.SearchError, match="no Pareto-optimal trial meets accuracy_under_size"):
         search_mod.summarize_search(cfg.model_copy(update={"size_budget_params": 1}), tmp_path, "mo")
@@ -204,13 +204,12 @@ def test_greedy_moves_one_parameter_from_the_incumbent_and_restarts_when_stale()
 
 @pytest.mark.parametrize("sampler", ["greedy", "genetic"])
 def test_new_samplers_run_resumable_pipeline_studies(sampler, data_dir, tmp_path, tracking):
-    exp, parent = tracking
     cfg = small(sampler=sampler, n_trials=6, seed=1, population=2 if sampler == "genetic" else None)
     first = search_mod.search_model(small(sampler=sampler, n_trials=3, seed=1, population=cfg.population),
-                                    data_dir, tmp_path, "s", exp, parent)
-    resumed = search_mod.search_model(cfg, data_dir, tmp_path, "s", exp, parent)  # the same study, 3 more trials
+                                    data_dir, tmp_path, "s", tracking)
+    resumed = search_mod.search_model(cfg, data_dir, tmp_path, "s", tracking)  # the same study, 3 more trials
     assert first.completed_trials == 3 and resumed.completed_trials == 6
-    trial_runs = MlflowClient().search_runs([exp], f"tags.mlflow.parentRunId = '{parent}'")
+    trial_runs = MlflowClient().search_runs([tracking.experiment_id], f"tags.mlflow.parentRunId = '{tracking.parent_run_id}'")
     assert len(trial_runs) == 6 and all(r.info.status == "FINISHED" for r in trial_runs)
 
 

@@ -1,0 +1,19 @@
+"""The search stage as a subflow: `search.workers` trial loops on one shared study, on the task
+runner the config names (threads here, or Dask/Ray workers). Wiring only."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow
+
+from tasks.config import SearchConfig
+from tasks.fetch_data import DataRef
+from tasks.search_model import TrialTracking, run_trials_task, watch_workers
+
+
+@flow(name="search", log_prints=True)
+def search_trials(cfg: SearchConfig, data: DataRef, out_dir: Path, study: str, tracking: TrialTracking,
+                  remote: bool = False) -> list[int]:
+    workers = [run_trials_task.submit(cfg, data, out_dir, study, tracking, worker=i) for i in range(cfg.workers)]
+    return watch_workers(workers, cfg, out_dir, study, progress=remote)  # a failed worker raises its own exception

@@ -1,0 +1,47 @@
+"""Data-parallel training on 2 real processes (gloo): the same model quality as one process."""
+
+import threading
+
+import pytest
+import torch
+
+from tasks.build_model import Arch, build_model, load_checkpoint
+from tasks.config import TrainConfig
+from tasks.stop_run import RunInterrupted, request_stop
+from tasks.train_ddp import fit_parallel
+from tasks.train_model import TrainParams, accuracy, fit, train_model
+
+ARCH = Arch("mlp", 10, (1, 8, 8), hidden=(64,))
+PARAMS = TrainParams(lr=0.005, optimizer="adam", epochs=12, patience=12)
+
+
+def test_two_ddp_processes_train_as_well_as_one(splits):
+    torch.manual_seed(0)
+    single = build_model(ARCH)
+    one = fit(single, splits.train, splits.val, PARAMS)
+    torch.manual_seed(0)
+    model = build_model(ARCH)
+    epochs = []
+    two = fit_parallel(model, splits.train, splits.val, PARAMS, processes=2, on_epoch=epochs.append)
+    assert one.processes == 1 and two.processes == 2  # the process group's world size, as the ranks saw it
+    assert [e["epoch"] for e in epochs] == list(range(1, two.epochs_run + 1))  # rank 0's progress reached us
+    # The weights came back from rank 0 and match the accuracy the ranks measured.
+    assert accuracy(model, *splits.val) == pytest.approx(two.best_val_accuracy)
+    assert abs(accuracy(model, *splits.test) - accuracy(single, *splits.test)) <= 0.03
+    assert accuracy(model, *splits.test) >= 0.9
+
+
+def test_a_stop_request_terminates_the_ranks(splits):
+    model = build_model(ARCH)
+    threading.Timer(8.0, request_stop, args=("test stop",)).start()  # after the ranks are up
+    with pytest.raises(RunInterrupted):
+        fit_parallel(model, splits.train, splits.val, TrainParams(lr=0.005, optimizer="adam", epochs=10_000,
+                                                                    patience=10_000), processes=2)
+
+
+def test_train_model_on_two_processes(data_dir, tmp_path):
+    best = {"family": "mlp", "depth": 1, "width": 32, "activation": "relu", "dropout": 0.0, "lr": 0.005,
+            "optimizer": "adam", "batch_size": 64}
+    trained = train_model(TrainConfig(max_epochs=6, patience=6, processes=2), best, data_dir, "v" * 32, tmp_path)
+    model, _, meta = load_checkpoint(trained.checkpoint)
+    assert trained.test_accuracy >= 0.85 and meta["train"]["epochs"] == 6
