@@ -25,6 +25,18 @@ def embedded_defaults(root: Path) -> None:
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
 
 
+def runner_overrides(spec: str) -> list[str]:
+    """`--runner SPEC` as the `--set` overrides it stands for."""
+    kind, sep, address = spec.partition("://")
+    if kind not in ("local", "dask", "ray", "tcp") or (kind == "local" and sep):
+        raise argparse.ArgumentTypeError(f"{spec!r}: expected local, dask, dask://HOST:PORT, ray or ray://HOST:PORT")
+    if not sep:
+        return [f"runner.kind={kind}", "runner.address=null"]
+    if kind == "ray":
+        return ["runner.kind=ray", f"runner.address=ray://{address}"]
+    return ["runner.kind=dask", f"runner.address=tcp://{address}"]
+
+
 def _config(args: argparse.Namespace):
     from tasks.config import load_config
 
@@ -130,6 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     run = sub.add_parser("run", parents=[common], help="run the pipeline the config's `family` names (classifier: "
                          "optimize flow; minilm: optimize-encoder flow) end to end")
     run.add_argument("--force", action="store_true", help="run even when data, config and code are unchanged")
+    run.add_argument("--runner", type=runner_overrides, default=[], metavar="SPEC",
+                     help="where search trials run: local (threads), dask (a LocalCluster of worker processes), "
+                     "dask://HOST:PORT (a running Dask scheduler), ray, ray://HOST:PORT; sets runner.kind/address")
     run.set_defaults(fn=cmd_run)
     sub.add_parser("rollback", parents=[common], help="point the champion alias back at the previous champion "
                    "and republish its bundle").set_defaults(fn=cmd_rollback)
@@ -155,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     dep.add_argument("--cron", default="0 2 * * *", help="nightly schedule (UTC)")
     dep.set_defaults(fn=cmd_deploy)
     args = parser.parse_args(argv)
+    args.set = [*args.set, *getattr(args, "runner", [])]
 
     embedded_defaults(args.root)
     from prefect.exceptions import TerminationSignal

@@ -9,6 +9,7 @@ API the workers cannot reach.
 from __future__ import annotations
 
 import logging
+import os
 from urllib.parse import urlparse
 
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
@@ -72,8 +73,14 @@ def search_runner(cfg: PipelineConfig) -> TaskRunner:
         logging.getLogger("distributed").setLevel(logging.WARNING)  # the run's own output, not every heartbeat
         if runner.address:
             return DaskTaskRunner(address=runner.address)
-        # Worker processes with one task thread each: a trial is CPU-bound torch code, and threads of one
-        # process would serialise on the GIL between torch calls.
-        return DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True,
-                                              "dashboard_address": None, "silence_logs": logging.WARNING})
+        return DaskTaskRunner(cluster_kwargs=local_cluster_kwargs(workers))
     return RayTaskRunner(address=runner.address)
+
+
+def local_cluster_kwargs(workers: int) -> dict:
+    """A Dask LocalCluster of `workers` processes with one task thread each (a trial is CPU-bound torch
+    code; threads of one process would serialise on the GIL between torch calls), the cores shared
+    out between them instead of every worker's torch starting a thread per core."""
+    threads = str(max(1, (os.cpu_count() or 1) // workers))
+    return {"n_workers": workers, "threads_per_worker": 1, "processes": True, "dashboard_address": None,
+            "silence_logs": logging.WARNING, "env": {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}}

@@ -61,6 +61,22 @@ def assert_ran_on_workers(runs: list, cache: Path) -> None:
     assert {Path(r.data.tags["modelforge.data_dir"]).parent for r in runs} == {cache}  # fetched by md5
 
 
+def test_runner_flag_is_a_validated_override(tmp_path):
+    import argparse
+
+    from flows.cli import runner_overrides
+    from tasks.config import load_config
+
+    config = tmp_path / "c.yaml"
+    config.write_text("search: {storage: 'postgresql+psycopg://u@db/optuna'}\ntracking: {uri: 'http://mlflow:5000'}\n")
+    assert load_config(config, runner_overrides("dask://10.0.0.5:8786")).runner.address == "tcp://10.0.0.5:8786"
+    assert load_config(config, runner_overrides("dask")).runner.multi_machine is False
+    with pytest.raises(ConfigError, match="search.storage"):  # what the override implies is validated too
+        load_config(tmp_path / "c.yaml", ["search.storage=null", *runner_overrides("ray://head:10001")])
+    with pytest.raises(argparse.ArgumentTypeError):
+        runner_overrides("spark://x")
+
+
 def test_file_stores_are_refused_for_workers_on_other_machines():
     with pytest.raises(ConfigError) as err:
         parse_config({"runner": {"kind": "dask", "address": "tcp://10.0.0.5:8786"}})
