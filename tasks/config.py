@@ -400,7 +400,8 @@ class TrackingConfig(_Section):
     uri: str = Field("sqlite:///.modelforge/mlflow.db", description="MLflow tracking URI: sqlite:/// (default), a "
                      "server database (postgresql+psycopg://user@host/db) or an MLflow server (http://host:5000).")
     experiment: str = Field("modelforge", min_length=1, description="MLflow experiment name.")
-    artifact_dir: Path = Field(Path(".modelforge/mlartifacts"), description="Artifact root of a new experiment.")
+    artifact_dir: Path = Field(Path(".modelforge/mlartifacts"), description="Artifact root of a new experiment "
+                               "(an MLflow server, http://..., uses its own artifact store instead).")
 
 
 class _Pipeline(_Section):

@@ -37,11 +37,8 @@ def _object(remote: str, md5: str) -> str:
 
 
 def _md5_of(path: Path) -> str:
-    h = hashlib.md5()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "md5").hexdigest()
 
 
 def fetch_data(ref: DataRef) -> Path:

@@ -383,7 +383,7 @@ def watch_workers(futures: list, cfg: SearchConfig, out_dir: Path, study_name: s
     their machines) the study's progress is printed here as it grows."""
     from prefect.futures import wait
 
-    started, seen = time.perf_counter(), -1
+    started, since, seen = time.perf_counter(), datetime.now(), -1
     while progress:
         done, pending = wait(futures, timeout=every_s)
         if not pending or any(f.state.is_failed() or f.state.is_crashed() for f in done):
@@ -393,7 +393,7 @@ def watch_workers(futures: list, cfg: SearchConfig, out_dir: Path, study_name: s
         if finished != seen:
             seen = finished
             best = [t.values[0] for t in trials if t.state == TrialState.COMPLETE]
-            failed = [t for t in trials if t.state == TrialState.FAIL]
+            failed = [t for t in trials if t.state == TrialState.FAIL and t.datetime_start and t.datetime_start >= since]
             print(f"[search] {min(finished, cfg.n_trials)}/{cfg.n_trials} trials finished on {len(futures)} "
                   f"worker(s) after {time.perf_counter() - started:.0f}s; best accuracy "
                   + (f"{max(best):.4f}" if best else "n/a")

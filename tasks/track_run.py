@@ -88,13 +88,16 @@ def setup_tracking(cfg: TrackingConfig) -> str:
     exp = client.get_experiment_by_name(cfg.experiment)
     if exp is not None:
         return exp.experiment_id
+    if cfg.uri.startswith(("http://", "https://")):  # the server's own artifact store (--artifacts-destination)
+        return client.create_experiment(cfg.experiment)
     artifact_dir = cfg.artifact_dir.resolve()
     artifact_dir.mkdir(parents=True, exist_ok=True)
     return client.create_experiment(cfg.experiment, artifact_location=artifact_dir.as_uri())
 
 
 def start_run(experiment_id: str, name: str, parent_id: str | None = None, tags: dict | None = None) -> str:
-    tags = {MLFLOW_RUN_NAME: name, **(tags or {})}
+    # Strings only: the SQL store coerces a number, an MLflow server's REST store rejects it (TypeError).
+    tags = {MLFLOW_RUN_NAME: name, **{k: str(v) for k, v in (tags or {}).items()}}
     if parent_id:
         tags[MLFLOW_PARENT_RUN_ID] = parent_id
     return MlflowClient().create_run(experiment_id, tags=tags, run_name=name).info.run_id

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import tempfile
 import time
 from collections.abc import Callable
@@ -22,14 +21,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from tasks.start_prefect import free_port
 from tasks.stop_run import check_stop
 from tasks.train_model import FitResult, TrainParams, fit
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rank(rank: int, world: int, port: int, model: nn.Module, train: tuple, val: tuple, params: TrainParams,
@@ -60,7 +54,7 @@ def fit_parallel(model: nn.Module, train: tuple[np.ndarray, np.ndarray], val: tu
     queue = ctx.SimpleQueue()
     with tempfile.TemporaryDirectory(prefix="modelforge-ddp-") as tmp:
         out = str(Path(tmp) / "rank0.pt")
-        port = _free_port()
+        port = free_port()
         ranks = [ctx.Process(target=_rank, args=(r, processes, port, model, train, val, params, out, queue),
                              daemon=True, name=f"ddp-rank-{r}") for r in range(processes)]
         for p in ranks:

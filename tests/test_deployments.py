@@ -2,7 +2,6 @@
 `nightly` completes, and a data-change event makes `on-new-data` start a run that completes."""
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 from flows.deployments import NIGHTLY, ON_NEW_DATA, deploy_all
 from tasks.config import DataConfig
 from tasks.notify_data import notify_data_change
+from tasks.start_prefect import free_port
 
 pytestmark = pytest.mark.e2e
 POOL = "modelforge-test-pool"
@@ -28,12 +28,6 @@ TINY = {
     "gates": {"min_accuracy": 0.5, "max_accuracy_drop": 5.0, "max_latency_ratio": None},
     "tracking": {"experiment": "deployments"},
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait(predicate, timeout: float, what: str):

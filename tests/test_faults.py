@@ -8,7 +8,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -40,6 +39,7 @@ from tasks.ship_bundle import publish_copy, ship_bundle
 from tasks.train_model import train_model_task
 from tasks.version_data import DataError, load_splits, materialize_digits
 from tasks.config import DataConfig
+from tasks.start_prefect import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_SPACE = {"families": ["mlp"], "optimizers": ["adam"], "depth": [1, 1], "width": [32, 48], "batch_sizes": [32]}
@@ -142,12 +142,6 @@ def test_rollback_onto_a_user_folder_changes_nothing(tmp_path, capsys):
 
 
 # --- 2. The server serves only the model its manifest describes -------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_server_refuses_to_start_on_a_tampered_model(bundle, tmp_path):
     served = publish_copy(bundle, tmp_path / "served")

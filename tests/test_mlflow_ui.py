@@ -3,7 +3,6 @@ Chromium. `make test` installs Chromium when missing; the test skips only outsid
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -13,17 +12,12 @@ import pytest
 
 from tasks import track_run
 from tasks.config import TrackingConfig
+from tasks.start_prefect import free_port
 
 CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
 # `make test` installs Chromium where it can (root + apt-get); in CI a missing browser is a failure, not a skip.
 pytestmark = pytest.mark.skipif(CHROMIUM is None and os.environ.get("CI") != "true",
                                 reason="Chromium is not installed (make test installs it as root)")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_runs_are_visible_in_the_mlflow_ui(tmp_path):
