@@ -376,6 +376,14 @@ def search_model(cfg: SearchConfig, data_dir: Path, out_dir: Path, study_name: s
     return summarize_search(cfg, out_dir, study_name, tracking.parent_run_id if tracking else None)
 
 
+def prepare_study(cfg: SearchConfig, out_dir: Path, study_name: str) -> None:
+    """Create the storage's tables and the study once, here, before the workers start: workers that all
+    find a fresh database empty race to create its schema (`duplicate key ... alembic_version`)."""
+    if not cfg.storage:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+    open_study(cfg, study_name, resolve_storage(cfg, out_dir))
+
+
 def watch_workers(futures: list, cfg: SearchConfig, out_dir: Path, study_name: str, progress: bool,
                   every_s: float = 10.0) -> list[int]:
     """Wait for the search workers and return how many trials each ran; the first failed worker
@@ -401,6 +409,7 @@ def watch_workers(futures: list, cfg: SearchConfig, out_dir: Path, study_name: s
     return [f.result() for f in futures]
 
 
+prepare_study_task = task(prepare_study, name="prepare_study")
 run_trials_task = task(run_trials, name="run_trials", task_run_name="search-worker-{worker}")
 summarize_search_task = task(summarize_search, name="summarize_search")
 

@@ -388,7 +388,8 @@ def test_a_failed_search_worker_raises_its_own_exception(prefect_api, tmp_path):
                                             "storage": "postgresql+psycopg://u@127.0.0.1:9/none"})
     with pytest.raises(Exception) as err:  # no database listens on port 9
         optimize(config_path=str(config), root=str(tmp_path))
-    # Before: AttributeError: 'NoneType' object has no attribute 'flat'. Now the worker's own error.
+    # Before: AttributeError: 'NoneType' object has no attribute 'flat'. Now the real error (raised where the
+    # study is first opened; test_connect_runner covers an error raised inside a Dask worker).
     from sqlalchemy.exc import OperationalError
 
     assert isinstance(err.value, OperationalError) and "127.0.0.1" in str(err.value), repr(err.value)
