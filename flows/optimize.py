@@ -8,22 +8,21 @@ from __future__ import annotations
 from dataclasses import asdict
 
 from prefect import flow
-from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.release import validate_and_release
 from flows.search import search_trials
 from tasks import track_run
-from tasks.connect_runner import search_runner
-from tasks.fetch_data import worker_data
 from tasks.compress_model import compress_candidate_task
+from tasks.connect_runner import search_runner
 from tasks.evaluate_model import ClassifierEval
+from tasks.fetch_data import worker_data
 from tasks.search_model import TrialTracking, summarize_search_task
 from tasks.train_model import check_init_checkpoint_task, train_model_task
 from tasks.validate_model import BASELINE
 from tasks.version_data import version_data_task
 
 
-@flow(name="optimize", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=8))
+@flow(name="optimize", log_prints=True)  # the search subflow brings its own task runner, from the config
 def optimize(config_path: str = "configs/digits.yaml", root: str = ".", force: bool = False,
              lock_wait_s: float = 0, overrides: list[str] | None = None) -> dict:
     with track_run.pipeline_run(config_path, root, lock_wait_s=lock_wait_s,

@@ -168,6 +168,14 @@ def open_study(cfg: SearchConfig, study_name: str, storage: str) -> optuna.Study
                                pruner=make_pruner(cfg), load_if_exists=True, **kwargs)
 
 
+def open_run_study(cfg: SearchConfig, out_dir: Path, study_name: str) -> optuna.Study:
+    """The run's study in the configured storage, or in the default file storage under `out_dir`
+    (its folder created first; a server database needs no folder here)."""
+    if not cfg.storage:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+    return open_study(cfg, study_name, resolve_storage(cfg, out_dir))
+
+
 def measure_trial_latency(model: torch.nn.Module, x: np.ndarray) -> float:
     """p50 batch-1 latency (ms) of the model exported to ONNX and run on ORT CPU: the real target."""
     from tasks.export_onnx import export_onnx
@@ -249,9 +257,7 @@ def run_trials(cfg: SearchConfig, data: Path | DataRef, out_dir: Path, study_nam
     data_dir = resolve_data(data)
     splits = load_splits(data_dir)
     input_shape = tuple(splits.manifest["input_shape"])
-    if not cfg.storage:
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
-    study = open_study(cfg, study_name, resolve_storage(cfg, out_dir))
+    study = open_run_study(cfg, out_dir, study_name)
     budget = _Budget(cfg.n_trials, datetime.now())
     if budget.done(study):
         return 0
@@ -379,9 +385,7 @@ def search_model(cfg: SearchConfig, data_dir: Path, out_dir: Path, study_name: s
 def prepare_study(cfg: SearchConfig, out_dir: Path, study_name: str) -> None:
     """Create the storage's tables and the study once, here, before the workers start: workers that all
     find a fresh database empty race to create its schema (`duplicate key ... alembic_version`)."""
-    if not cfg.storage:
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
-    open_study(cfg, study_name, resolve_storage(cfg, out_dir))
+    open_run_study(cfg, out_dir, study_name)
 
 
 def watch_workers(futures: list, cfg: SearchConfig, out_dir: Path, study_name: str, progress: bool,
@@ -392,11 +396,12 @@ def watch_workers(futures: list, cfg: SearchConfig, out_dir: Path, study_name: s
     from prefect.futures import wait
 
     started, since, seen = time.perf_counter(), datetime.now(), -1
+    study = open_run_study(cfg, out_dir, study_name) if progress else None
     while progress:
         done, pending = wait(futures, timeout=every_s)
         if not pending or any(f.state.is_failed() or f.state.is_crashed() for f in done):
             break
-        trials = open_study(cfg, study_name, resolve_storage(cfg, out_dir)).get_trials(deepcopy=False)
+        trials = study.get_trials(deepcopy=False)  # read from the storage each time: the workers' progress
         finished = sum(t.state in FINISHED for t in trials)
         if finished != seen:
             seen = finished

@@ -37,6 +37,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_for_http(url: str, proc: subprocess.Popen, timeout_s: float, what: str) -> bytes:
+    """The body of the first 200 answer from `url`, polled while the server `proc` starts; a
+    `RuntimeError` naming `what` if `proc` exits or `timeout_s` passes first."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            answer = httpx.get(url, timeout=2)
+            if answer.status_code == 200:
+                return answer.content
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"{what} did not start (exit {proc.poll()})")
+        time.sleep(0.2)
+
+
 def _flush_prefect() -> None:
     """Send the logs and events Prefect still queues while the server listens: left to interpreter
     exit, they would retry against the stopped server for minutes."""
@@ -70,17 +86,8 @@ def temporary_prefect_server(log_dir: Path, timeout_s: float = 120) -> Iterator[
             start_new_session=True, preexec_fn=_die_with_parent)
     url = f"http://127.0.0.1:{port}/api"
     try:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the temporary Prefect server did not start (exit {server.poll()}); "
-                                   f"see {log_dir / 'prefect-server.log'}")
-            time.sleep(0.2)
+        wait_for_http(f"{url}/health", server, timeout_s,
+                      f"the temporary Prefect server (see {log_dir / 'prefect-server.log'})")
         print(f"[prefect] temporary server pid {server.pid} at {url}", flush=True)
         with temporary_settings(updates={PREFECT_API_URL: url}):
             os.environ["PREFECT_API_URL"] = url  # for anything that reads the environment directly

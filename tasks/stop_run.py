@@ -29,10 +29,6 @@ def request_stop(reason: str) -> None:
         _stop.set()
 
 
-def stop_reason() -> str | None:
-    return _reason[0] if _stop.is_set() else None
-
-
 def check_stop() -> None:
     """Raise `RunInterrupted` if a stop was requested; cheap enough to call every batch."""
     if _stop.is_set():

@@ -52,6 +52,13 @@ def fit_parallel(model: nn.Module, train: tuple[np.ndarray, np.ndarray], val: tu
     """`fit` over `processes` DDP ranks; returns with `model` holding the trained (best-epoch) weights."""
     ctx = torch.multiprocessing.get_context("spawn")
     queue = ctx.SimpleQueue()
+
+    def relay_epochs() -> None:  # rank 0's epoch records, to the caller
+        while not queue.empty():
+            record = queue.get()
+            if on_epoch:
+                on_epoch(record)
+
     with tempfile.TemporaryDirectory(prefix="modelforge-ddp-") as tmp:
         out = str(Path(tmp) / "rank0.pt")
         port = free_port()
@@ -61,10 +68,7 @@ def fit_parallel(model: nn.Module, train: tuple[np.ndarray, np.ndarray], val: tu
             p.start()
         try:
             while any(p.is_alive() for p in ranks):
-                while not queue.empty():
-                    record = queue.get()
-                    if on_epoch:
-                        on_epoch(record)
+                relay_epochs()
                 if any(p.exitcode not in (None, 0) for p in ranks):
                     break  # one rank died: the others would wait for its gradients until gloo's timeout
                 check_stop()
@@ -74,10 +78,7 @@ def fit_parallel(model: nn.Module, train: tuple[np.ndarray, np.ndarray], val: tu
                 if p.is_alive():
                     p.terminate()
                 p.join()
-        while not queue.empty():
-            record = queue.get()
-            if on_epoch:
-                on_epoch(record)
+        relay_epochs()
         if failed := [(p.name, p.exitcode) for p in ranks if p.exitcode != 0]:
             raise RuntimeError(f"data-parallel training failed: {', '.join(f'{n} exit code {c}' for n, c in failed)} "
                                "(the rank's traceback is printed above)")

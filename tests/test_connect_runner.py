@@ -22,7 +22,7 @@ from flows.optimize import optimize
 from tasks.config import ConfigError, parse_config
 from tasks.connect_runner import search_runner
 from tasks.search_model import _storage
-from tasks.start_prefect import free_port
+from tasks.start_prefect import free_port, wait_for_http
 
 pytestmark = pytest.mark.e2e
 
@@ -124,20 +124,6 @@ def test_a_worker_failure_reaches_the_run_with_its_own_exception(tmp_path, prefe
 
 # --- PostgreSQL: Debian's server, started here on 127.0.0.1 -------------------------------------------
 
-def wait_for_http(url: str, proc: subprocess.Popen, timeout_s: float = 120) -> None:
-    import urllib.request
-
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            return
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{url} did not come up (exit {proc.poll()})") from None
-            time.sleep(0.5)
-
-
 @pytest.fixture(scope="module")
 def postgres():
     bins = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
@@ -177,7 +163,7 @@ def test_search_on_a_dask_cluster_with_postgres_for_optuna_and_mlflow(tmp_path, 
                                "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     uri = f"http://127.0.0.1:{port}"
     try:
-        wait_for_http(f"{uri}/health", server)
+        wait_for_http(f"{uri}/health", server, 120, "mlflow server")
         with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
             config = write(tmp_path, runner={"kind": "dask", "address": cluster.scheduler_address,
                                              "data_cache": str(cache)},

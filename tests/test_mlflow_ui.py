@@ -5,14 +5,12 @@ import os
 import shutil
 import subprocess
 import sys
-import time
-import urllib.request
 
 import pytest
 
 from tasks import track_run
 from tasks.config import TrackingConfig
-from tasks.start_prefect import free_port
+from tasks.start_prefect import free_port, wait_for_http
 
 CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
 # `make test` installs Chromium where it can (root + apt-get); in CI a missing browser is a failure, not a skip.
@@ -32,15 +30,7 @@ def test_runs_are_visible_in_the_mlflow_ui(tmp_path):
     ui = subprocess.Popen([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
                            "--port", str(port), "--workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     try:
-        deadline = time.time() + 90
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-                break
-            except OSError:
-                if time.time() > deadline or ui.poll() is not None:
-                    pytest.fail("mlflow ui did not start")
-                time.sleep(1)
+        wait_for_http(f"http://127.0.0.1:{port}/health", ui, 90, "mlflow ui")
         dom = subprocess.run(
             [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
              "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'chrome'}",
@@ -63,17 +53,9 @@ def test_modelforge_ui_serves_the_store_the_config_names(tmp_path):
                            str(tmp_path), "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           start_new_session=True)
     try:
-        deadline = time.time() + 90
-        while True:
-            try:
-                body = urllib.request.urlopen(
-                    f"http://127.0.0.1:{port}/ajax-api/2.0/mlflow/experiments/get-by-name?experiment_name=named-store",
-                    timeout=2).read()
-                break
-            except OSError:
-                if time.time() > deadline or ui.poll() is not None:
-                    pytest.fail("modelforge ui did not start")
-                time.sleep(1)
+        body = wait_for_http(
+            f"http://127.0.0.1:{port}/ajax-api/2.0/mlflow/experiments/get-by-name?experiment_name=named-store",
+            ui, 90, "modelforge ui")
     finally:
         os.killpg(ui.pid, 15)
         ui.wait(30)
