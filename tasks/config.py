@@ -310,7 +310,7 @@ def _default_encoder_candidates() -> dict[str, list]:
     int8 = QuantizeDynamic(method="quantize_dynamic", per_channel=True)
     return {"optimized": [OrtOptimize(method="ort_optimize")],
             "int8": [OrtOptimize(method="ort_optimize"), int8],
-            "student": [student], "student_int8": [student, int8]}
+            "student": [student], "student_int8": [student, OrtOptimize(method="ort_optimize"), int8]}
 
 
 class EncoderCompressConfig(_Recipes):

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 
 PROVIDER_NAMES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
@@ -21,14 +22,38 @@ def available_devices(use_cuda: bool = True) -> list[str]:
     return devices
 
 
-def make_session(path: Path | bytes, device: str = "cpu", intra_op_threads: int = 0) -> ort.InferenceSession:
-    """A session on `path`, or on the model's bytes (when the caller verified exactly those bytes)."""
+# A model-level list of ORT graph fusions its sessions must not apply, as ONNX metadata: it then
+# holds wherever the model file goes (bundle, registry, server) without a side file to lose.
+UNFUSED_KEY = "modelforge.ort_disabled_optimizers"
+
+
+def set_session_unfused(model: onnx.ModelProto, optimizers: tuple[str, ...] | list[str]) -> None:
+    """Record in `model` the ORT graph optimizers (e.g. "SkipLayerNormFusion") its sessions disable."""
+    kept = [p for p in model.metadata_props if p.key != UNFUSED_KEY]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    model.metadata_props.add(key=UNFUSED_KEY, value=",".join(optimizers))
+
+
+def session_unfused(path: Path | bytes) -> list[str]:
+    """The optimizers `set_session_unfused` recorded in the model at `path` (or in its bytes)."""
+    model = onnx.load_model_from_string(path) if isinstance(path, bytes) else onnx.load(str(path), load_external_data=False)
+    return next((p.value.split(",") for p in model.metadata_props if p.key == UNFUSED_KEY and p.value), [])
+
+
+def make_session(path: Path | bytes, device: str = "cpu", intra_op_threads: int = 0,
+                 save_optimized: Path | None = None) -> ort.InferenceSession:
+    """A session on `path`, or on the model's bytes (when the caller verified exactly those bytes),
+    with the graph fusions the model opts out of disabled; `save_optimized` writes the graph ORT
+    actually runs, after its own fusions, for inspection."""
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = intra_op_threads
     opts.log_severity_level = 3  # ORT's per-node warnings would bury the progress output
+    if save_optimized is not None:
+        opts.optimized_model_filepath = str(save_optimized)
     providers = [PROVIDER_NAMES[device]] + ([PROVIDER_NAMES["cpu"]] if device != "cpu" else [])
     model = path if isinstance(path, bytes) else str(path)
-    return ort.InferenceSession(model, sess_options=opts, providers=providers)
+    return ort.InferenceSession(model, sess_options=opts, providers=providers, disabled_optimizers=session_unfused(path))
 
 
 def predict_logits(session: ort.InferenceSession, x: np.ndarray, batch: int = 256) -> np.ndarray:

@@ -1,12 +1,15 @@
 """MiniLM building blocks on a 1-layer truncated copy of the packaged model (keeps CI fast)."""
 
+import collections
+
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 
-from tasks.embed_minilm import (distill_encoder, encode_onnx, encode_torch, export_encoder, fidelity, load_minilm,
-                                make_student, offline_corpus, optimize_encoder, quantize_encoder, tokenize)
-from tasks.run_onnx import make_session
+from tasks.embed_minilm import (SESSION_UNFUSED, distill_encoder, encode_onnx, encode_torch, export_encoder, fidelity,
+                                load_minilm, make_student, offline_corpus, optimize_encoder, quantize_encoder, tokenize)
+from tasks.run_onnx import make_session, session_unfused
 
 
 @pytest.fixture(scope="module")
@@ -35,11 +38,17 @@ def test_export_matches_pytorch_with_dynamic_batch_and_sequence(tiny):
         assert (got * encode_torch(model, feeds)).sum(1).min() >= 0.9999
 
 
+def _ops(path) -> collections.Counter:
+    return collections.Counter(n.op_type for n in onnx.load(str(path)).graph.node)
+
+
 def test_optimized_and_int8_variants_stay_faithful(tiny, tmp_path):
     _, tok, sentences, exported = tiny
     fused = optimize_encoder(exported.path, tmp_path / "opt.onnx")
-    assert fused.get("LayerNormalization", 0) >= 2  # embeddings LN + the layer's two, where patterns match
+    assert fused.get("Attention") == 1 and fused.get("LayerNormalization", 0) >= 3  # the TorchScript graph fuses
+    assert not fused.keys() & {"SkipLayerNormalization", "BiasGelu", "EmbedLayerNormalization"}
     int8 = quantize_encoder(tmp_path / "opt.onnx", tmp_path / "int8.onnx")
+    assert _ops(int8)["QAttention"] == 1 and session_unfused(int8) == list(SESSION_UNFUSED)
     assert exported.path.stat().st_size / int8.stat().st_size > 3.5
     ref = encode_onnx(exported.path, tok, sentences)
     opt = fidelity(ref, encode_onnx(tmp_path / "opt.onnx", tok, sentences), queries=20)
@@ -47,6 +56,23 @@ def test_optimized_and_int8_variants_stay_faithful(tiny, tmp_path):
     q = fidelity(ref, encode_onnx(int8, tok, sentences), queries=20)
     assert 0.95 < q["cosine_min"] <= q["cosine_mean"] < 1.0  # INT8 perturbs, but stays close
     assert q["top10_overlap"] >= 0.6
+
+
+def test_sessions_keep_the_fusions_the_encoder_opts_out_of(tiny, tmp_path):
+    """ORT would fuse Add + LayerNormalization into its slower SkipLayerNormalization again at
+    session start; the model's own list stops it wherever the file is loaded."""
+    _, _, _, exported = tiny
+    optimize_encoder(exported.path, tmp_path / "opt.onnx")
+    int8 = quantize_encoder(tmp_path / "opt.onnx", tmp_path / "int8.onnx")
+    make_session(int8, save_optimized=tmp_path / "ours.onnx")
+    make_session(int8.read_bytes(), save_optimized=tmp_path / "ours_bytes.onnx")
+    plain = ort.SessionOptions()
+    plain.optimized_model_filepath = str(tmp_path / "plain.onnx")
+    ort.InferenceSession(str(int8), plain, providers=["CPUExecutionProvider"])
+    assert _ops(tmp_path / "plain.onnx")["SkipLayerNormalization"] >= 1  # what the list prevents
+    for ran in ("ours.onnx", "ours_bytes.onnx"):
+        ops = _ops(tmp_path / ran)
+        assert ops["SkipLayerNormalization"] == 0 and ops["LayerNormalization"] >= 3 and ops["QAttention"] == 1
 
 
 def test_fidelity_metrics():
