@@ -33,7 +33,8 @@ from tasks.config import (  # noqa: E402
 from tasks.evaluate_model import ClassifierEval  # noqa: E402
 from tasks.train_model import TrainParams, accuracy, fit  # noqa: E402
 from tasks.validate_model import validate_candidates  # noqa: E402
-from tasks.version_data import load_splits, materialize_digits  # noqa: E402
+from tasks.data import load_splits  # noqa: E402
+from tasks.data.digits import materialize_digits  # noqa: E402
 
 STATIC = QuantizeStatic(method="quantize_static", calibration_samples=256)
 STRUCTURED = StructuredPrune(method="structured_prune", amount=0.5, finetune_epochs=20)

@@ -67,7 +67,8 @@ def main() -> None:
 
     from tasks.config import DataConfig
     from tasks.fetch_data import DataRef
-    from tasks.version_data import load_splits, version_data
+    from tasks.data import load_splits
+    from tasks.version_data import version_data
 
     work = Path(tempfile.mkdtemp(prefix="bench-scale-"))
     (work / "project").mkdir()

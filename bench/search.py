@@ -20,7 +20,7 @@ from optuna.trial import TrialState
 
 from tasks.config import DataConfig, SearchConfig
 from tasks.search_model import _storage, resolve_storage, run_trials
-from tasks.version_data import materialize_digits
+from tasks.data.digits import materialize_digits
 
 SAMPLERS = ("random", "tpe", "nsga2", "greedy", "genetic")
 

@@ -3,7 +3,9 @@
     modelforge serve --bundle deploy/champion [--host 127.0.0.1 --port 8000]
     modelforge serve --model-uri models:/digits-classifier@champion
 
-Endpoints: POST /predict {"inputs": [...]} (classifier bundles), POST /embed {"texts": [...]}
+Endpoints: POST /predict {"inputs": [...]} (classifier bundles; a bundle trained on a table also
+takes raw rows, {"records": [{"column": value, ...}]}, encoded with its own preprocessing; answers
+carry class names and probabilities), POST /embed {"texts": [...]}
 (sentence-encoder bundles, tokenised with the tokenizer shipped in the bundle), GET /health,
 GET /model-info, POST /reload. Input is checked against the manifest (shape, plain finite numbers,
 batch limit; strings for texts) and rejected with a 4xx naming the problem; a body must be
@@ -229,6 +231,26 @@ def parse_inputs(payload: object, sample_shape: tuple[int, ...], max_batch: int 
     return x
 
 
+def parse_records(payload: dict, preprocessing: object, max_batch: int = MAX_BATCH) -> np.ndarray:
+    """Raw table records encoded with the bundle's own preprocessing (the function training used),
+    or `BadRequest` naming the record and the column that is wrong."""
+    from tasks.data.table import encode_records
+
+    if not (isinstance(preprocessing, dict) and preprocessing.get("kind") == "table"):
+        raise BadRequest(400, 'this bundle was not trained on a table: send {"inputs": [...]} arrays')
+    records = payload["records"]
+    if isinstance(records, dict):
+        records = [records]
+    if not isinstance(records, list) or not records:
+        raise BadRequest(400, "records must be a non-empty array of objects (column -> value)")
+    if len(records) > max_batch:
+        raise BadRequest(413, f"batch of {len(records)} exceeds the limit of {max_batch}")
+    try:
+        return encode_records(preprocessing, records)
+    except ValueError as err:
+        raise BadRequest(400, str(err)) from None
+
+
 def parse_texts(payload: object, max_batch: int = MAX_BATCH) -> list[str]:
     """A list of non-empty strings, or `BadRequest` saying what is wrong."""
     if not isinstance(payload, dict) or "texts" not in payload:
@@ -285,10 +307,18 @@ def create_app(source: BundleSource | RegistrySource, poll_seconds: float = 1.0,
         model = holder.model  # one consistent (session, manifest) pair for this request
         if model.sample_shape is None:
             raise BadRequest(400, "this bundle is a sentence encoder: POST /embed {\"texts\": [...]}")
-        x = parse_inputs(parse_json(body), model.sample_shape, max_batch)
+        payload = parse_json(body)
+        if isinstance(payload, dict) and "records" in payload:
+            x = parse_records(payload, model.manifest.get("preprocessing"), max_batch)
+        else:
+            x = parse_inputs(payload, model.sample_shape, max_batch)
         logits = model.session.run(None, {model.input_name: x})[0]
-        return {"predictions": logits.argmax(1).tolist(), "logits": logits.tolist(),
-                "model_sha256": model.manifest["sha256"]}
+        shifted = np.exp(logits - logits.max(1, keepdims=True))
+        probabilities = shifted / shifted.sum(1, keepdims=True)
+        names = model.manifest.get("labels") or list(range(logits.shape[1]))
+        return {"predictions": logits.argmax(1).tolist(), "labels": [names[i] for i in logits.argmax(1)],
+                "probabilities": [{str(n): round(float(p), 6) for n, p in zip(names, row)} for row in probabilities],
+                "logits": logits.tolist(), "model_sha256": model.manifest["sha256"]}
 
     def embed(body: bytes) -> dict:
         model = holder.model

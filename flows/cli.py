@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     from tasks.search_model import SearchError
     from tasks.stop_run import exit_code, interruption
     from tasks.validate_model import GateError
-    from tasks.version_data import DataError
+    from tasks.data import DataError
 
     try:
         return args.fn(args)

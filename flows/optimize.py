@@ -16,7 +16,7 @@ from tasks.compress_model import compress_candidate_task
 from tasks.connect_runner import search_runner
 from tasks.evaluate_model import ClassifierEval
 from tasks.fetch_data import worker_data
-from tasks.search_model import TrialTracking, summarize_search_task
+from tasks.search_model import TrialTracking, fit_search_to_data, summarize_search_task
 from tasks.train_model import check_init_checkpoint_task, train_model_task
 from tasks.validate_model import BASELINE
 from tasks.version_data import version_data_task
@@ -35,11 +35,12 @@ def optimize(config_path: str = "configs/digits.yaml", root: str = ".", force: b
             return skipped
         check_init_checkpoint_task(cfg.train, data.num_classes, data.input_shape)  # fail before any training
 
+        search_cfg = fit_search_to_data(cfg.search, data.input_shape)  # e.g. no CNN for a table's rows
         study = f"{cfg.tracking.experiment}-{data.md5[:12]}-{cfg.section_hash('search')}"
         search_trials.with_options(task_runner=runner)(
-            cfg.search, worker_data(data, cfg.runner), work / "search", study,
+            search_cfg, worker_data(data, cfg.runner), work / "search", study,
             TrialTracking(cfg.tracking.uri, run.experiment_id, run.run_id), remote=cfg.runner.kind != "local")
-        search = summarize_search_task(cfg.search, work / "search", study, run.run_id)
+        search = summarize_search_task(search_cfg, work / "search", study, run.run_id)
         track_run.log_stage(run.run_id, "search", search.flat())
 
         trained = train_model_task(cfg.train, search.best_params, data.dir, data.md5, work / "train")

@@ -6,6 +6,7 @@ channels, narrower layers) as just another `Arch` and rebuild it physically.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from torch import nn
 class Arch:
     family: str  # "mlp" | "cnn"
     num_classes: int
-    input_shape: tuple[int, ...]  # (C, H, W)
+    input_shape: tuple[int, ...]  # (C, H, W) for images, (features,) for tables
     conv: tuple[int, ...] = ()  # output channels per conv block (cnn only)
     hidden: tuple[int, ...] = field(default=(64,))  # widths of the hidden Linear layers
     activation: str = "relu"
@@ -69,8 +70,10 @@ def build_model(arch: Arch) -> nn.Sequential:
         raise ValueError(f"unknown activation {arch.activation!r}; known: {sorted(ACTIVATIONS)}")
     act = ACTIVATIONS[arch.activation]
     layers: list[nn.Module] = []
-    c, h, w = arch.input_shape
     if arch.family == "cnn":
+        if len(arch.input_shape) != 3:
+            raise ValueError(f"a cnn needs [channels, height, width] samples, not {list(arch.input_shape)}")
+        c, h, w = arch.input_shape
         for out in arch.conv:
             layers += [nn.Conv2d(c, out, arch.kernel, padding=arch.kernel // 2), act()]
             if min(h, w) >= 2:
@@ -80,7 +83,7 @@ def build_model(arch: Arch) -> nn.Sequential:
     elif arch.family != "mlp":
         raise ValueError(f"unknown model family {arch.family!r} (expected 'mlp' or 'cnn')")
     layers.append(nn.Flatten())
-    features = c * h * w
+    features = c * h * w if arch.family == "cnn" else math.prod(arch.input_shape)  # an MLP takes any sample shape
     for width in arch.hidden:
         layers += [nn.Linear(features, width), act()]
         if arch.dropout > 0:

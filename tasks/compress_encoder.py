@@ -21,7 +21,7 @@ from tasks.config import DistillLayers, EncoderConfig, OrtOptimize, QuantizeDyna
 from tasks.embed_minilm import (distill_encoder, export_encoder, load_minilm, make_student, optimize_encoder,
                                 quantize_encoder)
 from tasks.track_run import code_version
-from tasks.version_data import load_sentences
+from tasks.data.docstrings import load_sentences
 
 
 class ExportError(RuntimeError):

@@ -28,7 +28,7 @@ from tasks.config import (Binarize, ConvertFp16, Distill, MagnitudePrune, Quanti
 from tasks.export_onnx import INPUT_NAME, export_onnx
 from tasks.run_onnx import make_session, onnx_accuracy
 from tasks.train_model import TrainParams, accuracy, fit
-from tasks.version_data import Splits, load_splits
+from tasks.data import Splits, load_splits
 
 
 @dataclass(frozen=True)

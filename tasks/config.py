@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Annotated, ClassVar, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
 
 
 class ConfigError(ValueError):
@@ -34,6 +34,33 @@ class DataConfig(_Section):
     split_seed: int = Field(0, description="Seed of the stratified train/val/test split.")
     dvc_remote: str = Field(".modelforge/dvc-remote", description="DVC remote the data is pushed to: a folder "
                             "(relative to the project, or a path every worker mounts) or a URL (s3://bucket/path).")
+
+
+class TableDataConfig(_Section):
+    """A user's table (CSV, Parquet or JSONL) in `dir`: one row per sample, one label column."""
+
+    dataset: Literal["table"]
+    dir: Path = Field(Path("data"), description="DVC-tracked folder holding the table file (relative to the project root).")
+    file: str | None = Field(None, description="The table's file name in `dir`; default: the one .csv/.parquet/.jsonl there.")
+    label: str = Field(..., min_length=1, description="The column holding each row's class.")
+    id_column: str | None = Field(None, description="A unique id per row to split by; default: the row's content.")
+    categorical: list[str] = Field([], description="Numeric-looking columns to treat as categories (text columns always are).")
+    drop: list[str] = Field([], description="Columns to ignore (free text, timestamps, leaks of the label).")
+    val_fraction: float = Field(0.15, gt=0, lt=0.5, description="Share of rows held out for validation (by hash).")
+    test_fraction: float = Field(0.2, gt=0, lt=0.5, description="Share of rows held out for the final test (by hash).")
+    min_class_samples: int = Field(5, ge=1, description="Fewest train rows a class may have.")
+    allow_drift: bool = Field(False, description="Accept a new/missing column, a changed type or a new label "
+                              "against the previously versioned data (an error by default).")
+    dvc_remote: str = Field(".modelforge/dvc-remote", description="DVC remote the data is pushed to (a folder or a URL).")
+
+
+def _dataset_of(value: object) -> str | None:
+    # A data section that names no dataset is the built-in example, as before sources existed.
+    return value.get("dataset", "digits") if isinstance(value, dict) else getattr(value, "dataset", None)
+
+
+ClassifierData = Annotated[Union[Annotated[DataConfig, Tag("digits")], Annotated[TableDataConfig, Tag("table")]],
+                           Discriminator(_dataset_of)]
 
 
 class TextDataConfig(_Section):
@@ -119,6 +146,8 @@ class SearchConfig(_Section):
     epochs: int = Field(8, ge=1, description="Training budget per trial, in epochs.")
     seed: int = Field(0, description="Sampler seed: same seed, same trials (with workers: 1).")
     workers: int = Field(1, ge=1, description="Trials run concurrently as Prefect tasks on one shared study.")
+    warm_start: int = Field(5, ge=0, description="On a new data version, first re-run this many best trials of the "
+                            "latest study with the same search config (0: start from zero).")
     storage: str | None = Field(
         None, description="Optuna storage: an RDB URL (sqlite:///, postgresql://) or journal:///path/file.log; "
         "default SQLite under the work dir, or a journal file when workers > 1.")
@@ -492,7 +521,7 @@ class PipelineConfig(_Pipeline):
     """Classifier pipeline: data set -> search -> train -> compress -> validate -> ship."""
 
     family: Literal["classifier"] = Field("classifier", description="Which pipeline this file configures.")
-    data: DataConfig = Field(default_factory=DataConfig)
+    data: ClassifierData = Field(default_factory=DataConfig)
     search: SearchConfig = Field(default_factory=SearchConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     compress: CompressConfig = Field(default_factory=CompressConfig)

@@ -7,11 +7,8 @@ Building blocks of the `minilm` pipeline (flows/encode.py) and of bench/minilm.p
 
 from __future__ import annotations
 
-import ast
 import os
 import random
-import re
-import sysconfig
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -179,29 +176,6 @@ def fidelity(reference: np.ndarray, candidate: np.ndarray, queries: int, k: int 
     ref_top, cand_top = top(reference), top(candidate)
     overlap = np.mean([len(set(a) & set(b)) / k for a, b in zip(ref_top, cand_top)])
     return {"cosine_mean": float(cos.mean()), "cosine_min": float(cos.min()), f"top{k}_overlap": float(overlap)}
-
-
-def offline_corpus(n: int, seed: int = 0) -> list[str]:
-    """`n` distinct English sentences from the docstrings of Python's standard library, read with
-    `ast` (nothing is imported or downloaded); the same Python gives the same corpus."""
-    sentences: set[str] = set()
-    for file in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):
-        try:
-            tree = ast.parse(file.read_text(encoding="utf-8"))
-        except (SyntaxError, UnicodeDecodeError):
-            continue
-        for node in ast.walk(tree):
-            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-                doc = ast.get_docstring(node) or ""
-                for s in re.split(r"(?<=[.!?])\s+", " ".join(doc.split())):
-                    words = s.split()
-                    if 6 <= len(words) <= 40 and sum(w.isalpha() for w in words) >= 0.7 * len(words):
-                        sentences.add(s)
-    ordered = sorted(sentences)
-    random.Random(seed).shuffle(ordered)
-    if len(ordered) < n:
-        raise ValueError(f"offline corpus has {len(ordered)} sentences, {n} requested")
-    return ordered[:n]
 
 
 def make_student(teacher: SentenceEncoder, keep: tuple[int, ...]) -> SentenceEncoder:

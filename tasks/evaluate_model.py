@@ -18,7 +18,8 @@ import numpy as np
 import onnxruntime as ort
 
 from tasks.run_onnx import make_session, onnx_accuracy
-from tasks.version_data import load_sentences, load_splits
+from tasks.data import load_splits
+from tasks.data.docstrings import load_sentences
 
 Inputs = np.ndarray | dict[str, np.ndarray]
 
@@ -60,7 +61,7 @@ class ClassifierEval:
     def serving_info(self) -> dict:
         m = self._splits.manifest
         return {"preprocessing": m["preprocessing"], "input_shape": m["input_shape"],
-                "labels": list(range(m["num_classes"]))}
+                "labels": m.get("classes", list(range(m["num_classes"])))}
 
     def attach(self, bundle: Path) -> None:
         """A classifier bundle needs nothing beside the model."""

@@ -21,7 +21,8 @@ import fsspec
 from filelock import FileLock
 
 from tasks.config import RunnerConfig
-from tasks.version_data import DataError, DataVersion
+from tasks.data import DataError
+from tasks.version_data import DataVersion
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
+from google.protobuf.message import DecodeError
 
 PROVIDER_NAMES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 SPIN_SETTLE_S = 0.05
@@ -37,7 +38,10 @@ def set_session_unfused(model: onnx.ModelProto, optimizers: tuple[str, ...] | li
 
 def session_unfused(path: Path | bytes) -> list[str]:
     """The optimizers `set_session_unfused` recorded in the model at `path` (or in its bytes)."""
-    model = onnx.load_model_from_string(path) if isinstance(path, bytes) else onnx.load(str(path), load_external_data=False)
+    try:
+        model = onnx.load_model_from_string(path) if isinstance(path, bytes) else onnx.load(str(path), load_external_data=False)
+    except (OSError, DecodeError):
+        return []  # ORT is about to refuse the same file or bytes, with its own message
     return next((p.value.split(",") for p in model.metadata_props if p.key == UNFUSED_KEY and p.value), [])
 
 

@@ -29,11 +29,11 @@ from prefect import task
 
 from tasks import track_run
 from tasks.build_model import Arch, build_model, count_params
-from tasks.config import SearchConfig
+from tasks.config import ConfigError, SearchConfig
 from tasks.fetch_data import DataRef, resolve_data
 from tasks.stop_run import interruption
+from tasks.data import load_splits
 from tasks.train_model import TrainParams, fit
-from tasks.version_data import load_splits
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)  # the per-trial progress line says it better
 
@@ -382,10 +382,50 @@ def search_model(cfg: SearchConfig, data_dir: Path, out_dir: Path, study_name: s
     return summarize_search(cfg, out_dir, study_name, tracking.parent_run_id if tracking else None)
 
 
-def prepare_study(cfg: SearchConfig, out_dir: Path, study_name: str) -> None:
+def fit_search_to_data(cfg: SearchConfig, input_shape: tuple[int, ...]) -> SearchConfig:
+    """The search space without the families that cannot take the data's samples: a CNN needs
+    C x H x W images, so a table's feature vectors leave only the MLP. Nothing left is a ConfigError."""
+    families = [f for f in cfg.space.families if f != "cnn" or len(input_shape) == 3]
+    if not families:
+        raise ConfigError(f"search.space.families is {cfg.space.families}, but the data's samples have shape "
+                          f"{list(input_shape)}: a cnn needs [channels, height, width]; add mlp")
+    if families != cfg.space.families:
+        print(f"[search] samples of shape {list(input_shape)}: searching {families} only (a cnn needs images)")
+    return cfg.model_copy(update={"space": cfg.space.model_copy(update={"families": families})})
+
+
+def _same_search(a: str, b: str) -> bool:
+    """Study names are experiment-datamd5-searchhash: the same experiment and search config on
+    another data version."""
+    (exp_a, md5_a, hash_a), (exp_b, md5_b, hash_b) = a.rsplit("-", 2), b.rsplit("-", 2)
+    return exp_a == exp_b and hash_a == hash_b and md5_a != md5_b
+
+
+def prepare_study(cfg: SearchConfig, out_dir: Path, study_name: str) -> int:
     """Create the storage's tables and the study once, here, before the workers start: workers that all
-    find a fresh database empty race to create its schema (`duplicate key ... alembic_version`)."""
-    open_run_study(cfg, out_dir, study_name)
+    find a fresh database empty race to create its schema (`duplicate key ... alembic_version`).
+
+    A new study on a new data version warm-starts: the `cfg.warm_start` best trials of the latest
+    study with the same search config on an earlier version are queued first, so new data costs
+    a refinement, not a search from zero. Returns how many trials were queued."""
+    study = open_run_study(cfg, out_dir, study_name)
+    if not cfg.warm_start or study.get_trials(deepcopy=False):
+        return 0
+    storage = resolve_storage(cfg, out_dir)
+    earlier = [s for s in optuna.get_all_study_summaries(_storage(storage), include_best_trial=False)
+               if s.study_name.count("-") >= 2 and _same_search(s.study_name, study_name) and s.n_trials]
+    if not earlier:
+        return 0
+    latest = max(earlier, key=lambda s: s.datetime_start or datetime.min)
+    done = [t for t in optuna.load_study(study_name=latest.study_name, storage=_storage(storage)).get_trials(
+        deepcopy=False, states=(TrialState.COMPLETE,))]
+    sign = -1 if DIRECTIONS[cfg.objectives[0]] == "maximize" else 1
+    best = sorted(done, key=lambda t: sign * t.values[0])[: cfg.warm_start]
+    for trial in best:
+        study.enqueue_trial(trial.params, user_attrs={"warm_start_from": f"{latest.study_name}#{trial.number}"},
+                            skip_if_exists=True)
+    print(f"[search] warm start: queued the {len(best)} best trials of {latest.study_name} (earlier data version)")
+    return len(best)
 
 
 def watch_workers(futures: list, cfg: SearchConfig, out_dir: Path, study_name: str, progress: bool,

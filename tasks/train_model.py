@@ -20,7 +20,7 @@ from tasks.build_model import Arch, build_model, count_params, load_checkpoint, 
 from tasks.config import TrainConfig
 from tasks.stop_run import check_stop
 from tasks.track_run import code_version
-from tasks.version_data import load_splits
+from tasks.data import load_splits
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, x, y) -> loss
 

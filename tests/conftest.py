@@ -19,7 +19,8 @@ import torch  # noqa: E402
 from tasks.build_model import Arch, build_model, save_checkpoint  # noqa: E402
 from tasks.config import DataConfig, TrainConfig  # noqa: E402
 from tasks.train_model import TrainParams, fit  # noqa: E402
-from tasks.version_data import load_splits, materialize_digits  # noqa: E402
+from tasks.data import load_splits  # noqa: E402
+from tasks.data.digits import materialize_digits  # noqa: E402
 
 
 @pytest.fixture(scope="session")

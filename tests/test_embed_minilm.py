@@ -8,7 +8,8 @@ import onnxruntime as ort
 import pytest
 
 from tasks.embed_minilm import (SESSION_UNFUSED, distill_encoder, encode_onnx, encode_torch, export_encoder, fidelity,
-                                load_minilm, make_student, offline_corpus, optimize_encoder, quantize_encoder, tokenize)
+                                load_minilm, make_student, optimize_encoder, quantize_encoder, tokenize)
+from tasks.data.docstrings import offline_corpus
 from tasks.run_onnx import make_session, session_unfused
 
 

@@ -20,7 +20,8 @@ from tasks.config import TrackingConfig
 from tasks.embed_minilm import encode_torch, load_minilm, tokenize
 from tasks.run_onnx import make_session
 from tasks.ship_bundle import sha256_of
-from tasks.version_data import load_sentences, read_data_md5
+from tasks.data.docstrings import load_sentences
+from tasks.version_data import read_data_md5
 
 pytestmark = pytest.mark.e2e
 

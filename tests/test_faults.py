@@ -37,7 +37,8 @@ from tasks.lock_workdir import WorkdirBusy, lock_workdir
 from tasks.search_model import SearchError, TrialTracking, open_study, resolve_storage, run_trials, summarize_search
 from tasks.ship_bundle import publish_copy, ship_bundle
 from tasks.train_model import train_model_task
-from tasks.version_data import DataError, load_splits, materialize_digits
+from tasks.data import DataError, load_splits
+from tasks.data.digits import materialize_digits
 from tasks.config import DataConfig
 from tasks.start_prefect import free_port
 

@@ -7,7 +7,8 @@ import pytest
 
 from tasks.config import DataConfig
 from tasks.fetch_data import DataRef, fetch_data
-from tasks.version_data import DataError, load_splits, version_data
+from tasks.data import DataError, load_splits
+from tasks.version_data import version_data
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,9 @@ from flows.optimize import optimize
 from tasks.config import ConfigError
 from tasks.ship_bundle import sha256_of
 from tasks.validate_model import GateError
-from tasks.version_data import DataError, load_splits, materialize_digits, read_data_md5
+from tasks.data import DataError, load_splits
+from tasks.data.digits import materialize_digits
+from tasks.version_data import read_data_md5
 from tasks.config import DataConfig
 
 pytestmark = pytest.mark.e2e

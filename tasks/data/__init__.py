@@ -1,0 +1,42 @@
+"""Data sources behind one registry.
+
+A source is one module here plus one config class in tasks.config (selected by `data.dataset`): it
+validates the folder and writes its manifest (`describe`), loads the classifier splits from it
+(`load`), and may write a built-in example when the folder is absent (`materialize`). Every stage
+after versioning reads data through `load_splits(data_dir)`, which finds the source in the manifest.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from tasks.data.base import MANIFEST, DataError, Splits, read_manifest
+from tasks.data.digits import describe_digits, load_arrays, materialize_digits
+from tasks.data.docstrings import describe_docstrings, materialize_docstrings
+from tasks.data.table import describe_table, load_table
+
+
+@dataclass(frozen=True)
+class Source:
+    describe: Callable[[object, Path], tuple[dict, dict]]  # validate everything, write the manifest: (manifest, counts)
+    load: Callable[[Path, dict], Splits] | None = None  # the classifier splits; None for sentence corpora
+    materialize: Callable[[object, Path], None] | None = None  # the built-in example, when the folder is absent
+
+
+SOURCES: dict[str, Source] = {
+    "digits": Source(describe_digits, load_arrays, materialize_digits),
+    "table": Source(describe_table, load_table),
+    "docstrings": Source(describe_docstrings, materialize=materialize_docstrings),
+}
+
+
+def load_splits(data_dir: Path) -> Splits:
+    """The versioned folder's train/val/test arrays, through the source its manifest names."""
+    manifest = read_manifest(data_dir)
+    source = SOURCES.get(manifest.get("dataset"))
+    if source is None or source.load is None:
+        raise DataError(f"{Path(data_dir) / MANIFEST}: dataset {manifest.get('dataset')!r} is not a classifier data "
+                        f"source; known: {sorted(k for k, s in SOURCES.items() if s.load)}")
+    return source.load(Path(data_dir), manifest)

@@ -1,0 +1,88 @@
+"""What every data source shares: split names, the manifest, the one error type, the arrays the
+classifier stages consume, and the content-hash split rule."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+SPLITS = ("train", "val", "test")
+MANIFEST = "manifest.json"
+
+
+class DataError(ValueError):
+    """The data folder is missing files or holds invalid values; the message lists every problem."""
+
+
+def raise_problems(where: object, problems: list[str]) -> None:
+    """One DataError naming every problem, or nothing when there are none."""
+    if problems:
+        raise DataError(f"invalid data in {where}:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+@dataclass(frozen=True)
+class Splits:
+    train: tuple[np.ndarray, np.ndarray]
+    val: tuple[np.ndarray, np.ndarray]
+    test: tuple[np.ndarray, np.ndarray]
+    num_classes: int
+    manifest: dict
+
+
+def read_manifest(data_dir: Path) -> dict:
+    try:
+        return json.loads((Path(data_dir) / MANIFEST).read_text())
+    except (OSError, ValueError) as err:
+        raise DataError(f"{Path(data_dir) / MANIFEST}: unreadable manifest ({err})") from None
+
+
+def write_manifest(data_dir: Path, manifest: dict) -> None:
+    # Sorted keys and a fixed layout: the same data must give the same bytes, so the same DVC md5.
+    (Path(data_dir) / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+
+
+def hash_split(keys: list[str], val_fraction: float, test_fraction: float) -> np.ndarray:
+    """The split of each sample, from a hash of its key alone: a sample keeps its split whatever is
+    added around it, so appending data never moves an old test sample into train (champion and
+    challenger stay comparable), and identical samples always share a split (no leakage)."""
+    u = np.array([int.from_bytes(hashlib.sha256(k.encode()).digest()[:8], "big") / 2.0**64 for k in keys])
+    return np.where(u < test_fraction, "test", np.where(u < test_fraction + val_fraction, "val", "train"))
+
+
+SPLIT_RULE = "sha256(key) / 2**64: < test_fraction -> test, < test_fraction + val_fraction -> val, else train"
+
+
+def only_known_files(data_dir: Path, known: set[str]) -> None:
+    """A file the source does not read would change the DVC version (and trigger a full new run)
+    without any effect on training: refuse it, by name."""
+    if unknown := sorted(p.name for p in Path(data_dir).iterdir() if p.name not in known):
+        raise DataError(f"{data_dir} holds {len(unknown)} file(s) this data set does not read: {', '.join(unknown[:10])}"
+                        f"; it reads only {', '.join(sorted(known))}. Move the others out (new samples belong "
+                        "in those files)")
+
+
+def check_arrays(split: str, xs: np.ndarray, ys: np.ndarray, input_shape: tuple, num_classes: int) -> list[str]:
+    """Problems with one split's arrays, as the classifier stages need them."""
+    problems = []
+    if xs.shape[1:] != input_shape:
+        problems.append(f"{split}_x: sample shape {xs.shape[1:]} != manifest input_shape {input_shape}")
+    if ys.ndim != 1:
+        problems.append(f"{split}_y: labels have shape {list(ys.shape)}; they must be one class index per "
+                        f"sample, shape [{len(ys)}]")
+    if len(xs) != len(ys):
+        problems.append(f"{split}: {len(xs)} samples but {len(ys)} labels")
+    if len(ys) == 0:
+        problems.append(f"{split}: empty split")
+    if not np.issubdtype(xs.dtype, np.floating):
+        problems.append(f"{split}_x: dtype {xs.dtype}, expected floating point")
+    elif not np.isfinite(xs).all():
+        problems.append(f"{split}_x: {int((~np.isfinite(xs)).sum())} NaN/inf values")
+    if not np.issubdtype(ys.dtype, np.integer):
+        problems.append(f"{split}_y: dtype {ys.dtype}, expected integer labels")
+    elif len(ys) and (ys.min() < 0 or ys.max() >= num_classes):
+        problems.append(f"{split}_y: labels outside [0, {num_classes}) (min {ys.min()}, max {ys.max()})")
+    return problems

@@ -1,0 +1,255 @@
+"""A user's table: CSV, Parquet or JSONL with a label column; numeric, categorical and missing values.
+
+The raw file stays as the user wrote it, under the DVC-tracked data folder. Versioning writes the
+manifest beside it: the schema, the class names, the split rule and counts, and the preprocessing
+fitted on the train split only (standardisation, mean imputation with a missing indicator, one-hot
+categories with an "unknown" bucket). Loading recomputes the same splits and applies that recorded
+preprocessing; the server applies the very same function (`encode_records`) to the records it is
+sent, so training and serving cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+
+from tasks.config import TableDataConfig
+from tasks.data.base import (MANIFEST, SPLIT_RULE, SPLITS, DataError, Splits, check_arrays, hash_split,
+                             only_known_files, raise_problems, read_manifest, write_manifest)
+
+READERS = {".csv": "csv", ".parquet": "parquet", ".jsonl": "jsonl"}
+UNKNOWN = "<unknown>"  # the bucket for categories unseen in train, and for missing categories
+
+
+def find_table(cfg: TableDataConfig, data_dir: Path) -> Path:
+    """The table file: `cfg.file`, or the one CSV/Parquet/JSONL file in the folder."""
+    if cfg.file:
+        return Path(data_dir) / cfg.file
+    tables = sorted(p for p in Path(data_dir).iterdir() if p.suffix.lower() in READERS)
+    if len(tables) != 1:
+        raise DataError(f"{data_dir}: found {len(tables)} table files ({', '.join(p.name for p in tables) or 'none'}); "
+                        "put exactly one CSV/Parquet/JSONL file there or name it in data.file")
+    return tables[0]
+
+
+def read_table(path: Path):
+    """The file as a DataFrame; an unreadable file is a DataError naming it."""
+    import pandas as pd
+
+    kind = READERS.get(Path(path).suffix.lower())
+    try:
+        if kind == "csv":
+            return pd.read_csv(path, keep_default_na=True)
+        if kind == "parquet":
+            return pd.read_parquet(path)
+        if kind == "jsonl":
+            return pd.read_json(path, lines=True)
+    except (OSError, ValueError, ImportError) as err:
+        raise DataError(f"{path}: cannot read it as {kind} ({err})") from None
+    raise DataError(f"{path}: unsupported table format {Path(path).suffix!r}; use one of {sorted(READERS)}")
+
+
+def _is_numeric(series) -> bool:
+    import pandas as pd
+
+    return pd.api.types.is_numeric_dtype(series) and not pd.api.types.is_bool_dtype(series)
+
+
+def _canonical(value) -> str | None:
+    """A cell as text that does not depend on the column's inferred dtype: 3, 3.0 and "3" read the
+    same, so appending a row with a missing value (which turns an int column into floats) moves no
+    sample to another split and no category to the unknown bucket."""
+    if _missing(value):
+        return None
+    if isinstance(value, (bool, np.bool_)):
+        return str(bool(value))
+    if isinstance(value, (int, float, np.number)):
+        return str(int(value)) if float(value).is_integer() else repr(float(value))
+    return str(value)
+
+
+def _row_keys(frame, id_column: str | None) -> list[str]:
+    """What a row is hashed by: its id, or its whole content (so a duplicate row shares its split)."""
+    if id_column:
+        return [_canonical(v) or "" for v in frame[id_column]]
+    return [json.dumps({k: _canonical(v) for k, v in r.items()}, sort_keys=True) for r in frame.to_dict(orient="records")]
+
+
+def infer_schema(cfg: TableDataConfig, frame) -> dict[str, str]:
+    """Feature column -> "numeric" | "categorical" (label, id and dropped columns excluded)."""
+    skip = {cfg.label, cfg.id_column, *cfg.drop} - {None}
+    return {c: ("categorical" if c in cfg.categorical or not _is_numeric(frame[c]) else "numeric")
+            for c in frame.columns if c not in skip}
+
+
+def fit_preprocessing(schema: dict[str, str], train) -> dict:
+    """Standardisation and imputation statistics and the category lists, from the train rows only."""
+    columns = []
+    for name, kind in schema.items():
+        values = train[name]
+        if kind == "numeric":
+            x = values.astype(float)
+            mean = float(x.mean()) if x.notna().any() else 0.0
+            std = float(x.std(ddof=0)) if x.notna().sum() > 1 else 0.0
+            columns.append({"name": name, "kind": "numeric", "mean": mean, "std": std if std > 1e-12 else 1.0,
+                            "missing_indicator": bool(x.isna().any())})
+        else:
+            seen = sorted({_canonical(v) for v in values.dropna()})
+            columns.append({"name": name, "kind": "categorical", "categories": seen + [UNKNOWN]})
+    return {"kind": "table", "columns": columns,
+            "features": sum(1 + c["missing_indicator"] if c["kind"] == "numeric" else len(c["categories"])
+                            for c in columns)}
+
+
+def _missing(value) -> bool:
+    return value is None or (isinstance(value, (float, np.floating)) and np.isnan(value))
+
+
+def encode_records(preprocessing: dict, records: list[dict]) -> np.ndarray:
+    """Raw records (column -> value) to the model's float32 input, with the preprocessing recorded
+    at versioning time. Used for training data and by the server alike. A record missing a column,
+    or a numeric column holding a non-number, is a ValueError naming the record and the column."""
+    out = np.zeros((len(records), preprocessing["features"]), dtype=np.float32)
+    problems = []
+    for i, record in enumerate(records):
+        if not isinstance(record, dict):
+            problems.append(f"record {i}: expected an object of column -> value, got {type(record).__name__}")
+            continue
+        j = 0
+        for col in preprocessing["columns"]:
+            name = col["name"]
+            if name not in record:
+                problems.append(f"record {i}: missing column {name!r} (send null for a missing value)")
+            value = record.get(name)
+            if col["kind"] == "numeric":
+                if _missing(value):
+                    out[i, j] = 0.0  # the train mean, standardised
+                    if col["missing_indicator"]:
+                        out[i, j + 1] = 1.0
+                elif isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
+                    problems.append(f"record {i}: column {name!r} is numeric, got {value!r}")
+                else:
+                    out[i, j] = (float(value) - col["mean"]) / col["std"]
+                j += 1 + col["missing_indicator"]
+            else:
+                categories = col["categories"]
+                key = _canonical(value) or UNKNOWN
+                out[i, j + (categories.index(key) if key in categories else len(categories) - 1)] = 1.0
+                j += len(categories)
+    if problems:
+        raise ValueError("; ".join(problems[:20]) + (f" (and {len(problems) - 20} more)" if len(problems) > 20 else ""))
+    return out
+
+
+def _records(frame, schema: dict[str, str]) -> list[dict]:
+    """DataFrame rows as plain records, numerics as floats (NaN for missing), like a JSON client's."""
+    sub = frame[list(schema)]
+    return [{k: (None if _missing_cell(v) else v) for k, v in r.items()} for r in sub.to_dict(orient="records")]
+
+
+def _missing_cell(v) -> bool:
+    import pandas as pd
+
+    return v is None or (not isinstance(v, (list, dict)) and bool(pd.isna(v)))
+
+
+def _drift(previous: dict, schema: dict[str, str], classes: list[str]) -> list[str]:
+    """Schema changes against the previously versioned manifest of this folder."""
+    if previous.get("dataset") != "table":
+        return []
+    before = previous.get("schema", {})
+    problems = [f"new column {c!r} (not in the previous version)" for c in schema if c not in before]
+    problems += [f"column {c!r} is gone (it was in the previous version)" for c in before if c not in schema]
+    problems += [f"column {c!r} changed type: {before[c]} -> {schema[c]}" for c in schema
+                 if c in before and before[c] != schema[c]]
+    if unseen := sorted(set(classes) - set(previous.get("classes", classes))):
+        problems.append(f"label(s) not in the previous version: {', '.join(unseen)}")
+    return problems
+
+
+def describe_table(cfg: TableDataConfig, data_dir: Path) -> tuple[dict, dict]:
+    """Validate the table (everything at once) and write its manifest: schema, classes, split rule
+    and counts, preprocessing fitted on train. Compared with the folder's previous manifest, schema
+    drift is an error unless `data.allow_drift` is set."""
+    data_dir = Path(data_dir)
+    path = find_table(cfg, data_dir)
+    only_known_files(data_dir, {MANIFEST, path.name})
+    frame = read_table(path)
+    problems = []
+    missing = [c for c in (cfg.label, cfg.id_column, *cfg.categorical, *cfg.drop) if c and c not in frame.columns]
+    if missing:
+        raise DataError(f"{path}: no column(s) {', '.join(map(repr, missing))}; it has {', '.join(map(str, frame.columns))}")
+    if len(frame) == 0:
+        raise DataError(f"{path}: no rows")
+    if unlabeled := int(frame[cfg.label].isna().sum()):
+        problems.append(f"label column {cfg.label!r}: {unlabeled} row(s) without a label")
+    schema = infer_schema(cfg, frame)
+    if not schema:
+        problems.append("no feature columns besides the label")
+    if cfg.id_column and (dupes := int(frame[cfg.id_column].duplicated().sum())):
+        problems.append(f"id column {cfg.id_column!r}: {dupes} duplicate id(s)")
+    labelled = frame[frame[cfg.label].notna()]
+    classes = sorted({_canonical(v) for v in labelled[cfg.label]})
+    if len(classes) < 2:
+        problems.append(f"label column {cfg.label!r} has {len(classes)} class(es); a classifier needs at least 2")
+    split = hash_split(_row_keys(labelled, cfg.id_column), cfg.val_fraction, cfg.test_fraction)
+    counts = {s: int((split == s).sum()) for s in SPLITS}
+    problems += [f"{s} split is empty ({len(labelled)} labelled rows; add rows or change the fractions)"
+                 for s in SPLITS if counts[s] == 0]
+    train_labels = labelled[cfg.label].map(_canonical)[split == "train"].value_counts()
+    if few := {c: int(train_labels.get(c, 0)) for c in classes if train_labels.get(c, 0) < cfg.min_class_samples}:
+        problems.append(f"classes with fewer than {cfg.min_class_samples} train rows (data.min_class_samples): "
+                        + ", ".join(f"{c} ({n})" for c, n in few.items()))
+    if cfg.id_column and schema:  # content duplicates with different ids can land in different splits
+        content = [json.dumps({k: _canonical(v) for k, v in r.items()}, sort_keys=True)
+                   for r in _records(labelled, schema)]
+        seen: dict[str, str] = {}
+        leaks = sum(1 for key, s in zip(content, split) if seen.setdefault(key, s) != s)
+        if leaks:
+            problems.append(f"{leaks} row(s) repeat the features of a row in another split (leakage); "
+                            "remove the duplicates or drop data.id_column to split by content")
+    previous = read_manifest(data_dir) if (data_dir / MANIFEST).exists() else {}
+    if not cfg.allow_drift and (drift := _drift(previous, schema, classes)):
+        problems += [f"{d}; set data.allow_drift: true if the change is intended" for d in drift]
+    raise_problems(path, problems)
+
+    preprocessing = fit_preprocessing(schema, labelled[split == "train"])
+    manifest = {
+        "dataset": "table", "file": path.name, "label": cfg.label, "id_column": cfg.id_column,
+        "schema": schema, "classes": classes, "num_classes": len(classes),
+        "input_shape": [preprocessing["features"]], "dtype": "float32", "preprocessing": preprocessing,
+        "split": {"rule": SPLIT_RULE, "key": cfg.id_column or "row content",
+                  "val_fraction": cfg.val_fraction, "test_fraction": cfg.test_fraction},
+        "counts": counts,
+        "content_md5": hashlib.md5(path.read_bytes()).hexdigest(),
+    }
+    write_manifest(data_dir, manifest)
+    return manifest, counts
+
+
+def split_rows(data_dir: Path, manifest: dict) -> tuple[object, np.ndarray]:
+    """The versioned table's labelled rows and the split of each, by the manifest's rule."""
+    path = Path(data_dir) / manifest["file"]
+    frame = read_table(path)
+    if hashlib.md5(path.read_bytes()).hexdigest() != manifest["content_md5"]:
+        raise DataError(f"{path} changed since it was versioned; run `modelforge data-changed` (or a run) to version it")
+    labelled = frame[frame[manifest["label"]].notna()]
+    rule = manifest["split"]
+    return labelled, hash_split(_row_keys(labelled, manifest["id_column"]), rule["val_fraction"], rule["test_fraction"])
+
+
+def load_table(data_dir: Path, manifest: dict) -> Splits:
+    """The splits of the versioned table, encoded with the recorded preprocessing."""
+    path = Path(data_dir) / manifest["file"]
+    labelled, split = split_rows(data_dir, manifest)
+    x = encode_records(manifest["preprocessing"], _records(labelled, manifest["schema"]))
+    index = {c: i for i, c in enumerate(manifest["classes"])}
+    y = np.array([index[_canonical(v)] for v in labelled[manifest["label"]]], dtype=np.int64)
+    arrays = {s: (x[split == s], y[split == s]) for s in SPLITS}
+    problems = [p for s in SPLITS for p in check_arrays(s, *arrays[s], tuple(manifest["input_shape"]),
+                                                         manifest["num_classes"])]
+    raise_problems(path, problems)
+    return Splits(arrays["train"], arrays["val"], arrays["test"], manifest["num_classes"], manifest)

@@ -1,0 +1,161 @@
+"""The `table` data source: validation, content-hash splits, preprocessing fitted on train and
+applied identically when serving, drift, and the real flow end to end with appended rows."""
+
+import json
+
+import numpy as np
+import optuna
+import pandas as pd
+import pytest
+import yaml
+from prefect.testing.utilities import prefect_test_harness
+
+from deploy.loadtest import request, running_server
+from deploy.server import BundleSource, create_app
+from tasks.config import TableDataConfig
+from tasks.data import DataError, load_splits
+from tasks.data.base import hash_split, read_manifest
+from tasks.data.examples import wine
+from tasks.data.table import describe_table, encode_records, load_table, split_rows
+from tasks.run_onnx import make_session, predict_logits
+
+
+def table_cfg(**kw) -> TableDataConfig:
+    return TableDataConfig(dataset="table", label="label", **kw)
+
+
+@pytest.fixture()
+def wine_dir(tmp_path):
+    wine(tmp_path / "data")
+    return tmp_path / "data"
+
+
+def test_hash_split_is_stable_under_appends():
+    keys = [f"row-{i}" for i in range(2000)]
+    before = hash_split(keys, 0.15, 0.2)
+    after = hash_split(keys + [f"new-{i}" for i in range(500)], 0.15, 0.2)
+    assert (after[:2000] == before).all()  # nothing already there moves
+    shares = {s: float((before == s).mean()) for s in ("train", "val", "test")}
+    assert shares["test"] == pytest.approx(0.2, abs=0.03) and shares["val"] == pytest.approx(0.15, abs=0.03)
+
+
+def test_describe_fits_on_train_and_load_encodes_with_it(wine_dir):
+    manifest, counts = describe_table(table_cfg(), wine_dir)
+    assert manifest["classes"] == ["class_0", "class_1", "class_2"] and manifest["schema"]["site"] == "categorical"
+    assert sum(counts.values()) == 178 and manifest["counts"] == counts
+    splits = load_splits(wine_dir)
+    x_train = splits.train[0]
+    # standardised on train (indicator and one-hot columns are 0/1): mean 0, std 1 on train only
+    columns = manifest["preprocessing"]["columns"]
+    first = next(c for c in columns if c["name"] == "alcohol")
+    assert first["missing_indicator"] and abs(x_train[:, 0].mean()) < 1e-5
+    assert not np.allclose(splits.test[0][:, 0].mean(), 0, atol=1e-6)  # test was not used to fit
+    assert splits.train[0].shape[1] == manifest["input_shape"][0] == 13 + 6 + 5  # numerics, indicators, sites + unknown
+    # the serving path: raw records through the same function give the training rows exactly
+    frame = pd.read_csv(wine_dir / "data.csv")
+    records = json.loads(frame.drop(columns="label").to_json(orient="records"))  # what a JSON client sends
+    encoded = encode_records(manifest["preprocessing"], records)
+    assert {tuple(r) for r in np.round(x_train, 5)} <= {tuple(r) for r in np.round(encoded, 5)}
+
+
+def test_every_problem_is_reported_at_once(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    pd.DataFrame({"a": [1.0, 2.0, 3.0, 4.0] * 3, "b": ["x", "y", "x", "y"] * 3,
+                  "label": ["p", "q", "p", None] * 3}).to_csv(data / "t.csv", index=False)
+    with pytest.raises(DataError) as err:
+        describe_table(table_cfg(min_class_samples=20), data)
+    text = str(err.value)
+    assert "3 row(s) without a label" in text and "fewer than 20 train rows" in text
+    with pytest.raises(DataError, match="no column"):
+        describe_table(TableDataConfig(dataset="table", label="target"), data)
+    (data / "stray.npy").write_bytes(b"")
+    with pytest.raises(DataError, match="stray.npy"):
+        describe_table(table_cfg(), data)
+
+
+def test_schema_drift_against_the_previous_version_is_an_error(wine_dir):
+    describe_table(table_cfg(), wine_dir)
+    frame = pd.read_csv(wine_dir / "data.csv")
+    frame["new_col"] = 1.0
+    frame["site"] = frame["site"].map({"north": 1, "south": 2, "east": 3, "west": 4})
+    frame.loc[:9, "label"] = "class_9"
+    frame.drop(columns="hue").to_csv(wine_dir / "data.csv", index=False)
+    with pytest.raises(DataError) as err:
+        describe_table(table_cfg(), wine_dir)
+    text = str(err.value)
+    for expected in ("new column 'new_col'", "column 'hue' is gone", "'site' changed type: categorical -> numeric",
+                     "not in the previous version: class_9"):
+        assert expected in text
+    describe_table(table_cfg(allow_drift=True, min_class_samples=1), wine_dir)  # an intended change goes through
+
+
+def test_a_file_changed_after_versioning_is_refused(wine_dir):
+    manifest, _ = describe_table(table_cfg(), wine_dir)
+    with open(wine_dir / "data.csv", "a") as f:
+        f.write(",".join(["1"] * 13) + ",north,class_0\n")
+    with pytest.raises(DataError, match="changed since it was versioned"):
+        load_table(wine_dir, manifest)
+
+
+def test_bad_records_name_the_problem(wine_dir):
+    manifest, _ = describe_table(table_cfg(), wine_dir)
+    with pytest.raises(ValueError) as err:
+        encode_records(manifest["preprocessing"], [{"alcohol": "strong"}, "not a record"])
+    assert "record 0: column 'alcohol' is numeric, got 'strong'" in str(err.value)
+    assert "record 0: missing column 'malic_acid'" in str(err.value) and "record 1: expected an object" in str(err.value)
+
+
+TINY = {
+    "data": {"dataset": "table", "label": "label"},
+    "search": {"n_trials": 3, "epochs": 4, "space": {"lr": [0.005, 0.02], "optimizers": ["adam"], "depth": [1, 1]}},
+    "train": {"max_epochs": 30, "patience": 8},
+    "compress": {"candidates": {}},
+    "validate": {"warmup": 3, "latency_runs": 20, "throughput_runs": 3},
+    "gates": {"min_accuracy": 0.8, "max_latency_ratio": None},
+    "register": {"model_name": "tiny-wine"},
+    "tracking": {"experiment": "e2e-table"},
+}
+
+
+@pytest.mark.e2e
+def test_table_flow_ships_serves_records_and_keeps_old_test_rows_in_test_when_rows_are_appended(tmp_path):
+    from flows.optimize import optimize
+
+    wine(tmp_path / "data")
+    full = pd.read_csv(tmp_path / "data" / "data.csv")
+    full.iloc[:140].to_csv(tmp_path / "data" / "data.csv", index=False)  # the first delivery
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(TINY))
+    with prefect_test_harness():
+        first = optimize(config_path=str(tmp_path / "config.yaml"), root=str(tmp_path))
+        bundle = tmp_path / "deploy" / "bundle"
+        manifest = json.loads((bundle / "manifest.json").read_text())
+        assert manifest["labels"] == ["class_0", "class_1", "class_2"]
+        old_rows, old_split = split_rows(tmp_path / "data", read_manifest(tmp_path / "data"))
+
+        # serving raw rows: class names and probabilities, the same logits as the test arrays
+        rows = json.loads(full.iloc[:140].drop(columns="label").to_json(orient="records"))
+        with running_server(create_app(BundleSource(bundle), poll_seconds=60)) as (host, port):
+            status, body = request(host, port, "POST", "/predict", {"records": rows[:5]})
+            assert status == 200, body
+            assert set(body["labels"]) <= set(manifest["labels"])
+            assert all(abs(sum(p.values()) - 1) < 1e-4 for p in body["probabilities"])
+            x = encode_records(manifest["preprocessing"], rows[:5])
+            np.testing.assert_allclose(body["logits"], predict_logits(make_session(bundle / "model.onnx"), x), atol=1e-5)
+            status, body = request(host, port, "POST", "/predict", {"records": [{"alcohol": "x"}]})
+            assert status == 400 and "column 'alcohol' is numeric" in body["error"]
+
+        # new rows arrive: a new version whose test split still holds every old test row
+        full.to_csv(tmp_path / "data" / "data.csv", index=False)
+        second = optimize(config_path=str(tmp_path / "config.yaml"), root=str(tmp_path))
+    assert second["data_version"] != first["data_version"]
+    new_rows, new_split = split_rows(tmp_path / "data", read_manifest(tmp_path / "data"))
+    test_now = {json.dumps(r, sort_keys=True) for r in json.loads(new_rows[new_split == "test"].to_json(orient="records"))}
+    old_test_rows = json.loads(old_rows[old_split == "test"].to_json(orient="records"))
+    assert len(test_now) > len(old_test_rows) and all(json.dumps(r, sort_keys=True) in test_now for r in old_test_rows)
+    # the new study started from the old one's best trials
+    storage = f"sqlite:///{tmp_path}/.modelforge/search/optuna.db"
+    newest = max(optuna.get_all_study_summaries(storage), key=lambda s: s.datetime_start)
+    warm = [t for t in optuna.load_study(study_name=newest.study_name, storage=storage).get_trials()
+            if "warm_start_from" in t.user_attrs]
+    assert len(warm) == 3 and all(t.state.name == "COMPLETE" for t in warm)
