@@ -4,7 +4,8 @@
     modelforge serve --model-uri models:/digits-classifier@champion
 
 Endpoints: POST /predict {"inputs": [...]} (classifier bundles; a bundle trained on a table also
-takes raw rows, {"records": [{"column": value, ...}]}, encoded with its own preprocessing; answers
+takes raw rows, {"records": [{"column": value, ...}]}, one trained on an image folder raw files,
+{"images": ["<base64 PNG/JPEG>", ...]}, both encoded with the bundle's own preprocessing; answers
 carry class names and probabilities), POST /embed {"texts": [...]}
 (sentence-encoder bundles, tokenised with the tokenizer shipped in the bundle), GET /health,
 GET /model-info, POST /reload. Input is checked against the manifest (shape, plain finite numbers,
@@ -19,6 +20,7 @@ flight finish on the old model and none are dropped.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import tempfile
@@ -231,22 +233,41 @@ def parse_inputs(payload: object, sample_shape: tuple[int, ...], max_batch: int 
     return x
 
 
-def parse_records(payload: dict, preprocessing: object, max_batch: int = MAX_BATCH) -> np.ndarray:
-    """Raw table records encoded with the bundle's own preprocessing (the function training used),
-    or `BadRequest` naming the record and the column that is wrong."""
+RAW_INPUTS = {"records": ("table", "an array of objects (column -> value)"),
+              "images": ("image", "an array of base64-encoded PNG/JPEG files")}
+
+
+def _decode_base64(items: list) -> list[bytes]:
+    out = []
+    for i, item in enumerate(items):
+        if not isinstance(item, str):
+            raise BadRequest(400, f"images[{i}] is not a base64 string")
+        try:
+            out.append(base64.b64decode(item, validate=True))
+        except ValueError:
+            raise BadRequest(400, f"images[{i}] is not valid base64") from None
+    return out
+
+
+def parse_raw(payload: dict, key: str, preprocessing: object, max_batch: int = MAX_BATCH) -> np.ndarray:
+    """What a user has (table records, image files) encoded with the bundle's own preprocessing, the
+    function training used; or `BadRequest` naming the item and what is wrong with it."""
+    from tasks.data.image_folder import encode_images
     from tasks.data.table import encode_records
 
-    if not (isinstance(preprocessing, dict) and preprocessing.get("kind") == "table"):
-        raise BadRequest(400, 'this bundle was not trained on a table: send {"inputs": [...]} arrays')
-    records = payload["records"]
-    if isinstance(records, dict):
-        records = [records]
-    if not isinstance(records, list) or not records:
-        raise BadRequest(400, "records must be a non-empty array of objects (column -> value)")
-    if len(records) > max_batch:
-        raise BadRequest(413, f"batch of {len(records)} exceeds the limit of {max_batch}")
+    kind, shape = RAW_INPUTS[key]
+    if not (isinstance(preprocessing, dict) and preprocessing.get("kind") == kind):
+        raise BadRequest(400, f'this bundle was not trained on {kind} data: "{key}" does not apply; send what its '
+                         'manifest (GET /model-info) describes')
+    items = payload[key]
+    if isinstance(items, (dict, str)):
+        items = [items]
+    if not isinstance(items, list) or not items:
+        raise BadRequest(400, f"{key} must be a non-empty {shape.removeprefix('an ')}")
+    if len(items) > max_batch:
+        raise BadRequest(413, f"batch of {len(items)} exceeds the limit of {max_batch}")
     try:
-        return encode_records(preprocessing, records)
+        return encode_records(preprocessing, items) if kind == "table" else encode_images(preprocessing, _decode_base64(items))
     except ValueError as err:
         raise BadRequest(400, str(err)) from None
 
@@ -308,8 +329,8 @@ def create_app(source: BundleSource | RegistrySource, poll_seconds: float = 1.0,
         if model.sample_shape is None:
             raise BadRequest(400, "this bundle is a sentence encoder: POST /embed {\"texts\": [...]}")
         payload = parse_json(body)
-        if isinstance(payload, dict) and "records" in payload:
-            x = parse_records(payload, model.manifest.get("preprocessing"), max_batch)
+        if isinstance(payload, dict) and (raw := next((k for k in RAW_INPUTS if k in payload), None)):
+            x = parse_raw(payload, raw, model.manifest.get("preprocessing"), max_batch)
         else:
             x = parse_inputs(payload, model.sample_shape, max_batch)
         logits = model.session.run(None, {model.input_name: x})[0]

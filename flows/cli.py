@@ -117,6 +117,22 @@ def cmd_data_changed(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_init(args: argparse.Namespace) -> int:
+    from tasks.init_config import init_config
+
+    out = init_config(args.data, args.label, args.model, args.out, args.root)
+    print(f"modelforge: wrote {out}; run it with: modelforge run --config {args.out}")
+    return 0
+
+
+def cmd_example(args: argparse.Namespace) -> int:
+    from tasks.data.examples import EXAMPLES
+
+    path = EXAMPLES[args.name](args.dir)
+    print(f"modelforge: wrote the {args.name} example to {path}")
+    return 0
+
+
 def cmd_deploy(args: argparse.Namespace) -> int:
     from flows.deployments import deploy_all
 
@@ -165,6 +181,20 @@ def main(argv: list[str] | None = None) -> int:
     ui.set_defaults(fn=cmd_ui)
     sub.add_parser("data-changed", parents=[common], help="version data/ with DVC and emit a Prefect event if "
                    "its version changed (triggers the on-new-data deployment)").set_defaults(fn=cmd_data_changed)
+    init = sub.add_parser("init", parents=[common], help="inspect your data (a CSV/Parquet/JSONL table) and write "
+                          "a complete, commented config for it")
+    init.add_argument("--data", required=True, type=Path, help="the data: a table file inside the project")
+    init.add_argument("--label", help="the column holding each row's class (tables)")
+    init.add_argument("--model", help="model family to search (mlp, cnn); default: what suits the data")
+    init.add_argument("--out", required=True, type=Path, help="config file to write (never overwritten)")
+    init.set_defaults(fn=cmd_init)
+    from tasks.data.examples import EXAMPLES
+
+    example = sub.add_parser("example", parents=[common], help="write an example data set, offline, as a user would "
+                             "bring it (e.g. modelforge example wine data)")
+    example.add_argument("name", choices=sorted(EXAMPLES))
+    example.add_argument("dir", type=Path, help="folder to write it to")
+    example.set_defaults(fn=cmd_example)
     dep = sub.add_parser("deploy", parents=[common], help="create/update the nightly and on-new-data Prefect "
                          "deployments (needs PREFECT_API_URL: make serve-stack)")
     dep.add_argument("--cron", default="0 2 * * *", help="nightly schedule (UTC)")

@@ -54,13 +54,33 @@ class TableDataConfig(_Section):
     dvc_remote: str = Field(".modelforge/dvc-remote", description="DVC remote the data is pushed to (a folder or a URL).")
 
 
+class ImageFolderConfig(_Section):
+    """A user's images in `dir`: one sub-folder per class of PNG/JPEG files."""
+
+    dataset: Literal["image_folder"]
+    dir: Path = Field(Path("data"), description="DVC-tracked folder of class sub-folders (relative to the project root).")
+    image_size: tuple[int, int] = Field((32, 32), description="Height and width every image is resized to.")
+    color: Literal["gray", "rgb"] = Field("gray", description="Images are converted to 1 (gray) or 3 (rgb) channels.")
+    val_fraction: float = Field(0.15, gt=0, lt=0.5, description="Share of images held out for validation (by hash).")
+    test_fraction: float = Field(0.2, gt=0, lt=0.5, description="Share of images held out for the final test (by hash).")
+    min_class_samples: int = Field(5, ge=1, description="Fewest train images a class may have.")
+    allow_drift: bool = Field(False, description="Accept a class folder the previously versioned data did not have.")
+    dvc_remote: str = Field(".modelforge/dvc-remote", description="DVC remote the data is pushed to (a folder or a URL).")
+
+    @model_validator(mode="after")
+    def _size_positive(self) -> "ImageFolderConfig":
+        if min(self.image_size) < 4:
+            raise ValueError(f"image_size {list(self.image_size)}: both sides must be at least 4 pixels")
+        return self
+
+
 def _dataset_of(value: object) -> str | None:
     # A data section that names no dataset is the built-in example, as before sources existed.
     return value.get("dataset", "digits") if isinstance(value, dict) else getattr(value, "dataset", None)
 
 
-ClassifierData = Annotated[Union[Annotated[DataConfig, Tag("digits")], Annotated[TableDataConfig, Tag("table")]],
-                           Discriminator(_dataset_of)]
+ClassifierData = Annotated[Union[Annotated[DataConfig, Tag("digits")], Annotated[TableDataConfig, Tag("table")],
+                                 Annotated[ImageFolderConfig, Tag("image_folder")]], Discriminator(_dataset_of)]
 
 
 class TextDataConfig(_Section):

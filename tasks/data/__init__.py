@@ -15,6 +15,7 @@ from pathlib import Path
 from tasks.data.base import MANIFEST, DataError, Splits, read_manifest
 from tasks.data.digits import describe_digits, load_arrays, materialize_digits
 from tasks.data.docstrings import describe_docstrings, materialize_docstrings
+from tasks.data.image_folder import describe_image_folder, load_image_folder
 from tasks.data.table import describe_table, load_table
 
 
@@ -28,6 +29,7 @@ class Source:
 SOURCES: dict[str, Source] = {
     "digits": Source(describe_digits, load_arrays, materialize_digits),
     "table": Source(describe_table, load_table),
+    "image_folder": Source(describe_image_folder, load_image_folder),
     "docstrings": Source(describe_docstrings, materialize=materialize_docstrings),
 }
 

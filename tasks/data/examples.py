@@ -43,4 +43,19 @@ def wine(dir: Path) -> Path:
     return _table_example(load_wine, True, dir)
 
 
-EXAMPLES = {"breast_cancer": breast_cancer, "wine": wine}
+def digits_png(dir: Path, size: int = 32) -> Path:
+    """scikit-learn's 8x8 digits as grayscale PNGs upscaled to `size` px, one folder per digit."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    dir = Path(dir)
+    for i, (image, label) in enumerate(zip(digits.images, digits.target)):
+        folder = dir / str(label)
+        folder.mkdir(parents=True, exist_ok=True)
+        pixels = Image.fromarray((image * 255 / 16).astype(np.uint8))  # 2-D uint8: grayscale
+        pixels.resize((size, size), Image.Resampling.BICUBIC).save(folder / f"{i:04d}.png", optimize=False)
+    return dir
+
+
+EXAMPLES = {"breast_cancer": breast_cancer, "wine": wine, "digits_png": digits_png}

@@ -1,0 +1,104 @@
+"""`modelforge init`: inspect a user's data and write a complete, commented config for it.
+
+Every field of the pipeline config is written with its value and its one-line doc, so the file is
+also the reference of what can be changed; the written file is loaded back through the same
+validation as any config before `init` reports success.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel
+
+from tasks.config import ConfigError, PipelineConfig, load_config
+from tasks.data.base import DataError
+from tasks.data.table import READERS, infer_schema, read_table
+
+BUILTIN_FAMILIES = ("mlp", "cnn")
+
+
+def _flow(value: object) -> str:
+    return yaml.safe_dump(value, default_flow_style=True, width=10_000).strip().removesuffix("...").strip()
+
+
+def commented_yaml(model: BaseModel, indent: int = 0, first: tuple[str, ...] = ()) -> list[str]:
+    """Every field of `model` (those named in `first` first), nested sections indented, each line
+    with its field doc as a comment."""
+    values = model.model_dump(mode="json", by_alias=True)
+    fields = type(model).model_fields
+    lines = []
+    for name in [*first, *(f for f in fields if f not in first)]:
+        field = fields[name]
+        key, pad = field.alias or name, " " * indent
+        doc = f"  # {field.description}" if field.description else ""
+        value = getattr(model, name)
+        if isinstance(value, BaseModel):
+            lines += [f"{pad}{key}:{doc}", *commented_yaml(value, indent + 2)]
+        elif isinstance(value, dict) and value and all(isinstance(v, list) for v in value.values()):  # recipes
+            lines += [f"{pad}{key}:{doc}", *(f"{pad}  {k}: {_flow(v)}" for k, v in values[key].items())]
+        else:
+            lines.append(f"{pad}{key}: {_flow(values[key])}{doc}")
+    return lines
+
+
+def describe_data(data: Path, label: str | None) -> tuple[dict, list[str]]:
+    """The `data` section for what is at `data`, and comment lines that say what was found."""
+    data = Path(data)
+    if data.is_file() and data.suffix.lower() in READERS:
+        if not label:
+            raise DataError(f"{data} is a table: name its class column with --label")
+        frame = read_table(data)
+        if label not in frame.columns:
+            raise DataError(f"{data}: no column {label!r}; it has {', '.join(map(str, frame.columns))}")
+        section = {"dataset": "table", "dir": str(data.parent), "file": data.name, "label": label}
+        schema = infer_schema(_Probe(label), frame)
+        classes = frame[label].dropna().astype(str).value_counts()
+        found = [f"{data.name}: {len(frame)} rows, {len(schema)} feature columns, {len(classes)} classes",
+                 "columns: " + ", ".join(f"{c} ({k}, {int(frame[c].isna().sum())} missing)" for c, k in schema.items()),
+                 "classes: " + ", ".join(f"{c} ({n})" for c, n in classes.items())]
+        return section, found
+    raise DataError(f"{data}: not a table file ({', '.join(sorted(READERS))}); image folders and text sets are "
+                    "not supported by `init` yet")
+
+
+class _Probe:
+    """The table settings `infer_schema` needs, before a config exists."""
+
+    def __init__(self, label: str):
+        self.label, self.id_column, self.drop, self.categorical = label, None, [], []
+
+
+def init_config(data: Path, label: str | None, model: str | None, out: Path, root: Path) -> Path:
+    """Write a config for the data at `data` (relative paths are taken from `root`) to `out`, after
+    checking it loads; returns `out`. An existing `out` is never overwritten."""
+    root, out = Path(root).resolve(), Path(out)
+    target = out if out.is_absolute() else root / out
+    if target.exists():
+        raise ConfigError(f"{target} exists; choose another --out (init never overwrites a config)")
+    absolute = Path(data) if Path(data).is_absolute() else root / data
+    section, found = describe_data(absolute, label)
+    section["dir"] = str(Path(section["dir"]).resolve().relative_to(root)) if Path(section["dir"]).resolve().is_relative_to(root) \
+        else section["dir"]
+    families = [model] if model else ["mlp"] if section["dataset"] == "table" else list(BUILTIN_FAMILIES)
+    if unknown := [f for f in families if f not in BUILTIN_FAMILIES]:
+        raise ConfigError(f"--model {unknown[0]}: known model families are {', '.join(BUILTIN_FAMILIES)}")
+    name = out.stem.replace("_", "-")
+    cfg = PipelineConfig.model_validate({
+        "data": section, "search": {"space": {"families": families}},
+        "register": {"model_name": f"{name}-classifier"}, "tracking": {"experiment": name}})
+    header = [f"# modelforge config written by `modelforge init` for {data}",
+              *(f"# {line}" for line in found),
+              "# gates.min_accuracy is an absolute floor on test accuracy: set it to what your use needs.",
+              "# Run it:   modelforge run --config " + str(out),
+              "# Override: modelforge run --config " + str(out) + " --set search.n_trials=30", ""]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text("\n".join(header + commented_yaml(cfg, first=("family", "data", "search", "train", "compress")))
+                      + "\n")
+    try:
+        load_config(target)
+    except ConfigError:
+        target.unlink()
+        raise
+    return target
