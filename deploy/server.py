@@ -5,7 +5,8 @@
 
 Endpoints: POST /predict {"inputs": [...]} (classifier bundles; a bundle trained on a table also
 takes raw rows, {"records": [{"column": value, ...}]}, one trained on an image folder raw files,
-{"images": ["<base64 PNG/JPEG>", ...]}, both encoded with the bundle's own preprocessing; answers
+{"images": ["<base64 PNG/JPEG>", ...]}, one trained on labelled text {"texts": ["...", ...]}, all
+encoded with the bundle's own preprocessing; answers
 carry class names and probabilities), POST /embed {"texts": [...]}
 (sentence-encoder bundles, tokenised with the tokenizer shipped in the bundle), GET /health,
 GET /model-info, POST /reload. Input is checked against the manifest (shape, plain finite numbers,
@@ -234,7 +235,8 @@ def parse_inputs(payload: object, sample_shape: tuple[int, ...], max_batch: int 
 
 
 RAW_INPUTS = {"records": ("table", "an array of objects (column -> value)"),
-              "images": ("image", "an array of base64-encoded PNG/JPEG files")}
+              "images": ("image", "an array of base64-encoded PNG/JPEG files"),
+              "texts": ("text", "an array of strings")}
 
 
 def _decode_base64(items: list) -> list[bytes]:
@@ -254,6 +256,7 @@ def parse_raw(payload: dict, key: str, preprocessing: object, max_batch: int = M
     function training used; or `BadRequest` naming the item and what is wrong with it."""
     from tasks.data.image_folder import encode_images
     from tasks.data.table import encode_records
+    from tasks.data.text import encode_texts
 
     kind, shape = RAW_INPUTS[key]
     if not (isinstance(preprocessing, dict) and preprocessing.get("kind") == kind):
@@ -267,7 +270,9 @@ def parse_raw(payload: dict, key: str, preprocessing: object, max_batch: int = M
     if len(items) > max_batch:
         raise BadRequest(413, f"batch of {len(items)} exceeds the limit of {max_batch}")
     try:
-        return encode_records(preprocessing, items) if kind == "table" else encode_images(preprocessing, _decode_base64(items))
+        if kind == "image":
+            return encode_images(preprocessing, _decode_base64(items))
+        return (encode_records if kind == "table" else encode_texts)(preprocessing, items)
     except ValueError as err:
         raise BadRequest(400, str(err)) from None
 

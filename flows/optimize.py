@@ -35,7 +35,7 @@ def optimize(config_path: str = "configs/digits.yaml", root: str = ".", force: b
             return skipped
         check_init_checkpoint_task(cfg.train, data.num_classes, data.input_shape)  # fail before any training
 
-        search_cfg = fit_search_to_data(cfg.search, data.input_shape)  # e.g. no CNN for a table's rows
+        search_cfg = fit_search_to_data(cfg.search, data.input_shape, cfg.data.dataset == "text")  # e.g. no CNN for a table
         study = f"{cfg.tracking.experiment}-{data.md5[:12]}-{cfg.section_hash('search')}"
         search_trials.with_options(task_runner=runner)(
             search_cfg, worker_data(data, cfg.runner), work / "search", study,

@@ -24,21 +24,29 @@ class Arch:
     activation: str = "relu"
     dropout: float = 0.0  # after every hidden activation; identity in eval mode and in the exported graph
     kernel: int = 3  # conv kernel size (odd: "same" padding)
+    vocab: int = 0  # text only: token ids 0..vocab-1 (0 padding, 1 unknown word)
+    embed: int = 0  # text only: word-embedding width
 
     @staticmethod
     def _optional(d: dict) -> dict:
         """The defaulted fields `d` sets: older checkpoints and narrower search spaces leave them out."""
-        return {k: d[k] for k in ("activation", "dropout", "kernel") if k in d}
+        return {k: d[k] for k in ("activation", "dropout", "kernel", "vocab", "embed") if k in d}
 
     @staticmethod
-    def from_params(p: dict, num_classes: int, input_shape) -> "Arch":
+    def from_params(p: dict, num_classes: int, input_shape, vocab: int = 0) -> "Arch":
         """The architecture a search trial describes: family, depth, width, channels (+ optional
-        activation, dropout, kernel). A CNN doubles its channels per block and has one hidden layer."""
+        activation, dropout, kernel). A CNN doubles its channels per block and has one hidden layer;
+        a text model embeds words in `width` dimensions, then has `depth - 1` hidden layers."""
         extra = Arch._optional(p)
         shape = tuple(input_shape)
         if p["family"] == "cnn":
             conv = tuple(p["channels"] * 2**i for i in range(p["depth"]))
             return Arch("cnn", num_classes, shape, conv, (p["width"],), **extra)
+        if p["family"] == "text":
+            if vocab < 3:
+                raise ValueError("the text family needs a text data set (a vocabulary); this data has none")
+            return Arch("text", num_classes, shape, (), (p["width"],) * (p["depth"] - 1), vocab=vocab, embed=p["width"],
+                        **extra)
         return Arch("mlp", num_classes, shape, (), (p["width"],) * p["depth"], **extra)
 
     def scaled(self, factor: float, depth: int | None = None) -> "Arch":
@@ -64,6 +72,28 @@ class Arch:
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
 
 
+class TokenBag(nn.Module):
+    """Token ids (as floats: every stage and the exported graph take float inputs) -> the mean of
+    their word embeddings. Padding (id 0) and words outside the vocabulary (id 1) are left out: no
+    train text holds an unknown word when every train word is in the vocabulary, so that embedding
+    would be untrained noise at serving time."""
+
+    def __init__(self, vocab: int, dim: int):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim, padding_idx=0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ids = x.long()
+        mask = (ids > 1).unsqueeze(-1).to(self.embed.weight.dtype)
+        return (self.embed(ids) * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+
+
+def vocab_of(manifest: dict) -> int:
+    """The token-id range of a text data set (0 for data without a vocabulary)."""
+    preprocessing = manifest.get("preprocessing")
+    return int(preprocessing.get("vocab_size", 0)) if isinstance(preprocessing, dict) else 0
+
+
 def build_model(arch: Arch) -> nn.Sequential:
     """Conv blocks (conv-act-maxpool while the map is >= 2 px) then an MLP head."""
     if arch.activation not in ACTIVATIONS:
@@ -80,10 +110,13 @@ def build_model(arch: Arch) -> nn.Sequential:
                 layers.append(nn.MaxPool2d(2))
                 h, w = h // 2, w // 2
             c = out
+    elif arch.family == "text":
+        layers.append(TokenBag(arch.vocab, arch.embed))
     elif arch.family != "mlp":
-        raise ValueError(f"unknown model family {arch.family!r} (expected 'mlp' or 'cnn')")
+        raise ValueError(f"unknown model family {arch.family!r} (expected 'mlp', 'cnn' or 'text')")
     layers.append(nn.Flatten())
-    features = c * h * w if arch.family == "cnn" else math.prod(arch.input_shape)  # an MLP takes any sample shape
+    features = {"cnn": lambda: c * h * w, "text": lambda: arch.embed}.get(
+        arch.family, lambda: math.prod(arch.input_shape))()  # an MLP takes any sample shape
     for width in arch.hidden:
         layers += [nn.Linear(features, width), act()]
         if arch.dropout > 0:

@@ -135,6 +135,8 @@ def structured_prune(state: ModelState, cfg: StructuredPrune, ctx: CompressConte
     """Remove whole conv channels / hidden neurons (lowest weight norm) and rebuild physically
     smaller layers, so the exported graph itself shrinks and speeds up; then fine-tune."""
     model, arch, meta = load_checkpoint(state.checkpoint)
+    if arch.family == "text":
+        raise ValueError("structured_prune rebuilds mlp/cnn layers; for the text family use magnitude_prune or distill")
     layers = _layers(model)
     keep: list[torch.Tensor] = []
     for layer in layers[:-1]:

@@ -74,13 +74,32 @@ class ImageFolderConfig(_Section):
         return self
 
 
+class TextTableConfig(_Section):
+    """A user's labelled text: a CSV or JSONL file in `dir` with a text column and a label column."""
+
+    dataset: Literal["text"]
+    dir: Path = Field(Path("data"), description="DVC-tracked folder holding the file (relative to the project root).")
+    file: str | None = Field(None, description="The file's name in `dir`; default: the one .csv/.jsonl/.parquet there.")
+    text: str = Field("text", min_length=1, description="The column holding each sample's text.")
+    label: str = Field("label", min_length=1, description="The column holding each sample's class.")
+    max_length: int = Field(64, ge=4, le=1024, description="Words kept per text (the rest is cut off).")
+    vocab_size: int = Field(5000, ge=10, description="Most frequent train words kept; the others read as 'unknown'.")
+    min_count: int = Field(2, ge=1, description="A word enters the vocabulary only if train holds it this often.")
+    val_fraction: float = Field(0.15, gt=0, lt=0.5, description="Share of rows held out for validation (by hash).")
+    test_fraction: float = Field(0.2, gt=0, lt=0.5, description="Share of rows held out for the final test (by hash).")
+    min_class_samples: int = Field(5, ge=1, description="Fewest train rows a class may have.")
+    allow_drift: bool = Field(False, description="Accept a label the previously versioned data did not have.")
+    dvc_remote: str = Field(".modelforge/dvc-remote", description="DVC remote the data is pushed to (a folder or a URL).")
+
+
 def _dataset_of(value: object) -> str | None:
     # A data section that names no dataset is the built-in example, as before sources existed.
     return value.get("dataset", "digits") if isinstance(value, dict) else getattr(value, "dataset", None)
 
 
 ClassifierData = Annotated[Union[Annotated[DataConfig, Tag("digits")], Annotated[TableDataConfig, Tag("table")],
-                                 Annotated[ImageFolderConfig, Tag("image_folder")]], Discriminator(_dataset_of)]
+                                 Annotated[ImageFolderConfig, Tag("image_folder")],
+                                 Annotated[TextTableConfig, Tag("text")]], Discriminator(_dataset_of)]
 
 
 class TextDataConfig(_Section):
@@ -107,7 +126,8 @@ Activation = Literal["relu", "gelu", "silu", "tanh"]
 
 
 class SearchSpace(_Section):
-    families: list[Literal["mlp", "cnn"]] = Field(["cnn", "mlp"], min_length=1, description="Model families to search over.")
+    families: list[Literal["mlp", "cnn", "text"]] = Field(["cnn", "mlp"], min_length=1, description="Model families to "
+                                                          "search over (text: word embeddings averaged, then an MLP).")
     lr: tuple[float, float] = Field((1e-3, 3e-2), description="Log-uniform learning-rate range.")
     weight_decay: list[float] = Field([0.0, 1e-4], min_length=1, description="L2 penalties to try.")
     batch_sizes: list[int] = Field([32, 64], min_length=1, description="Mini-batch sizes to try.")
@@ -120,6 +140,9 @@ class SearchSpace(_Section):
     dropout: tuple[float, float] = Field((0.0, 0.3), description="Dropout after each hidden layer, range.")
     channels: tuple[int, int] = Field((8, 32), description="Channels of the first conv block (doubling per block).")
     kernels: list[int] = Field([3], min_length=1, description="Conv kernel sizes (odd).")
+    augment: list[Literal["none", "shift"]] = Field(["shift"], min_length=1, description="Training-time augmentation "
+                                                    "to try: shift moves each image by up to 1 px (images only; tables "
+                                                    "and other vectors are never augmented).")
 
     @model_validator(mode="after")
     def _space_valid(self) -> "SearchSpace":

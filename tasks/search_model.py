@@ -28,7 +28,7 @@ from optuna.trial import TrialState
 from prefect import task
 
 from tasks import track_run
-from tasks.build_model import Arch, build_model, count_params
+from tasks.build_model import Arch, build_model, count_params, vocab_of
 from tasks.config import ConfigError, SearchConfig
 from tasks.fetch_data import DataRef, resolve_data
 from tasks.stop_run import interruption
@@ -95,7 +95,7 @@ def grid_space(cfg: SearchConfig) -> dict[str, list]:
         "weight_decay": list(s.weight_decay), "batch_size": list(s.batch_sizes), "optimizer": list(s.optimizers),
         "schedule": list(s.schedules), "depth": list(range(s.depth[0], s.depth[1] + 1)), "width": ints(*s.width),
         "activation": list(s.activations), "dropout": sorted({float(v) for v in np.linspace(*s.dropout, n)}),
-        "channels": ints(*s.channels), "kernel": list(s.kernels),
+        "channels": ints(*s.channels), "kernel": list(s.kernels), "augment": list(s.augment),
     }
 
 
@@ -158,6 +158,7 @@ def suggest(trial: optuna.Trial, cfg: SearchConfig) -> dict:
         "dropout": trial.suggest_float("dropout", *s.dropout),
         "channels": trial.suggest_int("channels", *s.channels, log=True),
         "kernel": trial.suggest_categorical("kernel", s.kernels),
+        "augment": trial.suggest_categorical("augment", s.augment),
     }
 
 
@@ -275,7 +276,7 @@ def run_trials(cfg: SearchConfig, data: Path | DataRef, out_dir: Path, study_nam
             params = suggest(trial, cfg)
             run_id = runs.start(trial, params)
             torch.manual_seed(cfg.seed + trial.number)
-            model = build_model(Arch.from_params(params, splits.num_classes, input_shape))
+            model = build_model(Arch.from_params(params, splits.num_classes, input_shape, vocab_of(splits.manifest)))
             tp = TrainParams.from_search(params, cfg.epochs, patience=cfg.epochs, seed=cfg.seed)
 
             def on_epoch(r: dict) -> None:
@@ -382,15 +383,18 @@ def search_model(cfg: SearchConfig, data_dir: Path, out_dir: Path, study_name: s
     return summarize_search(cfg, out_dir, study_name, tracking.parent_run_id if tracking else None)
 
 
-def fit_search_to_data(cfg: SearchConfig, input_shape: tuple[int, ...]) -> SearchConfig:
+def fit_search_to_data(cfg: SearchConfig, input_shape: tuple[int, ...], text: bool = False) -> SearchConfig:
     """The search space without the families that cannot take the data's samples: a CNN needs
-    C x H x W images, so a table's feature vectors leave only the MLP. Nothing left is a ConfigError."""
-    families = [f for f in cfg.space.families if f != "cnn" or len(input_shape) == 3]
+    C x H x W images, so a table's feature vectors leave only the MLP; token ids (`text`) take the
+    text family only. Nothing left is a ConfigError."""
+    families = [f for f in cfg.space.families if (f != "cnn" or len(input_shape) == 3) and (f == "text") == text]
     if not families:
         raise ConfigError(f"search.space.families is {cfg.space.families}, but the data's samples have shape "
-                          f"{list(input_shape)}: a cnn needs [channels, height, width]; add mlp")
+                          f"{list(input_shape)}" + (": text data needs the text family" if text else
+                                                    ": a cnn needs [channels, height, width]; add mlp"))
     if families != cfg.space.families:
-        print(f"[search] samples of shape {list(input_shape)}: searching {families} only (a cnn needs images)")
+        print(f"[search] samples of shape {list(input_shape)}: searching {families} only (the others do not fit "
+              "this data)")
     return cfg.model_copy(update={"space": cfg.space.model_copy(update={"families": families})})
 
 

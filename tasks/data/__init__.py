@@ -17,6 +17,7 @@ from tasks.data.digits import describe_digits, load_arrays, materialize_digits
 from tasks.data.docstrings import describe_docstrings, materialize_docstrings
 from tasks.data.image_folder import describe_image_folder, load_image_folder
 from tasks.data.table import describe_table, load_table
+from tasks.data.text import describe_text, load_text
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,7 @@ SOURCES: dict[str, Source] = {
     "digits": Source(describe_digits, load_arrays, materialize_digits),
     "table": Source(describe_table, load_table),
     "image_folder": Source(describe_image_folder, load_image_folder),
+    "text": Source(describe_text, load_text),
     "docstrings": Source(describe_docstrings, materialize=materialize_docstrings),
 }
 

@@ -56,6 +56,11 @@ def hash_split(keys: list[str], val_fraction: float, test_fraction: float) -> np
 SPLIT_RULE = "sha256(key) / 2**64: < test_fraction -> test, < test_fraction + val_fraction -> val, else train"
 
 
+def file_digest(path: Path) -> str:
+    """What a versioned file must still hash to when a stage loads it."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
 def only_known_files(data_dir: Path, known: set[str]) -> None:
     """A file the source does not read would change the DVC version (and trigger a full new run)
     without any effect on training: refuse it, by name."""

@@ -23,22 +23,30 @@ class Sentences:
     manifest: dict
 
 
+def docstring_sentences(file: Path) -> set[str]:
+    """English sentences (6-40 words, mostly words) from the docstrings of one Python file, read with
+    `ast` (nothing is imported); an unparsable file has none."""
+    try:
+        tree = ast.parse(Path(file).read_text(encoding="utf-8"))
+    except (SyntaxError, UnicodeDecodeError, ValueError):
+        return set()
+    sentences = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            doc = ast.get_docstring(node) or ""
+            for s in re.split(r"(?<=[.!?])\s+", " ".join(doc.split())):
+                words = s.split()
+                if 6 <= len(words) <= 40 and sum(w.isalpha() for w in words) >= 0.7 * len(words):
+                    sentences.add(s)
+    return sentences
+
+
 def offline_corpus(n: int, seed: int = 0) -> list[str]:
-    """`n` distinct English sentences from the docstrings of Python's standard library, read with
-    `ast` (nothing is imported or downloaded); the same Python gives the same corpus."""
+    """`n` distinct English sentences from the docstrings of Python's standard library (its top-level
+    modules); the same Python gives the same corpus."""
     sentences: set[str] = set()
     for file in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):
-        try:
-            tree = ast.parse(file.read_text(encoding="utf-8"))
-        except (SyntaxError, UnicodeDecodeError):
-            continue
-        for node in ast.walk(tree):
-            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-                doc = ast.get_docstring(node) or ""
-                for s in re.split(r"(?<=[.!?])\s+", " ".join(doc.split())):
-                    words = s.split()
-                    if 6 <= len(words) <= 40 and sum(w.isalpha() for w in words) >= 0.7 * len(words):
-                        sentences.add(s)
+        sentences |= docstring_sentences(file)
     ordered = sorted(sentences)
     random.Random(seed).shuffle(ordered)
     if len(ordered) < n:

@@ -58,4 +58,34 @@ def digits_png(dir: Path, size: int = 32) -> Path:
     return dir
 
 
-EXAMPLES = {"breast_cancer": breast_cancer, "wine": wine, "digits_png": digits_png}
+def docstring_topics(dir: Path, classes: int = 8, per_class: int = 400, seed: int = 0) -> Path:
+    """Sentences from the docstrings of the standard library's packages, labelled by their package
+    (email, asyncio, unittest, ...): a text-classification set as CSV (text, label), the `classes`
+    packages with the most sentences, at most `per_class` of each."""
+    import random
+    import sysconfig
+
+    import pandas as pd
+
+    from tasks.data.docstrings import docstring_sentences
+
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    by_package = {}
+    for package in sorted(p for p in stdlib.iterdir() if (p / "__init__.py").exists() and p.name.isidentifier()):
+        sentences = set().union(*(docstring_sentences(f) for f in sorted(package.rglob("*.py")) if "test" not in f.parts))
+        by_package[package.name] = sorted(sentences)
+    seen: set[str] = set()
+    rows = []
+    for name in sorted(by_package, key=lambda k: (-len(by_package[k]), k))[:classes]:
+        picked = [s for s in by_package[name] if s not in seen]
+        random.Random(seed).shuffle(picked)
+        seen.update(picked[:per_class])
+        rows += [{"text": s, "label": name} for s in picked[:per_class]]
+    dir = Path(dir)
+    dir.mkdir(parents=True, exist_ok=True)
+    path = dir / "data.csv"
+    pd.DataFrame(rows).to_csv(path, index=False)
+    return path
+
+
+EXAMPLES = {"breast_cancer": breast_cancer, "wine": wine, "digits_png": digits_png, "docstring_topics": docstring_topics}

@@ -10,14 +10,13 @@ sent, so training and serving cannot drift apart.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 import numpy as np
 
 from tasks.config import TableDataConfig
-from tasks.data.base import (MANIFEST, SPLIT_RULE, SPLITS, DataError, Splits, check_arrays, hash_split,
+from tasks.data.base import (MANIFEST, SPLIT_RULE, SPLITS, DataError, Splits, check_arrays, file_digest, hash_split,
                              only_known_files, raise_problems, read_manifest, write_manifest)
 
 READERS = {".csv": "csv", ".parquet": "parquet", ".jsonl": "jsonl"}
@@ -224,7 +223,7 @@ def describe_table(cfg: TableDataConfig, data_dir: Path) -> tuple[dict, dict]:
         "split": {"rule": SPLIT_RULE, "key": cfg.id_column or "row content",
                   "val_fraction": cfg.val_fraction, "test_fraction": cfg.test_fraction},
         "counts": counts,
-        "content_md5": hashlib.md5(path.read_bytes()).hexdigest(),
+        "content_sha256": file_digest(path),
     }
     write_manifest(data_dir, manifest)
     return manifest, counts
@@ -234,7 +233,7 @@ def split_rows(data_dir: Path, manifest: dict) -> tuple[object, np.ndarray]:
     """The versioned table's labelled rows and the split of each, by the manifest's rule."""
     path = Path(data_dir) / manifest["file"]
     frame = read_table(path)
-    if hashlib.md5(path.read_bytes()).hexdigest() != manifest["content_md5"]:
+    if file_digest(path) != manifest["content_sha256"]:
         raise DataError(f"{path} changed since it was versioned; run `modelforge data-changed` (or a run) to version it")
     labelled = frame[frame[manifest["label"]].notna()]
     rule = manifest["split"]

@@ -1,0 +1,118 @@
+"""Quality against what users compare with: the model each example pipeline ships vs scikit-learn
+baselines trained on the very same split, side by side.
+
+    .venv/bin/python bench/quality.py [--examples digits,digits_png,wine,breast_cancer,docstring_topics]
+
+For every example it makes a throw-away project, writes the example data the way a user would bring
+it (`modelforge example`), runs `modelforge run --config configs/<example>.yaml` end to end (timed),
+and evaluates the shipped bundle's ONNX model on the test split with ONNX Runtime. On the same
+versioned splits (the arrays the pipeline trained on: the table's recorded preprocessing, the
+images' recorded normalisation; for text, TF-IDF features of the same split's texts, which suit
+these models better than token ids) it fits a tuned SVC, HistGradientBoosting and LogisticRegression
+(each tuned by 5-fold cross-validation on train + val, which the pipeline also uses: train to fit,
+val to select) and scores them on the same test rows. Not a test: its figures are what it reports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = {  # example -> (config, data folder the config names, `modelforge example` name or None if built in)
+    "digits": ("digits.yaml", "data", None),
+    "digits_png": ("digits_png.yaml", "datasets/digits_png", "digits_png"),
+    "wine": ("wine.yaml", "datasets/wine", "wine"),
+    "breast_cancer": ("breast_cancer.yaml", "datasets/breast_cancer", "breast_cancer"),
+    "docstring_topics": ("docstring_topics.yaml", "datasets/docstring_topics", "docstring_topics"),
+}
+
+
+def features(data_dir: Path, splits) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(x, y) of train + val and of test as scikit-learn takes them: the pipeline's own arrays, or
+    for text TF-IDF word and bigram features of the same split's texts (fitted on train + val)."""
+    flat = lambda x: x.reshape(len(x), -1)
+    y_fit, y_test = np.concatenate([splits.train[1], splits.val[1]]), splits.test[1]
+    if splits.manifest["dataset"] != "text":
+        return flat(np.concatenate([splits.train[0], splits.val[0]])), y_fit, flat(splits.test[0]), y_test
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    from tasks.data.text import split_texts
+
+    texts, _, split = split_texts(data_dir, splits.manifest)
+    fit_texts = [t for t, s in zip(texts, split) if s == "train"] + [t for t, s in zip(texts, split) if s == "val"]
+    tfidf = TfidfVectorizer(ngram_range=(1, 2), min_df=2, max_features=5000, sublinear_tf=True).fit(fit_texts)
+    dense = lambda t: tfidf.transform(t).toarray().astype(np.float32)
+    return dense(fit_texts), y_fit, dense([t for t, s in zip(texts, split) if s == "test"]), y_test
+
+
+def baselines(x: np.ndarray, y: np.ndarray, x_test: np.ndarray, y_test: np.ndarray) -> dict[str, float]:
+    """Test accuracy of scikit-learn models tuned by cross-validation on train + val."""
+    from sklearn.ensemble import HistGradientBoostingClassifier
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import GridSearchCV
+    from sklearn.svm import SVC
+
+    models = {
+        "svc": GridSearchCV(SVC(), {"C": [0.3, 1, 3, 10, 30], "gamma": ["scale", 0.3, 0.1, 0.03, 0.01]}, n_jobs=-1),
+        "hist_gb": GridSearchCV(HistGradientBoostingClassifier(random_state=0),
+                                {"learning_rate": [0.05, 0.1, 0.2], "max_leaf_nodes": [15, 31]}, n_jobs=-1),
+        "logreg": GridSearchCV(LogisticRegression(max_iter=5000), {"C": [0.1, 0.3, 1, 3, 10]}, n_jobs=-1),
+    }
+    return {name: float(model.fit(x, y).score(x_test, y_test)) for name, model in models.items()}
+
+
+def run_example(name: str, work: Path) -> dict:
+    from tasks.config import load_config
+    from tasks.data import load_splits
+    from tasks.run_onnx import make_session, onnx_accuracy
+
+    config, data_dir, example = EXAMPLES[name]
+    project = work / name
+    (project / "configs").mkdir(parents=True)
+    shutil.copy(ROOT / "configs" / config, project / "configs" / config)
+    cli = [str(Path(sys.executable).with_name("modelforge"))]
+    if example:
+        subprocess.run([*cli, "example", example, data_dir], cwd=project, check=True, capture_output=True)
+    started = time.perf_counter()
+    proc = subprocess.run([*cli, "run", "--config", f"configs/{config}"], cwd=project, capture_output=True, text=True)
+    seconds = time.perf_counter() - started
+    if proc.returncode != 0:
+        raise RuntimeError(f"{name}: the pipeline failed:\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
+    cfg = load_config(project / "configs" / config)
+    bundle = project / cfg.register_.bundle_dir
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    splits = load_splits(project / data_dir)
+    shipped = onnx_accuracy(make_session(bundle / "model.onnx"), *splits.test)
+    print(f"[bench] {name}: shipped {manifest['candidate']} at test accuracy {shipped:.4f} in {seconds:.0f} s; "
+          f"fitting the scikit-learn baselines", flush=True)
+    return {"candidate": manifest["candidate"], "shipped": shipped, "seconds": seconds, "test_rows": len(splits.test[1]),
+            **baselines(*features(project / data_dir, splits))}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--examples", default=",".join(EXAMPLES), help="comma-separated: " + ", ".join(EXAMPLES))
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="bench-quality-"))
+    results = {name: run_example(name, work) for name in args.examples.split(",")}
+    print(f"\n{'example':<15}{'test rows':>10}{'shipped':>18}{'accuracy':>10}{'svc':>8}{'hist_gb':>9}{'logreg':>8}"
+          f"{'vs best pts':>13}{'run s':>7}")
+    for name, r in results.items():
+        best = max(r["svc"], r["hist_gb"], r["logreg"])
+        print(f"{name:<15}{r['test_rows']:>10}{r['candidate']:>18}{r['shipped']:>10.4f}{r['svc']:>8.4f}{r['hist_gb']:>9.4f}"
+              f"{r['logreg']:>8.4f}{100 * (r['shipped'] - best):>+13.2f}{r['seconds']:>7.0f}")
+    print("RESULT " + " ".join(f"{name}_vs_best_baseline_pts={100 * (r['shipped'] - max(r['svc'], r['hist_gb'], r['logreg'])):+.2f}"
+                               for name, r in results.items()))
+
+
+if __name__ == "__main__":
+    main()

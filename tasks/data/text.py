@@ -1,0 +1,122 @@
+"""A user's labelled text: CSV or JSONL with a text column and a label column.
+
+Versioning validates the rows, splits them by a hash of the text (an appended row moves no other,
+a repeated text always shares its split) and builds the vocabulary from the train split only; the
+vocabulary and the tokenisation rule are recorded in the manifest and ship in the serving bundle.
+Training data and served texts both go through `encode_texts`: token ids, 0 for padding and 1 for
+a word outside the vocabulary, carried as float32 (exact below 2**24) so that every classifier stage
+handles them like any other input; the text model casts them back to indices.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from tasks.config import TextTableConfig
+from tasks.data.base import (MANIFEST, SPLIT_RULE, SPLITS, DataError, Splits, check_arrays, file_digest,
+                             hash_split, only_known_files, raise_problems, read_manifest, write_manifest)
+from tasks.data.table import find_table, read_table
+
+PATTERN = r"[^\W_]+"  # runs of letters and digits, lowercased
+PAD, UNKNOWN = 0, 1
+
+
+def tokens(text: str) -> list[str]:
+    return re.findall(PATTERN, text.lower())
+
+
+def encode_texts(preprocessing: dict, texts: list[str]) -> np.ndarray:
+    """Texts to [N, max_length] token ids with the recorded vocabulary (truncated, zero-padded).
+    A non-string is a ValueError naming its position."""
+    index = {w: i + 2 for i, w in enumerate(preprocessing["vocab"])}
+    length = preprocessing["max_length"]
+    out = np.zeros((len(texts), length), dtype=np.float32)
+    if bad := [i for i, t in enumerate(texts) if not isinstance(t, str)]:
+        raise ValueError(f"text {bad[0]} is not a string ({len(bad)} such item(s))")
+    for i, text in enumerate(texts):
+        ids = [index.get(w, UNKNOWN) for w in tokens(text)[:length]]
+        out[i, : len(ids)] = ids
+    return out
+
+
+def _labelled(cfg_text: str, cfg_label: str, frame):
+    keep = frame[cfg_label].notna() & frame[cfg_text].notna()
+    return frame[keep]
+
+
+def describe_text(cfg: TextTableConfig, data_dir: Path) -> tuple[dict, dict]:
+    """Validate the rows (everything at once), build the vocabulary on train and write the manifest."""
+    data_dir = Path(data_dir)
+    path = find_table(cfg, data_dir)
+    only_known_files(data_dir, {MANIFEST, path.name})
+    frame = read_table(path)
+    if missing := [c for c in (cfg.text, cfg.label) if c not in frame.columns]:
+        raise DataError(f"{path}: no column(s) {', '.join(map(repr, missing))}; it has {', '.join(map(str, frame.columns))}")
+    problems = []
+    for column in (cfg.text, cfg.label):
+        if n := int(frame[column].isna().sum()):
+            problems.append(f"column {column!r}: {n} empty value(s)")
+    rows = _labelled(cfg.text, cfg.label, frame)
+    texts, labels = rows[cfg.text].astype(str).tolist(), rows[cfg.label].astype(str).tolist()
+    if blank := sum(not tokens(t) for t in texts):
+        problems.append(f"{blank} text(s) without a single word")
+    seen: dict[str, str] = {}
+    if conflicts := sum(1 for t, y in zip(texts, labels) if seen.setdefault(t, y) != y):
+        problems.append(f"{conflicts} text(s) appear with different labels")
+    classes = sorted(set(labels))
+    if len(classes) < 2:
+        problems.append(f"label column {cfg.label!r} has {len(classes)} class(es); a classifier needs at least 2")
+    split = hash_split(texts, cfg.val_fraction, cfg.test_fraction)
+    counts = {s: int((split == s).sum()) for s in SPLITS}
+    problems += [f"{s} split is empty ({len(texts)} rows)" for s in SPLITS if counts[s] == 0]
+    train_counts = Counter(y for y, s in zip(labels, split) if s == "train")
+    if few := {c: train_counts[c] for c in classes if train_counts[c] < cfg.min_class_samples}:
+        problems.append(f"classes with fewer than {cfg.min_class_samples} train rows (data.min_class_samples): "
+                        + ", ".join(f"{c} ({n})" for c, n in few.items()))
+    previous = read_manifest(data_dir) if (data_dir / MANIFEST).exists() else {}
+    if previous.get("dataset") == "text" and not cfg.allow_drift:
+        if unseen := sorted(set(classes) - set(previous.get("classes", classes))):
+            problems.append(f"label(s) not in the previous version: {', '.join(unseen)}; set data.allow_drift: true "
+                            "if the change is intended")
+    raise_problems(path, problems)
+
+    counted = Counter(w for t, s in zip(texts, split) if s == "train" for w in tokens(t))
+    vocab = [w for w, n in sorted(counted.items(), key=lambda kv: (-kv[1], kv[0])) if n >= cfg.min_count][: cfg.vocab_size]
+    preprocessing = {"kind": "text", "pattern": PATTERN, "lowercase": True, "max_length": cfg.max_length,
+                     "vocab": vocab, "vocab_size": len(vocab) + 2, "ids": "0 padding, 1 unknown word, 2.. vocab"}
+    manifest = {"dataset": "text", "file": path.name, "text": cfg.text, "label": cfg.label, "classes": classes,
+                "num_classes": len(classes), "input_shape": [cfg.max_length], "dtype": "float32",
+                "preprocessing": preprocessing,
+                "split": {"rule": SPLIT_RULE, "key": "the text", "val_fraction": cfg.val_fraction,
+                          "test_fraction": cfg.test_fraction},
+                "counts": counts, "content_sha256": file_digest(path)}
+    write_manifest(data_dir, manifest)
+    return manifest, counts
+
+
+def split_texts(data_dir: Path, manifest: dict) -> tuple[list[str], list[str], np.ndarray]:
+    """The versioned rows' texts, labels and the split of each, by the manifest's rule."""
+    path = Path(data_dir) / manifest["file"]
+    if file_digest(path) != manifest["content_sha256"]:
+        raise DataError(f"{path} changed since it was versioned; run `modelforge data-changed` (or a run) to version it")
+    rows = _labelled(manifest["text"], manifest["label"], read_table(path))
+    texts, labels = rows[manifest["text"]].astype(str).tolist(), rows[manifest["label"]].astype(str).tolist()
+    rule = manifest["split"]
+    return texts, labels, hash_split(texts, rule["val_fraction"], rule["test_fraction"])
+
+
+def load_text(data_dir: Path, manifest: dict) -> Splits:
+    """The splits of the versioned texts as token ids, with the recorded vocabulary."""
+    path = Path(data_dir) / manifest["file"]
+    texts, labels, split = split_texts(data_dir, manifest)
+    x = encode_texts(manifest["preprocessing"], texts)
+    index = {c: i for i, c in enumerate(manifest["classes"])}
+    y = np.array([index[v] for v in labels], dtype=np.int64)
+    arrays = {s: (x[split == s], y[split == s]) for s in SPLITS}
+    raise_problems(path, [p for s in SPLITS for p in check_arrays(s, *arrays[s], tuple(manifest["input_shape"]),
+                                                                     manifest["num_classes"])])
+    return Splits(arrays["train"], arrays["val"], arrays["test"], manifest["num_classes"], manifest)

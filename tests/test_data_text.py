@@ -1,0 +1,96 @@
+"""The `text` data source and the text model family: vocabulary from train only, the same
+tokenisation for training and serving, validation, and the real flow end to end."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from prefect.testing.utilities import prefect_test_harness
+
+from deploy.loadtest import request, running_server
+from deploy.server import BundleSource, create_app
+from tasks.config import TextTableConfig
+from tasks.data import DataError, load_splits
+from tasks.data.text import describe_text, encode_texts, split_texts
+
+TOPICS = {"space": "rocket orbit planet launch star moon", "food": "bread cheese soup cook taste kitchen",
+          "music": "guitar song drum melody concert band"}
+
+
+def write_texts(folder, per_class=40, seed=0):
+    rng = np.random.default_rng(seed)
+    rows = [{"text": " ".join(rng.choice(words.split(), 5)) + f" ref{label}{i}", "label": label}
+            for label, words in TOPICS.items() for i in range(per_class)]
+    folder.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows).to_csv(folder / "texts.csv", index=False)
+    return folder
+
+
+def text_cfg(**kw):
+    return TextTableConfig(dataset="text", max_length=8, min_count=1, **kw)
+
+
+def test_vocabulary_comes_from_train_and_serving_tokenises_the_same(tmp_path):
+    data = write_texts(tmp_path / "data")
+    manifest, counts = describe_text(text_cfg(), data)
+    texts, labels, split = split_texts(data, manifest)
+    train_words = {w for t, s in zip(texts, split) if s == "train" for w in t.lower().split()}
+    assert set(manifest["preprocessing"]["vocab"]) <= train_words
+    only_in_test = {w for t, s in zip(texts, split) if s == "test" for w in t.lower().split()} - train_words
+    assert only_in_test and not only_in_test & set(manifest["preprocessing"]["vocab"])  # e.g. "refspace37": unseen
+    splits = load_splits(data)
+    assert splits.test[0].shape[1:] == (8,) and splits.test[0].dtype == np.float32
+    served = encode_texts(manifest["preprocessing"], [t for t, s in zip(texts, split) if s == "test"])
+    np.testing.assert_array_equal(served, splits.test[0])
+    assert encode_texts(manifest["preprocessing"], ["ROCKET, orbit!  zzz"])[0, :3].tolist()[2] == 1  # unknown word
+    with pytest.raises(ValueError, match="text 1 is not a string"):
+        encode_texts(manifest["preprocessing"], ["ok", 3])
+
+
+def test_every_problem_is_reported_at_once(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    pd.DataFrame({"text": ["a b c", "a b c", "!!!", None, "x y"], "label": ["p", "q", "p", "q", None]}).to_csv(
+        data / "t.csv", index=False)
+    with pytest.raises(DataError) as err:
+        describe_text(text_cfg(min_class_samples=3), data)
+    text = str(err.value)
+    for expected in ("column 'text': 1 empty value", "column 'label': 1 empty value", "without a single word",
+                     "appear with different labels", "fewer than 3 train rows"):
+        assert expected in text
+
+
+TINY = {
+    "data": {"dataset": "text", "max_length": 8, "min_count": 1},
+    "search": {"n_trials": 2, "epochs": 8, "space": {"families": ["text", "cnn"], "lr": [0.01, 0.02], "optimizers": ["adam"],
+                                                     "depth": [1, 1], "width": [16, 32], "augment": ["none"]}},
+    "train": {"max_epochs": 30, "patience": 8},
+    "compress": {"candidates": {"int8": [{"method": "quantize_dynamic"}]}},
+    "validate": {"warmup": 3, "latency_runs": 20, "throughput_runs": 3},
+    "gates": {"min_accuracy": 0.8, "max_latency_ratio": None},
+    "register": {"model_name": "tiny-topics"},
+    "tracking": {"experiment": "e2e-text"},
+}
+
+
+@pytest.mark.e2e
+def test_text_flow_ships_and_serves_texts(tmp_path):
+    from flows.optimize import optimize
+
+    write_texts(tmp_path / "data")
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(TINY))
+    with prefect_test_harness():
+        result = optimize(config_path=str(tmp_path / "config.yaml"), root=str(tmp_path))
+    bundle = tmp_path / "deploy" / "bundle"
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["labels"] == sorted(TOPICS) and manifest["preprocessing"]["kind"] == "text"
+    assert result["chosen"] in ("baseline", "int8")
+    with running_server(create_app(BundleSource(bundle), poll_seconds=60)) as (host, port):
+        status, body = request(host, port, "POST", "/predict",
+                               {"texts": ["The rocket, the orbit, a planet!", "cheese soup: cook, taste", "drum song, guitar band"]})
+        assert status == 200, body
+        assert body["labels"] == ["space", "food", "music"]
+        status, body = request(host, port, "POST", "/predict", {"texts": [42]})
+        assert status == 400 and "text 0 is not a string" in body["error"]
