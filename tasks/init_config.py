@@ -1,4 +1,5 @@
-"""`modelforge init`: inspect a user's data and write a complete, commented config for it.
+"""`modelforge init`: inspect a user's data (a table, labelled texts, a folder of image class
+folders) and write a complete, commented config for it.
 
 Every field of the pipeline config is written with its value and its one-line doc, so the file is
 also the reference of what can be changed; the written file is loaded back through the same
@@ -14,9 +15,11 @@ from pydantic import BaseModel
 
 from tasks.config import ConfigError, PipelineConfig, load_config
 from tasks.data.base import DataError
+from tasks.data.image_folder import SUFFIXES as IMAGE_SUFFIXES
 from tasks.data.table import READERS, infer_schema, read_table
 
-BUILTIN_FAMILIES = ("mlp", "cnn")
+BUILTIN_FAMILIES = ("mlp", "cnn", "text")
+FAMILIES_FOR = {"table": ["mlp"], "image_folder": ["cnn", "mlp"], "text": ["text"]}  # what suits each source
 
 
 def _flow(value: object) -> str:
@@ -43,24 +46,47 @@ def commented_yaml(model: BaseModel, indent: int = 0, first: tuple[str, ...] = (
     return lines
 
 
+def _text_column(frame, label: str) -> str | None:
+    """The column of free text, when the table is one text column beside the label (words per value
+    on average >= 4); None for an ordinary table."""
+    import pandas as pd
+
+    others = [c for c in frame.columns if c != label]
+    if len(others) != 1 or pd.api.types.is_numeric_dtype(frame[others[0]]):
+        return None
+    words = frame[others[0]].dropna().astype(str).str.split().str.len()
+    return others[0] if len(words) and words.mean() >= 4 else None
+
+
 def describe_data(data: Path, label: str | None) -> tuple[dict, list[str]]:
-    """The `data` section for what is at `data`, and comment lines that say what was found."""
+    """The `data` section for what is at `data` (a table, labelled texts or a folder of class
+    sub-folders of images), and comment lines that say what was found."""
     data = Path(data)
-    if data.is_file() and data.suffix.lower() in READERS:
-        if not label:
-            raise DataError(f"{data} is a table: name its class column with --label")
-        frame = read_table(data)
-        if label not in frame.columns:
-            raise DataError(f"{data}: no column {label!r}; it has {', '.join(map(str, frame.columns))}")
-        section = {"dataset": "table", "dir": str(data.parent), "file": data.name, "label": label}
-        schema = infer_schema(_Probe(label), frame)
-        classes = frame[label].dropna().astype(str).value_counts()
-        found = [f"{data.name}: {len(frame)} rows, {len(schema)} feature columns, {len(classes)} classes",
-                 "columns: " + ", ".join(f"{c} ({k}, {int(frame[c].isna().sum())} missing)" for c, k in schema.items()),
-                 "classes: " + ", ".join(f"{c} ({n})" for c, n in classes.items())]
-        return section, found
-    raise DataError(f"{data}: not a table file ({', '.join(sorted(READERS))}); image folders and text sets are "
-                    "not supported by `init` yet")
+    if data.is_dir():
+        classes = {d.name: sum(1 for f in d.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
+                   for d in sorted(data.iterdir()) if d.is_dir()}
+        if not any(classes.values()):
+            raise DataError(f"{data}: a folder, but no class sub-folders of PNG/JPEG images in it")
+        return {"dataset": "image_folder", "dir": str(data)}, [
+            f"{data.name}/: {sum(classes.values())} images in {len(classes)} class folders",
+            "classes: " + ", ".join(f"{c} ({n})" for c, n in classes.items())]
+    if not (data.is_file() and data.suffix.lower() in READERS):
+        raise DataError(f"{data}: neither a table file ({', '.join(sorted(READERS))}) nor a folder of class folders")
+    if not label:
+        raise DataError(f"{data} is a table: name its class column with --label")
+    frame = read_table(data)
+    if label not in frame.columns:
+        raise DataError(f"{data}: no column {label!r}; it has {', '.join(map(str, frame.columns))}")
+    classes = frame[label].dropna().astype(str).value_counts()
+    counted = "classes: " + ", ".join(f"{c} ({n})" for c, n in classes.items())
+    if text := _text_column(frame, label):
+        return ({"dataset": "text", "dir": str(data.parent), "file": data.name, "text": text, "label": label},
+                [f"{data.name}: {len(frame)} texts in column {text!r}, {len(classes)} classes", counted])
+    schema = infer_schema(_Probe(label), frame)
+    found = [f"{data.name}: {len(frame)} rows, {len(schema)} feature columns, {len(classes)} classes",
+             "columns: " + ", ".join(f"{c} ({k}, {int(frame[c].isna().sum())} missing)" for c, k in schema.items()),
+             counted]
+    return {"dataset": "table", "dir": str(data.parent), "file": data.name, "label": label}, found
 
 
 class _Probe:
@@ -81,12 +107,14 @@ def init_config(data: Path, label: str | None, model: str | None, out: Path, roo
     section, found = describe_data(absolute, label)
     section["dir"] = str(Path(section["dir"]).resolve().relative_to(root)) if Path(section["dir"]).resolve().is_relative_to(root) \
         else section["dir"]
-    families = [model] if model else ["mlp"] if section["dataset"] == "table" else list(BUILTIN_FAMILIES)
+    families = [model] if model else FAMILIES_FOR[section["dataset"]]
     if unknown := [f for f in families if f not in BUILTIN_FAMILIES]:
         raise ConfigError(f"--model {unknown[0]}: known model families are {', '.join(BUILTIN_FAMILIES)}")
     name = out.stem.replace("_", "-")
+    # Shift augmentation is for images; the space default would waste trials on it elsewhere.
+    augment = ["shift"] if section["dataset"] == "image_folder" else ["none"]
     cfg = PipelineConfig.model_validate({
-        "data": section, "search": {"space": {"families": families}},
+        "data": section, "search": {"space": {"families": families, "augment": augment}},
         "register": {"model_name": f"{name}-classifier"}, "tracking": {"experiment": name}})
     header = [f"# modelforge config written by `modelforge init` for {data}",
               *(f"# {line}" for line in found),

@@ -82,7 +82,7 @@ def test_appended_images_move_no_old_one_and_new_classes_are_drift(tmp_path):
     assert len(after["files"]) == len(before["files"]) + 18
     write_images(tmp_path / "extra", per_class=8, seed=2)
     shutil.copytree(tmp_path / "extra" / "dark", data / "new_class")
-    with pytest.raises(DataError, match="not in the previous version: new_class"):
+    with pytest.raises(DataError, match="label.s. not in the previous version: new_class"):
         describe_image_folder(folder_cfg(), data)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,6 +55,36 @@ def hash_split(keys: list[str], val_fraction: float, test_fraction: float) -> np
 
 
 SPLIT_RULE = "sha256(key) / 2**64: < test_fraction -> test, < test_fraction + val_fraction -> val, else train"
+
+
+def split_problems(labels: list[str], split: np.ndarray, classes: list[str], min_class_samples: int,
+                   unit: str) -> tuple[dict[str, int], list[str]]:
+    """The split counts, and the problems with them: an empty split, a class with fewer than
+    `min_class_samples` train samples (`unit`: rows, images)."""
+    counts = {s: int((split == s).sum()) for s in SPLITS}
+    problems = [f"{s} split is empty ({len(labels)} {unit}; add more or change the fractions)"
+                for s in SPLITS if counts[s] == 0]
+    train = Counter(label for label, s in zip(labels, split) if s == "train")
+    if few := {c: train[c] for c in classes if train[c] < min_class_samples}:
+        problems.append(f"classes with fewer than {min_class_samples} train {unit} (data.min_class_samples): "
+                        + ", ".join(f"{c} ({n})" for c, n in few.items()))
+    return counts, problems
+
+
+def previous_manifest(data_dir: Path, dataset: str) -> dict:
+    """The manifest this folder's previous version was written with, if it came from `dataset`."""
+    path = Path(data_dir) / MANIFEST
+    previous = read_manifest(data_dir) if path.exists() else {}
+    return previous if previous.get("dataset") == dataset else {}
+
+
+def unseen_classes(previous: dict, classes: list[str], allow_drift: bool) -> list[str]:
+    """Classes the previous version did not have, as a drift problem (none when drift is allowed)."""
+    unseen = sorted(set(classes) - set(previous.get("classes", classes)))
+    if allow_drift or not unseen:
+        return []
+    return [f"label(s) not in the previous version: {', '.join(unseen)}; set data.allow_drift: true if the change "
+            "is intended"]
 
 
 def file_digest(path: Path) -> str:

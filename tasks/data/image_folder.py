@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from tasks.config import ImageFolderConfig
-from tasks.data.base import (MANIFEST, SPLIT_RULE, SPLITS, DataError, Splits, check_arrays, hash_split, raise_problems,
-                             read_manifest, write_manifest)
+from tasks.data.base import (MANIFEST, SPLIT_RULE, SPLITS, DataError, Splits, check_arrays, hash_split,
+                             previous_manifest, raise_problems, split_problems, unseen_classes, write_manifest)
 
 SUFFIXES = {".png", ".jpg", ".jpeg"}
 
@@ -92,17 +92,8 @@ def describe_image_folder(cfg: ImageFolderConfig, data_dir: Path) -> tuple[dict,
     if conflicts := [sorted(v) for v in labels_of.values() if len(v) > 1]:
         problems.append(f"{len(conflicts)} image(s) appear under several classes, e.g. in {', '.join(conflicts[0])}")
     split = hash_split(digests, cfg.val_fraction, cfg.test_fraction)
-    counts = {s: int((split == s).sum()) for s in SPLITS}
-    problems += [f"{s} split is empty ({len(files)} images)" for s in SPLITS if counts[s] == 0]
-    train_counts = {c: sum(1 for (label, _), s in zip(files, split) if label == c and s == "train") for c in classes}
-    if few := {c: n for c, n in train_counts.items() if n < cfg.min_class_samples}:
-        problems.append(f"classes with fewer than {cfg.min_class_samples} train images (data.min_class_samples): "
-                        + ", ".join(f"{c} ({n})" for c, n in few.items()))
-    previous = read_manifest(data_dir) if (data_dir / MANIFEST).exists() else {}
-    if previous.get("dataset") == "image_folder" and not cfg.allow_drift:
-        if unseen := sorted(set(classes) - set(previous.get("classes", classes))):
-            problems.append(f"class folder(s) not in the previous version: {', '.join(unseen)}; set "
-                            "data.allow_drift: true if the change is intended")
+    counts, found = split_problems([label for label, _ in files], split, classes, cfg.min_class_samples, "images")
+    problems += found + unseen_classes(previous_manifest(data_dir, "image_folder"), classes, cfg.allow_drift)
     raise_problems(data_dir, problems)
 
     size = tuple(cfg.image_size)

@@ -17,7 +17,8 @@ import numpy as np
 
 from tasks.config import TableDataConfig
 from tasks.data.base import (MANIFEST, SPLIT_RULE, SPLITS, DataError, Splits, check_arrays, file_digest, hash_split,
-                             only_known_files, raise_problems, read_manifest, write_manifest)
+                             only_known_files, previous_manifest, raise_problems, split_problems, unseen_classes,
+                             write_manifest)
 
 READERS = {".csv": "csv", ".parquet": "parquet", ".jsonl": "jsonl"}
 UNKNOWN = "<unknown>"  # the bucket for categories unseen in train, and for missing categories
@@ -155,18 +156,16 @@ def _missing_cell(v) -> bool:
     return v is None or (not isinstance(v, (list, dict)) and bool(pd.isna(v)))
 
 
-def _drift(previous: dict, schema: dict[str, str], classes: list[str]) -> list[str]:
-    """Schema changes against the previously versioned manifest of this folder."""
-    if previous.get("dataset") != "table":
-        return []
+def _schema_drift(previous: dict, schema: dict[str, str], allow_drift: bool) -> list[str]:
+    """Column changes against the previously versioned manifest of this folder."""
     before = previous.get("schema", {})
-    problems = [f"new column {c!r} (not in the previous version)" for c in schema if c not in before]
-    problems += [f"column {c!r} is gone (it was in the previous version)" for c in before if c not in schema]
-    problems += [f"column {c!r} changed type: {before[c]} -> {schema[c]}" for c in schema
-                 if c in before and before[c] != schema[c]]
-    if unseen := sorted(set(classes) - set(previous.get("classes", classes))):
-        problems.append(f"label(s) not in the previous version: {', '.join(unseen)}")
-    return problems
+    if allow_drift or not before:
+        return []
+    drift = [f"new column {c!r} (not in the previous version)" for c in schema if c not in before]
+    drift += [f"column {c!r} is gone (it was in the previous version)" for c in before if c not in schema]
+    drift += [f"column {c!r} changed type: {before[c]} -> {schema[c]}" for c in schema
+              if c in before and before[c] != schema[c]]
+    return [f"{d}; set data.allow_drift: true if the change is intended" for d in drift]
 
 
 def describe_table(cfg: TableDataConfig, data_dir: Path) -> tuple[dict, dict]:
@@ -195,13 +194,9 @@ def describe_table(cfg: TableDataConfig, data_dir: Path) -> tuple[dict, dict]:
     if len(classes) < 2:
         problems.append(f"label column {cfg.label!r} has {len(classes)} class(es); a classifier needs at least 2")
     split = hash_split(_row_keys(labelled, cfg.id_column), cfg.val_fraction, cfg.test_fraction)
-    counts = {s: int((split == s).sum()) for s in SPLITS}
-    problems += [f"{s} split is empty ({len(labelled)} labelled rows; add rows or change the fractions)"
-                 for s in SPLITS if counts[s] == 0]
-    train_labels = labelled[cfg.label].map(_canonical)[split == "train"].value_counts()
-    if few := {c: int(train_labels.get(c, 0)) for c in classes if train_labels.get(c, 0) < cfg.min_class_samples}:
-        problems.append(f"classes with fewer than {cfg.min_class_samples} train rows (data.min_class_samples): "
-                        + ", ".join(f"{c} ({n})" for c, n in few.items()))
+    counts, found = split_problems([_canonical(v) for v in labelled[cfg.label]], split, classes, cfg.min_class_samples,
+                                   "rows")
+    problems += found
     if cfg.id_column and schema:  # content duplicates with different ids can land in different splits
         content = [json.dumps({k: _canonical(v) for k, v in r.items()}, sort_keys=True)
                    for r in _records(labelled, schema)]
@@ -210,9 +205,8 @@ def describe_table(cfg: TableDataConfig, data_dir: Path) -> tuple[dict, dict]:
         if leaks:
             problems.append(f"{leaks} row(s) repeat the features of a row in another split (leakage); "
                             "remove the duplicates or drop data.id_column to split by content")
-    previous = read_manifest(data_dir) if (data_dir / MANIFEST).exists() else {}
-    if not cfg.allow_drift and (drift := _drift(previous, schema, classes)):
-        problems += [f"{d}; set data.allow_drift: true if the change is intended" for d in drift]
+    previous = previous_manifest(data_dir, "table")
+    problems += _schema_drift(previous, schema, cfg.allow_drift) + unseen_classes(previous, classes, cfg.allow_drift)
     raise_problems(path, problems)
 
     preprocessing = fit_preprocessing(schema, labelled[split == "train"])

@@ -18,7 +18,8 @@ import numpy as np
 
 from tasks.config import TextTableConfig
 from tasks.data.base import (MANIFEST, SPLIT_RULE, SPLITS, DataError, Splits, check_arrays, file_digest,
-                             hash_split, only_known_files, raise_problems, read_manifest, write_manifest)
+                             hash_split, only_known_files, previous_manifest, raise_problems, split_problems,
+                             unseen_classes, write_manifest)
 from tasks.data.table import find_table, read_table
 
 PATTERN = r"[^\W_]+"  # runs of letters and digits, lowercased
@@ -71,17 +72,8 @@ def describe_text(cfg: TextTableConfig, data_dir: Path) -> tuple[dict, dict]:
     if len(classes) < 2:
         problems.append(f"label column {cfg.label!r} has {len(classes)} class(es); a classifier needs at least 2")
     split = hash_split(texts, cfg.val_fraction, cfg.test_fraction)
-    counts = {s: int((split == s).sum()) for s in SPLITS}
-    problems += [f"{s} split is empty ({len(texts)} rows)" for s in SPLITS if counts[s] == 0]
-    train_counts = Counter(y for y, s in zip(labels, split) if s == "train")
-    if few := {c: train_counts[c] for c in classes if train_counts[c] < cfg.min_class_samples}:
-        problems.append(f"classes with fewer than {cfg.min_class_samples} train rows (data.min_class_samples): "
-                        + ", ".join(f"{c} ({n})" for c, n in few.items()))
-    previous = read_manifest(data_dir) if (data_dir / MANIFEST).exists() else {}
-    if previous.get("dataset") == "text" and not cfg.allow_drift:
-        if unseen := sorted(set(classes) - set(previous.get("classes", classes))):
-            problems.append(f"label(s) not in the previous version: {', '.join(unseen)}; set data.allow_drift: true "
-                            "if the change is intended")
+    counts, found = split_problems(labels, split, classes, cfg.min_class_samples, "rows")
+    problems += found + unseen_classes(previous_manifest(data_dir, "text"), classes, cfg.allow_drift)
     raise_problems(path, problems)
 
     counted = Counter(w for t, s in zip(texts, split) if s == "train" for w in tokens(t))
