@@ -181,11 +181,12 @@ def main(argv: list[str] | None = None) -> int:
     ui.set_defaults(fn=cmd_ui)
     sub.add_parser("data-changed", parents=[common], help="version data/ with DVC and emit a Prefect event if "
                    "its version changed (triggers the on-new-data deployment)").set_defaults(fn=cmd_data_changed)
-    init = sub.add_parser("init", parents=[common], help="inspect your data (a CSV/Parquet/JSONL table) and write "
-                          "a complete, commented config for it")
-    init.add_argument("--data", required=True, type=Path, help="the data: a table file inside the project")
-    init.add_argument("--label", help="the column holding each row's class (tables)")
-    init.add_argument("--model", help="model family to search (mlp, cnn); default: what suits the data")
+    init = sub.add_parser("init", parents=[common], help="inspect your data (a CSV/Parquet/JSONL table, labelled "
+                          "texts, or a folder of image class folders) and write a complete, commented config for it")
+    init.add_argument("--data", required=True, type=Path, help="the data, inside the project: a table file (rows "
+                      "or texts) or a folder with one sub-folder of images per class")
+    init.add_argument("--label", help="the column holding each row's class (tables and texts)")
+    init.add_argument("--model", help="model family to search (mlp, cnn, text); default: what suits the data")
     init.add_argument("--out", required=True, type=Path, help="config file to write (never overwritten)")
     init.set_defaults(fn=cmd_init)
     from tasks.data.examples import EXAMPLES

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from tasks.config import DataConfig
+from tasks.config import ClassifierData, TextDataConfig
 from tasks.version_data import version_data
 
 EVENT = "modelforge.data.changed"
@@ -18,9 +18,10 @@ class DataChange:
     emitted: bool
 
 
-def notify_data_change(cfg: DataConfig, root: Path, marker: Path | None = None) -> DataChange:
-    """Version `data/` with DVC (dvc add + push) and emit EVENT when its md5 differs from the last
-    announced one. Needs a real Prefect server (PREFECT_API_URL): events sent nowhere are lost."""
+def notify_data_change(cfg: ClassifierData | TextDataConfig, root: Path, marker: Path | None = None) -> DataChange:
+    """Version the data folder with DVC (validated by its source, then dvc add + push) and emit EVENT
+    when its md5 differs from the last announced one. Needs a real Prefect server (PREFECT_API_URL):
+    events sent nowhere are lost."""
     from prefect.events import emit_event
     from prefect.settings import PREFECT_API_URL
 
