@@ -110,13 +110,15 @@ def build_model(arch: Arch) -> nn.Sequential:
                 layers.append(nn.MaxPool2d(2))
                 h, w = h // 2, w // 2
             c = out
+        features = c * h * w
     elif arch.family == "text":
         layers.append(TokenBag(arch.vocab, arch.embed))
-    elif arch.family != "mlp":
+        features = arch.embed
+    elif arch.family == "mlp":
+        features = math.prod(arch.input_shape)  # an MLP takes any sample shape
+    else:
         raise ValueError(f"unknown model family {arch.family!r} (expected 'mlp', 'cnn' or 'text')")
     layers.append(nn.Flatten())
-    features = {"cnn": lambda: c * h * w, "text": lambda: arch.embed}.get(
-        arch.family, lambda: math.prod(arch.input_shape))()  # an MLP takes any sample shape
     for width in arch.hidden:
         layers += [nn.Linear(features, width), act()]
         if arch.dropout > 0:

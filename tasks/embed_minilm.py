@@ -18,7 +18,8 @@ import onnx
 import torch
 from torch import nn
 
-from tasks.run_onnx import make_session, session_unfused, set_session_unfused
+from tasks.export_onnx import write_checked
+from tasks.run_onnx import make_session, set_session_unfused
 
 INPUTS = ("input_ids", "attention_mask")
 OUTPUT = "sentence_embedding"  # "embedding" would clash with a tensor name inside BERT's graph
@@ -105,16 +106,15 @@ def export_encoder(model: SentenceEncoder, tokenizer, path: Path, reference: lis
     issue 14). The TorchScript graph of eager attention fuses into Attention x6.
     """
     example = tokenize(tokenizer, reference[:2], max_length=16, pad_to_max=True)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.onnx")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the deprecation notice of the TorchScript exporter, at every export
-        torch.onnx.export(model, tuple(torch.from_numpy(example[k]) for k in INPUTS), str(tmp),
-                          input_names=list(INPUTS), output_names=[OUTPUT], opset_version=17, dynamo=False,
-                          dynamic_axes={**{k: {0: "batch", 1: "sequence"} for k in INPUTS}, OUTPUT: {0: "batch"}})
-    onnx.checker.check_model(str(tmp), full_check=True)
-    tmp.replace(path)
+
+    def export(tmp: Path) -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the deprecation notice of the TorchScript exporter, at every export
+            torch.onnx.export(model, tuple(torch.from_numpy(example[k]) for k in INPUTS), str(tmp),
+                              input_names=list(INPUTS), output_names=[OUTPUT], opset_version=17, dynamo=False,
+                              dynamic_axes={**{k: {0: "batch", 1: "sequence"} for k in INPUTS}, OUTPUT: {0: "batch"}})
+
+    path = write_checked(path, export)
     feeds = tokenize(tokenizer, reference)
     got, expected = make_session(path).run(None, feeds)[0], encode_torch(model, feeds)
     return ExportedEncoder(path, float((got * expected).sum(1).min()), float(np.abs(got - expected).max()))
@@ -133,9 +133,8 @@ SESSION_UNFUSED = ("SkipLayerNormFusion", "BiasGeluFusion", "EmbedLayerNormFusio
 def optimize_encoder(path: Path, out: Path, opt_level: int = 1, num_heads: int = NUM_HEADS,
                      hidden_size: int = HIDDEN_SIZE) -> dict[str, int]:
     """ORT's transformer optimiser: multi-head attention fused into one Attention op per layer,
-    GELU and LayerNorm patterns to their ops, with the
-    fusions that measured slower left out (`UNFUSED`), after ORT's own graph optimisations at
-    `opt_level`; returns the fused-operator counts."""
+    GELU and LayerNorm patterns to their ops, the fusions that measured slower left out (`UNFUSED`),
+    after ORT's own graph optimisations at `opt_level`; returns the fused-operator counts."""
     from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
 
@@ -153,17 +152,14 @@ def quantize_encoder(path: Path, out: Path, per_channel: bool = True) -> Path:
     """Dynamic INT8: every MatMul with a constant weight, the fused Attention's QKV projection
     (QAttention) and the word-embedding table. Per-channel scales matter here: measured on the
     full model, per-tensor gave a worst-case sentence cosine of 0.913 and per-channel 0.982, at the
-    same size and speed. Session settings recorded in the input model carry over."""
+    same size and speed. The quantizer keeps the model's metadata, and with it the session settings
+    `optimize_encoder` recorded."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     # The fused graph's contrib ops have no ONNX type inference: without a default type the
     # quantizer cannot type their outputs and fails.
     quantize_dynamic(str(path), str(out), weight_type=QuantType.QInt8, per_channel=per_channel,
                      extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
-    if unfused := session_unfused(path):
-        model = onnx.load(str(out))
-        set_session_unfused(model, unfused)
-        onnx.save(model, str(out))
     return Path(out)
 
 

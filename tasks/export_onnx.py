@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,10 +36,16 @@ def save_exported(program, path: Path) -> Path:
     proto = program.model_proto
     for node in proto.graph.node:
         del node.metadata_props[:]
+    return write_checked(path, lambda tmp: onnx.save(proto, str(tmp)))
+
+
+def write_checked(path: Path, write: Callable[[Path], None]) -> Path:
+    """`write(tmp)` an ONNX file beside `path`, then put it at `path` only once it passes
+    `onnx.checker`: a failed or interrupted export never leaves a half-written or invalid model."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.onnx")
-    onnx.save(proto, str(tmp))
+    write(tmp)
     onnx.checker.check_model(str(tmp), full_check=True)
     tmp.replace(path)
     return path

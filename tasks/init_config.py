@@ -13,7 +13,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel
 
-from tasks.config import ConfigError, PipelineConfig, load_config
+from tasks.config import ConfigError, PipelineConfig, TableDataConfig, load_config
 from tasks.data.base import DataError
 from tasks.data.image_folder import SUFFIXES as IMAGE_SUFFIXES
 from tasks.data.table import READERS, infer_schema, read_table
@@ -82,18 +82,11 @@ def describe_data(data: Path, label: str | None) -> tuple[dict, list[str]]:
     if text := _text_column(frame, label):
         return ({"dataset": "text", "dir": str(data.parent), "file": data.name, "text": text, "label": label},
                 [f"{data.name}: {len(frame)} texts in column {text!r}, {len(classes)} classes", counted])
-    schema = infer_schema(_Probe(label), frame)
+    schema = infer_schema(TableDataConfig(dataset="table", label=label), frame)
     found = [f"{data.name}: {len(frame)} rows, {len(schema)} feature columns, {len(classes)} classes",
              "columns: " + ", ".join(f"{c} ({k}, {int(frame[c].isna().sum())} missing)" for c, k in schema.items()),
              counted]
     return {"dataset": "table", "dir": str(data.parent), "file": data.name, "label": label}, found
-
-
-class _Probe:
-    """The table settings `infer_schema` needs, before a config exists."""
-
-    def __init__(self, label: str):
-        self.label, self.id_column, self.drop, self.categorical = label, None, [], []
 
 
 def init_config(data: Path, label: str | None, model: str | None, out: Path, root: Path) -> Path:

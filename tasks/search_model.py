@@ -415,14 +415,14 @@ def prepare_study(cfg: SearchConfig, out_dir: Path, study_name: str) -> int:
     study = open_run_study(cfg, out_dir, study_name)
     if not cfg.warm_start or study.get_trials(deepcopy=False):
         return 0
-    storage = resolve_storage(cfg, out_dir)
-    earlier = [s for s in optuna.get_all_study_summaries(_storage(storage), include_best_trial=False)
+    storage = _storage(resolve_storage(cfg, out_dir))
+    earlier = [s for s in optuna.get_all_study_summaries(storage, include_best_trial=False)
                if s.study_name.count("-") >= 2 and _same_search(s.study_name, study_name) and s.n_trials]
     if not earlier:
         return 0
     latest = max(earlier, key=lambda s: s.datetime_start or datetime.min)
-    done = [t for t in optuna.load_study(study_name=latest.study_name, storage=_storage(storage)).get_trials(
-        deepcopy=False, states=(TrialState.COMPLETE,))]
+    done = optuna.load_study(study_name=latest.study_name, storage=storage).get_trials(
+        deepcopy=False, states=(TrialState.COMPLETE,))
     sign = -1 if DIRECTIONS[cfg.objectives[0]] == "maximize" else 1
     best = sorted(done, key=lambda t: sign * t.values[0])[: cfg.warm_start]
     for trial in best:

@@ -75,11 +75,12 @@ def describe_image_folder(cfg: ImageFolderConfig, data_dir: Path) -> tuple[dict,
     if len(classes) < 2:
         problems.append(f"{len(classes)} class folder(s) with images; a classifier needs at least 2")
     channels = 1 if cfg.color == "gray" else 3
-    contents, unreadable = [], []
+    size = tuple(cfg.image_size)
+    contents, pixels, unreadable = [], [], []
     for _, path in files:
         data = path.read_bytes()
         try:
-            _pixels(data, (4, 4), channels)
+            pixels.append(_pixels(data, size, channels))  # decoded once: validation and train statistics
         except Exception as err:  # PIL raises many types for bad files
             unreadable.append(f"{path.relative_to(data_dir)} ({type(err).__name__})")
         contents.append(data)
@@ -96,8 +97,7 @@ def describe_image_folder(cfg: ImageFolderConfig, data_dir: Path) -> tuple[dict,
     problems += found + unseen_classes(previous_manifest(data_dir, "image_folder"), classes, cfg.allow_drift)
     raise_problems(data_dir, problems)
 
-    size = tuple(cfg.image_size)
-    train = np.stack([_pixels(d, size, channels) for d, s in zip(contents, split) if s == "train"])
+    train = np.stack([x for x, s in zip(pixels, split) if s == "train"])  # every image decoded: none unreadable
     mean, std = train.mean(axis=(0, 2, 3)), train.std(axis=(0, 2, 3))
     preprocessing = {"kind": "image", "size": list(size), "channels": channels, "color": cfg.color,
                      "mean": [float(m) for m in mean], "std": [float(max(s, 1e-6)) for s in std],

@@ -105,7 +105,10 @@ def fit_preprocessing(schema: dict[str, str], train) -> dict:
 
 
 def _missing(value) -> bool:
-    return value is None or (isinstance(value, (float, np.floating)) and np.isnan(value))
+    """None, NaN or a pandas missing marker (NA, NaT): from a JSON client or from a DataFrame cell."""
+    import pandas as pd
+
+    return value is None or (not isinstance(value, (list, dict, str)) and bool(pd.isna(value)))
 
 
 def encode_records(preprocessing: dict, records: list[dict]) -> np.ndarray:
@@ -145,15 +148,9 @@ def encode_records(preprocessing: dict, records: list[dict]) -> np.ndarray:
 
 
 def _records(frame, schema: dict[str, str]) -> list[dict]:
-    """DataFrame rows as plain records, numerics as floats (NaN for missing), like a JSON client's."""
+    """DataFrame rows as plain records, None for a missing value, like a JSON client's."""
     sub = frame[list(schema)]
-    return [{k: (None if _missing_cell(v) else v) for k, v in r.items()} for r in sub.to_dict(orient="records")]
-
-
-def _missing_cell(v) -> bool:
-    import pandas as pd
-
-    return v is None or (not isinstance(v, (list, dict)) and bool(pd.isna(v)))
+    return [{k: (None if _missing(v) else v) for k, v in r.items()} for r in sub.to_dict(orient="records")]
 
 
 def _schema_drift(previous: dict, schema: dict[str, str], allow_drift: bool) -> list[str]:
