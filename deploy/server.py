@@ -6,8 +6,8 @@
 Endpoints: POST /predict {"inputs": [...]} (classifier bundles; a bundle trained on a table also
 takes raw rows, {"records": [{"column": value, ...}]}, one trained on an image folder raw files,
 {"images": ["<base64 PNG/JPEG>", ...]}, one trained on labelled text {"texts": ["...", ...]}, all
-encoded with the bundle's own preprocessing; answers
-carry class names and probabilities), POST /embed {"texts": [...]}
+encoded with the bundle's own preprocessing; answers carry class names and probabilities),
+POST /embed {"texts": [...]}
 (sentence-encoder bundles, tokenised with the tokenizer shipped in the bundle), GET /health,
 GET /model-info, POST /reload. Input is checked against the manifest (shape, plain finite numbers,
 batch limit; strings for texts) and rejected with a 4xx naming the problem; a body must be
@@ -252,8 +252,8 @@ def _decode_base64(items: list) -> list[bytes]:
 
 
 def parse_raw(payload: dict, key: str, preprocessing: object, max_batch: int = MAX_BATCH) -> np.ndarray:
-    """What a user has (table records, image files) encoded with the bundle's own preprocessing, the
-    function training used; or `BadRequest` naming the item and what is wrong with it."""
+    """What a user has (table records, image files, texts) encoded with the bundle's own
+    preprocessing, the function training used; or `BadRequest` naming the item and what is wrong."""
     from tasks.data.image_folder import encode_images
     from tasks.data.table import encode_records
     from tasks.data.text import encode_texts
