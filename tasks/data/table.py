@@ -220,12 +220,18 @@ def describe_table(cfg: TableDataConfig, data_dir: Path) -> tuple[dict, dict]:
     return manifest, counts
 
 
-def split_rows(data_dir: Path, manifest: dict) -> tuple[object, np.ndarray]:
-    """The versioned table's labelled rows and the split of each, by the manifest's rule."""
+def read_versioned(data_dir: Path, manifest: dict):
+    """The file the manifest was written for, refused if it changed since (it would be read with
+    another version's splits and preprocessing)."""
     path = Path(data_dir) / manifest["file"]
-    frame = read_table(path)
     if file_digest(path) != manifest["content_sha256"]:
         raise DataError(f"{path} changed since it was versioned; run `modelforge data-changed` (or a run) to version it")
+    return read_table(path)
+
+
+def split_rows(data_dir: Path, manifest: dict) -> tuple[object, np.ndarray]:
+    """The versioned table's labelled rows and the split of each, by the manifest's rule."""
+    frame = read_versioned(data_dir, manifest)
     labelled = frame[frame[manifest["label"]].notna()]
     rule = manifest["split"]
     return labelled, hash_split(_row_keys(labelled, manifest["id_column"]), rule["val_fraction"], rule["test_fraction"])

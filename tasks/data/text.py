@@ -20,7 +20,7 @@ from tasks.config import TextTableConfig
 from tasks.data.base import (MANIFEST, SPLIT_RULE, SPLITS, DataError, Splits, check_arrays, file_digest,
                              hash_split, only_known_files, previous_manifest, raise_problems, split_problems,
                              unseen_classes, write_manifest)
-from tasks.data.table import find_table, read_table
+from tasks.data.table import find_table, read_table, read_versioned
 
 PATTERN = r"[^\W_]+"  # runs of letters and digits, lowercased
 PAD, UNKNOWN = 0, 1
@@ -92,10 +92,7 @@ def describe_text(cfg: TextTableConfig, data_dir: Path) -> tuple[dict, dict]:
 
 def split_texts(data_dir: Path, manifest: dict) -> tuple[list[str], list[str], np.ndarray]:
     """The versioned rows' texts, labels and the split of each, by the manifest's rule."""
-    path = Path(data_dir) / manifest["file"]
-    if file_digest(path) != manifest["content_sha256"]:
-        raise DataError(f"{path} changed since it was versioned; run `modelforge data-changed` (or a run) to version it")
-    rows = _labelled(manifest["text"], manifest["label"], read_table(path))
+    rows = _labelled(manifest["text"], manifest["label"], read_versioned(data_dir, manifest))
     texts, labels = rows[manifest["text"]].astype(str).tolist(), rows[manifest["label"]].astype(str).tolist()
     rule = manifest["split"]
     return texts, labels, hash_split(texts, rule["val_fraction"], rule["test_fraction"])
