@@ -227,6 +227,8 @@ class TrainConfig(_Section):
     patience: int = Field(6, ge=1, description="Early stopping: epochs without val-accuracy gain before stopping.")
     init_from: Path | None = Field(None, description="Checkpoint to fine-tune from instead of a random init.")
     seed: int = Field(0, description="Torch seed for initialisation and shuffling.")
+    refit: bool = Field(False, description="Once early stopping on val has found the best epoch count, train again "
+                        "from the same start on train + val for that many epochs (small data sets gain most).")
     processes: int = Field(1, ge=1, le=64, description="Data-parallel training (DistributedDataParallel) over this many "
                            "processes on this machine: gloo on CPU, NCCL with one GPU each when there are enough.")
 

@@ -27,7 +27,7 @@ from tasks.train_model import FitResult, TrainParams, fit
 
 
 def _rank(rank: int, world: int, port: int, model: nn.Module, train: tuple, val: tuple, params: TrainParams,
-          out: str, queue) -> None:
+          out: str, queue, restore_best: bool) -> None:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
@@ -39,7 +39,8 @@ def _rank(rank: int, world: int, port: int, model: nn.Module, train: tuple, val:
     try:
         device = torch.device("cuda", rank) if cuda else torch.device("cpu")
         ddp = DistributedDataParallel(model.to(device), device_ids=[rank] if cuda else None)
-        result = fit(ddp, train, val, params, on_epoch=queue.put if rank == 0 else None, shard=(rank, world))
+        result = fit(ddp, train, val, params, on_epoch=queue.put if rank == 0 else None, shard=(rank, world),
+                     restore_best=restore_best)
         if rank == 0:
             state = {k: v.cpu() for k, v in ddp.module.state_dict().items()}
             torch.save({"model": state, "result": asdict(result)}, out)
@@ -48,8 +49,10 @@ def _rank(rank: int, world: int, port: int, model: nn.Module, train: tuple, val:
 
 
 def fit_parallel(model: nn.Module, train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.ndarray],
-                 params: TrainParams, processes: int, on_epoch: Callable[[dict], None] | None = None) -> FitResult:
-    """`fit` over `processes` DDP ranks; returns with `model` holding the trained (best-epoch) weights."""
+                 params: TrainParams, processes: int, on_epoch: Callable[[dict], None] | None = None,
+                 restore_best: bool = True) -> FitResult:
+    """`fit` over `processes` DDP ranks; returns with `model` holding the trained weights (as `fit`'s
+    `restore_best` says: the best val epoch's, or the last)."""
     ctx = torch.multiprocessing.get_context("spawn")
     queue = ctx.SimpleQueue()
 
@@ -62,7 +65,7 @@ def fit_parallel(model: nn.Module, train: tuple[np.ndarray, np.ndarray], val: tu
     with tempfile.TemporaryDirectory(prefix="modelforge-ddp-") as tmp:
         out = str(Path(tmp) / "rank0.pt")
         port = free_port()
-        ranks = [ctx.Process(target=_rank, args=(r, processes, port, model, train, val, params, out, queue),
+        ranks = [ctx.Process(target=_rank, args=(r, processes, port, model, train, val, params, out, queue, restore_best),
                              daemon=True, name=f"ddp-rank-{r}") for r in range(processes)]
         for p in ranks:
             p.start()

@@ -4,6 +4,7 @@ that trains — search trials, the final model, pruning fine-tunes and distillat
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import time
@@ -197,38 +198,65 @@ def check_init_checkpoint(cfg: TrainConfig, num_classes: int, input_shape: tuple
     return arch
 
 
+def _initial_model(cfg: TrainConfig, best: dict, splits) -> tuple[nn.Module, Arch]:
+    """The model training starts from: `cfg.init_from`'s weights, or the searched architecture seeded."""
+    if cfg.init_from is not None:
+        model, arch, _ = load_checkpoint(cfg.init_from)
+        return model, arch
+    arch = Arch.from_params(best, splits.num_classes, splits.manifest["input_shape"], vocab_of(splits.manifest))
+    torch.manual_seed(cfg.seed)
+    return build_model(arch), arch
+
+
 def train_model(cfg: TrainConfig, best: dict, data_dir: Path, data_version: str, out_dir: Path) -> TrainedModel:
     """Train the searched configuration (`best`: architecture and optimizer settings of the chosen
-    trial) to convergence with early stopping; fine-tune from `cfg.init_from` when set.
+    trial) to convergence with early stopping; fine-tune from `cfg.init_from` when set. With
+    `cfg.refit`, train once more from the same start on train + val for the best epoch count found.
 
     Writes under `out_dir/<cache key>/`: the same data version, config and code reuse the result."""
     splits = load_splits(data_dir)
-    init_arch = check_init_checkpoint(cfg, splits.num_classes, tuple(splits.manifest["input_shape"]))
-    if init_arch is not None:
-        model, arch, _ = load_checkpoint(cfg.init_from)
+    check_init_checkpoint(cfg, splits.num_classes, tuple(splits.manifest["input_shape"]))
+    model, arch = _initial_model(cfg, best, splits)
+    if cfg.init_from is not None:
         print(f"[train] fine-tuning from {cfg.init_from} ({arch.family}, {count_params(model)} params)")
-    else:
-        arch = Arch.from_params(best, splits.num_classes, splits.manifest["input_shape"], vocab_of(splits.manifest))
-        torch.manual_seed(cfg.seed)
-        model = build_model(arch)
     params = TrainParams.from_search(best, cfg.max_epochs, cfg.patience, cfg.seed)
 
-    def progress(r: dict) -> None:
-        print(f"[train] epoch {r['epoch']:3d}/{params.epochs} loss {r['train_loss']:.4f} val_acc {r['val_accuracy']:.4f}")
+    def progress(stage: str, epochs: int) -> Callable[[dict], None]:
+        return lambda r: print(f"[{stage}] epoch {r['epoch']:3d}/{epochs} loss {r['train_loss']:.4f} "
+                               f"val_acc {r['val_accuracy']:.4f}")
 
-    if cfg.processes > 1:
-        from tasks.train_ddp import fit_parallel
+    def run_fit(model: nn.Module, train, p: TrainParams, stage: str, restore_best: bool = True) -> FitResult:
+        if cfg.processes > 1:
+            from tasks.train_ddp import fit_parallel
 
-        result = fit_parallel(model, splits.train, splits.val, params, cfg.processes, on_epoch=progress)
-    else:
-        result = fit(model, splits.train, splits.val, params, on_epoch=progress)
+            return fit_parallel(model, train, splits.val, p, cfg.processes, on_epoch=progress(stage, p.epochs),
+                                restore_best=restore_best)
+        return fit(model, train, splits.val, p, on_epoch=progress(stage, p.epochs), restore_best=restore_best)
+
+    result = run_fit(model, splits.train, params, "train")
+    summary = (f"best epoch {result.best_epoch}/{result.epochs_run}: val {result.best_val_accuracy:.4f} "
+               f"test {accuracy(model, *splits.test):.4f}")
+    if cfg.refit:
+        # The end of the best plateau: a few val samples often hit their best accuracy early and hold it,
+        # and the first epoch there would undertrain the refit.
+        epochs = max(r["epoch"] for r in result.history if r["val_accuracy"] == result.best_val_accuracy)
+        print(f"[train] {summary}; refitting on train + val ({len(splits.train[1]) + len(splits.val[1])} samples) "
+              f"for {epochs} epochs")
+        model, _ = _initial_model(cfg, best, splits)
+        params = dataclasses.replace(params, epochs=epochs, patience=epochs)
+        both = tuple(np.concatenate([a, b]) for a, b in zip(splits.train, splits.val))
+        # Val is now training data: its accuracy cannot pick an epoch, so the last one is kept.
+        seconds = result.seconds + run_fit(model, both, params, "refit", restore_best=False).seconds
     test_acc = accuracy(model, *splits.test)
     out_dir = Path(out_dir) / train_cache_key(cfg, best, data_version)
     ckpt = save_checkpoint(out_dir / "baseline.pt", model, arch,
                            {"train": asdict(params), "search": best, "data_version": data_version})
     (out_dir / "train_history.json").write_text(json.dumps(result.history, indent=1))
-    print(f"[train] best epoch {result.best_epoch}/{result.epochs_run}: val {result.best_val_accuracy:.4f} "
-          f"test {test_acc:.4f} ({result.seconds:.1f}s{f' on {result.processes} DDP processes' if result.processes > 1 else ''})")
+    ddp = f" on {result.processes} DDP processes" if result.processes > 1 else ""
+    if cfg.refit:
+        print(f"[train] refit: test {test_acc:.4f} ({seconds:.1f}s{ddp})")
+    else:
+        print(f"[train] {summary} ({result.seconds:.1f}s{ddp})")
     return TrainedModel(ckpt, result.best_val_accuracy, test_acc, count_params(model), result.epochs_run)
 
 

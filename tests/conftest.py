@@ -55,6 +55,16 @@ def mlp_checkpoint(splits, tmp_path_factory) -> Path:
     return train_small(arch, splits, tmp_path_factory.mktemp("mlp") / "mlp.pt")
 
 
+def warm_started_trials(project: Path) -> list:
+    """The trials of the project's newest study that were enqueued from an earlier study's best."""
+    import optuna
+
+    storage = f"sqlite:///{project}/.modelforge/search/optuna.db"
+    newest = max(optuna.get_all_study_summaries(storage), key=lambda s: s.datetime_start)
+    return [t for t in optuna.load_study(study_name=newest.study_name, storage=storage).get_trials()
+            if "warm_start_from" in t.user_attrs]
+
+
 @pytest.fixture(scope="session")
 def train_cfg() -> TrainConfig:
     return TrainConfig(max_epochs=4, patience=5)

@@ -12,6 +12,7 @@ import yaml
 from PIL import Image
 from prefect.testing.utilities import prefect_test_harness
 
+from conftest import warm_started_trials
 from deploy.loadtest import request, running_server
 from deploy.server import BundleSource, create_app
 from tasks.config import ImageFolderConfig
@@ -100,15 +101,19 @@ TINY = {
 
 
 @pytest.mark.e2e
-def test_image_folder_flow_ships_and_serves_a_png(tmp_path):
+def test_image_folder_flow_ships_serves_a_png_and_keeps_old_test_images_in_test_when_images_are_appended(tmp_path):
     from flows.optimize import optimize
 
     digits_png(tmp_path / "data")
     for label in range(3, 10):
         shutil.rmtree(tmp_path / "data" / str(label))
+    later = sorted((tmp_path / "data").glob("*/*.png"))[::4]  # held back for a second delivery
+    for path in later:
+        (tmp_path / "later" / path.parent.name).mkdir(parents=True, exist_ok=True)
+        path.rename(tmp_path / "later" / path.parent.name / path.name)
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(TINY))
     with prefect_test_harness():
-        optimize(config_path=str(tmp_path / "config.yaml"), root=str(tmp_path))
+        first = optimize(config_path=str(tmp_path / "config.yaml"), root=str(tmp_path))
     bundle = tmp_path / "deploy" / "bundle"
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert manifest["labels"] == ["0", "1", "2"] and manifest["preprocessing"]["kind"] == "image"
@@ -127,3 +132,17 @@ def test_image_folder_flow_ships_and_serves_a_png(tmp_path):
         assert status == 400 and "image 0: not a readable PNG/JPEG" in body["error"]
         status, body = request(host, port, "POST", "/predict", {"records": [{"a": 1}]})
         assert status == 400 and "not trained on table data" in body["error"]
+
+    # the held-back images arrive: a new version whose test split still holds every old test image
+    old_split = {n: i["split"] for n, i in json.loads((tmp_path / "data" / "manifest.json").read_text())["files"].items()}
+    for path in later:
+        (tmp_path / "later" / path.parent.name / path.name).rename(path)
+    with prefect_test_harness():
+        second = optimize(config_path=str(tmp_path / "config.yaml"), root=str(tmp_path))
+    assert second["data_version"] != first["data_version"]
+    new_split = {n: i["split"] for n, i in json.loads((tmp_path / "data" / "manifest.json").read_text())["files"].items()}
+    assert len(new_split) == len(old_split) + len(later)
+    assert all(new_split[n] == split for n, split in old_split.items())
+    assert any(new_split[f"{p.parent.name}/{p.name}"] == "test" for p in later)
+    warm = warm_started_trials(tmp_path)  # the new study started from the old one's best trials
+    assert len(warm) == 2 and all(t.state.name == "COMPLETE" for t in warm)

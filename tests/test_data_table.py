@@ -4,12 +4,12 @@ applied identically when serving, drift, and the real flow end to end with appen
 import json
 
 import numpy as np
-import optuna
 import pandas as pd
 import pytest
 import yaml
 from prefect.testing.utilities import prefect_test_harness
 
+from conftest import warm_started_trials
 from deploy.loadtest import request, running_server
 from deploy.server import BundleSource, create_app
 from tasks.config import TableDataConfig
@@ -154,8 +154,5 @@ def test_table_flow_ships_serves_records_and_keeps_old_test_rows_in_test_when_ro
     old_test_rows = json.loads(old_rows[old_split == "test"].to_json(orient="records"))
     assert len(test_now) > len(old_test_rows) and all(json.dumps(r, sort_keys=True) in test_now for r in old_test_rows)
     # the new study started from the old one's best trials
-    storage = f"sqlite:///{tmp_path}/.modelforge/search/optuna.db"
-    newest = max(optuna.get_all_study_summaries(storage), key=lambda s: s.datetime_start)
-    warm = [t for t in optuna.load_study(study_name=newest.study_name, storage=storage).get_trials()
-            if "warm_start_from" in t.user_attrs]
+    warm = warm_started_trials(tmp_path)
     assert len(warm) == 3 and all(t.state.name == "COMPLETE" for t in warm)

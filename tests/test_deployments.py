@@ -1,11 +1,14 @@
-"""The deployments on a real Prefect server (started here, on loopback): a scheduled-style run of
-`nightly` completes, and a data-change event makes `on-new-data` start a run that completes."""
+"""The deployments on a real Prefect server (started here, on loopback), on a user's table: a
+scheduled-style run of `nightly` completes; then rows are appended, `modelforge data-changed`
+announces the new version, and its event makes `on-new-data` start a run that completes, keeps the
+old test rows in test and warm-starts its search from the nightly study."""
 
 import os
 import subprocess
 import sys
 import time
 
+import pandas as pd
 import pytest
 import yaml
 from prefect.client.orchestration import get_client
@@ -13,15 +16,20 @@ from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId,
 from prefect.deployments import run_deployment
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
+from conftest import warm_started_trials
 from flows.deployments import NIGHTLY, ON_NEW_DATA, deploy_all
-from tasks.config import DataConfig
+from tasks.config import load_config
+from tasks.data.base import read_manifest
+from tasks.data.examples import wine
+from tasks.data.table import split_rows
 from tasks.notify_data import notify_data_change
 from tasks.start_prefect import free_port
 
 pytestmark = pytest.mark.e2e
 POOL = "modelforge-test-pool"
 TINY = {
-    "search": {"n_trials": 1, "epochs": 1, "space": {"families": ["mlp"], "depth": [1, 1], "width": [16, 16]}},
+    "data": {"dataset": "table", "dir": "data", "label": "label"},
+    "search": {"n_trials": 2, "epochs": 2, "space": {"families": ["mlp"], "depth": [1, 1], "width": [16, 16]}},
     "train": {"max_epochs": 3, "patience": 3},
     "compress": {"candidates": {"int8_static": [{"method": "quantize_static", "calibration_samples": 32}]}},
     "validate": {"warmup": 2, "latency_runs": 10, "throughput_runs": 2},
@@ -61,11 +69,14 @@ def stack(tmp_path_factory):
 
             wait(healthy, 120, "the Prefect server")
             project = tmp_path_factory.mktemp("project")
+            wine(project / "data")
+            full = pd.read_csv(project / "data" / "data.csv")
+            full.iloc[:140].to_csv(project / "data" / "data.csv", index=False)  # the first delivery
             (project / "config.yaml").write_text(yaml.safe_dump(TINY))
             ids = deploy_all(project, str(project / "config.yaml"), pool=POOL)
             worker = subprocess.Popen([*prefect, "worker", "start", "--pool", POOL], env=env,
                                       stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-            yield {"ids": ids, "project": project}
+            yield {"ids": ids, "project": project, "rows": full, "env": env}
     finally:
         for proc in (worker, server):
             if proc is not None:
@@ -92,9 +103,13 @@ def test_nightly_deployment_run_completes(stack):
     assert (stack["project"] / "deploy" / "champion" / "model.onnx").exists()
 
 
-def test_data_change_event_starts_the_on_new_data_deployment(stack):
-    change = notify_data_change(DataConfig(), stack["project"])
-    assert change.emitted
+def test_appended_rows_announced_by_data_changed_start_a_warm_started_on_new_data_run(stack):
+    project, config = stack["project"], stack["project"] / "config.yaml"
+    old_rows, old_split = split_rows(project / "data", read_manifest(project / "data"))
+    stack["rows"].to_csv(project / "data" / "data.csv", index=False)  # new rows arrive
+    cli = [sys.executable, "-m", "flows.cli", "data-changed", "--config", str(config), "--root", str(project)]
+    announced = subprocess.run(cli, env=stack["env"], capture_output=True, text=True)
+    assert announced.returncode == 0 and "changed, event emitted" in announced.stdout, announced.stderr
     deployment = DeploymentFilter(id=DeploymentFilterId(any_=[stack["ids"][ON_NEW_DATA]]))
 
     def triggered():
@@ -103,5 +118,11 @@ def test_data_change_event_starts_the_on_new_data_deployment(stack):
 
     runs = wait(triggered, 120, "a run of on-new-data after the event")
     assert final_state(runs[0].id).is_completed()
+    new_rows, new_split = split_rows(project / "data", read_manifest(project / "data"))
+    test_now = set(new_rows[new_split == "test"].to_json(orient="records", lines=True).splitlines())
+    old_test = old_rows[old_split == "test"].to_json(orient="records", lines=True).splitlines()
+    assert len(test_now) > len(old_test) and set(old_test) <= test_now
+    warm = warm_started_trials(project)
+    assert len(warm) == 2 and all(t.state.name == "COMPLETE" for t in warm)
     # Announcing the same version again is not news: no event.
-    assert not notify_data_change(DataConfig(), stack["project"]).emitted
+    assert not notify_data_change(load_config(config).data, project).emitted
