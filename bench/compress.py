@@ -25,7 +25,7 @@ warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)",
 
 import torch  # noqa: E402
 
-from tasks.build_model import Arch, build_model, save_checkpoint  # noqa: E402
+from tasks.models import Arch, build_model, save_checkpoint  # noqa: E402
 from tasks.compress_model import compress_candidate  # noqa: E402
 from tasks.config import (  # noqa: E402
     Binarize, ConvertFp16, DataConfig, Distill, MagnitudePrune, QuantizeAware, QuantizeDynamic, QuantizeStatic,

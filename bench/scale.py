@@ -42,7 +42,7 @@ def trials_per_hour(workers: int, ref, trials: int, epochs: int, work: Path) -> 
 
 
 def ddp_seconds(processes: int, splits, epochs: int) -> tuple[float, float, float]:
-    from tasks.build_model import Arch, build_model
+    from tasks.models import Arch, build_model
     from tasks.train_ddp import fit_parallel
     from tasks.train_model import TrainParams, accuracy, fit
 

@@ -17,7 +17,7 @@ from tasks.connect_runner import search_runner
 from tasks.evaluate_model import ClassifierEval
 from tasks.fetch_data import worker_data
 from tasks.search_model import TrialTracking, fit_search_to_data, summarize_search_task
-from tasks.train_model import check_init_checkpoint_task, train_model_task
+from tasks.train_model import check_model_inputs_task, train_model_task
 from tasks.validate_model import BASELINE
 from tasks.version_data import version_data_task
 
@@ -33,10 +33,10 @@ def optimize(config_path: str = "configs/digits.yaml", root: str = ".", force: b
         data = version_data_task(cfg.data, run.root)
         if skipped := track_run.already_done(run, data.md5, force):
             return skipped
-        check_init_checkpoint_task(cfg.train, data.num_classes, data.input_shape)  # fail before any training
+        check_model_inputs_task(cfg.train, cfg.model, data.num_classes, data.input_shape, run.root)  # before any training
 
-        search_cfg = fit_search_to_data(cfg.search, data.input_shape, cfg.data.dataset == "text")  # e.g. no CNN for a table
-        study = f"{cfg.tracking.experiment}-{data.md5[:12]}-{cfg.section_hash('search')}"
+        search_cfg = fit_search_to_data(cfg.search, data.input_shape, cfg.data.dataset == "text", cfg.model)
+        study = f"{cfg.tracking.experiment}-{data.md5[:12]}-{cfg.section_hash('search', 'model')}"
         search_trials.with_options(task_runner=runner)(
             search_cfg, worker_data(data, cfg.runner), work / "search", study,
             TrialTracking(cfg.tracking.uri, run.experiment_id, run.run_id), remote=cfg.runner.kind != "local")

@@ -22,7 +22,8 @@ from prefect import task
 from torch import nn
 from torch.nn.utils import parametrize
 
-from tasks.build_model import build_model, count_params, load_checkpoint, save_checkpoint
+from tasks.models import FAMILIES, build_model, count_params, load_checkpoint, save_checkpoint
+from tasks.prune_graph import prune_channels
 from tasks.config import (Binarize, ConvertFp16, Distill, MagnitudePrune, QuantizeAware, QuantizeDynamic,
                           QuantizeStatic, SparsityTrain, StructuredPrune, TrainConfig)
 from tasks.export_onnx import INPUT_NAME, export_onnx
@@ -135,8 +136,8 @@ def structured_prune(state: ModelState, cfg: StructuredPrune, ctx: CompressConte
     """Remove whole conv channels / hidden neurons (lowest weight norm) and rebuild physically
     smaller layers, so the exported graph itself shrinks and speeds up; then fine-tune."""
     model, arch, meta = load_checkpoint(state.checkpoint)
-    if arch.family == "text":
-        raise ValueError("structured_prune rebuilds mlp/cnn layers; for the text family use magnitude_prune or distill")
+    if not FAMILIES[arch.family].rebuilds:
+        return _prune_in_place(model, arch, meta, state, cfg, ctx)
     layers = _layers(model)
     keep: list[torch.Tensor] = []
     for layer in layers[:-1]:
@@ -170,6 +171,23 @@ def structured_prune(state: ModelState, cfg: StructuredPrune, ctx: CompressConte
     print(f"[compress] structured_prune: conv {arch.conv}->{small_arch.conv} hidden {arch.hidden}->{small_arch.hidden}, "
           f"params {info['params_before']}->{info['params_after']}, val acc {acc_pruned:.4f} -> "
           f"{info['val_acc_finetuned']:.4f} after {cfg.finetune_epochs} fine-tune epochs")
+    return replace(state, checkpoint=ckpt, info={**state.info, "structured_prune": info})
+
+
+def _prune_in_place(model: nn.Module, arch, meta: dict, state: ModelState, cfg: StructuredPrune,
+                    ctx: CompressContext) -> ModelState:
+    """Families with no narrower `Arch` to rebuild (residual nets, a user's module, text): Torch-Pruning
+    removes coupled channel groups in place; the checkpoint records the pruned shapes."""
+    example = torch.from_numpy(ctx.splits.val[0][:2])
+    info = prune_channels(model, example, cfg.amount, cfg.norm)
+    acc_pruned = accuracy(model, *ctx.splits.val)
+    if cfg.finetune_epochs:
+        fit(model, ctx.splits.train, ctx.splits.val, _train_params(ctx, meta, cfg.finetune_epochs, cfg.finetune_lr_scale))
+    info = {"amount": cfg.amount, **info, "val_acc_pruned": acc_pruned, "val_acc_finetuned": accuracy(model, *ctx.splits.val)}
+    ckpt = save_checkpoint(ctx.out_dir / "structured.pt", model, arch, {**meta, "structured_prune": info})
+    print(f"[compress] structured_prune ({arch.family}, dependency graph): params {info['params_before']}->"
+          f"{info['params_after']}, val acc {acc_pruned:.4f} -> {info['val_acc_finetuned']:.4f} after "
+          f"{cfg.finetune_epochs} fine-tune epochs")
     return replace(state, checkpoint=ckpt, info={**state.info, "structured_prune": info})
 
 

@@ -10,6 +10,7 @@ import copy
 import hashlib
 import importlib
 import json
+import re
 from pathlib import Path
 from typing import Annotated, ClassVar, Literal, Union
 
@@ -125,16 +126,40 @@ Schedule = Literal["constant", "cosine", "step"]
 Activation = Literal["relu", "gelu", "silu", "tanh"]
 
 
+class ModelConfig(_Section):
+    """A user's own PyTorch module instead of the built-in families; the search then tunes its training."""
+
+    spec: str | None = Field(None, description="'package.module:function': function(num_classes, input_shape) "
+                             "returns an nn.Module mapping a float batch to [batch, num_classes] logits. Imported "
+                             "from the project folder or an installed package.")
+    weights: Path | None = Field(None, description="Pretrained weights for spec: a state_dict saved with torch.save, "
+                                 "or .safetensors (never a pickled model); every trial and the final training start "
+                                 "from them.")
+
+    @model_validator(mode="after")
+    def _spec_valid(self) -> "ModelConfig":
+        problems = []
+        if self.spec is not None and not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", self.spec):
+            problems.append(f"spec {self.spec!r} is not 'package.module:function'")
+        if self.weights is not None and self.spec is None:
+            problems.append("weights need a spec (the module they belong to)")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
 class SearchSpace(_Section):
-    families: list[Literal["mlp", "cnn", "text"]] = Field(["cnn", "mlp"], min_length=1, description="Model families to "
-                                                          "search over (text: word embeddings averaged, then an MLP).")
+    families: list[Literal["mlp", "cnn", "resnet", "text", "custom"]] = Field(
+        ["cnn", "mlp"], min_length=1, description="Model families to search over (resnet: residual CNN with "
+        "BatchNorm; text: word embeddings averaged, then an MLP; custom: the model section's own module).")
     lr: tuple[float, float] = Field((1e-3, 3e-2), description="Log-uniform learning-rate range.")
     weight_decay: list[float] = Field([0.0, 1e-4], min_length=1, description="L2 penalties to try.")
     batch_sizes: list[int] = Field([32, 64], min_length=1, description="Mini-batch sizes to try.")
     optimizers: list[Optimizer] = Field(["sgd", "momentum", "adam", "adamw"], min_length=1,
                                         description="sgd (plain), momentum (SGD+Nesterov 0.9), adam, adamw.")
     schedules: list[Schedule] = Field(["cosine", "constant"], min_length=1, description="Learning-rate schedules.")
-    depth: tuple[int, int] = Field((1, 3), description="Hidden layers (mlp) or conv blocks (cnn), inclusive range.")
+    depth: tuple[int, int] = Field((1, 3), description="Hidden layers (mlp), conv blocks (cnn) or residual stages "
+                                   "(resnet), inclusive range.")
     width: tuple[int, int] = Field((32, 128), description="Hidden units per layer (log-uniform), inclusive range.")
     activations: list[Activation] = Field(["relu", "gelu"], min_length=1, description="Activation functions.")
     dropout: tuple[float, float] = Field((0.0, 0.3), description="Dropout after each hidden layer, range.")
@@ -170,6 +195,8 @@ class SearchConfig(_Section):
         "tpe", description="tpe (Bayesian), random, grid, cmaes (single objective), nsga2 (evolutionary, Pareto), "
         "greedy (hill climbing one parameter at a time, random restarts), genetic (real-coded GA: tournament "
         "selection, simulated binary crossover, mutation, elitism).")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="The user's own module, whose training the "
+                               "search tunes; the run fills it from the top-level model section.")
     greedy_patience: int = Field(8, ge=1, description="greedy: trials without improvement before a random restart.")
     greedy_step: float = Field(0.25, gt=0, le=1, description="greedy: a numeric move's std-dev as a share of its range.")
     population: int | None = Field(None, ge=2, description="nsga2/genetic: population size (default n_trials/3, 4..20).")
@@ -567,10 +594,17 @@ class PipelineConfig(_Pipeline):
 
     family: Literal["classifier"] = Field("classifier", description="Which pipeline this file configures.")
     data: ClassifierData = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
     search: SearchConfig = Field(default_factory=SearchConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     compress: CompressConfig = Field(default_factory=CompressConfig)
     runner: RunnerConfig = Field(default_factory=RunnerConfig)
+
+    @model_validator(mode="after")
+    def _custom_has_spec(self) -> "PipelineConfig":
+        if "custom" in self.search.space.families and self.model.spec is None:
+            raise ValueError("search.space.families names custom but model.spec is not set")
+        return self
 
     @model_validator(mode="after")
     def _runner_fits(self) -> "PipelineConfig":

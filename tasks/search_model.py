@@ -28,8 +28,8 @@ from optuna.trial import TrialState
 from prefect import task
 
 from tasks import track_run
-from tasks.build_model import Arch, build_model, count_params, vocab_of
-from tasks.config import ConfigError, SearchConfig
+from tasks.models import FAMILIES, arch_from_params, build_model, count_params, vocab_of
+from tasks.config import ConfigError, ModelConfig, SearchConfig
 from tasks.fetch_data import DataRef, resolve_data
 from tasks.stop_run import interruption
 from tasks.data import load_splits
@@ -159,6 +159,8 @@ def suggest(trial: optuna.Trial, cfg: SearchConfig) -> dict:
         "channels": trial.suggest_int("channels", *s.channels, log=True),
         "kernel": trial.suggest_categorical("kernel", s.kernels),
         "augment": trial.suggest_categorical("augment", s.augment),
+        # The user's module is fixed, not searched; carried so the chosen parameters rebuild it.
+        **({"spec": cfg.model.spec, "weights": str(cfg.model.weights or "")} if cfg.model.spec else {}),
     }
 
 
@@ -276,7 +278,7 @@ def run_trials(cfg: SearchConfig, data: Path | DataRef, out_dir: Path, study_nam
             params = suggest(trial, cfg)
             run_id = runs.start(trial, params)
             torch.manual_seed(cfg.seed + trial.number)
-            model = build_model(Arch.from_params(params, splits.num_classes, input_shape, vocab_of(splits.manifest)))
+            model = build_model(arch_from_params(params, splits.num_classes, input_shape, vocab_of(splits.manifest)))
             tp = TrainParams.from_search(params, cfg.epochs, patience=cfg.epochs, seed=cfg.seed)
 
             def on_epoch(r: dict) -> None:
@@ -383,15 +385,27 @@ def search_model(cfg: SearchConfig, data_dir: Path, out_dir: Path, study_name: s
     return summarize_search(cfg, out_dir, study_name, tracking.parent_run_id if tracking else None)
 
 
-def fit_search_to_data(cfg: SearchConfig, input_shape: tuple[int, ...], text: bool = False) -> SearchConfig:
-    """The search space without the families that cannot take the data's samples: a CNN needs
-    C x H x W images, so a table's feature vectors leave only the MLP; token ids (`text`) take the
-    text family only. Nothing left is a ConfigError."""
-    families = [f for f in cfg.space.families if (f != "cnn" or len(input_shape) == 3) and (f == "text") == text]
+def fit_search_to_data(cfg: SearchConfig, input_shape: tuple[int, ...], text: bool = False,
+                       model: ModelConfig | None = None) -> SearchConfig:
+    """The search space fitted to the data and the model. A user's module (`model.spec`) is the only
+    family, with nothing architectural left to search: the trials tune its training. Otherwise the
+    families that cannot take the data's samples leave: a CNN or ResNet needs C x H x W images, so a
+    table's feature vectors leave only the MLP; token ids (`text`) take the text family only.
+    Nothing left is a ConfigError."""
+    if model is not None and model.spec:
+        space = cfg.space.model_copy(update={"families": ["custom"], "depth": (1, 1), "width": (cfg.space.width[0],) * 2,
+                                             "channels": (cfg.space.channels[0],) * 2, "kernels": cfg.space.kernels[:1],
+                                             "activations": cfg.space.activations[:1], "dropout": (0.0, 0.0)})
+        print(f"[search] model {model.spec}" + (f" from {model.weights}" if model.weights else "")
+              + ": searching its training only")
+        return cfg.model_copy(update={"space": space, "model": model})
+    images = len(input_shape) == 3
+    families = [f for f in cfg.space.families
+                if (FAMILIES[f].images <= images) and (f == "text") == text and f != "custom"]
     if not families:
         raise ConfigError(f"search.space.families is {cfg.space.families}, but the data's samples have shape "
                           f"{list(input_shape)}" + (": text data needs the text family" if text else
-                                                    ": a cnn needs [channels, height, width]; add mlp"))
+                                                    ": a cnn or resnet needs [channels, height, width]; add mlp"))
     if families != cfg.space.families:
         print(f"[search] samples of shape {list(input_shape)}: searching {families} only (the others do not fit "
               "this data)")

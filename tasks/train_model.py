@@ -7,6 +7,7 @@ import copy
 import dataclasses
 import hashlib
 import json
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -17,8 +18,8 @@ import torch
 from prefect import task
 from torch import nn
 
-from tasks.build_model import Arch, build_model, count_params, load_checkpoint, save_checkpoint, vocab_of
-from tasks.config import TrainConfig
+from tasks.models import Arch, arch_from_params, build_model, count_params, load_checkpoint, save_checkpoint, vocab_of
+from tasks.config import ConfigError, ModelConfig, TrainConfig
 from tasks.stop_run import check_stop
 from tasks.track_run import code_version
 from tasks.data import load_splits
@@ -198,12 +199,49 @@ def check_init_checkpoint(cfg: TrainConfig, num_classes: int, input_shape: tuple
     return arch
 
 
+def check_model_inputs(train: TrainConfig, model: ModelConfig, num_classes: int, input_shape: tuple[int, ...],
+                       root: Path) -> None:
+    """Before any training, one ConfigError with every problem of the model the run would train: a
+    user's module that does not import, takes the wrong arguments, returns no module or the wrong
+    logits, weights that do not fit it; a fine-tuning checkpoint that is unreadable or for other data.
+
+    The project folder goes on `sys.path`, so a user's `package.module` there imports in every stage."""
+    problems = []
+    if train.init_from is not None:
+        try:
+            check_init_checkpoint(train, num_classes, input_shape)
+        except ValueError as err:
+            hint = (" (a plain state_dict: for your own module's weights set model.spec and model.weights)"
+                    if "'arch'" in str(err) else "")
+            problems.append(f"train.init_from: {err}{hint}")
+    if model.spec:
+        if str(root) not in sys.path:
+            sys.path.insert(0, str(root))
+        arch = Arch("custom", num_classes, tuple(input_shape), (), (), spec=model.spec,
+                    weights=str(model.weights or ""))
+        try:
+            net = build_model(arch).eval()
+            with torch.no_grad():
+                out = net(torch.zeros(2, *input_shape))
+            if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, num_classes):
+                got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+                problems.append(f"model.spec {model.spec}: a batch of 2 samples of shape {list(input_shape)} gave "
+                                f"{got}; the data has {num_classes} classes, so [2, {num_classes}] logits are needed")
+        except Exception as err:  # whatever the user's module raises is reported, with its type
+            problems.append(f"model: {err}" if isinstance(err, ValueError) else
+                            f"model.spec {model.spec}: running it on a batch of shape [2, {', '.join(map(str, input_shape))}] "
+                            f"failed: {type(err).__name__}: {err}")
+    if problems:
+        raise ConfigError(f"the model cannot be trained on this data ({len(problems)} problem(s)):\n"
+                          + "\n".join(f"  - {p}" for p in problems))
+
+
 def _initial_model(cfg: TrainConfig, best: dict, splits) -> tuple[nn.Module, Arch]:
     """The model training starts from: `cfg.init_from`'s weights, or the searched architecture seeded."""
     if cfg.init_from is not None:
         model, arch, _ = load_checkpoint(cfg.init_from)
         return model, arch
-    arch = Arch.from_params(best, splits.num_classes, splits.manifest["input_shape"], vocab_of(splits.manifest))
+    arch = arch_from_params(best, splits.num_classes, splits.manifest["input_shape"], vocab_of(splits.manifest))
     torch.manual_seed(cfg.seed)
     return build_model(arch), arch
 
@@ -270,7 +308,7 @@ def _cached_train_key(_context, p: dict) -> str:
     return f"{train_cache_key(p['cfg'], p['best'], p['data_version'])}-{hashlib.sha256(str(p['out_dir']).encode()).hexdigest()[:8]}"
 
 
-check_init_checkpoint_task = task(check_init_checkpoint, name="check_init_checkpoint")
+check_model_inputs_task = task(check_model_inputs, name="check_model_inputs")
 # JSON, not Prefect's default pickle: a cache hit reads this file back, and the work dir must hold
 # nothing that runs code when it is loaded.
 train_model_task = task(train_model, name="train_model", cache_key_fn=_cached_train_key, persist_result=True,

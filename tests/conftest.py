@@ -16,7 +16,7 @@ embedded_defaults(_STATE)
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from tasks.build_model import Arch, build_model, save_checkpoint  # noqa: E402
+from tasks.models import Arch, build_model, save_checkpoint  # noqa: E402
 from tasks.config import DataConfig, TrainConfig  # noqa: E402
 from tasks.train_model import TrainParams, fit  # noqa: E402
 from tasks.data import load_splits  # noqa: E402

@@ -5,7 +5,7 @@ import onnx
 import pytest
 import torch
 
-from tasks.build_model import count_params, load_checkpoint
+from tasks.models import count_params, load_checkpoint
 from tasks.compress_model import HANDLERS, ONNX_METHODS, compress_candidate
 from tasks.config import (Binarize, ConvertFp16, Distill, MagnitudePrune, QuantizeAware, QuantizeDynamic,
                           QuantizeStatic, SparsityTrain, StructuredPrune)

@@ -3,7 +3,7 @@ import onnx
 import pytest
 import torch
 
-from tasks.build_model import load_checkpoint
+from tasks.models import load_checkpoint
 from tasks.export_onnx import export_onnx
 from tasks.run_onnx import make_session, predict_logits
 

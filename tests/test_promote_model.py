@@ -5,7 +5,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from tasks import track_run
-from tasks.build_model import Arch, build_model, save_checkpoint
+from tasks.models import Arch, build_model, save_checkpoint
 from tasks.compress_model import compress_candidate
 from tasks.config import PromoteConfig, RegisterConfig, TrackingConfig, ValidateConfig
 from tasks.evaluate_model import ClassifierEval

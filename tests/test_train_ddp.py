@@ -5,7 +5,7 @@ import threading
 import pytest
 import torch
 
-from tasks.build_model import Arch, build_model, load_checkpoint
+from tasks.models import Arch, build_model, load_checkpoint
 from tasks.config import TrainConfig
 from tasks.stop_run import RunInterrupted, request_stop
 from tasks.train_ddp import fit_parallel

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from tasks.build_model import Arch, build_model, load_checkpoint
+from tasks.models import Arch, build_model, load_checkpoint
 from tasks.config import TrainConfig
 from tasks.train_model import TrainParams, accuracy, check_init_checkpoint, fit, train_model
 

@@ -1,0 +1,107 @@
+"""Every model family passes one contract: built from a trial's parameters, it trains, exports to
+ONNX with parity, survives a checkpoint, and structured pruning makes it physically smaller."""
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from tasks.export_onnx import export_onnx
+from tasks.models import FAMILIES, Arch, arch_from_params, build_model, count_params, load_checkpoint, save_checkpoint
+
+
+@pytest.mark.parametrize("arch", [
+    Arch("mlp", 10, (1, 8, 8), hidden=(16, 16, 16)),
+    Arch("cnn", 10, (1, 8, 8), conv=(4, 8, 16, 32), hidden=(8,)),  # deeper than the map can pool
+])
+def test_forward_shapes(arch):
+    assert build_model(arch)(torch.zeros(3, *arch.input_shape)).shape == (3, 10)
+
+
+def test_from_params_and_scaled():
+    cnn = arch_from_params({"family": "cnn", "depth": 3, "width": 64, "channels": 8, "activation": "gelu",
+                            "dropout": 0.2, "kernel": 5}, 10, (1, 8, 8))
+    assert cnn.conv == (8, 16, 32) and cnn.hidden == (64,) and cnn.kernel == 5
+    model = build_model(cnn)
+    assert any(isinstance(m, torch.nn.GELU) for m in model) and any(isinstance(m, torch.nn.Dropout) for m in model)
+    assert model(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
+    small = cnn.scaled(0.5, depth=2)
+    assert small.conv == (4, 8) and small.hidden == (32,)
+    assert count_params(build_model(small)) < count_params(build_model(cnn)) / 3
+    assert small.activation == "gelu" and small.kernel == 5
+    mlp = arch_from_params({"family": "mlp", "depth": 2, "width": 40, "channels": 8}, 10, (1, 8, 8))
+    assert mlp.conv == () and mlp.scaled(0.5, depth=3).hidden == (20, 20, 20)
+
+
+def test_checkpoint_roundtrip_and_errors(tmp_path):
+    arch = Arch("cnn", 10, (1, 8, 8), conv=(4,), hidden=(8,))
+    model = build_model(arch)
+    path = save_checkpoint(tmp_path / "m.pt", model, arch, {"k": 1})
+    loaded, arch2, meta = load_checkpoint(path)
+    assert arch2 == arch and meta == {"k": 1}
+    x = torch.randn(2, 1, 8, 8)
+    assert torch.equal(loaded(x), model.eval()(x))
+    with pytest.raises(ValueError, match="does not exist"):
+        load_checkpoint(tmp_path / "nope.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="not a readable modelforge checkpoint"):
+        load_checkpoint(tmp_path / "junk.pt")
+
+
+def test_old_checkpoints_without_new_fields_still_load(tmp_path):
+    arch = Arch("mlp", 10, (1, 8, 8), hidden=(8,))
+    d = arch.to_dict()
+    for k in ("activation", "dropout", "kernel"):
+        d.pop(k)
+    assert Arch.from_dict(d) == arch
+
+
+PARAMS = {"depth": 2, "width": 16, "channels": 4, "spec": "user_models:small_resnet"}
+SAMPLES = {"mlp": (6,), "cnn": (1, 8, 8), "resnet": (1, 8, 8), "text": (10,), "custom": (1, 8, 8)}
+
+
+def test_every_family_is_covered():
+    assert set(FAMILIES) == set(SAMPLES)
+
+
+@pytest.mark.parametrize("family", sorted(SAMPLES))
+def test_family_contract(family, tmp_path):
+    from tasks.compress_model import CompressContext, ModelState, structured_prune
+    from tasks.config import StructuredPrune, TrainConfig
+    from tasks.data.base import Splits
+    from tasks.train_model import TrainParams, accuracy, fit
+
+    shape, gen = SAMPLES[family], np.random.default_rng(0)
+    x = (gen.integers(0, 30, (48, *shape)) if family == "text" else gen.normal(size=(48, *shape))).astype(np.float32)
+    y = (x.reshape(48, -1).sum(1) > np.median(x.reshape(48, -1).sum(1))).astype(np.int64)
+    arch = arch_from_params({"family": family, **PARAMS}, 2, shape, vocab=30 if family == "text" else 0)
+    torch.manual_seed(0)
+    model = build_model(arch)
+    fit(model, (x, y), (x, y), TrainParams(lr=0.01, optimizer="adam", epochs=2, patience=2, batch_size=16))
+    assert model(torch.from_numpy(x[:3])).shape == (3, 2)
+    assert export_onnx(model, tmp_path / "model.onnx", x[:8]).parity_max_abs < 1e-4
+    ckpt = save_checkpoint(tmp_path / "model.pt", model, arch, {"train": {"lr": 0.01, "optimizer": "adam"}})
+
+    splits = Splits((x, y), (x, y), (x, y), 2, {"num_classes": 2, "input_shape": list(shape)})
+    ctx = CompressContext(splits, TrainConfig(), ckpt, tmp_path / "pruned")
+    state = structured_prune(ModelState(ckpt), StructuredPrune(method="structured_prune", amount=0.5,
+                                                               finetune_epochs=1), ctx)
+    pruned, _, _ = load_checkpoint(state.checkpoint)
+    assert count_params(pruned) < 0.7 * count_params(model)
+    assert accuracy(pruned, x, y) == state.info["structured_prune"]["val_acc_finetuned"]  # its weights, reloaded
+    assert export_onnx(pruned, tmp_path / "pruned.onnx", x[:8]).parity_max_abs < 1e-4
+
+
+def test_custom_module_loads_pretrained_weights_and_refuses_ones_that_do_not_fit(tmp_path):
+    arch = arch_from_params({"family": "custom", **PARAMS}, 3, (1, 8, 8))
+    pretrained = build_model(arch)
+    save_file(pretrained.state_dict(), tmp_path / "w.safetensors")
+    torch.save(pretrained.state_dict(), tmp_path / "w.pt")
+    for weights in ("w.safetensors", "w.pt"):
+        loaded = build_model(Arch(**{**arch.to_dict(), "weights": str(tmp_path / weights)}))
+        assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), pretrained.state_dict().values()))
+    with pytest.raises(ValueError, match=r"fc.weight: \(3, 16\) in the file, \(5, 16\) in the model"):
+        build_model(Arch(**{**arch.to_dict(), "num_classes": 5, "weights": str(tmp_path / "w.pt")}))
+    torch.save(pretrained, tmp_path / "pickled.pt")  # a whole pickled module: refused, never unpickled
+    with pytest.raises(ValueError, match="not a state_dict"):
+        build_model(Arch(**{**arch.to_dict(), "weights": str(tmp_path / "pickled.pt")}))
