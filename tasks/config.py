@@ -195,8 +195,8 @@ class SearchConfig(_Section):
         "tpe", description="tpe (Bayesian), random, grid, cmaes (single objective), nsga2 (evolutionary, Pareto), "
         "greedy (hill climbing one parameter at a time, random restarts), genetic (real-coded GA: tournament "
         "selection, simulated binary crossover, mutation, elitism).")
-    model: ModelConfig = Field(default_factory=ModelConfig, description="The user's own module, whose training the "
-                               "search tunes; the run fills it from the top-level model section.")
+    # Not a setting: the run copies the top-level model section here, for the trials that rebuild it.
+    model: ModelConfig = Field(default_factory=ModelConfig, exclude=True)
     greedy_patience: int = Field(8, ge=1, description="greedy: trials without improvement before a random restart.")
     greedy_step: float = Field(0.25, gt=0, le=1, description="greedy: a numeric move's std-dev as a share of its range.")
     population: int | None = Field(None, ge=2, description="nsga2/genetic: population size (default n_trials/3, 4..20).")

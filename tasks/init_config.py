@@ -18,7 +18,7 @@ from tasks.data.base import DataError
 from tasks.data.image_folder import SUFFIXES as IMAGE_SUFFIXES
 from tasks.data.table import READERS, infer_schema, read_table
 
-BUILTIN_FAMILIES = ("mlp", "cnn", "text")
+BUILTIN_FAMILIES = ("mlp", "cnn", "resnet", "text")
 FAMILIES_FOR = {"table": ["mlp"], "image_folder": ["cnn", "mlp"], "text": ["text"]}  # what suits each source
 
 
@@ -32,7 +32,7 @@ def commented_yaml(model: BaseModel, indent: int = 0, first: tuple[str, ...] = (
     values = model.model_dump(mode="json", by_alias=True)
     fields = type(model).model_fields
     lines = []
-    for name in [*first, *(f for f in fields if f not in first)]:
+    for name in [*first, *(f for f in fields if f not in first and not fields[f].exclude)]:
         field = fields[name]
         key, pad = field.alias or name, " " * indent
         doc = f"  # {field.description}" if field.description else ""
@@ -100,14 +100,18 @@ def init_config(data: Path, label: str | None, model: str | None, out: Path, roo
     section, found = describe_data(absolute, label)
     section["dir"] = str(Path(section["dir"]).resolve().relative_to(root)) if Path(section["dir"]).resolve().is_relative_to(root) \
         else section["dir"]
-    families = [model] if model else FAMILIES_FOR[section["dataset"]]
-    if unknown := [f for f in families if f not in BUILTIN_FAMILIES]:
-        raise ConfigError(f"--model {unknown[0]}: known model families are {', '.join(BUILTIN_FAMILIES)}")
+    spec = model if model and ":" in model else None  # a user's own "package.module:function"
+    families = ["custom"] if spec else [model] if model else FAMILIES_FOR[section["dataset"]]
+    if unknown := [f for f in families if f not in (*BUILTIN_FAMILIES, "custom")]:
+        raise ConfigError(f"--model {unknown[0]}: known model families are {', '.join(BUILTIN_FAMILIES)}, or your "
+                          "own module as package.module:function")
+    if section["dataset"] != "image_folder" and (images := [f for f in families if f in ("cnn", "resnet")]):
+        raise ConfigError(f"--model {images[0]} takes images; {data} is {section['dataset']} data")
     name = out.stem.replace("_", "-")
     # Shift augmentation is for images; the space default would waste trials on it elsewhere.
     augment = ["shift"] if section["dataset"] == "image_folder" else ["none"]
     cfg = PipelineConfig.model_validate({
-        "data": section, "search": {"space": {"families": families, "augment": augment}},
+        "data": section, "model": {"spec": spec}, "search": {"space": {"families": families, "augment": augment}},
         "register": {"model_name": f"{name}-classifier"}, "tracking": {"experiment": name}})
     header = [f"# modelforge config written by `modelforge init` for {data}",
               *(f"# {line}" for line in found),
@@ -115,7 +119,7 @@ def init_config(data: Path, label: str | None, model: str | None, out: Path, roo
               "# Run it:   modelforge run --config " + str(out),
               "# Override: modelforge run --config " + str(out) + " --set search.n_trials=30", ""]
     target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text("\n".join(header + commented_yaml(cfg, first=("family", "data", "search", "train", "compress")))
+    target.write_text("\n".join(header + commented_yaml(cfg, first=("family", "data", "model", "search", "train", "compress")))
                       + "\n")
     try:
         load_config(target)

@@ -37,6 +37,10 @@ def test_texts_and_image_folders_are_recognised(tmp_path):
     cfg = load_config(init_config(images, None, "cnn", "img.yaml", tmp_path))
     assert cfg.data.dataset == "image_folder" and cfg.search.space.families == ["cnn"]
     assert cfg.search.space.augment == ["shift"]
+    text = init_config(images, None, "acme.nets:make_net", "own.yaml", tmp_path).read_text()
+    cfg = load_config(tmp_path / "own.yaml")  # a user's module: its training is searched, not an architecture
+    assert cfg.model.spec == "acme.nets:make_net" and cfg.search.space.families == ["custom"]
+    assert "spec: acme.nets:make_net  # 'package.module:function'" in text and "\n  model:" not in text
 
 
 def test_refusals_are_clear(tmp_path, capsys):
@@ -46,6 +50,8 @@ def test_refusals_are_clear(tmp_path, capsys):
     with pytest.raises(DataError, match="no column 'target'"):
         init_config(tmp_path / "d/data.csv", "target", None, "c.yaml", tmp_path)
     with pytest.raises(ConfigError, match="known model families"):
+        init_config(tmp_path / "d/data.csv", "label", "transformer", "c.yaml", tmp_path)
+    with pytest.raises(ConfigError, match="--model resnet takes images; .* is table data"):
         init_config(tmp_path / "d/data.csv", "label", "resnet", "c.yaml", tmp_path)
     init_config(tmp_path / "d/data.csv", "label", None, "c.yaml", tmp_path)
     with pytest.raises(ConfigError, match="never overwrites"):
