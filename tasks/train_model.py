@@ -283,12 +283,14 @@ def train_model(cfg: TrainConfig, best: dict, data_dir: Path, data_version: str,
         model, _ = _initial_model(cfg, best, splits)
         params = dataclasses.replace(params, epochs=epochs, patience=epochs)
         both = tuple(np.concatenate([a, b]) for a, b in zip(splits.train, splits.val))
+        refit = {"epochs": epochs, "samples": len(both[1])}
         # Val is now training data: its accuracy cannot pick an epoch, so the last one is kept.
         seconds = result.seconds + run_fit(model, both, params, "refit", restore_best=False).seconds
     test_acc = accuracy(model, *splits.test)
     out_dir = Path(out_dir) / train_cache_key(cfg, best, data_version)
     ckpt = save_checkpoint(out_dir / "baseline.pt", model, arch,
-                           {"train": asdict(params), "search": best, "data_version": data_version})
+                           {"train": asdict(params), "search": best, "data_version": data_version,
+                            **({"refit": refit} if cfg.refit else {})})
     (out_dir / "train_history.json").write_text(json.dumps(result.history, indent=1))
     ddp = f" on {result.processes} DDP processes" if result.processes > 1 else ""
     if cfg.refit:

@@ -43,6 +43,19 @@ def test_train_model_writes_checkpoint_and_finetunes(data_dir, tmp_path):
     assert tuned.val_accuracy >= trained.val_accuracy - 0.05
 
 
+def test_refit_trains_again_on_train_and_val_for_the_end_of_the_best_plateau(data_dir, splits, tmp_path):
+    import json
+
+    best = {"family": "mlp", "depth": 1, "width": 32, "lr": 0.01, "optimizer": "adam"}
+    trained = train_model(TrainConfig(max_epochs=6, patience=6, refit=True), best, data_dir, "md5.dir", tmp_path)
+    model, _, meta = load_checkpoint(trained.checkpoint)
+    history = json.loads((trained.checkpoint.parent / "train_history.json").read_text())
+    plateau_end = max(r["epoch"] for r in history if r["val_accuracy"] == trained.val_accuracy)
+    assert meta["refit"] == {"epochs": plateau_end, "samples": len(splits.train[1]) + len(splits.val[1])}
+    assert meta["train"]["epochs"] == plateau_end
+    assert trained.test_accuracy == accuracy(model, *splits.test) > 0.85  # the refit model is the one saved
+
+
 def test_init_checkpoint_must_fit_the_data(tmp_path, mlp_checkpoint):
     assert check_init_checkpoint(TrainConfig(), 10, (1, 8, 8)) is None
     with pytest.raises(ValueError, match="does not exist"):
