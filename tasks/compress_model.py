@@ -73,8 +73,9 @@ register = registrar(HANDLERS, ONNX_METHODS)
 
 
 def _train_params(ctx: CompressContext, meta: dict, epochs: int, lr_scale: float = 1.0) -> TrainParams:
-    """The baseline's own training settings (from its checkpoint), with a new budget and lr scale."""
-    base = {**meta["train"], "lr": meta["train"]["lr"] * lr_scale}
+    """The baseline's own training settings (from its checkpoint), with a new budget and lr scale; a
+    compressed model trains whole (its head is not new, so nothing is frozen)."""
+    base = {**meta["train"], "lr": meta["train"]["lr"] * lr_scale, "freeze_epochs": 0}
     return TrainParams.from_search(base, epochs, ctx.train.patience, ctx.train.seed)
 
 

@@ -83,7 +83,9 @@ class TextTableConfig(_Section):
     file: str | None = Field(None, description="The file's name in `dir`; default: the one .csv/.jsonl/.parquet there.")
     text: str = Field("text", min_length=1, description="The column holding each sample's text.")
     label: str = Field("label", min_length=1, description="The column holding each sample's class.")
-    max_length: int = Field(64, ge=4, le=1024, description="Words kept per text (the rest is cut off).")
+    max_length: int = Field(64, ge=4, le=1024, description="Tokens kept per text (the rest is cut off).")
+    tokenizer: str | None = Field(None, description="None: words, with a vocabulary built on train (the text family). "
+                                  "'minilm' or a Hugging Face folder: that checkpoint's tokenizer (for model.pretrained).")
     vocab_size: int = Field(5000, ge=10, description="Most frequent train words kept; the others read as 'unknown'.")
     min_count: int = Field(2, ge=1, description="A word enters the vocabulary only if train holds it this often.")
     val_fraction: float = Field(0.15, gt=0, lt=0.5, description="Share of rows held out for validation (by hash).")
@@ -135,6 +137,9 @@ class ModelConfig(_Section):
     weights: Path | None = Field(None, description="Pretrained weights for spec: a state_dict saved with torch.save, "
                                  "or .safetensors (never a pickled model); every trial and the final training start "
                                  "from them.")
+    pretrained: str | None = Field(None, description="Fine-tune a Hugging Face text classifier instead: 'minilm' (the "
+                                   "packaged all-MiniLM-L6-v2) or a local folder with config.json, weights and "
+                                   "tokenizer.json; the text data is tokenized with its tokenizer (data.tokenizer).")
 
     @model_validator(mode="after")
     def _spec_valid(self) -> "ModelConfig":
@@ -143,15 +148,18 @@ class ModelConfig(_Section):
             problems.append(f"spec {self.spec!r} is not 'package.module:function'")
         if self.weights is not None and self.spec is None:
             problems.append("weights need a spec (the module they belong to)")
+        if self.spec is not None and self.pretrained is not None:
+            problems.append("spec and pretrained name two different models; set one")
         if problems:
             raise ValueError("; ".join(problems))
         return self
 
 
 class SearchSpace(_Section):
-    families: list[Literal["mlp", "cnn", "resnet", "text", "custom"]] = Field(
+    families: list[Literal["mlp", "cnn", "resnet", "text", "custom", "hf"]] = Field(
         ["cnn", "mlp"], min_length=1, description="Model families to search over (resnet: residual CNN with "
-        "BatchNorm; text: word embeddings averaged, then an MLP; custom: the model section's own module).")
+        "BatchNorm; text: word embeddings averaged, then an MLP; custom: the model section's own module; hf: its "
+        "pretrained Hugging Face checkpoint).")
     lr: tuple[float, float] = Field((1e-3, 3e-2), description="Log-uniform learning-rate range.")
     weight_decay: list[float] = Field([0.0, 1e-4], min_length=1, description="L2 penalties to try.")
     batch_sizes: list[int] = Field([32, 64], min_length=1, description="Mini-batch sizes to try.")
@@ -165,6 +173,10 @@ class SearchSpace(_Section):
     dropout: tuple[float, float] = Field((0.0, 0.3), description="Dropout after each hidden layer, range.")
     channels: tuple[int, int] = Field((8, 32), description="Channels of the first conv block (doubling per block).")
     kernels: list[int] = Field([3], min_length=1, description="Conv kernel sizes (odd).")
+    freeze_epochs: tuple[int, int] = Field((0, 0), description="Fine-tuning: epochs that train the new head only, "
+                                           "the pretrained backbone frozen, before everything trains; inclusive range.")
+    backbone_lr_scale: tuple[float, float] = Field((1.0, 1.0), description="Fine-tuning: the backbone's lr as a "
+                                                   "multiple of the head's (log-uniform range; 1 = one lr for all).")
     augment: list[Literal["none", "shift"]] = Field(["shift"], min_length=1, description="Training-time augmentation "
                                                     "to try: shift moves each image by up to 1 px (images only; tables "
                                                     "and other vectors are never augmented).")
@@ -173,10 +185,12 @@ class SearchSpace(_Section):
     def _space_valid(self) -> "SearchSpace":
         problems = [
             f"{name}: low {lo} must be > 0 and <= high {hi}"
-            for name in ("lr", "depth", "width", "channels")
+            for name in ("lr", "depth", "width", "channels", "backbone_lr_scale")
             for lo, hi in [getattr(self, name)]
             if not 0 < lo <= hi
         ]
+        if not 0 <= self.freeze_epochs[0] <= self.freeze_epochs[1]:
+            problems.append(f"freeze_epochs: need 0 <= low <= high, got {self.freeze_epochs}")
         if not 0 <= self.dropout[0] <= self.dropout[1] < 1:
             problems.append(f"dropout: need 0 <= low <= high < 1, got {self.dropout}")
         problems += [f"kernels: {k} is not a positive odd size" for k in self.kernels if k < 1 or k % 2 == 0]
@@ -214,6 +228,10 @@ class SearchConfig(_Section):
     n_trials: int = Field(12, ge=1, description="Finished trials to reach (an interrupted study resumes up to this count).")
     grid_points: int = Field(3, ge=1, description="Values per numeric range when sampler is grid.")
     epochs: int = Field(8, ge=1, description="Training budget per trial, in epochs.")
+    cv_folds: int = Field(1, ge=1, le=20, description="1: trials are scored on the val split. k > 1: each trial "
+                          "trains k times on stratified folds of train + val and is scored by its mean fold-accuracy "
+                          "curve's best epoch (for small data, where a few val rows cannot tell trials apart; "
+                          "no pruning then).")
     seed: int = Field(0, description="Sampler seed: same seed, same trials (with workers: 1).")
     workers: int = Field(1, ge=1, description="Trials run concurrently as Prefect tasks on one shared study.")
     warm_start: int = Field(5, ge=0, description="On a new data version, first re-run this many best trials of the "
@@ -601,9 +619,17 @@ class PipelineConfig(_Pipeline):
     runner: RunnerConfig = Field(default_factory=RunnerConfig)
 
     @model_validator(mode="after")
-    def _custom_has_spec(self) -> "PipelineConfig":
+    def _model_fits(self) -> "PipelineConfig":
+        problems = []
         if "custom" in self.search.space.families and self.model.spec is None:
-            raise ValueError("search.space.families names custom but model.spec is not set")
+            problems.append("search.space.families names custom but model.spec is not set")
+        if "hf" in self.search.space.families and self.model.pretrained is None:
+            problems.append("search.space.families names hf but model.pretrained is not set")
+        if self.model.pretrained is not None and getattr(self.data, "tokenizer", None) != self.model.pretrained:
+            problems.append(f"model.pretrained is {self.model.pretrained}: its texts must be tokenized by it, so "
+                            f"data.tokenizer must be {self.model.pretrained} too (a text data set)")
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
 
     @model_validator(mode="after")

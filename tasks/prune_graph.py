@@ -19,15 +19,44 @@ def classifier_layers(model: nn.Module, example: torch.Tensor) -> list[nn.Module
             or (isinstance(m, nn.Conv2d) and m.out_channels == classes and m.kernel_size == (1, 1))][-1:]
 
 
+def attention_heads(model: nn.Module) -> dict[nn.Module, int]:
+    """The query/key/value projections of every Hugging Face style self-attention, with its head count:
+    their outputs are pruned a whole head at a time, so the attention still splits into heads."""
+    heads = {}
+    for m in model.modules():
+        n = getattr(m, "num_attention_heads", None)
+        if isinstance(n, int) and all(isinstance(getattr(m, a, None), nn.Linear) for a in ("query", "key", "value")):
+            heads.update({getattr(m, a): n for a in ("query", "key", "value")})
+    return heads
+
+
+def _recount_heads(model: nn.Module) -> None:
+    """A pruned attention reads its (fewer) heads from these attributes in its forward."""
+    for m in model.modules():
+        if isinstance(getattr(m, "num_attention_heads", None), int) and isinstance(getattr(m, "query", None), nn.Linear):
+            m.all_head_size = m.query.out_features
+            m.num_attention_heads = m.all_head_size // m.attention_head_size
+
+
 def prune_channels(model: nn.Module, example: torch.Tensor, amount: float, norm: int) -> dict:
     """Remove `amount` of the channels/neurons of every prunable group, ranked by the group's weight
-    norm (L1 or L2), in place. Returns the parameter counts before and after."""
+    norm (L1 or L2), in place; in a transformer, `amount` of each layer's attention heads and of its
+    feed-forward channels (the hidden width every residual sum shares is kept). Returns the
+    parameter counts before and after."""
     import torch_pruning as tp
 
     before = sum(p.numel() for p in model.parameters())
+    heads = attention_heads(model)
+    ignored = classifier_layers(model, example)
+    if heads:  # the residual stream's width: Linear layers writing into it (attention and FFN outputs) keep it
+        ignored += [m for m in model.modules() if isinstance(m, nn.Linear) and m not in heads
+                    and m.out_features == next(iter(heads)).in_features]
     # Embeddings as roots too: a word-embedding width is a channel group like any layer's outputs.
-    pruner = tp.pruner.MagnitudePruner(model, example, importance=tp.importance.MagnitudeImportance(p=norm),
-                                       pruning_ratio=amount, ignored_layers=classifier_layers(model, example),
-                                       root_module_types=[nn.Conv2d, nn.Linear, nn.LSTM, nn.Embedding])
+    pruner = tp.pruner.MagnitudePruner(
+        model, example, importance=tp.importance.MagnitudeImportance(p=norm), pruning_ratio=amount,
+        ignored_layers=ignored, root_module_types=[nn.Conv2d, nn.Linear, nn.LSTM] + ([] if heads else [nn.Embedding]),
+        num_heads=heads, prune_num_heads=bool(heads), prune_head_dims=False, head_pruning_ratio=amount)
     pruner.step()
-    return {"params_before": before, "params_after": sum(p.numel() for p in model.parameters())}
+    _recount_heads(model)
+    return {"params_before": before, "params_after": sum(p.numel() for p in model.parameters()),
+            **({"attention_heads_after": sum(h for h in attention_heads(model).values()) // 3} if heads else {})}

@@ -17,6 +17,7 @@ import tempfile
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -96,6 +97,8 @@ def grid_space(cfg: SearchConfig) -> dict[str, list]:
         "schedule": list(s.schedules), "depth": list(range(s.depth[0], s.depth[1] + 1)), "width": ints(*s.width),
         "activation": list(s.activations), "dropout": sorted({float(v) for v in np.linspace(*s.dropout, n)}),
         "channels": ints(*s.channels), "kernel": list(s.kernels), "augment": list(s.augment),
+        "freeze_epochs": list(range(s.freeze_epochs[0], s.freeze_epochs[1] + 1)),
+        "backbone_lr_scale": sorted({float(v) for v in np.geomspace(*s.backbone_lr_scale, n)}),
     }
 
 
@@ -159,8 +162,11 @@ def suggest(trial: optuna.Trial, cfg: SearchConfig) -> dict:
         "channels": trial.suggest_int("channels", *s.channels, log=True),
         "kernel": trial.suggest_categorical("kernel", s.kernels),
         "augment": trial.suggest_categorical("augment", s.augment),
-        # The user's module is fixed, not searched; carried so the chosen parameters rebuild it.
+        "freeze_epochs": trial.suggest_int("freeze_epochs", *s.freeze_epochs),
+        "backbone_lr_scale": trial.suggest_float("backbone_lr_scale", *s.backbone_lr_scale, log=True),
+        # The user's model is fixed, not searched; carried so the chosen parameters rebuild it.
         **({"spec": cfg.model.spec, "weights": str(cfg.model.weights or "")} if cfg.model.spec else {}),
+        **({"pretrained": cfg.model.pretrained} if cfg.model.pretrained else {}),
     }
 
 
@@ -251,6 +257,33 @@ class _Budget:
             study.stop()
 
 
+def cv_folds(splits, k: int, seed: int) -> list[tuple[tuple, tuple]]:
+    """k stratified (train, val) folds of train + val; none for k = 1 (trials use the val split)."""
+    if k <= 1:
+        return []
+    from sklearn.model_selection import StratifiedKFold
+
+    x, y = (np.concatenate([a, b]) for a, b in zip(splits.train, splits.val))
+    return [((x[tr], y[tr]), (x[va], y[va]))
+            for tr, va in StratifiedKFold(k, shuffle=True, random_state=seed).split(np.zeros(len(y)), y)]
+
+
+def _cross_validate(params: dict, folds: list, tp: TrainParams, num_classes: int, input_shape: tuple, vocab: int,
+                    seed: int, log: Callable[[dict], None]) -> tuple[float, float]:
+    """(best epoch of the mean fold-accuracy curve, seconds): every fold trains the same way from the
+    same seed; the epochs are compared across folds, so one count fits them all, as refit needs."""
+    curves, seconds = [], 0.0
+    for train, val in folds:
+        torch.manual_seed(seed)
+        result = fit(build_model(arch_from_params(params, num_classes, input_shape, vocab)), train, val, tp)
+        curves.append([r["val_accuracy"] for r in result.history])
+        seconds += result.seconds
+    mean = np.mean(curves, axis=0)
+    for epoch, value in enumerate(mean, 1):
+        log({"epoch": epoch, "val_accuracy": float(value)})  # the curve the trial is scored on
+    return float(mean.max()), seconds
+
+
 def run_trials(cfg: SearchConfig, data: Path | DataRef, out_dir: Path, study_name: str,
                tracking: TrialTracking | None = None, worker: int = 0) -> int:
     """Run trials on the shared study until it holds `cfg.n_trials` finished ones; returns how many
@@ -268,6 +301,7 @@ def run_trials(cfg: SearchConfig, data: Path | DataRef, out_dir: Path, study_nam
     if before and worker == 0:
         print(f"[search] resuming study {study_name}: {before}/{cfg.n_trials} trials already finished")
     runs = _TrialRuns(tracking, study_name, data_dir)
+    folds = cv_folds(splits, cfg.cv_folds, cfg.seed)
     multi = len(cfg.objectives) > 1
     started, ran = time.perf_counter(), [0]
     lock = threading.Lock()
@@ -288,11 +322,17 @@ def run_trials(cfg: SearchConfig, data: Path | DataRef, out_dir: Path, study_nam
                     if trial.should_prune():
                         raise optuna.TrialPruned(f"val accuracy {r['val_accuracy']:.4f} at epoch {r['epoch']}")
 
-            result = fit(model, splits.train, splits.val, tp, on_epoch=on_epoch)
-            values = {"accuracy": result.best_val_accuracy, "size": float(count_params(model))}
+            if folds:
+                accuracy_, seconds = _cross_validate(params, folds, tp, splits.num_classes, input_shape,
+                                                     vocab_of(splits.manifest), cfg.seed + trial.number,
+                                                     lambda r: runs.log(run_id, {"val_accuracy": r["val_accuracy"]}, r["epoch"]))
+            else:
+                result = fit(model, splits.train, splits.val, tp, on_epoch=on_epoch)
+                accuracy_, seconds = result.best_val_accuracy, result.seconds
+            values = {"accuracy": accuracy_, "size": float(count_params(model))}
             if "latency" in cfg.objectives:
                 values["latency"] = measure_trial_latency(model, splits.val[0])
-            runs.log(run_id, {f"objective_{k}": v for k, v in values.items()} | {"train_seconds": result.seconds})
+            runs.log(run_id, {f"objective_{k}": v for k, v in values.items()} | {"train_seconds": seconds})
             runs.end(run_id)
             out = [values[o] for o in cfg.objectives]
             return out if multi else out[0]
@@ -392,16 +432,17 @@ def fit_search_to_data(cfg: SearchConfig, input_shape: tuple[int, ...], text: bo
     families that cannot take the data's samples leave: a CNN or ResNet needs C x H x W images, so a
     table's feature vectors leave only the MLP; token ids (`text`) take the text family only.
     Nothing left is a ConfigError."""
-    if model is not None and model.spec:
-        space = cfg.space.model_copy(update={"families": ["custom"], "depth": (1, 1), "width": (cfg.space.width[0],) * 2,
+    if model is not None and (model.spec or model.pretrained):
+        space = cfg.space.model_copy(update={"families": ["custom" if model.spec else "hf"], "depth": (1, 1),
+                                             "width": (cfg.space.width[0],) * 2,
                                              "channels": (cfg.space.channels[0],) * 2, "kernels": cfg.space.kernels[:1],
                                              "activations": cfg.space.activations[:1], "dropout": (0.0, 0.0)})
-        print(f"[search] model {model.spec}" + (f" from {model.weights}" if model.weights else "")
+        print(f"[search] model {model.spec or model.pretrained}" + (f" from {model.weights}" if model.weights else "")
               + ": searching its training only")
         return cfg.model_copy(update={"space": space, "model": model})
     images = len(input_shape) == 3
     families = [f for f in cfg.space.families
-                if (FAMILIES[f].images <= images) and (f == "text") == text and f != "custom"]
+                if (FAMILIES[f].images <= images) and (f == "text") == text and f not in ("custom", "hf")]
     if not families:
         raise ConfigError(f"search.space.families is {cfg.space.families}, but the data's samples have shape "
                           f"{list(input_shape)}" + (": text data needs the text family" if text else

@@ -38,11 +38,13 @@ class TrainParams:
     seed: int = 0
     schedule: str = "cosine"  # "constant" | "cosine" | "step"
     augment: str = "none"  # "none" | "shift" (images: each sample moved by up to 1 px, per batch)
+    freeze_epochs: int = 0  # fine-tuning: epochs training the head only, the backbone frozen
+    backbone_lr_scale: float = 1.0  # fine-tuning: the backbone's lr as a multiple of the head's
 
     @staticmethod
     def from_search(p: dict, epochs: int, patience: int, seed: int) -> "TrainParams":
         """Training settings of a search result; keys a search space left out keep their defaults."""
-        keys = ("batch_size", "weight_decay", "schedule", "augment")
+        keys = ("batch_size", "weight_decay", "schedule", "augment", "freeze_epochs", "backbone_lr_scale")
         return TrainParams(p["lr"], p["optimizer"], epochs, patience, seed=seed, **{k: p[k] for k in keys if k in p})
 
 
@@ -67,8 +69,17 @@ def accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray) -> float:
     return float((pred == y).mean())
 
 
+def head_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The classifier's parameters: the last Linear layer, the one a pretrained model gets fresh."""
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    return list(linears[-1].parameters()) if linears else []
+
+
 def _optimizer(model: nn.Module, p: TrainParams) -> torch.optim.Optimizer:
-    params = model.parameters()
+    head = {id(q) for q in head_parameters(model)}
+    params = [{"params": [q for q in model.parameters() if id(q) in head], "lr": p.lr},
+              {"params": [q for q in model.parameters() if id(q) not in head], "lr": p.lr * p.backbone_lr_scale}]
+    params = [g for g in params if g["params"]]
     if p.optimizer == "sgd":
         return torch.optim.SGD(params, lr=p.lr, weight_decay=p.weight_decay)
     if p.optimizer == "momentum":
@@ -78,6 +89,14 @@ def _optimizer(model: nn.Module, p: TrainParams) -> torch.optim.Optimizer:
     if p.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=p.lr, weight_decay=p.weight_decay)
     raise ValueError(f"unknown optimizer {p.optimizer!r} (expected sgd, momentum, adam or adamw)")
+
+
+def _freeze_backbone(model: nn.Module, frozen: bool) -> None:
+    """Backbone parameters stop (or resume) getting gradients; optimizers skip a parameter without one."""
+    head = {id(q) for q in head_parameters(model)}
+    for q in model.parameters():
+        if id(q) not in head:
+            q.requires_grad_(not frozen)
 
 
 def _scheduler(opt: torch.optim.Optimizer, p: TrainParams) -> torch.optim.lr_scheduler.LRScheduler:
@@ -141,6 +160,8 @@ def fit(
     history: list[dict] = []
     start = time.perf_counter()
     for epoch in range(1, params.epochs + 1):
+        if params.freeze_epochs:
+            _freeze_backbone(model, frozen=epoch <= params.freeze_epochs)
         model.train()
         order = torch.randperm(len(x_train), generator=gen)
         # Equal shards: a rank with one batch more would wait forever for the others' gradients.
@@ -171,6 +192,8 @@ def fit(
             best_acc, best_epoch, best_state = val_acc, epoch, copy.deepcopy(model.state_dict())
         elif epoch - best_epoch >= params.patience:
             break
+    if params.freeze_epochs:
+        _freeze_backbone(model, frozen=False)
     if restore_best:
         model.load_state_dict(best_state)
     model.eval()
@@ -214,22 +237,22 @@ def check_model_inputs(train: TrainConfig, model: ModelConfig, num_classes: int,
             hint = (" (a plain state_dict: for your own module's weights set model.spec and model.weights)"
                     if "'arch'" in str(err) else "")
             problems.append(f"train.init_from: {err}{hint}")
-    if model.spec:
+    if name := model.spec or model.pretrained:
         if str(root) not in sys.path:
             sys.path.insert(0, str(root))
-        arch = Arch("custom", num_classes, tuple(input_shape), (), (), spec=model.spec,
-                    weights=str(model.weights or ""))
+        arch = (Arch("custom", num_classes, tuple(input_shape), (), (), spec=model.spec, weights=str(model.weights or ""))
+                if model.spec else Arch("hf", num_classes, tuple(input_shape), (), (), spec=model.pretrained))
         try:
             net = build_model(arch).eval()
             with torch.no_grad():
                 out = net(torch.zeros(2, *input_shape))
             if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, num_classes):
                 got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-                problems.append(f"model.spec {model.spec}: a batch of 2 samples of shape {list(input_shape)} gave "
+                problems.append(f"model {name}: a batch of 2 samples of shape {list(input_shape)} gave "
                                 f"{got}; the data has {num_classes} classes, so [2, {num_classes}] logits are needed")
         except Exception as err:  # whatever the user's module raises is reported, with its type
             problems.append(f"model: {err}" if isinstance(err, ValueError) else
-                            f"model.spec {model.spec}: running it on a batch of shape [2, {', '.join(map(str, input_shape))}] "
+                            f"model {name}: running it on a batch of shape {[2, *input_shape]} "
                             f"failed: {type(err).__name__}: {err}")
     if problems:
         raise ConfigError(f"the model cannot be trained on this data ({len(problems)} problem(s)):\n"

@@ -57,7 +57,15 @@ def test_old_checkpoints_without_new_fields_still_load(tmp_path):
 
 
 PARAMS = {"depth": 2, "width": 16, "channels": 4, "spec": "user_models:small_resnet"}
-SAMPLES = {"mlp": (6,), "cnn": (1, 8, 8), "resnet": (1, 8, 8), "text": (10,), "custom": (1, 8, 8)}
+SAMPLES = {"mlp": (6,), "cnn": (1, 8, 8), "resnet": (1, 8, 8), "text": (10,), "custom": (1, 8, 8), "hf": (10,)}
+
+
+@pytest.fixture(scope="module")
+def local_checkpoint(tmp_path_factory) -> str:
+    from user_models import tiny_bert
+
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau"
+    return str(tiny_bert(tmp_path_factory.mktemp("bert"), [words, words.upper()] * 5))
 
 
 def test_every_family_is_covered():
@@ -65,16 +73,18 @@ def test_every_family_is_covered():
 
 
 @pytest.mark.parametrize("family", sorted(SAMPLES))
-def test_family_contract(family, tmp_path):
+def test_family_contract(family, tmp_path, local_checkpoint):
     from tasks.compress_model import CompressContext, ModelState, structured_prune
     from tasks.config import StructuredPrune, TrainConfig
     from tasks.data.base import Splits
     from tasks.train_model import TrainParams, accuracy, fit
 
     shape, gen = SAMPLES[family], np.random.default_rng(0)
-    x = (gen.integers(0, 30, (48, *shape)) if family == "text" else gen.normal(size=(48, *shape))).astype(np.float32)
+    tokens = family in ("text", "hf")
+    x = (gen.integers(0, 24, (48, *shape)) if tokens else gen.normal(size=(48, *shape))).astype(np.float32)
     y = (x.reshape(48, -1).sum(1) > np.median(x.reshape(48, -1).sum(1))).astype(np.int64)
-    arch = arch_from_params({"family": family, **PARAMS}, 2, shape, vocab=30 if family == "text" else 0)
+    arch = arch_from_params({"family": family, **PARAMS, "pretrained": local_checkpoint}, 2, shape,
+                            vocab=30 if family == "text" else 0)
     torch.manual_seed(0)
     model = build_model(arch)
     fit(model, (x, y), (x, y), TrainParams(lr=0.01, optimizer="adam", epochs=2, patience=2, batch_size=16))

@@ -19,6 +19,8 @@ from deploy.loadtest import request, running_server
 from deploy.server import BundleSource, create_app
 from tasks.config import ConfigError, ModelConfig, TrainConfig
 from tasks.data import load_splits
+from tasks.data.base import read_manifest
+from tasks.data.text import split_texts
 from tasks.train_model import check_model_inputs
 
 TINY = {
@@ -101,3 +103,51 @@ def test_every_problem_of_a_model_is_named_before_training(tmp_path, monkeypatch
     with pytest.raises(ConfigError, match="do not fit the model: missing stem.0.weight"):
         check_model_inputs(TrainConfig(), ModelConfig(spec="user_models:small_resnet", weights=tmp_path / "plain.pt"),
                            3, (1, 8, 8), tmp_path)
+
+
+TOPICS = {"math": "sum product integer number divide square root add", "files": "path folder file read write open "
+          "close directory", "net": "socket host port connect send receive server request"}
+
+
+def topic_texts(n_per_topic: int = 60) -> list[dict]:
+    rng = np.random.default_rng(0)
+    return [{"text": " ".join(rng.choice(words.split(), 6)) + f" item {i}", "label": topic}
+            for topic, words in TOPICS.items() for i in range(n_per_topic)]
+
+
+@pytest.mark.e2e
+def test_a_local_hugging_face_checkpoint_is_fine_tuned_pruned_by_heads_quantized_and_serves_texts(tmp_path):
+    import pandas as pd
+    from user_models import tiny_bert
+
+    rows = topic_texts()
+    (tmp_path / "data").mkdir()
+    pd.DataFrame(rows).to_csv(tmp_path / "data" / "texts.csv", index=False)
+    bert = str(tiny_bert(tmp_path / "bert", [r["text"] for r in rows]))
+    config = json.loads(json.dumps(TINY))
+    config.update({
+        "data": {"dataset": "text", "tokenizer": bert, "max_length": 16},
+        "model": {"pretrained": bert},
+        "search": {"n_trials": 2, "epochs": 4, "space": {"lr": [0.003, 0.006], "optimizers": ["adamw"],
+                                                         "batch_sizes": [16], "freeze_epochs": [0, 1],
+                                                         "backbone_lr_scale": [0.5, 1.0], "augment": ["none"]}},
+        "train": {"max_epochs": 15, "patience": 15},
+        "compress": {"candidates": {
+            "heads": [{"method": "structured_prune", "amount": 0.5, "finetune_epochs": 6, "finetune_lr_scale": 0.5}],
+            "int8_dynamic": [{"method": "quantize_dynamic"}]}},
+    })
+    report = run_project(tmp_path, config)
+    with open(tmp_path / ".modelforge" / "reports" / report["run_id"] / "candidates.csv") as f:
+        table = {r["candidate"]: r for r in csv.DictReader(f)}
+    assert float(table["baseline"]["accuracy"]) > 0.8
+    assert float(table["heads"]["size_kb"]) < 0.9 * float(table["baseline"]["size_kb"])
+    assert float(table["int8_dynamic"]["size_kb"]) < 0.6 * float(table["baseline"]["size_kb"])
+    bundle = tmp_path / "deploy" / "bundle"
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["preprocessing"]["tokenizer"] == bert and manifest["labels"] == sorted(TOPICS)
+    texts, labels, split = split_texts(tmp_path / "data", read_manifest(tmp_path / "data"))
+    test = [(t, y) for t, y, s in zip(texts, labels, split) if s == "test"]
+    with running_server(create_app(BundleSource(bundle), poll_seconds=60)) as (host, port):
+        status, body = request(host, port, "POST", "/predict", {"texts": [t for t, _ in test]})
+    assert status == 200, body
+    assert np.mean([got == y for got, (_, y) in zip(body["labels"], test)]) > 0.8  # raw texts in, class names out

@@ -10,6 +10,7 @@ handles them like any other input; the text model casts them back to indices.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections import Counter
 from pathlib import Path
@@ -30,14 +31,39 @@ def tokens(text: str) -> list[str]:
     return re.findall(PATTERN, text.lower())
 
 
+@functools.lru_cache(maxsize=4)
+def _tokenizer(tokenizer_json: str, max_length: int, pad_id: int):
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_str(tokenizer_json)
+    tok.enable_truncation(max_length)
+    tok.enable_padding(length=max_length, pad_id=pad_id, pad_token=tok.id_to_token(pad_id) or "[PAD]")
+    return tok
+
+
+def pretrained_tokenizer(name: str, max_length: int) -> dict:
+    """The preprocessing of a Hugging Face checkpoint's tokenizer: its whole `tokenizer.json`, so the
+    manifest and the serving bundle need nothing else to tokenize exactly as training did."""
+    from tasks.models.hf import resolve_pretrained
+
+    text = (resolve_pretrained(name) / "tokenizer.json").read_text()
+    tok = _tokenizer(text, max_length, 0)
+    pad = tok.token_to_id("[PAD]") if tok.token_to_id("[PAD]") is not None else tok.token_to_id("<pad>") or 0
+    return {"kind": "text", "tokenizer": name, "tokenizer_json": text, "max_length": max_length,
+            "vocab_size": tok.get_vocab_size(), "pad_id": pad}
+
+
 def encode_texts(preprocessing: dict, texts: list[str]) -> np.ndarray:
-    """Texts to [N, max_length] token ids with the recorded vocabulary (truncated, zero-padded).
-    A non-string is a ValueError naming its position."""
-    index = {w: i + 2 for i, w in enumerate(preprocessing["vocab"])}
+    """Texts to [N, max_length] token ids with the recorded vocabulary or pretrained tokenizer
+    (truncated, padded). A non-string is a ValueError naming its position."""
     length = preprocessing["max_length"]
-    out = np.zeros((len(texts), length), dtype=np.float32)
     if bad := [i for i, t in enumerate(texts) if not isinstance(t, str)]:
         raise ValueError(f"text {bad[0]} is not a string ({len(bad)} such item(s))")
+    if "tokenizer_json" in preprocessing:
+        tok = _tokenizer(preprocessing["tokenizer_json"], length, preprocessing["pad_id"])
+        return np.array([e.ids for e in tok.encode_batch(texts)], dtype=np.float32).reshape(len(texts), length)
+    index = {w: i + 2 for i, w in enumerate(preprocessing["vocab"])}
+    out = np.zeros((len(texts), length), dtype=np.float32)
     for i, text in enumerate(texts):
         ids = [index.get(w, UNKNOWN) for w in tokens(text)[:length]]
         out[i, : len(ids)] = ids
@@ -76,10 +102,16 @@ def describe_text(cfg: TextTableConfig, data_dir: Path) -> tuple[dict, dict]:
     problems += found + unseen_classes(previous_manifest(data_dir, "text"), classes, cfg.allow_drift)
     raise_problems(path, problems)
 
-    counted = Counter(w for t, s in zip(texts, split) if s == "train" for w in tokens(t))
-    vocab = [w for w, n in sorted(counted.items(), key=lambda kv: (-kv[1], kv[0])) if n >= cfg.min_count][: cfg.vocab_size]
-    preprocessing = {"kind": "text", "pattern": PATTERN, "lowercase": True, "max_length": cfg.max_length,
-                     "vocab": vocab, "vocab_size": len(vocab) + 2, "ids": "0 padding, 1 unknown word, 2.. vocab"}
+    if cfg.tokenizer:
+        try:
+            preprocessing = pretrained_tokenizer(cfg.tokenizer, cfg.max_length)
+        except (OSError, ValueError) as err:
+            raise DataError(f"data.tokenizer {cfg.tokenizer}: {err}") from None
+    else:
+        counted = Counter(w for t, s in zip(texts, split) if s == "train" for w in tokens(t))
+        vocab = [w for w, n in sorted(counted.items(), key=lambda kv: (-kv[1], kv[0])) if n >= cfg.min_count][: cfg.vocab_size]
+        preprocessing = {"kind": "text", "pattern": PATTERN, "lowercase": True, "max_length": cfg.max_length,
+                         "vocab": vocab, "vocab_size": len(vocab) + 2, "ids": "0 padding, 1 unknown word, 2.. vocab"}
     manifest = {"dataset": "text", "file": path.name, "text": cfg.text, "label": cfg.label, "classes": classes,
                 "num_classes": len(classes), "input_shape": [cfg.max_length], "dtype": "float32",
                 "preprocessing": preprocessing,

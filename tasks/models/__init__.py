@@ -18,6 +18,7 @@ from torch import nn
 from tasks.models.base import Arch, count_params, vocab_of
 from tasks.models.cnn import build_cnn, cnn_arch
 from tasks.models.custom import build_custom, custom_arch
+from tasks.models.hf import build_hf, hf_arch
 from tasks.models.mlp import build_mlp, mlp_arch
 from tasks.models.resnet import build_resnet, resnet_arch
 from tasks.models.text import build_text, text_arch
@@ -40,6 +41,7 @@ FAMILIES: dict[str, Family] = {
     "resnet": Family(resnet_arch, build_resnet, images=True),
     "text": Family(text_arch, build_text),
     "custom": Family(custom_arch, build_custom),
+    "hf": Family(hf_arch, build_hf),
 }
 
 
