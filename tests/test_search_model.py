@@ -231,3 +231,18 @@ def test_genetic_is_not_nsga2_under_another_name():
         trials[sampler] = [t.params for t in study.trials]
     assert trials["nsga2"][:6] == trials["genetic"][:6]  # the same random first generation (same seed)
     assert trials["nsga2"][6:] != trials["genetic"][6:]  # then different crossover
+
+
+def test_cross_validated_trials_score_the_mean_fold_curve(data_dir, splits, tmp_path, tracking):
+    folds = search_mod.cv_folds(splits, 3, seed=0)
+    rows = len(splits.train[1]) + len(splits.val[1])
+    assert [len(val[1]) for _, val in folds] == pytest.approx([rows / 3] * 3, abs=1)
+    assert sum(len(val[1]) for _, val in folds) == rows  # every train + val row validates exactly once
+    cfg = small(n_trials=2, cv_folds=3)
+    search_mod.run_trials(cfg, data_dir, tmp_path, "cv", tracking)
+    trials = search_mod.open_run_study(cfg, tmp_path, "cv").get_trials()
+    client = MlflowClient(tracking.uri)
+    for trial in trials:
+        run = client.search_runs([tracking.experiment_id], f"tags.`optuna.trial` = '{trial.number}'")[0]
+        curve = [m.value for m in client.get_metric_history(run.info.run_id, "val_accuracy")]
+        assert len(curve) == cfg.epochs and trial.values[0] == pytest.approx(max(curve))
