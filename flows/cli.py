@@ -186,9 +186,9 @@ def main(argv: list[str] | None = None) -> int:
     init.add_argument("--data", required=True, type=Path, help="the data, inside the project: a table file (rows "
                       "or texts) or a folder with one sub-folder of images per class")
     init.add_argument("--label", help="the column holding each row's class (tables and texts)")
-    init.add_argument("--model", help="model family to search (mlp, cnn, resnet, text), or your own module as "
-                      "package.module:function (function(num_classes, input_shape) -> nn.Module); default: what "
-                      "suits the data")
+    init.add_argument("--model", help="model family to search (mlp, cnn, resnet, text), your own module as "
+                      "package.module:function (function(num_classes, input_shape) -> nn.Module), or a pretrained "
+                      "text model to fine-tune (minilm, or a local Hugging Face folder); default: what suits the data")
     init.add_argument("--out", required=True, type=Path, help="config file to write (never overwritten)")
     init.set_defaults(fn=cmd_init)
     from tasks.data.examples import EXAMPLES

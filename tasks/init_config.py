@@ -17,6 +17,7 @@ from tasks.config import ConfigError, PipelineConfig, TableDataConfig, load_conf
 from tasks.data.base import DataError
 from tasks.data.image_folder import SUFFIXES as IMAGE_SUFFIXES
 from tasks.data.table import READERS, infer_schema, read_table
+from tasks.models.hf import PACKAGED
 
 BUILTIN_FAMILIES = ("mlp", "cnn", "resnet", "text")
 FAMILIES_FOR = {"table": ["mlp"], "image_folder": ["cnn", "mlp"], "text": ["text"]}  # what suits each source
@@ -101,17 +102,26 @@ def init_config(data: Path, label: str | None, model: str | None, out: Path, roo
     section["dir"] = str(Path(section["dir"]).resolve().relative_to(root)) if Path(section["dir"]).resolve().is_relative_to(root) \
         else section["dir"]
     spec = model if model and ":" in model else None  # a user's own "package.module:function"
-    families = ["custom"] if spec else [model] if model else FAMILIES_FOR[section["dataset"]]
-    if unknown := [f for f in families if f not in (*BUILTIN_FAMILIES, "custom")]:
+    # a pretrained Hugging Face text classifier: the packaged MiniLM, or a local checkpoint folder
+    pretrained = model if model == PACKAGED or (model and (absolute_model := root / model).is_dir()) else None
+    if pretrained and pretrained != PACKAGED:
+        pretrained = str(absolute_model.resolve())
+    if pretrained and section["dataset"] != "text":
+        raise ConfigError(f"--model {model} is a pretrained text classifier; {data} is {section['dataset']} data")
+    if pretrained:
+        section["tokenizer"] = pretrained  # its texts must be tokenized by its own tokenizer
+    families = ["custom"] if spec else ["hf"] if pretrained else [model] if model else FAMILIES_FOR[section["dataset"]]
+    if unknown := [f for f in families if f not in (*BUILTIN_FAMILIES, "custom", "hf")]:
         raise ConfigError(f"--model {unknown[0]}: known model families are {', '.join(BUILTIN_FAMILIES)}, or your "
-                          "own module as package.module:function")
+                          f"own module as package.module:function, or a pretrained text model ({PACKAGED} or a "
+                          "local Hugging Face folder)")
     if section["dataset"] != "image_folder" and (images := [f for f in families if f in ("cnn", "resnet")]):
         raise ConfigError(f"--model {images[0]} takes images; {data} is {section['dataset']} data")
     name = out.stem.replace("_", "-")
     # Shift augmentation is for images; the space default would waste trials on it elsewhere.
     augment = ["shift"] if section["dataset"] == "image_folder" else ["none"]
     cfg = PipelineConfig.model_validate({
-        "data": section, "model": {"spec": spec}, "search": {"space": {"families": families, "augment": augment}},
+        "data": section, "model": {"spec": spec, "pretrained": pretrained}, "search": {"space": {"families": families, "augment": augment}},
         "register": {"model_name": f"{name}-classifier"}, "tracking": {"experiment": name}})
     header = [f"# modelforge config written by `modelforge init` for {data}",
               *(f"# {line}" for line in found),

@@ -30,6 +30,8 @@ def test_texts_and_image_folders_are_recognised(tmp_path):
                   "topic": ["a", "b"] * 5}).to_csv(data / "t.csv", index=False)
     cfg = load_config(init_config(data / "t.csv", "topic", None, "text.yaml", tmp_path))
     assert cfg.data.dataset == "text" and cfg.data.text == "body" and cfg.search.space.families == ["text"]
+    cfg = load_config(init_config(data / "t.csv", "topic", "minilm", "tuned.yaml", tmp_path))  # transfer learning
+    assert (cfg.model.pretrained, cfg.data.tokenizer, cfg.search.space.families) == ("minilm", "minilm", ["hf"])
     images = tmp_path / "images"
     for label in ("cat", "dog"):
         (images / label).mkdir(parents=True)
@@ -51,6 +53,8 @@ def test_refusals_are_clear(tmp_path, capsys):
         init_config(tmp_path / "d/data.csv", "target", None, "c.yaml", tmp_path)
     with pytest.raises(ConfigError, match="known model families"):
         init_config(tmp_path / "d/data.csv", "label", "transformer", "c.yaml", tmp_path)
+    with pytest.raises(ConfigError, match="--model minilm is a pretrained text classifier; .* is table data"):
+        init_config(tmp_path / "d/data.csv", "label", "minilm", "c.yaml", tmp_path)
     with pytest.raises(ConfigError, match="--model resnet takes images; .* is table data"):
         init_config(tmp_path / "d/data.csv", "label", "resnet", "c.yaml", tmp_path)
     init_config(tmp_path / "d/data.csv", "label", None, "c.yaml", tmp_path)
