@@ -14,7 +14,7 @@ package, 8 classes, the same hash split for every row below):
   candidates: dynamic INT8, half the attention heads and FFN channels pruned through Torch-Pruning,
   and both.
 Images (`modelforge example digits_png`, 32x32 PNGs): the residual CNN family,
-`configs/digits_png_resnet.yaml` end to end, with 50% structured pruning through the dependency
+`configs/digits_png.yaml` end to end, with 50% structured pruning through the dependency
 graph, static INT8, and both.
 
 Accuracy is on each run's test split; size and throughput come from the pipeline's own validation
@@ -134,7 +134,7 @@ def main() -> None:
             "minilm_int8_drop_pts": 100 * (fine - number(int8, "accuracy")),
         })
     if not args.skip_images:
-        resnet, resnet_s = run_pipeline(work / "resnet", "digits_png_resnet.yaml", "digits_png", "datasets/digits_png")
+        resnet, resnet_s = run_pipeline(work / "resnet", "digits_png.yaml", "digits_png", "datasets/digits_png")
         report += [f"Residual CNN on the 32x32 digits_png folder ({resnet_s:.0f} s pipeline; throughput at batch 64):",
                    HEADER, *ratios(resnet), ""]
         base = resnet["baseline"]
