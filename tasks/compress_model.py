@@ -22,7 +22,7 @@ from prefect import task
 from torch import nn
 from torch.nn.utils import parametrize
 
-from tasks.models import FAMILIES, build_model, count_params, load_checkpoint, save_checkpoint
+from tasks.models import FAMILIES, arch_from_params, build_model, count_params, load_checkpoint, save_checkpoint, vocab_of
 from tasks.prune_graph import prune_channels
 from tasks.config import (Binarize, ConvertFp16, Distill, MagnitudePrune, QuantizeAware, QuantizeDynamic,
                           QuantizeStatic, SparsityTrain, StructuredPrune, TrainConfig)
@@ -196,7 +196,18 @@ def _prune_in_place(model: nn.Module, arch, meta: dict, state: ModelState, cfg: 
 def distill(state: ModelState, cfg: Distill, ctx: CompressContext) -> ModelState:
     """Train a narrower student on temperature-scaled KL to the teacher's logits plus hard labels."""
     teacher, arch, meta = load_checkpoint(state.checkpoint)
-    student_arch = arch.scaled(cfg.width_factor, cfg.depth)
+    if cfg.student is not None:
+        try:
+            student_arch = arch_from_params(cfg.student, arch.num_classes, arch.input_shape,
+                                            vocab_of(ctx.splits.manifest))
+        except KeyError as err:
+            raise ValueError(f"distill: student {cfg.student} needs {err} (and family, depth, width; channels "
+                             "for a cnn or resnet)") from None
+    elif not FAMILIES[arch.family].rebuilds and arch.family != "resnet":
+        raise ValueError(f"distill: a {arch.family} teacher has no scaled-down twin; name a built-in student "
+                         "(student: {family: ..., ...})")
+    else:
+        student_arch = arch.scaled(cfg.width_factor, cfg.depth)
     if cfg.conv is not None or cfg.hidden is not None:
         student_arch = replace(student_arch, conv=tuple(cfg.conv if cfg.conv is not None else student_arch.conv),
                                hidden=tuple(cfg.hidden if cfg.hidden is not None else student_arch.hidden))

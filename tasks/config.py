@@ -308,6 +308,9 @@ class Distill(_Step):
     depth: int | None = Field(None, ge=1, description="Student depth; default the teacher's.")
     conv: list[int] | None = Field(None, description="Explicit student conv channels (e.g. from a search trial); overrides width_factor.")
     hidden: list[int] | None = Field(None, description="Explicit student hidden widths; overrides width_factor.")
+    student: dict | None = Field(None, description="A built-in student for any teacher (a resnet, your module, a "
+                                 "Hugging Face model), as search parameters: e.g. {family: text, width: 128, depth: 2} "
+                                 "or {family: cnn, channels: 16, depth: 2, width: 64}; overrides the scaled teacher.")
     temperature: float = Field(4.0, gt=0, description="Softmax temperature of the KL term.")
     alpha: float = Field(0.7, ge=0, le=1, description="Weight of the KL term; 1-alpha weights the hard-label loss.")
     epochs: int = Field(30, ge=1, description="Student training epochs (early stopping applies).")

@@ -134,7 +134,9 @@ def test_a_local_hugging_face_checkpoint_is_fine_tuned_pruned_by_heads_quantized
         "train": {"max_epochs": 15, "patience": 15},
         "compress": {"candidates": {
             "heads": [{"method": "structured_prune", "amount": 0.5, "finetune_epochs": 6, "finetune_lr_scale": 0.5}],
-            "int8_dynamic": [{"method": "quantize_dynamic"}]}},
+            "int8_dynamic": [{"method": "quantize_dynamic"}],
+            # the transformer teaches a built-in bag-of-tokens student over the same token ids
+            "student": [{"method": "distill", "student": {"family": "text", "width": 32, "depth": 1}, "epochs": 30}]}},
     })
     report = run_project(tmp_path, config)
     with open(tmp_path / ".modelforge" / "reports" / report["run_id"] / "candidates.csv") as f:
@@ -142,6 +144,8 @@ def test_a_local_hugging_face_checkpoint_is_fine_tuned_pruned_by_heads_quantized
     assert float(table["baseline"]["accuracy"]) > 0.8
     assert float(table["heads"]["size_kb"]) < 0.9 * float(table["baseline"]["size_kb"])
     assert float(table["int8_dynamic"]["size_kb"]) < 0.6 * float(table["baseline"]["size_kb"])
+    assert float(table["student"]["size_kb"]) < 0.6 * float(table["baseline"]["size_kb"])
+    assert float(table["student"]["accuracy"]) > 0.8
     bundle = tmp_path / "deploy" / "bundle"
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert manifest["preprocessing"]["tokenizer"] == bert and manifest["labels"] == sorted(TOPICS)
