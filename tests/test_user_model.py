@@ -131,12 +131,12 @@ def test_a_local_hugging_face_checkpoint_is_fine_tuned_pruned_by_heads_quantized
         "search": {"n_trials": 2, "epochs": 4, "space": {"lr": [0.003, 0.006], "optimizers": ["adamw"],
                                                          "batch_sizes": [16], "freeze_epochs": [0, 1],
                                                          "backbone_lr_scale": [0.5, 1.0], "augment": ["none"]}},
-        "train": {"max_epochs": 15, "patience": 15},
+        "train": {"max_epochs": 10, "patience": 4},
         "compress": {"candidates": {
             "heads": [{"method": "structured_prune", "amount": 0.5, "finetune_epochs": 6, "finetune_lr_scale": 0.5}],
             "int8_dynamic": [{"method": "quantize_dynamic"}],
             # the transformer teaches a built-in bag-of-tokens student over the same token ids
-            "student": [{"method": "distill", "student": {"family": "text", "width": 32, "depth": 1}, "epochs": 30}]}},
+            "student": [{"method": "distill", "student": {"family": "text", "width": 32, "depth": 1}, "epochs": 20}]}},
     })
     report = run_project(tmp_path, config)
     with open(tmp_path / ".modelforge" / "reports" / report["run_id"] / "candidates.csv") as f:
