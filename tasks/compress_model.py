@@ -203,7 +203,7 @@ def distill(state: ModelState, cfg: Distill, ctx: CompressContext) -> ModelState
         except KeyError as err:
             raise ValueError(f"distill: student {cfg.student} needs {err} (and family, depth, width; channels "
                              "for a cnn or resnet)") from None
-    elif not FAMILIES[arch.family].rebuilds and arch.family != "resnet":
+    elif not FAMILIES[arch.family].scales:
         raise ValueError(f"distill: a {arch.family} teacher has no scaled-down twin; name a built-in student "
                          "(student: {family: ..., ...})")
     else:

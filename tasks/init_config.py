@@ -17,9 +17,10 @@ from tasks.config import ConfigError, PipelineConfig, TableDataConfig, load_conf
 from tasks.data.base import DataError
 from tasks.data.image_folder import SUFFIXES as IMAGE_SUFFIXES
 from tasks.data.table import READERS, infer_schema, read_table
+from tasks.models import FAMILIES
 from tasks.models.hf import PACKAGED
 
-BUILTIN_FAMILIES = ("mlp", "cnn", "resnet", "text")
+BUILTIN_FAMILIES = tuple(f for f, family in FAMILIES.items() if family.builtin)
 FAMILIES_FOR = {"table": ["mlp"], "image_folder": ["cnn", "mlp"], "text": ["text"]}  # what suits each source
 
 
@@ -111,11 +112,11 @@ def init_config(data: Path, label: str | None, model: str | None, out: Path, roo
     if pretrained:
         section["tokenizer"] = pretrained  # its texts must be tokenized by its own tokenizer
     families = ["custom"] if spec else ["hf"] if pretrained else [model] if model else FAMILIES_FOR[section["dataset"]]
-    if unknown := [f for f in families if f not in (*BUILTIN_FAMILIES, "custom", "hf")]:
+    if unknown := [f for f in families if f not in FAMILIES]:
         raise ConfigError(f"--model {unknown[0]}: known model families are {', '.join(BUILTIN_FAMILIES)}, or your "
                           f"own module as package.module:function, or a pretrained text model ({PACKAGED} or a "
                           "local Hugging Face folder)")
-    if section["dataset"] != "image_folder" and (images := [f for f in families if f in ("cnn", "resnet")]):
+    if section["dataset"] != "image_folder" and (images := [f for f in families if FAMILIES[f].images]):
         raise ConfigError(f"--model {images[0]} takes images; {data} is {section['dataset']} data")
     name = out.stem.replace("_", "-")
     # Shift augmentation is for images; the space default would waste trials on it elsewhere.

@@ -165,8 +165,7 @@ def suggest(trial: optuna.Trial, cfg: SearchConfig) -> dict:
         "freeze_epochs": trial.suggest_int("freeze_epochs", *s.freeze_epochs),
         "backbone_lr_scale": trial.suggest_float("backbone_lr_scale", *s.backbone_lr_scale, log=True),
         # The user's model is fixed, not searched; carried so the chosen parameters rebuild it.
-        **({"spec": cfg.model.spec, "weights": str(cfg.model.weights or "")} if cfg.model.spec else {}),
-        **({"pretrained": cfg.model.pretrained} if cfg.model.pretrained else {}),
+        **cfg.model.fixed_params(),
     }
 
 
@@ -432,8 +431,8 @@ def fit_search_to_data(cfg: SearchConfig, input_shape: tuple[int, ...], text: bo
     families that cannot take the data's samples leave: a CNN or ResNet needs C x H x W images, so a
     table's feature vectors leave only the MLP; token ids (`text`) take the text family only.
     Nothing left is a ConfigError."""
-    if model is not None and (model.spec or model.pretrained):
-        space = cfg.space.model_copy(update={"families": ["custom" if model.spec else "hf"], "depth": (1, 1),
+    if model is not None and model.family:
+        space = cfg.space.model_copy(update={"families": [model.family], "depth": (1, 1),
                                              "width": (cfg.space.width[0],) * 2,
                                              "channels": (cfg.space.channels[0],) * 2, "kernels": cfg.space.kernels[:1],
                                              "activations": cfg.space.activations[:1], "dropout": (0.0, 0.0)})
@@ -442,7 +441,7 @@ def fit_search_to_data(cfg: SearchConfig, input_shape: tuple[int, ...], text: bo
         return cfg.model_copy(update={"space": space, "model": model})
     images = len(input_shape) == 3
     families = [f for f in cfg.space.families
-                if (FAMILIES[f].images <= images) and (f == "text") == text and f not in ("custom", "hf")]
+                if FAMILIES[f].builtin and FAMILIES[f].images <= images and (f == "text") == text]
     if not families:
         raise ConfigError(f"search.space.families is {cfg.space.families}, but the data's samples have shape "
                           f"{list(input_shape)}" + (": text data needs the text family" if text else

@@ -74,8 +74,8 @@ def test_every_family_is_covered():
 
 @pytest.mark.parametrize("family", sorted(SAMPLES))
 def test_family_contract(family, tmp_path, local_checkpoint):
-    from tasks.compress_model import CompressContext, ModelState, structured_prune
-    from tasks.config import StructuredPrune, TrainConfig
+    from tasks.compress_model import CompressContext, ModelState, distill, structured_prune
+    from tasks.config import Distill, StructuredPrune, TrainConfig
     from tasks.data.base import Splits
     from tasks.train_model import TrainParams, accuracy, fit
 
@@ -92,7 +92,8 @@ def test_family_contract(family, tmp_path, local_checkpoint):
     assert export_onnx(model, tmp_path / "model.onnx", x[:8]).parity_max_abs < 1e-4
     ckpt = save_checkpoint(tmp_path / "model.pt", model, arch, {"train": {"lr": 0.01, "optimizer": "adam"}})
 
-    splits = Splits((x, y), (x, y), (x, y), 2, {"num_classes": 2, "input_shape": list(shape)})
+    manifest = {"num_classes": 2, "input_shape": list(shape), "preprocessing": {"vocab_size": 30}}
+    splits = Splits((x, y), (x, y), (x, y), 2, manifest)
     ctx = CompressContext(splits, TrainConfig(), ckpt, tmp_path / "pruned")
     state = structured_prune(ModelState(ckpt), StructuredPrune(method="structured_prune", amount=0.5,
                                                                finetune_epochs=1), ctx)
@@ -100,6 +101,18 @@ def test_family_contract(family, tmp_path, local_checkpoint):
     assert count_params(pruned) < 0.7 * count_params(model)
     assert accuracy(pruned, x, y) == state.info["structured_prune"]["val_acc_finetuned"]  # its weights, reloaded
     assert export_onnx(pruned, tmp_path / "pruned.onnx", x[:8]).parity_max_abs < 1e-4
+
+    # distillation: the teacher's scaled-down twin by default, or a named built-in student for any teacher
+    student = {"family": "text" if tokens else "mlp", "width": 8, "depth": 1}
+    recipes = [Distill(method="distill", epochs=1, student=student)]
+    if FAMILIES[family].scales:
+        recipes.append(Distill(method="distill", epochs=1))
+    else:
+        with pytest.raises(ValueError, match="no scaled-down twin"):
+            distill(ModelState(ckpt), Distill(method="distill", epochs=1), ctx)
+    for recipe in recipes:
+        taught, _, _ = load_checkpoint(distill(ModelState(ckpt), recipe, ctx).checkpoint)
+        assert count_params(taught) < count_params(model)
 
 
 def test_custom_module_loads_pretrained_weights_and_refuses_ones_that_do_not_fit(tmp_path):

@@ -33,6 +33,8 @@ class Family:
     build: Callable[[Arch], nn.Module]
     rebuilds: bool = False  # structured pruning may rebuild it from a narrower Arch
     images: bool = False  # needs [C, H, W] samples
+    builtin: bool = True  # searched from the space; False: the model section names the model (spec, pretrained)
+    scales: bool = True  # `Arch.scaled` describes a narrower twin, the default distillation student
 
 
 FAMILIES: dict[str, Family] = {
@@ -40,8 +42,8 @@ FAMILIES: dict[str, Family] = {
     "cnn": Family(cnn_arch, build_cnn, rebuilds=True, images=True),
     "resnet": Family(resnet_arch, build_resnet, images=True),
     "text": Family(text_arch, build_text),
-    "custom": Family(custom_arch, build_custom),
-    "hf": Family(hf_arch, build_hf),
+    "custom": Family(custom_arch, build_custom, builtin=False, scales=False),
+    "hf": Family(hf_arch, build_hf, builtin=False, scales=False),
 }
 
 
