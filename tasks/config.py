@@ -154,6 +154,17 @@ class ModelConfig(_Section):
             raise ValueError("; ".join(problems))
         return self
 
+    @property
+    def family(self) -> str | None:
+        """The model family the section names (custom, hf); None: the search picks a built-in one."""
+        return "custom" if self.spec else "hf" if self.pretrained else None
+
+    def fixed_params(self) -> dict:
+        """What rebuilds the named model beside the searched settings; every trial carries it."""
+        if self.spec:
+            return {"spec": self.spec, "weights": str(self.weights or "")}
+        return {"pretrained": self.pretrained} if self.pretrained else {}
+
 
 class SearchSpace(_Section):
     families: list[Literal["mlp", "cnn", "resnet", "text", "custom", "hf"]] = Field(

@@ -240,10 +240,9 @@ def check_model_inputs(train: TrainConfig, model: ModelConfig, num_classes: int,
     if name := model.spec or model.pretrained:
         if str(root) not in sys.path:
             sys.path.insert(0, str(root))
-        arch = (Arch("custom", num_classes, tuple(input_shape), (), (), spec=model.spec, weights=str(model.weights or ""))
-                if model.spec else Arch("hf", num_classes, tuple(input_shape), (), (), spec=model.pretrained))
         try:
-            net = build_model(arch).eval()
+            net = build_model(arch_from_params({"family": model.family, **model.fixed_params()}, num_classes,
+                                               input_shape)).eval()
             with torch.no_grad():
                 out = net(torch.zeros(2, *input_shape))
             if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, num_classes):
