@@ -213,13 +213,17 @@ def check_init_checkpoint(cfg: TrainConfig, num_classes: int, input_shape: tuple
     """Fail before any training if the fine-tuning checkpoint is unreadable or does not fit the data."""
     if cfg.init_from is None:
         return None
-    _, arch, _ = load_checkpoint(cfg.init_from)
+    return _load_init(cfg, num_classes, input_shape)[1]
+
+
+def _load_init(cfg: TrainConfig, num_classes: int, input_shape: tuple[int, ...]) -> tuple[nn.Module, Arch]:
+    model, arch, _ = load_checkpoint(cfg.init_from)
     if arch.num_classes != num_classes or tuple(arch.input_shape) != tuple(input_shape):
         raise ValueError(
             f"train.init_from {cfg.init_from}: model has {arch.num_classes} classes / input {arch.input_shape}, "
             f"data has {num_classes} classes / input {tuple(input_shape)}"
         )
-    return arch
+    return model, arch
 
 
 def check_model_inputs(train: TrainConfig, model: ModelConfig, num_classes: int, input_shape: tuple[int, ...],
@@ -259,10 +263,10 @@ def check_model_inputs(train: TrainConfig, model: ModelConfig, num_classes: int,
 
 
 def _initial_model(cfg: TrainConfig, best: dict, splits) -> tuple[nn.Module, Arch]:
-    """The model training starts from: `cfg.init_from`'s weights, or the searched architecture seeded."""
+    """The model training starts from: `cfg.init_from`'s weights (checked against the data), or the
+    searched architecture seeded."""
     if cfg.init_from is not None:
-        model, arch, _ = load_checkpoint(cfg.init_from)
-        return model, arch
+        return _load_init(cfg, splits.num_classes, tuple(splits.manifest["input_shape"]))
     arch = arch_from_params(best, splits.num_classes, splits.manifest["input_shape"], vocab_of(splits.manifest))
     torch.manual_seed(cfg.seed)
     return build_model(arch), arch
@@ -275,7 +279,6 @@ def train_model(cfg: TrainConfig, best: dict, data_dir: Path, data_version: str,
 
     Writes under `out_dir/<cache key>/`: the same data version, config and code reuse the result."""
     splits = load_splits(data_dir)
-    check_init_checkpoint(cfg, splits.num_classes, tuple(splits.manifest["input_shape"]))
     model, arch = _initial_model(cfg, best, splits)
     if cfg.init_from is not None:
         print(f"[train] fine-tuning from {cfg.init_from} ({arch.family}, {count_params(model)} params)")
