@@ -37,7 +37,7 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from tasks.guard_bundle import BundleError, relative_paths
-from tasks.run_onnx import make_session
+from tasks.run_onnx import feeds, make_session
 
 MAX_BATCH = 1024
 MAX_BODY_BYTES = 8 << 20  # 1,024 samples of 8x8 pixels are about 1.5 MB of JSON
@@ -48,7 +48,6 @@ FLOAT32_MAX = float(np.finfo(np.float32).max)
 class LoadedModel:
     session: object
     manifest: dict
-    input_name: str
     sample_shape: tuple[int, ...] | None  # classifier bundles
     tokenizer: object | None  # sentence-encoder bundles
     loaded_at: float
@@ -72,7 +71,7 @@ def load_bundle(bundle_dir: Path) -> LoadedModel:
 
         tokenizer = AutoTokenizer.from_pretrained(str(bundle_dir / manifest["tokenizer_dir"]))
     shape = tuple(manifest["input_shape"]) if "input_shape" in manifest else None
-    return LoadedModel(session, relative_paths(manifest, bundle_dir), session.get_inputs()[0].name, shape, tokenizer,
+    return LoadedModel(session, relative_paths(manifest, bundle_dir), shape, tokenizer,
                        time.time())
 
 
@@ -338,7 +337,7 @@ def create_app(source: BundleSource | RegistrySource, poll_seconds: float = 1.0,
             x = parse_raw(payload, raw, model.manifest.get("preprocessing"), max_batch)
         else:
             x = parse_inputs(payload, model.sample_shape, max_batch)
-        logits = model.session.run(None, {model.input_name: x})[0]
+        logits = model.session.run(None, feeds(model.session, x))[0]
         shifted = np.exp(logits - logits.max(1, keepdims=True))
         probabilities = shifted / shifted.sum(1, keepdims=True)
         names = model.manifest.get("labels") or list(range(logits.shape[1]))

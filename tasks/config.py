@@ -137,9 +137,10 @@ class ModelConfig(_Section):
     weights: Path | None = Field(None, description="Pretrained weights for spec: a state_dict saved with torch.save, "
                                  "or .safetensors (never a pickled model); every trial and the final training start "
                                  "from them.")
-    pretrained: str | None = Field(None, description="Fine-tune a Hugging Face text classifier instead: 'minilm' (the "
-                                   "packaged all-MiniLM-L6-v2) or a local folder with config.json, weights and "
-                                   "tokenizer.json; the text data is tokenized with its tokenizer (data.tokenizer).")
+    pretrained: str | None = Field(None, description="Fine-tune a Hugging Face classifier instead: for texts 'minilm' "
+                                   "(the packaged all-MiniLM-L6-v2) or a local folder with config.json, weights and "
+                                   "tokenizer.json (data.tokenizer names it too); for an image folder a local image "
+                                   "classifier's folder (config.json and weights, e.g. a ViT at data.image_size).")
 
     @model_validator(mode="after")
     def _spec_valid(self) -> "ModelConfig":
@@ -316,7 +317,8 @@ class StructuredPrune(_Finetuned):
 class Distill(_Step):
     method: Literal["distill"]
     width_factor: float = Field(0.5, gt=0, le=1, description="Student width/channels as a share of the teacher's.")
-    depth: int | None = Field(None, ge=1, description="Student depth; default the teacher's.")
+    depth: int | None = Field(None, ge=1, description="Student depth; default the teacher's (a Hugging Face "
+                              "teacher: half its transformer layers, spread from the first to the last).")
     conv: list[int] | None = Field(None, description="Explicit student conv channels (e.g. from a search trial); overrides width_factor.")
     hidden: list[int] | None = Field(None, description="Explicit student hidden widths; overrides width_factor.")
     student: dict | None = Field(None, description="A built-in student for any teacher (a resnet, your module, a "
@@ -639,9 +641,13 @@ class PipelineConfig(_Pipeline):
             problems.append("search.space.families names custom but model.spec is not set")
         if "hf" in self.search.space.families and self.model.pretrained is None:
             problems.append("search.space.families names hf but model.pretrained is not set")
-        if self.model.pretrained is not None and getattr(self.data, "tokenizer", None) != self.model.pretrained:
-            problems.append(f"model.pretrained is {self.model.pretrained}: its texts must be tokenized by it, so "
-                            f"data.tokenizer must be {self.model.pretrained} too (a text data set)")
+        if self.model.pretrained is not None:
+            if self.data.dataset == "table":
+                problems.append(f"model.pretrained is {self.model.pretrained}: a pretrained Hugging Face model takes "
+                                f"texts or images, and the data is {self.data.dataset}")
+            elif self.data.dataset == "text" and self.data.tokenizer != self.model.pretrained:
+                problems.append(f"model.pretrained is {self.model.pretrained}: its texts must be tokenized by it, so "
+                                f"data.tokenizer must be {self.model.pretrained} too")
         if problems:
             raise ValueError("; ".join(problems))
         return self

@@ -178,12 +178,10 @@ def make_student(teacher: SentenceEncoder, keep: tuple[int, ...]) -> SentenceEnc
     """A shallower copy of the teacher that keeps the listed transformer layers (and their weights)."""
     import copy
 
+    from tasks.models.hf import keep_layers
+
     student = copy.deepcopy(teacher)
-    layers = student.bert.encoder.layer
-    if not keep or max(keep) >= len(layers):
-        raise ValueError(f"keep={keep}: the teacher has layers 0..{len(layers) - 1}")
-    student.bert.encoder.layer = nn.ModuleList([layers[i] for i in keep])
-    student.bert.config.num_hidden_layers = len(keep)
+    keep_layers(student.bert, keep)
     return student
 
 

@@ -12,6 +12,7 @@ import onnx
 import torch
 from torch import nn
 
+from tasks.models.base import ExportGraph
 from tasks.run_onnx import predict_logits, make_session
 
 INPUT_NAME = "input"
@@ -27,8 +28,9 @@ class ExportResult:
     parity_max_abs: float  # max |ORT - PyTorch| over the reference inputs
 
 
-def save_exported(program, path: Path) -> Path:
-    """Write a `torch.onnx.export` result to `path` only once it passes `onnx.checker`.
+def save_exported(program, path: Path, metadata: dict[str, str] | None = None) -> Path:
+    """Write a `torch.onnx.export` result, with `metadata` in the model's metadata, to `path` only
+    once it passes `onnx.checker`.
 
     The exporter annotates every node with FX provenance (stack traces with local paths): useless to
     serving, a leak of build paths, and a fixed overhead that dominates the size of small models.
@@ -36,6 +38,8 @@ def save_exported(program, path: Path) -> Path:
     proto = program.model_proto
     for node in proto.graph.node:
         del node.metadata_props[:]
+    for key, value in (metadata or {}).items():
+        proto.metadata_props.add(key=key, value=value)
     return write_checked(path, lambda tmp: onnx.save(proto, str(tmp)))
 
 
@@ -54,15 +58,20 @@ def write_checked(path: Path, write: Callable[[Path], None]) -> Path:
 def export_onnx(model: nn.Module, path: Path, reference_x: np.ndarray) -> ExportResult:
     """Export with the dynamo exporter and measure parity on `reference_x` (N, *input_shape).
 
-    The example batch has 2 samples: with 1 the exporter specialises the batch axis to a constant.
+    A model whose graph takes other inputs than its forward (Hugging Face's `input_ids` and
+    `attention_mask`) says so with `export_graph`; `run_onnx.feeds` maps the pipeline's arrays
+    onto them. The example batch has 2 samples: with 1 the exporter specialises the batch axis to a
+    constant.
     """
     model = model.eval()
     example = torch.from_numpy(np.ascontiguousarray(reference_x[:2]))
+    graph = (model.export_graph(example) if hasattr(model, "export_graph") else
+             ExportGraph(model, {INPUT_NAME: example}, {INPUT_NAME: {0: torch.export.Dim("batch")}}, {}))
     program = torch.onnx.export(
-        model, (example,), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-        dynamic_shapes=({0: torch.export.Dim("batch")},), dynamo=True, verbose=False,
+        graph.module, tuple(graph.inputs.values()), input_names=list(graph.inputs), output_names=[OUTPUT_NAME],
+        dynamic_shapes=tuple(graph.dynamic_shapes[k] for k in graph.inputs), dynamo=True, verbose=False,
     )
-    path = save_exported(program, path)
+    path = save_exported(program, path, graph.metadata)
     with torch.no_grad():
         expected = model(torch.from_numpy(reference_x)).numpy()
     got = predict_logits(make_session(path), reference_x)

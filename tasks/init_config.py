@@ -8,6 +8,7 @@ validation as any config before `init` reports success.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import yaml
@@ -91,6 +92,17 @@ def describe_data(data: Path, label: str | None) -> tuple[dict, list[str]]:
     return {"dataset": "table", "dir": str(data.parent), "file": data.name, "label": label}, found
 
 
+def pretrained_image_input(folder: Path) -> dict:
+    """The image size and colour an image checkpoint was trained at (its position embeddings fix the size)."""
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"--model {folder}: config.json cannot be read ({err})") from None
+    side = config.get("image_size", 224)
+    return {"image_size": list(side) if isinstance(side, list) else [side, side],
+            "color": "gray" if config.get("num_channels", 3) == 1 else "rgb"}
+
+
 def init_config(data: Path, label: str | None, model: str | None, out: Path, root: Path) -> Path:
     """Write a config for the data at `data` (relative paths are taken from `root`) to `out`, after
     checking it loads; returns `out`. An existing `out` is never overwritten."""
@@ -103,18 +115,21 @@ def init_config(data: Path, label: str | None, model: str | None, out: Path, roo
     section["dir"] = str(Path(section["dir"]).resolve().relative_to(root)) if Path(section["dir"]).resolve().is_relative_to(root) \
         else section["dir"]
     spec = model if model and ":" in model else None  # a user's own "package.module:function"
-    # a pretrained Hugging Face text classifier: the packaged MiniLM, or a local checkpoint folder
+    # a pretrained Hugging Face classifier: the packaged MiniLM, or a local checkpoint folder (text or image)
     pretrained = model if model == PACKAGED or (model and (absolute_model := root / model).is_dir()) else None
     if pretrained and pretrained != PACKAGED:
         pretrained = str(absolute_model.resolve())
-    if pretrained and section["dataset"] != "text":
-        raise ConfigError(f"--model {model} is a pretrained text classifier; {data} is {section['dataset']} data")
-    if pretrained:
+    if pretrained and section["dataset"] not in ("text", "image_folder"):
+        raise ConfigError(f"--model {model} is a pretrained Hugging Face model (texts or images); {data} is "
+                          f"{section['dataset']} data")
+    if pretrained and section["dataset"] == "text":
         section["tokenizer"] = pretrained  # its texts must be tokenized by its own tokenizer
+    if pretrained and section["dataset"] == "image_folder":
+        section.update(pretrained_image_input(Path(pretrained)))
     families = ["custom"] if spec else ["hf"] if pretrained else [model] if model else FAMILIES_FOR[section["dataset"]]
     if unknown := [f for f in families if f not in FAMILIES]:
         raise ConfigError(f"--model {unknown[0]}: known model families are {', '.join(BUILTIN_FAMILIES)}, or your "
-                          f"own module as package.module:function, or a pretrained text model ({PACKAGED} or a "
+                          f"own module as package.module:function, or a pretrained Hugging Face model ({PACKAGED} or a "
                           "local Hugging Face folder)")
     if section["dataset"] != "image_folder" and (images := [f for f in families if FAMILIES[f].images]):
         raise ConfigError(f"--model {images[0]} takes images; {data} is {section['dataset']} data")

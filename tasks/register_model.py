@@ -13,7 +13,7 @@ from prefect import task
 
 from tasks.config import RegisterConfig
 from tasks.evaluate_model import Evaluator
-from tasks.run_onnx import make_session
+from tasks.run_onnx import feeds, make_session
 
 
 @dataclass(frozen=True)
@@ -27,12 +27,14 @@ class RegisteredModel:
 def register_model(onnx_path: Path, cfg: RegisterConfig, run_id: str, evaluator: Evaluator) -> RegisteredModel:
     session = make_session(onnx_path)
     sample_x = evaluator.example_inputs()
-    feeds = sample_x if isinstance(sample_x, dict) else {session.get_inputs()[0].name: sample_x}
-    signature = infer_signature(sample_x, session.run(None, feeds)[0])
+    # The graph's own inputs (int64 input_ids and attention_mask for HF models); one shows as a plain tensor.
+    inputs = sample_x if isinstance(sample_x, dict) else feeds(session, sample_x)
+    example = inputs if len(inputs) > 1 else next(iter(inputs.values()))
+    signature = infer_signature(example, session.run(None, inputs)[0])
     # log_model takes no run id: resume the pipeline run in this thread just for the call.
     with mlflow.start_run(run_id=run_id):
         info = mlflow.onnx.log_model(
-            onnx.load(str(onnx_path)), name="model", signature=signature, input_example=sample_x,
+            onnx.load(str(onnx_path)), name="model", signature=signature, input_example=example,
             registered_model_name=cfg.model_name, onnx_execution_providers=["CPUExecutionProvider"],
         )
     version = str(info.registered_model_version)

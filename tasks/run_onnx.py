@@ -60,9 +60,28 @@ def make_session(path: Path | bytes, device: str = "cpu", intra_op_threads: int 
     return ort.InferenceSession(model, sess_options=opts, providers=providers, disabled_optimizers=session_unfused(path))
 
 
+# Hugging Face graphs take `input_ids` and `attention_mask`, as every HF runtime expects, while the
+# pipeline's arrays hold float token ids (one tensor like every other model's input). The padding id
+# that turns one into the other travels in the model's metadata.
+PAD_KEY = "modelforge.pad_token_id"
+TOKEN_INPUTS = ("input_ids", "attention_mask")
+
+
+def graph_feeds(input_names: list[str], metadata: dict[str, str], x: np.ndarray) -> dict[str, np.ndarray]:
+    """The inputs of a graph with `input_names` and `metadata` for the pipeline's array `x`."""
+    if tuple(input_names) == TOKEN_INPUTS:
+        ids = x.astype(np.int64)
+        return {"input_ids": ids, "attention_mask": (ids != int(metadata.get(PAD_KEY, 0))).astype(np.int64)}
+    return {input_names[0]: x}
+
+
+def feeds(session: ort.InferenceSession, x: np.ndarray) -> dict[str, np.ndarray]:
+    """`graph_feeds` for a session's model."""
+    return graph_feeds([i.name for i in session.get_inputs()], session.get_modelmeta().custom_metadata_map, x)
+
+
 def predict_logits(session: ort.InferenceSession, x: np.ndarray, batch: int = 256) -> np.ndarray:
-    name = session.get_inputs()[0].name
-    return np.concatenate([session.run(None, {name: x[i : i + batch]})[0] for i in range(0, len(x), batch)])
+    return np.concatenate([session.run(None, feeds(session, x[i : i + batch]))[0] for i in range(0, len(x), batch)])
 
 
 def onnx_accuracy(session: ort.InferenceSession, x: np.ndarray, y: np.ndarray) -> float:
@@ -91,14 +110,14 @@ def measure_speeds(
     model being timed (measured: -26% throughput on an identical graph with 8 models on 2 cores).
     """
     def feeds_for(session: ort.InferenceSession) -> tuple[dict, dict]:
-        arrays = x if isinstance(x, dict) else {session.get_inputs()[0].name: x}
+        arrays = x if isinstance(x, dict) else feeds(session, x)
         single = {k: v[:1] for k, v in arrays.items()}
         big = {k: np.resize(v, (batch, *v.shape[1:])).astype(v.dtype) for k, v in arrays.items()}
         return single, big
 
-    feeds = {k: feeds_for(s) for k, s in sessions.items()}
+    prepared = {k: feeds_for(s) for k, s in sessions.items()}
     for key, session in sessions.items():
-        single, big = feeds[key]
+        single, big = prepared[key]
         for _ in range(warmup):
             session.run(None, single)
         session.run(None, big)
@@ -107,7 +126,7 @@ def measure_speeds(
     batch_times: dict[str, list[float]] = {k: [] for k in sessions}
     for _ in range(rounds):
         for key, session in sessions.items():
-            single, big = feeds[key]
+            single, big = prepared[key]
             time.sleep(SPIN_SETTLE_S)
             for _ in range(lat_per_round):
                 t = time.perf_counter()

@@ -43,6 +43,12 @@ def test_texts_and_image_folders_are_recognised(tmp_path):
     cfg = load_config(tmp_path / "own.yaml")  # a user's module: its training is searched, not an architecture
     assert cfg.model.spec == "acme.nets:make_net" and cfg.search.space.families == ["custom"]
     assert "spec: acme.nets:make_net  # 'package.module:function'" in text and "\n  model:" not in text
+    from user_models import tiny_vit
+
+    tiny_vit(tmp_path / "vit", image_size=16, channels=3)  # a local HF image classifier sets the image input
+    cfg = load_config(init_config(images, None, "vit", "vit.yaml", tmp_path))
+    assert cfg.model.pretrained == str(tmp_path / "vit") and cfg.search.space.families == ["hf"]
+    assert (cfg.data.image_size, cfg.data.color) == ((16, 16), "rgb")
 
 
 def test_refusals_are_clear(tmp_path, capsys):
@@ -53,7 +59,7 @@ def test_refusals_are_clear(tmp_path, capsys):
         init_config(tmp_path / "d/data.csv", "target", None, "c.yaml", tmp_path)
     with pytest.raises(ConfigError, match="known model families"):
         init_config(tmp_path / "d/data.csv", "label", "transformer", "c.yaml", tmp_path)
-    with pytest.raises(ConfigError, match="--model minilm is a pretrained text classifier; .* is table data"):
+    with pytest.raises(ConfigError, match=r"--model minilm is a pretrained Hugging Face model \(texts or images\); .* is table data"):
         init_config(tmp_path / "d/data.csv", "label", "minilm", "c.yaml", tmp_path)
     with pytest.raises(ConfigError, match="--model resnet takes images; .* is table data"):
         init_config(tmp_path / "d/data.csv", "label", "resnet", "c.yaml", tmp_path)

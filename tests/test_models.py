@@ -103,9 +103,10 @@ def test_family_contract(family, tmp_path, local_checkpoint):
     assert export_onnx(pruned, tmp_path / "pruned.onnx", x[:8]).parity_max_abs < 1e-4
 
     # distillation: the teacher's scaled-down twin by default, or a named built-in student for any teacher
+    # distillation: the teacher's scaled-down or shallower twin by default, or a named built-in student for any teacher
     student = {"family": "text" if tokens else "mlp", "width": 8, "depth": 1}
     recipes = [Distill(method="distill", epochs=1, student=student)]
-    if FAMILIES[family].scales:
+    if FAMILIES[family].scales or FAMILIES[family].shallower:
         recipes.append(Distill(method="distill", epochs=1))
     else:
         with pytest.raises(ValueError, match="no scaled-down twin"):
@@ -113,6 +114,45 @@ def test_family_contract(family, tmp_path, local_checkpoint):
     for recipe in recipes:
         taught, _, _ = load_checkpoint(distill(ModelState(ckpt), recipe, ctx).checkpoint)
         assert count_params(taught) < count_params(model)
+        assert export_onnx(taught, tmp_path / "student.onnx", x[:8]).parity_max_abs < 1e-4
+
+
+def test_a_hugging_face_student_starts_from_the_teachers_layers(local_checkpoint):
+    from tasks.models.hf import shallower_twin
+
+    teacher_arch = arch_from_params({"family": "hf", "pretrained": local_checkpoint}, 3, (10,))
+    teacher = build_model(teacher_arch)
+    student, arch = shallower_twin(teacher, teacher_arch, None)
+    assert arch.layers == (0,) and len(student.hf.bert.encoder.layer) == 1  # half of the tiny BERT's 2
+    kept, first = student.hf.bert.encoder.layer[0].state_dict(), teacher.hf.bert.encoder.layer[0].state_dict()
+    assert all(torch.equal(kept[k], first[k]) for k in first)
+    assert len(teacher.hf.bert.encoder.layer) == 2  # the teacher is untouched
+    assert shallower_twin(teacher, teacher_arch, 2)[1].layers == (0, 1)
+    rebuilt = build_model(arch)  # a checkpoint of the student rebuilds it from the pretrained folder
+    assert len(rebuilt.hf.bert.encoder.layer) == 1 and rebuilt.hf.config.num_hidden_layers == 1
+
+
+def test_a_hugging_face_graph_takes_input_ids_and_attention_mask(local_checkpoint, tmp_path):
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from tasks.run_onnx import PAD_KEY, make_session, predict_logits
+
+    model = build_model(arch_from_params({"family": "hf", "pretrained": local_checkpoint}, 3, (10,))).eval()
+    x = np.zeros((4, 10), np.float32)
+    x[:, :6] = np.random.default_rng(0).integers(5, 24, (4, 6))  # 6 tokens, then padding
+    path = export_onnx(model, tmp_path / "hf.onnx", x).path
+    session = make_session(path)
+    assert [(i.name, i.type, i.shape) for i in session.get_inputs()] == [
+        ("input_ids", "tensor(int64)", ["batch", "tokens"]), ("attention_mask", "tensor(int64)", ["batch", "tokens"])]
+    assert session.get_modelmeta().custom_metadata_map[PAD_KEY] == "0"
+    with torch.no_grad():
+        expected = model(torch.from_numpy(x)).numpy()
+    ids = x[:, :7].astype(np.int64)  # what an HF runtime feeds: shorter sequences, its own mask
+    got = session.run(None, {"input_ids": ids, "attention_mask": (ids != 0).astype(np.int64)})[0]
+    np.testing.assert_allclose(got, expected, atol=1e-4)
+    quantize_dynamic(str(path), str(tmp_path / "int8.onnx"), weight_type=QuantType.QInt8)
+    int8 = make_session(tmp_path / "int8.onnx")  # the padding id survives quantization, so the mask does
+    assert np.abs(predict_logits(int8, x) - expected).max() < 0.1
 
 
 def test_custom_module_loads_pretrained_weights_and_refuses_ones_that_do_not_fit(tmp_path):

@@ -84,6 +84,34 @@ def test_the_residual_cnn_family_goes_through_the_whole_dag(tmp_path):
     assert best["family"] == "resnet"
 
 
+@pytest.mark.e2e
+def test_a_local_hugging_face_image_classifier_is_fine_tuned_compressed_and_serves(tmp_path):
+    import onnx
+    from user_models import tiny_vit
+
+    vit = str(tiny_vit(tmp_path / "vit"))  # a 2-label checkpoint: the digits get a fresh 10-class head
+    config = json.loads(json.dumps(TINY))
+    config.update({
+        "model": {"pretrained": vit},
+        "search": {"n_trials": 2, "epochs": 3, "space": {"lr": [0.003, 0.006], "optimizers": ["adamw"],
+                                                         "freeze_epochs": [0, 1], "backbone_lr_scale": [0.5, 1.0]}},
+        "train": {"max_epochs": 12, "patience": 4},
+        "compress": {"candidates": {
+            "heads": [{"method": "structured_prune", "amount": 0.5, "finetune_epochs": 4}],
+            "int8_dynamic": [{"method": "quantize_dynamic"}],
+            "one_layer": [{"method": "distill", "epochs": 6}]}},  # the teacher's own first layer, distilled
+    })
+    report = run_project(tmp_path, config)
+    with open(tmp_path / ".modelforge" / "reports" / report["run_id"] / "candidates.csv") as f:
+        table = {r["candidate"]: r for r in csv.DictReader(f)}
+    assert float(table["baseline"]["accuracy"]) > 0.7
+    assert float(table["heads"]["size_kb"]) < 0.9 * float(table["baseline"]["size_kb"])
+    assert float(table["one_layer"]["size_kb"]) < 0.8 * float(table["baseline"]["size_kb"])
+    manifest = shipped_and_served(tmp_path)
+    graph = onnx.load(str(tmp_path / "deploy" / "bundle" / manifest["model_file"]))
+    assert [i.name for i in graph.graph.input] == ["pixel_values"]  # HF's own input name
+
+
 def test_every_problem_of_a_model_is_named_before_training(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(USER_MODULE.parent))
     torch.save({"w": torch.zeros(2)}, tmp_path / "plain.pt")

@@ -57,3 +57,15 @@ def tiny_bert(folder, texts):
                         intermediate_size=64, max_position_embeddings=64, pad_token_id=0)
     BertForSequenceClassification(config).save_pretrained(folder)
     return folder
+
+
+def tiny_vit(folder, image_size=8, channels=1):
+    """A user's local Hugging Face image classifier, tiny and random-initialised: a 2-layer ViT on
+    4x4 patches (config.json, model.safetensors)."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(0)
+    config = ViTConfig(image_size=image_size, patch_size=4, num_channels=channels, hidden_size=32, num_hidden_layers=2,
+                       num_attention_heads=4, intermediate_size=64, num_labels=2)
+    ViTForImageClassification(config).save_pretrained(folder)
+    return folder

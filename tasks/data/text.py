@@ -44,13 +44,12 @@ def _tokenizer(tokenizer_json: str, max_length: int, pad_id: int):
 def pretrained_tokenizer(name: str, max_length: int) -> dict:
     """The preprocessing of a Hugging Face checkpoint's tokenizer: its whole `tokenizer.json`, so the
     manifest and the serving bundle need nothing else to tokenize exactly as training did."""
-    from tasks.models.hf import resolve_pretrained
+    from tasks.models.hf import pad_token_id, resolve_pretrained
 
-    text = (resolve_pretrained(name) / "tokenizer.json").read_text()
-    tok = _tokenizer(text, max_length, 0)
-    pad = tok.token_to_id("[PAD]") if tok.token_to_id("[PAD]") is not None else tok.token_to_id("<pad>") or 0
+    text = (resolve_pretrained(name, tokenizer=True) / "tokenizer.json").read_text()
+    pad = pad_token_id(text)
     return {"kind": "text", "tokenizer": name, "tokenizer_json": text, "max_length": max_length,
-            "vocab_size": tok.get_vocab_size(), "pad_id": pad}
+            "vocab_size": _tokenizer(text, max_length, pad).get_vocab_size(), "pad_id": pad}
 
 
 def encode_texts(preprocessing: dict, texts: list[str]) -> np.ndarray:

@@ -18,7 +18,7 @@ from torch import nn
 from tasks.models.base import Arch, count_params, vocab_of
 from tasks.models.cnn import build_cnn, cnn_arch
 from tasks.models.custom import build_custom, custom_arch
-from tasks.models.hf import build_hf, hf_arch
+from tasks.models.hf import build_hf, hf_arch, shallower_twin
 from tasks.models.mlp import build_mlp, mlp_arch
 from tasks.models.resnet import build_resnet, resnet_arch
 from tasks.models.text import build_text, text_arch
@@ -35,6 +35,8 @@ class Family:
     images: bool = False  # needs [C, H, W] samples
     builtin: bool = True  # searched from the space; False: the model section names the model (spec, pretrained)
     scales: bool = True  # `Arch.scaled` describes a narrower twin, the default distillation student
+    # (teacher, its Arch, depth or None) -> (student, its Arch): a shallower twin made from the teacher itself
+    shallower: Callable[[nn.Module, Arch, int | None], tuple[nn.Module, Arch]] | None = None
 
 
 FAMILIES: dict[str, Family] = {
@@ -43,7 +45,7 @@ FAMILIES: dict[str, Family] = {
     "resnet": Family(resnet_arch, build_resnet, images=True),
     "text": Family(text_arch, build_text),
     "custom": Family(custom_arch, build_custom, builtin=False, scales=False),
-    "hf": Family(hf_arch, build_hf, builtin=False, scales=False),
+    "hf": Family(hf_arch, build_hf, builtin=False, scales=False, shallower=shallower_twin),
 }
 
 

@@ -7,7 +7,9 @@ channels, narrower layers) as just another `Arch` and rebuild it physically.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
+from typing import NamedTuple
 
+import torch
 from torch import nn
 
 
@@ -25,11 +27,13 @@ class Arch:
     embed: int = 0  # text only: word-embedding width
     spec: str = ""  # custom only: the user's "package.module:function"
     weights: str = ""  # custom only: pretrained weights (state_dict or safetensors) loaded once built
+    layers: tuple[int, ...] = ()  # hf only: the pretrained transformer layers kept, by index (empty: all)
 
     @staticmethod
     def _optional(d: dict) -> dict:
         """The defaulted fields `d` sets: older checkpoints and narrower search spaces leave them out."""
-        return {k: d[k] for k in ("activation", "dropout", "kernel", "vocab", "embed", "spec", "weights") if k in d}
+        found = {k: d[k] for k in ("activation", "dropout", "kernel", "vocab", "embed", "spec", "weights", "layers") if k in d}
+        return {**found, "layers": tuple(found["layers"])} if "layers" in found else found
 
     def scaled(self, factor: float, depth: int | None = None) -> "Arch":
         """A proportionally narrower (and optionally shallower) variant, for distillation students."""
@@ -49,6 +53,17 @@ class Arch:
     def from_dict(d: dict) -> "Arch":
         return Arch(d["family"], d["num_classes"], tuple(d["input_shape"]), tuple(d["conv"]), tuple(d["hidden"]),
                     **Arch._optional(d))
+
+
+class ExportGraph(NamedTuple):
+    """What a model's ONNX graph computes when it is not the model's own forward on one tensor
+    (a model offers it as `export_graph(example)`): the module to export, its named example inputs,
+    their dynamic axes (name -> {axis: torch.export.Dim}), and metadata for the model file."""
+
+    module: nn.Module
+    inputs: dict[str, torch.Tensor]
+    dynamic_shapes: dict[str, dict]
+    metadata: dict[str, str]
 
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
