@@ -571,6 +571,14 @@ class _Pipeline(_Section):
         remote = self.data.dvc_remote
         if "://" not in remote and not Path(remote).is_absolute():
             update["data"] = update["data"].model_copy(update={"dvc_remote": str(root / remote)})
+        # A pretrained checkpoint is a name (the packaged one) or a folder: a relative folder is the project's.
+        from tasks.models.hf import PACKAGED
+
+        folder = lambda name: str(root / name) if name and name != PACKAGED and not Path(name).is_absolute() else name
+        if self.model.pretrained:
+            update["model"] = update["model"].model_copy(update={"pretrained": folder(self.model.pretrained)})
+        if getattr(self.data, "tokenizer", None):
+            update["data"] = update["data"].model_copy(update={"tokenizer": folder(self.data.tokenizer)})
         return self.model_copy(update=update)
 
     def resolved(self, root: Path):

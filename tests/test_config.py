@@ -57,6 +57,11 @@ def test_resolved_anchors_relative_paths(tmp_path):
     assert cfg.register_.bundle_dir == tmp_path.resolve() / "deploy" / "bundle"
     assert cfg.tracking.uri == f"sqlite:///{tmp_path.resolve()}/.modelforge/mlflow.db"
     assert cfg.section_hash("search") == PipelineConfig().section_hash("search")
+    tuned = parse_config({"data": {"dataset": "text", "tokenizer": "ckpt/bert"}, "model": {"pretrained": "ckpt/bert"}})
+    anchored = tuned.resolved(tmp_path)  # a checkpoint folder is the project's, whatever the cwd
+    assert anchored.model.pretrained == anchored.data.tokenizer == str(tmp_path.resolve() / "ckpt" / "bert")
+    packaged = parse_config({"data": {"dataset": "text", "tokenizer": "minilm"}, "model": {"pretrained": "minilm"}})
+    assert packaged.resolved(tmp_path).model.pretrained == "minilm"
 
 
 def test_family_selects_the_pipeline_and_its_checks():
