@@ -12,7 +12,7 @@ package, 8 classes, the same hash split for every row below):
 - MiniLM fine-tuned: `configs/docstring_minilm.yaml` end to end (a fresh 8-class head on the
   packaged MiniLM, the whole encoder fine-tuned, the schedule searched), with its compressed
   candidates: dynamic INT8, half the attention heads and FFN channels pruned through Torch-Pruning,
-  and both.
+  both, and a 3-layer student made of the teacher's own layers 0, 2 and 5, distilled.
 Images (`modelforge example digits_png`, 32x32 PNGs): the residual CNN family,
 `configs/digits_png.yaml` end to end, with 50% structured pruning through the dependency
 graph, static INT8, and both.
@@ -132,6 +132,9 @@ def main() -> None:
             "minilm_int8_smaller": number(tuned["baseline"], "size_kb") / number(int8, "size_kb"),
             "minilm_int8_throughput_b32": number(int8, "throughput_sps") / number(tuned["baseline"], "throughput_sps"),
             "minilm_int8_drop_pts": 100 * (fine - number(int8, "accuracy")),
+            "minilm_3_layers_throughput_b32": number(tuned["student_3_layers"], "throughput_sps")
+            / number(tuned["baseline"], "throughput_sps"),
+            "minilm_3_layers_drop_pts": 100 * (fine - number(tuned["student_3_layers"], "accuracy")),
         })
     if not args.skip_images:
         resnet, resnet_s = run_pipeline(work / "resnet", "digits_png.yaml", "digits_png", "datasets/digits_png")

@@ -46,6 +46,12 @@ def run_project(root: Path, config: dict) -> dict:
         return optimize(config_path=str(root / "config.yaml"), root=str(root))
 
 
+def candidates(root: Path, report: dict) -> dict[str, dict]:
+    """The run's candidate table, by candidate name."""
+    with open(root / ".modelforge" / "reports" / report["run_id"] / "candidates.csv") as f:
+        return {r["candidate"]: r for r in csv.DictReader(f)}
+
+
 def shipped_and_served(root: Path) -> dict:
     bundle = root / "deploy" / "bundle"
     manifest = json.loads((bundle / "manifest.json").read_text())
@@ -67,8 +73,7 @@ def test_a_users_module_with_pretrained_weights_goes_through_the_whole_dag(tmp_p
                                                       "weights": "pretrained.safetensors"}})
     manifest = shipped_and_served(tmp_path)
     assert manifest["candidate"] in {"baseline", "structured", "int8_static"}
-    with open(tmp_path / ".modelforge" / "reports" / report["run_id"] / "candidates.csv") as f:
-        size = {r["candidate"]: float(r["size_kb"]) for r in csv.DictReader(f)}
+    size = {name: float(row["size_kb"]) for name, row in candidates(tmp_path, report).items()}
     assert size["structured"] < 0.6 * size["baseline"]  # physically pruned, through the residual sum and BN
     best = json.loads((tmp_path / ".modelforge" / "search" / "best_params.json").read_text())["params"]
     assert best["family"] == "custom" and best["spec"] == "acme_nets:small_resnet"
@@ -102,8 +107,7 @@ def test_a_local_hugging_face_image_classifier_is_fine_tuned_compressed_and_serv
             "one_layer": [{"method": "distill", "epochs": 6}]}},  # the teacher's own first layer, distilled
     })
     report = run_project(tmp_path, config)
-    with open(tmp_path / ".modelforge" / "reports" / report["run_id"] / "candidates.csv") as f:
-        table = {r["candidate"]: r for r in csv.DictReader(f)}
+    table = candidates(tmp_path, report)
     assert float(table["baseline"]["accuracy"]) > 0.7
     assert float(table["heads"]["size_kb"]) < 0.9 * float(table["baseline"]["size_kb"])
     assert float(table["one_layer"]["size_kb"]) < 0.8 * float(table["baseline"]["size_kb"])
@@ -167,8 +171,7 @@ def test_a_local_hugging_face_checkpoint_is_fine_tuned_pruned_by_heads_quantized
             "student": [{"method": "distill", "student": {"family": "text", "width": 32, "depth": 1}, "epochs": 20}]}},
     })
     report = run_project(tmp_path, config)
-    with open(tmp_path / ".modelforge" / "reports" / report["run_id"] / "candidates.csv") as f:
-        table = {r["candidate"]: r for r in csv.DictReader(f)}
+    table = candidates(tmp_path, report)
     assert float(table["baseline"]["accuracy"]) > 0.8
     assert float(table["heads"]["size_kb"]) < 0.9 * float(table["baseline"]["size_kb"])
     assert float(table["int8_dynamic"]["size_kb"]) < 0.6 * float(table["baseline"]["size_kb"])
