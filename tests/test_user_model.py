@@ -132,6 +132,10 @@ def test_every_problem_of_a_model_is_named_before_training(tmp_path, monkeypatch
                                tmp_path)
         assert expected in str(err.value) and "2 problem(s)" in str(err.value), str(err.value)
         assert "a plain state_dict: for your own module's weights set model.spec and model.weights" in str(err.value)
+    (tmp_path / "not_a_checkpoint").mkdir()  # an HF folder without its config and weights
+    with pytest.raises(ConfigError, match=r"not_a_checkpoint has no config.json, weights \(\*.safetensors\)"):
+        check_model_inputs(TrainConfig(), ModelConfig(pretrained=str(tmp_path / "not_a_checkpoint")), 3, (1, 8, 8),
+                           tmp_path)
     with pytest.raises(ConfigError, match="do not fit the model: missing stem.0.weight"):
         check_model_inputs(TrainConfig(), ModelConfig(spec="user_models:small_resnet", weights=tmp_path / "plain.pt"),
                            3, (1, 8, 8), tmp_path)
