@@ -575,7 +575,7 @@ class _Pipeline(_Section):
         from tasks.models.hf import PACKAGED
 
         folder = lambda name: str(root / name) if name and name != PACKAGED and not Path(name).is_absolute() else name
-        if self.model.pretrained:
+        if getattr(getattr(self, "model", None), "pretrained", None):  # the encoder pipeline has no model section
             update["model"] = update["model"].model_copy(update={"pretrained": folder(self.model.pretrained)})
         if getattr(self.data, "tokenizer", None):
             update["data"] = update["data"].model_copy(update={"tokenizer": folder(self.data.tokenizer)})
