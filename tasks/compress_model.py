@@ -392,13 +392,11 @@ def _preprocessed(state: ModelState, ctx: CompressContext) -> Path:
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     out = ctx.out_dir / "preprocessed.onnx"
-    try:
-        quant_pre_process(str(state.onnx), str(out))
-    except Exception as err:  # ORT raises a bare Exception when its symbolic inference gives up
-        # e.g. an HF graph slicing its position ids to min(max positions, tokens) on a dynamic token
-        # axis; ONNX's own shape inference still types every tensor the quantizer needs.
-        print(f"[compress] ORT's symbolic shape inference gave up ({err}); ONNX shape inference only")
-        quant_pre_process(str(state.onnx), str(out), skip_symbolic_shape=True)
+    # auto_merge: an HF graph slices its position ids to min(max positions, tokens) on its dynamic
+    # token axis, which ORT's symbolic inference cannot broadcast against `tokens` unless it may
+    # merge the two. Without it the inference fails, and leaves sym_shape_infer_temp.onnx and its
+    # weights in the working directory as it does.
+    quant_pre_process(str(state.onnx), str(out), auto_merge=True)
     return out
 
 
