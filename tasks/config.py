@@ -571,14 +571,6 @@ class _Pipeline(_Section):
         remote = self.data.dvc_remote
         if "://" not in remote and not Path(remote).is_absolute():
             update["data"] = update["data"].model_copy(update={"dvc_remote": str(root / remote)})
-        # A pretrained checkpoint is a name (the packaged one) or a folder: a relative folder is the project's.
-        from tasks.models.hf import PACKAGED
-
-        folder = lambda name: str(root / name) if name and name != PACKAGED and not Path(name).is_absolute() else name
-        if getattr(getattr(self, "model", None), "pretrained", None):  # the encoder pipeline has no model section
-            update["model"] = update["model"].model_copy(update={"pretrained": folder(self.model.pretrained)})
-        if getattr(self.data, "tokenizer", None):
-            update["data"] = update["data"].model_copy(update={"tokenizer": folder(self.data.tokenizer)})
         return self.model_copy(update=update)
 
     def resolved(self, root: Path):
@@ -641,6 +633,19 @@ class PipelineConfig(_Pipeline):
     train: TrainConfig = Field(default_factory=TrainConfig)
     compress: CompressConfig = Field(default_factory=CompressConfig)
     runner: RunnerConfig = Field(default_factory=RunnerConfig)
+
+    def anchored(self, root: Path):
+        """`_Pipeline.anchored`, and a relative pretrained checkpoint folder (model.pretrained and the
+        text data's tokenizer; the packaged one is a name) taken as the project's."""
+        from tasks.models.hf import PACKAGED
+
+        root = Path(root).resolve()
+        folder = lambda name: str(root / name) if name and name != PACKAGED and not Path(name).is_absolute() else name
+        cfg = super().anchored(root)
+        model = cfg.model.model_copy(update={"pretrained": folder(cfg.model.pretrained)})
+        data = (cfg.data.model_copy(update={"tokenizer": folder(cfg.data.tokenizer)})
+                if hasattr(cfg.data, "tokenizer") else cfg.data)
+        return cfg.model_copy(update={"model": model, "data": data})
 
     @model_validator(mode="after")
     def _model_fits(self) -> "PipelineConfig":

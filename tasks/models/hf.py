@@ -43,7 +43,8 @@ def resolve_pretrained(name: str, tokenizer: bool = False) -> Path:
     path = Path(name)
     if not path.is_dir():
         raise ValueError(f"pretrained model {name!r} is neither {PACKAGED!r} nor a local folder")
-    missing = [f for f in ("config.json", "tokenizer.json")[: 1 + tokenizer] if not (path / f).is_file()]
+    required = ["config.json", "tokenizer.json"] if tokenizer else ["config.json"]
+    missing = [f for f in required if not (path / f).is_file()]
     if not any(path.glob("*.safetensors")) and not any(path.glob("pytorch_model*.bin")):
         missing.append("weights (*.safetensors)")
     if missing:
@@ -77,14 +78,17 @@ class HFClassifier(nn.Module):
         super().__init__()
         self.hf, self.pad_id = hf, pad_id
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def token_inputs(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """HF's inputs for float token ids: `input_ids`, and the mask of every non-padding token."""
         ids = x.long()
-        return self.hf(input_ids=ids, attention_mask=(ids != self.pad_id).long()).logits
+        return {"input_ids": ids, "attention_mask": (ids != self.pad_id).long()}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.hf(**self.token_inputs(x)).logits
 
     def export_graph(self, example: torch.Tensor) -> ExportGraph:
-        ids = example.long()
         axes = {0: torch.export.Dim("batch"), 1: torch.export.Dim("tokens", max=self.hf.config.max_position_embeddings)}
-        return ExportGraph(_TokenGraph(self.hf).eval(), {"input_ids": ids, "attention_mask": (ids != self.pad_id).long()},
+        return ExportGraph(_TokenGraph(self.hf).eval(), self.token_inputs(example),
                            {"input_ids": axes, "attention_mask": axes}, {PAD_KEY: str(self.pad_id)})
 
 
@@ -116,8 +120,8 @@ def shallower_twin(teacher: HFClassifier | HFImageClassifier, arch: Arch, depth:
     spread evenly from the first to the last (the last one carries the representation the head reads:
     keeping it measured far better for MiniLM, 0, 2, 5 against 0, 2, 4), initialised from them."""
     n = teacher.hf.config.num_hidden_layers
-    picks = np.linspace(0, n - 1, min(depth or max(1, n // 2), n)).round().astype(int)
-    keep = tuple(dict.fromkeys(int(i) for i in picks))
+    # Picks at least one layer apart round to distinct layers.
+    keep = tuple(int(i) for i in np.linspace(0, n - 1, min(depth or max(1, n // 2), n)).round())
     student = copy.deepcopy(teacher)
     keep_layers(student.hf, keep)
     original = arch.layers or tuple(range(n))  # indices into the pretrained checkpoint, as build_hf reads them
