@@ -70,6 +70,16 @@ def train_cfg() -> TrainConfig:
     return TrainConfig(max_epochs=4, patience=5)
 
 
+@pytest.fixture(scope="session")
+def prefect_api():
+    """One temporary Prefect API for every in-process flow run of the session: each start of the
+    test harness's server costs about 12 s, and a harness per module cost the suite over 2 minutes."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness():
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _no_stop_request_leaks():
     """A failed in-process pipeline run asks running stages to stop; the next test starts clean."""

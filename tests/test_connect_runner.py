@@ -16,7 +16,6 @@ import optuna
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
-from prefect.testing.utilities import prefect_test_harness
 
 from flows.optimize import optimize
 from tasks.config import ConfigError, parse_config
@@ -35,12 +34,6 @@ SMALL = {
     "gates": {"min_accuracy": 0.3, "max_latency_ratio": None},
     "tracking": {"experiment": "cluster"},
 }
-
-
-@pytest.fixture(scope="module")
-def prefect_api():
-    with prefect_test_harness():
-        yield
 
 
 def write(root: Path, **sections) -> Path:

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import yaml
 from PIL import Image
-from prefect.testing.utilities import prefect_test_harness
 
 from conftest import warm_started_trials
 from deploy.loadtest import request, running_server
@@ -101,7 +100,7 @@ TINY = {
 
 
 @pytest.mark.e2e
-def test_image_folder_flow_ships_serves_a_png_and_keeps_old_test_images_in_test_when_images_are_appended(tmp_path):
+def test_image_folder_flow_ships_serves_a_png_and_keeps_old_test_images_in_test_when_images_are_appended(tmp_path, prefect_api):
     from flows.optimize import optimize
 
     digits_png(tmp_path / "data")
@@ -112,8 +111,7 @@ def test_image_folder_flow_ships_serves_a_png_and_keeps_old_test_images_in_test_
         (tmp_path / "later" / path.parent.name).mkdir(parents=True, exist_ok=True)
         path.rename(tmp_path / "later" / path.parent.name / path.name)
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(TINY))
-    with prefect_test_harness():
-        first = optimize(config_path=str(tmp_path / "config.yaml"), root=str(tmp_path))
+    first = optimize(config_path=str(tmp_path / "config.yaml"), root=str(tmp_path))
     bundle = tmp_path / "deploy" / "bundle"
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert manifest["labels"] == ["0", "1", "2"] and manifest["preprocessing"]["kind"] == "image"
@@ -137,8 +135,7 @@ def test_image_folder_flow_ships_serves_a_png_and_keeps_old_test_images_in_test_
     old_split = {n: i["split"] for n, i in json.loads((tmp_path / "data" / "manifest.json").read_text())["files"].items()}
     for path in later:
         (tmp_path / "later" / path.parent.name / path.name).rename(path)
-    with prefect_test_harness():
-        second = optimize(config_path=str(tmp_path / "config.yaml"), root=str(tmp_path))
+    second = optimize(config_path=str(tmp_path / "config.yaml"), root=str(tmp_path))
     assert second["data_version"] != first["data_version"]
     new_split = {n: i["split"] for n, i in json.loads((tmp_path / "data" / "manifest.json").read_text())["files"].items()}
     assert len(new_split) == len(old_split) + len(later)

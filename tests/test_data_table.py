@@ -7,7 +7,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from prefect.testing.utilities import prefect_test_harness
 
 from conftest import warm_started_trials
 from deploy.loadtest import request, running_server
@@ -119,35 +118,34 @@ TINY = {
 
 
 @pytest.mark.e2e
-def test_table_flow_ships_serves_records_and_keeps_old_test_rows_in_test_when_rows_are_appended(tmp_path):
+def test_table_flow_ships_serves_records_and_keeps_old_test_rows_in_test_when_rows_are_appended(tmp_path, prefect_api):
     from flows.optimize import optimize
 
     wine(tmp_path / "data")
     full = pd.read_csv(tmp_path / "data" / "data.csv")
     full.iloc[:140].to_csv(tmp_path / "data" / "data.csv", index=False)  # the first delivery
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(TINY))
-    with prefect_test_harness():
-        first = optimize(config_path=str(tmp_path / "config.yaml"), root=str(tmp_path))
-        bundle = tmp_path / "deploy" / "bundle"
-        manifest = json.loads((bundle / "manifest.json").read_text())
-        assert manifest["labels"] == ["class_0", "class_1", "class_2"]
-        old_rows, old_split = split_rows(tmp_path / "data", read_manifest(tmp_path / "data"))
+    first = optimize(config_path=str(tmp_path / "config.yaml"), root=str(tmp_path))
+    bundle = tmp_path / "deploy" / "bundle"
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["labels"] == ["class_0", "class_1", "class_2"]
+    old_rows, old_split = split_rows(tmp_path / "data", read_manifest(tmp_path / "data"))
 
-        # serving raw rows: class names and probabilities, the same logits as the test arrays
-        rows = json.loads(full.iloc[:140].drop(columns="label").to_json(orient="records"))
-        with running_server(create_app(BundleSource(bundle), poll_seconds=60)) as (host, port):
-            status, body = request(host, port, "POST", "/predict", {"records": rows[:5]})
-            assert status == 200, body
-            assert set(body["labels"]) <= set(manifest["labels"])
-            assert all(abs(sum(p.values()) - 1) < 1e-4 for p in body["probabilities"])
-            x = encode_records(manifest["preprocessing"], rows[:5])
-            np.testing.assert_allclose(body["logits"], predict_logits(make_session(bundle / "model.onnx"), x), atol=1e-5)
-            status, body = request(host, port, "POST", "/predict", {"records": [{"alcohol": "x"}]})
-            assert status == 400 and "column 'alcohol' is numeric" in body["error"]
+    # serving raw rows: class names and probabilities, the same logits as the test arrays
+    rows = json.loads(full.iloc[:140].drop(columns="label").to_json(orient="records"))
+    with running_server(create_app(BundleSource(bundle), poll_seconds=60)) as (host, port):
+        status, body = request(host, port, "POST", "/predict", {"records": rows[:5]})
+        assert status == 200, body
+        assert set(body["labels"]) <= set(manifest["labels"])
+        assert all(abs(sum(p.values()) - 1) < 1e-4 for p in body["probabilities"])
+        x = encode_records(manifest["preprocessing"], rows[:5])
+        np.testing.assert_allclose(body["logits"], predict_logits(make_session(bundle / "model.onnx"), x), atol=1e-5)
+        status, body = request(host, port, "POST", "/predict", {"records": [{"alcohol": "x"}]})
+        assert status == 400 and "column 'alcohol' is numeric" in body["error"]
 
-        # new rows arrive: a new version whose test split still holds every old test row
-        full.to_csv(tmp_path / "data" / "data.csv", index=False)
-        second = optimize(config_path=str(tmp_path / "config.yaml"), root=str(tmp_path))
+    # new rows arrive: a new version whose test split still holds every old test row
+    full.to_csv(tmp_path / "data" / "data.csv", index=False)
+    second = optimize(config_path=str(tmp_path / "config.yaml"), root=str(tmp_path))
     assert second["data_version"] != first["data_version"]
     new_rows, new_split = split_rows(tmp_path / "data", read_manifest(tmp_path / "data"))
     test_now = {json.dumps(r, sort_keys=True) for r in json.loads(new_rows[new_split == "test"].to_json(orient="records"))}

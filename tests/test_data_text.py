@@ -7,7 +7,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from prefect.testing.utilities import prefect_test_harness
 
 from deploy.loadtest import request, running_server
 from deploy.server import BundleSource, create_app
@@ -76,13 +75,12 @@ TINY = {
 
 
 @pytest.mark.e2e
-def test_text_flow_ships_and_serves_texts(tmp_path):
+def test_text_flow_ships_and_serves_texts(tmp_path, prefect_api):
     from flows.optimize import optimize
 
     write_texts(tmp_path / "data")
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(TINY))
-    with prefect_test_harness():
-        result = optimize(config_path=str(tmp_path / "config.yaml"), root=str(tmp_path))
+    result = optimize(config_path=str(tmp_path / "config.yaml"), root=str(tmp_path))
     bundle = tmp_path / "deploy" / "bundle"
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert manifest["labels"] == sorted(TOPICS) and manifest["preprocessing"]["kind"] == "text"

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
-from prefect.testing.utilities import prefect_test_harness
 from transformers import AutoTokenizer
 
 from deploy.loadtest import request, running_server
@@ -44,11 +43,10 @@ TINY = {
 
 
 @pytest.fixture(scope="module")
-def shipped(tmp_path_factory):
+def shipped(tmp_path_factory, prefect_api):
     root = tmp_path_factory.mktemp("project")
     (root / "config.yaml").write_text(yaml.safe_dump(TINY))
-    with prefect_test_harness():
-        result = optimize_encoder(config_path=str(root / "config.yaml"), root=str(root))
+    result = optimize_encoder(config_path=str(root / "config.yaml"), root=str(root))
     return root, result
 
 

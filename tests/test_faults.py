@@ -22,7 +22,6 @@ import yaml
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 from prefect import flow
-from prefect.testing.utilities import prefect_test_harness
 
 from deploy.loadtest import request, running_server
 from deploy.server import BundleSource, create_app
@@ -44,12 +43,6 @@ from tasks.start_prefect import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_SPACE = {"families": ["mlp"], "optimizers": ["adam"], "depth": [1, 1], "width": [32, 48], "batch_sizes": [32]}
-
-
-@pytest.fixture(scope="module")
-def prefect_api():
-    with prefect_test_harness():
-        yield
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
-from prefect.testing.utilities import prefect_test_harness
 
 from flows.optimize import optimize
 from tasks.config import ConfigError
@@ -18,7 +17,7 @@ from tasks.data.digits import materialize_digits
 from tasks.version_data import read_data_md5
 from tasks.config import DataConfig
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("prefect_api")]
 
 TINY = {
     "search": {"n_trials": 2, "epochs": 2, "space": {"families": ["cnn"], "lr": [0.005, 0.02],
@@ -34,12 +33,6 @@ TINY = {
     "register": {"model_name": "tiny-digits"},
     "tracking": {"experiment": "e2e"},
 }
-
-
-@pytest.fixture(scope="module", autouse=True)
-def prefect_server():
-    with prefect_test_harness():
-        yield
 
 
 def write_config(root, overrides=None):

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from prefect.testing.utilities import prefect_test_harness
 from safetensors.torch import save_file
 
 from deploy.loadtest import request, running_server
@@ -42,8 +41,7 @@ def run_project(root: Path, config: dict) -> dict:
     from flows.optimize import optimize
 
     (root / "config.yaml").write_text(yaml.safe_dump(config))
-    with prefect_test_harness():
-        return optimize(config_path=str(root / "config.yaml"), root=str(root))
+    return optimize(config_path=str(root / "config.yaml"), root=str(root))
 
 
 def candidates(root: Path, report: dict) -> dict[str, dict]:
@@ -64,7 +62,7 @@ def shipped_and_served(root: Path) -> dict:
 
 
 @pytest.mark.e2e
-def test_a_users_module_with_pretrained_weights_goes_through_the_whole_dag(tmp_path):
+def test_a_users_module_with_pretrained_weights_goes_through_the_whole_dag(tmp_path, prefect_api):
     from user_models import small_resnet
 
     shutil.copy(USER_MODULE, tmp_path / "acme_nets.py")  # the user's own file, in their project folder
@@ -80,7 +78,7 @@ def test_a_users_module_with_pretrained_weights_goes_through_the_whole_dag(tmp_p
 
 
 @pytest.mark.e2e
-def test_the_residual_cnn_family_goes_through_the_whole_dag(tmp_path):
+def test_the_residual_cnn_family_goes_through_the_whole_dag(tmp_path, prefect_api):
     config = json.loads(json.dumps(TINY))
     config["search"]["space"]["families"] = ["resnet"]
     run_project(tmp_path, config)
@@ -90,7 +88,7 @@ def test_the_residual_cnn_family_goes_through_the_whole_dag(tmp_path):
 
 
 @pytest.mark.e2e
-def test_a_local_hugging_face_image_classifier_is_fine_tuned_compressed_and_serves(tmp_path):
+def test_a_local_hugging_face_image_classifier_is_fine_tuned_compressed_and_serves(tmp_path, prefect_api):
     import onnx
     from user_models import tiny_vit
 
@@ -152,7 +150,7 @@ def topic_texts(n_per_topic: int = 60) -> list[dict]:
 
 
 @pytest.mark.e2e
-def test_a_local_hugging_face_checkpoint_is_fine_tuned_pruned_by_heads_quantized_and_serves_texts(tmp_path):
+def test_a_local_hugging_face_checkpoint_is_fine_tuned_pruned_by_heads_quantized_and_serves_texts(tmp_path, prefect_api):
     import pandas as pd
     from user_models import tiny_bert
 
