@@ -139,10 +139,9 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-transfer-"))
     result, report = {}, []
     if not args.skip_text:
-        tuned, tuned_s = run_pipeline(work / "minilm", "docstring_minilm.yaml", "docstring_topics", "datasets/docstring_topics")
-        scratch, scratch_s = run_pipeline(work / "scratch", "docstring_topics.yaml", "docstring_topics",
-                                          "datasets/docstring_topics")
         data = "datasets/docstring_topics"
+        tuned, tuned_s = run_pipeline(work / "minilm", "docstring_minilm.yaml", "docstring_topics", data)
+        scratch, scratch_s = run_pipeline(work / "scratch", "docstring_topics.yaml", "docstring_topics", data)
         fine_right = baseline_right(work / "minilm", data)
         frozen_right, scratch_right = frozen_minilm_right(work / "minilm" / data), baseline_right(work / "scratch", data)
         frozen, fine = float(frozen_right.mean()), number(tuned["baseline"], "accuracy")

@@ -73,7 +73,9 @@ def train_cfg() -> TrainConfig:
 @pytest.fixture(scope="session")
 def prefect_api():
     """One temporary Prefect API for every in-process flow run of the session: each start of the
-    test harness's server costs about 12 s, and a harness per module cost the suite over 2 minutes."""
+    test harness's server costs about 12 s, and a harness per module cost the suite over 2 minutes.
+    Once started it serves the rest of the session (its settings are process-global), so a test that
+    needs another API, as the deployments' real server, sets its own with `temporary_settings`."""
     from prefect.testing.utilities import prefect_test_harness
 
     with prefect_test_harness():
