@@ -666,6 +666,20 @@ class PipelineConfig(_Pipeline):
         return self
 
     @model_validator(mode="after")
+    def _val_held_out(self) -> "PipelineConfig":
+        """Accuracy-aware INT8 measures its loss on val. A refit model has trained on val: the refit
+        MiniLM classifier scored 1.0000 there with every INT8 variant (measured), so the loss reads
+        zero and the tuning would stop at once, blind."""
+        if not self.train.refit:
+            return self
+        tuned = [name for name, recipe in self.compress.candidates.items()
+                 if any(getattr(step, "max_accuracy_loss", None) is not None for step in recipe)]
+        if tuned:
+            raise ValueError(f"candidates {', '.join(tuned)}: accuracy-aware quantization (max_accuracy_loss) measures "
+                             "its loss on val, which train.refit trains on; drop one of the two")
+        return self
+
+    @model_validator(mode="after")
     def _runner_fits(self) -> "PipelineConfig":
         """Workers on other machines cannot share the driver's files: SQLite, a journal file, a
         relative folder. Refused here, before anything runs, not found out as trials landing in a

@@ -34,6 +34,15 @@ def test_unknown_method_and_bad_recipe_order():
         parse_config({"compress": {"candidates": {"baseline": [{"method": "quantize_dynamic"}]}}})
 
 
+def test_accuracy_aware_quantization_needs_a_val_the_model_has_not_trained_on():
+    tuned = {"method": "quantize_static", "max_accuracy_loss": 0.5}
+    with pytest.raises(ConfigError, match="candidates a, c: accuracy-aware quantization.*train.refit"):
+        parse_config({"train": {"refit": True},
+                      "compress": {"candidates": {"a": [tuned], "b": [{"method": "quantize_static"}],
+                                                  "c": [{"method": "structured_prune"}, tuned]}}})
+    parse_config({"train": {"refit": False}, "compress": {"candidates": {"a": [tuned]}}})
+
+
 def test_search_space_ranges_checked():
     with pytest.raises(ConfigError, match="lr: low"):
         parse_config({"search": {"space": {"lr": [0.1, 0.001]}}})
