@@ -152,7 +152,7 @@ def main() -> None:
                    f"   ({scratch_s:.0f} s pipeline)",
                    f"  MiniLM fine-tuned (FP32)                        {fine:.4f}   ({tuned_s:.0f} s pipeline)",
                    f"Paired on the same {len(fine_right)} test texts (McNemar's exact test), fine-tuned vs:",
-                   *(f"  {name:<8} right only by fine-tuning {a:3d}, only by {name} {b:3d}: p = {p:.4f}"
+                   *(f"  {name:<8} right only by fine-tuning {a:3d}, only by {name} {b:3d}: p = {p:.2g}"
                      for name, (a, b, p) in tests.items()),
                    "", "The fine-tuned MiniLM's candidates (throughput at batch 32):", HEADER, *ratios(tuned), ""]
         int8 = tuned["int8_dynamic"]
