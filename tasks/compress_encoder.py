@@ -20,7 +20,7 @@ from tasks.compress_model import Candidate, ModelState, registrar
 from tasks.config import DistillLayers, EncoderConfig, OrtOptimize, QuantizeDynamic
 from tasks.embed_minilm import (distill_encoder, export_encoder, load_minilm, make_student, optimize_encoder,
                                 quantize_encoder)
-from tasks.track_run import code_version
+from tasks.fingerprint import code_version
 from tasks.data.docstrings import load_sentences
 
 

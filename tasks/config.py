@@ -603,6 +603,11 @@ class _Pipeline(_Section):
                 problems.append(f"{bundle}: {why}; a ship would replace it")
         return problems
 
+    def user_inputs(self) -> tuple[str | None, list[Path]]:
+        """The user's model module (a spec) and the checkpoint files or folders the config names:
+        their contents are inputs of the run as much as the config's text."""
+        return None, []
+
     def section_hash(self, *sections: str) -> str:
         """Stable hash of the named sections, used in cache keys: same config, same key."""
         payload = {s: self.model_dump(mode="json", by_alias=True)[s] for s in sections}
@@ -646,6 +651,13 @@ class PipelineConfig(_Pipeline):
         data = (cfg.data.model_copy(update={"tokenizer": folder(cfg.data.tokenizer)})
                 if hasattr(cfg.data, "tokenizer") else cfg.data)
         return cfg.model_copy(update={"model": model, "data": data})
+
+    def user_inputs(self) -> tuple[str | None, list[Path]]:
+        from tasks.models.hf import pretrained_folder
+
+        files = [self.model.weights, self.train.init_from, pretrained_folder(self.model.pretrained),
+                 pretrained_folder(getattr(self.data, "tokenizer", None))]
+        return self.model.spec, [Path(f) for f in files if f]
 
     @model_validator(mode="after")
     def _model_fits(self) -> "PipelineConfig":

@@ -6,8 +6,6 @@ Stages log through `MlflowClient` with the run id they are handed instead of mlf
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import json
 import os
 import socket
@@ -26,30 +24,20 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
 
 from tasks.config import ConfigError, PipelineConfig, TrackingConfig, load_config, tracking_of
+from tasks.fingerprint import code_version, inputs_version
 from tasks.lock_workdir import lock_workdir
 from tasks.stop_run import clear_stop, interruption, request_stop
 
 _MAX_PARAM_LEN = 6000
 
 
-@functools.cache
-def code_version() -> str:
-    """Hash of the pipeline's own source (tasks/ and flows/): a code change invalidates cached work.
-
-    Taken once per process: the code that runs is the code imported at the start, and a file edited
-    mid-run must not change cache keys between two stages of the same run (it once made
-    student_int8 retrain the student that student had just cached)."""
-    h = hashlib.sha256()
-    root = Path(__file__).resolve().parents[1]
-    for path in sorted([*root.glob("tasks/*.py"), *root.glob("flows/*.py")]):
-        h.update(path.read_bytes())
-    return h.hexdigest()[:16]
-
-
-def fingerprint(cfg: PipelineConfig, data_version: str) -> dict[str, str]:
-    """What determines a run's outcome: the data, the whole config and the code."""
+def fingerprint(cfg: PipelineConfig, data_version: str, root: Path) -> dict[str, str]:
+    """What determines a run's outcome: the data, the whole config, the pipeline's code, and the
+    user's model code and checkpoint files the config names (edited in place, they are new inputs)."""
     sections = [s for s in cfg.model_dump(by_alias=True) if s != "workdir"]
-    return {"data_version": data_version, "config_hash": cfg.section_hash(*sections), "code_version": code_version()}
+    spec, files = cfg.user_inputs()
+    return {"data_version": data_version, "config_hash": cfg.section_hash(*sections), "code_version": code_version(),
+            "inputs_version": inputs_version(spec, files, root) or "none"}
 
 
 def find_equivalent_run(experiment_id: str, tags: dict[str, str], exclude: str) -> str | None:
@@ -65,7 +53,7 @@ def find_equivalent_run(experiment_id: str, tags: dict[str, str], exclude: str) 
 def already_done(run: "PipelineRun", data_version: str, force: bool) -> dict | None:
     """Tag the run with its fingerprint; if an equivalent run already shipped (and not `force`),
     mark this one skipped and return its result, else None."""
-    tags = fingerprint(run.cfg, data_version)
+    tags = fingerprint(run.cfg, data_version, run.root)
     set_tags(run.run_id, tags)
     previous = None if force else find_equivalent_run(run.experiment_id, tags, run.run_id)
     return skip_run(run.run_id, previous, data_version) if previous else None

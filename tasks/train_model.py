@@ -18,10 +18,11 @@ import torch
 from prefect import task
 from torch import nn
 
-from tasks.models import Arch, arch_from_params, build_model, count_params, load_checkpoint, save_checkpoint, vocab_of
 from tasks.config import ConfigError, ModelConfig, TrainConfig
+from tasks.fingerprint import code_version, inputs_version
+from tasks.models import Arch, arch_from_params, build_model, count_params, load_checkpoint, save_checkpoint, vocab_of
+from tasks.models.hf import pretrained_folder
 from tasks.stop_run import check_stop
-from tasks.track_run import code_version
 from tasks.data import load_splits
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, x, y) -> loss
@@ -326,7 +327,9 @@ def train_model(cfg: TrainConfig, best: dict, data_dir: Path, data_version: str,
 
 
 def train_cache_key(cfg: TrainConfig, best: dict, data_version: str) -> str:
-    payload = json.dumps([cfg.model_dump(mode="json"), best, data_version, code_version()], sort_keys=True)
+    """Same data, config, code and user model files (module source, weights, checkpoints): same key."""
+    user = inputs_version(best.get("spec"), [best.get("weights"), cfg.init_from, pretrained_folder(best.get("pretrained"))])
+    payload = json.dumps([cfg.model_dump(mode="json"), best, data_version, code_version(), user], sort_keys=True)
     return f"train-{data_version[:12]}-{hashlib.sha256(payload.encode()).hexdigest()[:16]}"
 
 

@@ -32,6 +32,12 @@ from tasks.run_onnx import PAD_KEY
 PACKAGED = "minilm"
 
 
+def pretrained_folder(name: str | None) -> Path | None:
+    """The local checkpoint folder a pretrained name points to; None for the packaged model (its
+    package version pins its weights) or none."""
+    return Path(name) if name and name != PACKAGED else None
+
+
 def resolve_pretrained(name: str, tokenizer: bool = False) -> Path:
     """The directory of a pretrained name: the packaged MiniLM, or a local folder with its config and
     weights (and `tokenizer.json` when `tokenizer`)."""
