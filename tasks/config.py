@@ -666,6 +666,7 @@ class PipelineConfig(_Pipeline):
             problems.append("search.space.families names custom but model.spec is not set")
         if "hf" in self.search.space.families and self.model.pretrained is None:
             problems.append("search.space.families names hf but model.pretrained is not set")
+        problems += self._students_missing()
         if self.model.pretrained is not None:
             if self.data.dataset == "table":
                 problems.append(f"model.pretrained is {self.model.pretrained}: a pretrained Hugging Face model takes "
@@ -676,6 +677,18 @@ class PipelineConfig(_Pipeline):
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    def _students_missing(self) -> list[str]:
+        """Distillation with no named student needs a teacher that makes its own (a narrower or shallower
+        twin); found out after search and training, it used to fail the run at compression."""
+        from tasks.models import FAMILIES
+
+        teachers = [self.model.family] if self.model.family else self.search.space.families
+        lacking = [f for f in teachers if f in FAMILIES and not (FAMILIES[f].scales or FAMILIES[f].shallower)]
+        return [f"candidate {name!r}: distill has no student for a {lacking[0]} teacher (it has no scaled-down twin); "
+                "name one, e.g. student: {family: mlp, width: 64, depth: 1}, or drop the candidate"
+                for name, recipe in self.compress.candidates.items() if lacking
+                and any(step.method == "distill" and step.student is None for step in recipe)]
 
     @model_validator(mode="after")
     def _val_held_out(self) -> "PipelineConfig":

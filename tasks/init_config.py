@@ -14,12 +14,14 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel
 
-from tasks.config import ConfigError, PipelineConfig, TableDataConfig, load_config
+from tasks.config import CompressConfig, ConfigError, PipelineConfig, TableDataConfig, load_config
+from tasks.data import SOURCES
 from tasks.data.base import DataError
 from tasks.data.image_folder import SUFFIXES as IMAGE_SUFFIXES
 from tasks.data.table import READERS, infer_schema, read_table
 from tasks.models import FAMILIES
 from tasks.models.hf import PACKAGED
+from tasks.train_model import check_model_inputs
 
 BUILTIN_FAMILIES = tuple(f for f, family in FAMILIES.items() if family.builtin)
 FAMILIES_FOR = {"table": ["mlp"], "image_folder": ["cnn", "mlp"], "text": ["text"]}  # what suits each source
@@ -103,6 +105,32 @@ def pretrained_image_input(folder: Path) -> dict:
             "color": "gray" if config.get("num_channels", 3) == 1 else "rgb"}
 
 
+def candidates_for(families: list[str]) -> dict[str, list]:
+    """The default candidates, less distillation when a family has no student of its own (a user's
+    module has no narrower twin: that candidate would fail after search and training)."""
+    defaults = CompressConfig().model_dump()["candidates"]
+    student_for_all = all(FAMILIES[f].scales or FAMILIES[f].shallower is not None for f in families)
+    return {name: recipe for name, recipe in defaults.items()
+            if student_for_all or not any(step["method"] == "distill" for step in recipe)}
+
+
+def check_runnable(cfg: PipelineConfig, root: Path, data: Path) -> None:
+    """What `run` checks before any training, run here so `init` never writes a config `run` refuses:
+    the folders' safety, the data source's whole validation and the model on the data's shapes."""
+    try:
+        resolved = cfg.resolved(root)
+    except ConfigError as err:
+        if "data.dir" not in str(err):
+            raise
+        folder = Path(f"data/{data.stem}")
+        raise ConfigError(f"{data} must lie in a folder of its own inside the project ({root}), which DVC versions "
+                          f"whole; e.g. `mkdir -p {folder} && cp {data} {folder}/` (or `mv`), then "
+                          f"`modelforge init --data {folder / data.name} ...`") from None
+    manifest, _ = SOURCES[resolved.data.dataset].describe(resolved.data, resolved.data.dir)
+    check_model_inputs(resolved.train, resolved.model, int(manifest["num_classes"]), tuple(manifest["input_shape"]),
+                       root)
+
+
 def init_config(data: Path, label: str | None, model: str | None, out: Path, root: Path) -> Path:
     """Write a config for the data at `data` (relative paths are taken from `root`) to `out`, after
     checking it loads; returns `out`. An existing `out` is never overwritten."""
@@ -137,8 +165,13 @@ def init_config(data: Path, label: str | None, model: str | None, out: Path, roo
     # Shift augmentation is for images; the space default would waste trials on it elsewhere.
     augment = ["shift"] if section["dataset"] == "image_folder" else ["none"]
     cfg = PipelineConfig.model_validate({
-        "data": section, "model": {"spec": spec, "pretrained": pretrained}, "search": {"space": {"families": families, "augment": augment}},
-        "register": {"model_name": f"{name}-classifier"}, "tracking": {"experiment": name}})
+        "data": section, "model": {"spec": spec, "pretrained": pretrained},
+        "search": {"space": {"families": families, "augment": augment}},
+        "compress": {"candidates": candidates_for(families)},
+        # Bundle folders of their own: two models' champions never share (and replace) one folder.
+        "register": {"model_name": f"{name}-classifier", "bundle_dir": f"deploy/{name}-bundle"},
+        "promote": {"champion_bundle_dir": f"deploy/{name}-champion"}, "tracking": {"experiment": name}})
+    check_runnable(cfg, root, Path(data))
     header = [f"# modelforge config written by `modelforge init` for {data}",
               *(f"# {line}" for line in found),
               "# gates.min_accuracy is an absolute floor on test accuracy: set it to what your use needs.",
