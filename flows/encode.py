@@ -13,6 +13,7 @@ from flows.release import validate_and_release
 from tasks import track_run
 from tasks.compress_encoder import compress_encoder_task, export_teacher_task
 from tasks.evaluate_model import EncoderEval
+from tasks.promote_model import check_champion_task
 from tasks.version_data import version_data_task
 
 
@@ -26,6 +27,7 @@ def optimize_encoder(config_path: str = "configs/minilm.yaml", root: str = ".", 
         data = version_data_task(cfg.data, run.root)
         if skipped := track_run.already_done(run, data.md5, force):
             return skipped
+        check_champion_task(cfg.register_.model_name, data.dir, cfg.promote)
 
         out = work / "candidates" / run.run_id
         teacher, tokenizer_dir = export_teacher_task(cfg.encoder, data.dir, out)

@@ -16,6 +16,7 @@ from tasks.compress_model import compress_candidate_task
 from tasks.connect_runner import search_runner
 from tasks.evaluate_model import ClassifierEval
 from tasks.fetch_data import worker_data
+from tasks.promote_model import check_champion_task
 from tasks.search_model import TrialTracking, fit_search_to_data, summarize_search_task
 from tasks.train_model import check_model_inputs_task, train_model_task
 from tasks.validate_model import BASELINE
@@ -34,6 +35,7 @@ def optimize(config_path: str = "configs/digits.yaml", root: str = ".", force: b
         if skipped := track_run.already_done(run, data.md5, force):
             return skipped
         check_model_inputs_task(cfg.train, cfg.model, data.num_classes, data.input_shape, run.root)  # before any training
+        check_champion_task(cfg.register_.model_name, data.dir, cfg.promote)
 
         search_cfg = fit_search_to_data(cfg.search, data.input_shape, cfg.data.dataset == "text", cfg.model)
         study = f"{cfg.tracking.experiment}-{data.md5[:12]}-{cfg.section_hash('search', 'model')}"

@@ -489,6 +489,10 @@ class GateConfig(_Section):
         "latency_p50_ms", description="Among passing candidates pick the lowest latency/size or the best primary quality "
         "(accuracy; worst-case cosine for embeddings)."
     )
+    latency_tie: float = Field(
+        1.05, ge=1, description="select_by latency: a candidate counts as slower than the fastest only when the 95% "
+        "interval of its latency ratio over the timing rounds lies above this; the tied ones are ranked by quality, "
+        "then size (so timing noise never decides).")
 
 
 class RegisterConfig(_Section):
@@ -503,6 +507,12 @@ class PromoteConfig(_Section):
     quality_tolerance: float = Field(
         0.25, ge=0, description="Points (hundredths of the primary quality: accuracy, worst-case cosine) within which "
         "a challenger 'matches' the champion; it then needs to be faster.")
+    significance: float = Field(
+        0.05, gt=0, lt=1, description="A challenger is better only if the paired test on the same test samples says so "
+        "at this level (McNemar's exact test for classifiers, a paired bootstrap otherwise).")
+    min_speedup: float = Field(
+        1.05, ge=1, description="A matching challenger is promoted only if the 95% interval of its speed-up over the "
+        "champion (timed side by side) lies above this.")
     champion_bundle_dir: Path = Field(Path("deploy/champion"), description="Bundle the server loads; replaced atomically on promotion.")
 
 

@@ -163,11 +163,15 @@ def quantize_encoder(path: Path, out: Path, per_channel: bool = True) -> Path:
     return Path(out)
 
 
+def sentence_cosines(reference: np.ndarray, candidate: np.ndarray) -> np.ndarray:
+    return (reference * candidate).sum(1) / (np.linalg.norm(reference, axis=1) * np.linalg.norm(candidate, axis=1))
+
+
 def fidelity(reference: np.ndarray, candidate: np.ndarray, queries: int, k: int = 10) -> dict[str, float]:
     """Per-sentence cosine to the reference embeddings (mean and worst case), and top-k retrieval
     overlap: the first `queries` rows search the rest, and the candidate's top-k neighbours are
     compared with the reference's."""
-    cos = (reference * candidate).sum(1) / (np.linalg.norm(reference, axis=1) * np.linalg.norm(candidate, axis=1))
+    cos = sentence_cosines(reference, candidate)
     top = lambda e: np.argsort(-(e[:queries] @ e[queries:].T), axis=1)[:, :k]
     ref_top, cand_top = top(reference), top(candidate)
     overlap = np.mean([len(set(a) & set(b)) / k for a, b in zip(ref_top, cand_top)])

@@ -17,8 +17,10 @@ from typing import Protocol
 import numpy as np
 import onnxruntime as ort
 
-from tasks.run_onnx import make_session, onnx_accuracy
+from tasks.paired_stats import mcnemar_exact, paired_bootstrap
+from tasks.run_onnx import make_session, onnx_accuracy, predict_logits
 from tasks.data import load_splits
+from tasks.data.base import read_manifest
 from tasks.data.docstrings import load_sentences
 
 Inputs = np.ndarray | dict[str, np.ndarray]
@@ -26,8 +28,13 @@ Inputs = np.ndarray | dict[str, np.ndarray]
 
 class Evaluator(Protocol):
     primary: str  # the quality metric candidates are ranked, plotted and promoted by (higher is better)
+    data_dir: Path  # the versioned data whose held-out split it measures on
 
     def quality(self, session: ort.InferenceSession) -> dict[str, float]: ...
+
+    def per_sample(self, session: ort.InferenceSession) -> np.ndarray: ...
+
+    def paired(self, challenger: np.ndarray, champion: np.ndarray) -> dict: ...
 
     def timing_inputs(self) -> Inputs: ...
 
@@ -36,6 +43,14 @@ class Evaluator(Protocol):
     def serving_info(self) -> dict: ...
 
     def attach(self, bundle: Path) -> None: ...
+
+
+def data_task(data_dir: Path) -> dict:
+    """The task a model trained on the versioned `data_dir` serves, beside its classes and signature:
+    the source, the folder and the split rule (so a champion and a challenger are compared on the
+    same test split's lineage, however the data has grown)."""
+    manifest = read_manifest(data_dir)
+    return {"dataset": manifest.get("dataset"), "data_folder": Path(data_dir).name, "split": manifest.get("split")}
 
 
 @dataclass(frozen=True)
@@ -51,6 +66,17 @@ class ClassifierEval:
 
     def quality(self, session: ort.InferenceSession) -> dict[str, float]:
         return {"accuracy": onnx_accuracy(session, *self._splits.test)}
+
+    def per_sample(self, session: ort.InferenceSession) -> np.ndarray:
+        """Whether each test sample is classified right."""
+        x, y = self._splits.test
+        return predict_logits(session, x).argmax(1) == y
+
+    def paired(self, challenger: np.ndarray, champion: np.ndarray) -> dict:
+        """Accuracy of both on the same test samples and McNemar's exact test of the difference."""
+        return {"challenger": float(challenger.mean()), "champion": float(champion.mean()),
+                "gain_pts": float(challenger.mean() - champion.mean()) * 100,
+                "p_value": mcnemar_exact(challenger, champion), "test": "McNemar exact"}
 
     def timing_inputs(self) -> np.ndarray:
         return self._splits.test[0]
@@ -103,6 +129,19 @@ class EncoderEval:
         from tasks.embed_minilm import fidelity
 
         return fidelity(self._reference, self._embed(session), self._sentences.queries)
+
+    def per_sample(self, session: ort.InferenceSession) -> np.ndarray:
+        """Each held-out sentence's cosine to the FP32 reference."""
+        from tasks.embed_minilm import sentence_cosines
+
+        return sentence_cosines(self._reference, self._embed(session))
+
+    def paired(self, challenger: np.ndarray, champion: np.ndarray) -> dict:
+        """The worst-case cosine of both on the same sentences, and a paired bootstrap interval of the
+        difference (sentences resampled together)."""
+        gain, low, high = paired_bootstrap(challenger, champion, np.min)
+        return {"challenger": float(challenger.min()), "champion": float(champion.min()), "gain_pts": gain * 100,
+                "interval_pts": [low * 100, high * 100], "test": "paired bootstrap"}
 
     def timing_inputs(self) -> dict[str, np.ndarray]:
         """32 held-out sentences padded to `timing_seq_len`: latency and throughput at a known length."""

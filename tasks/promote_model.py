@@ -21,9 +21,15 @@ from prefect import task
 from tasks import track_run
 from tasks.config import PromoteConfig, ValidateConfig
 from tasks.register_model import RegisteredModel
-from tasks.evaluate_model import Evaluator
+from tasks.data.base import read_manifest
+from tasks.evaluate_model import Evaluator, data_task
+from tasks.paired_stats import ratio_interval
 from tasks.run_onnx import make_session, measure_speeds
 from tasks.ship_bundle import publish_copy
+
+
+class PromotionError(ValueError):
+    """The challenger and the champion do not serve the same task: comparing them means nothing."""
 
 
 @dataclass(frozen=True)
@@ -34,6 +40,7 @@ class Decision:
     champion_version: str | None  # the champion before this decision
     challenger: dict  # primary quality (accuracy, worst-case cosine) and latency_p50_ms on the same held-out data
     champion: dict | None
+    evidence: dict | None = None  # the paired quality test and the speed-up interval the decision rests on
 
 
 def _alias_version(name: str, alias: str) -> str | None:
@@ -43,24 +50,104 @@ def _alias_version(name: str, alias: str) -> str | None:
         return None
 
 
-def decide(challenger: dict, champion: dict | None, tolerance_pts: float, quality: str = "accuracy") -> tuple[bool, str]:
-    """Promote when clearly better on `quality`, or when it matches within tolerance (in points,
-    i.e. hundredths) and is faster."""
-    if champion is None:
+def _signature(tensors: list[dict] | None) -> list | None:
+    return None if tensors is None else [(t["name"], t["dtype"], t["shape"]) for t in tensors]
+
+
+def task_mismatch(champion: dict, challenger: dict) -> list[str]:
+    """How two bundle manifests differ in the task they serve: registered model, class names, input
+    and output signature, data source, data folder and split rule (the test split's lineage). Facts
+    a manifest lacks (an older bundle, or a challenger not exported yet) are not compared."""
+    def facts(m: dict) -> dict:
+        task = m.get("task") or {}
+        return {"registered model": (m.get("registered_model") or {}).get("name"), "classes": m.get("labels"),
+                "inputs": _signature(m.get("inputs")), "outputs": _signature(m.get("outputs")),
+                "data source": task.get("dataset"), "data folder": task.get("data_folder"),
+                "split rule": task.get("split")}
+
+    theirs, ours = facts(champion), facts(challenger)
+    shown = lambda v: str(v) if len(str(v)) <= 120 else str(v)[:117] + "..."
+    return [f"{key}: champion {shown(theirs[key])}, challenger {shown(ours[key])}" for key in theirs
+            if theirs[key] is not None and ours[key] is not None and theirs[key] != ours[key]]
+
+
+def _champion_manifest(name: str, version: str) -> dict | None:
+    """The manifest of the bundle a registered version shipped with (logged to its run)."""
+    run_id = MlflowClient().get_model_version(name, version).run_id
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="bundle/manifest.json", dst_path=tmp)
+        except (MlflowException, OSError):
+            return None
+        return json.loads(Path(path).read_text())
+
+
+def champion_conflicts(name: str, challenger: dict, cfg: PromoteConfig) -> list[str]:
+    """Why registered model `name`'s challenger (a bundle manifest, or the part of one known before
+    training) may not be compared with its champion: the champion bundle folder holds another
+    registered model's bundle, or the registered champion serves another task. Empty when it may, or
+    when there is no champion."""
+    problems = []
+    folder = Path(cfg.champion_bundle_dir) / "manifest.json"
+    if folder.is_file():
+        served = json.loads(folder.read_text())
+        other = (served.get("registered_model") or {}).get("name")
+        if other and other != name:
+            problems.append(f"{cfg.champion_bundle_dir} serves the champion of {other!r}, not {name!r}: give this "
+                            "model a champion bundle folder of its own (promote.champion_bundle_dir)")
+    version = _alias_version(name, cfg.champion_alias)
+    if version is not None and (champion := _champion_manifest(name, version)) is not None:
+        problems += [f"{name} v{version} ('{cfg.champion_alias}') differs in {why}"
+                     for why in task_mismatch(champion, challenger)]
+    return problems
+
+
+def check_champion(name: str, challenger: dict, cfg: PromoteConfig) -> None:
+    if problems := champion_conflicts(name, challenger, cfg):
+        raise PromotionError("the challenger cannot be compared with the champion, which serves another task "
+                             "(nothing was replaced):\n" + "\n".join(f"  - {p}" for p in problems)
+                             + "\n  A new task needs its own register.model_name and bundle folders.")
+
+
+def check_champion_before_training(model_name: str, data_dir: Path, cfg: PromoteConfig) -> None:
+    """`check_champion` on what the versioned data already says (classes, source, folder, split rule),
+    so a run for another task stops before search and training, not after."""
+    manifest = read_manifest(data_dir)
+    labels = manifest.get("classes", list(range(manifest["num_classes"])) if "num_classes" in manifest else None)
+    check_champion(model_name, {"labels": labels, "task": data_task(data_dir)}, cfg)
+
+
+def decide(quality: dict | None, speed: dict | None, cfg: PromoteConfig, metric: str = "accuracy") -> tuple[bool, str]:
+    """Promote when the paired test on the same test samples finds the challenger better, or when it
+    is not worse by more than the tolerance (and not significantly worse) and the 95% interval of its
+    speed-up lies above `cfg.min_speedup`. `quality`: `Evaluator.paired`'s result; `speed`: the
+    speed-up (champion latency / challenger latency) and its interval."""
+    if quality is None:
         return True, "no champion yet"
-    gain = (challenger[quality] - champion[quality]) * 100
-    speedup = champion["latency_p50_ms"] / challenger["latency_p50_ms"]
-    if gain > tolerance_pts:
-        return True, f"{quality} better by {gain:.2f} pts"
-    if gain >= -tolerance_pts and speedup > 1:
-        return True, f"{quality} within {tolerance_pts} pts ({gain:+.2f}) and {speedup:.2f}x faster"
-    if gain < -tolerance_pts:
-        return False, f"{quality} worse by {-gain:.2f} pts"
-    return False, f"{quality} within {tolerance_pts} pts ({gain:+.2f}) but not faster ({speedup:.2f}x)"
+    gain = quality["gain_pts"]
+    if "p_value" in quality:
+        evidence = f"{quality['test']} p = {quality['p_value']:.2g}"
+        significant = quality["p_value"] < cfg.significance
+    else:
+        low, high = quality["interval_pts"]
+        evidence = f"{quality['test']} 95% interval {low:+.2f} to {high:+.2f} pts"
+        significant = low > 0 or high < 0
+    if gain > 0 and significant:
+        return True, f"{metric} better by {gain:.2f} pts ({evidence})"
+    speedup, (slow, fast) = speed["speedup"], speed["interval"]
+    timing = f"{speedup:.2f}x faster (95% interval {slow:.2f}-{fast:.2f}x)"
+    if gain < -cfg.quality_tolerance or (gain < 0 and significant):
+        return False, f"{metric} worse by {-gain:.2f} pts ({evidence})"
+    if slow > cfg.min_speedup:
+        return True, f"{metric} within {cfg.quality_tolerance} pts ({gain:+.2f}, {evidence}) and {timing}"
+    return False, (f"{metric} not better by the test ({gain:+.2f} pts, {evidence}) and not measurably faster: "
+                   f"{timing}, not above {cfg.min_speedup}x")
 
 
 def promote_model(registered: RegisteredModel, bundle_dir: Path, cfg: PromoteConfig, timing: ValidateConfig,
                   evaluator: Evaluator, run_id: str) -> Decision:
+    challenger_manifest = json.loads((Path(bundle_dir) / "manifest.json").read_text())
+    check_champion(registered.name, challenger_manifest, cfg)
     champion_version = _alias_version(registered.name, cfg.champion_alias)
     with tempfile.TemporaryDirectory() as tmp:
         sessions = {"challenger": make_session(Path(bundle_dir) / "model.onnx")}
@@ -70,11 +157,17 @@ def promote_model(registered: RegisteredModel, bundle_dir: Path, cfg: PromoteCon
             sessions["champion"] = make_session(path)
         speeds = measure_speeds(sessions, evaluator.timing_inputs(), timing.warmup, timing.latency_runs,
                                 timing.throughput_batch, timing.throughput_runs)
-        scores = {k: {evaluator.primary: evaluator.quality(s)[evaluator.primary],
-                      "latency_p50_ms": speeds[k].latency_p50_ms} for k, s in sessions.items()}
-    promoted, reason = decide(scores["challenger"], scores.get("champion"), cfg.quality_tolerance, evaluator.primary)
+        samples = {k: evaluator.per_sample(s) for k, s in sessions.items()}
+    quality = speed = None
+    if "champion" in sessions:
+        quality = evaluator.paired(samples["challenger"], samples["champion"])
+        ratio, low, high = ratio_interval(speeds["champion"].latency_rounds_ms, speeds["challenger"].latency_rounds_ms)
+        speed = {"speedup": ratio, "interval": [low, high]}
+    scores = {k: {evaluator.primary: (quality or {}).get(k, float(samples[k].mean())),
+                  "latency_p50_ms": speeds[k].latency_p50_ms} for k in sessions}
+    promoted, reason = decide(quality, speed, cfg, evaluator.primary)
     decision = Decision(promoted, reason, registered.version, champion_version, scores["challenger"],
-                        scores.get("champion"))
+                        scores.get("champion"), quality and {"quality": quality, "speed": speed})
     client = MlflowClient()
     if promoted:
         if champion_version is not None:
@@ -93,6 +186,11 @@ def promote_model(registered: RegisteredModel, bundle_dir: Path, cfg: PromoteCon
 def _log(run_id: str, decision: Decision) -> None:
     track_run.set_tags(run_id, {"promotion.decision": "promoted" if decision.promoted else "kept",
                                 "promotion.reason": decision.reason})
+    if decision.evidence:
+        quality, speed = decision.evidence["quality"], decision.evidence["speed"]
+        track_run.log_metrics(run_id, {"promotion.gain_pts": quality["gain_pts"], "promotion.p_value": quality.get("p_value"),
+                                       "promotion.speedup": speed["speedup"], "promotion.speedup_low": speed["interval"][0],
+                                       "promotion.speedup_high": speed["interval"][1]})
     for role in ("challenger", "champion"):
         if getattr(decision, role):
             track_run.log_metrics(run_id, {f"promotion.{role}.{k}": v for k, v in getattr(decision, role).items()})
@@ -122,3 +220,4 @@ def rollback(model_name: str, cfg: PromoteConfig) -> str:
 
 
 promote_model_task = task(promote_model, name="promote_model")
+check_champion_task = task(check_champion_before_training, name="check_champion")

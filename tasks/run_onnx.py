@@ -94,6 +94,9 @@ class Timing:
     latency_p50_ms: float
     latency_p95_ms: float
     throughput_sps: float  # samples per second at the throughput batch size (from the median batch time)
+    # The median batch-1 latency of each interleaved round: what a paired comparison of two models'
+    # speed rests on (their per-round ratios), so a decision can tell a difference from noise.
+    latency_rounds_ms: tuple[float, ...] = ()
 
 
 def measure_speeds(
@@ -141,5 +144,6 @@ def measure_speeds(
         ms = np.array(latencies[key]) * 1000
         # Median batch time: one preempted batch must not move a throughput figure.
         out[key] = Timing(float(np.percentile(ms, 50)), float(np.percentile(ms, 95)),
-                          batch / float(np.median(batch_times[key])))
+                          batch / float(np.median(batch_times[key])),
+                          tuple(float(np.median(r)) for r in np.array_split(ms, rounds)))
     return out

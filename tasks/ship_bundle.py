@@ -14,7 +14,7 @@ from pathlib import Path
 
 from prefect import task
 
-from tasks.evaluate_model import Evaluator
+from tasks.evaluate_model import Evaluator, data_task
 from tasks.guard_bundle import BUNDLE_FORMAT, check_replaceable, relative_paths, sha256_of
 from tasks.run_onnx import make_session
 
@@ -70,6 +70,7 @@ def ship_bundle(onnx_path: Path, bundle_dir: Path, evaluator: Evaluator, data_ve
             "size_bytes": model.stat().st_size,
             **_io_spec(model),
             **evaluator.serving_info(),
+            "task": data_task(evaluator.data_dir),
             "data_version": data_version,
             "created_at": datetime.now(timezone.utc).isoformat(),
             **relative_paths(details, bundle_dir),

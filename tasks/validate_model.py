@@ -14,6 +14,7 @@ from prefect import task
 from tasks.compress_model import Candidate
 from tasks.config import GateConfig, ValidateConfig
 from tasks.evaluate_model import Evaluator
+from tasks.paired_stats import ratio_interval
 from tasks.run_onnx import available_devices, make_session, measure_speeds
 
 BASELINE = "baseline"
@@ -36,6 +37,7 @@ class Report:
     parity_max_abs: float | None
     cuda: dict | None = None  # the same timings on CUDAExecutionProvider, when present
     failed_gates: list[str] = field(default_factory=list)
+    latency_rounds_ms: tuple[float, ...] = ()  # per interleaved timing round, for paired comparisons
 
     @property
     def passed(self) -> bool:
@@ -72,7 +74,8 @@ def validate_candidates(candidates: list[Candidate], cfg: ValidateConfig, evalua
         cpu = timings["cpu"][c.name]
         reports.append(Report(c.name, str(c.onnx), quality[c.name], evaluator.primary, cpu.latency_p50_ms,
                               cpu.latency_p95_ms, cpu.throughput_sps, Path(c.onnx).stat().st_size, c.parity_max_abs,
-                              cuda=asdict(timings["cuda"][c.name]) if "cuda" in timings else None))
+                              cuda=asdict(timings["cuda"][c.name]) if "cuda" in timings else None,
+                              latency_rounds_ms=cpu.latency_rounds_ms))
     return reports
 
 
@@ -112,14 +115,32 @@ def apply_gates(reports: list[Report], gates: GateConfig) -> list[Report]:
     return gated
 
 
+def latency_ties(reports: list[Report], tie: float) -> list[Report]:
+    """The reports not measurably slower than the fastest: the 95% interval of their latency ratio to
+    it, over the interleaved timing rounds, reaches down to `tie` (a ratio of 1.05: within 5%)."""
+    fastest = min(reports, key=lambda r: r.latency_p50_ms)
+    tied = []
+    for r in reports:
+        ratio, low, _ = ratio_interval(r.latency_rounds_ms, fastest.latency_rounds_ms)
+        if r is fastest or low <= tie:
+            tied.append(r)
+        print(f"[select] {r.name}: p50 latency {ratio:.3f}x the fastest ({fastest.name}), 95% interval from "
+              f"{low:.3f}x: {'a tie' if r in tied else 'slower'}")
+    return tied
+
+
 def best_passing(reports: list[Report], gates: GateConfig) -> Report | None:
-    """The passing candidate ranked first by `gates.select_by` (ties: better primary quality), or None."""
+    """The passing candidate ranked first by `gates.select_by`, or None. Latency: among the candidates
+    the fastest is not measurably faster than (`latency_ties`), the best primary quality, then the
+    smallest file. Size: the smallest (ties: better quality). Quality: the best (ties: faster)."""
     passing = [r for r in reports if r.passed]
     if not passing:
         return None
     if gates.select_by == "quality":
         return max(passing, key=lambda r: (r.score, -r.latency_p50_ms))
-    return min(passing, key=lambda r: (getattr(r, gates.select_by), -r.score))
+    if gates.select_by == "size_bytes":
+        return min(passing, key=lambda r: (r.size_bytes, -r.score))
+    return max(latency_ties(passing, gates.latency_tie), key=lambda r: (r.score, -r.size_bytes))
 
 
 def require_passing(chosen: Report | None, reports: list[Report]) -> Report:

@@ -1,5 +1,7 @@
 import json
+from dataclasses import asdict
 
+import numpy as np
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
@@ -9,29 +11,52 @@ from tasks.models import Arch, build_model, save_checkpoint
 from tasks.compress_model import compress_candidate
 from tasks.config import PromoteConfig, RegisterConfig, TrackingConfig, ValidateConfig
 from tasks.evaluate_model import ClassifierEval
-from tasks.promote_model import decide, promote_model, rollback
+from tasks.paired_stats import mcnemar_exact, ratio_interval
+from tasks.promote_model import PromotionError, check_champion_before_training, decide, promote_model, rollback
 from tasks.register_model import register_model
 from tasks.ship_bundle import ship_bundle
 
 FAST_TIMING = ValidateConfig(warmup=2, latency_runs=20, throughput_runs=2)
 
 
-@pytest.mark.parametrize("challenger, champion, promoted, why", [
-    ({"accuracy": 0.95, "latency_p50_ms": 1.0}, None, True, "no champion"),
-    ({"accuracy": 0.97, "latency_p50_ms": 2.0}, {"accuracy": 0.95, "latency_p50_ms": 1.0}, True, "accuracy better by 2.00"),
-    ({"accuracy": 0.949, "latency_p50_ms": 0.5}, {"accuracy": 0.95, "latency_p50_ms": 1.0}, True, "2.00x faster"),
-    ({"accuracy": 0.95, "latency_p50_ms": 1.5}, {"accuracy": 0.95, "latency_p50_ms": 1.0}, False, "not faster"),
-    ({"accuracy": 0.93, "latency_p50_ms": 0.1}, {"accuracy": 0.95, "latency_p50_ms": 1.0}, False, "accuracy worse by 2.00"),
+def acc(gain, p):
+    return {"gain_pts": gain, "p_value": p, "test": "McNemar exact"}
+
+
+def fast(speedup, low, high):
+    return {"speedup": speedup, "interval": [low, high]}
+
+
+@pytest.mark.parametrize("quality, speed, promoted, why", [
+    (None, None, True, "no champion yet"),
+    (acc(2.0, 0.001), fast(0.5, 0.45, 0.55), True, "accuracy better by 2.00 pts (McNemar exact p = 0.001)"),
+    # better on paper, but the test cannot tell, and the speed-up may be noise: the champion stays
+    (acc(0.5, 0.3), fast(1.1, 1.01, 1.2), False, "not better by the test (+0.50 pts"),
+    (acc(-0.1, 0.8), fast(2.0, 1.8, 2.2), True, "within 0.25 pts (-0.10, McNemar exact p = 0.8) and 2.00x faster"),
+    (acc(-0.1, 0.8), fast(1.3, 1.04, 1.5), False, "not above 1.05x"),
+    (acc(-2.0, 0.01), fast(3.0, 2.9, 3.1), False, "accuracy worse by 2.00 pts"),
+    (acc(-0.2, 0.01), fast(3.0, 2.9, 3.1), False, "accuracy worse by 0.20 pts"),  # within tolerance but significant
 ])
-def test_decision_rule(challenger, champion, promoted, why):
-    ok, reason = decide(challenger, champion, tolerance_pts=0.25)
+def test_decision_rule(quality, speed, promoted, why):
+    ok, reason = decide(quality, speed, PromoteConfig())
     assert ok == promoted and why in reason
 
 
-def test_decision_rule_on_another_quality_metric():
-    ok, reason = decide({"cosine_min": 0.985, "latency_p50_ms": 1.0}, {"cosine_min": 0.99, "latency_p50_ms": 2.0},
-                        tolerance_pts=0.25, quality="cosine_min")
-    assert not ok and reason == "cosine_min worse by 0.50 pts"
+def test_decision_rule_on_a_bootstrap_interval():
+    quality = {"gain_pts": -0.5, "interval_pts": [-0.9, -0.1], "test": "paired bootstrap"}
+    ok, reason = decide(quality, fast(2.0, 1.9, 2.1), PromoteConfig(), "cosine_min")
+    assert not ok and reason == "cosine_min worse by 0.50 pts (paired bootstrap 95% interval -0.90 to -0.10 pts)"
+    quality = {"gain_pts": 0.4, "interval_pts": [0.1, 0.7], "test": "paired bootstrap"}
+    assert decide(quality, fast(1.0, 0.9, 1.1), PromoteConfig(), "cosine_min")[0]
+
+
+def test_paired_statistics():
+    rng = np.random.default_rng(0)
+    right = rng.random(400) < 0.9
+    worse = right & (rng.random(400) < 0.9)  # wrong on about 36 more samples
+    assert mcnemar_exact(right, worse) < 1e-6 and mcnemar_exact(right, right) == 1.0
+    ratio, low, high = ratio_interval([2.0, 2.1, 1.9, 2.0, 2.05] * 2, [1.0, 1.02, 0.98, 1.0, 1.01] * 2)
+    assert 1.9 < low <= ratio <= high < 2.1
 
 
 def test_champion_challenger_and_rollback(tmp_path, cnn_checkpoint, data_dir, train_cfg):
@@ -48,7 +73,8 @@ def test_champion_challenger_and_rollback(tmp_path, cnn_checkpoint, data_dir, tr
         onnx_path = compress_candidate(name, [], checkpoint, data_dir, train_cfg, tmp_path / "c").onnx
         run_id = track_run.start_run(exp, name)
         registered = register_model(onnx_path, reg_cfg, run_id, ClassifierEval(data_dir))
-        bundle = ship_bundle(onnx_path, tmp_path / f"bundle-{name}", ClassifierEval(data_dir), "v.dir", {"candidate": name})
+        bundle = ship_bundle(onnx_path, tmp_path / f"bundle-{name}", ClassifierEval(data_dir), "v.dir",
+                             {"candidate": name, "registered_model": asdict(registered)})
         track_run.log_artifacts(run_id, bundle, "bundle")
         return promote_model(registered, bundle, cfg, FAST_TIMING, ClassifierEval(data_dir), run_id), bundle
 
@@ -61,7 +87,7 @@ def test_champion_challenger_and_rollback(tmp_path, cnn_checkpoint, data_dir, tr
     first, bad_bundle = release("untrained", untrained)
     assert first.promoted and first.reason == "no champion yet" and alias("champion") == "1"
     second, good_bundle = release("trained", cnn_checkpoint)
-    assert second.promoted and "accuracy better by" in second.reason
+    assert second.promoted and "accuracy better by" in second.reason and "McNemar exact p = " in second.reason
     assert second.champion["accuracy"] < 0.3 < 0.8 < second.challenger["accuracy"]  # same test split for both
     assert (alias("champion"), alias("previous-champion")) == ("2", "1")
     assert champion_sha() == json.loads((good_bundle / "manifest.json").read_text())["sha256"]
@@ -70,6 +96,22 @@ def test_champion_challenger_and_rollback(tmp_path, cnn_checkpoint, data_dir, tr
     run = MlflowClient().get_run(MlflowClient().get_model_version("promo-model", "3").run_id)
     assert run.data.tags["promotion.decision"] == "kept"
     assert run.data.metrics["promotion.champion.accuracy"] > run.data.metrics["promotion.challenger.accuracy"]
+
+    assert run.data.metrics["promotion.p_value"] < 0.05  # the decision logs its evidence
+
+    # Another task under the same name (3-class data where the champion has 10) is refused before
+    # training, and a champion folder holding another model's champion is never replaced.
+    from tasks.data.examples import wine
+    from tasks.data.table import describe_table
+    from tasks.config import TableDataConfig
+
+    wine(tmp_path / "wine")
+    describe_table(TableDataConfig(dataset="table", dir=tmp_path / "wine", label="label"), tmp_path / "wine")
+    with pytest.raises(PromotionError, match=r"promo-model v2 \('champion'\) differs in classes: champion \[0, 1, 2"):
+        check_champion_before_training("promo-model", tmp_path / "wine", cfg)
+    with pytest.raises(PromotionError, match="serves the champion of 'promo-model', not 'wine-classifier'"):
+        check_champion_before_training("wine-classifier", tmp_path / "wine", cfg)
+    check_champion_before_training("promo-model", data_dir, cfg)  # the same task passes
 
     assert rollback("promo-model", cfg) == "1"
     assert (alias("champion"), alias("previous-champion")) == ("1", "2")

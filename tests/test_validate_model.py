@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 
 from tasks.compress_model import compress_candidate
@@ -7,8 +8,11 @@ from tasks.run_onnx import make_session, predict_logits
 from tasks.validate_model import GateError, Report, apply_gates, best_passing, require_passing, validate_candidates
 
 
-def report(name, acc, p50, parity=1e-6, size=1000):
-    return Report(name, f"{name}.onnx", {"accuracy": acc}, "accuracy", p50, p50 * 2, 1000 / p50, size, parity)
+def report(name, acc, p50, parity=1e-6, size=1000, noise=0.02, seed=0):
+    """Ten timing rounds around `p50`, each off by up to `noise` (relative), as a loaded machine gives."""
+    rounds = tuple(p50 * (1 + np.random.default_rng(seed).uniform(-noise, noise, 10)))
+    return Report(name, f"{name}.onnx", {"accuracy": acc}, "accuracy", p50, p50 * 2, 1000 / p50, size, parity,
+                  latency_rounds_ms=rounds)
 
 
 def test_measures_real_onnx_models(cnn_checkpoint, mlp_checkpoint, data_dir, splits, train_cfg, tmp_path):
@@ -51,6 +55,24 @@ def test_selection_rules():
     assert best_passing(reports, GateConfig(select_by="latency_p50_ms")).name == "fast"
     assert best_passing(reports, GateConfig(select_by="quality")).name == "baseline"
     assert best_passing(reports, GateConfig(select_by="size_bytes")).name == "baseline"
+
+
+def test_latency_within_timing_noise_is_a_tie_broken_by_quality_then_size():
+    """Two p50s apart in the fourth decimal once decided what shipped, differently run to run (the
+    default job shipped structured at 0.9917 or student at 0.9972 on identical inputs)."""
+    gates = GateConfig(max_latency_ratio=None)
+    for seed in range(5):  # whichever of the two the noise makes faster, the more accurate one ships
+        reports = apply_gates([report("baseline", 0.99, 1.0, seed=seed), report("structured", 0.9917, 0.0400, seed=seed),
+                               report("student", 0.9972, 0.0401, seed=seed + 1),
+                               report("student_small", 0.9972, 0.0402, size=500, seed=seed + 2)], gates)
+        assert best_passing(reports, gates).name == "student_small"  # equal quality: the smaller file
+    # a difference the rounds agree on and larger than the tie ratio is a real one: the faster ships
+    reports = apply_gates([report("baseline", 0.99, 1.0), report("fast", 0.985, 0.5, seed=1)], gates)
+    assert best_passing(reports, gates).name == "fast"
+    # noisy rounds that straddle 5% slower are not evidence: the more accurate one ships
+    reports = apply_gates([report("baseline", 0.99, 1.0, noise=0.2), report("fast", 0.985, 0.94, noise=0.2, seed=1)],
+                          gates)
+    assert best_passing(reports, gates).name == "baseline"
 
 
 def test_no_passing_candidate_fails_loudly():
