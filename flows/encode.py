@@ -25,6 +25,7 @@ def optimize_encoder(config_path: str = "configs/minilm.yaml", root: str = ".", 
         cfg, work = run.cfg, run.cfg.workdir / "encoder"
 
         data = version_data_task(cfg.data, run.root)
+        track_run.log_dataset(run.run_id, data.dir, data.md5)
         if skipped := track_run.already_done(run, data.md5, force):
             return skipped
         check_champion_task(cfg.register_.model_name, data.dir, cfg.promote)

@@ -32,6 +32,7 @@ def optimize(config_path: str = "configs/digits.yaml", root: str = ".", force: b
         runner = search_runner(cfg)  # a runner that cannot work fails before any data or training
 
         data = version_data_task(cfg.data, run.root)
+        track_run.log_dataset(run.run_id, data.dir, data.md5)
         if skipped := track_run.already_done(run, data.md5, force):
             return skipped
         check_model_inputs_task(cfg.train, cfg.model, data.num_classes, data.input_shape, run.root)  # before any training

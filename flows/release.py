@@ -36,6 +36,8 @@ def validate_and_release(run: track_run.PipelineRun, candidates: list[Candidate]
                                     "registered_version": registered.version, "quality_metric": evaluator.primary})
 
     decision = promote_model_task(registered, bundle, cfg.promote, cfg.validate_, evaluator, run.run_id)
+    track_run.name_run(run.run_id, f"{data_version[:8]} {chosen.name} {evaluator.primary} {chosen.score:.4f} "
+                                   f"v{registered.version}{' champion' if decision.promoted else ''}")
     return {"run_id": run.run_id, "data_version": data_version, "chosen": chosen.name, "bundle": str(bundle),
             "model_uri": registered.model_uri, "version": registered.version, "promoted": decision.promoted,
             "promotion_reason": decision.reason}

@@ -9,9 +9,11 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
 import tempfile
 import time
 import traceback
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -21,7 +23,8 @@ import mlflow
 import yaml
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
-from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+from mlflow.utils.mlflow_tags import (MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME, MLFLOW_SOURCE_NAME,
+                                      MLFLOW_SOURCE_TYPE)
 
 from tasks.config import ConfigError, PipelineConfig, TrackingConfig, load_config, tracking_of
 from tasks.fingerprint import code_version, inputs_version
@@ -29,6 +32,7 @@ from tasks.lock_workdir import lock_workdir
 from tasks.stop_run import clear_stop, interruption, request_stop
 
 _MAX_PARAM_LEN = 6000
+PIPELINE_TAG = "modelforge.pipeline"
 
 
 def fingerprint(cfg: PipelineConfig, data_version: str, root: Path) -> dict[str, str]:
@@ -62,8 +66,40 @@ def already_done(run: "PipelineRun", data_version: str, force: bool) -> dict | N
 def skip_run(run_id: str, previous: str, data_version: str) -> dict:
     reason = f"data {data_version[:12]}, config and code unchanged since run {previous[:8]}; pass --force to rerun"
     set_tags(run_id, {"skipped": reason, "equivalent_run": previous})
+    name_run(run_id, f"{data_version[:8]} nothing new")
     print(f"[optimize] nothing new: {reason}")
     return {"run_id": run_id, "skipped": reason, "equivalent_run": previous, "data_version": data_version}
+
+
+def log_dataset(run_id: str, data_dir: Path, data_version: str) -> None:
+    """The run's data as an MLflow dataset input: the UI's Dataset column then shows the folder and
+    its DVC version (the digest), and runs on the same data version can be told apart from others."""
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    with warnings.catch_warnings():  # MLflow registers its local-folder source twice and warns that it is ambiguous
+        warnings.simplefilter("ignore", UserWarning)
+        source = resolve_dataset_source(str(Path(data_dir).resolve()))
+    dataset = MetaDataset(source, name=Path(data_dir).name, digest=data_version[:36])
+    MlflowClient().log_inputs(run_id, [DatasetInput(dataset._to_mlflow_entity(),
+                                                    [InputTag(MLFLOW_DATASET_CONTEXT, "training")])])
+
+
+def name_run(run_id: str, name: str) -> None:
+    """Rename a run for what it did, once that is known (the runs table lists names)."""
+    MlflowClient().update_run(run_id, name=name)
+
+
+def source_tags(config_path: str | Path, root: Path) -> dict[str, str]:
+    """MLflow's source tags: the config file as the source, and the project's git commit where the
+    project is a git repository (so a run links back to the code and config it ran)."""
+    tags = {MLFLOW_SOURCE_NAME: str(config_path), MLFLOW_SOURCE_TYPE: "LOCAL"}
+    git = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True)
+    if git.returncode == 0:
+        tags[MLFLOW_GIT_COMMIT] = git.stdout.strip()
+    return tags
 
 
 def setup_tracking(cfg: TrackingConfig) -> str:
@@ -191,7 +227,8 @@ def pipeline_run(config_path: str | Path, root: str | Path, run_name: str = "opt
     Any error also asks the stages still running in other threads to stop."""
     root = Path(root).resolve()
     clear_stop()
-    source = {"config_path": str(config_path), "config_overrides": " ".join(overrides)}
+    # The pipeline stays in a tag of its own: the run's name is set to what it did when it ends.
+    source = {"config_path": str(config_path), "config_overrides": " ".join(overrides), PIPELINE_TAG: run_name}
     try:
         cfg = load_config(config_path, overrides).resolved(root)
         if cfg.family != family:
@@ -209,8 +246,8 @@ def pipeline_run(config_path: str | Path, root: str | Path, run_name: str = "opt
               f"{' with --set ' + source['config_overrides'] if overrides else ''}:\n{text}")
         experiment_id = setup_tracking(cfg.tracking)
         run_id = start_run(experiment_id, run_name, tags={
-            **source, "modelforge.workdir": str(cfg.workdir), "modelforge.host": socket.gethostname(),
-            "modelforge.pid": str(os.getpid())})
+            **source, **source_tags(config_path, root), "modelforge.workdir": str(cfg.workdir),
+            "modelforge.host": socket.gethostname(), "modelforge.pid": str(os.getpid())})
         note(mlflow_run=run_id)
         try:
             close_orphans(experiment_id, cfg.workdir, run_id)

@@ -67,6 +67,13 @@ def test_full_run_ships_a_gated_registered_model(tmp_path):
     assert parent.info.status == "FINISHED"
     assert parent.data.tags["data_version"] == result["data_version"]
     assert parent.data.tags["chosen_candidate"] == result["chosen"]
+    # What the MLflow UI's runs table shows: the data version as a dataset, a name saying what the run
+    # did, the config file as its source.
+    [dataset] = MlflowClient().get_run(parent.info.run_id).inputs.dataset_inputs
+    assert (dataset.dataset.name, dataset.dataset.digest) == ("data", result["data_version"][:36])
+    assert json.loads(dataset.dataset.source)["uri"] == str((tmp_path / "data").resolve())
+    assert parent.info.run_name.startswith(f"{result['data_version'][:8]} {result['chosen']} accuracy 0.")
+    assert parent.data.tags["mlflow.source.name"].endswith("config.yaml")
     trials = [r for r in all_runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert len(trials) == 2 and all(r.info.status == "FINISHED" for r in trials)
     assert parent.data.metrics["baseline.passed"] == 1.0
