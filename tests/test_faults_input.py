@@ -212,7 +212,13 @@ def test_init_and_the_manifest_say_what_reading_a_table_decided(tmp_path):
     assert any(junk in note for note in manifest["notes"]) and any(repeat in note for note in manifest["notes"])
 
 
-# --- Shipping: the next run removes what an interrupted ship left, and only that ----------------------
+# --- Runs: what the next run cleans up, what a failing one prints ------------------------------------
+
+@pytest.fixture(scope="module")
+def tracking(tmp_path_factory) -> dict:
+    """One MLflow store for the runs below: creating a store's tables costs seconds."""
+    return {"uri": f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/mlflow.db", "experiment": "faults-input"}
+
 
 class Killed(BaseException):
     """Stands for a SIGKILL: nothing after it runs, no cleanup either (rmtree is a no-op meanwhile)."""
@@ -230,7 +236,7 @@ def kill_during(monkeypatch, step: str) -> None:
     monkeypatch.setattr("tasks.ship_bundle.shutil", fake)
 
 
-def test_the_next_run_removes_what_an_interrupted_ship_left_and_only_that(bundle, tmp_path, monkeypatch):
+def test_the_next_run_removes_what_an_interrupted_ship_left_and_only_that(bundle, tracking, tmp_path, monkeypatch):
     deploy = tmp_path / "deploy"
     publish_copy(bundle, deploy / "bundle")
     for step in ("delete", "copy"):  # killed before deleting the old bundle; killed while copying the new one
@@ -243,7 +249,7 @@ def test_the_next_run_removes_what_an_interrupted_ship_left_and_only_that(bundle
     (deploy / ".bundle-mine").mkdir()  # the user's own, named like a temporary folder
     (deploy / ".bundle-mine" / "notes.txt").write_text("mine")
     config = tmp_path / "c.yaml"
-    config.write_text(yaml.safe_dump({"tracking": {"experiment": "leftovers"}}))
+    config.write_text(yaml.safe_dump({"tracking": tracking}))
     with track_run.pipeline_run(config, tmp_path):
         pass
     assert sorted(p.name for p in deploy.iterdir()) == [".bundle-mine", "bundle"]
@@ -251,23 +257,23 @@ def test_the_next_run_removes_what_an_interrupted_ship_left_and_only_that(bundle
     assert json.loads((deploy / "bundle" / "manifest.json").read_text())["format"] == "modelforge-bundle/1"
 
 
-# --- Errors: said once, cleanly, and never with advice to unpickle ------------------------------------
-
-def test_a_data_error_prints_one_clean_line_and_no_traceback(prefect_api, tmp_path, capfd, monkeypatch):
+def test_a_data_error_prints_one_clean_line_and_no_traceback(prefect_api, tracking, tmp_path, capfd, monkeypatch):
     from prefect.settings import PREFECT_API_URL
 
     monkeypatch.setenv("PREFECT_API_URL", PREFECT_API_URL.value())  # the session's API, not a server of its own
     (tmp_path / "mydata").mkdir()
     (tmp_path / "mydata" / "t.csv").write_text("a,label\n1,x\n")
-    (tmp_path / "mydata" / "extra.npy").write_text("junk")
+    (tmp_path / "mydata" / "extra.npy").symlink_to(tmp_path / "c.yaml")  # refused before any DVC command
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump({"data": {"dataset": "table", "dir": "mydata", "label": "label"},
-                                      "tracking": {"experiment": "quiet"}}))
+                                      "tracking": tracking}))
     assert main(["run", "--config", str(config), "--root", str(tmp_path)]) == 2
     out, err = capfd.readouterr()
     assert "Traceback" not in out + err, (out + err)[-3000:]
     assert (out + err).count("extra.npy") == 1 and "modelforge: DataError: " in err, (out + err)[-3000:]
 
+
+# --- Checkpoints: refused without advice to unpickle ------------------------------------------------
 
 @pytest.mark.parametrize("loader", [load_checkpoint, read_weights])
 def test_a_pickled_model_is_refused_without_suggesting_the_unsafe_loader(tmp_path, loader):
