@@ -850,7 +850,7 @@ def _drop_unknown_keys(root: yaml.MappingNode) -> list[str]:
         kept = []
         for key, value in node.value:
             name = key.value if isinstance(key, yaml.ScalarNode) else key.tag
-            if name in keys:
+            if name in keys or key.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults` brings known keys
                 kept.append((key, value))
             else:
                 problems.append(f"{where}{excerpt(name, 80)}: unknown key (line {key.start_mark.line + 1}), not read")
