@@ -860,7 +860,8 @@ def _drop_unknown_keys(root: yaml.MappingNode) -> list[str]:
     prune(root, _section_keys(cls), "")
     fields = {key: f for name, f in cls.model_fields.items() for key in (name, f.alias) if key}
     for key, value in root.value:
-        if isinstance(value, yaml.MappingNode) and (keys := _section_keys(fields[key.value].annotation)):
+        if isinstance(value, yaml.MappingNode) and key.value in fields and (
+                keys := _section_keys(fields[key.value].annotation)):
             prune(value, keys, f"{key.value}.")
     return problems
 
@@ -900,8 +901,8 @@ def read_config_file(path: str | Path) -> tuple[dict, list[str]]:
     except OSError as err:
         raise ConfigError(f"cannot read config {path}: {err.strerror}") from None
     if size > MAX_CONFIG_BYTES:
-        raise ConfigError(f"config {path} is {size / 2**10:,.0f} KB, over the {MAX_CONFIG_BYTES // 2**10} KB limit "
-                          "for a config file (a config is a few KB: is it the right file?)")
+        raise ConfigError(f"config {path} is over the {MAX_CONFIG_BYTES // 2**10} KB limit for a config file "
+                          f"({size:,} bytes or more; a config is a few KB: is it the right file?)")
     try:
         text = data.decode()
     except UnicodeDecodeError as err:

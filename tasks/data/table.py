@@ -87,7 +87,7 @@ def table_notes(frame, schema: dict[str, str], categorical: list[str] = ()) -> l
         if kind != "categorical" or name in categorical or not len(values):
             continue
         junk = values[pd.to_numeric(values.astype(str), errors="coerce").isna()]
-        if len(junk) <= len(values) / 2:
+        if 0 < len(junk) <= len(values) / 2:
             shown = ", ".join(repr(v) for v in list(dict.fromkeys(map(str, junk)))[:3])
             notes.append(f"column {name!r} is read as categorical, yet {len(values) - len(junk)} of its {len(values)} "
                          f"values are numbers: {len(junk)} are not ({shown}); fix or blank them to read it as numeric")
