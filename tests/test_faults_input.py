@@ -133,7 +133,7 @@ def test_each_image_is_decoded_once_per_run(tmp_path, decodes):
     describe_image_folder(folder_cfg(), tmp_path / "d")
     first, second = load_splits(tmp_path / "d"), load_splits(tmp_path / "d")  # as each stage of a run loads them
     assert len(decodes) == 36, len(decodes)
-    image_folder._decoded.clear()  # a fresh process decodes the same pixels
+    image_folder._remember({})  # a fresh process decodes the same pixels
     assert np.array_equal(load_splits(tmp_path / "d").train[0], first.train[0])
     assert np.array_equal(second.train[0], first.train[0])
 

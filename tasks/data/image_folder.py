@@ -82,6 +82,11 @@ def _pixels(data: bytes, size: tuple[int, int], channels: int, max_pixels: int) 
 _decoded: dict[tuple[str, tuple[int, int], int], np.ndarray] = {}
 
 
+def _remember(decoded: dict) -> None:
+    global _decoded
+    _decoded = decoded  # one rebinding: a stage loading in another thread keeps the dict it read
+
+
 def _normalise(pixels: np.ndarray, preprocessing: dict) -> np.ndarray:
     mean = np.array(preprocessing["mean"], dtype=np.float32)[:, None, None]
     std = np.array(preprocessing["std"], dtype=np.float32)[:, None, None]
@@ -159,8 +164,7 @@ def describe_image_folder(cfg: ImageFolderConfig, data_dir: Path) -> tuple[dict,
 
     train = np.stack([x for x, s in zip(pixels, split) if s == "train"])  # every image decoded: none unreadable
     mean, std = train.mean(axis=(0, 2, 3)), train.std(axis=(0, 2, 3))
-    _decoded.clear()
-    _decoded.update({(digest, size, channels): x for digest, x in zip(digests, pixels)})
+    _remember({(digest, size, channels): x for digest, x in zip(digests, pixels)})
     preprocessing = {"kind": "image", "size": list(size), "channels": channels, "color": cfg.color,
                      "mean": [float(m) for m in mean], "std": [float(max(s, 1e-6)) for s in std],
                      "resize": "bilinear", "scale": "pixel / 255, then (x - mean) / std per channel",
@@ -194,15 +198,15 @@ def load_image_folder(data_dir: Path, manifest: dict) -> Splits:
             problems.append(f"{name} changed since it was versioned")
         elif key not in decoded:
             try:
-                decoded[key] = _decoded[key] if key in _decoded else _pixels(data, size, channels,
-                                                                               pixel_limits(preprocessing)[0])
+                known = _decoded.get(key)
+                decoded[key] = known if known is not None else _pixels(data, size, channels,
+                                                                       pixel_limits(preprocessing)[0])
             except Exception as err:  # PIL raises many types for bad files
                 problems.append(f"{name}: {err}")
     if problems:
         raise DataError(f"{data_dir}: the images differ from the versioned ones ({'; '.join(problems[:5])}); "
                         "run `modelforge data-changed` (or a run) to version them")
-    _decoded.clear()
-    _decoded.update(decoded)
+    _remember(decoded)
     x = np.stack([_normalise(decoded[(info["sha256"], size, channels)], preprocessing) for _, info in entries])
     y = np.array([index[info["class"]] for _, info in entries], dtype=np.int64)
     split = np.array([info["split"] for _, info in entries])
