@@ -166,7 +166,7 @@ def test_served_images_over_the_pixel_limits_are_a_400(image_server, images, sta
 # --- Data folders: nothing DVC cannot version as written, nothing of the user's rewritten -------------
 
 def test_a_file_name_that_is_not_utf8_is_one_data_error_naming_it_before_dvc_runs(tmp_path):
-    write_images(tmp_path / "d", per_class=2)
+    write_images(tmp_path / "d")  # valid otherwise: `dvc add` used to be the first to trip on it
     with open(os.fsencode(tmp_path / "d" / "dark") + b"/caf\xe9.png", "wb") as f:
         f.write(png_bomb(8, 8))
     with pytest.raises(DataError, match=re.escape("b'dark/caf\\xe9.png': a file name that is not UTF-8")):
@@ -175,7 +175,7 @@ def test_a_file_name_that_is_not_utf8_is_one_data_error_naming_it_before_dvc_run
 
 
 def test_a_link_leaving_the_data_folder_is_a_data_error_and_the_folder_is_left_as_it_was(tmp_path):
-    write_images(tmp_path / "d", per_class=2)
+    write_images(tmp_path / "d")  # valid otherwise: it used to be versioned, the link replaced by a copy
     (tmp_path / "elsewhere.png").write_bytes(png_bomb(8, 8))
     (tmp_path / "d" / "dark" / "linked.png").symlink_to(tmp_path / "elsewhere.png")
     with pytest.raises(DataError, match=r"dark/linked.png: a symbolic link leaving the data folder"):
