@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -23,6 +25,25 @@ def embedded_defaults(root: Path) -> None:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     # torch's exporter trips a deprecation inside its own pytree code on every export.
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
+
+
+class QuietUserErrors(logging.Filter):
+    """Prefect logs a failing task and flow with its traceback (twice per error) before the CLI
+    prints its own clean `modelforge:` line. For the errors that line fully explains (bad config,
+    bad data, failed gates, a busy work dir...) those records go to DEBUG: shown only when
+    PREFECT_LOGGING_LEVEL=DEBUG asks for them."""
+
+    def __init__(self, errors: tuple[type[BaseException], ...]):
+        super().__init__()
+        self.errors = errors
+        self.names = re.compile(r"exception:? (%s):" % "|".join(e.__name__ for e in errors))
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc, message = record.exc_info[1] if record.exc_info else None, record.getMessage()
+        if isinstance(exc, self.errors) or (message.startswith("Finished in state Failed") and self.names.search(message)):
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return logging.getLogger("prefect").isEnabledFor(logging.DEBUG)
+        return True
 
 
 def runner_overrides(spec: str) -> list[str]:
@@ -69,6 +90,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
+    from tasks.guard_bundle import clean_leftovers
     from tasks.lock_workdir import lock_workdir
     from tasks.promote_model import rollback
     from tasks.track_run import setup_tracking
@@ -76,6 +98,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     cfg = _config(args)
     setup_tracking(cfg.tracking)
     with lock_workdir(cfg.workdir, "modelforge rollback", args.wait):  # never under a run that is shipping
+        clean_leftovers(cfg.register_.bundle_dir, cfg.promote.champion_bundle_dir)
         rollback(cfg.register_.model_name, cfg.promote)
     return 0
 
@@ -209,12 +232,17 @@ def main(argv: list[str] | None = None) -> int:
     from prefect.exceptions import TerminationSignal
 
     from tasks.config import ConfigError
+    from tasks.guard_bundle import BundleError
     from tasks.lock_workdir import WorkdirBusy
     from tasks.search_model import SearchError
     from tasks.stop_run import exit_code, interruption
     from tasks.validate_model import GateError
     from tasks.data import DataError
 
+    explained = (ConfigError, DataError, GateError, SearchError, WorkdirBusy, BundleError)
+    quiet = QuietUserErrors(explained)
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        logging.getLogger(name).addFilter(quiet)
     try:
         return args.fn(args)
     except (KeyboardInterrupt, TerminationSignal) as err:
@@ -222,9 +250,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"modelforge: interrupted ({reason}); the MLflow run is marked KILLED, finished trials are kept: "
               "run the same command again to resume", file=sys.stderr)
         return exit_code(reason)
-    except (ConfigError, DataError, GateError, SearchError, WorkdirBusy, ValueError, FileNotFoundError) as err:
+    except (*explained, ValueError, FileNotFoundError) as err:
+        logging.getLogger("modelforge").debug("the error's traceback", exc_info=True)
         print(f"modelforge: {type(err).__name__}: {err}", file=sys.stderr)
         return 2
+    finally:
+        for name in ("prefect.flow_runs", "prefect.task_runs"):
+            logging.getLogger(name).removeFilter(quiet)
 
 
 if __name__ == "__main__":

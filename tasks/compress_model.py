@@ -200,12 +200,8 @@ def distill(state: ModelState, cfg: Distill, ctx: CompressContext) -> ModelState
     teacher, arch, meta = load_checkpoint(state.checkpoint)
     family, student = FAMILIES[arch.family], None
     if cfg.student is not None:
-        try:
-            student_arch = arch_from_params(cfg.student, arch.num_classes, arch.input_shape,
-                                            vocab_of(ctx.splits.manifest))
-        except KeyError as err:
-            raise ValueError(f"distill: student {cfg.student} needs {err} (and family, depth, width; channels "
-                             "for a cnn or resnet)") from None
+        student_arch = arch_from_params(cfg.student.model_dump(exclude_none=True), arch.num_classes, arch.input_shape,
+                                        vocab_of(ctx.splits.manifest))
     elif family.shallower is not None:
         student, student_arch = family.shallower(teacher, arch, cfg.depth)
     elif not family.scales:

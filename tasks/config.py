@@ -10,7 +10,10 @@ import copy
 import hashlib
 import importlib
 import json
+import math
+import os
 import re
+import typing
 from pathlib import Path
 from typing import Annotated, ClassVar, Literal, Union
 
@@ -66,6 +69,12 @@ class ImageFolderConfig(_Section):
     test_fraction: float = Field(0.2, gt=0, lt=0.5, description="Share of images held out for the final test (by hash).")
     min_class_samples: int = Field(5, ge=1, description="Fewest train images a class may have.")
     allow_drift: bool = Field(False, description="Accept a class folder the previously versioned data did not have.")
+    max_image_pixels: int | None = Field(None, ge=1, description="Largest image (width x height, read from its header "
+                                         "before decoding) in the folder or in a served request; default 64 x "
+                                         "image_size's area, at least 1024 x 1024.")
+    max_request_pixels: int | None = Field(None, ge=1, description="Most pixels the images of one served request may "
+                                           "hold together (headers summed before any is decoded); default 16 x "
+                                           "max_image_pixels.")
     dvc_remote: str = Field(".modelforge/dvc-remote", description="DVC remote the data is pushed to (a folder or a URL).")
 
     @model_validator(mode="after")
@@ -314,6 +323,35 @@ class StructuredPrune(_Finetuned):
     finetune_epochs: int = Field(10, ge=0, description="Fine-tuning epochs of the rebuilt, smaller model.")
 
 
+class StudentSpec(_Section):
+    """A built-in distillation student, as the parameters a search trial of its family would pick.
+    Bounded: a student is meant to be small, and a typo of a few digits must not allocate gigabytes."""
+
+    family: Literal["mlp", "cnn", "resnet", "text"] = Field(..., description="The student's built-in family.")
+    depth: int = Field(..., ge=1, le=8, description="Hidden layers (mlp; text: embedding + depth-1), conv blocks "
+                       "(cnn) or residual stages (resnet).")
+    width: int | None = Field(None, ge=1, le=4096, description="Hidden units (mlp, the cnn's head, the text "
+                              "embedding); resnet has none.")
+    channels: int | None = Field(None, ge=1, le=512, description="Channels of the first conv block or stage "
+                                 "(cnn, resnet), doubling per block.")
+    activation: Activation = Field("relu", description="Activation function.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout after each hidden layer.")
+    kernel: int = Field(3, ge=1, le=15, description="Conv kernel size (odd).")
+
+    @model_validator(mode="after")
+    def _fits_family(self) -> "StudentSpec":
+        problems = []
+        if self.family in ("cnn", "resnet") and self.channels is None:
+            problems.append(f"a {self.family} student needs channels")
+        if self.family != "resnet" and self.width is None:
+            problems.append(f"a {self.family} student needs width")
+        if self.kernel % 2 == 0:
+            problems.append(f"kernel {self.kernel} is not odd")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
 class Distill(_Step):
     method: Literal["distill"]
     width_factor: float = Field(0.5, gt=0, le=1, description="Student width/channels as a share of the teacher's.")
@@ -321,9 +359,10 @@ class Distill(_Step):
                               "teacher: half its transformer layers, spread from the first to the last).")
     conv: list[int] | None = Field(None, description="Explicit student conv channels (e.g. from a search trial); overrides width_factor.")
     hidden: list[int] | None = Field(None, description="Explicit student hidden widths; overrides width_factor.")
-    student: dict | None = Field(None, description="A built-in student for any teacher (a resnet, your module, a "
-                                 "Hugging Face model), as search parameters: e.g. {family: text, width: 128, depth: 2} "
-                                 "or {family: cnn, channels: 16, depth: 2, width: 64}; overrides the scaled teacher.")
+    student: StudentSpec | None = Field(None, description="A built-in student for any teacher (a resnet, your module, "
+                                        "a Hugging Face model), as search parameters: e.g. {family: text, width: 128, "
+                                        "depth: 2} or {family: cnn, channels: 16, depth: 2, width: 64}; overrides the "
+                                        "scaled teacher.")
     temperature: float = Field(4.0, gt=0, description="Softmax temperature of the KL term.")
     alpha: float = Field(0.7, ge=0, le=1, description="Weight of the KL term; 1-alpha weights the hard-label loss.")
     epochs: int = Field(30, ge=1, description="Student training epochs (early stopping applies).")
@@ -772,12 +811,143 @@ class EncoderPipelineConfig(_Pipeline):
 PIPELINES: dict[str, type[_Pipeline]] = {"classifier": PipelineConfig, "minilm": EncoderPipelineConfig}
 
 
-def _format_errors(errors: list[dict]) -> str:
-    lines = []
-    for e in errors:
-        where = ".".join(str(p) for p in e["loc"]) or "<root>"
-        lines.append(f"  - {where}: {e['msg']}")
-    return "\n".join(lines)
+MAX_CONFIG_BYTES = 256 * 2**10  # configs are a few KB; parsing 1 MB of YAML took 14 s here (pure Python)
+MAX_PROBLEMS_SHOWN = 40  # a value repeated by aliases can fail once per copy; the first ones say it all
+
+
+def excerpt(text: object, limit: int = 200) -> str:
+    """`text` cut to `limit` characters, saying how long it was: an error quotes input, never all of it."""
+    text = str(text)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def problem_list(head: str, problems: list[str]) -> str:
+    """`head (N problem(s)):` and one excerpted line per problem, at most MAX_PROBLEMS_SHOWN of them."""
+    lines = [f"  - {excerpt(p, 300)}" for p in problems[:MAX_PROBLEMS_SHOWN]]
+    if len(problems) > MAX_PROBLEMS_SHOWN:
+        lines.append(f"  - ... and {len(problems) - MAX_PROBLEMS_SHOWN} more")
+    return f"{head} ({len(problems)} problem(s)):\n" + "\n".join(lines)
+
+
+def _format_errors(errors: list[dict]) -> list[str]:
+    return [f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}" for e in errors]
+
+
+def _expanded_size(root: yaml.Node) -> float:
+    """About how many characters `root` stands for with every alias written out (8 per node besides
+    its text), computed once per distinct node; an alias inside its own anchor is a cycle: infinite."""
+    sizes: dict[int, float] = {}
+    open_: set[int] = set()
+
+    def size(node: yaml.Node) -> float:
+        if id(node) in sizes:
+            return sizes[id(node)]
+        if id(node) in open_:
+            return math.inf
+        open_.add(id(node))
+        if isinstance(node, yaml.ScalarNode):
+            total = 8 + len(node.value)
+        elif isinstance(node, yaml.SequenceNode):
+            total = 8 + sum(size(item) for item in node.value)
+        else:
+            total = 8 + sum(size(key) + size(value) for key, value in node.value)
+        open_.discard(id(node))
+        sizes[id(node)] = total
+        return total
+
+    return size(root)
+
+
+def _section_keys(annotation: object) -> set[str] | None:
+    """The keys a field of this type takes when it is a section (the union of a union's members'),
+    None when it is not one (a value, or a mapping of names such as the candidates)."""
+    origin = typing.get_origin(annotation)
+    if origin is Annotated:
+        return _section_keys(typing.get_args(annotation)[0])
+    if origin is Union:
+        found = [k for arg in typing.get_args(annotation) if (k := _section_keys(arg)) is not None]
+        return set().union(*found) if found else None
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return {key for name, f in annotation.model_fields.items() for key in (name, f.alias) if key}
+    return None
+
+
+def _drop_unknown_keys(root: yaml.MappingNode) -> list[str]:
+    """Keys the pipeline and its sections do not take, removed from the parsed file before any value
+    is built (a huge or alias-bombed value under a misspelt key is never expanded), one problem each."""
+    family = next((v.value for k, v in root.value if k.value == "family" and isinstance(v, yaml.ScalarNode)),
+                  "classifier")
+    if family not in PIPELINES:
+        return []  # parse_config names the unknown family
+    problems: list[str] = []
+
+    def prune(node: yaml.MappingNode, keys: set[str], where: str) -> None:
+        kept = []
+        for key, value in node.value:
+            name = key.value if isinstance(key, yaml.ScalarNode) else key.tag
+            if name in keys or key.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults` brings known keys
+                kept.append((key, value))
+            else:
+                problems.append(f"{where}{excerpt(name, 80)}: unknown key (line {key.start_mark.line + 1}), not read")
+        node.value[:] = kept
+
+    cls = PIPELINES[family]
+    prune(root, _section_keys(cls), "")
+    fields = {key: f for name, f in cls.model_fields.items() for key in (name, f.alias) if key}
+    for key, value in root.value:
+        if isinstance(value, yaml.MappingNode) and key.value in fields and (
+                keys := _section_keys(fields[key.value].annotation)):
+            prune(value, keys, f"{key.value}.")
+    return problems
+
+
+def _safe_yaml(text: str, what: str, prune: bool = False) -> tuple[object, list[str]]:
+    """`text` as YAML, refused with a ConfigError when its aliases expand past MAX_CONFIG_BYTES (the
+    nodes are checked before any value is built); with `prune`, the unknown keys of a config's
+    sections are dropped first and returned as problems."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None, []
+        unknown = _drop_unknown_keys(node) if prune and isinstance(node, yaml.MappingNode) else []
+        if (size := _expanded_size(node)) > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{what}: an alias (*name) refers to its own anchor (&name), a cycle" if size == math.inf
+                              else f"{what} expands to about {size / 2**10:,.0f} KB with its YAML aliases (*name) written "
+                              f"out, over the {MAX_CONFIG_BYTES // 2**10} KB limit (an alias bomb?); write the "
+                              "values out or use fewer aliases")
+        return loader.construct_document(node), unknown
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{what} is not valid YAML: {excerpt(err, 500)}") from None
+    except RecursionError:
+        raise ConfigError(f"{what} nests too deeply") from None
+    finally:
+        loader.dispose()
+
+
+def read_config_file(path: str | Path) -> tuple[dict, list[str]]:
+    """The config file as a mapping, and its unknown keys as problems. Refused with a ConfigError
+    before it is parsed when it is over MAX_CONFIG_BYTES, and when its aliases expand past that."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_CONFIG_BYTES + 1)  # a bounded read: the "file" may be a pipe or /dev/zero
+            size = max(len(data), os.fstat(f.fileno()).st_size)
+    except OSError as err:
+        raise ConfigError(f"cannot read config {path}: {err.strerror}") from None
+    if size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config {path} is over the {MAX_CONFIG_BYTES // 2**10} KB limit for a config file "
+                          f"({size:,} bytes or more; a config is a few KB: is it the right file?)")
+    try:
+        text = data.decode()
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"config {path} is not UTF-8 text (byte {err.start})") from None
+    raw, unknown = _safe_yaml(text, f"config {path}", prune=True)
+    if raw is None:
+        return {}, []
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config {path} must be a mapping of sections, got {type(raw).__name__}")
+    return raw, unknown
 
 
 def _without(raw: object, loc: tuple) -> bool:
@@ -813,25 +983,29 @@ def _all_errors(cls: type[BaseModel], raw: dict) -> list[dict]:
     return errors
 
 
-def parse_config(raw: dict, source: str = "<dict>") -> PipelineConfig | EncoderPipelineConfig:
-    """Validate `raw` against the pipeline its `family` key names (default: classifier)."""
+def parse_config(raw: dict, source: str = "<dict>",
+                 unknown: list[str] | tuple[str, ...] = ()) -> PipelineConfig | EncoderPipelineConfig:
+    """Validate `raw` against the pipeline its `family` key names (default: classifier); `unknown`:
+    problems found while reading it (keys dropped before validation), reported with the others."""
     family = raw.get("family", "classifier")
     if family not in PIPELINES:
-        raise ConfigError(f"invalid config {source}: family {family!r} is not one of {sorted(PIPELINES)}")
+        raise ConfigError(f"invalid config {source}: family {excerpt(repr(family), 80)} is not one of {sorted(PIPELINES)}")
     try:
-        return PIPELINES[family].model_validate(raw)
+        cfg, errors = PIPELINES[family].model_validate(raw), []
     except ValidationError:
-        errors = _all_errors(PIPELINES[family], raw)
-        raise ConfigError(f"invalid config {source} ({len(errors)} problem(s)):\n{_format_errors(errors)}") from None
+        cfg, errors = None, _all_errors(PIPELINES[family], raw)
+    if problems := [*unknown, *_format_errors(errors)]:
+        raise ConfigError(problem_list(f"invalid config {source}", problems))
+    return cfg
 
 
 def tracking_of(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> TrackingConfig:
     """The tracking section of a config that may be invalid elsewhere (so a failed run is filed
     under the experiment the user named); the defaults when that section itself is unusable."""
     try:
-        raw = apply_overrides(yaml.safe_load(Path(path).read_text()) or {}, overrides)
+        raw = apply_overrides(read_config_file(path)[0], overrides)
         return TrackingConfig.model_validate(raw.get("tracking") or {})
-    except (OSError, yaml.YAMLError, ValidationError, AttributeError, ConfigError):
+    except (ValidationError, AttributeError, ConfigError):
         return TrackingConfig()
 
 
@@ -853,9 +1027,9 @@ def apply_overrides(raw: dict, overrides: list[str] | tuple[str, ...]) -> dict:
                 break
         else:
             try:
-                node[parts[-1]] = yaml.safe_load(text)
-            except yaml.YAMLError as err:
-                problems.append(f"--set {item!r}: the value is not valid YAML ({err})")
+                node[parts[-1]] = _safe_yaml(text, f"--set {excerpt(repr(item), 80)}: the value")[0]
+            except ConfigError as err:
+                problems.append(str(err))
     if problems:
         raise ConfigError("invalid overrides:\n" + "\n".join(f"  - {p}" for p in problems))
     return out
@@ -863,16 +1037,6 @@ def apply_overrides(raw: dict, overrides: list[str] | tuple[str, ...]) -> dict:
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig | EncoderPipelineConfig:
     """The config file at `path`, with `overrides` (`dotted.key=value`) applied, validated as one."""
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as err:
-        raise ConfigError(f"cannot read config {path}: {err.strerror}") from None
-    try:
-        raw = yaml.safe_load(text) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"config {path} is not valid YAML: {err}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"config {path} must be a mapping of sections, got {type(raw).__name__}")
+    raw, unknown = read_config_file(path)
     source = f"{path}" + (f" with --set {' '.join(overrides)}" if overrides else "")
-    return parse_config(apply_overrides(raw, overrides), source)
+    return parse_config(apply_overrides(raw, overrides), excerpt(source), unknown)

@@ -9,12 +9,19 @@ a `BundleError` and left untouched.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
+import os
+import shutil
 from pathlib import Path
 
 BUNDLE_FORMAT = "modelforge-bundle/1"
 MANIFEST = "manifest.json"
+
+# Marks a temporary folder of a ship in progress: a SIGKILL leaves it behind, and the next run (under
+# the work-dir lock, so with no ship in flight) removes exactly the folders that carry it.
+PARTIAL = ".modelforge-partial"
 
 
 class BundleError(ValueError):
@@ -73,3 +80,22 @@ def check_replaceable(folder: Path) -> None:
     if problem := bundle_problem(folder):
         raise BundleError(f"{problem}: refusing to replace it; point the bundle setting at another folder "
                           "or move this one away")
+
+
+def clean_leftovers(*targets: Path) -> list[str]:
+    """Remove the temporary folders an interrupted ship left beside `targets`: only those carrying
+    the PARTIAL marker. A bundle moved aside by a ship killed before its second rename goes back in
+    place. Call it holding the work-dir lock. Returns the names removed."""
+    removed = []
+    for target in map(Path, targets):
+        for tmp in sorted(target.parent.glob(f".{glob.escape(target.name)}-*")) if target.parent.is_dir() else []:
+            if tmp.is_symlink() or not (tmp / PARTIAL).is_file():
+                continue
+            moved = tmp / target.name
+            if tmp.name.startswith(f".{target.name}-old-") and moved.is_dir() and not os.path.lexists(target):
+                moved.rename(target)
+            shutil.rmtree(tmp)
+            removed.append(tmp.name)
+    if removed:
+        print(f"[ship] removed {len(removed)} temporary folder(s) an interrupted ship left: {', '.join(removed)}")
+    return removed

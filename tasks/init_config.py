@@ -18,7 +18,7 @@ from tasks.config import CompressConfig, ConfigError, PipelineConfig, TableDataC
 from tasks.data import SOURCES
 from tasks.data.base import DataError
 from tasks.data.image_folder import SUFFIXES as IMAGE_SUFFIXES
-from tasks.data.table import READERS, infer_schema, read_table
+from tasks.data.table import READERS, infer_schema, nested_columns, read_table, table_notes
 from tasks.models import FAMILIES
 from tasks.models.hf import PACKAGED
 from tasks.train_model import check_model_inputs
@@ -87,11 +87,14 @@ def describe_data(data: Path, label: str | None) -> tuple[dict, list[str]]:
     if text := _text_column(frame, label):
         return ({"dataset": "text", "dir": str(data.parent), "file": data.name, "text": text, "label": label},
                 [f"{data.name}: {len(frame)} texts in column {text!r}, {len(classes)} classes", counted])
-    schema = infer_schema(TableDataConfig(dataset="table", label=label), frame)
+    nested = nested_columns(frame)  # a model here reads numbers and categories: these go to data.drop
+    schema = infer_schema(TableDataConfig(dataset="table", label=label, drop=list(nested)), frame)
     found = [f"{data.name}: {len(frame)} rows, {len(schema)} feature columns, {len(classes)} classes",
              "columns: " + ", ".join(f"{c} ({k}, {int(frame[c].isna().sum())} missing)" for c, k in schema.items()),
-             counted]
-    return {"dataset": "table", "dir": str(data.parent), "file": data.name, "label": label}, found
+             counted, *(f"column {c!r} holds nested values ({t}): listed in data.drop, not read" for c, t in nested.items()),
+             *(f"note: {note}" for note in table_notes(frame, schema))]
+    return {"dataset": "table", "dir": str(data.parent), "file": data.name, "label": label,
+            **({"drop": list(nested)} if nested else {})}, found
 
 
 def pretrained_image_input(folder: Path) -> dict:

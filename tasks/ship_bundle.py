@@ -15,7 +15,7 @@ from pathlib import Path
 from prefect import task
 
 from tasks.evaluate_model import Evaluator, data_task
-from tasks.guard_bundle import BUNDLE_FORMAT, check_replaceable, relative_paths, sha256_of
+from tasks.guard_bundle import BUNDLE_FORMAT, PARTIAL, check_replaceable, relative_paths, sha256_of
 from tasks.run_onnx import make_session
 
 
@@ -26,17 +26,25 @@ def _io_spec(path: Path) -> dict:
     return {"inputs": spec(session.get_inputs()), "outputs": spec(session.get_outputs())}
 
 
+def _temporary(target: Path, kind: str = "") -> Path:
+    """A fresh, unique, marked sibling folder of `target`: nothing that already exists is ever reused."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-{kind}", dir=target.parent))
+    (tmp / PARTIAL).touch()
+    return tmp
+
+
 def swap_in(ready: Path, target: Path) -> None:
     """Replace `target` by the fully written folder `ready` (same parent) with two renames, so a
     reader sees the old bundle or the new one, never a mix. Only a folder that is provably a bundle
     modelforge wrote is ever moved aside and deleted; anything else raises `BundleError`."""
     check_replaceable(target)
     if not target.exists():
+        (ready / PARTIAL).unlink()
         ready.rename(target)
         return
-    # A fresh, unique folder for the old bundle: nothing that already exists is ever deleted.
-    old = Path(tempfile.mkdtemp(prefix=f".{target.name}-old-", dir=target.parent))
+    old = _temporary(target, "old-")
     target.rename(old / target.name)
+    (ready / PARTIAL).unlink()
     ready.rename(target)
     shutil.rmtree(old, ignore_errors=True)
 
@@ -44,7 +52,7 @@ def swap_in(ready: Path, target: Path) -> None:
 def publish_copy(source: Path, target: Path) -> Path:
     """Atomically make `target` a copy of the bundle folder `source`."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    tmp = _temporary(target)
     try:
         shutil.copytree(source, tmp, dirs_exist_ok=True)
         swap_in(tmp, target)
@@ -59,7 +67,7 @@ def ship_bundle(onnx_path: Path, bundle_dir: Path, evaluator: Evaluator, data_ve
     evaluator says what serving must know (preprocessing, labels) and adds what it needs (a tokenizer)."""
     bundle_dir = Path(bundle_dir)
     bundle_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{bundle_dir.name}-", dir=bundle_dir.parent))
+    tmp = _temporary(bundle_dir)
     try:
         model = tmp / "model.onnx"
         shutil.copyfile(onnx_path, model)

@@ -28,6 +28,7 @@ from mlflow.utils.mlflow_tags import (MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID, M
 
 from tasks.config import ConfigError, PipelineConfig, TrackingConfig, load_config, tracking_of
 from tasks.fingerprint import code_version, inputs_version
+from tasks.guard_bundle import clean_leftovers
 from tasks.lock_workdir import lock_workdir
 from tasks.stop_run import clear_stop, interruption, request_stop
 
@@ -241,6 +242,7 @@ def pipeline_run(config_path: str | Path, root: str | Path, run_name: str = "opt
         fail_run(run_id, err)
         raise
     with lock_workdir(cfg.workdir, f"{run_name} --config {config_path}", lock_wait_s) as note:
+        clean_leftovers(cfg.register_.bundle_dir, cfg.promote.champion_bundle_dir)
         text = yaml.safe_dump(cfg.model_dump(mode="json", by_alias=True), sort_keys=False)
         print(f"[config] resolved config from {config_path}"
               f"{' with --set ' + source['config_overrides'] if overrides else ''}:\n{text}")

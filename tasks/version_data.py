@@ -17,7 +17,7 @@ from prefect import task
 
 from tasks.config import ClassifierData, TextDataConfig
 from tasks.data import SOURCES
-from tasks.data.base import DataError
+from tasks.data.base import DataError, folder_problems, raise_problems
 
 
 @dataclass(frozen=True)
@@ -60,6 +60,8 @@ def version_data(cfg: ClassifierData | TextDataConfig, root: Path) -> DataVersio
     """
     root = Path(root).resolve()
     data_dir = root / cfg.dir
+    if data_dir.is_dir():  # before any DVC command: `dvc add` would rewrite links and die on odd names
+        raise_problems(data_dir, folder_problems(data_dir))
     dvc_file = data_dir.with_name(data_dir.name + ".dvc")
     remote = cfg.dvc_remote if "://" in cfg.dvc_remote else str((root / cfg.dvc_remote).resolve())
     if not (root / ".dvc").is_dir():
@@ -84,6 +86,8 @@ def version_data(cfg: ClassifierData | TextDataConfig, root: Path) -> DataVersio
     _dvc(root, "push", str(dvc_file))
     md5 = read_data_md5(dvc_file)
     print(f"[version_data] {data_dir.relative_to(root)} version {md5} {counts}")
+    for note in manifest.get("notes", []):
+        print(f"[version_data] note: {note}")
     return DataVersion(md5, data_dir, manifest, remote)
 
 

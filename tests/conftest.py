@@ -71,6 +71,20 @@ def train_cfg() -> TrainConfig:
 
 
 @pytest.fixture(scope="session")
+def bundle(cnn_checkpoint, data_dir, train_cfg, tmp_path_factory) -> Path:
+    """The CNN shipped as a serving bundle (both fault suites serve copies of it, never it)."""
+    from tasks.compress_model import compress_candidate
+    from tasks.evaluate_model import ClassifierEval
+    from tasks.ship_bundle import ship_bundle
+
+    tmp = tmp_path_factory.mktemp("fault-bundle")
+    onnx_path = compress_candidate("baseline", [], cnn_checkpoint, data_dir, train_cfg, tmp / "c").onnx
+    # An absolute path in the details, as the release stage's candidate metrics carry one.
+    return ship_bundle(onnx_path, tmp / "bundle", ClassifierEval(data_dir), "v1.dir",
+                       {"candidate": "baseline", "metrics": {"onnx": str(onnx_path)}})
+
+
+@pytest.fixture(scope="session")
 def prefect_api():
     """One temporary Prefect API for every in-process flow run of the session: each start of the
     test harness's server costs about 12 s, and a harness per module cost the suite over 2 minutes.

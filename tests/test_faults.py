@@ -28,13 +28,11 @@ from deploy.server import BundleSource, create_app
 from flows.cli import main
 from flows.optimize import optimize
 from tasks import track_run
-from tasks.compress_model import compress_candidate
 from tasks.config import ConfigError, SearchConfig, TrackingConfig, parse_config
-from tasks.evaluate_model import ClassifierEval
 from tasks.guard_bundle import BundleError
 from tasks.lock_workdir import WorkdirBusy, lock_workdir
 from tasks.search_model import SearchError, TrialTracking, open_study, resolve_storage, run_trials, summarize_search
-from tasks.ship_bundle import publish_copy, ship_bundle
+from tasks.ship_bundle import publish_copy
 from tasks.train_model import train_model_task
 from tasks.data import DataError, load_splits
 from tasks.data.digits import materialize_digits
@@ -43,15 +41,6 @@ from tasks.start_prefect import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_SPACE = {"families": ["mlp"], "optimizers": ["adam"], "depth": [1, 1], "width": [32, 48], "batch_sizes": [32]}
-
-
-@pytest.fixture(scope="module")
-def bundle(cnn_checkpoint, data_dir, train_cfg, tmp_path_factory) -> Path:
-    tmp = tmp_path_factory.mktemp("fault-bundle")
-    onnx_path = compress_candidate("baseline", [], cnn_checkpoint, data_dir, train_cfg, tmp / "c").onnx
-    # An absolute path in the details, as the release stage's candidate metrics carry one.
-    return ship_bundle(onnx_path, tmp / "bundle", ClassifierEval(data_dir), "v1.dir",
-                       {"candidate": "baseline", "metrics": {"onnx": str(onnx_path)}})
 
 
 def user_folder(path: Path) -> dict[str, bytes]:

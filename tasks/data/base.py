@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,6 +100,28 @@ def only_known_files(data_dir: Path, known: set[str]) -> None:
         raise DataError(f"{data_dir} holds {len(unknown)} file(s) this data set does not read: {', '.join(unknown[:10])}"
                         f"; it reads only {', '.join(sorted(known))}. Move the others out (new samples belong "
                         "in those files)")
+
+
+def folder_problems(data_dir: Path) -> list[str]:
+    """What DVC cannot version as the user wrote it, for every source: a name that is not UTF-8
+    (`dvc add` dies on it without naming it) and a symbolic link (DVC replaces it with a copy of its
+    target, changing the user's folder; one leaving the folder also trains on a file outside it)."""
+    root, problems = Path(data_dir), []
+    for folder, dirs, files in os.walk(root):  # links to folders are listed, not followed
+        for path in (Path(folder) / name for name in sorted(dirs + files)):
+            rel = path.relative_to(root)
+            try:
+                str(rel).encode()
+            except UnicodeEncodeError:
+                problems.append(f"{os.fsencode(rel)!r}: a file name that is not UTF-8 (DVC cannot version it); rename it")
+                continue
+            if path.is_symlink():
+                target = os.readlink(path)
+                leaves = not path.resolve().is_relative_to(root.resolve())
+                problems.append(f"{rel}: a symbolic link {'leaving the data folder ' if leaves else ''}(to {target}); "
+                                "DVC would replace it with a copy of its target, changing your folder: put the file "
+                                "itself there")
+    return problems
 
 
 def check_arrays(split: str, xs: np.ndarray, ys: np.ndarray, input_shape: tuple, num_classes: int) -> list[str]:

@@ -42,14 +42,56 @@ def read_table(path: Path):
     kind = READERS.get(Path(path).suffix.lower())
     try:
         if kind == "csv":
-            return pd.read_csv(path, keep_default_na=True)
+            frame = pd.read_csv(path, keep_default_na=True)
+            # pandas renames a repeated header name x to x.1: the notes say so
+            header = [str(c) for c in pd.read_csv(path, header=None, nrows=1).iloc[0]]
+            frame.attrs["renamed"] = {new: old for old, new in zip(header, map(str, frame.columns)) if old != new}
+            return frame
         if kind == "parquet":
-            return pd.read_parquet(path)
+            import pyarrow.parquet as pq
+
+            frame = pd.read_parquet(path)
+            frame.attrs["types"] = {f.name: str(f.type) for f in pq.read_schema(path)}
+            return frame
         if kind == "jsonl":
             return pd.read_json(path, lines=True)
     except (OSError, ValueError, ImportError) as err:
         raise DataError(f"{path}: cannot read it as {kind} ({err})") from None
     raise DataError(f"{path}: unsupported table format {Path(path).suffix!r}; use one of {sorted(READERS)}")
+
+
+NESTED = (list, tuple, dict, set, np.ndarray)
+
+
+def nested_columns(frame) -> dict[str, str]:
+    """Columns holding lists, arrays or mappings (a Parquet list/struct column, nested JSON), with
+    their type: a table here holds numbers and text categories only."""
+    found = {}
+    for name in frame.columns:
+        if frame[name].dtype == object and (kinds := sorted({type(v).__name__ for v in frame[name]
+                                                             if isinstance(v, NESTED)})):
+            found[str(name)] = frame.attrs.get("types", {}).get(str(name)) or " / ".join(kinds)
+    return found
+
+
+def table_notes(frame, schema: dict[str, str], categorical: list[str] = ()) -> list[str]:
+    """What reading the table decided on its own, said to the user (init's summary, the manifest):
+    renamed repeated column names, and mostly-numeric columns read as categories because of a few
+    values that are not numbers."""
+    import pandas as pd
+
+    notes = [f"column {new!r} is a repeat of the header name {old!r} (pandas renamed it); rename one of them"
+             for new, old in frame.attrs.get("renamed", {}).items()]
+    for name, kind in schema.items():
+        values = frame[name].dropna()
+        if kind != "categorical" or name in categorical or not len(values):
+            continue
+        junk = values[pd.to_numeric(values.astype(str), errors="coerce").isna()]
+        if 0 < len(junk) <= len(values) / 2:
+            shown = ", ".join(repr(v) for v in list(dict.fromkeys(map(str, junk)))[:3])
+            notes.append(f"column {name!r} is read as categorical, yet {len(values) - len(junk)} of its {len(values)} "
+                         f"values are numbers: {len(junk)} are not ({shown}); fix or blank them to read it as numeric")
+    return notes
 
 
 def _is_numeric(series) -> bool:
@@ -64,6 +106,8 @@ def _canonical(value) -> str | None:
     sample to another split and no category to the unknown bucket."""
     if _missing(value):
         return None
+    if isinstance(value, NESTED):  # in a dropped column (nested columns are refused as features)
+        return json.dumps(value, sort_keys=True, default=lambda v: v.tolist() if isinstance(v, np.ndarray) else str(v))
     if isinstance(value, (bool, np.bool_)):
         return str(bool(value))
     if isinstance(value, (int, float, np.number)):
@@ -108,7 +152,7 @@ def _missing(value) -> bool:
     """None, NaN or a pandas missing marker (NA, NaT): from a JSON client or from a DataFrame cell."""
     import pandas as pd
 
-    return value is None or (not isinstance(value, (list, dict, str)) and bool(pd.isna(value)))
+    return value is None or (not isinstance(value, (*NESTED, str)) and bool(pd.isna(value)))
 
 
 def encode_records(preprocessing: dict, records: list[dict]) -> np.ndarray:
@@ -179,6 +223,10 @@ def describe_table(cfg: TableDataConfig, data_dir: Path) -> tuple[dict, dict]:
         raise DataError(f"{path}: no column(s) {', '.join(map(repr, missing))}; it has {', '.join(map(str, frame.columns))}")
     if len(frame) == 0:
         raise DataError(f"{path}: no rows")
+    if nested := {c: t for c, t in nested_columns(frame).items() if c not in cfg.drop}:
+        raise DataError(f"{path}: column(s) holding nested values, not numbers or text: "
+                        + ", ".join(f"{c!r} ({t})" for c, t in nested.items())
+                        + "; list them in data.drop, or flatten them into one column per value")
     if unlabeled := int(frame[cfg.label].isna().sum()):
         problems.append(f"label column {cfg.label!r}: {unlabeled} row(s) without a label")
     schema = infer_schema(cfg, frame)
@@ -215,6 +263,7 @@ def describe_table(cfg: TableDataConfig, data_dir: Path) -> tuple[dict, dict]:
                   "val_fraction": cfg.val_fraction, "test_fraction": cfg.test_fraction},
         "counts": counts,
         "content_sha256": file_digest(path),
+        **({"notes": notes} if (notes := table_notes(frame, schema, cfg.categorical)) else {}),
     }
     write_manifest(data_dir, manifest)
     return manifest, counts

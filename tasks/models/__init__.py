@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tasks.models.base import Arch, count_params, vocab_of
+from tasks.models.base import Arch, count_params, load_tensors, vocab_of
 from tasks.models.cnn import build_cnn, cnn_arch
 from tasks.models.custom import build_custom, custom_arch
 from tasks.models.hf import build_hf, hf_arch, shallower_twin
@@ -104,7 +104,7 @@ def load_checkpoint(path: Path) -> tuple[nn.Module, Arch, dict]:
     """Rebuild the model from a checkpoint; any unreadable or inconsistent file is one clear error."""
     path = Path(path)
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = load_tensors(path)
         arch = Arch.from_dict(ckpt["arch"])
         model = build_model(arch)
         _resize(model, ckpt["state_dict"], ckpt.get("sizes", {}))

@@ -6,11 +6,27 @@ channels, narrower layers) as just another `Arch` and rebuild it physically.
 
 from __future__ import annotations
 
+import pickle
+import re
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
 from torch import nn
+
+
+def load_tensors(path: Path) -> object:
+    """`torch.load` of tensors and plain containers only, never an unrestricted unpickle. A file
+    holding other pickled objects is a ValueError saying which, without PyTorch's own advice to
+    retry with the unsafe loader, which this project must never give."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        raise ValueError(f"{path} holds pickled Python objects{f' ({found.group(1)})' if found else ''}, which "
+                         "modelforge never unpickles; save tensors only: torch.save(model.state_dict(), path) or "
+                         "safetensors") from None
 
 
 @dataclass(frozen=True)

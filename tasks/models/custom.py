@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tasks.models.base import Arch
+from tasks.models.base import Arch, load_tensors
 
 
 def custom_arch(p: dict, num_classes: int, input_shape: tuple[int, ...], vocab: int) -> Arch:
@@ -56,7 +56,7 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
 
             state = load_file(str(path))
         else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = load_tensors(path)
     except Exception as err:  # torch and safetensors raise many types for foreign or corrupt files
         raise ValueError(f"weights {path} are not a state_dict (torch.save of model.state_dict(), or "
                          f"safetensors): {err}") from None
