@@ -59,7 +59,9 @@ def test_fingerprint_and_train_key_change_when_user_files_change(tmp_path, monke
     monkeypatch.syspath_prepend(str(root))  # as the run's pre-training check does, for every stage
     (root / "init.pt").write_bytes(b"init v1")
     cfg = PipelineConfig.model_validate({"model": {"spec": "acme.nets:build", "weights": "w.pt"},
-                                         "train": {"init_from": "init.pt"}}).anchored(root)
+                                         "train": {"init_from": "init.pt"},
+                                         "compress": {"candidates": {"int8": [{"method": "quantize_dynamic"}]}}}
+                                        ).anchored(root)
     hf_cfg = PipelineConfig.model_validate({"data": {"dataset": "image_folder", "dir": "data"},
                                             "model": {"pretrained": "hf"}}).anchored(root)
     train = TrainConfig(init_from=root / "init.pt")
