@@ -12,7 +12,8 @@ from mlflow.tracking import MlflowClient
 from transformers import AutoTokenizer
 
 from deploy.loadtest import request, running_server
-from deploy.server import BundleSource, create_app
+from serve.app import create_app
+from serve.sources import BundleSource
 from flows.encode import optimize_encoder
 from tasks.compare_runs import compare_runs
 from tasks.config import TrackingConfig

@@ -24,7 +24,9 @@ from optuna.trial import TrialState
 from prefect import flow
 
 from deploy.loadtest import request, running_server
-from deploy.server import BundleSource, create_app
+from serve.app import create_app
+from serve.settings import ServeSettings
+from serve.sources import BundleSource
 from flows.cli import main
 from flows.optimize import optimize
 from tasks import track_run
@@ -148,7 +150,7 @@ def test_server_refuses_to_start_on_a_tampered_model(bundle, tmp_path):
 def test_tampered_model_at_reload_keeps_the_verified_one_serving(bundle, tmp_path, splits):
     served = publish_copy(bundle, tmp_path / "served")
     x = {"inputs": splits.test[0][:3].tolist()}
-    with running_server(create_app(BundleSource(served), poll_seconds=0.05)) as (host, port):
+    with running_server(create_app(BundleSource(served), ServeSettings(poll_seconds=0.05))) as (host, port):
         before = request(host, port, "POST", "/predict", x)[1]
         tamper(served / "model.onnx")  # the manifest is unchanged: only the model file says so
         time.sleep(0.5)
@@ -171,7 +173,7 @@ def test_model_info_shows_no_absolute_paths(bundle, tmp_path):
 @pytest.fixture(scope="module")
 def strict_server(bundle, tmp_path_factory):
     served = publish_copy(bundle, tmp_path_factory.mktemp("strict") / "served")
-    with running_server(create_app(BundleSource(served), max_body_bytes=1_000_000)) as (host, port):
+    with running_server(create_app(BundleSource(served), ServeSettings(max_body_bytes=1_000_000))) as (host, port):
         yield host, port
 
 
