@@ -49,5 +49,5 @@ def check_finite(name: str, values: np.ndarray) -> None:
     bad = ~np.isfinite(values)
     if bad.any():
         sample = int(np.argwhere(bad)[0][0])
-        raise BadRequest(400, f"the model's {name} for sample {sample} is not finite: the input lies far outside "
-                         "the range the model was trained on")
+        raise BadRequest(400, f"the model's output ({name}) for sample {sample} is not finite: the input lies far "
+                         "outside the range the model was trained on")

@@ -398,7 +398,7 @@ def test_cli_serves_a_registry_alias_follows_it_limits_bodies_and_drains_on_sigt
     try:
         wait_until(lambda: _ready(host, port), timeout=120)
         assert request(host, port, "GET", "/health")[1]["model_sha256"] == sha(bundles["cnn"])
-        status, body = request(host, port, "POST", "/predict", {"inputs": np.zeros((30, 1, 8, 8)).tolist()})
+        status, body = request(host, port, "POST", "/predict", {"inputs": np.zeros((40, 1, 8, 8)).tolist()})
         assert status == 413 and "limit of 10485 bytes" in body["error"]  # --max-body-mb 0.01
         MlflowClient(uri).set_registered_model_alias("tiny", "champion", "2")  # the alias moves: the server follows
         wait_until(lambda: request(host, port, "GET", "/health")[1]["model_sha256"] == sha(bundles["mlp"]))
