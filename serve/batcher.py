@@ -13,7 +13,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -112,7 +112,7 @@ class Batcher:
             for job in batch:
                 self.metrics.queue_time.observe(now - job.enqueued)
                 if now > job.deadline:
-                    job.future.set_exception(BadRequest(
+                    _settle(job.future, error=BadRequest(
                         503, f"the request waited {now - job.enqueued:.2f} s for inference, past its deadline",
                         {"Retry-After": str(self.retry_after())}))
                 else:
@@ -126,9 +126,12 @@ class Batcher:
         start = time.perf_counter()
         try:
             outputs = self.run(batch[0].model, feeds)
-        except Exception as err:  # the request's own problem, handed back to it, never the worker's end
-            for job in batch:
-                job.future.set_exception(err)
+        except Exception as err:
+            if len(batch) > 1:  # one request's problem must not fail the others it was batched with
+                for job in batch:
+                    self._run([job])
+            else:
+                _settle(batch[0].future, error=err)
             return
         seconds = time.perf_counter() - start
         size = sum(j.size for j in batch)
@@ -137,5 +140,16 @@ class Batcher:
         self.metrics.batch_size.observe(size)
         offset = 0
         for job in batch:
-            job.future.set_result([o[offset : offset + job.size] for o in outputs])
+            _settle(job.future, [o[offset : offset + job.size] for o in outputs])
             offset += job.size
+
+
+def _settle(future: Future, result: object = None, error: BaseException | None = None) -> None:
+    """Hand a job its outcome, unless its caller has gone (a client that disconnected cancels it)."""
+    try:
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+    except InvalidStateError:
+        pass

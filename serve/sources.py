@@ -44,7 +44,7 @@ def load_bundle(bundle_dir: Path, intra_op_threads: int = 0) -> LoadedModel:
         raise BundleError(f"{bundle_dir / manifest['model_file']}: sha256 {actual[:12]}... does not match the "
                           f"manifest's {str(manifest.get('sha256'))[:12]}...: the model file was changed or corrupted "
                           "after shipping; refusing to serve it")
-    session = make_session(model_bytes, intra_op_threads=intra_op_threads)
+    session = make_session(model_bytes, intra_op_threads=intra_op_threads, spin=False)
     tokenizer = None
     if "tokenizer_dir" in manifest:
         from transformers import AutoTokenizer
