@@ -10,6 +10,7 @@ and exits 0.
 from __future__ import annotations
 
 import contextlib
+import gc
 import hmac
 import sys
 import threading
@@ -111,6 +112,9 @@ def create_app(source, settings: ServeSettings | None = None,
             if on_fatal:
                 on_fatal(ctx.load_error)
             return
+        # Everything loaded so far (torch, mlflow, the session) lives for the whole process: frozen, it
+        # is left out of the garbage collector's full passes, which otherwise stall every request.
+        gc.freeze()
         print(f"[serve] serving {source} ({model.family}, sha256 {model.sha256[:12]}...) with {settings.workers} "
               f"worker(s) x {settings.threads_per_worker} thread(s) on {cpu_count()} cores; {ctx.holder.plan.reason}",
               flush=True)
