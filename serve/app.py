@@ -139,25 +139,24 @@ def create_app(source, settings: ServeSettings | None = None,
     async def bad_request(_request, err: BadRequest) -> JSONResponse:
         return JSONResponse({"error": str(err)}, status_code=err.status, headers=err.headers)
 
+    # Probes and status pages are async: answered on the event loop even when every worker thread is busy.
     @app.get("/livez")
-    def livez() -> dict:
+    async def livez() -> dict:
         return {"live": True}
 
     @app.get("/readyz")
-    def readyz() -> JSONResponse:
-        reason = ctx.load_error or ctx.holder.not_ready()
-        return JSONResponse({"ready": reason is None, **({"reason": reason} if reason else {})},
-                            status_code=200 if reason is None else 503)
+    async def readyz() -> JSONResponse:
+        return ctx.readiness()
 
     @app.get("/health")
-    def health() -> dict:
+    async def health() -> dict:
         m, holder = ctx.model(), ctx.holder
         return {"status": "ok", "ready": holder.not_ready() is None, "model_sha256": m.sha256,
                 "candidate": m.manifest.get("candidate"), "loaded_at": m.loaded_at, "reloads": holder.reloads,
                 "last_reload_error": holder.failed[1] if holder.failed else None}
 
     @app.get("/model-info")
-    def model_info() -> dict:
+    async def model_info() -> dict:
         return {**ctx.model().manifest, "batching": ctx.holder.plan.to_dict(),
                 "threads": {"cores": cpu_count(), "workers": settings.workers,
                             "intra_op_threads": settings.threads_per_worker}}
@@ -170,7 +169,7 @@ def create_app(source, settings: ServeSettings | None = None,
                 "last_reload_error": holder.failed[1] if holder.failed else None}
 
     @app.get("/metrics")
-    def metrics_endpoint() -> Response:
+    async def metrics_endpoint() -> Response:
         return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     for protocol in PROTOCOLS:

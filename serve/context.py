@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from starlette.requests import Request
+from starlette.responses import JSONResponse
 
 from serve.batcher import Batcher
 from serve.body import BadRequest, read_body
@@ -33,6 +34,12 @@ class ServeContext:
         if model is None:
             raise BadRequest(503, self.load_error or "the model is still loading", {"Retry-After": "1"})
         return model
+
+    def readiness(self) -> JSONResponse:
+        """200 when the server should get traffic, else 503 with the reason (loading, verifying, draining)."""
+        reason = self.load_error or self.holder.not_ready()
+        return JSONResponse({"ready": reason is None, **({"reason": reason} if reason else {})},
+                            status_code=200 if reason is None else 503)
 
     async def body(self, request: Request, any_type: bool = False) -> bytes:
         return await read_body(request, self.settings.max_body_bytes, self.settings.read_timeout_s, not any_type)

@@ -203,22 +203,20 @@ def router(ctx: ServeContext) -> APIRouter:
         return model
 
     @api.get("")
-    def server_metadata() -> dict:
+    async def server_metadata() -> dict:
         return {"name": "modelforge", "version": "1", "extensions": ["binary_tensor_data"]}
 
     @api.get("/health/live")
-    def live() -> dict:
+    async def live() -> dict:
         return {"live": True}
 
     @api.get("/health/ready")
-    def ready() -> JSONResponse:
-        reason = ctx.holder.not_ready()
-        return JSONResponse({"ready": reason is None, **({"reason": reason} if reason else {})},
-                            status_code=200 if reason is None else 503)
+    async def ready() -> JSONResponse:
+        return ctx.readiness()
 
     @api.get("/models/{name}")
     @api.get("/models/{name}/versions/{version}")
-    def metadata(name: str, version: str | None = None) -> dict:
+    async def metadata(name: str, version: str | None = None) -> dict:
         model = served(name, version)
         inputs, outputs = tensors(model)
         return {"name": name, "versions": [model_version(model)], "platform": "onnxruntime_onnx",
@@ -226,10 +224,9 @@ def router(ctx: ServeContext) -> APIRouter:
 
     @api.get("/models/{name}/ready")
     @api.get("/models/{name}/versions/{version}/ready")
-    def model_ready(name: str, version: str | None = None) -> JSONResponse:
+    async def model_ready(name: str, version: str | None = None) -> JSONResponse:
         served(name, version)
-        reason = ctx.holder.not_ready()
-        return JSONResponse({"name": name, "ready": reason is None}, status_code=200 if reason is None else 503)
+        return ctx.readiness()
 
     @api.post("/models/{name}/infer")
     @api.post("/models/{name}/versions/{version}/infer")
