@@ -297,6 +297,8 @@ def compare(models: dict, work: Path, kinds: list[str], bentoml_venv: Path | Non
     for model, info in models.items():
         body = json.dumps({"inputs": info["sample"]}).encode()
         servers = {kind: start(kind, model, info, work, bentoml_venv) for kind in kinds}
+        with urllib.request.urlopen(f"http://127.0.0.1:{servers['modelforge'].port}/model-info", timeout=10) as r:
+            print(f"[bench] {model}: modelforge {json.load(r)['batching']['reason']}", flush=True)
         try:
             totals = {(k, c): Load() for k in kinds for c in CONCURRENCY}
             for r in range(rounds):
