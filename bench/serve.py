@@ -296,10 +296,12 @@ def compare(models: dict, work: Path, kinds: list[str], bentoml_venv: Path | Non
     results = {}
     for model, info in models.items():
         body = json.dumps({"inputs": info["sample"]}).encode()
-        servers = {kind: start(kind, model, info, work, bentoml_venv) for kind in kinds}
-        with urllib.request.urlopen(f"http://127.0.0.1:{servers['modelforge'].port}/model-info", timeout=10) as r:
-            print(f"[bench] {model}: modelforge {json.load(r)['batching']['reason']}", flush=True)
+        servers = {}
         try:
+            for kind in kinds:  # one by one, inside the try: a server that fails to start stops the others
+                servers[kind] = start(kind, model, info, work, bentoml_venv)
+            with urllib.request.urlopen(f"http://127.0.0.1:{servers['modelforge'].port}/model-info", timeout=10) as r:
+                print(f"[bench] {model}: modelforge {json.load(r)['batching']['reason']}", flush=True)
             totals = {(k, c): Load() for k in kinds for c in CONCURRENCY}
             for r in range(rounds):
                 for c in CONCURRENCY:
