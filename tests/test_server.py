@@ -286,11 +286,11 @@ class SlowSession:  # the real session, slower per call (sleep releases the GIL,
 def test_a_full_queue_is_a_429_and_a_missed_deadline_a_503_with_retry_after(bundles):
     import dataclasses
 
-    settings = ServeSettings(batching="off", max_queue=2, request_timeout_ms=500)
+    settings = ServeSettings(batching="off", max_queue=2, request_timeout_ms=1000)
     app = create_app(BundleSource(bundles["cnn"]), settings)
     with running_server(app) as (host, port):
         holder = app.state.ctx.holder
-        holder.model = dataclasses.replace(holder.model, session=SlowSession(holder.model.session, 0.3))
+        holder.model = dataclasses.replace(holder.model, session=SlowSession(holder.model.session, 0.6))
         start = threading.Barrier(8)
 
         def one(_):
