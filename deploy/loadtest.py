@@ -25,17 +25,22 @@ import numpy as np
 
 
 @contextmanager
-def running_server(app, host: str = "127.0.0.1") -> Iterator[tuple[str, int]]:
-    """Run a FastAPI app with uvicorn in a thread on a free loopback port; stop it on exit."""
+def running_server(app, host: str = "127.0.0.1", wait_ready: bool = True) -> Iterator[tuple[str, int]]:
+    """Run the model server's app with uvicorn in a thread on a free loopback port, as `modelforge
+    serve` runs it; yield once it listens and (with `wait_ready`) its model is loaded; stop it on exit."""
     import uvicorn
 
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=0, log_level="warning"))
+    from serve.app import uvicorn_config
+
+    server = uvicorn.Server(uvicorn_config(app, host, 0))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    deadline = time.time() + 30
-    while not server.started:
-        if time.time() > deadline or not thread.is_alive():
-            raise RuntimeError("model server did not start")
+    ctx = app.state.ctx
+    deadline = time.time() + 120
+    while not server.started or (wait_ready and ctx.holder.model is None):
+        if ctx.load_error or time.time() > deadline or not thread.is_alive():
+            server.should_exit = True
+            raise RuntimeError(f"model server did not start: {ctx.load_error or 'timed out'}")
         time.sleep(0.02)
     port = server.servers[0].sockets[0].getsockname()[1]
     try:
@@ -131,7 +136,9 @@ def load(host: str, port: int, payload: dict, seconds: float, threads: int, max_
 
 
 def main() -> None:
-    from deploy.server import BundleSource, create_app
+    from serve.app import create_app
+    from serve.settings import ServeSettings
+    from serve.sources import BundleSource
     from tasks.ship_bundle import publish_copy
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -146,7 +153,7 @@ def main() -> None:
         served = publish_copy(Path(args.bundle), Path(tmp) / "served")
         manifest = json.loads((served / "manifest.json").read_text())
         sample = np.zeros([1, *manifest["input_shape"]], dtype=np.float32).tolist()
-        app = create_app(BundleSource(served), poll_seconds=0.2)
+        app = create_app(BundleSource(served), ServeSettings(poll_seconds=0.2))
         with running_server(app) as (host, port):
             report = load(host, port, {"inputs": sample}, args.seconds, args.threads, args.max_requests,
                           halfway=lambda: publish_copy(Path(args.reload_with), served))

@@ -111,13 +111,22 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from deploy.server import serve
+    from serve.app import serve
+    from serve.settings import from_arguments
+    from serve.sources import BundleSource, RegistrySource
 
+    settings = from_arguments(args)  # refused (exit 2) before anything loads
     if args.model_uri:
         from tasks.track_run import setup_tracking
 
         setup_tracking(_config(args).tracking)
-    serve(None if args.model_uri else args.bundle, args.model_uri, args.host, args.port, int(args.max_body_mb * 2**20))
+    return serve(RegistrySource(args.model_uri) if args.model_uri else BundleSource(Path(args.bundle)), settings)
+
+
+def cmd_export_triton(args: argparse.Namespace) -> int:
+    from serve.triton import export_triton
+
+    print(f"modelforge: wrote the Triton model {export_triton(args.bundle, args.out, args.name, args.max_batch_size)}")
     return 0
 
 
@@ -194,10 +203,17 @@ def main(argv: list[str] | None = None) -> int:
     source = srv.add_mutually_exclusive_group()
     source.add_argument("--bundle", default="deploy/champion", help="bundle folder to serve and watch")
     source.add_argument("--model-uri", help="models:/<name>@<alias> from the MLflow registry")
-    srv.add_argument("--host", default="127.0.0.1")
-    srv.add_argument("--port", type=int, default=8000)
-    srv.add_argument("--max-body-mb", type=float, default=8.0, help="largest request body accepted (413 above)")
+    from serve.settings import add_arguments
+
+    add_arguments(srv)
     srv.set_defaults(fn=cmd_serve)
+    triton = sub.add_parser("export-triton", parents=[common], help="write a bundle as a Triton Inference Server "
+                            "model repository (config.pbtxt with dynamic batching + 1/model.onnx)")
+    triton.add_argument("--bundle", type=Path, default=Path("deploy/champion"), help="bundle folder to export")
+    triton.add_argument("--out", type=Path, required=True, help="model repository folder (created if needed)")
+    triton.add_argument("--name", help="model name in the repository (default: the registered model's name)")
+    triton.add_argument("--max-batch-size", type=int, default=64, help="Triton's max_batch_size")
+    triton.set_defaults(fn=cmd_export_triton)
     ui = sub.add_parser("ui", parents=[common], help="the MLflow UI on the config's tracking store")
     ui.add_argument("--host", default="127.0.0.1")
     ui.add_argument("--port", type=int, default=5000)

@@ -46,13 +46,15 @@ def session_unfused(path: Path | bytes) -> list[str]:
 
 
 def make_session(path: Path | bytes, device: str = "cpu", intra_op_threads: int = 0,
-                 save_optimized: Path | None = None) -> ort.InferenceSession:
+                 save_optimized: Path | None = None, spin: bool = True) -> ort.InferenceSession:
     """A session on `path`, or on the model's bytes (when the caller verified exactly those bytes),
     with the graph fusions the model opts out of disabled; `save_optimized` writes the graph ORT
     actually runs, after its own fusions, for inspection."""
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = intra_op_threads
     opts.log_severity_level = 3  # ORT's per-node warnings would bury the progress output
+    if not spin:  # idle ORT threads would otherwise spin on cores a server's own threads need
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if save_optimized is not None:
         opts.optimized_model_filepath = str(save_optimized)
     providers = [PROVIDER_NAMES[device]] + ([PROVIDER_NAMES["cpu"]] if device != "cpu" else [])

@@ -13,7 +13,9 @@ from PIL import Image
 
 from conftest import warm_started_trials
 from deploy.loadtest import request, running_server
-from deploy.server import BundleSource, create_app
+from serve.app import create_app
+from serve.settings import ServeSettings
+from serve.sources import BundleSource
 from tasks.config import ImageFolderConfig
 from tasks.data import DataError, load_splits
 from tasks.data.examples import digits_png
@@ -120,7 +122,7 @@ def test_image_folder_flow_ships_serves_a_png_and_keeps_old_test_images_in_test_
     payload = [base64.b64encode((tmp_path / "data" / n).read_bytes()).decode() for n in test_files]
     jpeg = io.BytesIO()
     Image.open(tmp_path / "data" / test_files[0]).convert("RGB").save(jpeg, format="JPEG")
-    with running_server(create_app(BundleSource(bundle), poll_seconds=60)) as (host, port):
+    with running_server(create_app(BundleSource(bundle), ServeSettings(poll_seconds=60))) as (host, port):
         status, body = request(host, port, "POST", "/predict", {"images": payload})
         assert status == 200, body
         assert sum(label == n.split("/")[0] for label, n in zip(body["labels"], test_files)) >= 4

@@ -10,7 +10,9 @@ import yaml
 
 from conftest import warm_started_trials
 from deploy.loadtest import request, running_server
-from deploy.server import BundleSource, create_app
+from serve.app import create_app
+from serve.settings import ServeSettings
+from serve.sources import BundleSource
 from tasks.config import TableDataConfig
 from tasks.data import DataError, load_splits
 from tasks.data.base import hash_split, read_manifest
@@ -133,7 +135,7 @@ def test_table_flow_ships_serves_records_and_keeps_old_test_rows_in_test_when_ro
 
     # serving raw rows: class names and probabilities, the same logits as the test arrays
     rows = json.loads(full.iloc[:140].drop(columns="label").to_json(orient="records"))
-    with running_server(create_app(BundleSource(bundle), poll_seconds=60)) as (host, port):
+    with running_server(create_app(BundleSource(bundle), ServeSettings(poll_seconds=60))) as (host, port):
         status, body = request(host, port, "POST", "/predict", {"records": rows[:5]})
         assert status == 200, body
         assert set(body["labels"]) <= set(manifest["labels"])

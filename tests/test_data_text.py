@@ -9,7 +9,9 @@ import pytest
 import yaml
 
 from deploy.loadtest import request, running_server
-from deploy.server import BundleSource, create_app
+from serve.app import create_app
+from serve.settings import ServeSettings
+from serve.sources import BundleSource
 from tasks.config import TextTableConfig
 from tasks.data import DataError, load_splits
 from tasks.data.text import describe_text, encode_texts, split_texts
@@ -85,7 +87,7 @@ def test_text_flow_ships_and_serves_texts(tmp_path, prefect_api):
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert manifest["labels"] == sorted(TOPICS) and manifest["preprocessing"]["kind"] == "text"
     assert result["chosen"] in ("baseline", "int8")
-    with running_server(create_app(BundleSource(bundle), poll_seconds=60)) as (host, port):
+    with running_server(create_app(BundleSource(bundle), ServeSettings(poll_seconds=60))) as (host, port):
         status, body = request(host, port, "POST", "/predict",
                                {"texts": ["The rocket, the orbit, a planet!", "cheese soup: cook, taste", "drum song, guitar band"]})
         assert status == 200, body

@@ -12,7 +12,8 @@ from mlflow.tracking import MlflowClient
 from transformers import AutoTokenizer
 
 from deploy.loadtest import request, running_server
-from deploy.server import BundleSource, create_app
+from serve.app import create_app
+from serve.sources import BundleSource
 from flows.encode import optimize_encoder
 from tasks.compare_runs import compare_runs
 from tasks.config import TrackingConfig
@@ -107,6 +108,14 @@ def test_server_embeds_texts_with_the_shipped_encoder(shipped):
         tokenizer = AutoTokenizer.from_pretrained(str(bundle / "tokenizer"))
         expected = make_session(bundle / "model.onnx").run(None, tokenize(tokenizer, texts, 128))[0]
         np.testing.assert_allclose(np.array(body["embeddings"]), expected, atol=1e-5)
+        # the same texts as a BYTES tensor through the Open Inference Protocol v2, with Triton's client
+        import tritonclient.http as triton
+
+        client = triton.InferenceServerClient(f"{host}:{port}")
+        text = triton.InferInput("text", [len(texts)], "BYTES")
+        text.set_data_from_numpy(np.array([t.encode() for t in texts], dtype=object))
+        output = manifest["outputs"][0]["name"]
+        np.testing.assert_allclose(client.infer("tiny-minilm", [text]).as_numpy(output), expected, atol=1e-5)
         assert request(host, port, "POST", "/embed", {"texts": ["ok", 3]}) == (
             400, {"error": "texts[1] is not a non-empty string (1 such item(s))"})
         status, body = request(host, port, "POST", "/predict", {"inputs": [[0.0]]})

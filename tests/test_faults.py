@@ -24,7 +24,9 @@ from optuna.trial import TrialState
 from prefect import flow
 
 from deploy.loadtest import request, running_server
-from deploy.server import BundleSource, create_app
+from serve.app import create_app
+from serve.settings import ServeSettings
+from serve.sources import BundleSource
 from flows.cli import main
 from flows.optimize import optimize
 from tasks import track_run
@@ -137,7 +139,7 @@ def test_server_refuses_to_start_on_a_tampered_model(bundle, tmp_path):
 def test_tampered_model_at_reload_keeps_the_verified_one_serving(bundle, tmp_path, splits):
     served = publish_copy(bundle, tmp_path / "served")
     x = {"inputs": splits.test[0][:3].tolist()}
-    with running_server(create_app(BundleSource(served), poll_seconds=0.05)) as (host, port):
+    with running_server(create_app(BundleSource(served), ServeSettings(poll_seconds=0.05))) as (host, port):
         before = request(host, port, "POST", "/predict", x)[1]
         tamper(served / "model.onnx")  # the manifest is unchanged: only the model file says so
         time.sleep(0.5)
@@ -160,14 +162,15 @@ def test_model_info_shows_no_absolute_paths(bundle, tmp_path):
 @pytest.fixture(scope="module")
 def strict_server(bundle, tmp_path_factory):
     served = publish_copy(bundle, tmp_path_factory.mktemp("strict") / "served")
-    with running_server(create_app(BundleSource(served), max_body_bytes=1_000_000)) as (host, port):
+    with running_server(create_app(BundleSource(served), ServeSettings(max_body_bytes=1_000_000))) as (host, port):
         yield host, port
 
 
-def post(host: str, port: int, body, content_type: str = "application/json", chunked: bool = False) -> tuple[int, dict]:
+def post(host: str, port: int, body, content_type: str = "application/json", chunked: bool = False,
+         path: str = "/predict") -> tuple[int, dict]:
     conn = http.client.HTTPConnection(host, port, timeout=30)
     try:
-        conn.request("POST", "/predict", body=body, headers={"Content-Type": content_type}, encode_chunked=chunked)
+        conn.request("POST", path, body=body, headers={"Content-Type": content_type}, encode_chunked=chunked)
         resp = conn.getresponse()
         return resp.status, json.loads(resp.read() or b"{}")
     finally:
@@ -180,19 +183,87 @@ def sample(value) -> str:
     return json.dumps({"inputs": pixels}).replace('"@"', value)
 
 
-@pytest.mark.parametrize("body, content_type, status, message", [
-    (b'{"inputs": ' + b"[" * 1000 + b"1" + b"]" * 1000 + b"}", "application/json", 400, "nested"),
-    (sample("1" * 400).encode(), "application/json", 400, "400 digits"),
-    (sample('"0.5"').encode(), "application/json", 400, "only numbers"),
-    (sample("true").encode(), "application/json", 400, "only numbers, found bool"),
-    (sample("1").encode(), "text/plain", 415, "application/json"),
-    (sample("1e39").encode(), "application/json", 400, "float32"),
-    (b'{"inputs": [' + b"0.5, " * 400_000 + b"0.5]}", "application/json", 413, "limit of 1000000 bytes"),
+def v2(datatype="FP32", shape=(1, 1, 8, 8), data=None, name="input", **extra) -> bytes:
+    """An Open Inference Protocol v2 request for the served digits model."""
+    data = np.zeros(shape).tolist() if data is None else data
+    return json.dumps({"inputs": [{"name": name, "datatype": datatype, "shape": list(shape), "data": data, **extra}]}).encode()
+
+
+INFER = "/v2/models/model/infer"
+JSON = "application/json"
+
+
+# One table of malformed requests for every protocol the server speaks: each is a clear 4xx naming
+# the problem, and the server answers the next request.
+@pytest.mark.parametrize("path, body, content_type, status, message", [
+    ("/predict", b"{not json", JSON, 400, "not valid JSON"),
+    ("/predict", json.dumps({"data": []}).encode(), JSON, 400, '"inputs"'),
+    ("/predict", json.dumps({"inputs": [[1, 2], [3]]}).encode(), JSON, 400, "rectangular"),
+    ("/predict", json.dumps({"inputs": "eight by eight"}).encode(), JSON, 400, "only numbers"),
+    ("/predict", json.dumps({"inputs": np.zeros((2, 64)).tolist()}).encode(), JSON, 400, "expected ['batch', 1, 8, 8]"),
+    ("/predict", json.dumps({"inputs": np.zeros((2, 1, 8, 7)).tolist()}).encode(), JSON, 400, "shape [2, 1, 8, 7]"),
+    ("/predict", json.dumps({"inputs": []}).encode(), JSON, 400, "shape [0]"),
+    ("/predict", sample("NaN").encode(), JSON, 400, "NaN is not a number JSON allows"),
+    ("/predict", json.dumps({"inputs": np.zeros((1025, 1, 8, 8)).tolist()}).encode(), JSON, 413, "limit of 1024"),
+    ("/predict", b'{"inputs": ' + b"[" * 1000 + b"1" + b"]" * 1000 + b"}", JSON, 400, "nested"),
+    ("/predict", sample("1" * 400).encode(), JSON, 400, "400 digits"),
+    ("/predict", sample('"0.5"').encode(), JSON, 400, "only numbers"),
+    ("/predict", sample("true").encode(), JSON, 400, "only numbers, found bool"),
+    ("/predict", sample("1").encode(), "text/plain", 415, "application/json"),
+    ("/predict", sample("1e39").encode(), JSON, 400, "float32"),
+    ("/predict", json.dumps({"inputs": np.full((1, 1, 8, 8), 3e38).tolist()}).encode(), JSON, 400, "not finite"),
+    ("/predict", b'{"inputs": [' + b"0.5, " * 400_000 + b"0.5]}", JSON, 413, "limit of 1000000 bytes"),
+    ("/embed", json.dumps({"texts": ["a"]}).encode(), JSON, 400, "this bundle is a classifier"),
+    (INFER, b"{not json", JSON, 400, "not valid JSON"),
+    (INFER, json.dumps({"inputs": {}}).encode(), JSON, 400, '"inputs" array'),
+    (INFER, v2(name="pixels"), JSON, 400, "inputs must be exactly ['input']"),
+    (INFER, v2(datatype="INT64"), JSON, 400, "datatype INT64, the model expects FP32"),
+    (INFER, v2(shape=(1, 64)), JSON, 400, "shape [1, 64], the model expects [-1, 1, 8, 8]"),
+    (INFER, v2(data=[0.5] * 63), JSON, 400, "63 values do not fill shape [1, 1, 8, 8]"),
+    (INFER, v2(data=["0.5"] * 64), JSON, 400, "must hold only numbers"),
+    (INFER, v2(data=[1e39] * 64), JSON, 400, "NaN or infinity"),
+    (INFER, v2(shape=(1025, 1, 8, 8), data=[]), JSON, 413, "limit of 1024"),
+    (INFER, v2(data=None, parameters={"binary_data_size": 256}), JSON, 400, "runs past the body"),
+    (INFER, v2(data=[3e38] * 64), JSON, 400, "not finite"),
+    ("/v2/models/other/infer", v2(), JSON, 404, "unknown model 'other'"),
 ])
-def test_malformed_requests_are_a_clear_4xx(strict_server, body, content_type, status, message):
-    got_status, got = post(*strict_server, body, content_type)
+def test_malformed_requests_are_a_clear_4xx(strict_server, path, body, content_type, status, message):
+    got_status, got = post(*strict_server, body, content_type, path=path)
     assert got_status == status and message in got["error"], got
     assert request(*strict_server, "GET", "/health")[0] == 200
+
+
+@pytest.fixture(scope="module")
+def table_bundle(train_cfg, tmp_path_factory) -> tuple[Path, dict]:
+    """A bundle trained (briefly) on the wine table, which takes raw records, and one such record."""
+    import pandas as pd
+
+    from conftest import train_small
+    from tasks.config import TableDataConfig
+    from tasks.data.examples import wine
+    from tasks.data.table import describe_table
+    from tasks.models import Arch
+
+    tmp = tmp_path_factory.mktemp("table")
+    data = wine(tmp / "data").parent
+    record = json.loads(pd.read_csv(data / "data.csv").drop(columns="label").iloc[:1].to_json(orient="records"))[0]
+    describe_table(TableDataConfig(dataset="table", label="label"), data)
+    splits = load_splits(data)
+    ckpt = train_small(Arch("mlp", 3, tuple(splits.train[0].shape[1:]), hidden=(16,)), splits, tmp / "m.pt", epochs=3)
+    onnx_path = compress_candidate("baseline", [], ckpt, data, train_cfg, tmp / "c").onnx
+    return ship_bundle(onnx_path, tmp / "bundle", ClassifierEval(data), "v1.dir", {"candidate": "baseline"}), record
+
+
+@pytest.mark.parametrize("value", ["3.5e38", "1e39", "1e308", "-1e308", "9" * 4000])
+def test_a_table_record_beyond_float32_is_a_400_naming_the_column(table_bundle, value):
+    """Issue 25, item 3: these were a 500 ("Out of range float values are not JSON compliant")."""
+    bundle, record = table_bundle
+    with running_server(create_app(BundleSource(bundle), ServeSettings(poll_seconds=60))) as (host, port):
+        assert post(host, port, json.dumps({"records": [record]}).encode())[0] == 200
+        record = json.dumps({"records": [{**record, "alcohol": "@"}]}).replace('"@"', value)
+        status, got = post(host, port, record.encode())
+        assert status == 400 and "record 0: column 'alcohol'" in got["error"] and "float32" in got["error"], got
+        assert request(host, port, "GET", "/health")[0] == 200
 
 
 def test_a_chunked_body_over_the_limit_is_cut_off(strict_server):
@@ -215,10 +286,13 @@ def test_a_slow_inference_does_not_stall_the_event_loop(bundle, tmp_path, splits
             time.sleep(1.0)
             return self.session.run(*args)
 
+        def __getattr__(self, name):
+            return getattr(self.session, name)
+
     app = create_app(BundleSource(publish_copy(bundle, tmp_path / "served")))
-    holder = app.state.holder
-    holder.model = dataclasses.replace(holder.model, session=SlowSession(holder.model.session))
     with running_server(app) as (host, port):
+        holder = app.state.ctx.holder
+        holder.model = dataclasses.replace(holder.model, session=SlowSession(holder.model.session))
         slow = threading.Thread(target=request, args=(host, port, "POST", "/predict",
                                                        {"inputs": splits.test[0][:1].tolist()}))
         slow.start()

@@ -15,7 +15,9 @@ import yaml
 from safetensors.torch import save_file
 
 from deploy.loadtest import request, running_server
-from deploy.server import BundleSource, create_app
+from serve.app import create_app
+from serve.settings import ServeSettings
+from serve.sources import BundleSource
 from tasks.config import ConfigError, ModelConfig, TrainConfig
 from tasks.data import load_splits
 from tasks.data.base import read_manifest
@@ -54,7 +56,7 @@ def shipped_and_served(root: Path) -> dict:
     bundle = root / "deploy" / "bundle"
     manifest = json.loads((bundle / "manifest.json").read_text())
     x, y = load_splits(root / "data").test
-    with running_server(create_app(BundleSource(bundle), poll_seconds=60)) as (host, port):
+    with running_server(create_app(BundleSource(bundle), ServeSettings(poll_seconds=60))) as (host, port):
         status, body = request(host, port, "POST", "/predict", {"inputs": x[:32].tolist()})
     assert status == 200, body
     assert np.mean(np.array(body["labels"]).astype(int) == y[:32]) > 0.6
@@ -184,7 +186,7 @@ def test_a_local_hugging_face_checkpoint_is_fine_tuned_pruned_by_heads_quantized
     assert manifest["preprocessing"]["tokenizer"] == bert and manifest["labels"] == sorted(TOPICS)
     texts, labels, split = split_texts(tmp_path / "data", read_manifest(tmp_path / "data"))
     test = [(t, y) for t, y, s in zip(texts, labels, split) if s == "test"]
-    with running_server(create_app(BundleSource(bundle), poll_seconds=60)) as (host, port):
+    with running_server(create_app(BundleSource(bundle), ServeSettings(poll_seconds=60))) as (host, port):
         status, body = request(host, port, "POST", "/predict", {"texts": [t for t, _ in test]})
     assert status == 200, body
     assert np.mean([got == y for got, (_, y) in zip(body["labels"], test)]) > 0.8  # raw texts in, class names out

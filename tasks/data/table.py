@@ -11,6 +11,7 @@ sent, so training and serving cannot drift apart.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ from tasks.data.base import (MANIFEST, SPLIT_RULE, SPLITS, DataError, Splits, ch
                              write_manifest)
 
 READERS = {".csv": "csv", ".parquet": "parquet", ".jsonl": "jsonl"}
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 UNKNOWN = "<unknown>"  # the bucket for categories unseen in train, and for missing categories
 
 
@@ -155,6 +157,16 @@ def _missing(value) -> bool:
     return value is None or (not isinstance(value, (*NESTED, str)) and bool(pd.isna(value)))
 
 
+def _standardised(value: int | float, col: dict) -> float | None:
+    """The value standardised with the train split's mean and std; None when it (or the result)
+    lies beyond float32, which would turn into inf in the model and NaN in its answer."""
+    try:
+        scaled = (float(value) - col["mean"]) / col["std"]
+    except OverflowError:  # an integer of hundreds of digits
+        return None
+    return scaled if math.isfinite(scaled) and abs(float(value)) <= FLOAT32_MAX and abs(scaled) <= FLOAT32_MAX else None
+
+
 def encode_records(preprocessing: dict, records: list[dict]) -> np.ndarray:
     """Raw records (column -> value) to the model's float32 input, with the preprocessing recorded
     at versioning time. Used for training data and by the server alike. A record missing a column,
@@ -178,8 +190,12 @@ def encode_records(preprocessing: dict, records: list[dict]) -> np.ndarray:
                         out[i, j + 1] = 1.0
                 elif isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
                     problems.append(f"record {i}: column {name!r} is numeric, got {value!r}")
+                elif (scaled := _standardised(value, col)) is None:
+                    text = str(value) if len(str(value)) <= 24 else f"{str(value)[:12]}... ({len(str(value))} digits)"
+                    problems.append(f"record {i}: column {name!r} holds {text}, beyond the float32 range the model "
+                                    "computes in")
                 else:
-                    out[i, j] = (float(value) - col["mean"]) / col["std"]
+                    out[i, j] = scaled
                 j += 1 + col["missing_indicator"]
             else:
                 categories = col["categories"]
