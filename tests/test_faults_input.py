@@ -21,7 +21,8 @@ import yaml
 from PIL import ImageFile
 
 from deploy.loadtest import running_server
-from deploy.server import BundleSource, create_app
+from serve.app import create_app
+from serve.sources import BundleSource
 from flows.cli import main
 from tasks import track_run
 from tasks.config import MAX_CONFIG_BYTES, ConfigError, ImageFolderConfig, StudentSpec, TableDataConfig, load_config, \
