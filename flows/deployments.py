@@ -76,7 +76,7 @@ def deploy_model(config_path: str | Path, root: str | Path, overrides: list[str]
     `overrides`) configures for the project at `root`. The config is loaded now, so one that would
     fail every night fails here; a model name already deployed from another config or project is
     refused rather than silently taken over. The worker loads the flow code from this checkout."""
-    from prefect import Flow
+    from prefect import Flow, deploy
 
     from tasks.config import load_config
 
@@ -94,12 +94,11 @@ def deploy_model(config_path: str | Path, root: str | Path, overrides: list[str]
                              f"(--set register.model_name=...) or remove that one (modelforge deploy --remove {model})")
     ensure_pool(pool)
     source = Flow.from_source(source=str(CODE_ROOT), entrypoint=ENTRYPOINTS[cfg.family])
-    common = dict(work_pool_name=pool, parameters=params, tags=[TAG, f"model:{model}"], build=False, push=False,
-                  print_next_steps=False)
-    source.deploy(deployment_name(model, NIGHTLY), cron=cron, **common,
-                  description=f"Nightly optimisation of {model}; skips itself when nothing changed.")
-    source.deploy(deployment_name(model, ON_NEW_DATA), **common,
-                  triggers=[DeploymentEventTrigger(expect={EVENT},
-                                                   match={"prefect.resource.id": data_resource(cfg.data.dir)})],
-                  description=f"Runs {model} when `modelforge data-changed` reports a new version of {cfg.data.dir}.")
+    common = dict(work_pool_name=pool, parameters=params, tags=[TAG, f"model:{model}"])
+    deploy(source.to_deployment(deployment_name(model, NIGHTLY), cron=cron, **common,
+                                description=f"Nightly optimisation of {model}; skips itself when nothing changed."),
+           source.to_deployment(deployment_name(model, ON_NEW_DATA), **common, triggers=[DeploymentEventTrigger(
+               expect={EVENT}, match={"prefect.resource.id": data_resource(cfg.data.dir)})],
+               description=f"Runs {model} when `modelforge data-changed` reports a new version of {cfg.data.dir}."),
+           work_pool_name=pool, build=False, push=False, print_next_steps_message=False, ignore_warnings=True)
     return [d for d in list_deployments() if d.model == model]
