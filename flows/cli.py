@@ -212,7 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     ui.add_argument("--port", type=int, default=5000)
     ui.set_defaults(fn=cmd_ui)
     sub.add_parser("data-changed", parents=[common], help="version data/ with DVC and emit a Prefect event if "
-                   "its version changed (triggers the on-new-data deployments of the models on that data)").set_defaults(fn=cmd_data_changed)
+                   "its version changed (triggers the on-new-data deployments of the models on that data)"
+                   ).set_defaults(fn=cmd_data_changed)
     init = sub.add_parser("init", parents=[common], help="inspect your data (a CSV/Parquet/JSONL table, labelled "
                           "texts, or a folder of image class folders) and write a complete, commented config for it")
     init.add_argument("--data", required=True, type=Path, help="the data, inside the project: a table file (rows "

@@ -21,6 +21,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime, timezone
 from pathlib import Path
 
 import httpx
@@ -214,10 +215,13 @@ def start_stack(root: Path, port: int = 4200, pool: str = POOL, timeout_s: float
         wait_for_http(f"{url}/health", server, timeout_s, f"the Prefect server (see {logs / 'prefect-server.log'})")
         with temporary_settings(updates={PREFECT_API_URL: url}):
             ensure_pool(pool)
+            launched = datetime.now(timezone.utc)
             worker = launch("worker", "worker", "start", "--pool", pool)
             deadline = time.monotonic() + timeout_s
             with get_client(sync_client=True) as client:
-                while not client.read_workers_for_work_pool(pool):
+                # The database outlives a stack: workers of earlier ones are listed too, with older heartbeats.
+                while not any(w.last_heartbeat_time and w.last_heartbeat_time >= launched
+                              for w in client.read_workers_for_work_pool(pool)):
                     if worker.poll() is not None or time.monotonic() > deadline:
                         raise RuntimeError(f"the Prefect worker did not start (see {logs / 'prefect-worker.log'})")
                     time.sleep(0.5)
