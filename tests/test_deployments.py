@@ -1,7 +1,7 @@
 """The deployments of two users' projects on one real Prefect server, started by `modelforge stack start`
 in the first project's folder (the temporary server has no workers or triggers). Each project has its
-own table and the config `modelforge init` wrote for it, and is deployed from its own folder with a
-relative config path and tiny `--set` search settings. The second project's nightly deployment, run on
+own table and the config `modelforge init` wrote for it; the first is deployed from its folder by a
+relative config path, the second from elsewhere, both with tiny `--set` search settings. The second project's nightly deployment, run on
 demand with `prefect deployment run` from its folder, finishes and ships a champion; rows appended to the
 first project's table and announced by `modelforge data-changed` start that project's on-new-data run
 only, which finishes, registers and promotes, while the second project's champion stays as it was."""
@@ -75,14 +75,13 @@ def stack(tmp_path_factory):
         started = cli("stack", "start", "--port", str(free_port()), cwd=first, env=env)
         url = json.loads((first / ".modelforge" / "stack.json").read_text())["api_url"]
         assert url in started
+        sets = [f"--set={s}" for s in TINY]
+        with pytest.MonkeyPatch.context() as mp, temporary_settings(restore_defaults={PREFECT_API_URL}):
+            mp.chdir(first)  # as a user deploys: in the project, by a relative path, to the server of its stack
+            assert cli_main(["deploy", "--config", "wine.yaml", *sets]) == 0
         with temporary_settings(updates={PREFECT_API_URL: url}):
-            wine_ = projects["wine"]  # its first delivery, announced before anything listens
-            assert notify_data_change(load_config(wine_["config"]).resolved(first).data, first).emitted
-            # The first project finds the server from its stack; the second is deployed to it from elsewhere.
-            cli("deploy", "--config", "wine.yaml", *(f"--set={s}" for s in TINY), cwd=first, env=env)
-            cancer = projects["cancer"]["root"]
-            assert cli_main(["deploy", "--root", str(cancer), "--config", str(cancer / "cancer.yaml"),
-                             *(f"--set={s}" for s in TINY)]) == 0
+            cancer = projects["cancer"]["root"]  # a second project, deployed from elsewhere to the same server
+            assert cli_main(["deploy", "--root", str(cancer), "--config", str(cancer / "cancer.yaml"), *sets]) == 0
             yield {"projects": projects, "env": env, "url": url}
     finally:
         stop_stack(first)
