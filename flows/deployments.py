@@ -50,8 +50,10 @@ def list_deployments() -> list[Deployed]:
         flows = {d.flow_id: client.read_flow(d.flow_id).name for d in found}
         out = []
         for d in found:
-            triggers = [f"event {' '.join(sorted(a.trigger.expect))} of {a.trigger.match.root.get('prefect.resource.id')}"
-                        for a in client.read_resource_related_automations(f"prefect.deployment.{d.id}")]
+            events = [a.trigger for a in client.read_resource_related_automations(f"prefect.deployment.{d.id}")
+                      if getattr(a.trigger, "expect", None)]  # the event triggers (not automations made elsewhere)
+            triggers = [f"event {' '.join(sorted(t.expect))} of {t.match.root.get('prefect.resource.id')}"
+                        for t in events]
             crons = [f"cron {s.schedule.cron}" for s in d.schedules or []]
             model = next(t.removeprefix("model:") for t in d.tags if t.startswith("model:"))
             out.append(Deployed(f"{flows[d.flow_id]}/{d.name}", str(d.id), model, ", ".join(crons + triggers) or "-",

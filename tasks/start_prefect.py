@@ -237,7 +237,8 @@ def stop_stack(root: Path) -> dict | None:
         stack = json.loads(_stack_file(root).read_text())
     except (OSError, ValueError):
         return None
-    for pid in reversed(stack.get("pids", {}).values()):  # the worker first, while the server still takes its last calls
+    # The worker first, while the server still answers its last calls.
+    for pid in reversed(stack.get("pids", {}).values()):
         _stop(pid)
     _stack_file(root).unlink(missing_ok=True)
     return stack

@@ -1,10 +1,11 @@
 """The deployments of two users' projects on one real Prefect server, started by `modelforge stack start`
 in the first project's folder (the temporary server has no workers or triggers). Each project has its
 own table and the config `modelforge init` wrote for it; the first is deployed from its folder by a
-relative config path, the second from elsewhere, both with tiny `--set` search settings. The second project's nightly deployment, run on
-demand with `prefect deployment run` from its folder, finishes and ships a champion; rows appended to the
-first project's table and announced by `modelforge data-changed` start that project's on-new-data run
-only, which finishes, registers and promotes, while the second project's champion stays as it was."""
+relative config path, the second from elsewhere, both with tiny `--set` search settings. The second
+project's nightly deployment, run on demand with `prefect deployment run` from its folder, finishes and
+ships a champion; rows appended to the first project's table and announced by `modelforge data-changed`
+start that project's on-new-data run only, which finishes, registers and promotes, while the second
+project's champion stays as it was."""
 
 import json
 import os
@@ -131,8 +132,9 @@ def test_each_model_is_deployed_with_absolute_paths_its_overrides_and_its_own_da
 
 def test_nightly_deployment_run_on_demand_from_a_project_folder_finishes(stack):
     cancer = stack["projects"]["cancer"]
-    started = subprocess.run([sys.executable, "-m", "prefect", "deployment", "run", "optimize/cancer-classifier-nightly"],
-                             cwd=cancer["root"], env={**stack["env"], "PREFECT_API_URL": stack["url"]}, capture_output=True, text=True)
+    started = subprocess.run(
+        [sys.executable, "-m", "prefect", "deployment", "run", "optimize/cancer-classifier-nightly"],
+        cwd=cancer["root"], env={**stack["env"], "PREFECT_API_URL": stack["url"]}, capture_output=True, text=True)
     assert started.returncode == 0, started.stdout + started.stderr
     flow_run_id = re.search(r"UUID: ([0-9a-f-]{36})", started.stdout).group(1)
     assert final_state(flow_run_id).is_completed()
