@@ -30,7 +30,6 @@ from tasks.config import load_config
 from tasks.data.examples import breast_cancer, wine
 from tasks.notify_data import data_resource, notify_data_change
 from tasks.start_prefect import free_port, stop_stack
-from tasks.track_run import setup_tracking
 
 pytestmark = pytest.mark.e2e
 TINY = ["search.n_trials=2", "search.epochs=2", "search.space.depth=[1, 1]", "search.space.width=[16, 16]",
@@ -103,10 +102,15 @@ def final_state(flow_run_id, timeout=300):
     return wait(done, timeout, f"flow run {flow_run_id}")
 
 
+def registry(project: dict) -> MlflowClient:
+    """The project's own MLflow store (the process-wide tracking URI left as the other tests set it)."""
+    uri = load_config(project["config"]).resolved(project["root"]).tracking.uri
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
 def champion(project: dict) -> tuple[str, str]:
     """The registry's champion version of the project's model, and the sha256 its champion bundle serves."""
-    setup_tracking(load_config(project["config"]).resolved(project["root"]).tracking)
-    version = MlflowClient().get_model_version_by_alias(project["model"], "champion").version
+    version = registry(project).get_model_version_by_alias(project["model"], "champion").version
     manifest = json.loads((project["root"] / "deploy" / "champion" / "manifest.json").read_text())
     return str(version), manifest["sha256"]
 
@@ -149,8 +153,7 @@ def test_new_rows_in_one_project_start_its_on_new_data_run_only(stack):
     assert "changed, event emitted" in announced
     runs = wait(lambda: runs_of("optimize/wine-classifier-on-new-data"), 120, "a run of on-new-data after the event")
     assert final_state(runs[0].id).is_completed()
-    setup_tracking(load_config(wine_["config"]).resolved(wine_["root"]).tracking)
-    registered = MlflowClient().get_model_version_by_alias(wine_["model"], "candidate")
+    registered = registry(wine_).get_model_version_by_alias(wine_["model"], "candidate")
     assert champion(wine_)[0] == str(registered.version)  # no champion before: this run's model is promoted
     assert registered.tags["promotion"] == "promoted: no champion yet"
     assert champion(cancer) == cancer["champion"]  # the other project's champion is untouched
