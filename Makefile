@@ -47,11 +47,13 @@ mlflow-ui: $(STAMP)
 serve: $(STAMP)
 	$(BIN)/modelforge serve --bundle deploy/champion
 
+# The project's Prefect server, work pool and worker, then CONFIG's deployments (`modelforge stack` in any folder).
 serve-stack: $(STAMP)
-	deploy/serve-stack.sh
+	$(BIN)/modelforge stack start
+	$(BIN)/modelforge deploy --config $(CONFIG)
 
-stop-stack:
-	deploy/stop-stack.sh
+stop-stack: $(STAMP)
+	$(BIN)/modelforge stack stop
 
 clean:
 	rm -rf .modelforge deploy/bundle deploy/minilm-bundle

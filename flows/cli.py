@@ -142,8 +142,10 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
 def cmd_data_changed(args: argparse.Namespace) -> int:
     from tasks.notify_data import notify_data_change
+    from tasks.start_prefect import prefect_api
 
-    changed = notify_data_change(_config(args).data, args.root)
+    with prefect_api(args.root):
+        changed = notify_data_change(_config(args).data, args.root)
     print(f"modelforge: data version {changed.md5}: "
           + ("changed, event emitted" if changed.emitted else "unchanged, no event"))
     return 0
@@ -166,10 +168,40 @@ def cmd_example(args: argparse.Namespace) -> int:
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
-    from flows.deployments import deploy_all
+    from tasks.start_prefect import prefect_api
 
-    for name, deployment_id in deploy_all(args.root, args.config, cron=args.cron).items():
-        print(f"modelforge: deployment optimize/{name} -> {deployment_id}")
+    with prefect_api(args.root) as url:
+        from flows.deployments import deploy_model, list_deployments, remove_model
+
+        if args.list:
+            shown = list_deployments()
+        elif args.remove is not None:
+            model = args.remove or _config(args).register_.model_name
+            shown = remove_model(model)
+            print(f"modelforge: removed {len(shown)} deployment(s) of {model} from {url}")
+        else:
+            shown = deploy_model(args.config, args.root, args.set, cron=args.cron)
+        for d in shown:
+            print(f"{d.name}  ({d.runs_on})\n    id {d.id}; config {d.parameters.get('config_path')}; "
+                  f"root {d.parameters.get('root')}; --set {' '.join(d.parameters.get('overrides') or []) or '-'}")
+    return 0
+
+
+def cmd_stack(args: argparse.Namespace) -> int:
+    from tasks.start_prefect import start_stack, stop_stack
+
+    if args.action == "stop":
+        stopped = stop_stack(args.root)
+        print(f"modelforge: stack {'stopped' if stopped else 'not running'} in {args.root}")
+        return 0
+    stack = start_stack(args.root, args.port)
+    logs = Path(stack["logs"])
+    print(f"""modelforge: stack {'already running' if stack.get("already_running") else 'started'} for {args.root}
+Prefect UI:  {stack['api_url'].removesuffix('/api')}   (work pool {stack['pool']}, one worker)
+Deploy:      modelforge deploy --config CONFIG [--set KEY=VALUE ...]   (in this folder)
+New data:    modelforge data-changed --config CONFIG
+Run now:     PREFECT_API_URL={stack['api_url']} prefect deployment run optimize/MODEL-nightly
+Logs:        {logs}/    Stop: modelforge stack stop""")
     return 0
 
 
@@ -219,7 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     ui.add_argument("--port", type=int, default=5000)
     ui.set_defaults(fn=cmd_ui)
     sub.add_parser("data-changed", parents=[common], help="version data/ with DVC and emit a Prefect event if "
-                   "its version changed (triggers the on-new-data deployment)").set_defaults(fn=cmd_data_changed)
+                   "its version changed (triggers the on-new-data deployments of the models on that data)"
+                   ).set_defaults(fn=cmd_data_changed)
     init = sub.add_parser("init", parents=[common], help="inspect your data (a CSV/Parquet/JSONL table, labelled "
                           "texts, or a folder of image class folders) and write a complete, commented config for it")
     init.add_argument("--data", required=True, type=Path, help="the data, inside the project: a table file (rows "
@@ -237,10 +270,20 @@ def main(argv: list[str] | None = None) -> int:
     example.add_argument("name", choices=sorted(EXAMPLES))
     example.add_argument("dir", type=Path, help="folder to write it to")
     example.set_defaults(fn=cmd_example)
-    dep = sub.add_parser("deploy", parents=[common], help="create/update the nightly and on-new-data Prefect "
-                         "deployments (needs PREFECT_API_URL: make serve-stack)")
+    dep = sub.add_parser("deploy", parents=[common], help="create/update the config's model's nightly and "
+                         "on-new-data Prefect deployments, with the --set overrides (on the project's stack, or "
+                         "PREFECT_API_URL)")
     dep.add_argument("--cron", default="0 2 * * *", help="nightly schedule (UTC)")
+    what = dep.add_mutually_exclusive_group()
+    what.add_argument("--list", action="store_true", help="list the deployments of every model on the server")
+    what.add_argument("--remove", nargs="?", const="", metavar="MODEL",
+                      help="remove a model's deployments (default: the config's register.model_name)")
     dep.set_defaults(fn=cmd_deploy)
+    stack = sub.add_parser("stack", parents=[common], help="start or stop the project's Prefect server, process "
+                           "work pool and worker (logs and pids in .modelforge/), for deployments to run on")
+    stack.add_argument("action", choices=["start", "stop"])
+    stack.add_argument("--port", type=int, default=4200, help="the server's port on 127.0.0.1")
+    stack.set_defaults(fn=cmd_stack)
     args = parser.parse_args(argv)
     args.set = [*args.set, *getattr(args, "runner", [])]
 
