@@ -293,12 +293,13 @@ def main(argv: list[str] | None = None) -> int:
     from tasks.config import ConfigError
     from tasks.guard_bundle import BundleError
     from tasks.lock_workdir import WorkdirBusy
+    from tasks.promote_model import PromotionError
     from tasks.search_model import SearchError
     from tasks.stop_run import exit_code, interruption
     from tasks.validate_model import GateError
     from tasks.data import DataError
 
-    explained = (ConfigError, DataError, GateError, SearchError, WorkdirBusy, BundleError)
+    explained = (ConfigError, DataError, GateError, SearchError, WorkdirBusy, BundleError, PromotionError)
     quiet = QuietUserErrors(explained)
     for name in ("prefect.flow_runs", "prefect.task_runs"):
         logging.getLogger(name).addFilter(quiet)

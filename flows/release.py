@@ -9,7 +9,7 @@ from pathlib import Path
 from tasks import track_run
 from tasks.compress_model import Candidate
 from tasks.evaluate_model import Evaluator
-from tasks.promote_model import promote_model_task
+from tasks.promote_model import check_release_task, promote_model_task
 from tasks.register_model import register_model_task
 from tasks.report_candidates import report_candidates_task
 from tasks.ship_bundle import ship_bundle_task
@@ -24,6 +24,7 @@ def validate_and_release(run: track_run.PipelineRun, candidates: list[Candidate]
     summary = report_candidates_task(reports, chosen and chosen.name, reports_dir)
     track_run.log_candidates(run.run_id, candidates, reports, summary)
     require_passing(chosen, reports)
+    check_release_task(cfg.register_.model_name, chosen.onnx, evaluator, cfg.promote)  # before registering
 
     registered = register_model_task(chosen.onnx, cfg.register_, run.run_id, evaluator)
     bundle = ship_bundle_task(

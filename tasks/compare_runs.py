@@ -7,7 +7,7 @@ from datetime import datetime, timezone
 from mlflow.tracking import MlflowClient
 
 from tasks.config import TrackingConfig
-from tasks.track_run import PIPELINE_TAG, setup_tracking
+from tasks.track_run import setup_tracking
 
 COLUMNS = ["started", "run", "status", "data_version", "chosen", "quality", "p50_ms", "size_kb", "version", "promotion"]
 
@@ -16,7 +16,7 @@ def compare_runs(tracking: TrackingConfig, last: int = 10) -> list[dict]:
     """The last `last` pipeline runs (trial runs excluded), newest first."""
     experiment_id = setup_tracking(tracking)
     runs = MlflowClient().search_runs(
-        [experiment_id], f"tags.`{PIPELINE_TAG}` LIKE 'optimize%'", order_by=["attributes.start_time DESC"], max_results=last)
+        [experiment_id], "tags.config_path LIKE '%'", order_by=["attributes.start_time DESC"], max_results=last)
     rows = []
     for r in runs:
         tags, metrics = r.data.tags, r.data.metrics

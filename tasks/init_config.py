@@ -16,7 +16,7 @@ from pydantic import BaseModel
 
 from tasks.config import CompressConfig, ConfigError, PipelineConfig, TableDataConfig, load_config
 from tasks.data import SOURCES
-from tasks.data.base import DataError
+from tasks.data.base import MANIFEST, DataError
 from tasks.data.image_folder import SUFFIXES as IMAGE_SUFFIXES
 from tasks.data.table import READERS, infer_schema, nested_columns, read_table, table_notes
 from tasks.models import FAMILIES
@@ -117,6 +117,20 @@ def candidates_for(families: list[str]) -> dict[str, list]:
             if student_for_all or not any(step["method"] == "distill" for step in recipe)}
 
 
+def validated_manifest(cfg: PipelineConfig) -> dict:
+    """The data source's whole validation, leaving the data folder as it was: the manifest it writes is
+    the previous version a later drift check compares with, and only a run versions the data."""
+    path = Path(cfg.data.dir) / MANIFEST
+    before = path.read_bytes() if path.is_file() else None
+    try:
+        return SOURCES[cfg.data.dataset].describe(cfg.data, cfg.data.dir)[0]
+    finally:
+        if before is None:
+            path.unlink(missing_ok=True)
+        else:
+            path.write_bytes(before)
+
+
 def check_runnable(cfg: PipelineConfig, root: Path, data: Path) -> None:
     """What `run` checks before any training, run here so `init` never writes a config `run` refuses:
     the folders' safety, the data source's whole validation and the model on the data's shapes."""
@@ -129,7 +143,7 @@ def check_runnable(cfg: PipelineConfig, root: Path, data: Path) -> None:
         raise ConfigError(f"{data} must lie in a folder of its own inside the project ({root}), which DVC versions "
                           f"whole; e.g. `mkdir -p {folder} && cp {data} {folder}/` (or `mv`), then "
                           f"`modelforge init --data {folder / data.name} ...`") from None
-    manifest, _ = SOURCES[resolved.data.dataset].describe(resolved.data, resolved.data.dir)
+    manifest = validated_manifest(resolved)
     check_model_inputs(resolved.train, resolved.model, int(manifest["num_classes"]), tuple(manifest["input_shape"]),
                        root)
 

@@ -50,6 +50,9 @@ def ratio_interval(slow_rounds: list[float] | np.ndarray, fast_rounds: list[floa
     """The median per-round ratio slow/fast of two models timed in the same interleaved rounds, with a
     95% bootstrap interval: above 1 means `slow` is the slower one. Per-round ratios cancel the drift
     (clock, other load) both models saw in that round."""
+    if len(slow_rounds) != len(fast_rounds) or len(slow_rounds) == 0:
+        raise ValueError(f"a paired latency comparison needs the same timing rounds for both models; got "
+                         f"{len(slow_rounds)} and {len(fast_rounds)}")
     ratios = np.asarray(slow_rounds, float) / np.asarray(fast_rounds, float)
     rng = np.random.default_rng(seed)
     medians = np.median(rng.choice(ratios, size=(BOOTSTRAP, len(ratios))), axis=1)

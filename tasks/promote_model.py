@@ -25,7 +25,7 @@ from tasks.data.base import read_manifest
 from tasks.evaluate_model import Evaluator, data_task
 from tasks.paired_stats import ratio_interval
 from tasks.run_onnx import make_session, measure_speeds
-from tasks.ship_bundle import publish_copy
+from tasks.ship_bundle import io_spec, publish_copy
 
 
 class PromotionError(ValueError):
@@ -51,7 +51,9 @@ def _alias_version(name: str, alias: str) -> str | None:
 
 
 def _signature(tensors: list[dict] | None) -> list | None:
-    return None if tensors is None else [(t["name"], t["dtype"], t["shape"]) for t in tensors]
+    """Names, types and ranks: the sizes are the data's (a table's width grows with its categories)
+    and the exporter's symbolic names differ between versions; each model is fed its own encoding."""
+    return None if tensors is None else [(t["name"], t["dtype"], len(t["shape"])) for t in tensors]
 
 
 def task_mismatch(champion: dict, challenger: dict) -> list[str]:
@@ -82,19 +84,22 @@ def _champion_manifest(name: str, version: str) -> dict | None:
         return json.loads(Path(path).read_text())
 
 
+def folder_conflict(name: str, folder: Path) -> str | None:
+    """Why registered model `name` may not replace the bundle in `folder`: it is another model's."""
+    manifest = Path(folder) / "manifest.json"
+    other = (json.loads(manifest.read_text()).get("registered_model") or {}).get("name") if manifest.is_file() else None
+    if other and other != name:
+        return (f"{folder} serves the champion of {other!r}, not {name!r}: give this model a champion bundle "
+                "folder of its own (promote.champion_bundle_dir)")
+    return None
+
+
 def champion_conflicts(name: str, challenger: dict, cfg: PromoteConfig) -> list[str]:
-    """Why registered model `name`'s challenger (a bundle manifest, or the part of one known before
-    training) may not be compared with its champion: the champion bundle folder holds another
-    registered model's bundle, or the registered champion serves another task. Empty when it may, or
-    when there is no champion."""
-    problems = []
-    folder = Path(cfg.champion_bundle_dir) / "manifest.json"
-    if folder.is_file():
-        served = json.loads(folder.read_text())
-        other = (served.get("registered_model") or {}).get("name")
-        if other and other != name:
-            problems.append(f"{cfg.champion_bundle_dir} serves the champion of {other!r}, not {name!r}: give this "
-                            "model a champion bundle folder of its own (promote.champion_bundle_dir)")
+    """Why registered model `name`'s challenger (a bundle manifest, or the part of one known so far)
+    may not be compared with its champion: the champion bundle folder holds another registered
+    model's bundle, or the registered champion serves another task. Empty when it may, or when there
+    is no champion."""
+    problems = [p for p in [folder_conflict(name, cfg.champion_bundle_dir)] if p]
     version = _alias_version(name, cfg.champion_alias)
     if version is not None and (champion := _champion_manifest(name, version)) is not None:
         problems += [f"{name} v{version} ('{cfg.champion_alias}') differs in {why}"
@@ -117,6 +122,12 @@ def check_champion_before_training(model_name: str, data_dir: Path, cfg: Promote
     check_champion(model_name, {"labels": labels, "task": data_task(data_dir)}, cfg)
 
 
+def check_champion_before_release(model_name: str, onnx_path: Path, evaluator: Evaluator, cfg: PromoteConfig) -> None:
+    """`check_champion` with the chosen model's signature, before it is registered or shipped."""
+    check_champion(model_name, {**io_spec(Path(onnx_path)), **evaluator.serving_info(),
+                                "task": data_task(evaluator.data_dir)}, cfg)
+
+
 def decide(quality: dict | None, speed: dict | None, cfg: PromoteConfig, metric: str = "accuracy") -> tuple[bool, str]:
     """Promote when the paired test on the same test samples finds the challenger better, or when it
     is not worse by more than the tolerance (and not significantly worse) and the 95% interval of its
@@ -124,19 +135,20 @@ def decide(quality: dict | None, speed: dict | None, cfg: PromoteConfig, metric:
     speed-up (champion latency / challenger latency) and its interval."""
     if quality is None:
         return True, "no champion yet"
-    gain = quality["gain_pts"]
+    gain, metric = quality["gain_pts"], quality.get("metric", metric)
     if "p_value" in quality:
         evidence = f"{quality['test']} p = {quality['p_value']:.2g}"
-        significant = quality["p_value"] < cfg.significance
+        better = worse = quality["p_value"] < cfg.significance
+        better, worse = better and gain > 0, worse and gain < 0
     else:
         low, high = quality["interval_pts"]
         evidence = f"{quality['test']} 95% interval {low:+.2f} to {high:+.2f} pts"
-        significant = low > 0 or high < 0
-    if gain > 0 and significant:
+        better, worse = low > 0, high < 0
+    if better:
         return True, f"{metric} better by {gain:.2f} pts ({evidence})"
     speedup, (slow, fast) = speed["speedup"], speed["interval"]
     timing = f"{speedup:.2f}x faster (95% interval {slow:.2f}-{fast:.2f}x)"
-    if gain < -cfg.quality_tolerance or (gain < 0 and significant):
+    if gain < -cfg.quality_tolerance or worse:
         return False, f"{metric} worse by {-gain:.2f} pts ({evidence})"
     if slow > cfg.min_speedup:
         return True, f"{metric} within {cfg.quality_tolerance} pts ({gain:+.2f}, {evidence}) and {timing}"
@@ -149,22 +161,26 @@ def promote_model(registered: RegisteredModel, bundle_dir: Path, cfg: PromoteCon
     challenger_manifest = json.loads((Path(bundle_dir) / "manifest.json").read_text())
     check_champion(registered.name, challenger_manifest, cfg)
     champion_version = _alias_version(registered.name, cfg.champion_alias)
+    evaluators = {"challenger": evaluator}
     with tempfile.TemporaryDirectory() as tmp:
         sessions = {"challenger": make_session(Path(bundle_dir) / "model.onnx")}
         if champion_version is not None and champion_version != registered.version:
             path = Path(tmp) / "champion.onnx"
             onnx.save(mlflow.onnx.load_model(f"models:/{registered.name}/{champion_version}"), str(path))
             sessions["champion"] = make_session(path)
-        speeds = measure_speeds(sessions, evaluator.timing_inputs(), timing.warmup, timing.latency_runs,
-                                timing.throughput_batch, timing.throughput_runs)
-        samples = {k: evaluator.per_sample(s) for k, s in sessions.items()}
+            evaluators["champion"] = evaluator.encoded_as(_champion_manifest(registered.name, champion_version) or {})
+        # Each timed on the same samples in its own encoding (a table's width can differ).
+        inputs = {k: e.timing_inputs() for k, e in evaluators.items()}
+        speeds = measure_speeds(sessions, inputs["challenger"], timing.warmup, timing.latency_runs,
+                                timing.throughput_batch, timing.throughput_runs, per_session=inputs)
+        samples = {k: evaluators[k].per_sample(s) for k, s in sessions.items()}
+        scores = {k: {evaluator.primary: evaluators[k].quality(s)[evaluator.primary],
+                      "latency_p50_ms": speeds[k].latency_p50_ms} for k, s in sessions.items()}
     quality = speed = None
     if "champion" in sessions:
         quality = evaluator.paired(samples["challenger"], samples["champion"])
         ratio, low, high = ratio_interval(speeds["champion"].latency_rounds_ms, speeds["challenger"].latency_rounds_ms)
         speed = {"speedup": ratio, "interval": [low, high]}
-    scores = {k: {evaluator.primary: (quality or {}).get(k, float(samples[k].mean())),
-                  "latency_p50_ms": speeds[k].latency_p50_ms} for k in sessions}
     promoted, reason = decide(quality, speed, cfg, evaluator.primary)
     decision = Decision(promoted, reason, registered.version, champion_version, scores["challenger"],
                         scores.get("champion"), quality and {"quality": quality, "speed": speed})
@@ -205,6 +221,8 @@ def rollback(model_name: str, cfg: PromoteConfig) -> str:
     current = _alias_version(model_name, cfg.champion_alias)
     if previous is None:
         raise ValueError(f"{model_name}: no '{cfg.previous_alias}' version to roll back to")
+    if problem := folder_conflict(model_name, cfg.champion_bundle_dir):
+        raise PromotionError(f"rollback of {model_name}: {problem}")
     run_id = client.get_model_version(model_name, previous).run_id
     with tempfile.TemporaryDirectory() as tmp:
         bundle = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="bundle", dst_path=tmp))
@@ -221,3 +239,4 @@ def rollback(model_name: str, cfg: PromoteConfig) -> str:
 
 promote_model_task = task(promote_model, name="promote_model")
 check_champion_task = task(check_champion_before_training, name="check_champion")
+check_release_task = task(check_champion_before_release, name="check_champion_signature")

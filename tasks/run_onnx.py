@@ -103,24 +103,25 @@ class Timing:
 
 def measure_speeds(
     sessions: dict[str, ort.InferenceSession], x: np.ndarray | dict[str, np.ndarray], warmup: int, latency_runs: int,
-    batch: int, batch_runs: int, rounds: int = 10,
+    batch: int, batch_runs: int, rounds: int = 10, per_session: dict[str, np.ndarray | dict] | None = None,
 ) -> dict[str, Timing]:
     """Batch-1 latency percentiles and batch-`batch` throughput for several models side by side.
 
     `x` is the input array, or a dict of input name -> array for multi-input models (samples along
     axis 0; repeated when fewer than `batch`). Runs are interleaved in `rounds` (every model gets a
     slice of its runs each round), so clock, thermal and background-load drift hit every model
-    alike and their ratios stay meaningful. Each session's thread pool spin-waits after its last
+    alike and their ratios stay meaningful. `per_session` gives some sessions their own input (the
+    same samples in another encoding). Each session's thread pool spin-waits after its last
     run; the pause before the next model's slice lets it go idle, else it steals cores from the
     model being timed (measured: -26% throughput on an identical graph with 8 models on 2 cores).
     """
-    def feeds_for(session: ort.InferenceSession) -> tuple[dict, dict]:
+    def feeds_for(session: ort.InferenceSession, x: np.ndarray | dict[str, np.ndarray]) -> tuple[dict, dict]:
         arrays = x if isinstance(x, dict) else feeds(session, x)
         single = {k: v[:1] for k, v in arrays.items()}
         big = {k: np.resize(v, (batch, *v.shape[1:])).astype(v.dtype) for k, v in arrays.items()}
         return single, big
 
-    prepared = {k: feeds_for(s) for k, s in sessions.items()}
+    prepared = {k: feeds_for(s, (per_session or {}).get(k, x)) for k, s in sessions.items()}
     for key, session in sessions.items():
         single, big = prepared[key]
         for _ in range(warmup):

@@ -19,7 +19,7 @@ from tasks.guard_bundle import BUNDLE_FORMAT, PARTIAL, check_replaceable, relati
 from tasks.run_onnx import make_session
 
 
-def _io_spec(path: Path) -> dict:
+def io_spec(path: Path) -> dict:
     session = make_session(path)
     spec = lambda args: [{"name": a.name, "shape": [d if isinstance(d, int) else str(d) for d in a.shape],
                           "dtype": a.type} for a in args]
@@ -76,7 +76,7 @@ def ship_bundle(onnx_path: Path, bundle_dir: Path, evaluator: Evaluator, data_ve
             "model_file": model.name,
             "sha256": sha256_of(model),
             "size_bytes": model.stat().st_size,
-            **_io_spec(model),
+            **io_spec(model),
             **evaluator.serving_info(),
             "task": data_task(evaluator.data_dir),
             "data_version": data_version,

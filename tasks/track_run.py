@@ -97,9 +97,15 @@ def source_tags(config_path: str | Path, root: Path) -> dict[str, str]:
     """MLflow's source tags: the config file as the source, and the project's git commit where the
     project is a git repository (so a run links back to the code and config it ran)."""
     tags = {MLFLOW_SOURCE_NAME: str(config_path), MLFLOW_SOURCE_TYPE: "LOCAL"}
-    git = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True)
-    if git.returncode == 0:
-        tags[MLFLOW_GIT_COMMIT] = git.stdout.strip()
+    try:
+        git = subprocess.run(["git", "-C", str(root), "rev-parse", "--show-toplevel", "HEAD"], capture_output=True,
+                             text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):  # no git here: the tag is optional
+        return tags
+    top, _, commit = git.stdout.strip().partition("\n")
+    # Only the project's own repository: a project folder inside another checkout is not its commit.
+    if git.returncode == 0 and Path(top).resolve() == Path(root).resolve():
+        tags[MLFLOW_GIT_COMMIT] = commit
     return tags
 
 

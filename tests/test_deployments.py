@@ -108,10 +108,15 @@ def registry(project: dict) -> MlflowClient:
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
+def champion_dir(project: dict):
+    """The champion folder `init` names after the model (its config's name)."""
+    return project["root"] / "deploy" / f"{project['model'].removesuffix('-classifier')}-champion"
+
+
 def champion(project: dict) -> tuple[str, str]:
     """The registry's champion version of the project's model, and the sha256 its champion bundle serves."""
     version = registry(project).get_model_version_by_alias(project["model"], "champion").version
-    manifest = json.loads((project["root"] / "deploy" / "champion" / "manifest.json").read_text())
+    manifest = json.loads((champion_dir(project) / "manifest.json").read_text())
     return str(version), manifest["sha256"]
 
 
@@ -142,7 +147,7 @@ def test_nightly_deployment_run_on_demand_from_a_project_folder_finishes(stack):
     assert started.returncode == 0, started.stdout + started.stderr
     flow_run_id = re.search(r"UUID: ([0-9a-f-]{36})", started.stdout).group(1)
     assert final_state(flow_run_id).is_completed()
-    assert (cancer["root"] / "deploy" / "champion" / "model.onnx").exists()
+    assert (champion_dir(cancer) / "model.onnx").exists()
     cancer["champion"] = champion(cancer)
 
 

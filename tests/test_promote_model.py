@@ -125,3 +125,31 @@ def test_rollback_without_previous_champion_is_a_clear_error(tmp_path):
                                             artifact_dir=tmp_path / "art"))
     with pytest.raises(ValueError, match="no 'previous-champion' version to roll back to"):
         rollback("never-registered", PromoteConfig(champion_bundle_dir=tmp_path / "champion"))
+
+
+def test_a_champion_is_scored_in_its_own_encoding_when_the_data_grows(tmp_path):
+    """New rows bring a category the champion never saw: the challenger's table is one column wider.
+    It is still the same task, and the champion is fed the same test rows in its own encoding."""
+    import pandas as pd
+
+    from tasks.config import TableDataConfig
+    from tasks.data.examples import wine
+    from tasks.data.table import describe_table
+    from tasks.promote_model import task_mismatch
+
+    wine(tmp_path / "wine")
+    cfg = TableDataConfig(dataset="table", dir=tmp_path / "wine", label="label", allow_drift=True)
+    old, _ = describe_table(cfg, tmp_path / "wine")
+    frame = pd.read_csv(tmp_path / "wine/data.csv")
+    grown = frame.head(60).assign(site="valley")  # a site the first version never had
+    pd.concat([frame, grown]).to_csv(tmp_path / "wine/data.csv", index=False)
+    new, _ = describe_table(cfg, tmp_path / "wine")
+    assert new["input_shape"][0] == old["input_shape"][0] + 1
+    ours, theirs = ClassifierEval(tmp_path / "wine"), ClassifierEval(tmp_path / "wine").encoded_as(old)
+    assert theirs._splits.test[0].shape == (len(ours._splits.test[0]), old["input_shape"][0])
+    assert (theirs._splits.test[1] == ours._splits.test[1]).all()  # the same test rows, paired
+    tensors = lambda width: [{"name": "x", "dtype": "tensor(float)", "shape": ["batch", width]}]
+    assert task_mismatch({"inputs": tensors(old["input_shape"][0]), "labels": old["classes"]},
+                         {"inputs": tensors(new["input_shape"][0]), "labels": new["classes"]}) == []
+    assert task_mismatch({"labels": ["a", "b"]}, {"labels": ["a", "b", "c"]}) == [
+        "classes: champion ['a', 'b'], challenger ['a', 'b', 'c']"]

@@ -11,6 +11,7 @@ from tasks.validate_model import GateError, Report, apply_gates, best_passing, r
 def report(name, acc, p50, parity=1e-6, size=1000, noise=0.02, seed=0):
     """Ten timing rounds around `p50`, each off by up to `noise` (relative), as a loaded machine gives."""
     rounds = tuple(p50 * (1 + np.random.default_rng(seed).uniform(-noise, noise, 10)))
+    p50 = float(np.median(rounds))  # as measured: which of two close models is "fastest" is up to the noise
     return Report(name, f"{name}.onnx", {"accuracy": acc}, "accuracy", p50, p50 * 2, 1000 / p50, size, parity,
                   latency_rounds_ms=rounds)
 
@@ -61,11 +62,14 @@ def test_latency_within_timing_noise_is_a_tie_broken_by_quality_then_size():
     """Two p50s apart in the fourth decimal once decided what shipped, differently run to run (the
     default job shipped structured at 0.9917 or student at 0.9972 on identical inputs)."""
     gates = GateConfig(max_latency_ratio=None)
-    for seed in range(5):  # whichever of the two the noise makes faster, the more accurate one ships
+    fastest = set()
+    for seed in range(8):  # whichever of them the noise makes fastest, the more accurate one ships
         reports = apply_gates([report("baseline", 0.99, 1.0, seed=seed), report("structured", 0.9917, 0.0400, seed=seed),
-                               report("student", 0.9972, 0.0401, seed=seed + 1),
-                               report("student_small", 0.9972, 0.0402, size=500, seed=seed + 2)], gates)
+                               report("student", 0.9972, 0.0400, seed=seed + 1),
+                               report("student_small", 0.9972, 0.0400, size=500, seed=seed + 2)], gates)
+        fastest.add(min(reports, key=lambda r: r.latency_p50_ms).name)
         assert best_passing(reports, gates).name == "student_small"  # equal quality: the smaller file
+    assert len(fastest) > 1  # the noise did move the fastest around
     # a difference the rounds agree on and larger than the tie ratio is a real one: the faster ships
     reports = apply_gates([report("baseline", 0.99, 1.0), report("fast", 0.985, 0.5, seed=1)], gates)
     assert best_passing(reports, gates).name == "fast"
