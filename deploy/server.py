@@ -36,6 +36,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
+from serve.lm import LM_FAMILY, lm_fingerprint, load_lm_bundle
+from serve.openai import openai_router
 from tasks.guard_bundle import BundleError, relative_paths
 from tasks.run_onnx import feeds, make_session
 
@@ -58,6 +60,8 @@ def load_bundle(bundle_dir: Path) -> LoadedModel:
     bytes that were hashed, so what is verified is what serves. A mismatch raises `BundleError`."""
     bundle_dir = Path(bundle_dir)
     manifest = json.loads((bundle_dir / "manifest.json").read_text())
+    if manifest.get("family") == LM_FAMILY:
+        return load_lm_bundle(bundle_dir, manifest)
     model_bytes = (bundle_dir / manifest["model_file"]).read_bytes()
     actual = hashlib.sha256(model_bytes).hexdigest()
     if actual != manifest.get("sha256"):
@@ -84,6 +88,8 @@ class BundleSource:
     def fingerprint(self) -> str | None:
         try:
             manifest = json.loads((self.bundle_dir / "manifest.json").read_text())
+            if manifest.get("family") == LM_FAMILY:
+                return lm_fingerprint(self.bundle_dir, manifest)
             model = (self.bundle_dir / manifest["model_file"]).stat()
         except (OSError, ValueError, KeyError, TypeError):
             return None  # mid-swap or not shipped yet: keep serving what is loaded
@@ -310,11 +316,12 @@ def create_app(source: BundleSource | RegistrySource, poll_seconds: float = 1.0,
 
     app = FastAPI(title="modelforge model server", lifespan=lifespan)
     app.state.holder = holder
+    app.include_router(openai_router(lambda: holder.model))
 
     @app.get("/health")
     def health() -> dict:
         m = holder.model
-        return {"status": "ok", "model_sha256": m.manifest["sha256"], "candidate": m.manifest.get("candidate"),
+        return {"status": "ok", "model_sha256": m.manifest.get("sha256"), "candidate": m.manifest.get("candidate"),
                 "loaded_at": m.loaded_at, "reloads": holder.reloads,
                 "last_reload_error": holder.failed[1] if holder.failed else None}
 
@@ -325,7 +332,7 @@ def create_app(source: BundleSource | RegistrySource, poll_seconds: float = 1.0,
     @app.post("/reload")
     def reload() -> dict:
         reloaded = holder.reload_if_changed()
-        return {"reloaded": reloaded, "model_sha256": holder.model.manifest["sha256"],
+        return {"reloaded": reloaded, "model_sha256": holder.model.manifest.get("sha256"),
                 "last_reload_error": holder.failed[1] if holder.failed else None}
 
     def predict(body: bytes) -> dict:
@@ -358,6 +365,8 @@ def create_app(source: BundleSource | RegistrySource, poll_seconds: float = 1.0,
     async def answer(request: Request, handler) -> dict | JSONResponse:
         """Read the body within its limit, then parse, check and run it on a worker thread: a large
         or slow request never blocks the event loop that serves everyone else."""
+        if holder.model.manifest.get("family") == LM_FAMILY:
+            return _error(400, "this bundle is a causal LM: POST /v1/completions or /v1/chat/completions")
         try:
             body = await read_body(request, max_body_bytes)
             return await run_in_threadpool(handler, body)
