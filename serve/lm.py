@@ -73,7 +73,7 @@ def lm_fingerprint(bundle_dir: Path, manifest: dict) -> str:
     root = Path(bundle_dir) / str(manifest.get("model_dir"))
     stats = sorted((str(p.relative_to(root)), s.st_ino, s.st_size, s.st_mtime_ns)
                    for p in root.rglob("*") if p.is_file() for s in [p.stat()])
-    return hashlib.sha256(json.dumps([manifest.get("files"), stats], sort_keys=True).encode()).hexdigest()
+    return hashlib.sha256(json.dumps([manifest, stats], sort_keys=True, default=str).encode()).hexdigest()
 
 
 def _verified_copy(bundle_dir: Path, manifest: dict, dest: Path) -> None:
@@ -161,6 +161,7 @@ class _Scheduler:
         self.inbox: queue.SimpleQueue[Generation | None] = queue.SimpleQueue()
         self.count_lock = threading.Lock()
         self.admitted = 0  # waiting + running; only `submit` adds, only the thread removes
+        self.generated_tokens = 0  # since load, all clients together
         self.closed = False
         self.ready = threading.Event()
         self.failure: BaseException | None = None
@@ -266,6 +267,7 @@ class _Scheduler:
     def _on_token(self, generation: Generation, token: int) -> bool:
         """Add one generated token; True when a stop string ended the generation."""
         generation.tokens += 1
+        self.generated_tokens += 1
         if token in self.eos:
             return False
         with self.tokenizer_lock:
@@ -349,8 +351,9 @@ class LMRuntime:
         return generation
 
     @property
-    def load(self) -> dict:
-        return {"admitted": self._scheduler.admitted, "max_batch": self.max_batch, "max_waiting": self.max_waiting}
+    def stats(self) -> dict:
+        return {"admitted": self._scheduler.admitted, "generated_tokens": self._scheduler.generated_tokens,
+                "max_batch": self.max_batch, "max_waiting": self.max_waiting}
 
 
 def _generation_defaults(model_dir: Path) -> dict:

@@ -172,7 +172,7 @@ async def _chunks(generation: Generation, request: Request):
         while True:
             nxt = asyncio.ensure_future(generation.chunks.get())
             await asyncio.wait({nxt, gone}, return_when=asyncio.FIRST_COMPLETED)
-            if not nxt.done():
+            if gone.done():  # checked first: chunks may be queued faster than a dead connection is noticed
                 nxt.cancel()
                 return
             chunk = nxt.result()
