@@ -6,11 +6,12 @@ exactly what was verified, and nothing in the bundle folder can change under it.
 
 Generation runs on one thread per loaded model that owns an onnxruntime-genai `Engine` (its operations must
 all come from the thread that created it). The engine decodes up to `MODELFORGE_LM_MAX_BATCH` sequences in
-one step (continuous batching: a request joins or leaves between steps); `MODELFORGE_LM_MAX_WAITING` more
-wait for a slot, and a request beyond that is refused at once (`QueueFull`, a 429). A seeded sampling
-request runs on a `Generator` of its own, because the engine draws every batched sequence from one shared
-random stream and could not repeat a seeded answer. Stop strings are matched here, on the decoded text,
-because the engine supports them only with paged attention, which the CPU builds do not have.
+one step. On CPU its batches are static: a sequence cannot join a batch in progress (continuous batching
+needs paged attention, which onnxruntime-genai builds only for CUDA and WebGPU), so requests that arrive
+together (within BATCH_WINDOW_SECONDS of an idle engine) decode together, and later ones start the next
+batch. `MODELFORGE_LM_MAX_WAITING` requests may wait beyond a full batch; one more is refused at once
+(`QueueFull`, a 429). A seeded sampling request runs on a `Generator` of its own, because the static engine
+takes no per-request seed. Stop strings are matched here, on the decoded text, for the same reason.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from tasks.guard_bundle import BUNDLE_FORMAT, BundleError, relative_paths
 LM_FAMILY = "causal_lm"
 MAX_BATCH, MAX_WAITING = 8, 32  # defaults of MODELFORGE_LM_MAX_BATCH / MODELFORGE_LM_MAX_WAITING
 RETRY_AFTER_SECONDS = 1
+BATCH_WINDOW_SECONDS = 0.05  # how long a request that finds the engine idle waits for others to batch with
 FINISH_REASONS = {"EOS": "stop", "STOP_STRING": "stop", "MAX_GENERATED_TOKENS": "length",
                   "MAX_SESSION_TOKENS": "length"}
 
@@ -126,6 +128,7 @@ class Generation:
     loop: asyncio.AbstractEventLoop
     chunks: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
+    queued_at: float = field(default_factory=time.monotonic)
     # scheduler-thread state
     tokens: int = 0
     pending_text: str = ""
@@ -162,6 +165,7 @@ class _Scheduler:
         self.count_lock = threading.Lock()
         self.admitted = 0  # waiting + running; only `submit` adds, only the thread removes
         self.generated_tokens = 0  # since load, all clients together
+        self.largest_batch = 0  # sequences the engine has decoded together, at most
         self.closed = False
         self.ready = threading.Event()
         self.failure: BaseException | None = None
@@ -211,6 +215,8 @@ class _Scheduler:
             except queue.Empty:
                 pass
             self._drop_cancelled()
+            if self.waiting and not self.running and self.max_batch > 1:
+                self._gather()
             self._admit(og)
             if self.running:
                 self._step_engine(og)
@@ -238,12 +244,33 @@ class _Scheduler:
                 del self.seeded[generator]
                 self._finish(generation, "cancelled")
 
-    def _admit(self, og) -> None:
-        while self.waiting and len(self.running) + len(self.seeded) < self.max_batch:
-            generation = self.waiting.popleft()
-            s = generation.sampling
+    def _gather(self) -> None:
+        """Before a new batch starts, wait up to BATCH_WINDOW_SECONDS from the oldest request's arrival for
+        more: clients that arrive together then decode together."""
+        deadline = self.waiting[0].queued_at + BATCH_WINDOW_SECONDS
+        while len(self.waiting) < self.max_batch and (left := deadline - time.monotonic()) > 0:
             try:
-                if s.seed is not None and s.temperature > 0:
+                item = self.inbox.get(timeout=left)
+            except queue.Empty:
+                return
+            if item is not None:
+                self.waiting.append(item)
+
+    def _admit(self, og) -> None:
+        """Seeded requests take any free slot. On CPU the engine batches statically (a sequence cannot join a
+        batch in progress: continuous batching needs paged attention, CUDA/WebGPU only), so engine requests
+        start together as a new batch once the previous one has finished."""
+        new_batch = not self.running
+        for generation in list(self.waiting):
+            if len(self.running) + len(self.seeded) >= self.max_batch:
+                return
+            s = generation.sampling
+            seeded = s.seed is not None and s.temperature > 0
+            if not (seeded or new_batch):
+                continue
+            self.waiting.remove(generation)
+            try:
+                if seeded:
                     params = og.GeneratorParams(self.model)
                     params.set_search_options(do_sample=True, temperature=s.temperature, top_p=s.top_p, top_k=0,
                                               random_seed=s.seed,
@@ -261,6 +288,7 @@ class _Scheduler:
                         options.set_top_p(s.top_p)
                     options.set_top_k(0)  # OpenAI's sampling has no top-k
                     self.running[request] = (generation, request.begin_turn(generation.prompt_ids, options))
+                    self.largest_batch = max(self.largest_batch, len(self.running))
             except Exception as err:  # a request the runtime refuses fails alone
                 self._finish(generation, None, f"{type(err).__name__}: {err}")
 
@@ -352,8 +380,9 @@ class LMRuntime:
 
     @property
     def stats(self) -> dict:
-        return {"admitted": self._scheduler.admitted, "generated_tokens": self._scheduler.generated_tokens,
-                "max_batch": self.max_batch, "max_waiting": self.max_waiting}
+        scheduler = self._scheduler
+        return {"admitted": scheduler.admitted, "generated_tokens": scheduler.generated_tokens,
+                "largest_batch": scheduler.largest_batch, "max_batch": self.max_batch, "max_waiting": self.max_waiting}
 
 
 def _generation_defaults(model_dir: Path) -> dict:

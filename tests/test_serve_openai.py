@@ -3,10 +3,13 @@ official `openai` client, against a tiny random Llama built here and exported by
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import shutil
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -23,21 +26,23 @@ CONTEXT = 2048  # long enough that a full-length generation outlasts the request
 MODEL = "tiny-llama"
 
 
-def build_lm_bundle(folder: Path, context: int = CONTEXT) -> Path:
-    """A bundle in the LM contract's format: the builder's INT4 model folder plus a manifest hashing each file."""
+def build_lm_bundle(folder: Path, hf: Path | None = None, context: int = CONTEXT, name: str = MODEL) -> Path:
+    """A bundle in the LM contract's format: the builder's INT4 export of the Hugging Face folder `hf` (the
+    tiny random Llama by default) with its KV cache sized to `context`, plus a manifest hashing each file."""
     from onnxruntime_genai.models.builder import create_model, parse_extra_options
 
-    hf = make_tiny_llama(folder / "hf")
+    hf = hf or make_tiny_llama(folder / "hf")
     config = json.loads((hf / "config.json").read_text())
     (hf / "config.json").write_text(json.dumps({**config, "max_position_embeddings": context}))
     bundle = folder / "bundle"
     model_dir = bundle / "model"
-    args = ("tiny-llama", str(hf), str(model_dir), "int4", "cpu", str(folder / "cache"))
+    args = (name, str(hf), str(model_dir), "int4", "cpu", str(folder / "cache"))
     create_model(*args, **parse_extra_options(*args, []))
-    shutil.copy(hf / "generation_config.json", model_dir)
+    if (hf / "generation_config.json").is_file():
+        shutil.copy(hf / "generation_config.json", model_dir)
     files = {f"model/{p.relative_to(model_dir)}": sha256_of(p) for p in sorted(model_dir.rglob("*")) if p.is_file()}
     manifest = {"format": BUNDLE_FORMAT, "family": "causal_lm", "model_dir": "model", "files": files,
-                "model_name": MODEL, "version": None, "candidate": "int4", "max_length": context,
+                "model_name": name, "version": None, "candidate": "int4", "max_length": context,
                 "data_version": None, "created_at": datetime.now(timezone.utc).isoformat()}
     (bundle / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return bundle
@@ -109,6 +114,17 @@ def test_completions_match_onnxruntime_genai_and_stream_the_same_text(server, re
     assert len(chunks) > 3 and "".join(c.choices[0].text for c in chunks if c.choices) == text
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == finish
     assert chunks[-1].usage.completion_tokens == n
+
+
+def test_concurrent_requests_decode_in_one_batch_as_they_would_alone(server, reference):
+    prompts = ["Assignment statements", "The import system", "Coroutines", "A with statement"]
+    expected = [reference.greedy(reference.encode(p), 16)[0] for p in prompts]
+    api = client(server)
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        got = list(pool.map(lambda p: api.completions.create(model=MODEL, prompt=p, max_tokens=16, temperature=0)
+                            .choices[0].text, prompts))
+    assert got == expected
+    assert server[2].state.holder.model.stats["largest_batch"] > 1  # they did share engine steps
 
 
 def test_chat_completions_apply_the_chat_template(server, reference):
@@ -230,6 +246,7 @@ def test_a_tampered_bundle_is_refused_at_start_and_at_reload(server, lm_bundle, 
 
     host, port, app, served = server
     api = client(server)
+    engines = engine_threads()
     before = api.completions.create(model=MODEL, prompt="Modules", max_tokens=8, temperature=0).choices[0].text
     weights = served / "model" / "model.onnx.data"
     original = weights.read_bytes()
@@ -254,3 +271,13 @@ def test_a_tampered_bundle_is_refused_at_start_and_at_reload(server, lm_bundle, 
     assert api.completions.create(model="tiny-llama-2", prompt="Modules", max_tokens=8, temperature=0).choices[0].text == before
     (served / "manifest.tmp").write_text(json.dumps(manifest))  # leave the module's server as it was
     os.replace(served / "manifest.tmp", served / "manifest.json")
+    while [m.id for m in api.models.list().data] != [MODEL] and time.time() < deadline:
+        time.sleep(0.05)
+    while engine_threads() > engines and time.time() < deadline + 10:
+        gc.collect()
+        time.sleep(0.05)
+    assert engine_threads() == engines  # each replaced model's engine thread ended with it
+
+
+def engine_threads() -> int:
+    return sum(t.name.startswith("lm-engine-") for t in threading.enumerate())
