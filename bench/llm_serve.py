@@ -21,6 +21,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -87,11 +88,14 @@ def aggregate(url: str, model: str, streams: int, tokens: int) -> tuple[float, f
     streaming greedy completions of up to `tokens` tokens each."""
     import openai
 
+    clients = [openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=600) for _ in range(streams)]
+    go = threading.Barrier(streams + 1)  # clients are built before, so the requests leave together
+
     def one(i: int) -> tuple[int, float]:
-        api = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=600)
+        go.wait()
         start, first, used = time.perf_counter(), None, 0
-        for chunk in api.completions.create(model=model, prompt=PROMPTS[i % len(PROMPTS)], max_tokens=tokens,
-                                            temperature=0, stream=True, stream_options={"include_usage": True}):
+        for chunk in clients[i].completions.create(model=model, prompt=PROMPTS[i % len(PROMPTS)], max_tokens=tokens,
+                                                   temperature=0, stream=True, stream_options={"include_usage": True}):
             if first is None and chunk.choices and chunk.choices[0].text:
                 first = time.perf_counter() - start
             if chunk.usage is not None:
@@ -99,8 +103,10 @@ def aggregate(url: str, model: str, streams: int, tokens: int) -> tuple[float, f
         return used, first or 0.0
 
     with ThreadPoolExecutor(streams) as pool:
+        futures = [pool.submit(one, i) for i in range(streams)]
+        go.wait()
         start = time.perf_counter()
-        results = list(pool.map(one, range(streams)))
+        results = [f.result() for f in futures]
         seconds = time.perf_counter() - start
     return sum(n for n, _ in results) / seconds, statistics.median(t for _, t in results)
 

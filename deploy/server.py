@@ -16,7 +16,8 @@ on worker threads, never on the event loop. The model file must match the manife
 start (else the server refuses to start) and at every reload (else the old model keeps serving
 and /health reports why). A watcher reloads when the manifest, the model file or the registry
 alias changes; the new session is built completely before one reference swap, so requests in
-flight finish on the old model and none are dropped.
+flight finish on the old model and none are dropped. A causal-LM bundle ("family": "causal_lm") is loaded by
+serve/lm.py and answers the OpenAI-compatible /v1 endpoints of serve/openai.py instead of /predict.
 """
 
 from __future__ import annotations

@@ -8,8 +8,8 @@ Generation runs on one thread per loaded model that owns an onnxruntime-genai `E
 all come from the thread that created it). The engine decodes up to `MODELFORGE_LM_MAX_BATCH` sequences in
 one step. On CPU its batches are static: a sequence cannot join a batch in progress (continuous batching
 needs paged attention, which onnxruntime-genai builds only for CUDA and WebGPU), so requests that arrive
-together (within BATCH_WINDOW_SECONDS of an idle engine) decode together, and later ones start the next
-batch. `MODELFORGE_LM_MAX_WAITING` requests may wait beyond a full batch; one more is refused at once
+together (each within BATCH_GAP_SECONDS of the last, at an idle engine) decode together, and later ones start
+the next batch. `MODELFORGE_LM_MAX_WAITING` requests may wait beyond a full batch; one more is refused at once
 (`QueueFull`, a 429). A seeded sampling request runs on a `Generator` of its own, because the static engine
 takes no per-request seed. Stop strings are matched here, on the decoded text, for the same reason.
 """
@@ -35,7 +35,9 @@ from tasks.guard_bundle import BUNDLE_FORMAT, BundleError, relative_paths
 LM_FAMILY = "causal_lm"
 MAX_BATCH, MAX_WAITING = 8, 32  # defaults of MODELFORGE_LM_MAX_BATCH / MODELFORGE_LM_MAX_WAITING
 RETRY_AFTER_SECONDS = 1
-BATCH_WINDOW_SECONDS = 0.05  # how long a request that finds the engine idle waits for others to batch with
+# A request that finds the engine idle waits for others to batch with while they keep coming (each within
+# BATCH_GAP_SECONDS of the last), at most BATCH_WINDOW_SECONDS.
+BATCH_GAP_SECONDS, BATCH_WINDOW_SECONDS = 0.05, 0.25
 FINISH_REASONS = {"EOS": "stop", "STOP_STRING": "stop", "MAX_GENERATED_TOKENS": "length",
                   "MAX_SESSION_TOKENS": "length"}
 
@@ -245,10 +247,11 @@ class _Scheduler:
                 self._finish(generation, "cancelled")
 
     def _gather(self) -> None:
-        """Before a new batch starts, wait up to BATCH_WINDOW_SECONDS from the oldest request's arrival for
-        more: clients that arrive together then decode together."""
-        deadline = self.waiting[0].queued_at + BATCH_WINDOW_SECONDS
-        while len(self.waiting) < self.max_batch and (left := deadline - time.monotonic()) > 0:
+        """Before a new batch starts, wait for more requests while they keep arriving: clients that come
+        together then decode together."""
+        limit = self.waiting[0].queued_at + BATCH_WINDOW_SECONDS
+        while len(self.waiting) < self.max_batch and (
+                left := min(limit, self.waiting[-1].queued_at + BATCH_GAP_SECONDS) - time.monotonic()) > 0:
             try:
                 item = self.inbox.get(timeout=left)
             except queue.Empty:
