@@ -5,8 +5,8 @@ folder while each file is hashed against the manifest; the model is built from t
 exactly what was verified, and nothing in the bundle folder can change under it.
 
 Generation runs on one thread per loaded model that owns an onnxruntime-genai `Engine` (its operations must
-all come from the thread that created it). The engine decodes up to `MODELFORGE_LM_MAX_BATCH` sequences in
-one step. On CPU its batches are static: a sequence cannot join a batch in progress (continuous batching
+all come from the thread that created it). The engine decodes up to `MODELFORGE_LM_MAX_BATCH` (at most 4) sequences
+in one step. On CPU its batches are static: a sequence cannot join a batch in progress (continuous batching
 needs paged attention, which onnxruntime-genai builds only for CUDA and WebGPU), so requests that arrive
 together (each within BATCH_GAP_SECONDS of the last, at an idle engine) decode together, and later ones start
 the next batch. `MODELFORGE_LM_MAX_WAITING` requests may wait beyond a full batch; one more is refused at once
@@ -33,7 +33,10 @@ from pathlib import Path
 from tasks.guard_bundle import BUNDLE_FORMAT, BundleError, relative_paths
 
 LM_FAMILY = "causal_lm"
-MAX_BATCH, MAX_WAITING = 8, 32  # defaults of MODELFORGE_LM_MAX_BATCH / MODELFORGE_LM_MAX_WAITING
+# onnxruntime-genai 0.18's static batch scheduler decodes at most 4 sequences together (a constant in its
+# source; engine.static_batching.max_batch_size does not raise it): more would only queue inside the engine.
+ENGINE_STATIC_BATCH = 4
+MAX_BATCH, MAX_WAITING = ENGINE_STATIC_BATCH, 32  # defaults of MODELFORGE_LM_MAX_BATCH / MODELFORGE_LM_MAX_WAITING
 RETRY_AFTER_SECONDS = 1
 # A request that finds the engine idle waits for others to batch with while they keep coming (each within
 # BATCH_GAP_SECONDS of the last), at most BATCH_WINDOW_SECONDS.
@@ -397,10 +400,10 @@ def _generation_defaults(model_dir: Path) -> dict:
     return {"temperature": float(config.get("temperature", 1.0)), "top_p": float(config.get("top_p", 1.0))}
 
 
-def _limit(name: str, default: int, low: int) -> int:
+def _limit(name: str, default: int, low: int, high: int | None = None) -> int:
     raw = os.environ.get(name, str(default))
-    if not raw.isdigit() or int(raw) < low:
-        raise ValueError(f"{name}={raw!r}: expected an integer >= {low}")
+    if not raw.isdigit() or int(raw) < low or (high is not None and int(raw) > high):
+        raise ValueError(f"{name}={raw!r}: expected an integer from {low}" + (f" to {high}" if high else " up"))
     return int(raw)
 
 
@@ -409,7 +412,7 @@ def load_lm_bundle(bundle_dir: Path, manifest: dict) -> LMRuntime:
     import onnxruntime_genai as og
 
     bundle_dir = Path(bundle_dir)
-    max_batch = _limit("MODELFORGE_LM_MAX_BATCH", MAX_BATCH, 1)
+    max_batch = _limit("MODELFORGE_LM_MAX_BATCH", MAX_BATCH, 1, ENGINE_STATIC_BATCH)
     max_waiting = _limit("MODELFORGE_LM_MAX_WAITING", MAX_WAITING, 0)
     if not isinstance(manifest.get("max_length"), int):
         raise BundleError(f'{bundle_dir}: manifest "max_length" (the context the model was built for) is missing')
