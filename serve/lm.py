@@ -56,7 +56,8 @@ def _model_files(bundle_dir: Path, manifest: dict) -> tuple[Path, dict[str, str]
         problems.append(f'manifest "format" is {manifest.get("format")!r}, not {BUNDLE_FORMAT!r}')
     model_dir = manifest.get("model_dir")
     files = manifest.get("files")
-    if not isinstance(model_dir, str) or not model_dir or Path(model_dir).is_absolute() or ".." in Path(model_dir).parts:
+    if (not isinstance(model_dir, str) or not model_dir or Path(model_dir).is_absolute()
+            or ".." in Path(model_dir).parts):
         return bundle_dir, {}, [*problems, f'manifest "model_dir" {model_dir!r} is not a folder name inside the bundle']
     if not isinstance(files, dict) or not files:
         return bundle_dir, {}, [*problems, 'manifest "files" must map every model file to its sha256']

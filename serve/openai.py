@@ -91,7 +91,8 @@ def _common(payload: object, runtime: LMRuntime) -> dict:
     if not isinstance(stream, bool):
         raise OpenAIError(400, "stream must be true or false", "stream")
     options = payload.get("stream_options")
-    if options is not None and (not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool)):
+    if options is not None and (not isinstance(options, dict)
+                                or not isinstance(options.get("include_usage", False), bool)):
         raise OpenAIError(400, 'stream_options must be an object like {"include_usage": true}', "stream_options")
     seed = payload.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
@@ -210,8 +211,9 @@ def openai_router(get_runtime: Callable[[], object]) -> APIRouter:
             runtime = runtime_now()
         except OpenAIError as err:
             return err.response()
-        return {"object": "list", "data": [{"id": runtime.model_id, "object": "model", "created": int(runtime.loaded_at),
-                                            "owned_by": "modelforge", "max_model_len": runtime.max_length}]}
+        return {"object": "list", "data": [{"id": runtime.model_id, "object": "model",
+                                            "created": int(runtime.loaded_at), "owned_by": "modelforge",
+                                            "max_model_len": runtime.max_length}]}
 
     async def complete(request: Request, chat: bool):
         try:

@@ -156,7 +156,8 @@ def test_stop_strings_and_seeds(server, reference):
         assert chunks[-1].choices[0].finish_reason == "stop"
 
     def sample(seed: int) -> str:
-        return api.completions.create(model=MODEL, prompt=prompt, max_tokens=30, temperature=1.0, seed=seed).choices[0].text
+        got = api.completions.create(model=MODEL, prompt=prompt, max_tokens=30, temperature=1.0, seed=seed)
+        return got.choices[0].text
 
     assert sample(7) == sample(7) != sample(8)
 
@@ -242,7 +243,8 @@ def test_a_tampered_bundle_is_refused_at_start_and_at_reload(server, lm_bundle, 
     (bad / "model" / "extra.onnx").write_bytes(b"unlisted")
     with pytest.raises(BundleError) as err:
         create_app(BundleSource(bad))
-    assert "model/tokenizer.json: sha256" in str(err.value) and "model/extra.onnx is not in the manifest" in str(err.value)
+    assert "model/tokenizer.json: sha256" in str(err.value)
+    assert "model/extra.onnx is not in the manifest" in str(err.value)
 
     host, port, app, served = server
     api = client(server)
@@ -268,7 +270,8 @@ def test_a_tampered_bundle_is_refused_at_start_and_at_reload(server, lm_bundle, 
     while [m.id for m in api.models.list().data] != ["tiny-llama-2"] and time.time() < deadline:
         time.sleep(0.05)
     assert [m.id for m in api.models.list().data] == ["tiny-llama-2"]
-    assert api.completions.create(model="tiny-llama-2", prompt="Modules", max_tokens=8, temperature=0).choices[0].text == before
+    renamed = api.completions.create(model="tiny-llama-2", prompt="Modules", max_tokens=8, temperature=0)
+    assert renamed.choices[0].text == before
     (served / "manifest.tmp").write_text(json.dumps(manifest))  # leave the module's server as it was
     os.replace(served / "manifest.tmp", served / "manifest.json")
     while [m.id for m in api.models.list().data] != [MODEL] and time.time() < deadline:
