@@ -120,9 +120,9 @@ def create_app(source, settings: ServeSettings | None = None,
         # Everything loaded so far (torch, mlflow, the session) lives for the whole process: frozen, it
         # is left out of the garbage collector's full passes, which otherwise stall every request.
         gc.freeze()
-        verified = f"sha256 {model.sha256[:12]}..." if model.sha256 else f"{len(model.verified_files)} files verified"
-        print(f"[serve] serving {source} ({model.family}, {verified}) with {settings.workers} "
-              f"worker(s) x {settings.threads_per_worker} thread(s) on {cpu_count()} cores; {ctx.holder.plan.reason}",
+        how = (f"{len(model.verified_files)} files verified" if model.family == LM_FAMILY else
+               f"sha256 {model.sha256[:12]}..., {settings.workers} worker(s) x {settings.threads_per_worker} thread(s)")
+        print(f"[serve] serving {source} ({model.family}, {how}) on {cpu_count()} cores; {ctx.holder.plan.reason}",
               flush=True)
         del model  # this thread lives on: a reload must be able to free the model (a causal LM's engine thread)
         while not stop.wait(settings.poll_seconds):
