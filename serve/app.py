@@ -23,10 +23,11 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.concurrency import run_in_threadpool
 
-from serve import predict, v2
+from serve import openai, predict, v2
 from serve.batcher import Batcher
 from serve.body import BadRequest
 from serve.context import ServeContext
+from serve.lm import BATCH_GAP_SECONDS, LM_FAMILY
 from serve.metrics import Metrics
 from serve.runtime import BatchPlan, ModelHolder, cpu_count, measure_curve, plan_batching, sample_feeds
 from serve.settings import ServeSettings
@@ -34,12 +35,16 @@ from serve.sources import LoadedModel
 
 # A protocol is a module whose `router(ctx)` returns its endpoints; each endpoint checks the served
 # model's family (`ctx.model().family`) and tells a caller of another family where to go.
-PROTOCOLS: tuple[Callable[[ServeContext], APIRouter], ...] = (predict.router, v2.router)
+PROTOCOLS: tuple[Callable[[ServeContext], APIRouter], ...] = (predict.router, v2.router, openai.router)
 PROBES = frozenset({"/livez", "/readyz", "/v2/health/live", "/v2/health/ready"})
 
 
 def batch_plan(settings: ServeSettings, model: LoadedModel) -> BatchPlan:
     """What `settings.batching` means for this model on this CPU."""
+    if model.family == LM_FAMILY:  # its own engine decodes sequences together, step by step
+        return BatchPlan(settings.lm_max_batch > 1, settings.lm_max_batch, BATCH_GAP_SECONDS * 1000,
+                         f"causal LM: up to {settings.lm_max_batch} sequence(s) per decode step (--lm-max-batch), "
+                         f"{settings.lm_max_waiting} more waiting (--lm-max-waiting)")
     if settings.batching == "off" or sample_feeds(model, 1) is None:
         return BatchPlan(False, 1, 0.0, "batching off (--batching off)" if settings.batching == "off"
                          else f"no batching for {model.family} bundles")
@@ -100,7 +105,7 @@ def create_app(source, settings: ServeSettings | None = None,
     settings = settings or ServeSettings()
     metrics = Metrics()
     ctx = ServeContext(settings, None, metrics)
-    ctx.holder = ModelHolder(source, settings.threads_per_worker, metrics, lambda m: batch_plan(settings, m))
+    ctx.holder = ModelHolder(source, settings.load_options, metrics, lambda m: batch_plan(settings, m))
     stop = threading.Event()
 
     def start() -> None:
@@ -115,9 +120,11 @@ def create_app(source, settings: ServeSettings | None = None,
         # Everything loaded so far (torch, mlflow, the session) lives for the whole process: frozen, it
         # is left out of the garbage collector's full passes, which otherwise stall every request.
         gc.freeze()
-        print(f"[serve] serving {source} ({model.family}, sha256 {model.sha256[:12]}...) with {settings.workers} "
-              f"worker(s) x {settings.threads_per_worker} thread(s) on {cpu_count()} cores; {ctx.holder.plan.reason}",
+        how = (f"{len(model.verified_files)} files verified" if model.family == LM_FAMILY else
+               f"sha256 {model.sha256[:12]}..., {settings.workers} worker(s) x {settings.threads_per_worker} thread(s)")
+        print(f"[serve] serving {source} ({model.family}, {how}) on {cpu_count()} cores; {ctx.holder.plan.reason}",
               flush=True)
+        del model  # this thread lives on: a reload must be able to free the model (a causal LM's engine thread)
         while not stop.wait(settings.poll_seconds):
             ctx.holder.reload_if_changed()
 
@@ -130,6 +137,8 @@ def create_app(source, settings: ServeSettings | None = None,
         yield
         stop.set()
         ctx.batcher.stop()
+        if ctx.holder.model is not None and ctx.holder.model.family == LM_FAMILY:
+            ctx.holder.model.session.close()  # its engine thread finishes what it admitted, then ends
 
     docs = {} if settings.docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
     app = FastAPI(title="modelforge model server", lifespan=lifespan, **docs)
@@ -151,13 +160,16 @@ def create_app(source, settings: ServeSettings | None = None,
     @app.get("/health")
     async def health() -> dict:
         m, holder = ctx.model(), ctx.holder
-        return {"status": "ok", "ready": holder.not_ready() is None, "model_sha256": m.sha256,
+        return {"status": "ok", "ready": holder.not_ready() is None, **m.identity(),
                 "candidate": m.manifest.get("candidate"), "loaded_at": m.loaded_at, "reloads": holder.reloads,
                 "last_reload_error": holder.failed[1] if holder.failed else None}
 
     @app.get("/model-info")
     async def model_info() -> dict:
-        return {**ctx.model().manifest, "batching": ctx.holder.plan.to_dict(),
+        m = ctx.model()
+        if m.family == LM_FAMILY:  # onnxruntime-genai runs its own threads; what it did since loading instead
+            return {**m.manifest, **m.identity(), "batching": ctx.holder.plan.to_dict(), "generation": m.session.stats}
+        return {**m.manifest, "batching": ctx.holder.plan.to_dict(),
                 "threads": {"cores": cpu_count(), "workers": settings.workers,
                             "intra_op_threads": settings.threads_per_worker}}
 
@@ -165,7 +177,7 @@ def create_app(source, settings: ServeSettings | None = None,
     async def reload() -> dict:
         reloaded = await run_in_threadpool(ctx.holder.reload_if_changed)
         holder = ctx.holder
-        return {"reloaded": reloaded, "model_sha256": ctx.model().sha256,
+        return {"reloaded": reloaded, **ctx.model().identity(),
                 "last_reload_error": holder.failed[1] if holder.failed else None}
 
     @app.get("/metrics")

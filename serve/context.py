@@ -16,6 +16,11 @@ from serve.runtime import BatchPlan, ModelHolder
 from serve.settings import ServeSettings
 from serve.sources import LoadedModel
 
+# Where a caller of the wrong endpoint should go, by the served bundle's family.
+ENDPOINTS = {"classifier": ("a classifier", 'POST /predict {"inputs": [...]} (or /v2/models/{name}/infer)'),
+             "encoder": ("a sentence encoder", 'POST /embed {"texts": [...]} (or /v2/models/{name}/infer)'),
+             "causal_lm": ("a causal LM", "POST /v1/completions or /v1/chat/completions")}
+
 
 @dataclass
 class ServeContext:
@@ -28,11 +33,15 @@ class ServeContext:
     load_error: str | None = None
     extra: dict = field(default_factory=dict)
 
-    def model(self) -> LoadedModel:
-        """The model serving now; 503 while the first one loads."""
+    def model(self, *families: str) -> LoadedModel:
+        """The model serving now; 503 while the first one loads, 400 naming the right endpoints when it
+        is not of one of `families` (any family when none is given)."""
         model = self.holder.model
         if model is None:
             raise BadRequest(503, self.load_error or "the model is still loading", {"Retry-After": "1"})
+        if families and model.family not in families:
+            kind, endpoints = ENDPOINTS.get(model.family, (f"a {model.family} bundle", "GET /model-info"))
+            raise BadRequest(400, f"this bundle is {kind}: {endpoints}")
         return model
 
     def readiness(self) -> JSONResponse:

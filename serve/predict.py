@@ -122,8 +122,6 @@ def parse_texts(payload: object, max_batch: int) -> list[str]:
 
 
 def classifier_feeds(model: LoadedModel, body: bytes, max_batch: int) -> dict[str, np.ndarray]:
-    if model.family != "classifier":
-        raise BadRequest(400, 'this bundle is a sentence encoder: POST /embed {"texts": [...]}')
     payload = parse_json(body)
     if isinstance(payload, dict) and (raw := next((k for k in RAW_INPUTS if k in payload), None)):
         x = parse_raw(payload, raw, model.manifest.get("preprocessing"), max_batch)
@@ -133,8 +131,6 @@ def classifier_feeds(model: LoadedModel, body: bytes, max_batch: int) -> dict[st
 
 
 def encoder_feeds(model: LoadedModel, body: bytes, max_batch: int) -> dict[str, np.ndarray]:
-    if model.family != "encoder":
-        raise BadRequest(400, 'this bundle is a classifier: POST /predict {"inputs": [...]}')
     from tasks.embed_minilm import tokenize
 
     return tokenize(model.tokenizer, parse_texts(parse_json(body), max_batch), model.manifest["max_length"])
@@ -154,10 +150,10 @@ def classification(model: LoadedModel, logits: np.ndarray) -> dict:
 def router(ctx: ServeContext) -> APIRouter:
     api = APIRouter()
 
-    async def answer(request: Request, parse, respond) -> dict:
+    async def answer(request: Request, family: str, parse, respond) -> dict:
         """Parse and check on a worker thread (a large body never blocks the event loop), infer in a
         batch, answer."""
-        model = ctx.model()  # one consistent model for this request, even across a reload
+        model = ctx.model(family)  # one consistent model for this request, even across a reload
         body = await ctx.body(request)
         output = (await ctx.infer(model, await run_in_threadpool(parse, model, body,
                                                                  ctx.settings.max_request_samples)))[0]
@@ -167,7 +163,7 @@ def router(ctx: ServeContext) -> APIRouter:
 
     @api.post("/predict")
     async def predict(request: Request) -> dict:
-        return await answer(request, classifier_feeds, classification)
+        return await answer(request, "classifier", classifier_feeds, classification)
 
     @api.post("/embed")
     async def embed(request: Request) -> dict:
@@ -175,6 +171,6 @@ def router(ctx: ServeContext) -> APIRouter:
             check_finite("embedding", out)
             return {"embeddings": out.tolist(), "model_sha256": model.sha256}
 
-        return await answer(request, encoder_feeds, embeddings)
+        return await answer(request, "encoder", encoder_feeds, embeddings)
 
     return api

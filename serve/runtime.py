@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from serve.metrics import Metrics
-from serve.sources import LoadedModel
+from serve.sources import LoadedModel, LoadOptions
 from tasks.run_onnx import feeds
 
 BATCHING_GAIN = 1.2  # batching must raise throughput by this factor to be worth its waits
@@ -100,9 +100,9 @@ class ModelHolder:
     """The model being served and whether it is ready. A reload builds the new session completely
     before one reference swap; requests in flight finish on the model they started with."""
 
-    def __init__(self, source, intra_op_threads: int, metrics: Metrics, prepare: Callable[[LoadedModel], BatchPlan]):
+    def __init__(self, source, options: LoadOptions, metrics: Metrics, prepare: Callable[[LoadedModel], BatchPlan]):
         """`prepare(model)`: how to batch for the model, decided before it serves."""
-        self.source, self.intra_op_threads, self.metrics, self.prepare = source, intra_op_threads, metrics, prepare
+        self.source, self.options, self.metrics, self.prepare = source, options, metrics, prepare
         self._lock = threading.Lock()  # one reload at a time; requests never take it
         self.model: LoadedModel | None = None
         self.plan = BatchPlan(False, 1, 0.0, "no model yet")
@@ -125,16 +125,16 @@ class ModelHolder:
     def _publish(self, model: LoadedModel, fingerprint: str) -> None:
         plan = self.prepare(model)
         self.model, self.plan, self.fingerprint, self.failed = model, plan, fingerprint, None  # reference swaps
-        registered = model.manifest.get("registered_model") or {}
-        self.metrics.model.info({"sha256": model.sha256, "candidate": str(model.manifest.get("candidate")),
-                                 "version": str(registered.get("version", "")), "family": model.family})
+        version = (model.manifest.get("registered_model") or {}).get("version", model.manifest.get("version"))
+        self.metrics.model.info({"sha256": model.sha256 or "", "candidate": str(model.manifest.get("candidate")),
+                                 "version": "" if version is None else str(version), "family": model.family})
 
     def load(self) -> LoadedModel:
         """The first load; raises when there is nothing to serve or it fails its sha256 check."""
         fingerprint = self.source.fingerprint()
         if fingerprint is None:
             raise FileNotFoundError(f"nothing to serve at {self.source}")
-        self._publish(self.source.load(self.intra_op_threads), fingerprint)
+        self._publish(self.source.load(self.options), fingerprint)
         return self.model
 
     def reload_if_changed(self) -> bool:
@@ -146,7 +146,7 @@ class ModelHolder:
                 return False
             self.verifying = True
             try:
-                fresh = self.source.load(self.intra_op_threads)  # fully built before anyone can see it
+                fresh = self.source.load(self.options)  # fully built before anyone can see it
                 if fresh.family != self.model.family:
                     raise ValueError(f"a {fresh.family} bundle cannot replace the {self.model.family} bundle being "
                                      "served (its endpoints differ): start a server for it")

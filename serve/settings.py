@@ -8,7 +8,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from serve.lm import ENGINE_STATIC_BATCH
 from serve.runtime import cpu_count
+from serve.sources import LoadOptions
 
 TOKEN_ENV = "MODELFORGE_AUTH_TOKEN"
 
@@ -46,6 +48,11 @@ class ServeSettings(BaseModel):
     max_wait_ms: float = Field(2.0, ge=0, description="Longest a request waits for others to join its batch.")
     p99_target_ms: float = Field(50.0, gt=0, description="Latency batching must stay within (one call's p99 plus the wait).")
     max_queue: int = Field(256, ge=1, description="Requests waiting for inference before new ones get 429.")
+    lm_max_batch: int = Field(ENGINE_STATIC_BATCH, ge=1, le=ENGINE_STATIC_BATCH, description="Causal LMs: "
+                              "sequences decoded together in one step (onnxruntime-genai's static batches hold at "
+                              f"most {ENGINE_STATIC_BATCH}).")
+    lm_max_waiting: int = Field(32, ge=0, description="Causal LMs: requests waiting beyond a full batch before new "
+                                "ones get 429.")
     request_timeout_ms: float = Field(5000.0, gt=0, description="A request still waiting for inference after this "
                                       "gets 503 with Retry-After.")
     drain_timeout_s: float = Field(30.0, ge=0, description="On SIGTERM: the longest requests in flight may take to "
@@ -77,6 +84,10 @@ class ServeSettings(BaseModel):
     @property
     def threads_per_worker(self) -> int:
         return self.intra_op_threads or max(1, cpu_count() // self.workers)
+
+    @property
+    def load_options(self) -> LoadOptions:
+        return LoadOptions(self.threads_per_worker, self.lm_max_batch, self.lm_max_waiting)
 
 
 def add_arguments(parser) -> None:

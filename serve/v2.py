@@ -196,7 +196,7 @@ def router(ctx: ServeContext) -> APIRouter:
     api = APIRouter(prefix="/v2")
 
     def served(name: str, version: str | None = None) -> LoadedModel:
-        model = ctx.model()
+        model = ctx.model("classifier", "encoder")
         if name != model_name(ctx, model) or (version is not None and version != model_version(model)):
             raise BadRequest(404, f"unknown model {name!r}" + (f" version {version!r}" if version else "")
                              + f"; this server serves {model_name(ctx, model)!r} version {model_version(model)}")

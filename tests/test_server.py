@@ -157,9 +157,9 @@ class GatedSource(BundleSource):
         super().__init__(bundle_dir)
         self.gate = threading.Event()
 
-    def load(self, intra_op_threads=0):
+    def load(self, options):
         assert self.gate.wait(30)
-        return super().load(intra_op_threads)
+        return super().load(options)
 
 
 def wait_until(check, timeout=20.0):
