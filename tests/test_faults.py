@@ -377,13 +377,14 @@ def tiny_project(root: Path, **sections) -> Path:
 
 
 @pytest.mark.e2e
-def test_a_failed_search_worker_raises_its_own_exception(prefect_api, tmp_path):
+def test_an_unreachable_study_storage_fails_the_run_with_its_own_error(prefect_api, tmp_path):
     config = tiny_project(tmp_path, search={"n_trials": 1, "space": TINY_SPACE,
                                             "storage": "postgresql+psycopg://u@127.0.0.1:9/none"})
     with pytest.raises(Exception) as err:  # no database listens on port 9
         optimize(config_path=str(config), root=str(tmp_path))
-    # Before: AttributeError: 'NoneType' object has no attribute 'flat'. Now the real error (raised where the
-    # study is first opened; test_connect_runner covers an error raised inside a Dask worker).
+    # Before: AttributeError: 'NoneType' object has no attribute 'flat'. Now the real error, raised where the
+    # study is first opened, before any worker starts (test_connect_runner's
+    # test_a_worker_failure_reaches_the_run_with_its_own_exception covers one raised inside a Dask worker).
     from sqlalchemy.exc import OperationalError
 
     assert isinstance(err.value, OperationalError) and "127.0.0.1" in str(err.value), repr(err.value)
