@@ -11,7 +11,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from conftest import warm_started_trials
+from conftest import serve_bundle, warm_started_trials
 from deploy.loadtest import request, running_server
 from deploy.server import BundleSource, create_app
 from tasks.config import ImageFolderConfig
@@ -117,15 +117,18 @@ def test_image_folder_flow_ships_serves_a_png_and_keeps_old_test_images_in_test_
     assert manifest["labels"] == ["0", "1", "2"] and manifest["preprocessing"]["kind"] == "image"
     test_files = [n for n, i in json.loads((tmp_path / "data" / "manifest.json").read_text())["files"].items()
                   if i["split"] == "test"][:6]
-    payload = [base64.b64encode((tmp_path / "data" / n).read_bytes()).decode() for n in test_files]
-    jpeg = io.BytesIO()
-    Image.open(tmp_path / "data" / test_files[0]).convert("RGB").save(jpeg, format="JPEG")
+    pngs = [(tmp_path / "data" / n).read_bytes() for n in test_files]
+    jpegs = []
+    for png in pngs:  # the same images as a phone would send them: RGB JPEG
+        jpeg = io.BytesIO()
+        Image.open(io.BytesIO(png)).convert("RGB").save(jpeg, format="JPEG", quality=95)
+        jpegs.append(jpeg.getvalue())
+    truth = [n.split("/")[0] for n in test_files]
+    body, acc = serve_bundle(bundle, {"images": [base64.b64encode(b).decode() for b in pngs + jpegs]}, truth * 2)
+    assert acc >= 4 / 6
+    assert body["labels"][6:] == body["labels"][:6]  # an RGB JPEG is converted like training data: same class
+    np.testing.assert_allclose(body["logits"][6:], body["logits"][:6], atol=1.0)
     with running_server(create_app(BundleSource(bundle), poll_seconds=60)) as (host, port):
-        status, body = request(host, port, "POST", "/predict", {"images": payload})
-        assert status == 200, body
-        assert sum(label == n.split("/")[0] for label, n in zip(body["labels"], test_files)) >= 4
-        status, body = request(host, port, "POST", "/predict", {"images": [base64.b64encode(jpeg.getvalue()).decode()]})
-        assert status == 200 and body["labels"][0] in manifest["labels"]  # an RGB JPEG is converted like training data
         status, body = request(host, port, "POST", "/predict", {"images": ["bm90IGFuIGltYWdl"]})
         assert status == 400 and "image 0: not a readable PNG/JPEG" in body["error"]
         status, body = request(host, port, "POST", "/predict", {"records": [{"a": 1}]})

@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from conftest import serve_bundle
 from deploy.loadtest import request, running_server
 from deploy.server import BundleSource, create_app
 from tasks.config import TextTableConfig
@@ -80,15 +81,13 @@ def test_text_flow_ships_and_serves_texts(tmp_path, prefect_api):
 
     write_texts(tmp_path / "data")
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(TINY))
-    result = optimize(config_path=str(tmp_path / "config.yaml"), root=str(tmp_path))
+    optimize(config_path=str(tmp_path / "config.yaml"), root=str(tmp_path))
     bundle = tmp_path / "deploy" / "bundle"
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert manifest["labels"] == sorted(TOPICS) and manifest["preprocessing"]["kind"] == "text"
-    assert result["chosen"] in ("baseline", "int8")
+    body, acc = serve_bundle(bundle, {"texts": ["The rocket, the orbit, a planet!", "cheese soup: cook, taste",
+                                                "drum song, guitar band"]}, ["space", "food", "music"])
+    assert acc == 1.0
     with running_server(create_app(BundleSource(bundle), poll_seconds=60)) as (host, port):
-        status, body = request(host, port, "POST", "/predict",
-                               {"texts": ["The rocket, the orbit, a planet!", "cheese soup: cook, taste", "drum song, guitar band"]})
-        assert status == 200, body
-        assert body["labels"] == ["space", "food", "music"]
         status, body = request(host, port, "POST", "/predict", {"texts": [42]})
         assert status == 400 and "text 0 is not a string" in body["error"]
