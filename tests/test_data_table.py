@@ -57,22 +57,6 @@ def test_describe_fits_on_train_and_load_encodes_with_it(wine_dir):
     assert {tuple(r) for r in np.round(x_train, 5)} <= {tuple(r) for r in np.round(encoded, 5)}
 
 
-def test_every_problem_is_reported_at_once(tmp_path):
-    data = tmp_path / "data"
-    data.mkdir()
-    pd.DataFrame({"a": [1.0, 2.0, 3.0, 4.0] * 3, "b": ["x", "y", "x", "y"] * 3,
-                  "label": ["p", "q", "p", None] * 3}).to_csv(data / "t.csv", index=False)
-    with pytest.raises(DataError) as err:
-        describe_table(table_cfg(min_class_samples=20), data)
-    text = str(err.value)
-    assert "3 row(s) without a label" in text and "fewer than 20 train rows" in text
-    with pytest.raises(DataError, match="no column"):
-        describe_table(TableDataConfig(dataset="table", label="target"), data)
-    (data / "stray.npy").write_bytes(b"")
-    with pytest.raises(DataError, match="stray.npy"):
-        describe_table(table_cfg(), data)
-
-
 def test_schema_drift_against_the_previous_version_is_an_error(wine_dir):
     describe_table(table_cfg(), wine_dir)
     frame = pd.read_csv(wine_dir / "data.csv")
