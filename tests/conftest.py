@@ -123,7 +123,7 @@ def prefect_api():
     needs another API, as the deployments' real server, sets its own with `temporary_settings`."""
     from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness():
+    with prefect_test_harness(server_startup_timeout=120):  # its 30 s default times out on 2 busy cores
         yield
 
 
