@@ -208,6 +208,7 @@ class TrainedModel:
     test_accuracy: float
     params: int
     epochs_run: int
+    processes: int  # data-parallel ranks that trained it, as their process group counted them
 
 
 def check_init_checkpoint(cfg: TrainConfig, num_classes: int, input_shape: tuple[int, ...]) -> Arch | None:
@@ -316,14 +317,15 @@ def train_model(cfg: TrainConfig, best: dict, data_dir: Path, data_version: str,
     out_dir = Path(out_dir) / train_cache_key(cfg, best, data_version)
     ckpt = save_checkpoint(out_dir / "baseline.pt", model, arch,
                            {"train": asdict(params), "search": best, "data_version": data_version,
-                            **({"refit": refit} if cfg.refit else {})})
+                            "processes": result.processes, **({"refit": refit} if cfg.refit else {})})
     (out_dir / "train_history.json").write_text(json.dumps(result.history, indent=1))
     ddp = f" on {result.processes} DDP processes" if result.processes > 1 else ""
     if cfg.refit:
         print(f"[train] refit: test {test_acc:.4f} ({seconds:.1f}s{ddp})")
     else:
         print(f"[train] {summary} ({result.seconds:.1f}s{ddp})")
-    return TrainedModel(ckpt, result.best_val_accuracy, test_acc, count_params(model), result.epochs_run)
+    return TrainedModel(ckpt, result.best_val_accuracy, test_acc, count_params(model), result.epochs_run,
+                        result.processes)
 
 
 def train_cache_key(cfg: TrainConfig, best: dict, data_version: str) -> str:

@@ -71,17 +71,50 @@ def train_cfg() -> TrainConfig:
 
 
 @pytest.fixture(scope="session")
-def bundle(cnn_checkpoint, data_dir, train_cfg, tmp_path_factory) -> Path:
-    """The CNN shipped as a serving bundle (both fault suites serve copies of it, never it)."""
+def cnn_onnx(cnn_checkpoint, data_dir, train_cfg, tmp_path_factory) -> Path:
+    """The small CNN's baseline candidate: exported, with parity checked."""
     from tasks.compress_model import compress_candidate
+
+    return compress_candidate("baseline", [], cnn_checkpoint, data_dir, train_cfg, tmp_path_factory.mktemp("cnn-onnx")).onnx
+
+
+@pytest.fixture(scope="session")
+def cnn_bundle(cnn_onnx, data_dir, tmp_path_factory) -> Path:
+    """The small CNN shipped as a bundle, as the release stage ships one (its candidate metrics carry an
+    absolute path). Shared by the session: tests serve or publish copies of it, never change it."""
     from tasks.evaluate_model import ClassifierEval
     from tasks.ship_bundle import ship_bundle
 
-    tmp = tmp_path_factory.mktemp("fault-bundle")
-    onnx_path = compress_candidate("baseline", [], cnn_checkpoint, data_dir, train_cfg, tmp / "c").onnx
-    # An absolute path in the details, as the release stage's candidate metrics carry one.
-    return ship_bundle(onnx_path, tmp / "bundle", ClassifierEval(data_dir), "v1.dir",
-                       {"candidate": "baseline", "metrics": {"onnx": str(onnx_path)}})
+    return ship_bundle(cnn_onnx, tmp_path_factory.mktemp("cnn-bundle") / "bundle", ClassifierEval(data_dir), "v1.dir",
+                       {"candidate": "baseline", "metrics": {"onnx": str(cnn_onnx)}})
+
+
+def serve_bundle(bundle: Path, payload: dict, truth: list | None = None) -> tuple[dict, float | None]:
+    """POST `payload` to /predict on a real server of the shipped `bundle` and check what every served
+    classifier owes: 200, the sha256 of the bundle's model file, each label the class of its logits'
+    argmax, probabilities summing to 1. Returns the answer and, given the true classes, the accuracy."""
+    import json
+
+    import numpy as np
+
+    from deploy.loadtest import request, running_server
+    from serve.app import create_app
+    from serve.settings import ServeSettings
+    from serve.sources import BundleSource
+    from tasks.ship_bundle import sha256_of
+
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    with running_server(create_app(BundleSource(bundle), ServeSettings(poll_seconds=60))) as (host, port):
+        status, body = request(host, port, "POST", "/predict", payload)
+    assert status == 200, body
+    assert body["model_sha256"] == manifest["sha256"] == sha256_of(bundle / manifest.get("model_file", "model.onnx"))
+    names = manifest.get("labels") or list(range(len(body["logits"][0])))
+    assert body["labels"] == [names[i] for i in np.argmax(body["logits"], axis=1)]
+    assert np.allclose([sum(p.values()) for p in body["probabilities"]], 1, atol=1e-4)
+    if truth is None:
+        return body, None
+    assert len(truth) == len(body["labels"])
+    return body, float(np.mean([str(got) == str(want) for got, want in zip(body["labels"], truth)]))
 
 
 @pytest.fixture(scope="session")
@@ -92,7 +125,7 @@ def prefect_api():
     needs another API, as the deployments' real server, sets its own with `temporary_settings`."""
     from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness():
+    with prefect_test_harness(server_startup_timeout=120):  # its 30 s default times out on 2 busy cores
         yield
 
 

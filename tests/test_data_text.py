@@ -8,12 +8,13 @@ import pandas as pd
 import pytest
 import yaml
 
+from conftest import serve_bundle
 from deploy.loadtest import request, running_server
 from serve.app import create_app
 from serve.settings import ServeSettings
 from serve.sources import BundleSource
 from tasks.config import TextTableConfig
-from tasks.data import DataError, load_splits
+from tasks.data import load_splits
 from tasks.data.text import describe_text, encode_texts, split_texts
 
 TOPICS = {"space": "rocket orbit planet launch star moon", "food": "bread cheese soup cook taste kitchen",
@@ -50,19 +51,6 @@ def test_vocabulary_comes_from_train_and_serving_tokenises_the_same(tmp_path):
         encode_texts(manifest["preprocessing"], ["ok", 3])
 
 
-def test_every_problem_is_reported_at_once(tmp_path):
-    data = tmp_path / "data"
-    data.mkdir()
-    pd.DataFrame({"text": ["a b c", "a b c", "!!!", None, "x y"], "label": ["p", "q", "p", "q", None]}).to_csv(
-        data / "t.csv", index=False)
-    with pytest.raises(DataError) as err:
-        describe_text(text_cfg(min_class_samples=3), data)
-    text = str(err.value)
-    for expected in ("column 'text': 1 empty value", "column 'label': 1 empty value", "without a single word",
-                     "appear with different labels", "fewer than 3 train rows"):
-        assert expected in text
-
-
 TINY = {
     "data": {"dataset": "text", "max_length": 8, "min_count": 1},
     "search": {"n_trials": 2, "epochs": 8, "space": {"families": ["text", "cnn"], "lr": [0.01, 0.02], "optimizers": ["adam"],
@@ -82,15 +70,13 @@ def test_text_flow_ships_and_serves_texts(tmp_path, prefect_api):
 
     write_texts(tmp_path / "data")
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(TINY))
-    result = optimize(config_path=str(tmp_path / "config.yaml"), root=str(tmp_path))
+    optimize(config_path=str(tmp_path / "config.yaml"), root=str(tmp_path))
     bundle = tmp_path / "deploy" / "bundle"
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert manifest["labels"] == sorted(TOPICS) and manifest["preprocessing"]["kind"] == "text"
-    assert result["chosen"] in ("baseline", "int8")
+    body, acc = serve_bundle(bundle, {"texts": ["The rocket, the orbit, a planet!", "cheese soup: cook, taste",
+                                                "drum song, guitar band"]}, ["space", "food", "music"])
+    assert acc == 1.0
     with running_server(create_app(BundleSource(bundle), ServeSettings(poll_seconds=60))) as (host, port):
-        status, body = request(host, port, "POST", "/predict",
-                               {"texts": ["The rocket, the orbit, a planet!", "cheese soup: cook, taste", "drum song, guitar band"]})
-        assert status == 200, body
-        assert body["labels"] == ["space", "food", "music"]
         status, body = request(host, port, "POST", "/predict", {"texts": [42]})
         assert status == 400 and "text 0 is not a string" in body["error"]

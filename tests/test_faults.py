@@ -68,30 +68,30 @@ def tamper(model: Path) -> None:
 
 # --- 1. A ship, promotion or rollback never deletes a folder modelforge did not write ----------------
 
-def test_publishing_onto_a_user_folder_is_refused_and_every_file_kept(bundle, tmp_path):
+def test_publishing_onto_a_user_folder_is_refused_and_every_file_kept(cnn_bundle, tmp_path):
     files = user_folder(tmp_path / "mine")
     with pytest.raises(BundleError, match="not a bundle modelforge wrote"):
-        publish_copy(bundle, tmp_path / "mine")
+        publish_copy(cnn_bundle, tmp_path / "mine")
     assert contents(tmp_path / "mine") == files
     assert [p.name for p in tmp_path.iterdir()] == ["mine"]  # no temp or "-old" folder left behind
 
 
-def test_a_bundle_holding_user_files_is_not_replaced(bundle, tmp_path):
-    target = publish_copy(bundle, tmp_path / "served")
+def test_a_bundle_holding_user_files_is_not_replaced(cnn_bundle, tmp_path):
+    target = publish_copy(cnn_bundle, tmp_path / "served")
     (target / "notes.txt").write_text("mine")
     with pytest.raises(BundleError, match="notes.txt"):
-        publish_copy(bundle, target)
+        publish_copy(cnn_bundle, target)
     assert (target / "notes.txt").read_text() == "mine"
 
 
-def test_own_and_pre_marker_bundles_are_replaced(bundle, tmp_path):
-    manifest = json.loads((bundle / "manifest.json").read_text())
+def test_own_and_pre_marker_bundles_are_replaced(cnn_bundle, tmp_path):
+    manifest = json.loads((cnn_bundle / "manifest.json").read_text())
     assert manifest["format"] == "modelforge-bundle/1"
-    target = publish_copy(bundle, tmp_path / "served")
-    publish_copy(bundle, target)  # its own bundle: replaced
+    target = publish_copy(cnn_bundle, tmp_path / "served")
+    publish_copy(cnn_bundle, target)  # its own bundle: replaced
     del manifest["format"]  # as written before the marker existed: its model's sha256 proves it
     (target / "manifest.json").write_text(json.dumps(manifest))
-    publish_copy(bundle, target)
+    publish_copy(cnn_bundle, target)
     assert json.loads((target / "manifest.json").read_text())["format"] == "modelforge-bundle/1"
 
 
@@ -128,16 +128,16 @@ def test_rollback_onto_a_user_folder_changes_nothing(tmp_path, capsys):
 
 # --- 2. The server serves only the model its manifest describes -------------------------------------
 
-def test_server_refuses_to_start_on_a_tampered_model(bundle, tmp_path):
-    served = publish_copy(bundle, tmp_path / "served")
+def test_server_refuses_to_start_on_a_tampered_model(cnn_bundle, tmp_path):
+    served = publish_copy(cnn_bundle, tmp_path / "served")
     tamper(served / "model.onnx")
     proc = subprocess.run([sys.executable, "-m", "flows.cli", "serve", "--bundle", str(served), "--port",
                            str(free_port())], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert proc.returncode == 2 and "does not match the manifest" in proc.stderr, proc.stderr[-2000:]
 
 
-def test_tampered_model_at_reload_keeps_the_verified_one_serving(bundle, tmp_path, splits):
-    served = publish_copy(bundle, tmp_path / "served")
+def test_tampered_model_at_reload_keeps_the_verified_one_serving(cnn_bundle, tmp_path, splits):
+    served = publish_copy(cnn_bundle, tmp_path / "served")
     x = {"inputs": splits.test[0][:3].tolist()}
     with running_server(create_app(BundleSource(served), ServeSettings(poll_seconds=0.05))) as (host, port):
         before = request(host, port, "POST", "/predict", x)[1]
@@ -150,8 +150,8 @@ def test_tampered_model_at_reload_keeps_the_verified_one_serving(bundle, tmp_pat
     assert health["reloads"] == 0 and after["logits"] == before["logits"]
 
 
-def test_model_info_shows_no_absolute_paths(bundle, tmp_path):
-    with running_server(create_app(BundleSource(publish_copy(bundle, tmp_path / "served")))) as (host, port):
+def test_model_info_shows_no_absolute_paths(cnn_bundle, tmp_path):
+    with running_server(create_app(BundleSource(publish_copy(cnn_bundle, tmp_path / "served")))) as (host, port):
         info = request(host, port, "GET", "/model-info")[1]
     assert info["metrics"]["onnx"] == "model.onnx"
     assert not re.search(r'"/[^"]', json.dumps(info)), info
@@ -160,8 +160,8 @@ def test_model_info_shows_no_absolute_paths(bundle, tmp_path):
 # --- 8. Bad requests are a 4xx, never a 500, and a large body is refused before it is read -----------
 
 @pytest.fixture(scope="module")
-def strict_server(bundle, tmp_path_factory):
-    served = publish_copy(bundle, tmp_path_factory.mktemp("strict") / "served")
+def strict_server(cnn_bundle, tmp_path_factory):
+    served = publish_copy(cnn_bundle, tmp_path_factory.mktemp("strict") / "served")
     with running_server(create_app(BundleSource(served), ServeSettings(max_body_bytes=1_000_000))) as (host, port):
         yield host, port
 
@@ -277,7 +277,7 @@ def test_a_valid_sample_still_predicts(strict_server):
     assert status == 200 and len(got["predictions"]) == 1
 
 
-def test_a_slow_inference_does_not_stall_the_event_loop(bundle, tmp_path, splits):
+def test_a_slow_inference_does_not_stall_the_event_loop(cnn_bundle, tmp_path, splits):
     class SlowSession:  # the real session, one second slower per call (sleep releases the GIL, as ORT does)
         def __init__(self, session):
             self.session = session
@@ -289,7 +289,7 @@ def test_a_slow_inference_does_not_stall_the_event_loop(bundle, tmp_path, splits
         def __getattr__(self, name):
             return getattr(self.session, name)
 
-    app = create_app(BundleSource(publish_copy(bundle, tmp_path / "served")))
+    app = create_app(BundleSource(publish_copy(cnn_bundle, tmp_path / "served")))
     with running_server(app) as (host, port):
         holder = app.state.ctx.holder
         holder.model = dataclasses.replace(holder.model, session=SlowSession(holder.model.session))
@@ -440,13 +440,14 @@ def tiny_project(root: Path, **sections) -> Path:
 
 
 @pytest.mark.e2e
-def test_a_failed_search_worker_raises_its_own_exception(prefect_api, tmp_path):
+def test_an_unreachable_study_storage_fails_the_run_with_its_own_error(prefect_api, tmp_path):
     config = tiny_project(tmp_path, search={"n_trials": 1, "space": TINY_SPACE,
                                             "storage": "postgresql+psycopg://u@127.0.0.1:9/none"})
     with pytest.raises(Exception) as err:  # no database listens on port 9
         optimize(config_path=str(config), root=str(tmp_path))
-    # Before: AttributeError: 'NoneType' object has no attribute 'flat'. Now the real error (raised where the
-    # study is first opened; test_connect_runner covers an error raised inside a Dask worker).
+    # Before: AttributeError: 'NoneType' object has no attribute 'flat'. Now the real error, raised where the
+    # study is first opened, before any worker starts (test_connect_runner's
+    # test_a_worker_failure_reaches_the_run_with_its_own_exception covers one raised inside a Dask worker).
     from sqlalchemy.exc import OperationalError
 
     assert isinstance(err.value, OperationalError) and "127.0.0.1" in str(err.value), repr(err.value)

@@ -140,10 +140,10 @@ def test_each_image_is_decoded_once_per_run(tmp_path, decodes):
 
 
 @pytest.fixture(scope="module")
-def image_server(bundle, tmp_path_factory):
+def image_server(cnn_bundle, tmp_path_factory):
     """The digits CNN served as a model of 8x8 gray images, with preprocessing recorded before the
     pixel limits existed: the derived ones hold (1 MP an image, 16 MP a request)."""
-    served = publish_copy(bundle, tmp_path_factory.mktemp("images") / "served")
+    served = publish_copy(cnn_bundle, tmp_path_factory.mktemp("images") / "served")
     manifest = json.loads((served / "manifest.json").read_text())
     manifest["preprocessing"] = {"kind": "image", "size": [8, 8], "channels": 1, "color": "gray",
                                  "mean": [0.0], "std": [1.0]}
@@ -237,14 +237,14 @@ def kill_during(monkeypatch, step: str) -> None:
     monkeypatch.setattr("tasks.ship_bundle.shutil", fake)
 
 
-def test_the_next_run_removes_what_an_interrupted_ship_left_and_only_that(bundle, tracking, tmp_path, monkeypatch):
+def test_the_next_run_removes_what_an_interrupted_ship_left_and_only_that(cnn_bundle, tracking, tmp_path, monkeypatch):
     deploy = tmp_path / "deploy"
-    publish_copy(bundle, deploy / "bundle")
+    publish_copy(cnn_bundle, deploy / "bundle")
     for step in ("delete", "copy"):  # killed before deleting the old bundle; killed while copying the new one
         with monkeypatch.context() as patch:
             kill_during(patch, step)
             with pytest.raises(Killed):
-                publish_copy(bundle, deploy / "bundle")
+                publish_copy(cnn_bundle, deploy / "bundle")
     left = sorted(p.name for p in deploy.iterdir() if p.name != "bundle")
     assert len(left) == 2 and any("-old-" in name for name in left), left
     (deploy / ".bundle-mine").mkdir()  # the user's own, named like a temporary folder

@@ -87,7 +87,18 @@ def test_family_contract(family, tmp_path, local_checkpoint):
                             vocab=30 if family == "text" else 0)
     torch.manual_seed(0)
     model = build_model(arch)
-    fit(model, (x, y), (x, y), TrainParams(lr=0.01, optimizer="adam", epochs=2, patience=2, batch_size=16))
+
+    def loss() -> float:
+        with torch.no_grad():
+            return torch.nn.functional.cross_entropy(model.eval()(torch.from_numpy(x)), torch.from_numpy(y)).item()
+
+    untrained, weights = loss(), {k: p.detach().clone() for k, p in model.named_parameters()}
+    fit(model, (x, y), (x, y), TrainParams(lr=0.01, optimizer="adam", epochs=2, patience=2, batch_size=16),
+        restore_best=False)
+    # It trains: two epochs lower the loss on what it trained on, and the optimizer moved the weights
+    # (BatchNorm's running statistics alone also change an eval-mode loss).
+    assert loss() < untrained
+    assert any(not torch.equal(p, weights[k]) for k, p in model.named_parameters())
     assert model(torch.from_numpy(x[:3])).shape == (3, 2)
     assert export_onnx(model, tmp_path / "model.onnx", x[:8]).parity_max_abs < 1e-4
     ckpt = save_checkpoint(tmp_path / "model.pt", model, arch, {"train": {"lr": 0.01, "optimizer": "adam"}})

@@ -39,13 +39,19 @@ def test_same_seed_same_trials(data_dir, tmp_path):
     assert [t.params for t in study_of(c).trials] != [t.params for t in study_of(a).trials]
 
 
+def frozen(trials) -> list[tuple]:
+    """What a resumed study must keep of a finished trial: its number, params, values and finish time."""
+    return [(t.number, t.params, t.values, t.datetime_complete) for t in trials]
+
+
 def test_resume_runs_only_the_missing_trials(data_dir, tmp_path):
     first = search_mod.search_model(small(), data_dir, tmp_path, "resume")
     assert first.completed_trials == 3
+    before = frozen(study_of(first).trials)
     more = search_mod.search_model(small(n_trials=5), data_dir, tmp_path, "resume")
-    assert more.completed_trials == 5
-    search_mod.search_model(small(n_trials=5), data_dir, tmp_path, "resume")
-    assert len(study_of(more).trials) == 5  # nothing re-run
+    assert more.completed_trials == 5 and frozen(study_of(more).trials)[:3] == before  # the first three kept as they were
+    assert search_mod.run_trials(small(n_trials=5), data_dir, tmp_path, "resume") == 0  # nothing left to run
+    assert len(study_of(more).trials) == 5
 
 
 def test_interrupted_study_resumes_without_losing_trials(data_dir, tmp_path, monkeypatch):
@@ -61,11 +67,17 @@ def test_interrupted_study_resumes_without_losing_trials(data_dir, tmp_path, mon
     monkeypatch.setattr(search_mod, "fit", interrupted)
     with pytest.raises(KeyboardInterrupt):
         search_mod.search_model(small(n_trials=4), data_dir, tmp_path, "ctrl-c")
+    storage = search_mod._storage(search_mod.resolve_storage(small(), tmp_path))
+    before = frozen(optuna.load_study(study_name="ctrl-c", storage=storage).trials[:2])
     monkeypatch.setattr(search_mod, "fit", real_fit)
     result = search_mod.search_model(small(n_trials=4), data_dir, tmp_path, "ctrl-c")
-    states = [t.state for t in study_of(result).trials]
-    assert states[:2] == [TrialState.COMPLETE] * 2  # the two finished before the interrupt were kept
-    assert result.completed_trials == 4
+    trials = study_of(result).trials
+    # The two finished before the interrupt kept as they were; the interrupted one recorded as failed with
+    # its error (README: failed trials stay recorded and do not count); two more to make up the 4.
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 2 + [TrialState.FAIL] + [TrialState.COMPLETE] * 2
+    assert frozen(trials[:2]) == before
+    assert trials[2].user_attrs["error"].startswith("KeyboardInterrupt")
+    assert result.completed_trials == 4 and result.failed_trials == 1
 
 
 def test_crashing_trial_does_not_kill_the_study(data_dir, tmp_path, tracking, monkeypatch):
@@ -123,31 +135,46 @@ def test_multi_objective_front_is_non_dominated_and_selection_respects_budget(da
     for v in complete:
         assert v in front_vals or any(dominates(f, v, directions) for f in front_vals)
     feasible = [v for v in front_vals if v[1] <= 1500]
-    if feasible:  # the most accurate trial under the budget was chosen
-        assert result.best_values["accuracy"] == max(v[0] for v in feasible)
-        assert result.best_values["size"] <= 1500
+    assert feasible and len(feasible) < len(front_vals)  # the budget splits the front (seeded: always)
+    assert result.best_values["accuracy"] == max(v[0] for v in feasible)  # the most accurate under the budget
+    assert result.best_values["size"] <= 1500
     arts = {a.path for a in MlflowClient().list_artifacts(tracking.parent_run_id, "search")}
     assert {"search/pareto.png", "search/trials.csv", "search/summary.json"} <= arts
     with pytest.raises(search_mod.SearchError, match="no Pareto-optimal trial meets accuracy_under_size"):
         search_mod.summarize_search(cfg.model_copy(update={"size_budget_params": 1}), tmp_path, "mo")
 
 
-def test_latency_objective_is_measured_on_onnx_runtime(data_dir, tmp_path):
+def test_latency_objective_is_measured_on_onnx_runtime(data_dir, tmp_path, monkeypatch):
+    import onnxruntime
+
+    from tasks import run_onnx
+
+    measured = []
+
+    def spy(sessions, *a, **k):  # the timer the trials must use, on the sessions they must hand it
+        timing = real(sessions, *a, **k)
+        measured.extend((type(s), timing[name].latency_p50_ms) for name, s in sessions.items())
+        return timing
+
+    real = run_onnx.measure_speeds
+    monkeypatch.setattr(run_onnx, "measure_speeds", spy)
     cfg = small(objectives=["accuracy", "latency"], n_trials=2, selection="accuracy_under_latency",
                 latency_budget_ms=1000.0)
     result = search_mod.search_model(cfg, data_dir, tmp_path, "lat")
-    for t in study_of(result).trials:
-        assert 0 < t.values[1] < 1000  # milliseconds of a real ORT session on a tiny MLP
+    trials = study_of(result).trials
+    assert len(trials) == 2 and [kind for kind, _ in measured] == [onnxruntime.InferenceSession] * 2
+    assert [t.values[1] for t in trials] == [ms for _, ms in measured]  # each trial's latency is its session's p50
+    assert all(0 < ms < 1000 for _, ms in measured)
 
 
 def test_concurrent_workers_fill_one_study(data_dir, tmp_path):
     cfg = small(workers=2, n_trials=4, sampler="random")
     assert search_mod.resolve_storage(cfg, tmp_path).startswith("journal:///")
-    errors = []
+    errors, ran = [], {}
 
     def worker(i):
         try:
-            search_mod.run_trials(cfg, data_dir, tmp_path, "par", worker=i)
+            ran[i] = search_mod.run_trials(cfg, data_dir, tmp_path, "par", worker=i)
         except Exception as err:  # surfaced below
             errors.append(err)
 
@@ -157,8 +184,10 @@ def test_concurrent_workers_fill_one_study(data_dir, tmp_path):
     for t in threads:
         t.join()
     assert not errors
+    assert ran[0] >= 1 and ran[1] >= 1, ran  # both workers took trials from the one study
     result = search_mod.summarize_search(cfg, tmp_path, "par")
     assert 4 <= result.completed_trials <= 5  # at most one overshoot per extra worker
+    assert sum(ran.values()) == result.completed_trials
     assert result.failed_trials == 0
 
 

@@ -1,15 +1,15 @@
 import json
+import shutil
 
 import pytest
 
-from tasks.compress_model import compress_candidate
 from tasks.evaluate_model import ClassifierEval
 from tasks.ship_bundle import sha256_of, ship_bundle
 
 
 @pytest.fixture()
-def onnx_model(cnn_checkpoint, data_dir, train_cfg, tmp_path):
-    return compress_candidate("baseline", [], cnn_checkpoint, data_dir, train_cfg, tmp_path / "c").onnx
+def onnx_model(cnn_onnx, tmp_path):
+    return shutil.copy(cnn_onnx, tmp_path / "model.onnx")
 
 
 def test_bundle_manifest_describes_the_model(onnx_model, data_dir, tmp_path):
@@ -30,4 +30,4 @@ def test_failed_ship_keeps_the_previous_bundle(onnx_model, data_dir, tmp_path):
     with pytest.raises(Exception, match="(?i)protobuf|load|invalid"):
         ship_bundle(corrupt, tmp_path / "bundle", ClassifierEval(data_dir), "v2.dir", {})
     assert (tmp_path / "bundle" / "manifest.json").read_text() == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle", "c", "corrupt.onnx"]  # no temp folder left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle", "corrupt.onnx", "model.onnx"]  # no temp folder left behind

@@ -1,6 +1,7 @@
 """Data-parallel training on 2 real processes (gloo): the same model quality as one process."""
 
-import threading
+import multiprocessing
+import os
 
 import pytest
 import torch
@@ -33,10 +34,21 @@ def test_two_ddp_processes_train_as_well_as_one(splits):
 
 def test_a_stop_request_terminates_the_ranks(splits):
     model = build_model(ARCH)
-    threading.Timer(8.0, request_stop, args=("test stop",)).start()  # after the ranks are up
+    ranks = []
+
+    def stop_once_training(_epoch):  # rank 0 finished an epoch: both ranks are training; note them, then stop
+        if not ranks:
+            ranks.extend(p for p in multiprocessing.active_children() if p.name.startswith("ddp-rank-"))
+            request_stop("test stop")
+
     with pytest.raises(RunInterrupted):
         fit_parallel(model, splits.train, splits.val, TrainParams(lr=0.005, optimizer="adam", epochs=10_000,
-                                                                    patience=10_000), processes=2)
+                                                                    patience=10_000), processes=2,
+                     on_epoch=stop_once_training)
+    assert sorted(p.name for p in ranks) == ["ddp-rank-0", "ddp-rank-1"]
+    for p in ranks:
+        with pytest.raises(ProcessLookupError):  # ended and reaped, not left training in the background
+            os.kill(p.pid, 0)
 
 
 def test_train_model_on_two_processes(data_dir, tmp_path):
@@ -45,3 +57,4 @@ def test_train_model_on_two_processes(data_dir, tmp_path):
     trained = train_model(TrainConfig(max_epochs=6, patience=6, processes=2), best, data_dir, "v" * 32, tmp_path)
     model, _, meta = load_checkpoint(trained.checkpoint)
     assert trained.test_accuracy >= 0.85 and meta["train"]["epochs"] == 6
+    assert trained.processes == meta["processes"] == 2  # the ranks' world size, recorded (and logged to MLflow)

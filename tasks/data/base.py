@@ -93,13 +93,13 @@ def file_digest(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def only_known_files(data_dir: Path, known: set[str]) -> None:
+def unknown_files(data_dir: Path, known: set[str]) -> list[str]:
     """A file the source does not read would change the DVC version (and trigger a full new run)
-    without any effect on training: refuse it, by name."""
+    without any effect on training: the problem naming such files, to refuse them with the rest."""
     if unknown := sorted(p.name for p in Path(data_dir).iterdir() if p.name not in known):
-        raise DataError(f"{data_dir} holds {len(unknown)} file(s) this data set does not read: {', '.join(unknown[:10])}"
-                        f"; it reads only {', '.join(sorted(known))}. Move the others out (new samples belong "
-                        "in those files)")
+        return [f"{data_dir} holds {len(unknown)} file(s) this data set does not read: {', '.join(unknown[:10])}"
+                f"; it reads only {', '.join(sorted(known))}. Move the others out (new samples belong in those files)"]
+    return []
 
 
 def folder_problems(data_dir: Path) -> list[str]:

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from tasks.config import DataConfig
-from tasks.data.base import (MANIFEST, SPLITS, DataError, Splits, check_arrays, only_known_files, raise_problems,
+from tasks.data.base import (MANIFEST, SPLITS, DataError, Splits, check_arrays, unknown_files, raise_problems,
                              read_manifest, write_manifest)
 
 
@@ -71,6 +71,6 @@ def load_arrays(data_dir: Path, manifest: dict) -> Splits:
 
 
 def describe_digits(cfg: DataConfig, data_dir: Path) -> tuple[dict, dict]:
-    only_known_files(data_dir, {MANIFEST, *(f"{s}_{part}.npy" for s in SPLITS for part in "xy")})
+    raise_problems(data_dir, unknown_files(data_dir, {MANIFEST, *(f"{s}_{part}.npy" for s in SPLITS for part in "xy")}))
     splits = load_arrays(data_dir, read_manifest(data_dir))
     return splits.manifest, {s: len(getattr(splits, s)[1]) for s in SPLITS}

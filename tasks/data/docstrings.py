@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tasks.config import TextDataConfig
-from tasks.data.base import MANIFEST, DataError, only_known_files, read_manifest, write_manifest
+from tasks.data.base import MANIFEST, DataError, raise_problems, read_manifest, unknown_files, write_manifest
 
 
 @dataclass(frozen=True)
@@ -100,7 +100,7 @@ def load_sentences(data_dir: Path) -> Sentences:
 
 
 def describe_docstrings(cfg: TextDataConfig, data_dir: Path) -> tuple[dict, dict]:
-    only_known_files(data_dir, {MANIFEST, "train.txt", "eval.txt"})
+    raise_problems(data_dir, unknown_files(data_dir, {MANIFEST, "train.txt", "eval.txt"}))
     sentences = load_sentences(data_dir)
     asked = _corpus_settings(cfg)
     if differ := {k: (sentences.manifest.get(k), v) for k, v in asked.items() if sentences.manifest.get(k) != v}:

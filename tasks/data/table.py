@@ -18,7 +18,7 @@ import numpy as np
 
 from tasks.config import TableDataConfig
 from tasks.data.base import (MANIFEST, SPLIT_RULE, SPLITS, DataError, Splits, check_arrays, file_digest, hash_split,
-                             only_known_files, previous_manifest, raise_problems, split_problems, unseen_classes,
+                             unknown_files, previous_manifest, raise_problems, split_problems, unseen_classes,
                              write_manifest)
 
 READERS = {".csv": "csv", ".parquet": "parquet", ".jsonl": "jsonl"}
@@ -231,12 +231,12 @@ def describe_table(cfg: TableDataConfig, data_dir: Path) -> tuple[dict, dict]:
     drift is an error unless `data.allow_drift` is set."""
     data_dir = Path(data_dir)
     path = find_table(cfg, data_dir)
-    only_known_files(data_dir, {MANIFEST, path.name})
+    problems = unknown_files(data_dir, {MANIFEST, path.name})
     frame = read_table(path)
-    problems = []
     missing = [c for c in (cfg.label, cfg.id_column, *cfg.categorical, *cfg.drop) if c and c not in frame.columns]
     if missing:
-        raise DataError(f"{path}: no column(s) {', '.join(map(repr, missing))}; it has {', '.join(map(str, frame.columns))}")
+        raise_problems(path, [*problems, f"no column(s) {', '.join(map(repr, missing))}; it has "
+                                         f"{', '.join(map(str, frame.columns))}"])
     if len(frame) == 0:
         raise DataError(f"{path}: no rows")
     if nested := {c: t for c, t in nested_columns(frame).items() if c not in cfg.drop}:

@@ -19,7 +19,7 @@ import numpy as np
 
 from tasks.config import TextTableConfig
 from tasks.data.base import (MANIFEST, SPLIT_RULE, SPLITS, DataError, Splits, check_arrays, file_digest,
-                             hash_split, only_known_files, previous_manifest, raise_problems, split_problems,
+                             hash_split, unknown_files, previous_manifest, raise_problems, split_problems,
                              unseen_classes, write_manifest)
 from tasks.data.table import find_table, read_table, read_versioned
 
@@ -78,11 +78,11 @@ def describe_text(cfg: TextTableConfig, data_dir: Path) -> tuple[dict, dict]:
     """Validate the rows (everything at once), build the vocabulary on train and write the manifest."""
     data_dir = Path(data_dir)
     path = find_table(cfg, data_dir)
-    only_known_files(data_dir, {MANIFEST, path.name})
+    problems = unknown_files(data_dir, {MANIFEST, path.name})
     frame = read_table(path)
     if missing := [c for c in (cfg.text, cfg.label) if c not in frame.columns]:
-        raise DataError(f"{path}: no column(s) {', '.join(map(repr, missing))}; it has {', '.join(map(str, frame.columns))}")
-    problems = []
+        raise_problems(path, [*problems, f"no column(s) {', '.join(map(repr, missing))}; it has "
+                                         f"{', '.join(map(str, frame.columns))}"])
     for column in (cfg.text, cfg.label):
         if n := int(frame[column].isna().sum()):
             problems.append(f"column {column!r}: {n} empty value(s)")
