@@ -179,8 +179,8 @@ class ModelConfig(_Section):
 class SearchSpace(_Section):
     families: list[Literal["mlp", "cnn", "resnet", "text", "custom", "hf"]] = Field(
         ["cnn", "mlp"], min_length=1, description="Model families to search over (resnet: residual CNN with "
-        "BatchNorm; text: word embeddings averaged, then an MLP; custom: the model section's own module; hf: its "
-        "pretrained Hugging Face checkpoint).")
+        "BatchNorm; text: 4 bags of word embeddings, each then an MLP, logits averaged; custom: the model section's "
+        "own module; hf: its pretrained Hugging Face checkpoint).")
     lr: tuple[float, float] = Field((1e-3, 3e-2), description="Log-uniform learning-rate range.")
     weight_decay: list[float] = Field([0.0, 1e-4], min_length=1, description="L2 penalties to try.")
     batch_sizes: list[int] = Field([32, 64], min_length=1, description="Mini-batch sizes to try.")

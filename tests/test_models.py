@@ -33,6 +33,24 @@ def test_from_params_and_scaled():
     assert mlp.conv == () and mlp.scaled(0.5, depth=3).hidden == (20, 20, 20)
 
 
+def test_the_text_family_averages_a_seed_ensemble_whose_bags_drop_words_only_while_training():
+    from tasks.models.text import MEMBERS
+
+    torch.manual_seed(0)
+    model = build_model(arch_from_params({"family": "text", "depth": 1, "width": 8, "dropout": 0.5}, 3, (6,), 20))
+    x = torch.tensor([[2.0, 5, 7, 1, 0, 0], [3, 3, 19, 4, 6, 0]])
+    members = list(model.members)
+    assert len(members) == MEMBERS > 1 and not torch.equal(members[0][0].embed.weight, members[1][0].embed.weight)
+    model.eval()
+    assert torch.allclose(model(x), torch.stack([m(x) for m in members]).mean(0))
+    bag = members[0][0]
+    known = [[2, 5, 7], [3, 3, 19, 4, 6]]  # padding (0) and unknown words (1) are left out
+    assert torch.allclose(bag(x), torch.stack([bag.embed.weight[ids].mean(0) for ids in known]))
+    assert torch.equal(model(x), model(x))
+    bag.train()
+    assert not torch.allclose(torch.stack([bag(x) for _ in range(8)]).var(0), torch.zeros(2, 8))
+
+
 def test_checkpoint_roundtrip_and_errors(tmp_path):
     arch = Arch("cnn", 10, (1, 8, 8), conv=(4,), hidden=(8,))
     model = build_model(arch)
