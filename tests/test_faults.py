@@ -239,10 +239,13 @@ def table_bundle(train_cfg, tmp_path_factory) -> tuple[Path, dict]:
     import pandas as pd
 
     from conftest import train_small
+    from tasks.compress_model import compress_candidate
     from tasks.config import TableDataConfig
+    from tasks.evaluate_model import ClassifierEval
     from tasks.data.examples import wine
     from tasks.data.table import describe_table
     from tasks.models import Arch
+    from tasks.ship_bundle import ship_bundle
 
     tmp = tmp_path_factory.mktemp("table")
     data = wine(tmp / "data").parent
