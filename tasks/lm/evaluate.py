@@ -35,19 +35,30 @@ def token_windows(tokenizer, texts: list[str], window: int, max_windows: int) ->
     return np.asarray(ids[: n * window], dtype=np.int64).reshape(n, window)
 
 
-def make_lm_session(model_dir: Path, threads: int, model: bytes | None = None) -> ort.InferenceSession:
+@dataclass(frozen=True)
+class LMSession:
+    session: ort.InferenceSession
+    kv_heads: int
+    head_size: int  # the graph leaves the cache's last axis symbolic
+
+
+def make_lm_session(model_dir: Path, threads: int, model: bytes | None = None) -> LMSession:
+    """A session on the folder's decoder (or on `model`, bytes of a variant of it)."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
-    return ort.InferenceSession(model or str(Path(model_dir) / ONNX_FILE), options, providers=["CPUExecutionProvider"])
+    decoder = json.loads((Path(model_dir) / "genai_config.json").read_text())["model"]["decoder"]
+    session = ort.InferenceSession(model or str(Path(model_dir) / ONNX_FILE), options,
+                                   providers=["CPUExecutionProvider"])
+    return LMSession(session, decoder["num_key_value_heads"], decoder["head_size"])
 
 
-def window_logits(session: ort.InferenceSession, ids: np.ndarray) -> np.ndarray:
+def window_logits(lm: LMSession, ids: np.ndarray) -> np.ndarray:
     """[T, vocab] logits of one window, from an empty KV cache."""
     feeds = {"input_ids": ids[None], "attention_mask": np.ones((1, len(ids)), np.int64)}
-    for arg in session.get_inputs():
+    for arg in lm.session.get_inputs():
         if arg.name.startswith("past_key_values"):
-            feeds[arg.name] = np.zeros((1, arg.shape[1], 0, arg.shape[3]), np.float32)
-    return session.run(["logits"], feeds)[0][0]
+            feeds[arg.name] = np.zeros((1, lm.kv_heads, 0, lm.head_size), np.float32)
+    return lm.session.run(["logits"], feeds)[0][0]
 
 
 def log_softmax(x: np.ndarray) -> np.ndarray:
@@ -55,17 +66,30 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum(-1, keepdims=True))
 
 
-def score(session: ort.InferenceSession, windows: np.ndarray, reference: list[np.ndarray] | None = None) -> dict:
-    """Perplexity of the next tokens in `windows`; with FP32 log-probs `reference` (one per window), top-1
-    agreement and mean KL(FP32 || model)."""
+@dataclass(frozen=True)
+class Reference:
+    """The FP32 model's next-token argmax and log-probs (float16, to bound memory) for one window."""
+
+    argmax: np.ndarray
+    logp: np.ndarray
+
+
+def reference_of(logits: np.ndarray) -> Reference:
+    logp = log_softmax(logits.astype(np.float64))[:-1]
+    return Reference(logp.argmax(-1), logp.astype(np.float16))
+
+
+def score(session: LMSession, windows: np.ndarray, reference: list[Reference] | None = None) -> dict:
+    """Perplexity of the next tokens in `windows`; with the FP32 `reference` (one per window), top-1 agreement
+    and mean KL(FP32 || model)."""
     nll, top1, kl, n = 0.0, 0.0, 0.0, 0
     for i, ids in enumerate(windows):
         logp = log_softmax(window_logits(session, ids).astype(np.float64))[:-1]
         nll -= logp[np.arange(len(ids) - 1), ids[1:]].sum()
         n += len(ids) - 1
         if reference is not None:
-            ref = reference[i].astype(np.float64)
-            top1 += (ref.argmax(-1) == logp.argmax(-1)).sum()
+            ref = reference[i].logp.astype(np.float64)
+            top1 += (reference[i].argmax == logp.argmax(-1)).sum()
             kl += (np.exp(ref) * (ref - logp)).sum()
     out = {"perplexity": float(np.exp(nll / n))}
     if reference is not None:
@@ -96,11 +120,9 @@ class LMEval:
         return token_windows(self._tokenizer, self._corpus[split], self.window, limit or self.max_windows)
 
     @cached_property
-    def _reference(self) -> list[np.ndarray]:
-        """FP32 next-token log-probs of the validation windows (float16 to bound memory)."""
+    def _reference(self) -> list[Reference]:
         session = make_lm_session(self.baseline, self.threads)
-        return [log_softmax(window_logits(session, ids).astype(np.float64))[:-1].astype(np.float16)
-                for ids in self.windows("validation")]
+        return [reference_of(window_logits(session, ids)) for ids in self.windows("validation")]
 
     def quality(self, model_dir: Path, windows: int | None = None) -> dict[str, float]:
         """Validation perplexity, top-1 and KL vs FP32 (on the first `windows` windows), and test perplexity."""
@@ -109,7 +131,7 @@ class LMEval:
         val = score(session, self.windows("validation")[: len(reference)], reference)
         return val if windows else val | {"test_perplexity": self.test_perplexity(model_dir, session)}
 
-    def test_perplexity(self, model_dir: Path, session: ort.InferenceSession | None = None) -> float:
+    def test_perplexity(self, model_dir: Path, session: LMSession | None = None) -> float:
         return score(session or make_lm_session(model_dir, self.threads), self.windows("test"))["perplexity"]
 
     def prompt(self) -> list[int]:

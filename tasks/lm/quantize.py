@@ -41,17 +41,21 @@ def node_bits(model: onnx.ModelProto, recipe: LMRecipe, sensitive: list[int]) ->
 
 
 def _quantize_pass(model: onnx.ModelProto, recipe: LMRecipe, bits: int, include: set[str], algorithm: str):
-    from onnxruntime.quantization.matmul_nbits_quantizer import (HQQWeightOnlyQuantConfig,
-                                                                 KQuantWeightOnlyQuantConfig, MatMulNBitsQuantizer,
-                                                                 RTNWeightOnlyQuantConfig)
+    from onnxruntime.quantization.matmul_nbits_quantizer import (DefaultWeightOnlyQuantConfig,
+                                                                 HQQWeightOnlyQuantConfig,
+                                                                 KQuantWeightOnlyQuantConfig, MatMulNBitsQuantizer)
 
     exclude = [n.name for n in _matmuls(model) if n.name not in include]
     accuracy = recipe.accuracy_level or None
     if algorithm == "hqq":
         config = HQQWeightOnlyQuantConfig(block_size=recipe.block_size, bits=bits)
+    elif algorithm == "k_quant":
+        config = KQuantWeightOnlyQuantConfig(customized_weight_config={n: {"bits": bits} for n in include})
     else:
-        kind = RTNWeightOnlyQuantConfig if algorithm == "rtn" else KQuantWeightOnlyQuantConfig
-        config = kind(customized_weight_config={n: {"bits": bits} for n in include})
+        # Round to nearest through ORT's own packer: the neural-compressor RTN path mis-packs asymmetric zero
+        # points when a column has an odd number of blocks (576 rows in blocks of 64 or 128, as in SmolLM2).
+        config = DefaultWeightOnlyQuantConfig(block_size=recipe.block_size, is_symmetric=recipe.symmetric,
+                                              accuracy_level=accuracy, bits=bits)
     quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=recipe.block_size, is_symmetric=recipe.symmetric,
                                      accuracy_level=accuracy, nodes_to_exclude=exclude, algo_config=config)
     quantizer.process()

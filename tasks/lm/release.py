@@ -142,15 +142,18 @@ def promote_lm(registered: RegisteredModel, bundle_dir: Path, cfg: LMPromoteConf
     """Challenger vs champion on the same test text, decode timed side by side."""
     champion_version = _alias_version(registered.name, cfg.champion_alias)
     client = MlflowClient()
-    with tempfile.TemporaryDirectory() as tmp:
-        folders = {"challenger": Path(bundle_dir) / MODEL_DIR}
-        if champion_version is not None and champion_version != registered.version:
+    if champion_version is None or champion_version == registered.version:
+        scores = {"challenger": {"test_perplexity": evaluator.test_perplexity(Path(bundle_dir) / MODEL_DIR)}}
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
             source = client.get_model_version(registered.name, champion_version).source
-            folders["champion"] = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=tmp))
-        speeds = evaluator.timings(folders, timing.prompt_lengths[:1], timing.new_tokens, max_length, timing.rounds)
-        scores = {k: {"test_perplexity": evaluator.test_perplexity(f),
-                      "decode_tok_s": next(iter(speeds[k]["prompts"].values()))["decode_tok_s"]}
-                  for k, f in folders.items()}
+            folders = {"challenger": Path(bundle_dir) / MODEL_DIR,
+                       "champion": Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=tmp))}
+            speeds = evaluator.timings(folders, timing.prompt_lengths[:1], timing.new_tokens, max_length,
+                                       timing.rounds)
+            scores = {k: {"test_perplexity": evaluator.test_perplexity(f),
+                          "decode_tok_s": next(iter(speeds[k]["prompts"].values()))["decode_tok_s"]}
+                      for k, f in folders.items()}
     promoted, reason = decide_lm(scores["challenger"], scores.get("champion"), cfg.quality_tolerance)
     decision = Decision(promoted, reason, registered.version, champion_version, scores["challenger"],
                         scores.get("champion"))

@@ -63,8 +63,9 @@ def search_lm(fp32_dir: Path, evaluator: LMEval, space: LMSearchConfig, timing: 
 
     todo = space.n_trials - len([t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE])
     if todo > 0:
-        study.optimize(objective, n_trials=todo)
-    front = study.best_trials
+        # k_quant's packer fails on asymmetric blocks in odd numbers per column: a failed trial, not a failed run.
+        study.optimize(objective, n_trials=todo, catch=(ValueError,))
+    front = [t for t in study.best_trials if t.state == optuna.trial.TrialState.COMPLETE]
     within = [t for t in front if (t.values[0] / base - 1) * 100 <= max_ppl_increase_pct]
     ranked = sorted(within, key=lambda t: -t.values[1]) or sorted(front, key=lambda t: t.values[0])
     return [(f"trial_{t.number}", LMRecipe(**t.user_attrs["recipe"])) for t in ranked[: space.keep]]
