@@ -11,7 +11,7 @@ from prefect import flow
 from tasks import track_run
 from tasks.lm.evaluate import LMEval
 from tasks.lm.export import export_lm_task
-from tasks.lm.model import prepare_model_task
+from tasks.lm.model import model_version, prepare_model_task
 from tasks.lm.quantize import layer_sensitivity
 from tasks.lm.release import (MODEL_DIR, apply_lm_gates, promote_lm_task, register_lm_task, ship_lm_task,
                               validate_lm_task)
@@ -29,7 +29,7 @@ def optimize_lm(config_path: str = "configs/smollm2.yaml", root: str = ".", forc
         cfg, work = run.cfg, run.cfg.workdir / "lm"
         hf_dir = prepare_model_task(cfg.lm.model, work / "source")
         data = version_data_task(cfg.data, run.root)
-        if skipped := track_run.already_done(run, data.md5, force):
+        if skipped := track_run.already_done(run, data.md5, force, {"model_version": model_version(cfg.lm.model)}):
             return skipped
 
         out = work / "candidates" / run.run_id

@@ -62,10 +62,11 @@ def find_equivalent_run(experiment_id: str, tags: dict[str, str], exclude: str) 
     return None
 
 
-def already_done(run: "PipelineRun", data_version: str, force: bool) -> dict | None:
-    """Tag the run with its fingerprint; if an equivalent run already shipped (and not `force`),
-    mark this one skipped and return its result, else None."""
-    tags = fingerprint(run.cfg, data_version)
+def already_done(run: "PipelineRun", data_version: str, force: bool, inputs: dict[str, str] | None = None) -> dict | None:
+    """Tag the run with its fingerprint (and `inputs`, versions of other inputs than the data, such as a model
+    folder); if an equivalent run already shipped (and not `force`), mark this one skipped and return its
+    result, else None."""
+    tags = fingerprint(run.cfg, data_version) | (inputs or {})
     set_tags(run.run_id, tags)
     previous = None if force else find_equivalent_run(run.experiment_id, tags, run.run_id)
     return skip_run(run.run_id, previous, data_version) if previous else None

@@ -3,6 +3,7 @@ turned into the plain FP32 Hugging Face folder the ONNX builder reads."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -48,6 +49,15 @@ def model_problems(path: Path) -> list[str]:
 def check_model(path: Path) -> None:
     if problems := model_problems(path):
         raise ConfigError(f"unusable model ({len(problems)} problem(s)):\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+def model_version(path: Path) -> str:
+    """What identifies the model's content cheaply: every file's name, size and modification time, hashed (the
+    model is not DVC-tracked; a changed file at the same path must not look like the same run)."""
+    path = Path(path)
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    listing = [(str(p.relative_to(path.parent)), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    return hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:16]
 
 
 def gguf_to_folder(gguf: Path, out: Path) -> Path:
