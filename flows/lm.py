@@ -12,7 +12,7 @@ from tasks import track_run
 from tasks.lm.evaluate import LMEval
 from tasks.lm.export import export_lm_task
 from tasks.lm.model import model_version, prepare_model_task
-from tasks.lm.quantize import layer_sensitivity
+from tasks.lm.quantize import layer_sensitivity_task
 from tasks.lm.release import (MODEL_DIR, apply_lm_gates, promote_lm_task, register_lm_task, ship_lm_task,
                               validate_lm_task)
 from tasks.lm.search import make_candidate_task, search_lm_task
@@ -36,7 +36,8 @@ def optimize_lm(config_path: str = "configs/smollm2.yaml", root: str = ".", forc
         evaluator = LMEval(data.dir, out / "baseline", cfg.data.window, cfg.data.max_windows, cfg.validate_.threads)
         parity_windows = LMEval(data.dir, hf_dir, cfg.data.window, 2, cfg.validate_.threads).windows("validation")
         baseline = export_lm_task(hf_dir, out / "baseline", cfg.lm.max_length, parity_windows, cfg.validate_.threads)
-        ranked = layer_sensitivity(baseline.checkpoint, evaluator.windows("calibration", 2), cfg.validate_.threads)
+        ranked = layer_sensitivity_task(baseline.checkpoint, evaluator.windows("calibration", 2),
+                                        cfg.validate_.threads)
         track_run.log_json(run.run_id, ranked, "candidates/layer_sensitivity.json")
         sensitive = [r["layer"] for r in ranked]
         searched = search_lm_task(baseline.checkpoint, evaluator, cfg.compress.search, cfg.validate_,

@@ -62,7 +62,8 @@ def find_equivalent_run(experiment_id: str, tags: dict[str, str], exclude: str) 
     return None
 
 
-def already_done(run: "PipelineRun", data_version: str, force: bool, inputs: dict[str, str] | None = None) -> dict | None:
+def already_done(run: "PipelineRun", data_version: str, force: bool,
+                 inputs: dict[str, str] | None = None) -> dict | None:
     """Tag the run with its fingerprint (and `inputs`, versions of other inputs than the data, such as a model
     folder); if an equivalent run already shipped (and not `force`), mark this one skipped and return its
     result, else None."""

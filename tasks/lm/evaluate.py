@@ -42,13 +42,15 @@ class LMSession:
     head_size: int  # the graph leaves the cache's last axis symbolic
 
 
-def make_lm_session(model_dir: Path, threads: int, model: bytes | None = None) -> LMSession:
-    """A session on the folder's decoder (or on `model`, bytes of a variant of it)."""
+def make_lm_session(model_dir: Path, threads: int, weights: dict[str, np.ndarray] | None = None) -> LMSession:
+    """A session on the folder's decoder, with the initializers named in `weights` replaced by those arrays."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
+    values = {name: ort.OrtValue.ortvalue_from_numpy(w) for name, w in (weights or {}).items()}
+    for name, value in values.items():
+        options.add_initializer(name, value)
     decoder = json.loads((Path(model_dir) / "genai_config.json").read_text())["model"]["decoder"]
-    session = ort.InferenceSession(model or str(Path(model_dir) / ONNX_FILE), options,
-                                   providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(Path(model_dir) / ONNX_FILE), options, providers=["CPUExecutionProvider"])
     return LMSession(session, decoder["num_key_value_heads"], decoder["head_size"])
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 from onnx import numpy_helper
+from prefect import task
 
 from tasks.config import LMRecipe
 from tasks.lm.evaluate import ONNX_FILE, make_lm_session, score
@@ -96,21 +97,22 @@ def _fake_int4(w: np.ndarray, block: int = 32) -> np.ndarray:
 def layer_sensitivity(fp32_dir: Path, windows: np.ndarray, threads: int) -> list[dict]:
     """For each decoder layer, the calibration perplexity with that layer's MatMuls alone at INT4 (RTN, block
     32, symmetric), most harmful first."""
-    model = onnx.load(str(Path(fp32_dir) / ONNX_FILE))
-    inits = {i.name: i for i in model.graph.initializer}
+    path = Path(fp32_dir) / ONNX_FILE
+    model = onnx.load(str(path), load_external_data=False)
     base = score(make_lm_session(fp32_dir, threads), windows)["perplexity"]
     layers: dict[int, list[str]] = {}
     for node in _matmuls(model):
         if m := _LAYER.search(node.name):
             layers.setdefault(int(m[1]), []).append(node.input[1])
+    onnx.load_external_data_for_model(model, str(path.parent))
+    inits = {i.name: i for i in model.graph.initializer}
     out = []
-    for layer, weights in sorted(layers.items()):
-        originals = {w: onnx.TensorProto() for w in weights}
-        for w in weights:
-            originals[w].CopyFrom(inits[w])
-            inits[w].CopyFrom(numpy_helper.from_array(_fake_int4(numpy_helper.to_array(inits[w])), w))
-        ppl = score(make_lm_session(fp32_dir, threads, model.SerializeToString()), windows)["perplexity"]
+    for layer, names in sorted(layers.items()):
+        # The session reads the model from disk; only this layer's weights are handed over, rounded.
+        weights = {w: _fake_int4(numpy_helper.to_array(inits[w])) for w in names}
+        ppl = score(make_lm_session(fp32_dir, threads, weights), windows)["perplexity"]
         out.append({"layer": layer, "perplexity": ppl, "increase_pct": (ppl / base - 1) * 100})
-        for w in weights:
-            inits[w].CopyFrom(originals[w])
     return sorted(out, key=lambda r: -r["perplexity"])
+
+
+layer_sensitivity_task = task(layer_sensitivity, name="layer_sensitivity")
