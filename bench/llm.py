@@ -1,7 +1,8 @@
 """SmolLM2-135M-Instruct benchmark: the causal-LM pipeline's candidates beside PyTorch, the onnxruntime-genai
 builder's own fp32 / int8 / int4 defaults (and its documented better int4 options) and llama.cpp, side by side.
 
-    .venv/bin/python bench/llm.py [--project /tmp/llm-bench] [--trials 10] [--skip-run]
+    .venv/bin/python bench/llm.py [--project /tmp/llm-bench] [--skip-run] [--windows 8] [--rounds 2] [--peers ...]
+                                  [--set compress.search.n_trials=10 ...]
 
 It writes the example (`modelforge example smollm2`) into the project folder, runs the pipeline on
 configs/smollm2.yaml there (search, gates, registry, bundle), then measures every candidate of that run and
@@ -47,15 +48,16 @@ PEERS = {  # the builder's defaults and the options its docs recommend for bette
 THREADS, NEW_TOKENS, PROMPTS, MAX_LENGTH = 2, 128, [32, 512], 2048
 
 
-def run_pipeline(project: Path, trials: int) -> dict:
+def run_pipeline(project: Path, overrides: list[str]) -> dict:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     cli = [sys.executable, "-m", "flows.cli"]
     if not (project / "datasets" / "smollm2" / "model" / "config.json").is_file():
         subprocess.run([*cli, "example", "smollm2", "datasets/smollm2", "--root", str(project)], check=True, env=env)
     (project / "configs").mkdir(parents=True, exist_ok=True)
     shutil.copyfile(ROOT / "configs" / "smollm2.yaml", project / "configs" / "smollm2.yaml")
-    subprocess.run([*cli, "run", "--config", "configs/smollm2.yaml", "--root", str(project), "--force",
-                    "--set", f"compress.search.n_trials={trials}"], check=True, env=env, cwd=project)
+    sets = [arg for item in overrides for arg in ("--set", item)]
+    subprocess.run([*cli, "run", "--config", "configs/smollm2.yaml", "--root", str(project), "--force", *sets],
+                   check=True, env=env, cwd=project)
     return latest_run(project)
 
 
@@ -118,23 +120,26 @@ def fmt(v, spec=".2f") -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--project", type=Path, default=Path("/tmp/llm-bench"))
-    parser.add_argument("--trials", type=int, default=10)
+    parser.add_argument("--set", action="append", default=[], help="a config override for the pipeline run")
     parser.add_argument("--skip-run", action="store_true", help="measure the project's latest run again")
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=2, help="timing rounds, models interleaved")
+    parser.add_argument("--windows", type=int, default=8, help="512-token windows scored per split")
+    parser.add_argument("--peers", nargs="*", default=list(PEERS), choices=list(PEERS))
     args = parser.parse_args()
     project = args.project.resolve()
     project.mkdir(parents=True, exist_ok=True)
-    run = latest_run(project) if args.skip_run else run_pipeline(project, args.trials)
+    run = latest_run(project) if args.skip_run else run_pipeline(project, args.set)
     hf_dir = project / "datasets" / "smollm2" / "model"
 
     folders = dict(run["candidates"])
-    for name, (precision, options) in PEERS.items():
+    for name in args.peers:
+        precision, options = PEERS[name]
         out = project / "peers" / name
         if not (out / "genai_config.json").is_file():
             build_genai(hf_dir, out, precision, options)
             finish_folder(hf_dir, out, MAX_LENGTH)  # the same KV-cache context as the pipeline's models
         folders[name] = out
-    evaluator = LMEval(run["data_dir"], folders["baseline"], 512, 8, THREADS)
+    evaluator = LMEval(run["data_dir"], folders["baseline"], 512, args.windows, THREADS)
     print(f"[bench] timing {len(folders)} models side by side ({args.rounds} rounds)", flush=True)
     timings = evaluator.timings(folders, PROMPTS, NEW_TOKENS, MAX_LENGTH, args.rounds)
     rows = {}

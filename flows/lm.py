@@ -36,7 +36,8 @@ def optimize_lm(config_path: str = "configs/smollm2.yaml", root: str = ".", forc
         evaluator = LMEval(data.dir, out / "baseline", cfg.data.window, cfg.data.max_windows, cfg.validate_.threads)
         parity_windows = LMEval(data.dir, hf_dir, cfg.data.window, 2, cfg.validate_.threads).windows("validation")
         baseline = export_lm_task(hf_dir, out / "baseline", cfg.lm.max_length, parity_windows, cfg.validate_.threads)
-        ranked = layer_sensitivity_task(baseline.checkpoint, evaluator.windows("calibration", 2),
+        ranked = layer_sensitivity_task(baseline.checkpoint,
+                                        evaluator.windows("calibration", cfg.compress.search.trial_windows),
                                         cfg.validate_.threads)
         track_run.log_json(run.run_id, ranked, "candidates/layer_sensitivity.json")
         sensitive = [r["layer"] for r in ranked]

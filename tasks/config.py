@@ -789,7 +789,8 @@ class LMSearchConfig(_Section):
     lm_head: list[Literal["fp32", "int8", "int4"]] = Field(["int8", "int4"], min_length=1,
                                                           description="lm_head precisions to try.")
     int8_layers: list[int] = Field([0, 2, 4], min_length=1, description="Numbers of most-sensitive layers kept at INT8.")
-    trial_windows: int = Field(4, ge=1, description="Validation windows scored per trial (the gates score them all).")
+    trial_windows: int = Field(4, ge=1, description="Windows scored per trial (validation) and per layer in the "
+                               "sensitivity measurement (calibration); the gates score all data.max_windows.")
     keep: int = Field(3, ge=1, description="Pareto-front trials that become candidates (fastest first among those "
                       "within the perplexity gate).")
 
