@@ -38,7 +38,7 @@ def optimize_lm(config_path: str = "configs/smollm2.yaml", root: str = ".", forc
         baseline = export_lm_task(hf_dir, out / "baseline", cfg.lm.max_length, parity_windows, cfg.validate_.threads)
         ranked = layer_sensitivity_task(baseline.checkpoint,
                                         evaluator.windows("calibration", cfg.compress.search.trial_windows),
-                                        cfg.validate_.threads)
+                                        cfg.validate_.threads) if cfg.compress.uses_sensitivity else []
         track_run.log_json(run.run_id, ranked, "candidates/layer_sensitivity.json")
         sensitive = [r["layer"] for r in ranked]
         searched = search_lm_task(baseline.checkpoint, evaluator, cfg.compress.search, cfg.validate_,

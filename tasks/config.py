@@ -768,8 +768,9 @@ class LMRecipe(_Section):
                                    "search), hqq (half-quadratic; 4 bits).")
     block_size: Literal[32, 64, 128] = Field(32, description="Weights per quantization block.")
     symmetric: bool = Field(True, description="Symmetric blocks (no zero point).")
-    accuracy_level: Literal[0, 4] = Field(0, description="0: float activations; 4: int8 activations (faster, "
-                                          "known to flip argmax tokens on models with large activations).")
+    accuracy_level: Literal[0, 4] = Field(0, description="For 4-bit weights, 0: float activations; 4: int8 "
+                                          "activations (faster, known to flip argmax tokens on models with large "
+                                          "activations). 8-bit weights always take int8 activations.")
     lm_head: Literal["fp32", "int8", "int4"] = Field("int8", description="Precision of the output projection "
                                                      "(int4 hurts small tied models).")
     int8_layers: int = Field(0, ge=0, description="Decoder layers measured most sensitive on the calibration text "
@@ -800,6 +801,12 @@ class LMCompressConfig(_Section):
         default_factory=lambda: {"int4_rtn": LMRecipe(), "int8": LMRecipe(bits=8)},
         description="Fixed candidates (name -> recipe) measured beside the searched ones.")
     search: LMSearchConfig = Field(default_factory=LMSearchConfig, description="The candidate search.")
+
+    @property
+    def uses_sensitivity(self) -> bool:
+        """Whether any recipe keeps sensitive layers at INT8 (the per-layer measurement is then needed)."""
+        return any(r.int8_layers for r in self.candidates.values()) or (
+            self.search.n_trials > 0 and any(self.search.int8_layers))
 
     @model_validator(mode="after")
     def _names_free(self) -> "LMCompressConfig":
