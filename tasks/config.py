@@ -767,7 +767,7 @@ class LMRecipe(_Section):
     algorithm: LMAlgorithm = Field("rtn", description="rtn (round to nearest), k_quant (llama.cpp-style scale "
                                    "search), hqq (half-quadratic; 4 bits).")
     block_size: Literal[32, 64, 128] = Field(32, description="Weights per quantization block.")
-    symmetric: bool = Field(True, description="Symmetric blocks (no zero point).")
+    symmetric: bool = Field(True, description="Symmetric blocks (no zero point); hqq always fits a float zero point.")
     accuracy_level: Literal[0, 4] = Field(0, description="For 4-bit weights, 0: float activations; 4: int8 "
                                           "activations (faster, known to flip argmax tokens on models with large "
                                           "activations). 8-bit weights always take int8 activations.")
