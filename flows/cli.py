@@ -75,6 +75,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         family = "classifier"  # its flow records the config error on a FAILED MLflow run, then raises it
     if family == "minilm":
         from flows.encode import optimize_encoder as pipeline
+    elif family == "causal_lm":
+        from flows.lm import optimize_lm as pipeline
     else:
         from flows.optimize import optimize as pipeline
     # Signals first: a Ctrl-C while the server starts must also stop it.
@@ -220,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", parents=[common], help="run the pipeline the config's `family` names (classifier: "
-                         "optimize flow; minilm: optimize-encoder flow) end to end")
+                         "optimize flow; minilm: optimize-encoder flow; causal_lm: optimize-lm flow) end to end")
     run.add_argument("--force", action="store_true", help="run even when data, config and code are unchanged")
     run.add_argument("--runner", type=runner_overrides, default=[], metavar="SPEC",
                      help="where search trials run: local (threads), dask (a LocalCluster of worker processes), "
@@ -260,7 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     init.add_argument("--label", help="the column holding each row's class (tables and texts)")
     init.add_argument("--model", help="model family to search (mlp, cnn, resnet, text), your own module as "
                       "package.module:function (function(num_classes, input_shape) -> nn.Module), or a pretrained "
-                      "text model to fine-tune (minilm, or a local Hugging Face folder); default: what suits the data")
+                      "text model to fine-tune (minilm, or a local Hugging Face folder), or a causal LM (a Hugging Face "
+                      "folder or a .gguf file, with --data a corpus folder); default: what suits the data")
     init.add_argument("--out", required=True, type=Path, help="config file to write (never overwritten)")
     init.set_defaults(fn=cmd_init)
     from tasks.data.examples import EXAMPLES

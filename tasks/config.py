@@ -808,7 +808,149 @@ class EncoderPipelineConfig(_Pipeline):
         return self
 
 
-PIPELINES: dict[str, type[_Pipeline]] = {"classifier": PipelineConfig, "minilm": EncoderPipelineConfig}
+class CorpusConfig(_Section):
+    """A user's text corpus for a causal LM: a folder of .txt/.md files (one document each) and/or .jsonl files
+    (one {"text": ...} document per line)."""
+
+    dataset: Literal["text_corpus"] = Field("text_corpus", description="A folder of plain-text documents.")
+    dir: Path = Field(Path("corpus"), description="DVC-tracked corpus folder (relative to the project root).")
+    validation_fraction: float = Field(0.3, gt=0, lt=0.5, description="Share of documents (by hash) for gates "
+                                       "and candidate selection.")
+    test_fraction: float = Field(0.3, gt=0, lt=0.5, description="Share of documents (by hash) for the reported "
+                                 "figures and champion/challenger; the rest calibrates.")
+    window: int = Field(512, ge=8, le=8192, description="Tokens per perplexity window; every split must hold one.")
+    max_windows: int = Field(16, ge=1, description="Most windows scored per split (bounds evaluation time).")
+    # Not a setting: the run copies lm.model here, so versioning can count tokens with its tokenizer.
+    model: Path | None = Field(None, exclude=True)
+    dvc_remote: str = Field(".modelforge/dvc-remote", description="DVC remote the corpus is pushed to (a folder or a URL).")
+
+
+class LMModelConfig(_Section):
+    model: Path = Field(..., description="A local Hugging Face causal-LM folder (config.json, *.safetensors, tokenizer "
+                        "files; pickled weights are refused) or a .gguf file.")
+    max_length: int = Field(2048, ge=16, description="Context (prompt + generated tokens) the KV cache is sized for.")
+
+
+LMAlgorithm = Literal["rtn", "k_quant", "hqq"]
+
+
+class LMRecipe(_Section):
+    """One weight-only quantization of the FP32 ONNX model through ONNX Runtime's MatMulNBitsQuantizer."""
+
+    bits: Literal[4, 8] = Field(4, description="Weight bits of the decoder MatMuls.")
+    algorithm: LMAlgorithm = Field("rtn", description="rtn (round to nearest), k_quant (llama.cpp-style scale "
+                                   "search), hqq (half-quadratic; 4 bits).")
+    block_size: Literal[32, 64, 128] = Field(32, description="Weights per quantization block.")
+    symmetric: bool = Field(True, description="Symmetric blocks (no zero point); hqq always fits a float zero point.")
+    accuracy_level: Literal[0, 4] = Field(0, description="For 4-bit weights, 0: float activations; 4: int8 "
+                                          "activations (faster, known to flip argmax tokens on models with large "
+                                          "activations). 8-bit weights always take int8 activations.")
+    lm_head: Literal["fp32", "int8", "int4"] = Field("int8", description="Precision of the output projection "
+                                                     "(int4 hurts small tied models).")
+    int8_layers: int = Field(0, ge=0, description="Decoder layers measured most sensitive on the calibration text "
+                             "kept at INT8 (4-bit recipes).")
+
+
+class LMSearchConfig(_Section):
+    """Optuna over the weight-only space, scored on validation perplexity and measured decode speed."""
+
+    n_trials: int = Field(12, ge=0, description="Trials (0: only the fixed candidates).")
+    seed: int = Field(0, description="Sampler seed.")
+    bits: list[Literal[4, 8]] = Field([4, 8], min_length=1, description="Weight bits to try.")
+    algorithms: list[LMAlgorithm] = Field(["rtn", "k_quant", "hqq"], min_length=1, description="Algorithms to try.")
+    block_sizes: list[Literal[32, 64, 128]] = Field([32, 64, 128], min_length=1, description="Block sizes to try.")
+    symmetric: list[bool] = Field([True, False], min_length=1, description="Symmetric and/or asymmetric blocks.")
+    accuracy_levels: list[Literal[0, 4]] = Field([0, 4], min_length=1, description="Activation precisions to try.")
+    lm_head: list[Literal["fp32", "int8", "int4"]] = Field(["int8", "int4"], min_length=1,
+                                                          description="lm_head precisions to try.")
+    int8_layers: list[int] = Field([0, 2, 4], min_length=1, description="Numbers of most-sensitive layers kept at INT8.")
+    trial_windows: int = Field(4, ge=1, description="Windows scored per trial (validation) and per layer in the "
+                               "sensitivity measurement (calibration); the gates score all data.max_windows.")
+    keep: int = Field(3, ge=1, description="Pareto-front trials that become candidates (fastest first among those "
+                      "within the perplexity gate).")
+
+
+class LMCompressConfig(_Section):
+    candidates: dict[str, LMRecipe] = Field(
+        default_factory=lambda: {"int4_rtn": LMRecipe(), "int8": LMRecipe(bits=8)},
+        description="Fixed candidates (name -> recipe) measured beside the searched ones.")
+    search: LMSearchConfig = Field(default_factory=LMSearchConfig, description="The candidate search.")
+
+    @property
+    def uses_sensitivity(self) -> bool:
+        """Whether any recipe keeps sensitive layers at INT8 (the per-layer measurement is then needed)."""
+        return any(r.int8_layers for r in self.candidates.values()) or (
+            self.search.n_trials > 0 and any(self.search.int8_layers))
+
+    @model_validator(mode="after")
+    def _names_free(self) -> "LMCompressConfig":
+        if bad := [n for n in self.candidates if n == "baseline" or n.startswith("trial_")]:
+            raise ValueError(f"candidate names {bad}: 'baseline' and 'trial_*' are the pipeline's own")
+        return self
+
+
+class LMValidateConfig(_Section):
+    threads: int = Field(2, ge=1, description="ONNX Runtime intra-op threads for every measurement.")
+    prompt_lengths: list[int] = Field([32, 512], min_length=1, description="Prompt tokens at which time to first "
+                                      "token and decode speed are measured (clipped to the context).")
+    new_tokens: int = Field(64, ge=4, description="Greedy tokens decoded per timing.")
+    rounds: int = Field(2, ge=1, description="Timing rounds, candidates interleaved; the best round counts.")
+
+
+class LMGateConfig(_Section):
+    max_ppl_increase_pct: float = Field(5.0, ge=0, description="Allowed validation-perplexity increase vs FP32, in %.")
+    min_top1: float = Field(0.9, ge=0, le=1, description="Floor on top-1 next-token agreement with FP32.")
+    max_kl: float = Field(0.1, ge=0, description="Ceiling on the mean KL divergence from FP32 (nats per token).")
+    max_parity_error: float = Field(1e-3, gt=0, description="Max |ORT - PyTorch| FP32 logits on validation text.")
+    min_decode_tok_s: float | None = Field(None, gt=0, description="Floor on decode tokens/s (shortest prompt).")
+    max_ttft_ms: float | None = Field(None, gt=0, description="Ceiling on time to first token at the longest prompt.")
+    max_peak_mb: float | None = Field(None, gt=0, description="Ceiling on peak memory generating at max_length.")
+    max_size_mb: float | None = Field(None, gt=0, description="Ceiling on the model's size on disk.")
+    select_by: Literal["latency_p50_ms", "size_bytes", "quality"] = Field(
+        "latency_p50_ms", description="Among passing candidates: fastest decode (latency_p50_ms = ms per token), "
+        "smallest, or best top-1 agreement.")
+
+
+class LMRegisterConfig(RegisterConfig):
+    model_name: str = Field("causal-lm", min_length=1, description="MLflow registered-model name.")
+    bundle_dir: Path = Field(Path("deploy/lm-bundle"), description="Serving bundle folder (replaced atomically).")
+
+
+class LMPromoteConfig(PromoteConfig):
+    quality_tolerance: float = Field(1.0, ge=0, description="Test perplexity within this many percent of the "
+                                     "champion's counts as a match; the challenger then needs faster decode.")
+    champion_bundle_dir: Path = Field(Path("deploy/lm-champion"), description="Champion bundle; replaced atomically on promotion.")
+
+
+class LMPipelineConfig(_Pipeline):
+    """Causal-LM pipeline: model + corpus -> FP32 ONNX for generation -> weight-only candidates (searched) ->
+    validate + gates -> register -> ship -> promote."""
+
+    family: Literal["causal_lm"] = Field("causal_lm", description="Which pipeline this file configures.")
+    data: CorpusConfig = Field(default_factory=CorpusConfig)
+    lm: LMModelConfig
+    compress: LMCompressConfig = Field(default_factory=LMCompressConfig)
+    validate_: LMValidateConfig = Field(default_factory=LMValidateConfig, alias="validate")
+    gates: LMGateConfig = Field(default_factory=LMGateConfig)
+    register_: LMRegisterConfig = Field(default_factory=LMRegisterConfig, alias="register")
+    promote: LMPromoteConfig = Field(default_factory=LMPromoteConfig)
+
+    def anchored(self, root: Path):
+        cfg = super().anchored(root)
+        return cfg.model_copy(update={"data": cfg.data.model_copy(update={"model": cfg.lm.model})})
+
+    def user_inputs(self) -> tuple[str | None, list[Path]]:
+        return None, [self.lm.model]  # not DVC-tracked: replaced in place, it must not look like the same run
+
+    @model_validator(mode="after")
+    def _fits_context(self) -> "LMPipelineConfig":
+        if self.data.window > self.lm.max_length:
+            raise ValueError(f"data.window ({self.data.window}) exceeds lm.max_length ({self.lm.max_length})")
+        return self
+
+
+PIPELINES: dict[str, type[_Pipeline]] = {"classifier": PipelineConfig, "minilm": EncoderPipelineConfig,
+                                         "causal_lm": LMPipelineConfig}
 
 
 MAX_CONFIG_BYTES = 256 * 2**10  # configs are a few KB; parsing 1 MB of YAML took 14 s here (pure Python)
@@ -983,8 +1125,8 @@ def _all_errors(cls: type[BaseModel], raw: dict) -> list[dict]:
     return errors
 
 
-def parse_config(raw: dict, source: str = "<dict>",
-                 unknown: list[str] | tuple[str, ...] = ()) -> PipelineConfig | EncoderPipelineConfig:
+def parse_config(raw: dict, source: str = "<dict>", unknown: list[str] | tuple[str, ...] = ()
+                 ) -> "PipelineConfig | EncoderPipelineConfig | LMPipelineConfig":
     """Validate `raw` against the pipeline its `family` key names (default: classifier); `unknown`:
     problems found while reading it (keys dropped before validation), reported with the others."""
     family = raw.get("family", "classifier")
@@ -1035,7 +1177,7 @@ def apply_overrides(raw: dict, overrides: list[str] | tuple[str, ...]) -> dict:
     return out
 
 
-def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig | EncoderPipelineConfig:
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> "PipelineConfig | EncoderPipelineConfig | LMPipelineConfig":
     """The config file at `path`, with `overrides` (`dotted.key=value`) applied, validated as one."""
     raw, unknown = read_config_file(path)
     source = f"{path}" + (f" with --set {' '.join(overrides)}" if overrides else "")

@@ -48,8 +48,8 @@ def relative_paths(value: object, base: Path) -> object:
 
 def bundle_entries(manifest: dict) -> set[str]:
     """The names a bundle folder may hold: the manifest, the model and what the manifest points to."""
-    return {MANIFEST, str(manifest.get("model_file", "model.onnx"))} | (
-        {str(manifest["tokenizer_dir"])} if "tokenizer_dir" in manifest else set())
+    return {MANIFEST, str(manifest.get("model_file", "model.onnx"))} | {
+        str(manifest[key]) for key in ("tokenizer_dir", "model_dir") if key in manifest}
 
 
 def bundle_problem(folder: Path) -> str | None:

@@ -14,7 +14,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel
 
-from tasks.config import CompressConfig, ConfigError, PipelineConfig, TableDataConfig, load_config
+from tasks.config import CompressConfig, ConfigError, LMPipelineConfig, PipelineConfig, TableDataConfig, load_config
 from tasks.data import SOURCES
 from tasks.data.base import MANIFEST, DataError
 from tasks.data.image_folder import SUFFIXES as IMAGE_SUFFIXES
@@ -148,6 +148,38 @@ def check_runnable(cfg: PipelineConfig, root: Path, data: Path) -> None:
                        root)
 
 
+def lm_config(model: Path, data: Path, out: Path, root: Path) -> tuple[BaseModel, list[str]]:
+    """The causal-LM config for `model` (a Hugging Face folder or .gguf file) and the text corpus `data`."""
+    from tasks.data.corpus import TEXT_SUFFIXES
+    from tasks.lm.model import check_model
+
+    check_model(model)
+    if not data.is_dir():
+        raise DataError(f"{data}: a causal LM takes a corpus folder of .txt/.md/.jsonl documents")
+    files = [p for p in data.rglob("*") if p.suffix in (*TEXT_SUFFIXES, ".jsonl")]
+    name = out.stem.replace("_", "-")
+    inside = lambda p: str(p.resolve().relative_to(root)) if p.resolve().is_relative_to(root) else str(p.resolve())
+    cfg = LMPipelineConfig.model_validate({"lm": {"model": inside(model)}, "data": {"dir": inside(data)},
+                                           "register": {"model_name": f"{name}-lm"}, "tracking": {"experiment": name}})
+    return cfg, [f"{data.name}/: {len(files)} document files; model {model.name} "
+                 f"({'GGUF' if model.is_file() else 'Hugging Face folder'})",
+                 "gates.max_ppl_increase_pct / min_top1 / max_kl judge every candidate against the FP32 model."]
+
+
+def is_causal_lm(model: str | None, root: Path) -> bool:
+    from tasks.lm.model import ARCHITECTURES
+
+    path = root / model if model else None
+    if path is None or not path.exists():
+        return False
+    if path.suffix == ".gguf":
+        return True
+    try:
+        return json.loads((path / "config.json").read_text()).get("architectures", ["?"])[0] in ARCHITECTURES
+    except (OSError, ValueError):
+        return False
+
+
 def init_config(data: Path, label: str | None, model: str | None, out: Path, root: Path) -> Path:
     """Write a config for the data at `data` (relative paths are taken from `root`) to `out`, after
     checking it loads; returns `out`. An existing `out` is never overwritten."""
@@ -156,6 +188,10 @@ def init_config(data: Path, label: str | None, model: str | None, out: Path, roo
     if target.exists():
         raise ConfigError(f"{target} exists; choose another --out (init never overwrites a config)")
     absolute = Path(data) if Path(data).is_absolute() else root / data
+    if is_causal_lm(model, root):
+        cfg, found = lm_config(root / model, absolute, out, root)
+        return _write(cfg, data, found, out, target, ("family", "lm", "data", "compress", "gates"),
+                      "compress.search.n_trials=30")
     section, found = describe_data(absolute, label)
     section["dir"] = str(Path(section["dir"]).resolve().relative_to(root)) if Path(section["dir"]).resolve().is_relative_to(root) \
         else section["dir"]
@@ -189,14 +225,20 @@ def init_config(data: Path, label: str | None, model: str | None, out: Path, roo
         "register": {"model_name": f"{name}-classifier", "bundle_dir": f"deploy/{name}-bundle"},
         "promote": {"champion_bundle_dir": f"deploy/{name}-champion"}, "tracking": {"experiment": name}})
     check_runnable(cfg, root, Path(data))
+    found.append("gates.min_accuracy is an absolute floor on test accuracy: set it to what your use needs.")
+    return _write(cfg, data, found, out, target, ("family", "data", "model", "search", "train", "compress"),
+                  "search.n_trials=30")
+
+
+def _write(cfg: BaseModel, data: Path, found: list[str], out: Path, target: Path, first: tuple[str, ...],
+           override: str) -> Path:
+    """`cfg` written to `target` with its docs, after a header of what was found; loaded back, or removed."""
     header = [f"# modelforge config written by `modelforge init` for {data}",
               *(f"# {line}" for line in found),
-              "# gates.min_accuracy is an absolute floor on test accuracy: set it to what your use needs.",
               "# Run it:   modelforge run --config " + str(out),
-              "# Override: modelforge run --config " + str(out) + " --set search.n_trials=30", ""]
+              "# Override: modelforge run --config " + str(out) + " --set " + override, ""]
     target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text("\n".join(header + commented_yaml(cfg, first=("family", "data", "model", "search", "train", "compress")))
-                      + "\n")
+    target.write_text("\n".join(header + commented_yaml(cfg, first=first)) + "\n")
     try:
         load_config(target)
     except ConfigError:

@@ -15,7 +15,7 @@ from pathlib import Path
 import yaml
 from prefect import task
 
-from tasks.config import ClassifierData, TextDataConfig
+from tasks.config import ClassifierData, CorpusConfig, TextDataConfig
 from tasks.data import SOURCES
 from tasks.data.base import DataError, folder_problems, raise_problems
 
@@ -51,7 +51,7 @@ def read_data_md5(dvc_file: Path) -> str:
     return outs[0]["md5"]
 
 
-def version_data(cfg: ClassifierData | TextDataConfig, root: Path) -> DataVersion:
+def version_data(cfg: ClassifierData | TextDataConfig | CorpusConfig, root: Path) -> DataVersion:
     """Ensure `cfg.dir` holds valid data tracked by DVC and pushed to the local remote.
 
     Missing data is pulled from the remote when `data.dvc` names a version there, otherwise written

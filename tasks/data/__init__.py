@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tasks.data.base import MANIFEST, DataError, Splits, read_manifest
+from tasks.data.corpus import describe_corpus
 from tasks.data.digits import describe_digits, load_arrays, materialize_digits
 from tasks.data.docstrings import describe_docstrings, materialize_docstrings
 from tasks.data.image_folder import describe_image_folder, load_image_folder
@@ -33,6 +34,7 @@ SOURCES: dict[str, Source] = {
     "image_folder": Source(describe_image_folder, load_image_folder),
     "text": Source(describe_text, load_text),
     "docstrings": Source(describe_docstrings, materialize=materialize_docstrings),
+    "text_corpus": Source(describe_corpus),
 }
 
 

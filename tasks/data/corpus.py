@@ -1,0 +1,98 @@
+"""A text corpus for a causal LM: .txt/.md files (one document each) and .jsonl files (one {"text": ...}
+document per line), split by a hash of each document into calibration, validation and test text.
+
+Validation reads every file, so one `DataError` names every empty, undecodable or malformed document, and,
+with the model's tokenizer, every split too short for one evaluation window.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tasks.data.base import MANIFEST, SPLIT_RULE, hash_split, raise_problems, read_manifest, write_manifest
+
+TEXT_SUFFIXES = (".txt", ".md")
+SPLITS = ("calibration", "validation", "test")
+
+
+def load_tokenizer(model: Path):
+    """The tokenizer of a Hugging Face folder, or the one a GGUF file carries."""
+    from transformers import AutoTokenizer
+
+    model = Path(model)
+    if model.is_file():
+        return AutoTokenizer.from_pretrained(str(model.parent), gguf_file=model.name)
+    return AutoTokenizer.from_pretrained(str(model))
+
+
+def _documents(data_dir: Path) -> tuple[dict[str, str], list[str]]:
+    """Document key -> text, and the problems found reading them."""
+    docs, problems = {}, []
+    for path in sorted(p for p in data_dir.rglob("*") if p.is_file() and p.name != MANIFEST):
+        name = str(path.relative_to(data_dir))
+        if path.suffix not in (*TEXT_SUFFIXES, ".jsonl"):
+            problems.append(f"{name}: not a .txt, .md or .jsonl file")
+            continue
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            problems.append(f"{name}: not UTF-8 text ({err.reason} at byte {err.start})")
+            continue
+        if path.suffix != ".jsonl":
+            if text.strip():
+                docs[name] = text
+            else:
+                problems.append(f"{name}: empty document")
+            continue
+        for line_no, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line).get("text")
+            except (ValueError, AttributeError):
+                value = None
+            if not isinstance(value, str) or not value.strip():
+                problems.append(f"{name} line {line_no}: not an object with a non-empty \"text\" string")
+            else:
+                docs[f"{name}:{line_no}"] = value
+    return docs, problems
+
+
+def split_documents(docs: dict[str, str], validation_fraction: float, test_fraction: float) -> dict[str, str]:
+    """Document key -> split, from a hash of the document's text (the same text always lands in the same split)."""
+    keys = list(docs)
+    split = hash_split([docs[k] for k in keys], validation_fraction, test_fraction)
+    names = {"train": "calibration", "val": "validation", "test": "test"}
+    return {k: names[str(s)] for k, s in zip(keys, split)}
+
+
+def describe_corpus(cfg, data_dir: Path) -> tuple[dict, dict]:
+    data_dir = Path(data_dir)
+    docs, problems = _documents(data_dir)
+    if not docs and not problems:
+        problems.append("no documents: put .txt/.md files or .jsonl files of {\"text\": ...} lines here")
+    assignment = split_documents(docs, cfg.validation_fraction, cfg.test_fraction)
+    tokens = {s: 0 for s in SPLITS}
+    if docs and cfg.model is not None:
+        tokenizer = load_tokenizer(cfg.model)
+        for key, split in assignment.items():
+            tokens[split] += len(tokenizer(docs[key])["input_ids"])
+        problems += [f"{s} split has {n} tokens, fewer than one evaluation window of {cfg.window + 1} (data.window): "
+                     "add documents or change the fractions" for s, n in tokens.items() if n <= cfg.window]
+    raise_problems(data_dir, problems)
+    counts = {s: sum(v == s for v in assignment.values()) for s in SPLITS}
+    manifest = {"dataset": "text_corpus", "documents": assignment, "counts": counts, "tokens": tokens,
+                "split_rule": SPLIT_RULE.replace("train", "calibration").replace("val", "validation"),
+                "validation_fraction": cfg.validation_fraction, "test_fraction": cfg.test_fraction}
+    write_manifest(data_dir, manifest)
+    return manifest, {"documents": counts, "tokens": tokens}
+
+
+def load_corpus(data_dir: Path) -> dict[str, list[str]]:
+    """Split -> documents of the versioned corpus, in the manifest's order."""
+    docs, _ = _documents(Path(data_dir))
+    out = {s: [] for s in SPLITS}
+    for key, split in read_manifest(data_dir)["documents"].items():
+        out[split].append(docs[key])
+    return out

@@ -1,0 +1,177 @@
+"""Validation, gates, registry, bundle and champion/challenger for generation models.
+
+Reports are the shared `Report` rows (so the candidate table, plot and MLflow logging are the shared
+stages'): quality holds perplexity, top-1 and KL vs FP32 on validation text and the test perplexity;
+`latency_p50_ms`/`latency_p95_ms` are milliseconds per decoded token and `throughput_sps` decode tokens/s, at
+the shortest prompt; time to first token per prompt length and peak memory sit beside them in `quality`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from dataclasses import asdict, replace
+from datetime import datetime, timezone
+from pathlib import Path
+
+import mlflow
+from mlflow.tracking import MlflowClient
+from prefect import task
+
+from tasks import track_run
+from tasks.compress_model import Candidate
+from tasks.config import LMGateConfig, LMPromoteConfig, LMRegisterConfig, LMValidateConfig
+from tasks.guard_bundle import BUNDLE_FORMAT, sha256_of
+from tasks.lm.evaluate import ONNX_FILE, LMEval, folder_size
+from tasks.lm.export import kv_cache_bytes
+from tasks.promote_model import Decision, _alias_version, _log
+from tasks.register_model import RegisteredModel
+from tasks.ship_bundle import publish_copy, swap_in
+from tasks.validate_model import BASELINE, GateError, Report
+
+MODEL_DIR = "model"
+
+
+def validate_lm(candidates: list[Candidate], evaluator: LMEval, cfg: LMValidateConfig, max_length: int) -> list[Report]:
+    timings = evaluator.timings({c.name: c.checkpoint for c in candidates}, cfg.prompt_lengths, cfg.new_tokens,
+                                max_length, cfg.rounds)
+    reports = []
+    for c in candidates:
+        quality = evaluator.quality(c.checkpoint)
+        t = timings[c.name]
+        shortest = t["prompts"][min(t["prompts"], key=int)]
+        quality |= {f"ttft_{n}_ms": p["ttft_ms"] for n, p in t["prompts"].items()}
+        quality |= {f"decode_{n}_tok_s": p["decode_tok_s"] for n, p in t["prompts"].items()}
+        quality |= {"peak_mb": t["peak_mb"], "kv_cache_mb": kv_cache_bytes(c.checkpoint) / 2**20}
+        print(f"[validate] {c.name}: " + ", ".join(f"{k} {v:.4f}" for k, v in quality.items()))
+        reports.append(Report(c.name, str(c.onnx), quality, evaluator.primary, shortest["step_p50_ms"],
+                              shortest["step_p95_ms"], shortest["decode_tok_s"], folder_size(c.checkpoint),
+                              c.parity_max_abs))
+    return reports
+
+
+def lm_gate_failures(r: Report, base: Report, gates: LMGateConfig) -> list[str]:
+    q, failed = r.quality, []
+    increase = (q["perplexity"] / base.quality["perplexity"] - 1) * 100
+    if increase > gates.max_ppl_increase_pct:
+        failed.append(f"perplexity +{increase:.2f}% > {gates.max_ppl_increase_pct:.2f}%")
+    if q["top1"] < gates.min_top1:
+        failed.append(f"top-1 agreement {q['top1']:.4f} < min {gates.min_top1:.4f}")
+    if q["kl"] > gates.max_kl:
+        failed.append(f"KL {q['kl']:.4f} > max {gates.max_kl:.4f}")
+    if r.parity_max_abs is not None and not r.parity_max_abs <= gates.max_parity_error:
+        failed.append(f"parity {r.parity_max_abs:.2e} > {gates.max_parity_error:.0e}")
+    if gates.min_decode_tok_s is not None and r.throughput_sps < gates.min_decode_tok_s:
+        failed.append(f"decode {r.throughput_sps:.1f} tok/s < min {gates.min_decode_tok_s}")
+    ttft = max((v for k, v in q.items() if k.startswith("ttft_")), default=0.0)
+    if gates.max_ttft_ms is not None and ttft > gates.max_ttft_ms:
+        failed.append(f"time to first token {ttft:.1f} ms > max {gates.max_ttft_ms}")
+    if gates.max_peak_mb is not None and q["peak_mb"] > gates.max_peak_mb:
+        failed.append(f"peak memory {q['peak_mb']:.0f} MB > max {gates.max_peak_mb}")
+    if gates.max_size_mb is not None and r.size_bytes / 2**20 > gates.max_size_mb:
+        failed.append(f"size {r.size_bytes / 2**20:.1f} MB > max {gates.max_size_mb}")
+    return failed
+
+
+def apply_lm_gates(reports: list[Report], gates: LMGateConfig) -> list[Report]:
+    base = next((r for r in reports if r.name == BASELINE), None)
+    if base is None:
+        raise GateError("gates need the FP32 baseline candidate as reference, and it is missing")
+    return [replace(r, quality=r.quality | {"ppl_increase_pct": (r.quality["perplexity"] / base.quality["perplexity"]
+                                                                 - 1) * 100},
+                    failed_gates=lm_gate_failures(r, base, gates)) for r in reports]
+
+
+def register_lm(model_dir: Path, cfg: LMRegisterConfig, run_id: str, metrics: dict) -> RegisteredModel:
+    """The model folder (ONNX, genai config, tokenizer, chat template, generation config) logged to the run as
+    artifact `model` and registered as a new version carrying the metrics as tags."""
+    client = MlflowClient()
+    client.log_artifacts(run_id, str(model_dir), MODEL_DIR)
+    if not client.search_registered_models(f"name = '{cfg.model_name}'"):
+        client.create_registered_model(cfg.model_name)
+    source = f"{client.get_run(run_id).info.artifact_uri}/{MODEL_DIR}"
+    version = str(client.create_model_version(cfg.model_name, source, run_id,
+                                              tags={k: f"{v:.6g}" for k, v in metrics.items()
+                                                    if isinstance(v, float)}).version)
+    client.set_registered_model_alias(cfg.model_name, cfg.alias, version)
+    print(f"[register] {cfg.model_name} version {version} -> alias '{cfg.alias}'")
+    return RegisteredModel(cfg.model_name, version, cfg.alias, f"models:/{cfg.model_name}@{cfg.alias}")
+
+
+def ship_lm(model_dir: Path, bundle_dir: Path, max_length: int, data_version: str, details: dict) -> Path:
+    """The contract's LM bundle: `model/` (the whole generation folder) and a manifest hashing every file in it,
+    assembled beside the target and swapped in atomically."""
+    bundle_dir = Path(bundle_dir)
+    bundle_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{bundle_dir.name}-", dir=bundle_dir.parent))
+    try:
+        shutil.copytree(model_dir, tmp / MODEL_DIR)
+        files = {str(p.relative_to(tmp)): sha256_of(p) for p in sorted((tmp / MODEL_DIR).rglob("*")) if p.is_file()}
+        manifest = {"format": BUNDLE_FORMAT, "family": "causal_lm", "model_dir": MODEL_DIR, "files": files,
+                    # the ONNX decoder's hash under the key every bundle has (rollback prints it)
+                    "model_file": f"{MODEL_DIR}/{ONNX_FILE}", "sha256": files[f"{MODEL_DIR}/{ONNX_FILE}"],
+                    "size_bytes": folder_size(tmp / MODEL_DIR), "max_length": max_length,
+                    "data_version": data_version, "created_at": datetime.now(timezone.utc).isoformat(), **details}
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
+        swap_in(tmp, bundle_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    print(f"[ship] LM bundle {bundle_dir} ({len(files)} files hashed)")
+    return bundle_dir
+
+
+def decide_lm(challenger: dict, champion: dict | None, tolerance_pct: float) -> tuple[bool, str]:
+    """Promote when test perplexity is clearly lower, or within `tolerance_pct` and decoding faster."""
+    if champion is None:
+        return True, "no champion yet"
+    change = (challenger["test_perplexity"] / champion["test_perplexity"] - 1) * 100
+    speedup = challenger["decode_tok_s"] / champion["decode_tok_s"]
+    if change < -tolerance_pct:
+        return True, f"test perplexity lower by {-change:.2f}%"
+    if change > tolerance_pct:
+        return False, f"test perplexity higher by {change:.2f}%"
+    if speedup > 1:
+        return True, f"test perplexity within {tolerance_pct}% ({change:+.2f}%) and decode {speedup:.2f}x faster"
+    return False, f"test perplexity within {tolerance_pct}% ({change:+.2f}%) but decode not faster ({speedup:.2f}x)"
+
+
+def promote_lm(registered: RegisteredModel, bundle_dir: Path, cfg: LMPromoteConfig, timing: LMValidateConfig,
+               evaluator: LMEval, max_length: int, run_id: str) -> Decision:
+    """Challenger vs champion on the same test text, decode timed side by side."""
+    champion_version = _alias_version(registered.name, cfg.champion_alias)
+    client = MlflowClient()
+    if champion_version is None or champion_version == registered.version:
+        scores = {"challenger": {"test_perplexity": evaluator.test_perplexity(Path(bundle_dir) / MODEL_DIR)}}
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            source = client.get_model_version(registered.name, champion_version).source
+            folders = {"challenger": Path(bundle_dir) / MODEL_DIR,
+                       "champion": Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=tmp))}
+            speeds = evaluator.timings(folders, timing.prompt_lengths[:1], timing.new_tokens, max_length,
+                                       timing.rounds)
+            scores = {k: {"test_perplexity": evaluator.test_perplexity(f),
+                          "decode_tok_s": next(iter(speeds[k]["prompts"].values()))["decode_tok_s"]}
+                      for k, f in folders.items()}
+    promoted, reason = decide_lm(scores["challenger"], scores.get("champion"), cfg.quality_tolerance)
+    decision = Decision(promoted, reason, registered.version, champion_version, scores["challenger"],
+                        scores.get("champion"))
+    if promoted:
+        if champion_version is not None:
+            client.set_registered_model_alias(registered.name, cfg.previous_alias, champion_version)
+        client.set_registered_model_alias(registered.name, cfg.champion_alias, registered.version)
+        publish_copy(Path(bundle_dir), cfg.champion_bundle_dir)
+    client.set_model_version_tag(registered.name, registered.version, "promotion",
+                                 f"{'promoted' if promoted else 'kept champion'}: {reason}")
+    _log(run_id, decision)
+    print(f"[promote] version {registered.version} {'PROMOTED to' if promoted else 'not promoted to'} "
+          f"'{cfg.champion_alias}': {reason} (challenger {scores['challenger']}, champion v{champion_version}: "
+          f"{scores.get('champion')})")
+    return decision
+
+
+validate_lm_task = task(validate_lm, name="validate_lm")
+register_lm_task = task(register_lm, name="register_lm")
+ship_lm_task = task(ship_lm, name="ship_lm")
+promote_lm_task = task(promote_lm, name="promote_lm")

@@ -1,0 +1,185 @@
+"""The causal-LM family on a tiny random Llama built in the test: corpus -> FP32 ONNX for generation ->
+searched and fixed weight-only candidates -> gates -> registry -> contract bundle -> champion; and the
+up-front refusals (bad corpus, bad model folder, pickled weights)."""
+
+import json
+
+import mlflow
+import numpy as np
+import onnx
+import optuna
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+from pydoc_data.topics import topics
+
+from flows.lm import optimize_lm
+from tasks.config import ConfigError, CorpusConfig, LMRecipe, load_config
+from tasks.data.base import DataError
+from tasks.data.corpus import describe_corpus, load_corpus
+from tasks.guard_bundle import bundle_problem, sha256_of
+from tasks.init_config import init_config
+from tasks.lm.quantize import node_bits
+from tasks.lm.release import decide_lm
+from tests.tiny_llm import make_tiny_llama
+
+TINY = {
+    "family": "causal_lm",
+    "lm": {"model": "model", "max_length": 128},
+    "data": {"window": 64, "max_windows": 3},
+    # int8 keeps the tiny model's argmax; int4 everywhere (lm_head too) must fail the top-1 gate.
+    "compress": {"candidates": {"int8": {"bits": 8}, "int4": {"bits": 4, "lm_head": "int4"}},
+                 "search": {"n_trials": 1, "keep": 1, "trial_windows": 1}},
+    "validate": {"prompt_lengths": [8, 32], "new_tokens": 8, "rounds": 1},
+    "gates": {"select_by": "size_bytes"},
+    "register": {"model_name": "tiny-lm"},
+    "tracking": {"experiment": "e2e-lm"},
+}
+
+
+def write_corpus(folder, n=60):
+    folder.mkdir(parents=True, exist_ok=True)
+    for key in sorted(topics)[:n]:
+        (folder / f"{key}.txt").write_text(topics[key])
+    return folder
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lm-project")
+    make_tiny_llama(root / "model")
+    write_corpus(root / "corpus")
+    (root / "config.yaml").write_text(yaml.safe_dump(TINY))
+    return root
+
+
+@pytest.fixture(scope="module")
+def shipped(project, prefect_api):
+    return optimize_lm(config_path=str(project / "config.yaml"), root=str(project))
+
+
+@pytest.mark.e2e
+def test_lm_run_ships_the_contract_bundle(project, shipped):
+    bundle = project / "deploy" / "lm-bundle"
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["format"] == "modelforge-bundle/1" and manifest["family"] == "causal_lm"
+    assert manifest["model_dir"] == "model" and manifest["max_length"] == 128
+    assert manifest["candidate"] == shipped["chosen"] == "int8" and manifest["version"] == shipped["version"]
+    on_disk = {str(p.relative_to(bundle)) for p in (bundle / "model").rglob("*") if p.is_file()}
+    assert set(manifest["files"]) == on_disk and all(sha256_of(bundle / f) == h for f, h in manifest["files"].items())
+    assert bundle_problem(bundle) is None  # a later ship may replace it
+    model = bundle / "model"
+    assert json.loads((model / "genai_config.json").read_text())["search"]["max_length"] == 128
+    assert "im_start" in json.loads((model / "tokenizer_config.json").read_text())["chat_template"]
+    assert (model / "generation_config.json").is_file()
+    ops = {n.op_type for n in onnx.load(str(model / "model.onnx"), load_external_data=False).graph.node}
+    assert {"GroupQueryAttention", "MatMulNBits", "SimplifiedLayerNormalization"} <= ops
+
+    import onnxruntime_genai as og  # the shipped folder generates
+
+    og_model = og.Model(str(model))
+    params = og.GeneratorParams(og_model)
+    params.set_search_options(max_length=24, min_length=24, do_sample=False)
+    generator = og.Generator(og_model, params)
+    generator.append_tokens(og.Tokenizer(og_model).encode("The for statement"))
+    while not generator.is_done():
+        generator.generate_next_token()
+    assert len(generator.get_sequence(0)) == 24
+
+
+@pytest.mark.e2e
+def test_lm_gates_registry_and_search(project, shipped):
+    mlflow.set_tracking_uri(f"sqlite:///{project}/.modelforge/mlflow.db")
+    client = MlflowClient()
+    run = client.get_run(shipped["run_id"])
+    m = run.data.metrics
+    assert run.info.status == "FINISHED"
+    assert m["baseline.top1"] == 1.0 and m["baseline.kl"] < 1e-3 and m["baseline.parity_max_abs"] < 1e-3
+    assert m["int8.passed"] == 1.0 and m["int8.top1"] >= 0.9 and m["int8.size_bytes"] < 0.7 * m["baseline.size_bytes"]
+    assert m["int4.passed"] == 0.0 and m["int4.size_bytes"] < m["int8.size_bytes"]
+    assert {"baseline.ttft_8_ms", "baseline.ttft_32_ms", "int8.decode_8_tok_s", "int8.peak_mb",
+            "baseline.kv_cache_mb"} <= set(m)
+    reports = {r["name"]: r for r in json.loads(mlflow.artifacts.load_text(
+        f"runs:/{shipped['run_id']}/candidates/reports.json"))}
+    assert any(g.startswith("top-1 agreement") for g in reports["int4"]["failed_gates"])
+    # The KV cache sized to max_length: 2 (k, v) x 2 layers x 2 KV heads x 16 dims x 128 positions x 4 bytes.
+    assert m["baseline.kv_cache_mb"] == pytest.approx(2 * 2 * 2 * 16 * 128 * 4 / 2**20)
+
+    sensitivity = json.loads(mlflow.artifacts.load_text(f"runs:/{shipped['run_id']}/candidates/layer_sensitivity.json"))
+    assert sorted(r["layer"] for r in sensitivity) == [0, 1]
+    compression = json.loads(mlflow.artifacts.load_text(f"runs:/{shipped['run_id']}/candidates/compression.json"))
+    assert any(name.startswith("trial_") for name in compression)  # the searched candidate was validated too
+    [study] = optuna.get_all_study_summaries(f"sqlite:///{project}/.modelforge/lm/search/optuna.db")
+    assert study.n_trials == 1
+
+    version = client.get_model_version_by_alias("tiny-lm", "champion")
+    assert str(version.version) == shipped["version"] and shipped["promoted"]
+    files = {f.path for f in client.list_artifacts(shipped["run_id"], "model")}
+    assert {"model/genai_config.json", "model/tokenizer_config.json", "model/generation_config.json",
+            "model/model.onnx"} <= files
+    assert float(version.tags["top1"]) == pytest.approx(m["int8.top1"], rel=1e-4)
+    assert (project / "deploy" / "lm-champion" / "model" / "model.onnx").is_file()
+
+    corpus = load_corpus(project / "corpus")
+    assert all(corpus.values()) and not set(corpus["test"]) & set(corpus["calibration"])
+
+
+def test_mixed_precision_keeps_the_most_sensitive_layers_at_int8(project, shipped):
+    model = onnx.load(str(project / "deploy" / "lm-bundle" / "model" / "model.onnx"), load_external_data=False)
+    # node_bits reads MatMul names; rebuild the FP32 names from the quantized graph's.
+    fp32 = onnx.helper.make_model(onnx.helper.make_graph(
+        [onnx.helper.make_node("MatMul", ["x", f"w{i}"], [f"y{i}"], name=n.name.removesuffix("_Q8").removesuffix("_Q4"))
+         for i, n in enumerate(model.graph.node) if n.op_type == "MatMulNBits"], "g", [], [],
+        [onnx.numpy_helper.from_array(np.zeros((1, 1), np.float32), f"w{i}")
+         for i, n in enumerate(model.graph.node) if n.op_type == "MatMulNBits"]))
+    plan = node_bits(fp32, LMRecipe(bits=4, lm_head="fp32", int8_layers=1), sensitive=[1, 0])
+    assert plan["/lm_head/MatMul"] is None
+    assert {b for n, b in plan.items() if "/layers.1/" in n} == {8}
+    assert {b for n, b in plan.items() if "/layers.0/" in n} == {4}
+
+
+def test_champion_challenger_rule():
+    champion = {"test_perplexity": 10.0, "decode_tok_s": 100.0}
+    assert decide_lm({"test_perplexity": 9.0, "decode_tok_s": 50.0}, champion, 1.0)[0]
+    assert decide_lm({"test_perplexity": 10.05, "decode_tok_s": 120.0}, champion, 1.0)[0]
+    assert not decide_lm({"test_perplexity": 10.05, "decode_tok_s": 90.0}, champion, 1.0)[0]
+    assert not decide_lm({"test_perplexity": 10.5, "decode_tok_s": 500.0}, champion, 1.0)[0]
+
+
+def test_bad_corpus_is_one_data_error(project, tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("Only a few words here.")
+    (corpus / "empty.md").write_text("  \n")
+    (corpus / "latin1.txt").write_bytes("caf\xe9 cr\xe8me".encode("latin-1"))
+    (corpus / "docs.jsonl").write_text('{"text": "fine"}\n{"body": "no text key"}\n')
+    (corpus / "table.csv").write_text("a,b\n")
+    with pytest.raises(DataError) as err:
+        describe_corpus(CorpusConfig(window=64, model=project / "model"), corpus)
+    message = str(err.value)
+    for expected in ("empty.md: empty document", "latin1.txt: not UTF-8", "docs.jsonl line 2", "table.csv: not a .txt",
+                     "fewer than one evaluation window of 65"):
+        assert expected in message, expected
+
+
+def test_bad_model_folders_are_refused_before_the_data(project, prefect_api, tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "pytorch_model.bin").write_bytes(b"\x80\x04pickle")
+    (bad / "config.json").write_text(json.dumps({"architectures": ["BertForMaskedLM"]}))
+    write_corpus(tmp_path / "corpus", 5)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({**TINY, "lm": {"model": "bad", "max_length": 128}}))
+    with pytest.raises(ConfigError) as err:
+        optimize_lm(config_path=str(tmp_path / "config.yaml"), root=str(tmp_path))
+    message = str(err.value)
+    for expected in ("pickled weights are refused", "pytorch_model.bin", "no *.safetensors", "BertForMaskedLM",
+                     "no tokenizer.json"):
+        assert expected in message, expected
+    assert not (tmp_path / "corpus.dvc").exists()  # nothing was versioned
+
+
+def test_init_writes_a_causal_lm_config(project, tmp_path):
+    out = init_config(project / "corpus", None, "model", project / "configs" / "mine.yaml", project)
+    cfg = load_config(out)
+    assert cfg.family == "causal_lm" and cfg.lm.model == project / "model" or str(cfg.lm.model) == "model"
+    assert "max_ppl_increase_pct" in out.read_text() and "# " in out.read_text()
