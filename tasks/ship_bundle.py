@@ -26,7 +26,7 @@ def io_spec(path: Path) -> dict:
     return {"inputs": spec(session.get_inputs()), "outputs": spec(session.get_outputs())}
 
 
-def _temporary(target: Path, kind: str = "") -> Path:
+def staging_folder(target: Path, kind: str = "") -> Path:
     """A fresh, unique, marked sibling folder of `target`: nothing that already exists is ever reused."""
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-{kind}", dir=target.parent))
     (tmp / PARTIAL).touch()
@@ -42,7 +42,7 @@ def swap_in(ready: Path, target: Path) -> None:
         (ready / PARTIAL).unlink()
         ready.rename(target)
         return
-    old = _temporary(target, "old-")
+    old = staging_folder(target, "old-")
     target.rename(old / target.name)
     (ready / PARTIAL).unlink()
     ready.rename(target)
@@ -52,7 +52,7 @@ def swap_in(ready: Path, target: Path) -> None:
 def publish_copy(source: Path, target: Path) -> Path:
     """Atomically make `target` a copy of the bundle folder `source`."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temporary(target)
+    tmp = staging_folder(target)
     try:
         shutil.copytree(source, tmp, dirs_exist_ok=True)
         swap_in(tmp, target)
@@ -67,7 +67,7 @@ def ship_bundle(onnx_path: Path, bundle_dir: Path, evaluator: Evaluator, data_ve
     evaluator says what serving must know (preprocessing, labels) and adds what it needs (a tokenizer)."""
     bundle_dir = Path(bundle_dir)
     bundle_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temporary(bundle_dir)
+    tmp = staging_folder(bundle_dir)
     try:
         model = tmp / "model.onnx"
         shutil.copyfile(onnx_path, model)

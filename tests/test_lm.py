@@ -20,7 +20,9 @@ from tasks.data.corpus import describe_corpus, load_corpus
 from tasks.guard_bundle import bundle_problem, sha256_of
 from tasks.init_config import init_config
 from tasks.lm.quantize import node_bits
-from tasks.lm.release import decide_lm
+from tasks.config import LMPromoteConfig
+from tasks.lm.release import paired_perplexity
+from tasks.promote_model import decide
 from tests.tiny_llm import make_tiny_llama
 
 TINY = {
@@ -138,12 +140,26 @@ def test_mixed_precision_keeps_the_most_sensitive_layers_at_int8(project, shippe
     assert {b for n, b in plan.items() if "/layers.0/" in n} == {4}
 
 
-def test_champion_challenger_rule():
-    champion = {"test_perplexity": 10.0, "decode_tok_s": 100.0}
-    assert decide_lm({"test_perplexity": 9.0, "decode_tok_s": 50.0}, champion, 1.0)[0]
-    assert decide_lm({"test_perplexity": 10.05, "decode_tok_s": 120.0}, champion, 1.0)[0]
-    assert not decide_lm({"test_perplexity": 10.05, "decode_tok_s": 90.0}, champion, 1.0)[0]
-    assert not decide_lm({"test_perplexity": 10.5, "decode_tok_s": 500.0}, champion, 1.0)[0]
+def test_champion_challenger_rule_is_a_paired_test_on_the_same_windows():
+    """An LM challenger is promoted on evidence: lower test perplexity by a paired bootstrap over the same
+    test windows, or a matching perplexity and a decode speed-up whose interval over rounds lies above 1.05."""
+    rng = np.random.default_rng(0)
+    champion_nll = rng.normal(2.3, 0.2, 16)
+    def window(shift, noise):
+        jitter = rng.normal(0, noise, 16)
+        nll = champion_nll + shift + jitter - jitter.mean()  # noise that averages out: `shift` is the whole effect
+        return {"window_nll": list(nll), "perplexity": float(np.exp(nll.mean()))}
+
+    champion = {"window_nll": list(champion_nll), "perplexity": float(np.exp(champion_nll.mean()))}
+    cfg = LMPromoteConfig()
+    slower, faster = {"speedup": 0.5, "interval": [0.45, 0.55]}, {"speedup": 1.3, "interval": [1.2, 1.4]}
+    better = paired_perplexity(window(-0.1, 0.01), champion)  # about 10% lower on every window
+    assert better["interval_pts"][0] > 0 and decide(better, slower, cfg)[0]
+    tie = paired_perplexity(window(0.0, 0.05), champion)  # the same model up to noise
+    assert tie["interval_pts"][0] < 0 < tie["interval_pts"][1]
+    assert not decide(tie, {"speedup": 1.2, "interval": [0.9, 1.5]}, cfg)[0]  # faster on paper: noise
+    assert decide(tie, faster, cfg)[0]
+    assert not decide(paired_perplexity(window(0.05, 0.01), champion), faster, cfg)[0]  # 5% worse: no speed-up pays
 
 
 def test_bad_corpus_is_one_data_error(project, tmp_path):

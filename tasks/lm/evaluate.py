@@ -84,16 +84,18 @@ def reference_of(logits: np.ndarray) -> Reference:
 def score(session: LMSession, windows: np.ndarray, reference: list[Reference] | None = None) -> dict:
     """Perplexity of the next tokens in `windows`; with the FP32 `reference` (one per window), top-1 agreement
     and mean KL(FP32 || model)."""
-    nll, top1, kl, n = 0.0, 0.0, 0.0, 0
+    nll, top1, kl, n, per_window = 0.0, 0.0, 0.0, 0, []
     for i, ids in enumerate(windows):
         logp = log_softmax(window_logits(session, ids).astype(np.float64))[:-1]
-        nll -= logp[np.arange(len(ids) - 1), ids[1:]].sum()
+        window_nll = -logp[np.arange(len(ids) - 1), ids[1:]].sum()
+        nll += window_nll
+        per_window.append(float(window_nll / (len(ids) - 1)))
         n += len(ids) - 1
         if reference is not None:
             ref = reference[i].logp.astype(np.float64)
             top1 += (reference[i].argmax == logp.argmax(-1)).sum()
             kl += (np.exp(ref) * (ref - logp)).sum()
-    out = {"perplexity": float(np.exp(nll / n))}
+    out = {"perplexity": float(np.exp(nll / n)), "window_nll": per_window}
     if reference is not None:
         out |= {"top1": float(top1 / n), "kl": float(kl / n)}
     return out
@@ -131,10 +133,15 @@ class LMEval:
         session = make_lm_session(model_dir, self.threads)
         reference = self._reference[:windows] if windows else self._reference
         val = score(session, self.windows("validation")[: len(reference)], reference)
+        del val["window_nll"]
         return val if windows else val | {"test_perplexity": self.test_perplexity(model_dir, session)}
 
     def test_perplexity(self, model_dir: Path, session: LMSession | None = None) -> float:
-        return score(session or make_lm_session(model_dir, self.threads), self.windows("test"))["perplexity"]
+        return self.test_score(model_dir, session)["perplexity"]
+
+    def test_score(self, model_dir: Path, session: LMSession | None = None) -> dict:
+        """Test perplexity and each test window's mean negative log-likelihood (for paired comparisons)."""
+        return score(session or make_lm_session(model_dir, self.threads), self.windows("test"))
 
     def prompt(self) -> list[int]:
         """Test-split tokens to prompt with (the same for every model)."""
@@ -142,8 +149,9 @@ class LMEval:
 
     def timings(self, model_dirs: dict[str, Path], prompt_lengths: list[int], new_tokens: int, max_length: int,
                 rounds: int) -> dict[str, dict]:
-        """Per model: {"prompts": {length: ttft_ms, decode_tok_s, step_p50_ms, step_p95_ms}, "peak_mb"}; the
-        best of `rounds` interleaved rounds."""
+        """Per model: {"prompts": {length: ttft_ms, decode_tok_s, step_p50_ms, step_p95_ms}, "peak_mb",
+        "rounds_tok_s"}; the best of `rounds` interleaved rounds, and each round's decode tokens/s at the
+        shortest prompt (for a paired speed comparison)."""
         prompt = self.prompt()
         lengths = sorted({min(n, len(prompt), max_length - new_tokens) for n in prompt_lengths})
         request = json.dumps({"prompt": prompt, "prompt_lengths": lengths, "new_tokens": new_tokens,
@@ -152,9 +160,11 @@ class LMEval:
         for _ in range(rounds):
             for name, folder in model_dirs.items():
                 run = json.loads(probe_process(folder, request))
+                round_tok_s = run["prompts"][min(run["prompts"], key=int)]["decode_tok_s"]
                 if name not in best:
-                    best[name] = run
+                    best[name] = run | {"rounds_tok_s": [round_tok_s]}
                     continue
+                best[name]["rounds_tok_s"].append(round_tok_s)
                 best[name]["peak_mb"] = min(best[name]["peak_mb"], run["peak_mb"])
                 for n, t in run["prompts"].items():
                     kept = best[name]["prompts"][n]

@@ -16,6 +16,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import mlflow
+import numpy as np
 from mlflow.tracking import MlflowClient
 from prefect import task
 
@@ -25,9 +26,10 @@ from tasks.config import LMGateConfig, LMPromoteConfig, LMRegisterConfig, LMVali
 from tasks.guard_bundle import BUNDLE_FORMAT, sha256_of
 from tasks.lm.evaluate import ONNX_FILE, LMEval, folder_size
 from tasks.lm.export import kv_cache_bytes
-from tasks.promote_model import Decision, _alias_version, _log
+from tasks.paired_stats import paired_bootstrap, ratio_interval
+from tasks.promote_model import Decision, _alias_version, _log, decide
 from tasks.register_model import RegisteredModel
-from tasks.ship_bundle import publish_copy, swap_in
+from tasks.ship_bundle import publish_copy, staging_folder, swap_in
 from tasks.validate_model import BASELINE, GateError, Report
 
 MODEL_DIR = "model"
@@ -104,7 +106,7 @@ def ship_lm(model_dir: Path, bundle_dir: Path, max_length: int, data_version: st
     assembled beside the target and swapped in atomically."""
     bundle_dir = Path(bundle_dir)
     bundle_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{bundle_dir.name}-", dir=bundle_dir.parent))
+    tmp = staging_folder(bundle_dir)
     try:
         shutil.copytree(model_dir, tmp / MODEL_DIR)
         files = {str(p.relative_to(tmp)): sha256_of(p) for p in sorted((tmp / MODEL_DIR).rglob("*")) if p.is_file()}
@@ -122,19 +124,14 @@ def ship_lm(model_dir: Path, bundle_dir: Path, max_length: int, data_version: st
     return bundle_dir
 
 
-def decide_lm(challenger: dict, champion: dict | None, tolerance_pct: float) -> tuple[bool, str]:
-    """Promote when test perplexity is clearly lower, or within `tolerance_pct` and decoding faster."""
-    if champion is None:
-        return True, "no champion yet"
-    change = (challenger["test_perplexity"] / champion["test_perplexity"] - 1) * 100
-    speedup = challenger["decode_tok_s"] / champion["decode_tok_s"]
-    if change < -tolerance_pct:
-        return True, f"test perplexity lower by {-change:.2f}%"
-    if change > tolerance_pct:
-        return False, f"test perplexity higher by {change:.2f}%"
-    if speedup > 1:
-        return True, f"test perplexity within {tolerance_pct}% ({change:+.2f}%) and decode {speedup:.2f}x faster"
-    return False, f"test perplexity within {tolerance_pct}% ({change:+.2f}%) but decode not faster ({speedup:.2f}x)"
+def paired_perplexity(challenger: dict, champion: dict) -> dict:
+    """How much lower the challenger's test perplexity is than the champion's, in percent, with a 95%
+    paired bootstrap interval over the same test windows (the decision rule of every pipeline takes it)."""
+    gain, low, high = paired_bootstrap(np.array(champion["window_nll"]), np.array(challenger["window_nll"]), np.mean)
+    pct = lambda nll: (np.exp(nll) - 1) * 100  # a mean NLL lower by d is a perplexity lower by e^d - 1
+    return {"metric": "test perplexity (%)", "challenger": challenger["perplexity"], "champion": champion["perplexity"],
+            "gain_pts": float(pct(gain)), "interval_pts": [float(pct(low)), float(pct(high))],
+            "test": "paired bootstrap over test windows"}
 
 
 def promote_lm(registered: RegisteredModel, bundle_dir: Path, cfg: LMPromoteConfig, timing: LMValidateConfig,
@@ -142,6 +139,7 @@ def promote_lm(registered: RegisteredModel, bundle_dir: Path, cfg: LMPromoteConf
     """Challenger vs champion on the same test text, decode timed side by side."""
     champion_version = _alias_version(registered.name, cfg.champion_alias)
     client = MlflowClient()
+    quality = speed = None
     if champion_version is None or champion_version == registered.version:
         scores = {"challenger": {"test_perplexity": evaluator.test_perplexity(Path(bundle_dir) / MODEL_DIR)}}
     else:
@@ -151,12 +149,16 @@ def promote_lm(registered: RegisteredModel, bundle_dir: Path, cfg: LMPromoteConf
                        "champion": Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=tmp))}
             speeds = evaluator.timings(folders, timing.prompt_lengths[:1], timing.new_tokens, max_length,
                                        timing.rounds)
-            scores = {k: {"test_perplexity": evaluator.test_perplexity(f),
-                          "decode_tok_s": next(iter(speeds[k]["prompts"].values()))["decode_tok_s"]}
-                      for k, f in folders.items()}
-    promoted, reason = decide_lm(scores["challenger"], scores.get("champion"), cfg.quality_tolerance)
+            tests = {k: evaluator.test_score(f) for k, f in folders.items()}
+        scores = {k: {"test_perplexity": tests[k]["perplexity"],
+                      "decode_tok_s": next(iter(speeds[k]["prompts"].values()))["decode_tok_s"]} for k in folders}
+        quality = paired_perplexity(tests["challenger"], tests["champion"])
+        # tokens/s, so challenger over champion is the speed-up; one ratio per interleaved round
+        ratio, low, high = ratio_interval(speeds["challenger"]["rounds_tok_s"], speeds["champion"]["rounds_tok_s"])
+        speed = {"speedup": ratio, "interval": [low, high]}
+    promoted, reason = decide(quality, speed, cfg)
     decision = Decision(promoted, reason, registered.version, champion_version, scores["challenger"],
-                        scores.get("champion"))
+                        scores.get("champion"), quality and {"quality": quality, "speed": speed})
     if promoted:
         if champion_version is not None:
             client.set_registered_model_alias(registered.name, cfg.previous_alias, champion_version)
