@@ -11,7 +11,7 @@ from __future__ import annotations
 import ast
 import functools
 import hashlib
-import importlib.util
+import importlib
 import sys
 from collections.abc import Iterable
 from pathlib import Path
@@ -64,11 +64,7 @@ def _module_file(name: str, search: list[Path]) -> Path | None:
         for candidate in (folder.joinpath(*parts).with_suffix(".py"), folder.joinpath(*parts, "__init__.py")):
             if candidate.is_file():
                 return candidate.resolve()
-    try:
-        spec = importlib.util.find_spec(name)
-    except (ImportError, ValueError):
-        return None
-    return Path(spec.origin).resolve() if spec and spec.origin and spec.origin.endswith(".py") else None
+    return None
 
 
 def _imported_names(source: str, module: str, is_package: bool) -> set[str]:
@@ -96,9 +92,14 @@ def user_code_files(module: str, root: Path | None = None) -> list[Path]:
     """The file of a user's `module` (looked up in `root` first, then on `sys.path`) and, transitively,
     every module it imports that lives in the same source tree (the project folder, or the same
     installed top-level package): what a change to their model's code touches."""
+    return sorted(set(user_modules(module, root).values()))
+
+
+def user_modules(module: str, root: Path | None = None) -> dict[str, Path]:
+    """`user_code_files` by module name."""
     first = _module_file(module, [Path(root).resolve()] if root else [])
     if first is None:
-        return []
+        return {}
     # The folder the module's dotted name starts from: only modules under it are the user's own.
     tree = first.parents[module.count(".") + (first.name == "__init__.py")]
     installed = {"site-packages", "dist-packages"} & set(tree.parts)
@@ -116,7 +117,37 @@ def user_code_files(module: str, root: Path | None = None) -> list[Path]:
             continue
         seen[name] = path
         queue += sorted(_imported_names(path.read_text(errors="replace"), name, path.name == "__init__.py"))
-    return sorted(set(seen.values()))
+    return seen
+
+
+_IMPORTED: dict[str, str] = {}  # module name -> digest of the file it was imported from
+
+
+def _file_digest(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def import_current(module: str) -> object:
+    """`importlib.import_module` for a user's module, as its files are now: when it, a package above it
+    or a project module it imports was imported earlier from another file (another project's module
+    of the same name) or from source edited since, they are imported again. A long-lived process (a
+    Prefect worker, a test session) then runs the code the run's fingerprint hashed."""
+    parts = module.split(".")
+    chain = [".".join(parts[: i + 1]) for i in range(len(parts))]
+    files = {name: path for name in chain if (path := _module_file(name, [])) is not None} | user_modules(module)
+    installed = lambda p: bool({"site-packages", "dist-packages"} & set(p.parts))
+    stale = [name for name, path in files.items() if name in sys.modules and not installed(path) and (
+        Path(getattr(sys.modules[name], "__file__", None) or "/").resolve() != path
+        or _IMPORTED.get(name) != _file_digest(path))]
+    gone = [name for name in chain if name in sys.modules and name not in files]  # its folder left sys.path
+    if stale or gone:
+        for name in [*files, *gone]:
+            sys.modules.pop(name, None)
+        importlib.invalidate_caches()
+    imported = importlib.import_module(module)
+    _IMPORTED.update({name: _file_digest(path) for name, path in files.items() if name in sys.modules})
+    return imported
 
 
 def inputs_version(spec: str | None = None, files: Iterable[Path | str | None] = (), root: Path | None = None) -> str:

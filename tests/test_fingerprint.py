@@ -81,3 +81,28 @@ def test_fingerprint_and_train_key_change_when_user_files_change(tmp_path, monke
     changed = {"pretrained folder": [1, 2]}.get(edit, [0, 2])
     for i in changed:
         assert before[i] != after[i], f"{edit} edited in place, yet {['fingerprint', 'hf fingerprint', 'train key'][i]} is unchanged"
+
+
+def test_a_users_module_is_imported_as_it_is_now(tmp_path, monkeypatch):
+    """One process runs several projects (a worker, this test session): a module of the same name from
+    another project, or one edited since it was imported, must not be the code that runs."""
+    from tasks.models.custom import load_factory
+
+    first, second = tmp_path / "one", tmp_path / "two"
+    for folder, width in ((first, 3), (second, 5)):
+        (folder / "zoo").mkdir(parents=True)
+        (folder / "zoo" / "__init__.py").write_text("")
+        (folder / "zoo" / "sizes.py").write_text(f"WIDTH = {width}\n")
+        (folder / "zoo" / "nets.py").write_text("from torch import nn\nfrom .sizes import WIDTH\n\n"
+                                                "def build(num_classes, input_shape):\n"
+                                                "    return nn.Linear(WIDTH, num_classes)\n")
+    width = lambda: load_factory("zoo.nets:build")(2, (1,)).in_features
+    monkeypatch.syspath_prepend(str(first))
+    assert width() == 3
+    monkeypatch.syspath_prepend(str(second))  # the next project, same module names
+    assert width() == 5
+    (second / "zoo" / "sizes.py").write_text("WIDTH = 7\n")  # an imported module edited in place
+    assert width() == 7
+    monkeypatch.undo()  # neither project on sys.path any more: the module is not importable, whatever was cached
+    with pytest.raises(ValueError, match="cannot import 'zoo.nets'"):
+        load_factory("zoo.nets:build")

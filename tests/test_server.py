@@ -396,7 +396,8 @@ def test_cli_serves_a_registry_alias_follows_it_limits_bodies_and_drains_on_sigt
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     host = "127.0.0.1"
     try:
-        wait_until(lambda: _ready(host, port), timeout=120)
+        wait_until(lambda: _ready(host, port) or proc.poll() is not None, timeout=120)
+        assert proc.poll() is None, proc.communicate()[0][-3000:]  # a server that died at start says why
         assert request(host, port, "GET", "/health")[1]["model_sha256"] == sha(bundles["cnn"])
         status, body = request(host, port, "POST", "/predict", {"inputs": np.zeros((40, 1, 8, 8)).tolist()})
         assert status == 413 and "limit of 10485 bytes" in body["error"]  # --max-body-mb 0.01

@@ -184,7 +184,7 @@ def test_a_local_hugging_face_checkpoint_is_fine_tuned_pruned_by_heads_quantized
             "heads": [{"method": "structured_prune", "amount": 0.5, "finetune_epochs": 6, "finetune_lr_scale": 0.5}],
             "int8_dynamic": [{"method": "quantize_dynamic"}],
             # the transformer teaches a built-in bag-of-tokens student over the same token ids
-            "student": [{"method": "distill", "student": {"family": "text", "width": 32, "depth": 1}, "epochs": 20}]}},
+            "student": [{"method": "distill", "student": {"family": "text", "width": 8, "depth": 1}, "epochs": 20}]}},
     })
     report = run_project(tmp_path, config)
     table = candidates(tmp_path, report)

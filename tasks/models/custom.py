@@ -10,7 +10,6 @@ package; workers on a cluster need the package installed.
 
 from __future__ import annotations
 
-import importlib
 import inspect
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from tasks.fingerprint import import_current
 from tasks.models.base import Arch, load_tensors
 
 
@@ -31,7 +31,7 @@ def load_factory(spec: str) -> Callable[[int, tuple[int, ...]], nn.Module]:
     if not module_name or not name:
         raise ValueError(f"model spec {spec!r} is not 'package.module:function'")
     try:
-        module = importlib.import_module(module_name)
+        module = import_current(module_name)
     except Exception as err:  # a user's module may fail in any way while importing
         raise ValueError(f"model spec {spec!r}: cannot import {module_name!r}: {type(err).__name__}: {err}") from None
     factory = getattr(module, name, None)
