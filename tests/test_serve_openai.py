@@ -233,7 +233,7 @@ def test_a_registry_alias_serves_an_lm_bundle(lm_bundle, reference, tmp_path):
     from mlflow.tracking import MlflowClient
 
     uri, previous = f"sqlite:///{tmp_path}/mlflow.db", mlflow.get_tracking_uri()
-    registry = MlflowClient(uri)
+    registry = MlflowClient(uri, registry_uri=uri)  # else a registry URI set earlier in the process wins
     registry.create_registered_model(MODEL)
     run = registry.create_run(registry.create_experiment("lm", artifact_location=str(tmp_path / "artifacts")))
     registry.log_artifacts(run.info.run_id, str(lm_bundle), "bundle")

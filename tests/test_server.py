@@ -371,7 +371,7 @@ def registry_with_two_versions(root: Path, bundles) -> str:
 
     uri = f"sqlite:///{root}/mlflow.db"
     mlflow.set_tracking_uri(uri)
-    client = MlflowClient(uri)
+    client = MlflowClient(uri, registry_uri=uri)  # else a registry URI set earlier in the process wins
     client.create_registered_model("tiny")
     experiment = client.create_experiment("serve", artifact_location=str(root / "artifacts"))
     for name in ("cnn", "mlp"):
@@ -401,7 +401,7 @@ def test_cli_serves_a_registry_alias_follows_it_limits_bodies_and_drains_on_sigt
         assert request(host, port, "GET", "/health")[1]["model_sha256"] == sha(bundles["cnn"])
         status, body = request(host, port, "POST", "/predict", {"inputs": np.zeros((40, 1, 8, 8)).tolist()})
         assert status == 413 and "limit of 10485 bytes" in body["error"]  # --max-body-mb 0.01
-        MlflowClient(uri).set_registered_model_alias("tiny", "champion", "2")  # the alias moves: the server follows
+        MlflowClient(uri, registry_uri=uri).set_registered_model_alias("tiny", "champion", "2")  # the alias moves: the server follows
         wait_until(lambda: request(host, port, "GET", "/health")[1]["model_sha256"] == sha(bundles["mlp"]))
 
         # SIGTERM under load: not ready at once, requests keep being answered, then a clean exit 0
