@@ -181,7 +181,15 @@ def promote_model(registered: RegisteredModel, bundle_dir: Path, cfg: PromoteCon
         quality = evaluator.paired(samples["challenger"], samples["champion"])
         ratio, low, high = ratio_interval(speeds["champion"].latency_rounds_ms, speeds["challenger"].latency_rounds_ms)
         speed = {"speedup": ratio, "interval": [low, high]}
-    promoted, reason = decide(quality, speed, cfg, evaluator.primary)
+    return act_on_decision(registered, Path(bundle_dir), cfg, champion_version, scores, quality, speed,
+                           evaluator.primary, run_id)
+
+
+def act_on_decision(registered: RegisteredModel, bundle_dir: Path, cfg: PromoteConfig, champion_version: str | None,
+                    scores: dict, quality: dict | None, speed: dict | None, metric: str, run_id: str) -> Decision:
+    """Decide (`decide`), then move the aliases and publish the champion bundle when promoted, and
+    record the decision and its evidence on the registry version and the run."""
+    promoted, reason = decide(quality, speed, cfg, metric)
     decision = Decision(promoted, reason, registered.version, champion_version, scores["challenger"],
                         scores.get("champion"), quality and {"quality": quality, "speed": speed})
     client = MlflowClient()
@@ -189,7 +197,7 @@ def promote_model(registered: RegisteredModel, bundle_dir: Path, cfg: PromoteCon
         if champion_version is not None:
             client.set_registered_model_alias(registered.name, cfg.previous_alias, champion_version)
         client.set_registered_model_alias(registered.name, cfg.champion_alias, registered.version)
-        publish_copy(Path(bundle_dir), cfg.champion_bundle_dir)
+        publish_copy(bundle_dir, cfg.champion_bundle_dir)
     client.set_model_version_tag(registered.name, registered.version, "promotion",
                                  f"{'promoted' if promoted else 'kept champion'}: {reason}")
     _log(run_id, decision)

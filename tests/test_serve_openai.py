@@ -232,14 +232,15 @@ def test_a_registry_alias_serves_an_lm_bundle(lm_bundle, reference, tmp_path):
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    uri, previous = f"sqlite:///{tmp_path}/mlflow.db", mlflow.get_tracking_uri()
+    uri, previous = f"sqlite:///{tmp_path}/mlflow.db", (mlflow.get_tracking_uri(), mlflow.get_registry_uri())
     registry = MlflowClient(uri, registry_uri=uri)  # else a registry URI set earlier in the process wins
     registry.create_registered_model(MODEL)
     run = registry.create_run(registry.create_experiment("lm", artifact_location=str(tmp_path / "artifacts")))
     registry.log_artifacts(run.info.run_id, str(lm_bundle), "bundle")
     registry.create_model_version(MODEL, f"runs:/{run.info.run_id}/bundle", run.info.run_id)
     registry.set_registered_model_alias(MODEL, "champion", "1")
-    mlflow.set_tracking_uri(uri)  # RegistrySource reads the process's registry, as `modelforge serve` does
+    mlflow.set_tracking_uri(uri)  # RegistrySource reads the process's registry, as `modelforge serve` sets it
+    mlflow.set_registry_uri(uri)
     try:
         app = create_app(RegistrySource(f"models:/{MODEL}@champion"), ServeSettings())
         with running_server(app) as (host, port):
@@ -248,7 +249,8 @@ def test_a_registry_alias_serves_an_lm_bundle(lm_bundle, reference, tmp_path):
             assert got.choices[0].text == reference.greedy(reference.encode("Modules"), 8)[0]
             assert app.state.ctx.holder.model.verified_files == json.loads((lm_bundle / "manifest.json").read_text())["files"]
     finally:
-        mlflow.set_tracking_uri(previous)
+        mlflow.set_tracking_uri(previous[0])
+        mlflow.set_registry_uri(previous[1])
 
 
 def endless_prompt(reference: Reference, tokens: int) -> str:

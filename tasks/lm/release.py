@@ -27,9 +27,9 @@ from tasks.guard_bundle import BUNDLE_FORMAT, sha256_of
 from tasks.lm.evaluate import ONNX_FILE, LMEval, folder_size
 from tasks.lm.export import kv_cache_bytes
 from tasks.paired_stats import paired_bootstrap, ratio_interval
-from tasks.promote_model import Decision, _alias_version, _log, decide
+from tasks.promote_model import Decision, _alias_version, act_on_decision
 from tasks.register_model import RegisteredModel
-from tasks.ship_bundle import publish_copy, staging_folder, swap_in
+from tasks.ship_bundle import staging_folder, swap_in
 from tasks.validate_model import BASELINE, GateError, Report
 
 MODEL_DIR = "model"
@@ -156,21 +156,8 @@ def promote_lm(registered: RegisteredModel, bundle_dir: Path, cfg: LMPromoteConf
         # tokens/s, so challenger over champion is the speed-up; one ratio per interleaved round
         ratio, low, high = ratio_interval(speeds["challenger"]["rounds_tok_s"], speeds["champion"]["rounds_tok_s"])
         speed = {"speedup": ratio, "interval": [low, high]}
-    promoted, reason = decide(quality, speed, cfg)
-    decision = Decision(promoted, reason, registered.version, champion_version, scores["challenger"],
-                        scores.get("champion"), quality and {"quality": quality, "speed": speed})
-    if promoted:
-        if champion_version is not None:
-            client.set_registered_model_alias(registered.name, cfg.previous_alias, champion_version)
-        client.set_registered_model_alias(registered.name, cfg.champion_alias, registered.version)
-        publish_copy(Path(bundle_dir), cfg.champion_bundle_dir)
-    client.set_model_version_tag(registered.name, registered.version, "promotion",
-                                 f"{'promoted' if promoted else 'kept champion'}: {reason}")
-    _log(run_id, decision)
-    print(f"[promote] version {registered.version} {'PROMOTED to' if promoted else 'not promoted to'} "
-          f"'{cfg.champion_alias}': {reason} (challenger {scores['challenger']}, champion v{champion_version}: "
-          f"{scores.get('champion')})")
-    return decision
+    return act_on_decision(registered, Path(bundle_dir), cfg, champion_version, scores, quality, speed,
+                           "test perplexity", run_id)
 
 
 validate_lm_task = task(validate_lm, name="validate_lm")
