@@ -26,13 +26,13 @@ warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)",
 import torch  # noqa: E402
 
 from tasks.models import Arch, build_model, save_checkpoint  # noqa: E402
-from tasks.compress_model import compress_candidate  # noqa: E402
+from tasks.compress.recipe import compress_candidate  # noqa: E402
 from tasks.config import (  # noqa: E402
     Binarize, ConvertFp16, DataConfig, Distill, MagnitudePrune, QuantizeAware, QuantizeDynamic, QuantizeStatic,
     SparsityTrain, StructuredPrune, TrainConfig, ValidateConfig)
-from tasks.evaluate_model import ClassifierEval  # noqa: E402
-from tasks.train_model import TrainParams, accuracy, fit  # noqa: E402
-from tasks.validate_model import validate_candidates  # noqa: E402
+from tasks.release.evaluate import ClassifierEval  # noqa: E402
+from tasks.train.stage import TrainParams, accuracy, fit  # noqa: E402
+from tasks.release.validate import validate_candidates  # noqa: E402
 from tasks.data import load_splits  # noqa: E402
 from tasks.data.digits import materialize_digits  # noqa: E402
 

@@ -3,7 +3,7 @@ beside INT8 encoders built the way the peers build theirs, side by side on ORT C
 
     .venv/bin/python bench/minilm.py [--sentences 600] [--queries 100] [--train-sentences 5200] [--epochs 8] [--no-student]
 
-The pipeline's rows go through its own code path (tasks.embed_minilm: TorchScript export of eager
+The pipeline's rows go through its own code path (tasks.encoder.minilm: TorchScript export of eager
 attention, attention-only fusion, dynamic INT8, sessions with the fusions the model opts out of).
 The peers' own packages cannot be installed beside this project's pins (optimum-onnx needs
 transformers < 4.58; sentence-transformers 6.2's `[onnx]` extra does not resolve), so their
@@ -33,9 +33,9 @@ from pathlib import Path
 import onnx
 
 from tasks.data.docstrings import offline_corpus
-from tasks.embed_minilm import (HIDDEN_SIZE, NUM_HEADS, distill_encoder, encode_onnx, export_encoder, fidelity,
+from tasks.encoder.minilm import (HIDDEN_SIZE, NUM_HEADS, distill_encoder, encode_onnx, export_encoder, fidelity,
                                 load_minilm, optimize_encoder, quantize_encoder, tokenize)
-from tasks.run_onnx import make_session, measure_speeds
+from tasks.onnx.runtime import make_session, measure_speeds
 
 PEERS = ("peer_st_int8", "peer_optimum_o3_int8")
 

@@ -108,7 +108,7 @@ def shipped_model(name: str, project: Path) -> dict:
     """The candidate a finished run shipped and its test accuracy on ONNX Runtime."""
     from tasks.config import load_config
     from tasks.data import load_splits
-    from tasks.run_onnx import make_session, onnx_accuracy
+    from tasks.onnx.runtime import make_session, onnx_accuracy
 
     config, data_dir, _ = EXAMPLES[name]
     bundle = project / load_config(project / "configs" / config).register_.bundle_dir

@@ -24,8 +24,8 @@ def trials_per_hour(workers: int, ref, trials: int, epochs: int, work: Path) -> 
     from distributed import Client, LocalCluster
 
     from tasks.config import SearchConfig
-    from tasks.connect_runner import local_cluster_kwargs
-    from tasks.search_model import run_trials
+    from tasks.search.runner import local_cluster_kwargs
+    from tasks.search.trials import run_trials
 
     space = {"families": ["cnn"], "depth": [1, 1], "width": [64, 64], "channels": [16, 16], "batch_sizes": [32],
              "optimizers": ["adam"], "dropout": [0.0, 0.0]}
@@ -43,8 +43,8 @@ def trials_per_hour(workers: int, ref, trials: int, epochs: int, work: Path) -> 
 
 def ddp_seconds(processes: int, splits, epochs: int) -> tuple[float, float, float]:
     from tasks.models import Arch, build_model
-    from tasks.train_ddp import fit_parallel
-    from tasks.train_model import TrainParams, accuracy, fit
+    from tasks.train.ddp import fit_parallel
+    from tasks.train.stage import TrainParams, accuracy, fit
 
     torch.manual_seed(0)
     model = build_model(Arch("cnn", 10, (1, 8, 8), conv=(32, 64), hidden=(128,)))
@@ -66,9 +66,9 @@ def main() -> None:
     args = parser.parse_args()
 
     from tasks.config import DataConfig
-    from tasks.fetch_data import DataRef
+    from tasks.data.fetch import DataRef
     from tasks.data import load_splits
-    from tasks.version_data import version_data
+    from tasks.data.version import version_data
 
     work = Path(tempfile.mkdtemp(prefix="bench-scale-"))
     (work / "project").mkdir()

@@ -19,7 +19,7 @@ import optuna
 from optuna.trial import TrialState
 
 from tasks.config import DataConfig, SearchConfig
-from tasks.search_model import _storage, resolve_storage, run_trials
+from tasks.search.trials import _storage, resolve_storage, run_trials
 from tasks.data.digits import materialize_digits
 
 SAMPLERS = ("random", "tpe", "nsga2", "greedy", "genetic")

@@ -63,16 +63,16 @@ def build_models(work: Path) -> dict[str, dict]:
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from tasks.compress_model import compress_candidate
+    from tasks.compress.recipe import compress_candidate
     from tasks.config import DataConfig, RegisterConfig, TrainConfig
     from tasks.data import load_splits
     from tasks.data.digits import materialize_digits
-    from tasks.evaluate_model import ClassifierEval
+    from tasks.release.evaluate import ClassifierEval
     from tasks.models import Arch, build_model, save_checkpoint
-    from tasks.register_model import register_model
-    from tasks.run_onnx import make_session
-    from tasks.ship_bundle import ship_bundle
-    from tasks.train_model import TrainParams, fit
+    from tasks.release.register import register_model
+    from tasks.onnx.runtime import make_session
+    from tasks.release.ship import ship_bundle
+    from tasks.train.stage import TrainParams, fit
 
     data = work / "data"
     materialize_digits(DataConfig(), data)
@@ -143,7 +143,7 @@ class Server:
 
 
 def free_port() -> int:
-    from tasks.start_prefect import free_port as port
+    from tasks.core.prefect import free_port as port
 
     return port()
 

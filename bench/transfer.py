@@ -70,7 +70,7 @@ def frozen_minilm_right(data_dir: Path) -> np.ndarray:
 
     from tasks.data.base import read_manifest
     from tasks.data.text import split_texts
-    from tasks.embed_minilm import load_minilm
+    from tasks.encoder.minilm import load_minilm
 
     texts, labels, split = split_texts(data_dir, read_manifest(data_dir))
     encoder, tokenizer = load_minilm()
@@ -96,7 +96,7 @@ def baseline_right(project: Path, data_dir: str) -> np.ndarray:
     """Whether the run's FP32 model (its ONNX graph, as validated) classifies each test sample right,
     in the data's order: the same hash split orders every project's test rows alike."""
     from tasks.data import load_splits
-    from tasks.run_onnx import make_session, predict_logits
+    from tasks.onnx.runtime import make_session, predict_logits
 
     x, y = load_splits(project / data_dir).test
     graph = max((project / ".modelforge" / "candidates").glob("*/baseline/model.onnx"), key=lambda f: f.stat().st_mtime)

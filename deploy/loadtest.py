@@ -139,7 +139,7 @@ def main() -> None:
     from serve.app import create_app
     from serve.settings import ServeSettings
     from serve.sources import BundleSource
-    from tasks.ship_bundle import publish_copy
+    from tasks.release.ship import publish_copy
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bundle", default="deploy/champion")

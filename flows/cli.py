@@ -66,8 +66,8 @@ def _config(args: argparse.Namespace):
 
 def cmd_run(args: argparse.Namespace) -> int:
     from tasks.config import ConfigError, load_config
-    from tasks.start_prefect import temporary_prefect_server
-    from tasks.stop_run import stop_on_signals
+    from tasks.core.prefect import temporary_prefect_server
+    from tasks.core.stop import stop_on_signals
 
     try:
         family = load_config(args.config, args.set).family
@@ -92,10 +92,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
-    from tasks.guard_bundle import clean_leftovers
-    from tasks.lock_workdir import lock_workdir
-    from tasks.promote_model import rollback
-    from tasks.track_run import setup_tracking
+    from tasks.release.guard import clean_leftovers
+    from tasks.core.lock import lock_workdir
+    from tasks.release.promote import rollback
+    from tasks.core.tracking import setup_tracking
 
     cfg = _config(args)
     setup_tracking(cfg.tracking)
@@ -106,7 +106,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from tasks.compare_runs import compare_runs, format_rows
+    from tasks.release.compare import compare_runs, format_rows
 
     print(format_rows(compare_runs(_config(args).tracking, args.last)))
     return 0
@@ -119,7 +119,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings = from_arguments(args)  # refused (exit 2) before anything loads
     if args.model_uri:
-        from tasks.track_run import setup_tracking
+        from tasks.core.tracking import setup_tracking
 
         setup_tracking(_config(args).tracking)
     return serve(RegistrySource(args.model_uri) if args.model_uri else BundleSource(Path(args.bundle)), settings)
@@ -143,8 +143,8 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
 
 def cmd_data_changed(args: argparse.Namespace) -> int:
-    from tasks.notify_data import notify_data_change
-    from tasks.start_prefect import prefect_api
+    from tasks.data.notify import notify_data_change
+    from tasks.core.prefect import prefect_api
 
     with prefect_api(args.root):
         changed = notify_data_change(_config(args).data, args.root)
@@ -170,7 +170,7 @@ def cmd_example(args: argparse.Namespace) -> int:
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
-    from tasks.start_prefect import prefect_api
+    from tasks.core.prefect import prefect_api
 
     with prefect_api(args.root) as url:
         from flows.deployments import deploy_model, list_deployments, remove_model
@@ -190,7 +190,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 
 
 def cmd_stack(args: argparse.Namespace) -> int:
-    from tasks.start_prefect import start_stack, stop_stack
+    from tasks.core.prefect import start_stack, stop_stack
 
     if args.action == "stop":
         stopped = stop_stack(args.root)
@@ -294,12 +294,12 @@ def main(argv: list[str] | None = None) -> int:
     from prefect.exceptions import TerminationSignal
 
     from tasks.config import ConfigError
-    from tasks.guard_bundle import BundleError
-    from tasks.lock_workdir import WorkdirBusy
-    from tasks.promote_model import PromotionError
-    from tasks.search_model import SearchError
-    from tasks.stop_run import exit_code, interruption
-    from tasks.validate_model import GateError
+    from tasks.release.guard import BundleError
+    from tasks.core.lock import WorkdirBusy
+    from tasks.release.promote import PromotionError
+    from tasks.search.trials import SearchError
+    from tasks.core.stop import exit_code, interruption
+    from tasks.release.validate import GateError
     from tasks.data import DataError
 
     explained = (ConfigError, DataError, GateError, SearchError, WorkdirBusy, BundleError, PromotionError)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from prefect import flow
 
-from tasks import track_run
+from tasks.core import tracking
 from tasks.lm.evaluate import LMEval
 from tasks.lm.export import export_lm_task
 from tasks.lm.model import prepare_model_task
@@ -16,20 +16,20 @@ from tasks.lm.quantize import layer_sensitivity_task
 from tasks.lm.release import (MODEL_DIR, apply_lm_gates, promote_lm_task, register_lm_task, ship_lm_task,
                               validate_lm_task)
 from tasks.lm.search import make_candidate_task, search_lm_task
-from tasks.report_candidates import report_candidates_task
-from tasks.validate_model import best_passing, require_passing
-from tasks.version_data import version_data_task
+from tasks.release.report import report_candidates_task
+from tasks.release.validate import best_passing, require_passing
+from tasks.data.version import version_data_task
 
 
 @flow(name="optimize-lm", log_prints=True)
 def optimize_lm(config_path: str = "configs/smollm2.yaml", root: str = ".", force: bool = False,
                 lock_wait_s: float = 0, overrides: list[str] | None = None) -> dict:
-    with track_run.pipeline_run(config_path, root, "optimize-lm", family="causal_lm", lock_wait_s=lock_wait_s,
+    with tracking.pipeline_run(config_path, root, "optimize-lm", family="causal_lm", lock_wait_s=lock_wait_s,
                                 overrides=tuple(overrides or ())) as run:
         cfg, work = run.cfg, run.cfg.workdir / "lm"
         hf_dir = prepare_model_task(cfg.lm.model, work / "source")
         data = version_data_task(cfg.data, run.root)
-        if skipped := track_run.already_done(run, data.md5, force):
+        if skipped := tracking.already_done(run, data.md5, force):
             return skipped
 
         out = work / "candidates" / run.run_id
@@ -39,11 +39,11 @@ def optimize_lm(config_path: str = "configs/smollm2.yaml", root: str = ".", forc
         ranked = layer_sensitivity_task(baseline.checkpoint,
                                         evaluator.windows("calibration", cfg.compress.search.trial_windows),
                                         cfg.validate_.threads) if cfg.compress.uses_sensitivity else []
-        track_run.log_json(run.run_id, ranked, "candidates/layer_sensitivity.json")
+        tracking.log_json(run.run_id, ranked, "candidates/layer_sensitivity.json")
         sensitive = [r["layer"] for r in ranked]
         searched = search_lm_task(baseline.checkpoint, evaluator, cfg.compress.search, cfg.validate_,
                                   cfg.lm.max_length, sensitive, cfg.gates.max_ppl_increase_pct, work / "search",
-                                  f"{data.md5}/{track_run.code_version()}/{cfg.section_hash('lm')}")
+                                  f"{data.md5}/{tracking.code_version()}/{cfg.section_hash('lm')}")
         recipes = [*cfg.compress.candidates.items(), *searched]
         candidates = [baseline] + [make_candidate_task(name, recipe, baseline.checkpoint, out, sensitive)
                                    for name, recipe in recipes]
@@ -51,7 +51,7 @@ def optimize_lm(config_path: str = "configs/smollm2.yaml", root: str = ".", forc
         reports = apply_lm_gates(validate_lm_task(candidates, evaluator, cfg.validate_, cfg.lm.max_length), cfg.gates)
         chosen = best_passing(reports, cfg.gates)
         summary = report_candidates_task(reports, chosen and chosen.name, work / "reports" / run.run_id)
-        track_run.log_candidates(run.run_id, candidates, reports, summary)
+        tracking.log_candidates(run.run_id, candidates, reports, summary)
         require_passing(chosen, reports)
 
         folder = next(c.checkpoint for c in candidates if c.name == chosen.name)
@@ -59,8 +59,8 @@ def optimize_lm(config_path: str = "configs/smollm2.yaml", root: str = ".", forc
         bundle = ship_lm_task(folder, cfg.register_.bundle_dir, cfg.lm.max_length, data.md5,
                               {"candidate": chosen.name, "model_name": registered.name, "version": registered.version,
                                "metrics": chosen.to_dict(), "mlflow_run_id": run.run_id})
-        track_run.log_artifacts(run.run_id, bundle, "bundle")  # what rollback republishes
-        track_run.set_tags(run.run_id, {"chosen_candidate": chosen.name, "bundle": str(bundle),
+        tracking.log_artifacts(run.run_id, bundle, "bundle")  # what rollback republishes
+        tracking.set_tags(run.run_id, {"chosen_candidate": chosen.name, "bundle": str(bundle),
                                         "registered_version": registered.version, "quality_metric": "top1"})
         decision = promote_lm_task(registered, bundle, cfg.promote, cfg.validate_, evaluator, cfg.lm.max_length,
                                    run.run_id)

@@ -11,29 +11,29 @@ from prefect import flow
 
 from flows.release import validate_and_release
 from flows.search import search_trials
-from tasks import track_run
-from tasks.compress_model import compress_candidate_task
-from tasks.connect_runner import search_runner
-from tasks.evaluate_model import ClassifierEval
-from tasks.fetch_data import worker_data
-from tasks.promote_model import check_champion_task
-from tasks.search_model import TrialTracking, fit_search_to_data, summarize_search_task
-from tasks.train_model import check_model_inputs_task, train_model_task
-from tasks.validate_model import BASELINE
-from tasks.version_data import version_data_task
+from tasks.core import tracking
+from tasks.compress.recipe import compress_candidate_task
+from tasks.search.runner import search_runner
+from tasks.release.evaluate import ClassifierEval
+from tasks.data.fetch import worker_data
+from tasks.release.promote import check_champion_task
+from tasks.search.trials import TrialTracking, fit_search_to_data, summarize_search_task
+from tasks.train.stage import check_model_inputs_task, train_model_task
+from tasks.release.validate import BASELINE
+from tasks.data.version import version_data_task
 
 
 @flow(name="optimize", log_prints=True)  # the search subflow brings its own task runner, from the config
 def optimize(config_path: str = "configs/digits.yaml", root: str = ".", force: bool = False,
              lock_wait_s: float = 0, overrides: list[str] | None = None) -> dict:
-    with track_run.pipeline_run(config_path, root, lock_wait_s=lock_wait_s,
+    with tracking.pipeline_run(config_path, root, lock_wait_s=lock_wait_s,
                                  overrides=tuple(overrides or ())) as run:
         cfg, work = run.cfg, run.cfg.workdir
         runner = search_runner(cfg)  # a runner that cannot work fails before any data or training
 
         data = version_data_task(cfg.data, run.root)
-        track_run.log_dataset(run.run_id, data.dir, data.md5)
-        if skipped := track_run.already_done(run, data.md5, force):
+        tracking.log_dataset(run.run_id, data.dir, data.md5)
+        if skipped := tracking.already_done(run, data.md5, force):
             return skipped
         check_model_inputs_task(cfg.train, cfg.model, data.num_classes, data.input_shape, run.root)  # before any training
         check_champion_task(cfg.register_.model_name, data.dir, cfg.promote)
@@ -44,10 +44,10 @@ def optimize(config_path: str = "configs/digits.yaml", root: str = ".", force: b
             search_cfg, worker_data(data, cfg.runner), work / "search", study,
             TrialTracking(cfg.tracking.uri, run.experiment_id, run.run_id), remote=cfg.runner.kind != "local")
         search = summarize_search_task(search_cfg, work / "search", study, run.run_id)
-        track_run.log_stage(run.run_id, "search", search.flat())
+        tracking.log_stage(run.run_id, "search", search.flat())
 
         trained = train_model_task(cfg.train, search.best_params, data.dir, data.md5, work / "train")
-        track_run.log_stage(run.run_id, "train", asdict(trained))
+        tracking.log_stage(run.run_id, "train", asdict(trained))
 
         recipes = {BASELINE: [], **cfg.compress.candidates}
         candidates = [compress_candidate_task(name, recipe, trained.checkpoint, data.dir, cfg.train,

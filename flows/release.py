@@ -6,23 +6,23 @@ from __future__ import annotations
 from dataclasses import asdict
 from pathlib import Path
 
-from tasks import track_run
-from tasks.compress_model import Candidate
-from tasks.evaluate_model import Evaluator
-from tasks.promote_model import check_release_task, promote_model_task
-from tasks.register_model import register_model_task
-from tasks.report_candidates import report_candidates_task
-from tasks.ship_bundle import ship_bundle_task
-from tasks.validate_model import apply_gates, best_passing, require_passing, validate_candidates_task
+from tasks.core import tracking
+from tasks.compress.recipe import Candidate
+from tasks.release.evaluate import Evaluator
+from tasks.release.promote import check_release_task, promote_model_task
+from tasks.release.register import register_model_task
+from tasks.release.report import report_candidates_task
+from tasks.release.ship import ship_bundle_task
+from tasks.release.validate import apply_gates, best_passing, require_passing, validate_candidates_task
 
 
-def validate_and_release(run: track_run.PipelineRun, candidates: list[Candidate], evaluator: Evaluator,
+def validate_and_release(run: tracking.PipelineRun, candidates: list[Candidate], evaluator: Evaluator,
                          data_version: str, reports_dir: Path) -> dict:
     cfg = run.cfg
     reports = apply_gates(validate_candidates_task(candidates, cfg.validate_, evaluator), cfg.gates)
     chosen = best_passing(reports, cfg.gates)
     summary = report_candidates_task(reports, chosen and chosen.name, reports_dir)
-    track_run.log_candidates(run.run_id, candidates, reports, summary)
+    tracking.log_candidates(run.run_id, candidates, reports, summary)
     require_passing(chosen, reports)
     check_release_task(cfg.register_.model_name, chosen.onnx, evaluator, cfg.promote)  # before registering
 
@@ -32,12 +32,12 @@ def validate_and_release(run: track_run.PipelineRun, candidates: list[Candidate]
         {"candidate": chosen.name, "metrics": chosen.to_dict(), "mlflow_run_id": run.run_id,
          "registered_model": asdict(registered)},
     )
-    track_run.log_artifacts(run.run_id, bundle, "bundle")  # what rollback republishes
-    track_run.set_tags(run.run_id, {"chosen_candidate": chosen.name, "bundle": str(bundle),
+    tracking.log_artifacts(run.run_id, bundle, "bundle")  # what rollback republishes
+    tracking.set_tags(run.run_id, {"chosen_candidate": chosen.name, "bundle": str(bundle),
                                     "registered_version": registered.version, "quality_metric": evaluator.primary})
 
     decision = promote_model_task(registered, bundle, cfg.promote, cfg.validate_, evaluator, run.run_id)
-    track_run.name_run(run.run_id, f"{data_version[:8]} {chosen.name} {evaluator.primary} {chosen.score:.4f} "
+    tracking.name_run(run.run_id, f"{data_version[:8]} {chosen.name} {evaluator.primary} {chosen.score:.4f} "
                                    f"v{registered.version}{' champion' if decision.promoted else ''}")
     return {"run_id": run.run_id, "data_version": data_version, "chosen": chosen.name, "bundle": str(bundle),
             "model_uri": registered.model_uri, "version": registered.version, "promoted": decision.promoted,

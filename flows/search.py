@@ -8,8 +8,8 @@ from pathlib import Path
 from prefect import flow
 
 from tasks.config import SearchConfig
-from tasks.fetch_data import DataRef
-from tasks.search_model import TrialTracking, prepare_study_task, run_trials_task, watch_workers
+from tasks.data.fetch import DataRef
+from tasks.search.trials import TrialTracking, prepare_study_task, run_trials_task, watch_workers
 
 
 @flow(name="search", log_prints=True)

@@ -13,7 +13,7 @@ from starlette.concurrency import run_in_threadpool
 from serve.body import BadRequest, parse_json
 from serve.context import ServeContext, check_finite
 from serve.sources import LoadedModel
-from tasks.run_onnx import feeds
+from tasks.onnx.runtime import feeds
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 INLINE_ROWS = 16  # answers up to this many rows are formatted on the event loop: a thread hop costs more
@@ -131,7 +131,7 @@ def classifier_feeds(model: LoadedModel, body: bytes, max_batch: int) -> dict[st
 
 
 def encoder_feeds(model: LoadedModel, body: bytes, max_batch: int) -> dict[str, np.ndarray]:
-    from tasks.embed_minilm import tokenize
+    from tasks.encoder.minilm import tokenize
 
     return tokenize(model.tokenizer, parse_texts(parse_json(body), max_batch), model.manifest["max_length"])
 

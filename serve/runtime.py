@@ -14,7 +14,7 @@ import numpy as np
 
 from serve.metrics import Metrics
 from serve.sources import LoadedModel, LoadOptions
-from tasks.run_onnx import feeds
+from tasks.onnx.runtime import feeds
 
 BATCHING_GAIN = 1.2  # batching must raise throughput by this factor to be worth its waits
 
@@ -28,7 +28,7 @@ def sample_feeds(model: LoadedModel, batch: int) -> dict[str, np.ndarray] | None
     if model.family == "classifier":
         return feeds(model.session, np.zeros((batch, *model.sample_shape), dtype=np.float32))
     if model.family == "encoder":
-        from tasks.embed_minilm import tokenize
+        from tasks.encoder.minilm import tokenize
 
         return tokenize(model.tokenizer, ["a sentence of average length for measuring"] * batch,
                         model.manifest["max_length"])

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import onnx
 
-from tasks.guard_bundle import BundleError
+from tasks.release.guard import BundleError
 
 TRITON_TYPES = {"FLOAT": "TYPE_FP32", "DOUBLE": "TYPE_FP64", "FLOAT16": "TYPE_FP16", "INT64": "TYPE_INT64",
                 "INT32": "TYPE_INT32", "INT8": "TYPE_INT8", "UINT8": "TYPE_UINT8", "BOOL": "TYPE_BOOL"}

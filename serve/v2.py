@@ -150,7 +150,7 @@ def parse_infer(model: LoadedModel, body: bytes, header_length: str | None, max_
     if len({len(v) for v in values.values()}) > 1:
         raise BadRequest(400, "inputs disagree on the batch size")
     if model.family == "encoder":
-        from tasks.embed_minilm import tokenize
+        from tasks.encoder.minilm import tokenize
 
         try:
             texts = [t.decode() for t in values["text"]]

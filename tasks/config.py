@@ -300,7 +300,7 @@ class TrainConfig(_Section):
 
 
 class _Step(_Section):
-    """A compression step; `method` selects its handler in tasks.compress_model."""
+    """A compression step; `method` selects its handler in tasks.compress.recipe."""
 
 
 class _Finetuned(_Step):
@@ -454,7 +454,7 @@ class _Recipes(_Section):
 
 
 class CompressConfig(_Recipes):
-    _registry: ClassVar[str] = "tasks.compress_model"
+    _registry: ClassVar[str] = "tasks.compress.recipe"
     candidates: dict[str, list[Step]] = Field(
         default_factory=_default_candidates,
         description="Candidate name -> recipe: steps applied in order to the trained FP32 baseline.",
@@ -488,7 +488,7 @@ def _default_encoder_candidates() -> dict[str, list]:
 
 
 class EncoderCompressConfig(_Recipes):
-    _registry: ClassVar[str] = "tasks.compress_encoder"
+    _registry: ClassVar[str] = "tasks.encoder.compress"
     candidates: dict[str, list[EncoderStep]] = Field(
         default_factory=_default_encoder_candidates,
         description="Candidate name -> recipe: steps applied in order to the exported FP32 teacher.",
@@ -635,7 +635,7 @@ class _Pipeline(_Section):
         """Folders a run writes, replaces or versions must lie strictly inside the project; a bundle
         folder (replaced whole on every ship) must not hold the project's other folders or each
         other, and if it exists it must be a bundle modelforge wrote."""
-        from tasks.guard_bundle import bundle_problem
+        from tasks.release.guard import bundle_problem
 
         written = {"workdir": self.workdir, "data.dir": self.data.dir,
                    "register.bundle_dir": self.register_.bundle_dir,

@@ -21,7 +21,7 @@ from tasks.data.image_folder import SUFFIXES as IMAGE_SUFFIXES
 from tasks.data.table import READERS, infer_schema, nested_columns, read_table, table_notes
 from tasks.models import FAMILIES
 from tasks.models.hf import PACKAGED
-from tasks.train_model import check_model_inputs
+from tasks.train.stage import check_model_inputs
 
 BUILTIN_FAMILIES = tuple(f for f, family in FAMILIES.items() if family.builtin)
 FAMILIES_FOR = {"table": ["mlp"], "image_folder": ["cnn", "mlp"], "text": ["text"]}  # what suits each source

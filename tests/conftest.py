@@ -18,7 +18,7 @@ import torch  # noqa: E402
 
 from tasks.models import Arch, build_model, save_checkpoint  # noqa: E402
 from tasks.config import DataConfig, TrainConfig  # noqa: E402
-from tasks.train_model import TrainParams, fit  # noqa: E402
+from tasks.train.stage import TrainParams, fit  # noqa: E402
 from tasks.data import load_splits  # noqa: E402
 from tasks.data.digits import materialize_digits  # noqa: E402
 
@@ -73,7 +73,7 @@ def train_cfg() -> TrainConfig:
 @pytest.fixture(scope="session")
 def cnn_onnx(cnn_checkpoint, data_dir, train_cfg, tmp_path_factory) -> Path:
     """The small CNN's baseline candidate: exported, with parity checked."""
-    from tasks.compress_model import compress_candidate
+    from tasks.compress.recipe import compress_candidate
 
     return compress_candidate("baseline", [], cnn_checkpoint, data_dir, train_cfg, tmp_path_factory.mktemp("cnn-onnx")).onnx
 
@@ -82,8 +82,8 @@ def cnn_onnx(cnn_checkpoint, data_dir, train_cfg, tmp_path_factory) -> Path:
 def cnn_bundle(cnn_onnx, data_dir, tmp_path_factory) -> Path:
     """The small CNN shipped as a bundle, as the release stage ships one (its candidate metrics carry an
     absolute path). Shared by the session: tests serve or publish copies of it, never change it."""
-    from tasks.evaluate_model import ClassifierEval
-    from tasks.ship_bundle import ship_bundle
+    from tasks.release.evaluate import ClassifierEval
+    from tasks.release.ship import ship_bundle
 
     return ship_bundle(cnn_onnx, tmp_path_factory.mktemp("cnn-bundle") / "bundle", ClassifierEval(data_dir), "v1.dir",
                        {"candidate": "baseline", "metrics": {"onnx": str(cnn_onnx)}})
@@ -101,7 +101,7 @@ def serve_bundle(bundle: Path, payload: dict, truth: list | None = None) -> tupl
     from serve.app import create_app
     from serve.settings import ServeSettings
     from serve.sources import BundleSource
-    from tasks.ship_bundle import sha256_of
+    from tasks.release.ship import sha256_of
 
     manifest = json.loads((bundle / "manifest.json").read_text())
     with running_server(create_app(BundleSource(bundle), ServeSettings(poll_seconds=60))) as (host, port):
@@ -132,7 +132,7 @@ def prefect_api():
 @pytest.fixture(autouse=True)
 def _no_stop_request_leaks():
     """A failed in-process pipeline run asks running stages to stop; the next test starts clean."""
-    from tasks.stop_run import clear_stop
+    from tasks.core.stop import clear_stop
 
     yield
     clear_stop()

@@ -19,7 +19,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from flows.cli import main
-from tasks.lock_workdir import lock_workdir
+from tasks.core.lock import lock_workdir
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[1]

@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from tasks.models import count_params, load_checkpoint
-from tasks.compress_model import HANDLERS, ONNX_METHODS, compress_candidate
+from tasks.compress.recipe import HANDLERS, ONNX_METHODS, compress_candidate
 from tasks.config import (Binarize, ConvertFp16, Distill, MagnitudePrune, QuantizeAware, QuantizeDynamic,
                           QuantizeStatic, SparsityTrain, StructuredPrune)
-from tasks.run_onnx import make_session, predict_logits
-from tasks.train_model import accuracy
+from tasks.onnx.runtime import make_session, predict_logits
+from tasks.train.stage import accuracy
 
 STEPS = {
     "magnitude_prune": MagnitudePrune(method="magnitude_prune", sparsity=0.6, finetune_epochs=2),
@@ -77,7 +77,7 @@ def test_recipe_chains_torch_then_onnx_steps(cnn_checkpoint, data_dir, train_cfg
 
 
 def test_empty_calibration_set_is_a_clear_error(cnn_checkpoint, data_dir, train_cfg, tmp_path, monkeypatch):
-    import tasks.compress_model as cm
+    import tasks.compress.recipe as cm
     real = cm.load_splits
 
     def no_train(d):

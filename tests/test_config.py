@@ -128,11 +128,10 @@ def test_a_run_records_its_overrides(tmp_path):
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from tasks import track_run
-
+    from tasks.core import tracking
     path = tmp_path / "c.yaml"
     path.write_text("tracking: {experiment: base}\n")
-    with track_run.pipeline_run(path, tmp_path, overrides=("tracking.experiment=overridden",)) as run:
+    with tracking.pipeline_run(path, tmp_path, overrides=("tracking.experiment=overridden",)) as run:
         assert run.cfg.tracking.experiment == "overridden"
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/.modelforge/mlflow.db")
     [recorded] = MlflowClient().search_runs([MlflowClient().get_experiment_by_name("overridden").experiment_id])

@@ -19,9 +19,9 @@ from mlflow.tracking import MlflowClient
 
 from flows.optimize import optimize
 from tasks.config import ConfigError, parse_config
-from tasks.connect_runner import search_runner
-from tasks.search_model import _storage
-from tasks.start_prefect import free_port, wait_for_http
+from tasks.search.runner import search_runner
+from tasks.search.trials import _storage
+from tasks.core.prefect import free_port, wait_for_http
 
 pytestmark = pytest.mark.e2e
 

@@ -23,7 +23,7 @@ from tasks.data.examples import wine
 from tasks.data.image_folder import encode_images
 from tasks.data.table import encode_records, split_rows
 from tasks.data.text import encode_texts, split_texts
-from tasks.search_model import prepare_study, run_trials
+from tasks.search.trials import prepare_study, run_trials
 
 
 @dataclass(frozen=True)

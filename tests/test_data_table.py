@@ -18,7 +18,7 @@ from tasks.data import DataError, load_splits
 from tasks.data.base import hash_split, read_manifest
 from tasks.data.examples import wine
 from tasks.data.table import describe_table, encode_records, load_table, split_rows
-from tasks.run_onnx import make_session, predict_logits
+from tasks.onnx.runtime import make_session, predict_logits
 
 
 def table_cfg(**kw) -> TableDataConfig:

@@ -28,8 +28,8 @@ from flows.cli import main as cli_main
 from flows.deployments import list_deployments, deploy_model, remove_model
 from tasks.config import load_config
 from tasks.data.examples import breast_cancer, wine
-from tasks.notify_data import data_resource, notify_data_change
-from tasks.start_prefect import free_port, stop_stack
+from tasks.data.notify import data_resource, notify_data_change
+from tasks.core.prefect import free_port, stop_stack
 
 pytestmark = pytest.mark.e2e
 TINY = ["search.n_trials=2", "search.epochs=2", "search.space.depth=[1, 1]", "search.space.width=[16, 16]",

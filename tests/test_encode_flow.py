@@ -15,13 +15,13 @@ from deploy.loadtest import request, running_server
 from serve.app import create_app
 from serve.sources import BundleSource
 from flows.encode import optimize_encoder
-from tasks.compare_runs import compare_runs
+from tasks.release.compare import compare_runs
 from tasks.config import TrackingConfig
-from tasks.embed_minilm import encode_torch, load_minilm, tokenize
-from tasks.run_onnx import make_session
-from tasks.ship_bundle import sha256_of
+from tasks.encoder.minilm import encode_torch, load_minilm, tokenize
+from tasks.onnx.runtime import make_session
+from tasks.release.ship import sha256_of
 from tasks.data.docstrings import load_sentences
-from tasks.version_data import read_data_md5
+from tasks.data.version import read_data_md5
 
 pytestmark = pytest.mark.e2e
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from tasks.models import load_checkpoint
-from tasks.export_onnx import export_onnx
-from tasks.run_onnx import make_session, predict_logits
+from tasks.onnx.export import export_onnx
+from tasks.onnx.runtime import make_session, predict_logits
 
 
 @pytest.mark.parametrize("fixture", ["cnn_checkpoint", "mlp_checkpoint"])

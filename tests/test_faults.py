@@ -29,17 +29,17 @@ from serve.settings import ServeSettings
 from serve.sources import BundleSource
 from flows.cli import main
 from flows.optimize import optimize
-from tasks import track_run
+from tasks.core import tracking
 from tasks.config import ConfigError, SearchConfig, TrackingConfig, parse_config
-from tasks.guard_bundle import BundleError
-from tasks.lock_workdir import WorkdirBusy, lock_workdir
-from tasks.search_model import SearchError, TrialTracking, open_study, resolve_storage, run_trials, summarize_search
-from tasks.ship_bundle import publish_copy
-from tasks.train_model import train_model_task
+from tasks.release.guard import BundleError
+from tasks.core.lock import WorkdirBusy, lock_workdir
+from tasks.search.trials import SearchError, TrialTracking, open_study, resolve_storage, run_trials, summarize_search
+from tasks.release.ship import publish_copy
+from tasks.train.stage import train_model_task
 from tasks.data import DataError, load_splits
 from tasks.data.digits import materialize_digits
 from tasks.config import DataConfig
-from tasks.start_prefect import free_port
+from tasks.core.prefect import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_SPACE = {"families": ["mlp"], "optimizers": ["adam"], "depth": [1, 1], "width": [32, 48], "batch_sizes": [32]}
@@ -239,13 +239,13 @@ def table_bundle(train_cfg, tmp_path_factory) -> tuple[Path, dict]:
     import pandas as pd
 
     from conftest import train_small
-    from tasks.compress_model import compress_candidate
+    from tasks.compress.recipe import compress_candidate
     from tasks.config import TableDataConfig
-    from tasks.evaluate_model import ClassifierEval
+    from tasks.release.evaluate import ClassifierEval
     from tasks.data.examples import wine
     from tasks.data.table import describe_table
     from tasks.models import Arch
-    from tasks.ship_bundle import ship_bundle
+    from tasks.release.ship import ship_bundle
 
     tmp = tmp_path_factory.mktemp("table")
     data = wine(tmp / "data").parent
@@ -427,7 +427,7 @@ def test_failures_of_an_earlier_run_do_not_use_up_the_budget(data_dir, tmp_path)
 
 
 def test_a_failure_outside_training_reports_its_real_error(data_dir, tmp_path):
-    track_run.setup_tracking(TrackingConfig(uri=f"sqlite:///{tmp_path}/m.db", artifact_dir=tmp_path / "a"))
+    tracking.setup_tracking(TrackingConfig(uri=f"sqlite:///{tmp_path}/m.db", artifact_dir=tmp_path / "a"))
     cfg = search_cfg(n_trials=1)
     run_trials(cfg, data_dir, tmp_path, "s", TrialTracking(f"sqlite:///{tmp_path}/m.db", "424242", "none"))  # no such experiment
     with pytest.raises(SearchError) as err:
@@ -493,7 +493,7 @@ def test_a_bad_config_is_filed_under_the_experiment_it_names(tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump({"train": {"patience": "soon"}, "tracking": {"experiment": "mine"}}))
     with pytest.raises(ConfigError):
-        with track_run.pipeline_run(config, tmp_path):
+        with tracking.pipeline_run(config, tmp_path):
             pass
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/.modelforge/mlflow.db")
     [run] = MlflowClient().search_runs([MlflowClient().get_experiment_by_name("mine").experiment_id])

@@ -24,7 +24,7 @@ from deploy.loadtest import running_server
 from serve.app import create_app
 from serve.sources import BundleSource
 from flows.cli import main
-from tasks import track_run
+from tasks.core import tracking
 from tasks.config import MAX_CONFIG_BYTES, ConfigError, ImageFolderConfig, StudentSpec, TableDataConfig, load_config, \
     parse_config
 from tasks.data import DataError, load_splits
@@ -33,8 +33,8 @@ from tasks.data.image_folder import describe_image_folder
 from tasks.data.table import describe_table
 from tasks.models import load_checkpoint
 from tasks.models.custom import read_weights
-from tasks.ship_bundle import publish_copy
-from tasks.version_data import version_data
+from tasks.release.ship import publish_copy
+from tasks.data.version import version_data
 from test_data_image_folder import folder_cfg, write_images
 from test_faults import post
 
@@ -234,7 +234,7 @@ def kill_during(monkeypatch, step: str) -> None:
     fake = types.SimpleNamespace(copytree=killed if step == "copy" else shutil.copytree,
                                  rmtree=killed if step == "delete" else lambda *a, **k: None,
                                  copyfile=shutil.copyfile)
-    monkeypatch.setattr("tasks.ship_bundle.shutil", fake)
+    monkeypatch.setattr("tasks.release.ship.shutil", fake)
 
 
 def test_the_next_run_removes_what_an_interrupted_ship_left_and_only_that(cnn_bundle, tracking, tmp_path, monkeypatch):
@@ -251,7 +251,7 @@ def test_the_next_run_removes_what_an_interrupted_ship_left_and_only_that(cnn_bu
     (deploy / ".bundle-mine" / "notes.txt").write_text("mine")
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump({"tracking": tracking}))
-    with track_run.pipeline_run(config, tmp_path):
+    with tracking.pipeline_run(config, tmp_path):
         pass
     assert sorted(p.name for p in deploy.iterdir()) == [".bundle-mine", "bundle"]
     assert (deploy / ".bundle-mine" / "notes.txt").read_text() == "mine"

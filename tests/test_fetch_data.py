@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 
 from tasks.config import DataConfig
-from tasks.fetch_data import DataRef, fetch_data
+from tasks.data.fetch import DataRef, fetch_data
 from tasks.data import DataError, load_splits
-from tasks.version_data import version_data
+from tasks.data.version import version_data
 
 
 @pytest.fixture(scope="module")

@@ -17,12 +17,12 @@ from flows.lm import optimize_lm
 from tasks.config import ConfigError, CorpusConfig, LMRecipe, load_config
 from tasks.data.base import DataError
 from tasks.data.corpus import describe_corpus, load_corpus
-from tasks.guard_bundle import bundle_problem, sha256_of
+from tasks.release.guard import bundle_problem, sha256_of
 from tasks.init_config import init_config
 from tasks.lm.quantize import node_bits
 from tasks.config import LMPromoteConfig
 from tasks.lm.release import paired_perplexity
-from tasks.promote_model import decide
+from tasks.release.promote import decide
 from tests.tiny_llm import make_tiny_llama
 
 TINY = {

@@ -8,9 +8,9 @@ import sys
 
 import pytest
 
-from tasks import track_run
+from tasks.core import tracking
 from tasks.config import TrackingConfig
-from tasks.start_prefect import free_port, wait_for_http
+from tasks.core.prefect import free_port, wait_for_http
 
 CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
 # `make test` installs Chromium where it can (root + apt-get); in CI a missing browser is a failure, not a skip.
@@ -21,11 +21,11 @@ pytestmark = pytest.mark.skipif(CHROMIUM is None and os.environ.get("CI") != "tr
 def test_runs_are_visible_in_the_mlflow_ui(tmp_path):
     assert CHROMIUM, "CI must run this test: `make test` installs Debian's chromium as root"
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    exp = track_run.setup_tracking(TrackingConfig(uri=uri, experiment="ui-check", artifact_dir=tmp_path / "art"))
+    exp = tracking.setup_tracking(TrackingConfig(uri=uri, experiment="ui-check", artifact_dir=tmp_path / "art"))
     for name, acc in (("optimize-run-alpha", 0.97), ("optimize-run-beta", 0.95)):
-        run_id = track_run.start_run(exp, name, tags={"data_version": "abc123.dir"})
-        track_run.log_metrics(run_id, {"baseline.accuracy": acc})
-        track_run.end_run(run_id)
+        run_id = tracking.start_run(exp, name, tags={"data_version": "abc123.dir"})
+        tracking.log_metrics(run_id, {"baseline.accuracy": acc})
+        tracking.end_run(run_id)
     port = free_port()
     ui = subprocess.Popen([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
                            "--port", str(port), "--workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
@@ -44,9 +44,9 @@ def test_runs_are_visible_in_the_mlflow_ui(tmp_path):
 
 def test_modelforge_ui_serves_the_store_the_config_names(tmp_path):
     store = tmp_path / "elsewhere" / "runs.db"
-    exp = track_run.setup_tracking(TrackingConfig(uri=f"sqlite:///{store}", experiment="named-store",
+    exp = tracking.setup_tracking(TrackingConfig(uri=f"sqlite:///{store}", experiment="named-store",
                                                   artifact_dir=tmp_path / "art"))
-    track_run.end_run(track_run.start_run(exp, "run-in-the-named-store"))
+    tracking.end_run(tracking.start_run(exp, "run-in-the-named-store"))
     (tmp_path / "c.yaml").write_text(f"tracking: {{uri: 'sqlite:///{store}', experiment: named-store}}\n")
     port = free_port()
     ui = subprocess.Popen([sys.executable, "-m", "flows.cli", "ui", "--config", str(tmp_path / "c.yaml"), "--root",

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from tasks.export_onnx import export_onnx
+from tasks.onnx.export import export_onnx
 from tasks.models import FAMILIES, Arch, arch_from_params, build_model, count_params, load_checkpoint, save_checkpoint
 
 
@@ -92,10 +92,10 @@ def test_every_family_is_covered():
 
 @pytest.mark.parametrize("family", sorted(SAMPLES))
 def test_family_contract(family, tmp_path, local_checkpoint):
-    from tasks.compress_model import CompressContext, ModelState, distill, structured_prune
+    from tasks.compress.recipe import CompressContext, ModelState, distill, structured_prune
     from tasks.config import Distill, StructuredPrune, TrainConfig
     from tasks.data.base import Splits
-    from tasks.train_model import TrainParams, accuracy, fit
+    from tasks.train.stage import TrainParams, accuracy, fit
 
     shape, gen = SAMPLES[family], np.random.default_rng(0)
     tokens = family in ("text", "hf")
@@ -164,7 +164,7 @@ def test_a_hugging_face_student_starts_from_the_teachers_layers(local_checkpoint
 def test_a_hugging_face_graph_takes_input_ids_and_attention_mask(local_checkpoint, tmp_path):
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    from tasks.run_onnx import PAD_KEY, make_session, predict_logits
+    from tasks.onnx.runtime import PAD_KEY, make_session, predict_logits
 
     model = build_model(arch_from_params({"family": "hf", "pretrained": local_checkpoint}, 3, (10,))).eval()
     x = np.zeros((4, 10), np.float32)

@@ -10,11 +10,11 @@ from mlflow.tracking import MlflowClient
 
 from flows.optimize import optimize
 from tasks.config import ConfigError
-from tasks.ship_bundle import sha256_of
-from tasks.validate_model import GateError
+from tasks.release.ship import sha256_of
+from tasks.release.validate import GateError
 from tasks.data import DataError, load_splits
 from tasks.data.digits import materialize_digits
-from tasks.version_data import read_data_md5
+from tasks.data.version import read_data_md5
 from tasks.config import DataConfig
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("prefect_api")]

@@ -6,15 +6,15 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from tasks import track_run
+from tasks.core import tracking
 from tasks.models import Arch, build_model, save_checkpoint
-from tasks.compress_model import compress_candidate
+from tasks.compress.recipe import compress_candidate
 from tasks.config import PromoteConfig, RegisterConfig, TrackingConfig, ValidateConfig
-from tasks.evaluate_model import ClassifierEval
-from tasks.paired_stats import mcnemar_exact, ratio_interval
-from tasks.promote_model import PromotionError, check_champion_before_training, decide, promote_model, rollback
-from tasks.register_model import register_model
-from tasks.ship_bundle import ship_bundle
+from tasks.release.evaluate import ClassifierEval
+from tasks.release.stats import mcnemar_exact, ratio_interval
+from tasks.release.promote import PromotionError, check_champion_before_training, decide, promote_model, rollback
+from tasks.release.register import register_model
+from tasks.release.ship import ship_bundle
 
 FAST_TIMING = ValidateConfig(warmup=2, latency_runs=20, throughput_runs=2)
 
@@ -60,7 +60,7 @@ def test_paired_statistics():
 
 
 def test_champion_challenger_and_rollback(tmp_path, cnn_checkpoint, data_dir, train_cfg):
-    track_run.setup_tracking(TrackingConfig(uri=f"sqlite:///{tmp_path}/mlflow.db", experiment="promo",
+    tracking.setup_tracking(TrackingConfig(uri=f"sqlite:///{tmp_path}/mlflow.db", experiment="promo",
                                             artifact_dir=tmp_path / "art"))
     exp = MlflowClient().get_experiment_by_name("promo").experiment_id
     torch.manual_seed(0)
@@ -71,11 +71,11 @@ def test_champion_challenger_and_rollback(tmp_path, cnn_checkpoint, data_dir, tr
 
     def release(name, checkpoint):
         onnx_path = compress_candidate(name, [], checkpoint, data_dir, train_cfg, tmp_path / "c").onnx
-        run_id = track_run.start_run(exp, name)
+        run_id = tracking.start_run(exp, name)
         registered = register_model(onnx_path, reg_cfg, run_id, ClassifierEval(data_dir))
         bundle = ship_bundle(onnx_path, tmp_path / f"bundle-{name}", ClassifierEval(data_dir), "v.dir",
                              {"candidate": name, "registered_model": asdict(registered)})
-        track_run.log_artifacts(run_id, bundle, "bundle")
+        tracking.log_artifacts(run_id, bundle, "bundle")
         return promote_model(registered, bundle, cfg, FAST_TIMING, ClassifierEval(data_dir), run_id), bundle
 
     def champion_sha():
@@ -121,7 +121,7 @@ def test_champion_challenger_and_rollback(tmp_path, cnn_checkpoint, data_dir, tr
 
 
 def test_rollback_without_previous_champion_is_a_clear_error(tmp_path):
-    track_run.setup_tracking(TrackingConfig(uri=f"sqlite:///{tmp_path}/mlflow.db", experiment="none",
+    tracking.setup_tracking(TrackingConfig(uri=f"sqlite:///{tmp_path}/mlflow.db", experiment="none",
                                             artifact_dir=tmp_path / "art"))
     with pytest.raises(ValueError, match="no 'previous-champion' version to roll back to"):
         rollback("never-registered", PromoteConfig(champion_bundle_dir=tmp_path / "champion"))
@@ -135,7 +135,7 @@ def test_a_champion_is_scored_in_its_own_encoding_when_the_data_grows(tmp_path):
     from tasks.config import TableDataConfig
     from tasks.data.examples import wine
     from tasks.data.table import describe_table
-    from tasks.promote_model import task_mismatch
+    from tasks.release.promote import task_mismatch
 
     wine(tmp_path / "wine")
     cfg = TableDataConfig(dataset="table", dir=tmp_path / "wine", label="label", allow_drift=True)

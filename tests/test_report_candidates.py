@@ -1,7 +1,7 @@
 import csv
 
-from tasks.report_candidates import report_candidates
-from tasks.validate_model import Report
+from tasks.release.report import report_candidates
+from tasks.release.validate import Report
 
 
 def test_report_files(tmp_path):

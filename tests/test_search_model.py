@@ -6,16 +6,16 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from tasks import search_model as search_mod
-from tasks import track_run
+from tasks.search import trials as search_mod
+from tasks.core import tracking
 from tasks.config import ConfigError, SearchConfig, TrackingConfig, parse_config
 
 
 @pytest.fixture()
 def tracking(tmp_path):
-    exp = track_run.setup_tracking(TrackingConfig(uri=f"sqlite:///{tmp_path}/mlflow.db", experiment="search",
+    exp = tracking.setup_tracking(TrackingConfig(uri=f"sqlite:///{tmp_path}/mlflow.db", experiment="search",
                                                   artifact_dir=tmp_path / "art"))
-    return search_mod.TrialTracking(f"sqlite:///{tmp_path}/mlflow.db", exp, track_run.start_run(exp, "parent"))
+    return search_mod.TrialTracking(f"sqlite:///{tmp_path}/mlflow.db", exp, tracking.start_run(exp, "parent"))
 
 
 FAST = {"families": ["mlp"], "depth": (1, 1), "width": (16, 32), "batch_sizes": [64]}
@@ -147,8 +147,7 @@ def test_multi_objective_front_is_non_dominated_and_selection_respects_budget(da
 def test_latency_objective_is_measured_on_onnx_runtime(data_dir, tmp_path, monkeypatch):
     import onnxruntime
 
-    from tasks import run_onnx
-
+    from tasks.onnx import runtime
     measured = []
 
     def spy(sessions, *a, **k):  # the timer the trials must use, on the sessions they must hand it
@@ -156,7 +155,7 @@ def test_latency_objective_is_measured_on_onnx_runtime(data_dir, tmp_path, monke
         measured.extend((type(s), timing[name].latency_p50_ms) for name, s in sessions.items())
         return timing
 
-    real = run_onnx.measure_speeds
+    real = runtime.measure_speeds
     monkeypatch.setattr(run_onnx, "measure_speeds", spy)
     cfg = small(objectives=["accuracy", "latency"], n_trials=2, selection="accuracy_under_latency",
                 latency_budget_ms=1000.0)
@@ -212,7 +211,7 @@ def test_search_config_rejects_impossible_strategies():
 
 
 def test_greedy_moves_one_parameter_from_the_incumbent_and_restarts_when_stale():
-    from tasks.sample_greedy import GreedySampler
+    from tasks.search.greedy import GreedySampler
 
     def objective(trial):  # a smooth bowl over a float, a log int and a categorical: optimum x=1.3, y=8, c="b"
         x, y = trial.suggest_float("x", -5, 5), trial.suggest_int("y", 1, 64, log=True)

@@ -23,7 +23,7 @@ from deploy.loadtest import running_server
 from serve.app import create_app
 from serve.settings import ServeSettings
 from serve.sources import BundleSource, RegistrySource
-from tasks.guard_bundle import BUNDLE_FORMAT, sha256_of
+from tasks.release.guard import BUNDLE_FORMAT, sha256_of
 from tests.tiny_llm import make_tiny_llama
 
 CONTEXT = 2048  # long enough that a full-length generation outlasts the requests sent while it runs

@@ -25,11 +25,11 @@ from serve.app import create_app
 from serve.runtime import CurvePoint, plan_batching
 from serve.settings import ServeSettings
 from serve.sources import BundleSource
-from tasks.compress_model import compress_candidate
-from tasks.evaluate_model import ClassifierEval
-from tasks.run_onnx import make_session, predict_logits
-from tasks.ship_bundle import publish_copy, ship_bundle
-from tasks.start_prefect import free_port
+from tasks.compress.recipe import compress_candidate
+from tasks.release.evaluate import ClassifierEval
+from tasks.onnx.runtime import make_session, predict_logits
+from tasks.release.ship import publish_copy, ship_bundle
+from tasks.core.prefect import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "t0ken-for-the-tests-only"

@@ -3,8 +3,8 @@ import shutil
 
 import pytest
 
-from tasks.evaluate_model import ClassifierEval
-from tasks.ship_bundle import sha256_of, ship_bundle
+from tasks.release.evaluate import ClassifierEval
+from tasks.release.ship import sha256_of, ship_bundle
 
 
 @pytest.fixture()

@@ -8,9 +8,9 @@ import torch
 
 from tasks.models import Arch, build_model, load_checkpoint
 from tasks.config import TrainConfig
-from tasks.stop_run import RunInterrupted, request_stop
-from tasks.train_ddp import fit_parallel
-from tasks.train_model import TrainParams, accuracy, fit, train_model
+from tasks.core.stop import RunInterrupted, request_stop
+from tasks.train.ddp import fit_parallel
+from tasks.train.stage import TrainParams, accuracy, fit, train_model
 
 ARCH = Arch("mlp", 10, (1, 8, 8), hidden=(64,))
 PARAMS = TrainParams(lr=0.005, optimizer="adam", epochs=12, patience=12)

@@ -21,7 +21,7 @@ from tasks.config import ConfigError, ModelConfig, TrainConfig
 from tasks.data import load_splits
 from tasks.data.base import read_manifest
 from tasks.data.text import split_texts
-from tasks.train_model import TrainParams, check_model_inputs, fit
+from tasks.train.stage import TrainParams, check_model_inputs, fit
 
 TINY = {
     "search": {"n_trials": 2, "epochs": 2, "space": {"lr": [0.005, 0.02], "optimizers": ["adam"], "depth": [1, 2],

@@ -8,7 +8,7 @@ from tasks.config import DataConfig, TextDataConfig
 from tasks.data import DataError, load_splits
 from tasks.data.digits import materialize_digits
 from tasks.data.docstrings import load_sentences, materialize_docstrings
-from tasks.version_data import read_data_md5, version_data
+from tasks.data.version import read_data_md5, version_data
 
 
 def test_digits_split_is_stratified_and_complete(splits):

@@ -20,17 +20,17 @@ import numpy as np
 from mlflow.tracking import MlflowClient
 from prefect import task
 
-from tasks import track_run
-from tasks.compress_model import Candidate
+from tasks.core import tracking
+from tasks.compress.recipe import Candidate
 from tasks.config import LMGateConfig, LMPromoteConfig, LMRegisterConfig, LMValidateConfig
-from tasks.guard_bundle import BUNDLE_FORMAT, sha256_of
+from tasks.release.guard import BUNDLE_FORMAT, sha256_of
 from tasks.lm.evaluate import ONNX_FILE, LMEval, folder_size
 from tasks.lm.export import kv_cache_bytes
-from tasks.paired_stats import paired_bootstrap, ratio_interval
-from tasks.promote_model import Decision, _alias_version, act_on_decision
-from tasks.register_model import RegisteredModel
-from tasks.ship_bundle import staging_folder, swap_in
-from tasks.validate_model import BASELINE, GateError, Report
+from tasks.release.stats import paired_bootstrap, ratio_interval
+from tasks.release.promote import Decision, _alias_version, act_on_decision
+from tasks.release.register import RegisteredModel
+from tasks.release.ship import staging_folder, swap_in
+from tasks.release.validate import BASELINE, GateError, Report
 
 MODEL_DIR = "model"
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import optuna
 from prefect import task
 
-from tasks.compress_model import Candidate
+from tasks.compress.recipe import Candidate
 from tasks.config import LMRecipe, LMSearchConfig, LMValidateConfig
 from tasks.lm.evaluate import ONNX_FILE, LMEval
 from tasks.lm.quantize import quantize_lm

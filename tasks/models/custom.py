@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tasks.fingerprint import import_current
+from tasks.core.fingerprint import import_current
 from tasks.models.base import Arch, load_tensors
 
 

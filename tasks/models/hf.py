@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from tasks.models.base import Arch, ExportGraph
-from tasks.run_onnx import PAD_KEY
+from tasks.onnx.runtime import PAD_KEY
 
 PACKAGED = "minilm"
 
@@ -43,7 +43,7 @@ def resolve_pretrained(name: str, tokenizer: bool = False) -> Path:
     weights (and `tokenizer.json` when `tokenizer`)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # weights ship in packages or folders: never ask a hub
     if name == PACKAGED:
-        from tasks.embed_minilm import packaged_model_path
+        from tasks.encoder.minilm import packaged_model_path
 
         return Path(packaged_model_path())
     path = Path(name)

@@ -11,11 +11,11 @@ from pathlib import Path
 
 from prefect import task
 
-from tasks.compress_model import Candidate
+from tasks.compress.recipe import Candidate
 from tasks.config import GateConfig, ValidateConfig
-from tasks.evaluate_model import Evaluator
-from tasks.paired_stats import ratio_interval
-from tasks.run_onnx import available_devices, make_session, measure_speeds
+from tasks.release.evaluate import Evaluator
+from tasks.release.stats import ratio_interval
+from tasks.onnx.runtime import available_devices, make_session, measure_speeds
 
 BASELINE = "baseline"
 

@@ -21,9 +21,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from tasks.start_prefect import free_port
-from tasks.stop_run import check_stop
-from tasks.train_model import FitResult, TrainParams, fit
+from tasks.core.prefect import free_port
+from tasks.core.stop import check_stop
+from tasks.train.stage import FitResult, TrainParams, fit
 
 
 def _rank(rank: int, world: int, port: int, model: nn.Module, train: tuple, val: tuple, params: TrainParams,

@@ -19,10 +19,10 @@ from prefect import task
 from torch import nn
 
 from tasks.config import ConfigError, ModelConfig, TrainConfig
-from tasks.fingerprint import code_version, inputs_version
+from tasks.core.fingerprint import code_version, inputs_version
 from tasks.models import Arch, arch_from_params, build_model, count_params, load_checkpoint, save_checkpoint, vocab_of
 from tasks.models.hf import pretrained_folder
-from tasks.stop_run import check_stop
+from tasks.core.stop import check_stop
 from tasks.data import load_splits
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, x, y) -> loss
@@ -292,7 +292,7 @@ def train_model(cfg: TrainConfig, best: dict, data_dir: Path, data_version: str,
 
     def run_fit(model: nn.Module, train, p: TrainParams, stage: str, restore_best: bool = True) -> FitResult:
         if cfg.processes > 1:
-            from tasks.train_ddp import fit_parallel
+            from tasks.train.ddp import fit_parallel
 
             return fit_parallel(model, train, splits.val, p, cfg.processes, on_epoch=progress(stage, p.epochs),
                                 restore_best=restore_best)

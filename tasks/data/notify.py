@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tasks.config import ClassifierData, TextDataConfig
-from tasks.version_data import version_data
+from tasks.data.version import version_data
 
 EVENT = "modelforge.data.changed"
 

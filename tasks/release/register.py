@@ -12,8 +12,8 @@ from mlflow.tracking import MlflowClient
 from prefect import task
 
 from tasks.config import RegisterConfig
-from tasks.evaluate_model import Evaluator
-from tasks.run_onnx import feeds, make_session
+from tasks.release.evaluate import Evaluator
+from tasks.onnx.runtime import feeds, make_session
 
 
 @dataclass(frozen=True)

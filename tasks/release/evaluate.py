@@ -17,8 +17,8 @@ from typing import Protocol
 import numpy as np
 import onnxruntime as ort
 
-from tasks.paired_stats import mcnemar_exact, paired_bootstrap
-from tasks.run_onnx import make_session, onnx_accuracy, predict_logits
+from tasks.release.stats import mcnemar_exact, paired_bootstrap
+from tasks.onnx.runtime import make_session, onnx_accuracy, predict_logits
 from tasks.data import SOURCES, load_splits
 from tasks.data.base import read_manifest
 from tasks.data.docstrings import load_sentences
@@ -132,7 +132,7 @@ class EncoderEval:
         return AutoTokenizer.from_pretrained(str(self.tokenizer_dir))
 
     def _embed(self, session: ort.InferenceSession) -> np.ndarray:
-        from tasks.embed_minilm import encode_onnx
+        from tasks.encoder.minilm import encode_onnx
 
         return encode_onnx(session, self._tokenizer, self._sentences.eval, max_length=self.max_length)
 
@@ -141,13 +141,13 @@ class EncoderEval:
         return self._embed(make_session(self.reference))
 
     def quality(self, session: ort.InferenceSession) -> dict[str, float]:
-        from tasks.embed_minilm import fidelity
+        from tasks.encoder.minilm import fidelity
 
         return fidelity(self._reference, self._embed(session), self._sentences.queries)
 
     def per_sample(self, session: ort.InferenceSession) -> np.ndarray:
         """Each held-out sentence's cosine to the FP32 reference."""
-        from tasks.embed_minilm import sentence_cosines
+        from tasks.encoder.minilm import sentence_cosines
 
         return sentence_cosines(self._reference, self._embed(session))
 
@@ -166,12 +166,12 @@ class EncoderEval:
 
     def timing_inputs(self) -> dict[str, np.ndarray]:
         """32 held-out sentences padded to `timing_seq_len`: latency and throughput at a known length."""
-        from tasks.embed_minilm import tokenize
+        from tasks.encoder.minilm import tokenize
 
         return tokenize(self._tokenizer, self._sentences.eval[:32], self.timing_seq_len, pad_to_max=True)
 
     def example_inputs(self) -> dict[str, np.ndarray]:
-        from tasks.embed_minilm import tokenize
+        from tasks.encoder.minilm import tokenize
 
         return tokenize(self._tokenizer, self._sentences.eval[:2], self.max_length)
 

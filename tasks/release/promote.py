@@ -18,14 +18,14 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from prefect import task
 
-from tasks import track_run
+from tasks.core import tracking
 from tasks.config import PromoteConfig, ValidateConfig
-from tasks.register_model import RegisteredModel
+from tasks.release.register import RegisteredModel
 from tasks.data.base import read_manifest
-from tasks.evaluate_model import Evaluator, data_task
-from tasks.paired_stats import ratio_interval
-from tasks.run_onnx import make_session, measure_speeds
-from tasks.ship_bundle import io_spec, publish_copy
+from tasks.release.evaluate import Evaluator, data_task
+from tasks.release.stats import ratio_interval
+from tasks.onnx.runtime import make_session, measure_speeds
+from tasks.release.ship import io_spec, publish_copy
 
 
 class PromotionError(ValueError):
@@ -208,17 +208,17 @@ def act_on_decision(registered: RegisteredModel, bundle_dir: Path, cfg: PromoteC
 
 
 def _log(run_id: str, decision: Decision) -> None:
-    track_run.set_tags(run_id, {"promotion.decision": "promoted" if decision.promoted else "kept",
+    tracking.set_tags(run_id, {"promotion.decision": "promoted" if decision.promoted else "kept",
                                 "promotion.reason": decision.reason})
     if decision.evidence:
         quality, speed = decision.evidence["quality"], decision.evidence["speed"]
-        track_run.log_metrics(run_id, {"promotion.gain_pts": quality["gain_pts"], "promotion.p_value": quality.get("p_value"),
+        tracking.log_metrics(run_id, {"promotion.gain_pts": quality["gain_pts"], "promotion.p_value": quality.get("p_value"),
                                        "promotion.speedup": speed["speedup"], "promotion.speedup_low": speed["interval"][0],
                                        "promotion.speedup_high": speed["interval"][1]})
     for role in ("challenger", "champion"):
         if getattr(decision, role):
-            track_run.log_metrics(run_id, {f"promotion.{role}.{k}": v for k, v in getattr(decision, role).items()})
-    track_run.log_json(run_id, asdict(decision), "promotion.json")
+            tracking.log_metrics(run_id, {f"promotion.{role}.{k}": v for k, v in getattr(decision, role).items()})
+    tracking.log_json(run_id, asdict(decision), "promotion.json")
 
 
 def rollback(model_name: str, cfg: PromoteConfig) -> str:

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from tasks.models.base import ExportGraph
-from tasks.run_onnx import predict_logits, make_session
+from tasks.onnx.runtime import predict_logits, make_session
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"

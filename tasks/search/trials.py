@@ -28,13 +28,13 @@ import torch
 from optuna.trial import TrialState
 from prefect import task
 
-from tasks import track_run
+from tasks.core import tracking
 from tasks.models import FAMILIES, arch_from_params, build_model, count_params, vocab_of
 from tasks.config import ConfigError, ModelConfig, SearchConfig
-from tasks.fetch_data import DataRef, resolve_data
-from tasks.stop_run import interruption
+from tasks.data.fetch import DataRef, resolve_data
+from tasks.core.stop import interruption
 from tasks.data import load_splits
-from tasks.train_model import TrainParams, fit
+from tasks.train.stage import TrainParams, fit
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)  # the per-trial progress line says it better
 
@@ -128,7 +128,7 @@ def make_sampler(cfg: SearchConfig) -> optuna.samplers.BaseSampler:
         return optuna.samplers.NSGAIISampler(seed=cfg.seed, population_size=population, crossover=crossover,
                                              mutation_prob=cfg.mutation_prob)
     if cfg.sampler == "greedy":
-        from tasks.sample_greedy import GreedySampler
+        from tasks.search.greedy import GreedySampler
 
         return GreedySampler(seed=cfg.seed, patience=cfg.greedy_patience, step=cfg.greedy_step)
     raise ValueError(f"unknown sampler {cfg.sampler!r}")
@@ -186,8 +186,8 @@ def open_run_study(cfg: SearchConfig, out_dir: Path, study_name: str) -> optuna.
 
 def measure_trial_latency(model: torch.nn.Module, x: np.ndarray) -> float:
     """p50 batch-1 latency (ms) of the model exported to ONNX and run on ORT CPU: the real target."""
-    from tasks.export_onnx import export_onnx
-    from tasks.run_onnx import make_session, measure_speeds
+    from tasks.onnx.export import export_onnx
+    from tasks.onnx.runtime import make_session, measure_speeds
 
     with tempfile.TemporaryDirectory() as tmp:
         exported = export_onnx(model, Path(tmp) / "trial.onnx", x[:64])
@@ -222,19 +222,19 @@ class _TrialRuns:
     def start(self, trial: optuna.Trial, params: dict) -> str | None:
         if not self.tracking:
             return None
-        run_id = track_run.start_run(self.tracking.experiment_id, f"trial-{trial.number}", self.tracking.parent_run_id,
+        run_id = tracking.start_run(self.tracking.experiment_id, f"trial-{trial.number}", self.tracking.parent_run_id,
                                      {"optuna.trial": trial.number, "optuna.study": self.study, **self.where})
-        track_run.log_params(run_id, params)
+        tracking.log_params(run_id, params)
         return run_id
 
     def log(self, run_id: str | None, metrics: dict, step: int = 0) -> None:
         if run_id:
-            track_run.log_metrics(run_id, metrics, step)
+            tracking.log_metrics(run_id, metrics, step)
 
     def end(self, run_id: str | None, status: str = "FINISHED", err: BaseException | None = None,
             reason: str | None = None) -> None:
         if run_id:
-            track_run.fail_run(run_id, err, status, reason) if err is not None else track_run.end_run(run_id, status)
+            tracking.fail_run(run_id, err, status, reason) if err is not None else tracking.end_run(run_id, status)
 
 
 class _Budget:
@@ -387,7 +387,7 @@ def pick_trial(study: optuna.Study, cfg: SearchConfig) -> tuple[optuna.trial.Fro
 def summarize_search(cfg: SearchConfig, out_dir: Path, study_name: str,
                      parent_run_id: str | None = None) -> SearchResult:
     """Choose the final configuration and report the study (front, importances, plots, trials table)."""
-    from tasks.report_search import report_search
+    from tasks.search.report import report_search
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)  # workers elsewhere never wrote here

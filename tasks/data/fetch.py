@@ -22,7 +22,7 @@ from filelock import FileLock
 
 from tasks.config import RunnerConfig
 from tasks.data import DataError
-from tasks.version_data import DataVersion
+from tasks.data.version import DataVersion
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ import matplotlib.pyplot as plt
 import optuna
 from optuna.trial import TrialState
 
-from tasks import track_run
+from tasks.core import tracking
 from tasks.config import SearchConfig
 
 AXIS = {"latency": "ONNX Runtime CPU p50 latency, batch 1 (ms)", "size": "parameters"}
@@ -81,5 +81,5 @@ def report_search(study: optuna.Study, cfg: SearchConfig, result, out_dir: Path,
         print("[search] parameter importance: " + ", ".join(f"{k} {v:.2f}" for k, v in importances.items()))
     if parent_run_id:
         for path in (plot, trials_csv, out_dir / "summary.json"):
-            track_run.log_artifact(parent_run_id, path, "search")
-        track_run.log_metrics(parent_run_id, {f"search.importance.{k}": v for k, v in importances.items()})
+            tracking.log_artifact(parent_run_id, path, "search")
+        tracking.log_metrics(parent_run_id, {f"search.importance.{k}": v for k, v in importances.items()})

@@ -1,6 +1,6 @@
 """Sentence-encoder candidates: the FP32 teacher export, and recipes applied to it.
 
-Same shape as tasks.compress_model: every method is a config class (tasks.config) plus one handler
+Same shape as tasks.compress.recipe: every method is a config class (tasks.config) plus one handler
 registered here. The torch step (layer distillation) exports its student; ONNX steps (graph
 optimisation, dynamic INT8) start from the teacher's export or the student's.
 """
@@ -16,11 +16,11 @@ from pathlib import Path
 import torch
 from prefect import task
 
-from tasks.compress_model import Candidate, ModelState, registrar
+from tasks.compress.recipe import Candidate, ModelState, registrar
 from tasks.config import DistillLayers, EncoderConfig, OrtOptimize, QuantizeDynamic
-from tasks.embed_minilm import (distill_encoder, export_encoder, load_minilm, make_student, optimize_encoder,
+from tasks.encoder.minilm import (distill_encoder, export_encoder, load_minilm, make_student, optimize_encoder,
                                 quantize_encoder)
-from tasks.fingerprint import code_version
+from tasks.core.fingerprint import code_version
 from tasks.data.docstrings import load_sentences
 
 

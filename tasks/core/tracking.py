@@ -27,10 +27,10 @@ from mlflow.utils.mlflow_tags import (MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID, M
                                       MLFLOW_SOURCE_TYPE)
 
 from tasks.config import ConfigError, PipelineConfig, TrackingConfig, load_config, tracking_of
-from tasks.fingerprint import code_version, inputs_version
-from tasks.guard_bundle import clean_leftovers
-from tasks.lock_workdir import lock_workdir
-from tasks.stop_run import clear_stop, interruption, request_stop
+from tasks.core.fingerprint import code_version, inputs_version
+from tasks.release.guard import clean_leftovers
+from tasks.core.lock import lock_workdir
+from tasks.core.stop import clear_stop, interruption, request_stop
 
 _MAX_PARAM_LEN = 6000
 PIPELINE_TAG = "modelforge.pipeline"

@@ -14,7 +14,7 @@ from prefect import task
 from prefect.artifacts import create_table_artifact
 from prefect.context import FlowRunContext
 
-from tasks.validate_model import Report
+from tasks.release.validate import Report
 
 def rows(reports: list[Report], chosen: str | None) -> list[dict]:
     """One row per candidate: its quality metrics (whichever the evaluator measured), then speed and size."""

@@ -23,12 +23,12 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from tasks.models import FAMILIES, arch_from_params, build_model, count_params, load_checkpoint, save_checkpoint, vocab_of
-from tasks.prune_graph import prune_channels
+from tasks.compress.prune_graph import prune_channels
 from tasks.config import (Binarize, ConvertFp16, Distill, MagnitudePrune, QuantizeAware, QuantizeDynamic,
                           QuantizeStatic, SparsityTrain, StructuredPrune, TrainConfig)
-from tasks.export_onnx import export_onnx
-from tasks.run_onnx import graph_feeds, make_session, onnx_accuracy
-from tasks.train_model import TrainParams, accuracy, fit
+from tasks.onnx.export import export_onnx
+from tasks.onnx.runtime import graph_feeds, make_session, onnx_accuracy
+from tasks.train.stage import TrainParams, accuracy, fit
 from tasks.data import Splits, load_splits
 
 

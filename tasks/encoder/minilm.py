@@ -18,8 +18,8 @@ import onnx
 import torch
 from torch import nn
 
-from tasks.export_onnx import write_checked
-from tasks.run_onnx import make_session, set_session_unfused
+from tasks.onnx.export import write_checked
+from tasks.onnx.runtime import make_session, set_session_unfused
 
 INPUTS = ("input_ids", "attention_mask")
 OUTPUT = "sentence_embedding"  # "embedding" would clash with a tensor name inside BERT's graph

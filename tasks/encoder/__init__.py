@@ -1,0 +1,1 @@
+"""The sentence-encoder family (MiniLM): export, compression, evaluation."""

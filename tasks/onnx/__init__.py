@@ -1,0 +1,1 @@
+"""ONNX Runtime sessions and measurements; export from PyTorch with a parity check."""

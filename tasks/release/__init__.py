@@ -1,0 +1,1 @@
+"""Release: evaluate, validate and gate, report, register, ship, guard, promote."""

@@ -1,0 +1,1 @@
+"""Model search: the space, Optuna studies and samplers, trials, reports, the runner."""

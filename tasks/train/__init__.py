@@ -1,0 +1,1 @@
+"""Training: the loop, DistributedDataParallel, the train stage."""
