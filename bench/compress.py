@@ -25,16 +25,29 @@ warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)",
 
 import torch  # noqa: E402
 
-from tasks.models import Arch, build_model, save_checkpoint  # noqa: E402
-from tasks.compress.recipe import compress_candidate  # noqa: E402
-from tasks.config import (  # noqa: E402
-    Binarize, ConvertFp16, DataConfig, Distill, MagnitudePrune, QuantizeAware, QuantizeDynamic, QuantizeStatic,
-    SparsityTrain, StructuredPrune, TrainConfig, ValidateConfig)
-from tasks.release.evaluate import ClassifierEval  # noqa: E402
-from tasks.train.stage import TrainParams, accuracy, fit  # noqa: E402
-from tasks.release.validate import validate_candidates  # noqa: E402
+from tasks.compress.binarize import Binarize
+from tasks.compress.convert_fp16 import ConvertFp16
+from tasks.compress.distill import Distill
+from tasks.compress.magnitude_prune import MagnitudePrune
+from tasks.compress.quantize_aware import QuantizeAware
+from tasks.compress.quantize_dynamic import QuantizeDynamic
+from tasks.compress.quantize_static import QuantizeStatic
+from tasks.compress.recipe import compress_candidate
+from tasks.compress.sparsity_train import SparsityTrain
+from tasks.compress.structured_prune import StructuredPrune
 from tasks.data import load_splits  # noqa: E402
-from tasks.data.digits import materialize_digits  # noqa: E402
+from tasks.data.digits import (
+    DataConfig,
+    materialize_digits,  # noqa: E402
+)
+from tasks.models import Arch, build_model, save_checkpoint  # noqa: E402
+from tasks.release.evaluate import ClassifierEval  # noqa: E402
+from tasks.release.validate import (
+    ValidateConfig,
+    validate_candidates,  # noqa: E402
+)
+from tasks.train.loop import TrainParams, accuracy, fit
+from tasks.train.stage import TrainConfig
 
 STATIC = QuantizeStatic(method="quantize_static", calibration_samples=256)
 STRUCTURED = StructuredPrune(method="structured_prune", amount=0.5, finetune_epochs=20)

@@ -146,7 +146,7 @@ def main() -> None:
     medians = {k: (statistics.median(r[0] for r in v), statistics.median(r[1] for r in v)) for k, v in rows.items()}
     print(f"\n{name}, INT4 (builder defaults), {args.tokens} greedy tokens per stream, {os.cpu_count()} cores, "
           f"median of {args.rounds} interleaved rounds")
-    print(f"| setting | aggregate decode tok/s | median time to first token (s) |\n|---|---|---|")
+    print("| setting | aggregate decode tok/s | median time to first token (s) |\n|---|---|---|")
     for key, (tps, ttft) in medians.items():
         print(f"| {key} | {tps:.0f} | {ttft:.3f} |")
     one = medians["1 stream"][0]

@@ -33,8 +33,18 @@ from pathlib import Path
 import onnx
 
 from tasks.data.docstrings import offline_corpus
-from tasks.encoder.minilm import (HIDDEN_SIZE, NUM_HEADS, distill_encoder, encode_onnx, export_encoder, fidelity,
-                                load_minilm, optimize_encoder, quantize_encoder, tokenize)
+from tasks.encoder.minilm import (
+    HIDDEN_SIZE,
+    NUM_HEADS,
+    distill_encoder,
+    encode_onnx,
+    export_encoder,
+    fidelity,
+    load_minilm,
+    optimize_encoder,
+    quantize_encoder,
+    tokenize,
+)
 from tasks.onnx.runtime import make_session, measure_speeds
 
 PEERS = ("peer_st_int8", "peer_optimum_o3_int8")

@@ -23,8 +23,8 @@ import torch
 def trials_per_hour(workers: int, ref, trials: int, epochs: int, work: Path) -> float:
     from distributed import Client, LocalCluster
 
-    from tasks.config import SearchConfig
     from tasks.search.runner import local_cluster_kwargs
+    from tasks.search.space import SearchConfig
     from tasks.search.trials import run_trials
 
     space = {"families": ["cnn"], "depth": [1, 1], "width": [64, 64], "channels": [16, 16], "batch_sizes": [32],
@@ -44,7 +44,7 @@ def trials_per_hour(workers: int, ref, trials: int, epochs: int, work: Path) -> 
 def ddp_seconds(processes: int, splits, epochs: int) -> tuple[float, float, float]:
     from tasks.models import Arch, build_model
     from tasks.train.ddp import fit_parallel
-    from tasks.train.stage import TrainParams, accuracy, fit
+    from tasks.train.loop import TrainParams, accuracy, fit
 
     torch.manual_seed(0)
     model = build_model(Arch("cnn", 10, (1, 8, 8), conv=(32, 64), hidden=(128,)))
@@ -65,10 +65,10 @@ def main() -> None:
     parser.add_argument("--ddp-epochs", type=int, default=15)
     args = parser.parse_args()
 
-    from tasks.config import DataConfig
-    from tasks.data.fetch import DataRef
     from tasks.data import load_splits
+    from tasks.data.digits import DataConfig
     from tasks.data.version import version_data
+    from tasks.search.fetch import DataRef
 
     work = Path(tempfile.mkdtemp(prefix="bench-scale-"))
     (work / "project").mkdir()

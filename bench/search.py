@@ -18,9 +18,10 @@ import numpy as np
 import optuna
 from optuna.trial import TrialState
 
-from tasks.config import DataConfig, SearchConfig
-from tasks.search.trials import _storage, resolve_storage, run_trials
-from tasks.data.digits import materialize_digits
+from tasks.data.digits import DataConfig, materialize_digits
+from tasks.search.space import SearchConfig
+from tasks.search.study import resolve_storage
+from tasks.search.trials import _storage, run_trials
 
 SAMPLERS = ("random", "tpe", "nsga2", "greedy", "genetic")
 

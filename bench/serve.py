@@ -64,15 +64,15 @@ def build_models(work: Path) -> dict[str, dict]:
     from mlflow.tracking import MlflowClient
 
     from tasks.compress.recipe import compress_candidate
-    from tasks.config import DataConfig, RegisterConfig, TrainConfig
     from tasks.data import load_splits
-    from tasks.data.digits import materialize_digits
-    from tasks.release.evaluate import ClassifierEval
+    from tasks.data.digits import DataConfig, materialize_digits
     from tasks.models import Arch, build_model, save_checkpoint
-    from tasks.release.register import register_model
     from tasks.onnx.runtime import make_session
+    from tasks.release.evaluate import ClassifierEval
+    from tasks.release.register import RegisterConfig, register_model
     from tasks.release.ship import ship_bundle
-    from tasks.train.stage import TrainParams, fit
+    from tasks.train.loop import TrainParams, fit
+    from tasks.train.stage import TrainConfig
 
     data = work / "data"
     materialize_digits(DataConfig(), data)

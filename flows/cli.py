@@ -65,8 +65,9 @@ def _config(args: argparse.Namespace):
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from tasks.config import ConfigError, load_config
+    from tasks.config import load_config
     from tasks.core.prefect import temporary_prefect_server
+    from tasks.core.settings import ConfigError
     from tasks.core.stop import stop_on_signals
 
     try:
@@ -92,10 +93,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
-    from tasks.release.guard import clean_leftovers
     from tasks.core.lock import lock_workdir
-    from tasks.release.promote import rollback
     from tasks.core.tracking import setup_tracking
+    from tasks.release.guard import clean_leftovers
+    from tasks.release.promote import rollback
 
     cfg = _config(args)
     setup_tracking(cfg.tracking)
@@ -143,8 +144,8 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
 
 def cmd_data_changed(args: argparse.Namespace) -> int:
-    from tasks.data.notify import notify_data_change
     from tasks.core.prefect import prefect_api
+    from tasks.data.notify import notify_data_change
 
     with prefect_api(args.root):
         changed = notify_data_change(_config(args).data, args.root)
@@ -162,7 +163,7 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def cmd_example(args: argparse.Namespace) -> int:
-    from tasks.data.examples import EXAMPLES
+    from tasks.examples import EXAMPLES
 
     path = EXAMPLES[args.name](args.dir)
     print(f"modelforge: wrote the {args.name} example to {path}")
@@ -266,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
                       "folder or a .gguf file, with --data a corpus folder); default: what suits the data")
     init.add_argument("--out", required=True, type=Path, help="config file to write (never overwritten)")
     init.set_defaults(fn=cmd_init)
-    from tasks.data.examples import EXAMPLES
+    from tasks.examples import EXAMPLES
 
     example = sub.add_parser("example", parents=[common], help="write an example data set, offline, as a user would "
                              "bring it (e.g. modelforge example wine data)")
@@ -293,14 +294,14 @@ def main(argv: list[str] | None = None) -> int:
     embedded_defaults(args.root)
     from prefect.exceptions import TerminationSignal
 
-    from tasks.config import ConfigError
-    from tasks.release.guard import BundleError
     from tasks.core.lock import WorkdirBusy
-    from tasks.release.promote import PromotionError
-    from tasks.search.trials import SearchError
+    from tasks.core.settings import ConfigError
     from tasks.core.stop import exit_code, interruption
-    from tasks.release.validate import GateError
     from tasks.data import DataError
+    from tasks.release.guard import BundleError
+    from tasks.release.promote import PromotionError
+    from tasks.release.validate import GateError
+    from tasks.search.trials import SearchError
 
     explained = (ConfigError, DataError, GateError, SearchError, WorkdirBusy, BundleError, PromotionError)
     quiet = QuietUserErrors(explained)

@@ -20,8 +20,8 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterTags
 from prefect.events import DeploymentEventTrigger
 
-from tasks.data.notify import EVENT, data_resource
 from tasks.core.prefect import POOL, ensure_pool
+from tasks.data.notify import EVENT, data_resource
 
 NIGHTLY = "nightly"
 ON_NEW_DATA = "on-new-data"

@@ -11,22 +11,23 @@ from prefect import flow
 
 from flows.release import validate_and_release
 from tasks.core import tracking
+from tasks.data.version import version_data_task
 from tasks.encoder.compress import compress_encoder_task, export_teacher_task
+from tasks.pipeline_run import already_done, pipeline_run
 from tasks.release.evaluate import EncoderEval
 from tasks.release.promote import check_champion_task
-from tasks.data.version import version_data_task
 
 
 @flow(name="optimize-encoder", log_prints=True)
 def optimize_encoder(config_path: str = "configs/minilm.yaml", root: str = ".", force: bool = False,
                      lock_wait_s: float = 0, overrides: list[str] | None = None) -> dict:
-    with tracking.pipeline_run(config_path, root, "optimize-encoder", family="minilm",
+    with pipeline_run(config_path, root, "optimize-encoder", family="minilm",
                                  lock_wait_s=lock_wait_s, overrides=tuple(overrides or ())) as run:
         cfg, work = run.cfg, run.cfg.workdir / "encoder"
 
         data = version_data_task(cfg.data, run.root)
         tracking.log_dataset(run.run_id, data.dir, data.md5)
-        if skipped := tracking.already_done(run, data.md5, force):
+        if skipped := already_done(run, data.md5, force):
             return skipped
         check_champion_task(cfg.register_.model_name, data.dir, cfg.promote)
 

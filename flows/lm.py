@@ -9,27 +9,34 @@ from __future__ import annotations
 from prefect import flow
 
 from tasks.core import tracking
+from tasks.data.version import version_data_task
 from tasks.lm.evaluate import LMEval
 from tasks.lm.export import export_lm_task
 from tasks.lm.model import prepare_model_task
 from tasks.lm.quantize import layer_sensitivity_task
-from tasks.lm.release import (MODEL_DIR, apply_lm_gates, promote_lm_task, register_lm_task, ship_lm_task,
-                              validate_lm_task)
+from tasks.lm.release import (
+    MODEL_DIR,
+    apply_lm_gates,
+    promote_lm_task,
+    register_lm_task,
+    ship_lm_task,
+    validate_lm_task,
+)
 from tasks.lm.search import make_candidate_task, search_lm_task
+from tasks.pipeline_run import already_done, pipeline_run
 from tasks.release.report import report_candidates_task
 from tasks.release.validate import best_passing, require_passing
-from tasks.data.version import version_data_task
 
 
 @flow(name="optimize-lm", log_prints=True)
 def optimize_lm(config_path: str = "configs/smollm2.yaml", root: str = ".", force: bool = False,
                 lock_wait_s: float = 0, overrides: list[str] | None = None) -> dict:
-    with tracking.pipeline_run(config_path, root, "optimize-lm", family="causal_lm", lock_wait_s=lock_wait_s,
+    with pipeline_run(config_path, root, "optimize-lm", family="causal_lm", lock_wait_s=lock_wait_s,
                                 overrides=tuple(overrides or ())) as run:
         cfg, work = run.cfg, run.cfg.workdir / "lm"
         hf_dir = prepare_model_task(cfg.lm.model, work / "source")
         data = version_data_task(cfg.data, run.root)
-        if skipped := tracking.already_done(run, data.md5, force):
+        if skipped := already_done(run, data.md5, force):
             return skipped
 
         out = work / "candidates" / run.run_id

@@ -11,29 +11,30 @@ from prefect import flow
 
 from flows.release import validate_and_release
 from flows.search import search_trials
-from tasks.core import tracking
 from tasks.compress.recipe import compress_candidate_task
-from tasks.search.runner import search_runner
+from tasks.core import tracking
+from tasks.data.version import version_data_task
+from tasks.pipeline_run import already_done, pipeline_run
 from tasks.release.evaluate import ClassifierEval
-from tasks.data.fetch import worker_data
 from tasks.release.promote import check_champion_task
+from tasks.release.validate import BASELINE
+from tasks.search.fetch import worker_data
+from tasks.search.runner import search_runner
 from tasks.search.trials import TrialTracking, fit_search_to_data, summarize_search_task
 from tasks.train.stage import check_model_inputs_task, train_model_task
-from tasks.release.validate import BASELINE
-from tasks.data.version import version_data_task
 
 
 @flow(name="optimize", log_prints=True)  # the search subflow brings its own task runner, from the config
 def optimize(config_path: str = "configs/digits.yaml", root: str = ".", force: bool = False,
              lock_wait_s: float = 0, overrides: list[str] | None = None) -> dict:
-    with tracking.pipeline_run(config_path, root, lock_wait_s=lock_wait_s,
+    with pipeline_run(config_path, root, lock_wait_s=lock_wait_s,
                                  overrides=tuple(overrides or ())) as run:
         cfg, work = run.cfg, run.cfg.workdir
-        runner = search_runner(cfg)  # a runner that cannot work fails before any data or training
+        runner = search_runner(cfg.search, cfg.runner, cfg.tracking.uri)  # a runner that cannot work fails before any data or training
 
         data = version_data_task(cfg.data, run.root)
         tracking.log_dataset(run.run_id, data.dir, data.md5)
-        if skipped := tracking.already_done(run, data.md5, force):
+        if skipped := already_done(run, data.md5, force):
             return skipped
         check_model_inputs_task(cfg.train, cfg.model, data.num_classes, data.input_shape, run.root)  # before any training
         check_champion_task(cfg.register_.model_name, data.dir, cfg.promote)

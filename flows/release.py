@@ -6,17 +6,23 @@ from __future__ import annotations
 from dataclasses import asdict
 from pathlib import Path
 
+from tasks.compress.base import Candidate
 from tasks.core import tracking
-from tasks.compress.recipe import Candidate
+from tasks.pipeline_run import PipelineRun
 from tasks.release.evaluate import Evaluator
 from tasks.release.promote import check_release_task, promote_model_task
 from tasks.release.register import register_model_task
 from tasks.release.report import report_candidates_task
 from tasks.release.ship import ship_bundle_task
-from tasks.release.validate import apply_gates, best_passing, require_passing, validate_candidates_task
+from tasks.release.validate import (
+    apply_gates,
+    best_passing,
+    require_passing,
+    validate_candidates_task,
+)
 
 
-def validate_and_release(run: tracking.PipelineRun, candidates: list[Candidate], evaluator: Evaluator,
+def validate_and_release(run: PipelineRun, candidates: list[Candidate], evaluator: Evaluator,
                          data_version: str, reports_dir: Path) -> dict:
     cfg = run.cfg
     reports = apply_gates(validate_candidates_task(candidates, cfg.validate_, evaluator), cfg.gates)

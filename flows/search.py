@@ -7,9 +7,14 @@ from pathlib import Path
 
 from prefect import flow
 
-from tasks.config import SearchConfig
-from tasks.data.fetch import DataRef
-from tasks.search.trials import TrialTracking, prepare_study_task, run_trials_task, watch_workers
+from tasks.search.fetch import DataRef
+from tasks.search.space import SearchConfig
+from tasks.search.trials import (
+    TrialTracking,
+    prepare_study_task,
+    run_trials_task,
+    watch_workers,
+)
 
 
 @flow(name="search", log_prints=True)

@@ -29,7 +29,14 @@ from serve.body import BadRequest
 from serve.context import ServeContext
 from serve.lm import BATCH_GAP_SECONDS, LM_FAMILY
 from serve.metrics import Metrics
-from serve.runtime import BatchPlan, ModelHolder, cpu_count, measure_curve, plan_batching, sample_feeds
+from serve.runtime import (
+    BatchPlan,
+    ModelHolder,
+    cpu_count,
+    measure_curve,
+    plan_batching,
+    sample_feeds,
+)
 from serve.settings import ServeSettings
 from serve.sources import LoadedModel
 

@@ -19,7 +19,14 @@ from starlette.concurrency import run_in_threadpool
 
 from serve.body import BadRequest, parse_json
 from serve.context import ServeContext
-from serve.lm import LM_FAMILY, RETRY_AFTER_SECONDS, Generation, LMRuntime, QueueFull, Sampling
+from serve.lm import (
+    LM_FAMILY,
+    RETRY_AFTER_SECONDS,
+    Generation,
+    LMRuntime,
+    QueueFull,
+    Sampling,
+)
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the rest of the context
 MAX_STOP_STRINGS = 4

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from serve.lm import ENGINE_STATIC_BATCH, LM_FAMILY, open_lm
-from tasks.release.guard import BUNDLE_FORMAT, BundleError, relative_paths
 from tasks.onnx.runtime import make_session
+from tasks.release.guard import BUNDLE_FORMAT, BundleError, relative_paths
 
 
 def bundle_family(manifest: dict) -> str:

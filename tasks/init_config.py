@@ -14,11 +14,20 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel
 
-from tasks.config import CompressConfig, ConfigError, LMPipelineConfig, PipelineConfig, TableDataConfig, load_config
+from tasks.compress.recipe import CompressConfig
+from tasks.config import LMPipelineConfig, PipelineConfig, load_config
+from tasks.core.settings import ConfigError
 from tasks.data import SOURCES
 from tasks.data.base import MANIFEST, DataError
 from tasks.data.image_folder import SUFFIXES as IMAGE_SUFFIXES
-from tasks.data.table import READERS, infer_schema, nested_columns, read_table, table_notes
+from tasks.data.table import (
+    READERS,
+    TableDataConfig,
+    infer_schema,
+    nested_columns,
+    read_table,
+    table_notes,
+)
 from tasks.models import FAMILIES
 from tasks.models.hf import PACKAGED
 from tasks.train.stage import check_model_inputs

@@ -16,11 +16,14 @@ embedded_defaults(_STATE)
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from tasks.models import Arch, build_model, save_checkpoint  # noqa: E402
-from tasks.config import DataConfig, TrainConfig  # noqa: E402
-from tasks.train.stage import TrainParams, fit  # noqa: E402
 from tasks.data import load_splits  # noqa: E402
-from tasks.data.digits import materialize_digits  # noqa: E402
+from tasks.data.digits import (
+    DataConfig,
+    materialize_digits,  # noqa: E402
+)
+from tasks.models import Arch, build_model, save_checkpoint  # noqa: E402
+from tasks.train.loop import TrainParams, fit
+from tasks.train.stage import TrainConfig
 
 
 @pytest.fixture(scope="session")

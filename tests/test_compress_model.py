@@ -5,12 +5,20 @@ import onnx
 import pytest
 import torch
 
+from tasks.compress.base import HANDLERS
+from tasks.compress.binarize import Binarize
+from tasks.compress.convert_fp16 import ConvertFp16
+from tasks.compress.distill import Distill
+from tasks.compress.magnitude_prune import MagnitudePrune
+from tasks.compress.quantize_aware import QuantizeAware
+from tasks.compress.quantize_dynamic import QuantizeDynamic
+from tasks.compress.quantize_static import QuantizeStatic
+from tasks.compress.recipe import compress_candidate
+from tasks.compress.sparsity_train import SparsityTrain
+from tasks.compress.structured_prune import StructuredPrune
 from tasks.models import count_params, load_checkpoint
-from tasks.compress.recipe import HANDLERS, ONNX_METHODS, compress_candidate
-from tasks.config import (Binarize, ConvertFp16, Distill, MagnitudePrune, QuantizeAware, QuantizeDynamic,
-                          QuantizeStatic, SparsityTrain, StructuredPrune)
 from tasks.onnx.runtime import make_session, predict_logits
-from tasks.train.stage import accuracy
+from tasks.train.loop import accuracy
 
 STEPS = {
     "magnitude_prune": MagnitudePrune(method="magnitude_prune", sparsity=0.6, finetune_epochs=2),
@@ -42,7 +50,7 @@ def test_handler_contract(method, cnn_checkpoint, data_dir, splits, train_cfg, t
     own_model, _, _ = load_checkpoint(cand.checkpoint)  # the PyTorch model this ONNX file came from
     with torch.no_grad():
         own_logits = own_model(torch.from_numpy(splits.test[0])).numpy()
-    if method in ONNX_METHODS:
+    if STEPS[method].on_onnx:
         agreement = float((logits.argmax(1) == own_logits.argmax(1)).mean())
         assert agreement >= 0.95, f"INT8 predictions agree with FP32 on only {agreement:.1%}"
         assert cand.parity_max_abs is None

@@ -2,7 +2,9 @@ from pathlib import Path
 
 import pytest
 
-from tasks.config import ConfigError, PipelineConfig, load_config, parse_config
+from tasks.config import PipelineConfig, load_config, parse_config
+from tasks.core.settings import ConfigError
+from tasks.pipeline_run import pipeline_run
 
 
 def test_defaults_and_shipped_config_are_valid():
@@ -128,10 +130,9 @@ def test_a_run_records_its_overrides(tmp_path):
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from tasks.core import tracking
     path = tmp_path / "c.yaml"
     path.write_text("tracking: {experiment: base}\n")
-    with tracking.pipeline_run(path, tmp_path, overrides=("tracking.experiment=overridden",)) as run:
+    with pipeline_run(path, tmp_path, overrides=("tracking.experiment=overridden",)) as run:
         assert run.cfg.tracking.experiment == "overridden"
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/.modelforge/mlflow.db")
     [recorded] = MlflowClient().search_runs([MlflowClient().get_experiment_by_name("overridden").experiment_id])

@@ -18,10 +18,11 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from flows.optimize import optimize
-from tasks.config import ConfigError, parse_config
-from tasks.search.runner import search_runner
-from tasks.search.trials import _storage
+from tasks.config import parse_config
 from tasks.core.prefect import free_port, wait_for_http
+from tasks.core.settings import ConfigError
+from tasks.search.runner import search_runner
+from tasks.search.study import storage_of
 
 pytestmark = pytest.mark.e2e
 
@@ -84,7 +85,7 @@ def test_a_runner_that_cannot_work_fails_before_anything_runs():
     cfg = parse_config({"runner": {"kind": "dask", "address": "tcp://10.0.0.5:8786"},
                         "search": {"storage": "postgresql+psycopg2://u@db/optuna"}, "tracking": {"uri": "http://mlflow:5000"}})
     with pytest.raises(ConfigError) as err:
-        search_runner(cfg)
+        search_runner(cfg.search, cfg.runner, cfg.tracking.uri)
     assert "No module named 'psycopg2'" in str(err.value) and "postgresql+psycopg://" in str(err.value)
     assert "Prefect API" in str(err.value)  # none at all, or one on 127.0.0.1 the cluster's machines cannot reach
 
@@ -98,7 +99,7 @@ def test_search_on_a_dask_local_cluster(tmp_path, prefect_api):
     assert_ran_on_workers(trial_runs(uri, "cluster", result["run_id"]), cache)
     study_name = MlflowClient(tracking_uri=uri).get_run(result["run_id"]).data.params["result.search.study_name"]
     journal = f"journal:///{tmp_path}/.modelforge/search/optuna-journal.log"
-    assert len(optuna.load_study(study_name=study_name, storage=_storage(journal)).trials) >= 4
+    assert len(optuna.load_study(study_name=study_name, storage=storage_of(journal)).trials) >= 4
     assert set(os.listdir()) == cwd_files  # no stray mlflow.db or optuna.db where the workers started
     assert (tmp_path / "deploy" / "bundle" / "model.onnx").exists()
 
@@ -148,7 +149,9 @@ def postgres():
 
 
 def test_search_on_a_dask_cluster_with_postgres_for_optuna_and_mlflow(tmp_path, prefect_api, postgres):
-    from distributed import LocalCluster  # a scheduler at an address, as `dask scheduler` + `dask worker` give
+    from distributed import (
+        LocalCluster,  # a scheduler at an address, as `dask scheduler` + `dask worker` give
+    )
 
     cache = tmp_path / "worker-cache"
     port = free_port()

@@ -9,17 +9,20 @@ import shutil
 import numpy as np
 import pytest
 import yaml
+from conftest import serve_bundle
 from PIL import Image
 
-from conftest import serve_bundle
 from deploy.loadtest import request, running_server
 from serve.app import create_app
 from serve.settings import ServeSettings
 from serve.sources import BundleSource
-from tasks.config import ImageFolderConfig
 from tasks.data import DataError, load_splits
-from tasks.data.examples import digits_png
-from tasks.data.image_folder import describe_image_folder, encode_images
+from tasks.data.image_folder import (
+    ImageFolderConfig,
+    describe_image_folder,
+    encode_images,
+)
+from tasks.examples import digits_png
 
 
 def folder_cfg(**kw) -> ImageFolderConfig:

@@ -13,16 +13,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-
 from test_data_image_folder import write_images
 from test_data_text import write_texts
-from tasks.config import ImageFolderConfig, SearchConfig, TableDataConfig, TextTableConfig
+
 from tasks.data import SOURCES, DataError, load_splits
 from tasks.data.base import read_manifest
-from tasks.data.examples import wine
-from tasks.data.image_folder import encode_images
-from tasks.data.table import encode_records, split_rows
-from tasks.data.text import encode_texts, split_texts
+from tasks.data.image_folder import ImageFolderConfig, encode_images
+from tasks.data.table import TableDataConfig, encode_records, split_rows
+from tasks.data.text import TextTableConfig, encode_texts, split_texts
+from tasks.examples import wine
+from tasks.search.space import SearchConfig
 from tasks.search.trials import prepare_study, run_trials
 
 

@@ -7,17 +7,22 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-
 from conftest import serve_bundle, warm_started_trials
+
 from deploy.loadtest import request, running_server
 from serve.app import create_app
 from serve.settings import ServeSettings
 from serve.sources import BundleSource
-from tasks.config import TableDataConfig
 from tasks.data import DataError, load_splits
 from tasks.data.base import hash_split, read_manifest
-from tasks.data.examples import wine
-from tasks.data.table import describe_table, encode_records, load_table, split_rows
+from tasks.data.table import (
+    TableDataConfig,
+    describe_table,
+    encode_records,
+    load_table,
+    split_rows,
+)
+from tasks.examples import wine
 from tasks.onnx.runtime import make_session, predict_logits
 
 

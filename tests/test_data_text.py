@@ -7,15 +7,14 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-
 from conftest import serve_bundle
+
 from deploy.loadtest import request, running_server
 from serve.app import create_app
 from serve.settings import ServeSettings
 from serve.sources import BundleSource
-from tasks.config import TextTableConfig
 from tasks.data import load_splits
-from tasks.data.text import describe_text, encode_texts, split_texts
+from tasks.data.text import TextTableConfig, describe_text, encode_texts, split_texts
 
 TOPICS = {"space": "rocket orbit planet launch star moon", "food": "bread cheese soup cook taste kitchen",
           "music": "guitar song drum melody concert band"}

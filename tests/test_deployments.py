@@ -25,11 +25,11 @@ from prefect.client.schemas.objects import StateType
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from flows.cli import main as cli_main
-from flows.deployments import list_deployments, deploy_model, remove_model
+from flows.deployments import deploy_model, list_deployments, remove_model
 from tasks.config import load_config
-from tasks.data.examples import breast_cancer, wine
-from tasks.data.notify import data_resource, notify_data_change
 from tasks.core.prefect import free_port, stop_stack
+from tasks.data.notify import data_resource, notify_data_change
+from tasks.examples import breast_cancer, wine
 
 pytestmark = pytest.mark.e2e
 TINY = ["search.n_trials=2", "search.epochs=2", "search.space.depth=[1, 1]", "search.space.width=[16, 16]",

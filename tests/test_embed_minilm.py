@@ -7,9 +7,20 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from tasks.encoder.minilm import (SESSION_UNFUSED, distill_encoder, encode_onnx, encode_torch, export_encoder, fidelity,
-                                load_minilm, make_student, optimize_encoder, quantize_encoder, tokenize)
 from tasks.data.docstrings import offline_corpus
+from tasks.encoder.minilm import (
+    SESSION_UNFUSED,
+    distill_encoder,
+    encode_onnx,
+    encode_torch,
+    export_encoder,
+    fidelity,
+    load_minilm,
+    make_student,
+    optimize_encoder,
+    quantize_encoder,
+    tokenize,
+)
 from tasks.onnx.runtime import make_session, session_unfused
 
 

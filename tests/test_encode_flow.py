@@ -12,16 +12,16 @@ from mlflow.tracking import MlflowClient
 from transformers import AutoTokenizer
 
 from deploy.loadtest import request, running_server
+from flows.encode import optimize_encoder
 from serve.app import create_app
 from serve.sources import BundleSource
-from flows.encode import optimize_encoder
-from tasks.release.compare import compare_runs
-from tasks.config import TrackingConfig
-from tasks.encoder.minilm import encode_torch, load_minilm, tokenize
-from tasks.onnx.runtime import make_session
-from tasks.release.ship import sha256_of
+from tasks.core.tracking import TrackingConfig
 from tasks.data.docstrings import load_sentences
 from tasks.data.version import read_data_md5
+from tasks.encoder.minilm import encode_torch, load_minilm, tokenize
+from tasks.onnx.runtime import make_session
+from tasks.release.compare import compare_runs
+from tasks.release.ship import sha256_of
 
 pytestmark = pytest.mark.e2e
 

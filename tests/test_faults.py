@@ -24,22 +24,26 @@ from optuna.trial import TrialState
 from prefect import flow
 
 from deploy.loadtest import request, running_server
+from flows.cli import main
+from flows.optimize import optimize
 from serve.app import create_app
 from serve.settings import ServeSettings
 from serve.sources import BundleSource
-from flows.cli import main
-from flows.optimize import optimize
+from tasks.config import parse_config
 from tasks.core import tracking
-from tasks.config import ConfigError, SearchConfig, TrackingConfig, parse_config
-from tasks.release.guard import BundleError
 from tasks.core.lock import WorkdirBusy, lock_workdir
-from tasks.search.trials import SearchError, TrialTracking, open_study, resolve_storage, run_trials, summarize_search
-from tasks.release.ship import publish_copy
-from tasks.train.stage import train_model_task
-from tasks.data import DataError, load_splits
-from tasks.data.digits import materialize_digits
-from tasks.config import DataConfig
 from tasks.core.prefect import free_port
+from tasks.core.settings import ConfigError
+from tasks.core.tracking import TrackingConfig
+from tasks.data import DataError, load_splits
+from tasks.data.digits import DataConfig, materialize_digits
+from tasks.pipeline_run import pipeline_run
+from tasks.release.guard import BundleError
+from tasks.release.ship import publish_copy
+from tasks.search.space import SearchConfig
+from tasks.search.study import open_study, resolve_storage
+from tasks.search.trials import SearchError, TrialTracking, run_trials, summarize_search
+from tasks.train.stage import train_model_task
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_SPACE = {"families": ["mlp"], "optimizers": ["adam"], "depth": [1, 1], "width": [32, 48], "batch_sizes": [32]}
@@ -237,14 +241,13 @@ def test_malformed_requests_are_a_clear_4xx(strict_server, path, body, content_t
 def table_bundle(train_cfg, tmp_path_factory) -> tuple[Path, dict]:
     """A bundle trained (briefly) on the wine table, which takes raw records, and one such record."""
     import pandas as pd
-
     from conftest import train_small
+
     from tasks.compress.recipe import compress_candidate
-    from tasks.config import TableDataConfig
-    from tasks.release.evaluate import ClassifierEval
-    from tasks.data.examples import wine
-    from tasks.data.table import describe_table
+    from tasks.data.table import TableDataConfig, describe_table
+    from tasks.examples import wine
     from tasks.models import Arch
+    from tasks.release.evaluate import ClassifierEval
     from tasks.release.ship import ship_bundle
 
     tmp = tmp_path_factory.mktemp("table")
@@ -493,7 +496,7 @@ def test_a_bad_config_is_filed_under_the_experiment_it_names(tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump({"train": {"patience": "soon"}, "tracking": {"experiment": "mine"}}))
     with pytest.raises(ConfigError):
-        with tracking.pipeline_run(config, tmp_path):
+        with pipeline_run(config, tmp_path):
             pass
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/.modelforge/mlflow.db")
     [run] = MlflowClient().search_runs([MlflowClient().get_experiment_by_name("mine").experiment_id])

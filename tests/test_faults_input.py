@@ -19,25 +19,25 @@ import pytest
 import torch
 import yaml
 from PIL import ImageFile
-
-from deploy.loadtest import running_server
-from serve.app import create_app
-from serve.sources import BundleSource
-from flows.cli import main
-from tasks.core import tracking
-from tasks.config import MAX_CONFIG_BYTES, ConfigError, ImageFolderConfig, StudentSpec, TableDataConfig, load_config, \
-    parse_config
-from tasks.data import DataError, load_splits
-from tasks.data import image_folder
-from tasks.data.image_folder import describe_image_folder
-from tasks.data.table import describe_table
-from tasks.models import load_checkpoint
-from tasks.models.custom import read_weights
-from tasks.release.ship import publish_copy
-from tasks.data.version import version_data
 from test_data_image_folder import folder_cfg, write_images
 from test_faults import post
 
+from deploy.loadtest import running_server
+from flows.cli import main
+from serve.app import create_app
+from serve.sources import BundleSource
+from tasks.compress.distill import StudentSpec
+from tasks.config import load_config, parse_config
+from tasks.core.config_file import MAX_CONFIG_BYTES
+from tasks.core.settings import ConfigError
+from tasks.data import DataError, image_folder, load_splits
+from tasks.data.image_folder import ImageFolderConfig, describe_image_folder
+from tasks.data.table import TableDataConfig, describe_table
+from tasks.data.version import version_data
+from tasks.models import load_checkpoint
+from tasks.models.custom import read_weights
+from tasks.pipeline_run import pipeline_run
+from tasks.release.ship import publish_copy
 
 # --- Config: bounded before it is parsed, every section typed -----------------------------------------
 
@@ -251,7 +251,7 @@ def test_the_next_run_removes_what_an_interrupted_ship_left_and_only_that(cnn_bu
     (deploy / ".bundle-mine" / "notes.txt").write_text("mine")
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump({"tracking": tracking}))
-    with tracking.pipeline_run(config, tmp_path):
+    with pipeline_run(config, tmp_path):
         pass
     assert sorted(p.name for p in deploy.iterdir()) == [".bundle-mine", "bundle"]
     assert (deploy / ".bundle-mine" / "notes.txt").read_text() == "mine"

@@ -5,10 +5,10 @@ from pathlib import Path
 
 import pytest
 
-from tasks.config import DataConfig
-from tasks.data.fetch import DataRef, fetch_data
 from tasks.data import DataError, load_splits
+from tasks.data.digits import DataConfig
 from tasks.data.version import version_data
+from tasks.search.fetch import DataRef, fetch_data
 
 
 @pytest.fixture(scope="module")

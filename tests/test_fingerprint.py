@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from tasks.config import PipelineConfig
 from tasks.core import fingerprint as fp
-from tasks.config import PipelineConfig, TrainConfig
-from tasks.core.tracking import fingerprint
-from tasks.train.stage import train_cache_key
+from tasks.pipeline_run import fingerprint
+from tasks.train.stage import TrainConfig, train_cache_key
 
 USER_MODULE = Path(__file__).with_name("user_models.py")
 

@@ -6,9 +6,10 @@ import shutil
 import pytest
 
 from flows.cli import main
-from tasks.config import ConfigError, load_config
+from tasks.config import load_config
+from tasks.core.settings import ConfigError
 from tasks.data import DataError
-from tasks.data.examples import docstring_topics, wine
+from tasks.examples import docstring_topics, wine
 from tasks.init_config import init_config
 
 

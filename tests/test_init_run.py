@@ -6,10 +6,10 @@ other pairing is checked by `init`'s own pre-training checks (tests/test_init_co
 import json
 
 import pytest
-
-from tasks.data.examples import wine
-from tasks.init_config import init_config
 from test_init_config import png_classes, user_module
+
+from tasks.examples import wine
+from tasks.init_config import init_config
 
 
 def _table_with_user_module(root):

@@ -3,6 +3,7 @@ searched and fixed weight-only candidates -> gates -> registry -> contract bundl
 up-front refusals (bad corpus, bad model folder, pickled weights)."""
 
 import json
+from pydoc_data.topics import topics
 
 import mlflow
 import numpy as np
@@ -11,17 +12,16 @@ import optuna
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
-from pydoc_data.topics import topics
 
 from flows.lm import optimize_lm
-from tasks.config import ConfigError, CorpusConfig, LMRecipe, load_config
+from tasks.config import load_config
+from tasks.core.settings import ConfigError
 from tasks.data.base import DataError
-from tasks.data.corpus import describe_corpus, load_corpus
-from tasks.release.guard import bundle_problem, sha256_of
+from tasks.data.corpus import CorpusConfig, describe_corpus, load_corpus
 from tasks.init_config import init_config
-from tasks.lm.quantize import node_bits
-from tasks.config import LMPromoteConfig
-from tasks.lm.release import paired_perplexity
+from tasks.lm.quantize import LMRecipe, node_bits
+from tasks.lm.release import LMPromoteConfig, paired_perplexity
+from tasks.release.guard import bundle_problem, sha256_of
 from tasks.release.promote import decide
 from tests.tiny_llm import make_tiny_llama
 

@@ -9,8 +9,8 @@ import sys
 import pytest
 
 from tasks.core import tracking
-from tasks.config import TrackingConfig
 from tasks.core.prefect import free_port, wait_for_http
+from tasks.core.tracking import TrackingConfig
 
 CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
 # `make test` installs Chromium where it can (root + apt-get); in CI a missing browser is a failure, not a skip.

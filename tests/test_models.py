@@ -6,8 +6,16 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from tasks.models import (
+    FAMILIES,
+    Arch,
+    arch_from_params,
+    build_model,
+    count_params,
+    load_checkpoint,
+    save_checkpoint,
+)
 from tasks.onnx.export import export_onnx
-from tasks.models import FAMILIES, Arch, arch_from_params, build_model, count_params, load_checkpoint, save_checkpoint
 
 
 @pytest.mark.parametrize("arch", [
@@ -92,10 +100,13 @@ def test_every_family_is_covered():
 
 @pytest.mark.parametrize("family", sorted(SAMPLES))
 def test_family_contract(family, tmp_path, local_checkpoint):
-    from tasks.compress.recipe import CompressContext, ModelState, distill, structured_prune
-    from tasks.config import Distill, StructuredPrune, TrainConfig
+    from tasks.compress.base import CompressContext, ModelState
+    from tasks.compress.distill import Distill
+    from tasks.compress.recipe import distill, structured_prune
+    from tasks.compress.structured_prune import StructuredPrune
     from tasks.data.base import Splits
-    from tasks.train.stage import TrainParams, accuracy, fit
+    from tasks.train.loop import TrainParams, accuracy, fit
+    from tasks.train.stage import TrainConfig
 
     shape, gen = SAMPLES[family], np.random.default_rng(0)
     tokens = family in ("text", "hf")

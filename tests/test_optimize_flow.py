@@ -9,13 +9,12 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from flows.optimize import optimize
-from tasks.config import ConfigError
+from tasks.core.settings import ConfigError
+from tasks.data import DataError, load_splits
+from tasks.data.digits import DataConfig, materialize_digits
+from tasks.data.version import read_data_md5
 from tasks.release.ship import sha256_of
 from tasks.release.validate import GateError
-from tasks.data import DataError, load_splits
-from tasks.data.digits import materialize_digits
-from tasks.data.version import read_data_md5
-from tasks.config import DataConfig
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("prefect_api")]
 

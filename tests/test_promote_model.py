@@ -6,15 +6,23 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from tasks.core import tracking
-from tasks.models import Arch, build_model, save_checkpoint
 from tasks.compress.recipe import compress_candidate
-from tasks.config import PromoteConfig, RegisterConfig, TrackingConfig, ValidateConfig
+from tasks.core import tracking
+from tasks.core.tracking import TrackingConfig
+from tasks.models import Arch, build_model, save_checkpoint
 from tasks.release.evaluate import ClassifierEval
-from tasks.release.stats import mcnemar_exact, ratio_interval
-from tasks.release.promote import PromotionError, check_champion_before_training, decide, promote_model, rollback
-from tasks.release.register import register_model
+from tasks.release.promote import (
+    PromoteConfig,
+    PromotionError,
+    check_champion_before_training,
+    decide,
+    promote_model,
+    rollback,
+)
+from tasks.release.register import RegisterConfig, register_model
 from tasks.release.ship import ship_bundle
+from tasks.release.stats import mcnemar_exact, ratio_interval
+from tasks.release.validate import ValidateConfig
 
 FAST_TIMING = ValidateConfig(warmup=2, latency_runs=20, throughput_runs=2)
 
@@ -101,9 +109,8 @@ def test_champion_challenger_and_rollback(tmp_path, cnn_checkpoint, data_dir, tr
 
     # Another task under the same name (3-class data where the champion has 10) is refused before
     # training, and a champion folder holding another model's champion is never replaced.
-    from tasks.data.examples import wine
-    from tasks.data.table import describe_table
-    from tasks.config import TableDataConfig
+    from tasks.data.table import TableDataConfig, describe_table
+    from tasks.examples import wine
 
     wine(tmp_path / "wine")
     describe_table(TableDataConfig(dataset="table", dir=tmp_path / "wine", label="label"), tmp_path / "wine")
@@ -132,9 +139,8 @@ def test_a_champion_is_scored_in_its_own_encoding_when_the_data_grows(tmp_path):
     It is still the same task, and the champion is fed the same test rows in its own encoding."""
     import pandas as pd
 
-    from tasks.config import TableDataConfig
-    from tasks.data.examples import wine
-    from tasks.data.table import describe_table
+    from tasks.data.table import TableDataConfig, describe_table
+    from tasks.examples import wine
     from tasks.release.promote import task_mismatch
 
     wine(tmp_path / "wine")

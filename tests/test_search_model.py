@@ -6,16 +6,18 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
+from tasks.config import parse_config
+from tasks.core.settings import ConfigError
+from tasks.core.tracking import TrackingConfig, setup_tracking, start_run
 from tasks.search import trials as search_mod
-from tasks.core import tracking
-from tasks.config import ConfigError, SearchConfig, TrackingConfig, parse_config
+from tasks.search.space import SearchConfig
 
 
 @pytest.fixture()
 def tracking(tmp_path):
-    exp = tracking.setup_tracking(TrackingConfig(uri=f"sqlite:///{tmp_path}/mlflow.db", experiment="search",
+    exp = setup_tracking(TrackingConfig(uri=f"sqlite:///{tmp_path}/mlflow.db", experiment="search",
                                                   artifact_dir=tmp_path / "art"))
-    return search_mod.TrialTracking(f"sqlite:///{tmp_path}/mlflow.db", exp, tracking.start_run(exp, "parent"))
+    return search_mod.TrialTracking(f"sqlite:///{tmp_path}/mlflow.db", exp, start_run(exp, "parent"))
 
 
 FAST = {"families": ["mlp"], "depth": (1, 1), "width": (16, 32), "batch_sizes": [64]}
@@ -156,7 +158,7 @@ def test_latency_objective_is_measured_on_onnx_runtime(data_dir, tmp_path, monke
         return timing
 
     real = runtime.measure_speeds
-    monkeypatch.setattr(run_onnx, "measure_speeds", spy)
+    monkeypatch.setattr(runtime, "measure_speeds", spy)
     cfg = small(objectives=["accuracy", "latency"], n_trials=2, selection="accuracy_under_latency",
                 latency_budget_ms=1000.0)
     result = search_mod.search_model(cfg, data_dir, tmp_path, "lat")

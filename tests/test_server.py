@@ -26,10 +26,10 @@ from serve.runtime import CurvePoint, plan_batching
 from serve.settings import ServeSettings
 from serve.sources import BundleSource
 from tasks.compress.recipe import compress_candidate
-from tasks.release.evaluate import ClassifierEval
-from tasks.onnx.runtime import make_session, predict_logits
-from tasks.release.ship import publish_copy, ship_bundle
 from tasks.core.prefect import free_port
+from tasks.onnx.runtime import make_session, predict_logits
+from tasks.release.evaluate import ClassifierEval
+from tasks.release.ship import publish_copy, ship_bundle
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "t0ken-for-the-tests-only"

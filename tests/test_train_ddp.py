@@ -6,11 +6,11 @@ import os
 import pytest
 import torch
 
-from tasks.models import Arch, build_model, load_checkpoint
-from tasks.config import TrainConfig
 from tasks.core.stop import RunInterrupted, request_stop
+from tasks.models import Arch, build_model, load_checkpoint
 from tasks.train.ddp import fit_parallel
-from tasks.train.stage import TrainParams, accuracy, fit, train_model
+from tasks.train.loop import TrainParams, accuracy, fit
+from tasks.train.stage import TrainConfig, train_model
 
 ARCH = Arch("mlp", 10, (1, 8, 8), hidden=(64,))
 PARAMS = TrainParams(lr=0.005, optimizer="adam", epochs=12, patience=12)

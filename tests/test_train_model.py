@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from tasks.models import Arch, build_model, load_checkpoint
-from tasks.config import TrainConfig
-from tasks.train.stage import TrainParams, accuracy, check_init_checkpoint, fit, train_model
+from tasks.train.loop import TrainParams, accuracy, fit
+from tasks.train.stage import TrainConfig, check_init_checkpoint, train_model
 
 
 def test_fit_learns_and_restores_best_epoch(splits):

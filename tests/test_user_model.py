@@ -13,15 +13,17 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import serve_bundle
 from mlflow.tracking import MlflowClient
 from safetensors.torch import save_file
 
-from conftest import serve_bundle
-from tasks.config import ConfigError, ModelConfig, TrainConfig
+from tasks.core.settings import ConfigError
 from tasks.data import load_splits
 from tasks.data.base import read_manifest
 from tasks.data.text import split_texts
-from tasks.train.stage import TrainParams, check_model_inputs, fit
+from tasks.models import ModelConfig
+from tasks.train.loop import TrainParams, fit
+from tasks.train.stage import TrainConfig, check_model_inputs
 
 TINY = {
     "search": {"n_trials": 2, "epochs": 2, "space": {"lr": [0.005, 0.02], "optimizers": ["adam"], "depth": [1, 2],

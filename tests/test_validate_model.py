@@ -2,10 +2,18 @@ import numpy as np
 import pytest
 
 from tasks.compress.recipe import compress_candidate
-from tasks.config import GateConfig, ValidateConfig
-from tasks.release.evaluate import ClassifierEval
 from tasks.onnx.runtime import make_session, predict_logits
-from tasks.release.validate import GateError, Report, apply_gates, best_passing, require_passing, validate_candidates
+from tasks.release.evaluate import ClassifierEval
+from tasks.release.validate import (
+    GateConfig,
+    GateError,
+    Report,
+    ValidateConfig,
+    apply_gates,
+    best_passing,
+    require_passing,
+    validate_candidates,
+)
 
 
 def report(name, acc, p50, parity=1e-6, size=1000, noise=0.02, seed=0):

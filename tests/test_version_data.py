@@ -4,10 +4,9 @@ import shutil
 import numpy as np
 import pytest
 
-from tasks.config import DataConfig, TextDataConfig
 from tasks.data import DataError, load_splits
-from tasks.data.digits import materialize_digits
-from tasks.data.docstrings import load_sentences, materialize_docstrings
+from tasks.data.digits import DataConfig, materialize_digits
+from tasks.data.docstrings import TextDataConfig, load_sentences, materialize_docstrings
 from tasks.data.version import read_data_md5, version_data
 
 

@@ -41,8 +41,19 @@ def ten_logits(num_classes, input_shape):
 def tiny_bert(folder, texts):
     """A user's local Hugging Face checkpoint, tiny and random-initialised: a 2-layer BERT with a
     WordPiece tokenizer trained on `texts` (config.json, model.safetensors, tokenizer.json)."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
-    from transformers import BertConfig, BertForSequenceClassification, PreTrainedTokenizerFast
+    from tokenizers import (
+        Tokenizer,
+        models,
+        normalizers,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
+    from transformers import (
+        BertConfig,
+        BertForSequenceClassification,
+        PreTrainedTokenizerFast,
+    )
 
     tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)

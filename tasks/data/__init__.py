@@ -11,14 +11,36 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated, Union
+
+from pydantic import Discriminator, Tag
 
 from tasks.data.base import MANIFEST, DataError, Splits, read_manifest
 from tasks.data.corpus import describe_corpus
-from tasks.data.digits import describe_digits, load_arrays, materialize_digits
+from tasks.data.digits import (
+    DataConfig,
+    describe_digits,
+    load_arrays,
+    materialize_digits,
+)
 from tasks.data.docstrings import describe_docstrings, materialize_docstrings
-from tasks.data.image_folder import describe_image_folder, load_image_folder
-from tasks.data.table import describe_table, load_table
-from tasks.data.text import describe_text, load_text
+from tasks.data.image_folder import (
+    ImageFolderConfig,
+    describe_image_folder,
+    load_image_folder,
+)
+from tasks.data.table import TableDataConfig, describe_table, load_table
+from tasks.data.text import TextTableConfig, describe_text, load_text
+
+
+def _dataset_of(value: object) -> str | None:
+    # A data section that names no dataset is the built-in example, as before sources existed.
+    return value.get("dataset", "digits") if isinstance(value, dict) else getattr(value, "dataset", None)
+
+
+ClassifierData = Annotated[Union[Annotated[DataConfig, Tag("digits")], Annotated[TableDataConfig, Tag("table")],
+                                 Annotated[ImageFolderConfig, Tag("image_folder")],
+                                 Annotated[TextTableConfig, Tag("text")]], Discriminator(_dataset_of)]
 
 
 @dataclass(frozen=True)

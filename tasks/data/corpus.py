@@ -9,8 +9,37 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Literal
 
-from tasks.data.base import MANIFEST, SPLIT_RULE, hash_split, raise_problems, read_manifest, write_manifest
+from pydantic import Field
+
+from tasks.core.settings import Section
+from tasks.data.base import (
+    MANIFEST,
+    SPLIT_RULE,
+    hash_split,
+    raise_problems,
+    read_manifest,
+    write_manifest,
+)
+
+
+class CorpusConfig(Section):
+    """A user's text corpus for a causal LM: a folder of .txt/.md files (one document each) and/or .jsonl files
+    (one {"text": ...} document per line)."""
+
+    dataset: Literal["text_corpus"] = Field("text_corpus", description="A folder of plain-text documents.")
+    dir: Path = Field(Path("corpus"), description="DVC-tracked corpus folder (relative to the project root).")
+    validation_fraction: float = Field(0.3, gt=0, lt=0.5, description="Share of documents (by hash) for gates "
+                                       "and candidate selection.")
+    test_fraction: float = Field(0.3, gt=0, lt=0.5, description="Share of documents (by hash) for the reported "
+                                 "figures and champion/challenger; the rest calibrates.")
+    window: int = Field(512, ge=8, le=8192, description="Tokens per perplexity window; every split must hold one.")
+    max_windows: int = Field(16, ge=1, description="Most windows scored per split (bounds evaluation time).")
+    # Not a setting: the run copies lm.model here, so versioning can count tokens with its tokenizer.
+    model: Path | None = Field(None, exclude=True)
+    dvc_remote: str = Field(".modelforge/dvc-remote", description="DVC remote the corpus is pushed to (a folder or a URL).")
+
 
 TEXT_SUFFIXES = (".txt", ".md")
 SPLITS = ("calibration", "validation", "test")

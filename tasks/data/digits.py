@@ -3,12 +3,33 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
+from pydantic import Field
 
-from tasks.config import DataConfig
-from tasks.data.base import (MANIFEST, SPLITS, DataError, Splits, check_arrays, unknown_files, raise_problems,
-                             read_manifest, write_manifest)
+from tasks.core.settings import Section
+from tasks.data.base import (
+    MANIFEST,
+    SPLITS,
+    DataError,
+    Splits,
+    check_arrays,
+    raise_problems,
+    read_manifest,
+    unknown_files,
+    write_manifest,
+)
+
+
+class DataConfig(Section):
+    dataset: Literal["digits"] = Field("digits", description="Built-in data set written to `dir` when it is absent.")
+    dir: Path = Field(Path("data"), description="DVC-tracked data folder (relative to the project root).")
+    val_fraction: float = Field(0.15, gt=0, lt=0.5, description="Share of samples held out for validation.")
+    test_fraction: float = Field(0.2, gt=0, lt=0.5, description="Share of samples held out for the final test.")
+    split_seed: int = Field(0, description="Seed of the stratified train/val/test split.")
+    dvc_remote: str = Field(".modelforge/dvc-remote", description="DVC remote the data is pushed to: a folder "
+                            "(relative to the project, or a path every worker mounts) or a URL (s3://bucket/path).")
 
 
 def materialize_digits(cfg: DataConfig, data_dir: Path) -> None:

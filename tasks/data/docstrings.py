@@ -10,9 +10,37 @@ import sys
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
-from tasks.config import TextDataConfig
-from tasks.data.base import MANIFEST, DataError, raise_problems, read_manifest, unknown_files, write_manifest
+from pydantic import Field, model_validator
+
+from tasks.core.settings import Section
+from tasks.data.base import (
+    MANIFEST,
+    DataError,
+    raise_problems,
+    read_manifest,
+    unknown_files,
+    write_manifest,
+)
+
+
+class TextDataConfig(Section):
+    dataset: Literal["docstrings"] = Field(
+        "docstrings", description="English sentences from the Python standard library's docstrings (read offline with ast).")
+    dir: Path = Field(Path("corpus"), description="DVC-tracked corpus folder (relative to the project root).")
+    train_sentences: int = Field(4000, ge=8, description="Sentences for distillation (never used for evaluation).")
+    eval_sentences: int = Field(600, ge=12, description="Held-out sentences for fidelity and retrieval checks.")
+    queries: int = Field(100, ge=1, description="Held-out sentences used as retrieval queries against the rest.")
+    seed: int = Field(0, description="Seed of the sentence shuffle before the split.")
+    dvc_remote: str = Field(".modelforge/dvc-remote", description="DVC remote the corpus is pushed to (a folder or a URL).")
+
+    @model_validator(mode="after")
+    def _queries_fit(self) -> "TextDataConfig":
+        if self.queries > self.eval_sentences - 10:
+            raise ValueError(f"queries ({self.queries}) must leave at least 10 of the {self.eval_sentences} "
+                             "eval_sentences to search (top-10 retrieval)")
+        return self
 
 
 @dataclass(frozen=True)

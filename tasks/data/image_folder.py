@@ -13,12 +13,53 @@ from __future__ import annotations
 import hashlib
 import io
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
+from pydantic import Field, model_validator
 
-from tasks.config import ImageFolderConfig
-from tasks.data.base import (MANIFEST, SPLIT_RULE, SPLITS, DataError, Splits, check_arrays, hash_split,
-                             previous_manifest, raise_problems, split_problems, unseen_classes, write_manifest)
+from tasks.core.settings import Section
+from tasks.data.base import (
+    MANIFEST,
+    SPLIT_RULE,
+    SPLITS,
+    DataError,
+    Splits,
+    check_arrays,
+    hash_split,
+    previous_manifest,
+    raise_problems,
+    split_problems,
+    unseen_classes,
+    write_manifest,
+)
+
+
+class ImageFolderConfig(Section):
+    """A user's images in `dir`: one sub-folder per class of PNG/JPEG files."""
+
+    dataset: Literal["image_folder"]
+    dir: Path = Field(Path("data"), description="DVC-tracked folder of class sub-folders (relative to the project root).")
+    image_size: tuple[int, int] = Field((32, 32), description="Height and width every image is resized to.")
+    color: Literal["gray", "rgb"] = Field("gray", description="Images are converted to 1 (gray) or 3 (rgb) channels.")
+    val_fraction: float = Field(0.15, gt=0, lt=0.5, description="Share of images held out for validation (by hash).")
+    test_fraction: float = Field(0.2, gt=0, lt=0.5, description="Share of images held out for the final test (by hash).")
+    min_class_samples: int = Field(5, ge=1, description="Fewest train images a class may have.")
+    allow_drift: bool = Field(False, description="Accept a class folder the previously versioned data did not have.")
+    max_image_pixels: int | None = Field(None, ge=1, description="Largest image (width x height, read from its header "
+                                         "before decoding) in the folder or in a served request; default 64 x "
+                                         "image_size's area, at least 1024 x 1024.")
+    max_request_pixels: int | None = Field(None, ge=1, description="Most pixels the images of one served request may "
+                                           "hold together (headers summed before any is decoded); default 16 x "
+                                           "max_image_pixels.")
+    dvc_remote: str = Field(".modelforge/dvc-remote", description="DVC remote the data is pushed to (a folder or a URL).")
+
+    @model_validator(mode="after")
+    def _size_positive(self) -> "ImageFolderConfig":
+        if min(self.image_size) < 4:
+            raise ValueError(f"image_size {list(self.image_size)}: both sides must be at least 4 pixels")
+        return self
+
 
 SUFFIXES = {".png", ".jpg", ".jpeg"}
 

@@ -7,7 +7,8 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from tasks.config import ClassifierData, TextDataConfig
+from tasks.data import ClassifierData
+from tasks.data.docstrings import TextDataConfig
 from tasks.data.version import version_data
 
 EVENT = "modelforge.data.changed"

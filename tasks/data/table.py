@@ -13,13 +13,47 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
+from pydantic import Field
 
-from tasks.config import TableDataConfig
-from tasks.data.base import (MANIFEST, SPLIT_RULE, SPLITS, DataError, Splits, check_arrays, file_digest, hash_split,
-                             unknown_files, previous_manifest, raise_problems, split_problems, unseen_classes,
-                             write_manifest)
+from tasks.core.settings import Section
+from tasks.data.base import (
+    MANIFEST,
+    SPLIT_RULE,
+    SPLITS,
+    DataError,
+    Splits,
+    check_arrays,
+    file_digest,
+    hash_split,
+    previous_manifest,
+    raise_problems,
+    split_problems,
+    unknown_files,
+    unseen_classes,
+    write_manifest,
+)
+
+
+class TableDataConfig(Section):
+    """A user's table (CSV, Parquet or JSONL) in `dir`: one row per sample, one label column."""
+
+    dataset: Literal["table"]
+    dir: Path = Field(Path("data"), description="DVC-tracked folder holding the table file (relative to the project root).")
+    file: str | None = Field(None, description="The table's file name in `dir`; default: the one .csv/.parquet/.jsonl there.")
+    label: str = Field(..., min_length=1, description="The column holding each row's class.")
+    id_column: str | None = Field(None, description="A unique id per row to split by; default: the row's content.")
+    categorical: list[str] = Field([], description="Numeric-looking columns to treat as categories (text columns always are).")
+    drop: list[str] = Field([], description="Columns to ignore (free text, timestamps, leaks of the label).")
+    val_fraction: float = Field(0.15, gt=0, lt=0.5, description="Share of rows held out for validation (by hash).")
+    test_fraction: float = Field(0.2, gt=0, lt=0.5, description="Share of rows held out for the final test (by hash).")
+    min_class_samples: int = Field(5, ge=1, description="Fewest train rows a class may have.")
+    allow_drift: bool = Field(False, description="Accept a new/missing column, a changed type or a new label "
+                              "against the previously versioned data (an error by default).")
+    dvc_remote: str = Field(".modelforge/dvc-remote", description="DVC remote the data is pushed to (a folder or a URL).")
+
 
 READERS = {".csv": "csv", ".parquet": "parquet", ".jsonl": "jsonl"}
 FLOAT32_MAX = float(np.finfo(np.float32).max)

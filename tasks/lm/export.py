@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from prefect import task
 
-from tasks.compress.recipe import Candidate
+from tasks.compress.base import Candidate
 from tasks.lm.evaluate import ONNX_FILE, make_lm_session, window_logits
 
 # Beside the tokenizer the builder writes: what a server needs for chat and default generation settings.

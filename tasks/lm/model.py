@@ -7,8 +7,16 @@ import json
 from pathlib import Path
 
 from prefect import task
+from pydantic import Field
 
-from tasks.config import ConfigError
+from tasks.core.settings import ConfigError, Section
+
+
+class LMModelConfig(Section):
+    model: Path = Field(..., description="A local Hugging Face causal-LM folder (config.json, *.safetensors, tokenizer "
+                        "files; pickled weights are refused) or a .gguf file.")
+    max_length: int = Field(2048, ge=16, description="Context (prompt + generated tokens) the KV cache is sized for.")
+
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 # Decoder architectures the onnxruntime-genai builder exports with GQA and a KV cache (the ones tested here

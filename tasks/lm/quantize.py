@@ -11,14 +11,36 @@ import logging
 import re
 import shutil
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 from prefect import task
+from pydantic import Field
 
-from tasks.config import LMRecipe
+from tasks.core.settings import Section
 from tasks.lm.evaluate import ONNX_FILE, make_lm_session, score
+
+LMAlgorithm = Literal["rtn", "k_quant", "hqq"]
+
+
+class LMRecipe(Section):
+    """One weight-only quantization of the FP32 ONNX model through ONNX Runtime's MatMulNBitsQuantizer."""
+
+    bits: Literal[4, 8] = Field(4, description="Weight bits of the decoder MatMuls.")
+    algorithm: LMAlgorithm = Field("rtn", description="rtn (round to nearest), k_quant (llama.cpp-style scale "
+                                   "search), hqq (half-quadratic; 4 bits).")
+    block_size: Literal[32, 64, 128] = Field(32, description="Weights per quantization block.")
+    symmetric: bool = Field(True, description="Symmetric blocks (no zero point); hqq always fits a float zero point.")
+    accuracy_level: Literal[0, 4] = Field(0, description="For 4-bit weights, 0: float activations; 4: int8 "
+                                          "activations (faster, known to flip argmax tokens on models with large "
+                                          "activations). 8-bit weights always take int8 activations.")
+    lm_head: Literal["fp32", "int8", "int4"] = Field("int8", description="Precision of the output projection "
+                                                     "(int4 hurts small tied models).")
+    int8_layers: int = Field(0, ge=0, description="Decoder layers measured most sensitive on the calibration text "
+                             "kept at INT8 (4-bit recipes).")
+
 
 LM_HEAD = "/lm_head/MatMul"
 _LAYER = re.compile(r"/model/layers\.(\d+)/")
@@ -42,9 +64,12 @@ def node_bits(model: onnx.ModelProto, recipe: LMRecipe, sensitive: list[int]) ->
 
 
 def _quantize_pass(model: onnx.ModelProto, recipe: LMRecipe, bits: int, include: set[str], algorithm: str):
-    from onnxruntime.quantization.matmul_nbits_quantizer import (DefaultWeightOnlyQuantConfig,
-                                                                 HQQWeightOnlyQuantConfig,
-                                                                 KQuantWeightOnlyQuantConfig, MatMulNBitsQuantizer)
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        DefaultWeightOnlyQuantConfig,
+        HQQWeightOnlyQuantConfig,
+        KQuantWeightOnlyQuantConfig,
+        MatMulNBitsQuantizer,
+    )
 
     exclude = [n.name for n in _matmuls(model) if n.name not in include]
     # 8-bit weights always take int8 activations: ORT has no fast kernel for them with float activations

@@ -11,26 +11,66 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
-from dataclasses import asdict, replace
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Literal
 
 import mlflow
 import numpy as np
 from mlflow.tracking import MlflowClient
 from prefect import task
+from pydantic import Field
 
-from tasks.core import tracking
-from tasks.compress.recipe import Candidate
-from tasks.config import LMGateConfig, LMPromoteConfig, LMRegisterConfig, LMValidateConfig
-from tasks.release.guard import BUNDLE_FORMAT, sha256_of
+from tasks.compress.base import Candidate
+from tasks.core.settings import Section
 from tasks.lm.evaluate import ONNX_FILE, LMEval, folder_size
 from tasks.lm.export import kv_cache_bytes
-from tasks.release.stats import paired_bootstrap, ratio_interval
-from tasks.release.promote import Decision, _alias_version, act_on_decision
-from tasks.release.register import RegisteredModel
+from tasks.release.guard import BUNDLE_FORMAT, sha256_of
+from tasks.release.promote import (
+    Decision,
+    PromoteConfig,
+    _alias_version,
+    act_on_decision,
+)
+from tasks.release.register import RegisterConfig, RegisteredModel
 from tasks.release.ship import staging_folder, swap_in
+from tasks.release.stats import paired_bootstrap, ratio_interval
 from tasks.release.validate import BASELINE, GateError, Report
+
+
+class LMValidateConfig(Section):
+    threads: int = Field(2, ge=1, description="ONNX Runtime intra-op threads for every measurement.")
+    prompt_lengths: list[int] = Field([32, 512], min_length=1, description="Prompt tokens at which time to first "
+                                      "token and decode speed are measured (clipped to the context).")
+    new_tokens: int = Field(64, ge=4, description="Greedy tokens decoded per timing.")
+    rounds: int = Field(2, ge=1, description="Timing rounds, candidates interleaved; the best round counts.")
+
+
+class LMGateConfig(Section):
+    max_ppl_increase_pct: float = Field(5.0, ge=0, description="Allowed validation-perplexity increase vs FP32, in %.")
+    min_top1: float = Field(0.9, ge=0, le=1, description="Floor on top-1 next-token agreement with FP32.")
+    max_kl: float = Field(0.1, ge=0, description="Ceiling on the mean KL divergence from FP32 (nats per token).")
+    max_parity_error: float = Field(1e-3, gt=0, description="Max |ORT - PyTorch| FP32 logits on validation text.")
+    min_decode_tok_s: float | None = Field(None, gt=0, description="Floor on decode tokens/s (shortest prompt).")
+    max_ttft_ms: float | None = Field(None, gt=0, description="Ceiling on time to first token at the longest prompt.")
+    max_peak_mb: float | None = Field(None, gt=0, description="Ceiling on peak memory generating at max_length.")
+    max_size_mb: float | None = Field(None, gt=0, description="Ceiling on the model's size on disk.")
+    select_by: Literal["latency_p50_ms", "size_bytes", "quality"] = Field(
+        "latency_p50_ms", description="Among passing candidates: fastest decode (latency_p50_ms = ms per token), "
+        "smallest, or best top-1 agreement.")
+
+
+class LMRegisterConfig(RegisterConfig):
+    model_name: str = Field("causal-lm", min_length=1, description="MLflow registered-model name.")
+    bundle_dir: Path = Field(Path("deploy/lm-bundle"), description="Serving bundle folder (replaced atomically).")
+
+
+class LMPromoteConfig(PromoteConfig):
+    quality_tolerance: float = Field(1.0, ge=0, description="Test perplexity within this many percent of the "
+                                     "champion's counts as a match; the challenger then needs faster decode.")
+    champion_bundle_dir: Path = Field(Path("deploy/lm-champion"), description="Champion bundle; replaced atomically on promotion.")
+
 
 MODEL_DIR = "model"
 

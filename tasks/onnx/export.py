@@ -6,20 +6,31 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import onnx
 import torch
 from torch import nn
 
-from tasks.models.base import ExportGraph
-from tasks.onnx.runtime import predict_logits, make_session
+from tasks.onnx.runtime import make_session, predict_logits
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
 
 # The exporter warns once per missing torchvision op; none of them can occur in these models.
 logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+
+
+class ExportGraph(NamedTuple):
+    """What a model's ONNX graph computes when it is not the model's own forward on one tensor
+    (a model offers it as `export_graph(example)`): the module to export, its named example inputs,
+    their dynamic axes (name -> {axis: torch.export.Dim}), and metadata for the model file."""
+
+    module: nn.Module
+    inputs: dict[str, torch.Tensor]
+    dynamic_shapes: dict[str, dict]
+    metadata: dict[str, str]
 
 
 @dataclass(frozen=True)

@@ -6,8 +6,7 @@ from datetime import datetime, timezone
 
 from mlflow.tracking import MlflowClient
 
-from tasks.config import TrackingConfig
-from tasks.core.tracking import setup_tracking
+from tasks.core.tracking import TrackingConfig, setup_tracking
 
 COLUMNS = ["started", "run", "status", "data_version", "chosen", "quality", "p50_ms", "size_kb", "version", "promotion"]
 

@@ -17,11 +17,11 @@ from typing import Protocol
 import numpy as np
 import onnxruntime as ort
 
-from tasks.release.stats import mcnemar_exact, paired_bootstrap
-from tasks.onnx.runtime import make_session, onnx_accuracy, predict_logits
 from tasks.data import SOURCES, load_splits
 from tasks.data.base import read_manifest
 from tasks.data.docstrings import load_sentences
+from tasks.onnx.runtime import make_session, onnx_accuracy, predict_logits
+from tasks.release.stats import mcnemar_exact, paired_bootstrap
 
 Inputs = np.ndarray | dict[str, np.ndarray]
 

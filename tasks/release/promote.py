@@ -17,15 +17,32 @@ import onnx
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from prefect import task
+from pydantic import Field
 
 from tasks.core import tracking
-from tasks.config import PromoteConfig, ValidateConfig
-from tasks.release.register import RegisteredModel
+from tasks.core.settings import Section
 from tasks.data.base import read_manifest
-from tasks.release.evaluate import Evaluator, data_task
-from tasks.release.stats import ratio_interval
 from tasks.onnx.runtime import make_session, measure_speeds
+from tasks.release.evaluate import Evaluator, data_task
+from tasks.release.register import RegisteredModel
 from tasks.release.ship import io_spec, publish_copy
+from tasks.release.stats import ratio_interval
+from tasks.release.validate import ValidateConfig
+
+
+class PromoteConfig(Section):
+    champion_alias: str = Field("champion", min_length=1, description="Registry alias of the model in service.")
+    previous_alias: str = Field("previous-champion", min_length=1, description="Alias kept for one-command rollback.")
+    quality_tolerance: float = Field(
+        0.25, ge=0, description="Points (hundredths of the primary quality: accuracy, worst-case cosine) within which "
+        "a challenger 'matches' the champion; it then needs to be faster.")
+    significance: float = Field(
+        0.05, gt=0, lt=1, description="A challenger is better only if the paired test on the same test samples says so "
+        "at this level (McNemar's exact test for classifiers, a paired bootstrap otherwise).")
+    min_speedup: float = Field(
+        1.05, ge=1, description="A matching challenger is promoted only if the 95% interval of its speed-up over the "
+        "champion (timed side by side) lies above this.")
+    champion_bundle_dir: Path = Field(Path("deploy/champion"), description="Bundle the server loads; replaced atomically on promotion.")
 
 
 class PromotionError(ValueError):

@@ -10,10 +10,17 @@ import onnx
 from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
 from prefect import task
+from pydantic import Field
 
-from tasks.config import RegisterConfig
-from tasks.release.evaluate import Evaluator
+from tasks.core.settings import Section
 from tasks.onnx.runtime import feeds, make_session
+from tasks.release.evaluate import Evaluator
+
+
+class RegisterConfig(Section):
+    model_name: str = Field("digits-classifier", min_length=1, description="MLflow registered-model name.")
+    alias: str = Field("candidate", min_length=1, description="Registry alias set on the new version.")
+    bundle_dir: Path = Field(Path("deploy/bundle"), description="Serving bundle folder (replaced atomically).")
 
 
 @dataclass(frozen=True)

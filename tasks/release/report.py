@@ -16,6 +16,7 @@ from prefect.context import FlowRunContext
 
 from tasks.release.validate import Report
 
+
 def rows(reports: list[Report], chosen: str | None) -> list[dict]:
     """One row per candidate: its quality metrics (whichever the evaluator measured), then speed and size."""
     return [{

@@ -14,9 +14,15 @@ from pathlib import Path
 
 from prefect import task
 
-from tasks.release.evaluate import Evaluator, data_task
-from tasks.release.guard import BUNDLE_FORMAT, PARTIAL, check_replaceable, relative_paths, sha256_of
 from tasks.onnx.runtime import make_session
+from tasks.release.evaluate import Evaluator, data_task
+from tasks.release.guard import (
+    BUNDLE_FORMAT,
+    PARTIAL,
+    check_replaceable,
+    relative_paths,
+    sha256_of,
+)
 
 
 def io_spec(path: Path) -> dict:

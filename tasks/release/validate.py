@@ -8,14 +8,48 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Literal
 
 from prefect import task
+from pydantic import Field
 
-from tasks.compress.recipe import Candidate
-from tasks.config import GateConfig, ValidateConfig
+from tasks.compress.base import Candidate
+from tasks.core.settings import Section
+from tasks.onnx.runtime import available_devices, make_session, measure_speeds
 from tasks.release.evaluate import Evaluator
 from tasks.release.stats import ratio_interval
-from tasks.onnx.runtime import available_devices, make_session, measure_speeds
+
+
+class ValidateConfig(Section):
+    warmup: int = Field(20, ge=0, description="Untimed runs before measuring.")
+    latency_runs: int = Field(500, ge=5, description="Timed batch-1 runs for the p50/p95 latency.")
+    throughput_batch: int = Field(64, ge=1, description="Batch size of the throughput measurement.")
+    throughput_runs: int = Field(100, ge=1, description="Timed batches for the throughput measurement.")
+    intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads (0 = runtime default).")
+    use_cuda: bool = Field(True, description="Also measure on CUDAExecutionProvider when it is available.")
+
+
+class GateConfig(Section):
+    max_accuracy_drop: float = Field(1.0, ge=0, description="Allowed test-accuracy drop vs the FP32 baseline, in points.")
+    min_accuracy: float = Field(0.90, ge=0, le=1, description="Absolute floor on test accuracy.")
+    max_parity_error: float = Field(1e-4, gt=0, description="Max |ORT - PyTorch| on test logits for exported models.")
+    max_latency_ratio: float | None = Field(
+        1.1, gt=0,
+        description="Reject a compressed model whose p50 latency exceeds this multiple of the baseline's "
+        "(1.1 leaves room for timing noise on models that run in microseconds).",
+    )
+    min_cosine_worst: float = Field(0.97, ge=-1, le=1, description="Embeddings: floor on the worst per-sentence cosine to the FP32 model.")
+    min_cosine_mean: float = Field(0.99, ge=-1, le=1, description="Embeddings: floor on the mean per-sentence cosine.")
+    min_top10_overlap: float = Field(0.8, ge=0, le=1, description="Embeddings: floor on top-10 retrieval overlap with the FP32 model.")
+    select_by: Literal["latency_p50_ms", "size_bytes", "quality"] = Field(
+        "latency_p50_ms", description="Among passing candidates pick the lowest latency/size or the best primary quality "
+        "(accuracy; worst-case cosine for embeddings)."
+    )
+    latency_tie: float = Field(
+        1.05, ge=1, description="select_by latency: a candidate counts as slower than the fastest only when the 95% "
+        "interval of its latency ratio over the timing rounds lies above this; the tied ones are ranked by quality, "
+        "then size (so timing noise never decides).")
+
 
 BASELINE = "baseline"
 

