@@ -1,20 +1,16 @@
 """`init` then `run`, as a new user does it: for each data source, the config `init` writes is run
-unchanged but for the trial count its header suggests overriding, and ships a model. Built-in
-families, a user's own module and a local Hugging Face checkpoint each take one source here; every
-other pairing is checked by `init`'s own pre-training checks (tests/test_init_config.py)."""
+unchanged but for the trial count its header suggests overriding, and ships a model. A local Hugging
+Face checkpoint and a built-in family take one source each here; a table with a built-in family is
+Getting started, followed as typed by tests/test_docs.py (which also runs `init` with a user's module on
+it, as the own-model guide shows); every other pairing is checked by `init`'s own pre-training checks
+(tests/test_init_config.py)."""
 
 import json
 
 import pytest
 
-from tasks.data.examples import wine
 from tasks.init_config import init_config
-from test_init_config import png_classes, user_module
-
-
-def _table_with_user_module(root):
-    wine(root / "data" / "wine")
-    return root / "data/wine/data.csv", "label", user_module(root)
+from test_init_config import png_classes
 
 
 def _images_with_hf_checkpoint(root):
@@ -41,8 +37,7 @@ def _texts_with_builtin_family(root):
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("project", [_table_with_user_module, _images_with_hf_checkpoint, _texts_with_builtin_family],
-                         ids=["table+module", "images+hf", "text+builtin"])
+@pytest.mark.parametrize("project", [_images_with_hf_checkpoint, _texts_with_builtin_family], ids=["images+hf", "text+builtin"])
 def test_what_init_writes_run_finishes(tmp_path, prefect_api, project):
     from flows.optimize import optimize
 
