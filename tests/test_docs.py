@@ -99,7 +99,7 @@ def test_every_documented_command_parses_and_its_overrides_name_real_keys():
     assert seen > 30 and not problems, problems
 
 
-def test_docs_name_no_module_of_tasks_and_only_files_that_exist():
+def test_docs_name_no_module_of_tasks_and_only_files_that_exist_and_the_readme_links_resolve():
     """tasks/ modules move: the docs point at behaviour, the reference at the code. The tests, benchmarks
     and configs they name exist (but for the configs their own `init --out` writes)."""
     written = {path for page in PAGES for path in re.findall(r"--out (\S+)", page.read_text())}
@@ -108,6 +108,9 @@ def test_docs_name_no_module_of_tasks_and_only_files_that_exist():
         assert not re.findall(r"tasks/\w", text), page
         for path in re.findall(r"\b((?:tests|bench|configs)/[\w./-]+\.(?:py|yaml))", text):
             assert path in written or (ROOT / path).is_file(), f"{page.name} names {path}"
+    readme = (ROOT / "README.md").read_text()
+    links = re.findall(r"\]\((docs/[^)#]+)", readme)
+    assert len(links) > 10 and all((ROOT / link).is_file() for link in links), links
 
 
 @pytest.mark.e2e
