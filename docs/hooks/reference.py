@@ -110,7 +110,9 @@ def _doc(section: type[BaseModel]) -> str:
 def config_sections(cls: type[BaseModel], prefix: str = "") -> list[tuple[str, str, list[tuple[str, str, str, str]]]]:
     """(heading, doc, rows) for `cls` and every section below it; a row is (key, default, values, doc)."""
     rows, below = [], []
-    for name, field in cls.model_fields.items():
+    own = vars(cls).get("__annotations__", {}) if not prefix else {}
+    # A root's own sections (family, data, model, search...) first, as `init` writes them; the shared ones after.
+    for name, field in sorted(cls.model_fields.items(), key=lambda item: item[0] not in own):
         if field.exclude:
             continue
         key = f"{prefix}{field.alias or name}"
