@@ -3,6 +3,7 @@ started is followed in a fresh folder of its own and ships and serves a model, t
 module and command work, and every `modelforge` command the docs and the README show parses with the
 real parser, its `--set` keys included."""
 
+import html
 import os
 import re
 import shlex
@@ -30,7 +31,8 @@ def marked_blocks(page: str) -> list[tuple[str, str]]:
 
 def command_lines(text: str) -> list[str]:
     """The shell lines of a block: continuations joined, comments dropped."""
-    return [line for line in text.replace("\\\n", " ").splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    lines = text.replace("\\\n", " ").splitlines()
+    return [line for line in lines if line.strip() and not line.lstrip().startswith("#")]
 
 
 def cli_argv(line: str) -> list[str] | None:
@@ -61,8 +63,6 @@ def test_the_site_builds_strictly_with_every_config_key_command_and_endpoint(tmp
             if not field.exclude:
                 yield from [field.description] if field.description else []
                 yield from docs(field.annotation)
-
-    import html
 
     page = html.unescape(re.sub(r"<[^>]+>", "", reference["config"]))
     missing = {d for root in PIPELINES.values() for d in docs(root) if d.replace("`", "") not in page}
