@@ -208,7 +208,8 @@ Logs:        {logs}/    Stop: modelforge stack stop""")
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """Every command and option; the docs' CLI reference is generated from it."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", default="configs/digits.yaml", help="pipeline config (YAML)")
     common.add_argument("--root", default=".", type=lambda p: Path(p).resolve(),
@@ -288,7 +289,11 @@ def main(argv: list[str] | None = None) -> int:
     stack.add_argument("action", choices=["start", "stop"])
     stack.add_argument("--port", type=int, default=4200, help="the server's port on 127.0.0.1")
     stack.set_defaults(fn=cmd_stack)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     args.set = [*args.set, *getattr(args, "runner", [])]
 
     embedded_defaults(args.root)

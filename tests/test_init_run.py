@@ -1,7 +1,8 @@
 """`init` then `run`, as a new user does it: for each data source, the config `init` writes is run
 unchanged but for the trial count its header suggests overriding, and ships a model. Built-in
-families, a user's own module and a local Hugging Face checkpoint each take one source here; every
-other pairing is checked by `init`'s own pre-training checks (tests/test_init_config.py)."""
+families, a user's own module and a local Hugging Face checkpoint each take one source here (a table
+with a built-in family is Getting started, followed as typed by tests/test_docs.py); every other
+pairing is checked by `init`'s own pre-training checks (tests/test_init_config.py)."""
 
 import json
 
