@@ -20,6 +20,8 @@ from typing import Annotated, ClassVar, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
 
+from tasks.lm.finetune import FinetuneConfig
+
 
 class ConfigError(ValueError):
     """The configuration file is missing, unreadable or invalid; the message lists every problem."""
@@ -929,6 +931,7 @@ class LMPipelineConfig(_Pipeline):
     family: Literal["causal_lm"] = Field("causal_lm", description="Which pipeline this file configures.")
     data: CorpusConfig = Field(default_factory=CorpusConfig)
     lm: LMModelConfig
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     compress: LMCompressConfig = Field(default_factory=LMCompressConfig)
     validate_: LMValidateConfig = Field(default_factory=LMValidateConfig, alias="validate")
     gates: LMGateConfig = Field(default_factory=LMGateConfig)
