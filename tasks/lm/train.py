@@ -77,8 +77,9 @@ def search_finetune(hf_dir: Path, data: FinetuneData, cfg: FinetuneConfig, work:
     failed trial, a stop request stops the search (finished trials are kept)."""
     work = Path(work)
     work.mkdir(parents=True, exist_ok=True)
-    name = "finetune-" + hashlib.sha256(json.dumps([key, cfg.model_dump(mode="json")], sort_keys=True)
-                                        .encode()).hexdigest()[:16]
+    # n_trials stays out of the name: raising it adds trials to the same study
+    settings = cfg.model_dump(mode="json", exclude={"search": {"n_trials"}})
+    name = "finetune-" + hashlib.sha256(json.dumps([key, settings], sort_keys=True).encode()).hexdigest()[:16]
     study = optuna.create_study(study_name=name, storage=f"sqlite:///{work / 'optuna.db'}", load_if_exists=True,
                                 direction="minimize", sampler=optuna.samplers.TPESampler(seed=cfg.search.seed))
     runs = _TrialRuns(tracking, name, work)
@@ -137,7 +138,7 @@ def finetune_lm(hf_dir: Path, data_dir: Path, cfg: FinetuneConfig, out: Path, se
     merged = merge(model, hf_dir, out / "merged")
     (out / "finetune.json").write_text(json.dumps({"settings": _tuned(cfg), "result": asdict(result)}, indent=1))
     if run_id:
-        track_run.log_params(run_id, {f"finetune.{k}": v for k, v in _tuned(cfg).items()})
+        track_run.log_params(run_id, {f"finetune.trained.{k}": v for k, v in _tuned(cfg).items()})  # searched or as set
         track_run.log_metrics(run_id, {"finetune.base_val_perplexity": result.base_perplexity,
                                        "finetune.best_val_perplexity": result.best_perplexity,
                                        "finetune.best_epoch": result.best_epoch, "finetune.seconds": result.seconds})
