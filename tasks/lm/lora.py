@@ -279,8 +279,9 @@ def shard_model(model: nn.Module, world: int, device: torch.device) -> None:
     fully_shard(model, mesh=mesh, reshard_after_forward=True)  # the root too: else it stays gathered after eval
 
 
-def _rank(rank: int, world: int, device: torch.device, queue, hf_dir: Path, train: Windows, val: Windows,
-          cfg: FinetuneConfig, out: str) -> None:
+def fit_rank(rank: int, world: int, device: torch.device, hf_dir: Path, train: Windows, val: Windows,
+             cfg: FinetuneConfig, on_record: Callable[[dict], None] | None = None) -> tuple[nn.Module, FinetuneResult]:
+    """One rank of an initialised process group: its adapted model (sharded under fsdp) and its result."""
     from torch.nn.parallel import DistributedDataParallel
 
     model = lora_model(hf_dir, cfg).to(device)
@@ -288,8 +289,13 @@ def _rank(rank: int, world: int, device: torch.device, queue, hf_dir: Path, trai
         shard_model(model, world, device)
         net = model
     else:
-        net = DistributedDataParallel(model, device_ids=[rank] if device.type == "cuda" else None)
-    result = train_loop(net, model, train, val, cfg, rank, world, queue.put if rank == 0 else None)
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return model, train_loop(net, model, train, val, cfg, rank, world, on_record)
+
+
+def _rank(rank: int, world: int, device: torch.device, queue, hf_dir: Path, train: Windows, val: Windows,
+          cfg: FinetuneConfig, out: str) -> None:
+    model, result = fit_rank(rank, world, device, hf_dir, train, val, cfg, queue.put if rank == 0 else None)
     queue.put({"shard": result.shards[0]})
     state = adapter_state(model)
     if rank == 0:
