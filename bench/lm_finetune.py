@@ -1,8 +1,9 @@
 """LoRA fine-tuning benchmark on SmolLM2-135M-Instruct and the example's domain corpus (the Python reference
 manual, one document per topic; the test topics are never trained on).
 
-    .venv/bin/python bench/lm_finetune.py [--project /tmp/lm-ft-bench] [--steps 6] [--skip-gain]
-                                          [--train-windows 64] [--epochs 1] [--lr 5e-4] [--target attention+mlp]
+    .venv/bin/python bench/lm_finetune.py [--project /tmp/lm-ft-bench] [--steps 6] [--configs single ddp2 fsdp2]
+        [--skip-gain | --skip-parallel] [--train-windows 64] [--window 256] [--batch 8] [--epochs 1] [--lr 5e-4]
+        [--target attention+mlp]
 
 Part 1, model parallelism: the same `--steps` optimizer steps (windows of 256 tokens, 8 per step) on one
 process, on 2 DDP ranks and on 2 FSDP2 ranks (gloo on CPU), each rank measuring its peak resident memory
@@ -45,12 +46,16 @@ def example(project: Path) -> tuple[Path, Path]:
     return folder / "model", folder / "corpus"
 
 
-def parallelism(model: Path, corpus: Path, steps: int) -> dict:
+CONFIGS = {"single": (1, "ddp"), "ddp2": (2, "ddp"), "fsdp2": (2, "fsdp")}
+
+
+def parallelism(model: Path, corpus: Path, steps: int, names: list[str]) -> dict:
     cfg = FinetuneConfig(enabled=True, window=256, batch_size=8, max_windows=8 * steps, val_windows=2, epochs=1,
                          target="attention+mlp", lr=5e-4)
     data = check_finetune(model, corpus, cfg)
     rows = {}
-    for name, processes, parallel in (("single", 1, "ddp"), ("ddp2", 2, "ddp"), ("fsdp2", 2, "fsdp")):
+    for name in names:
+        processes, parallel = CONFIGS[name]
         _, result = train_lora(model, data.train, data.val, cfg.model_copy(update={"processes": processes,
                                                                                   "parallel": parallel}))
         rows[name] = result.shards
@@ -66,8 +71,8 @@ def quality(model: Path, corpus: Path, work: Path, args) -> dict:
     from tasks.lm.export import export_lm
     from tasks.lm.quantize import quantize_lm
 
-    cfg = FinetuneConfig(enabled=True, window=256, batch_size=8, max_windows=args.train_windows, val_windows=8,
-                         epochs=args.epochs, lr=args.lr, target=args.target, patience=1)
+    cfg = FinetuneConfig(enabled=True, window=args.window, batch_size=args.batch, max_windows=args.train_windows,
+                         val_windows=8, epochs=args.epochs, lr=args.lr, target=args.target, patience=1)
     data = check_finetune(model, corpus, cfg)
     start = time.perf_counter()
     tuned, result = train_lora(model, data.train, data.val, cfg, on_record=lambda r: "val_perplexity" in r and print(
@@ -95,7 +100,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--project", type=Path, default=Path("/tmp/lm-ft-bench"))
     parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--skip-gain", action="store_true")
+    parser.add_argument("--skip-parallel", action="store_true")
+    parser.add_argument("--window", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--train-windows", type=int, default=64)
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--lr", type=float, default=5e-4)
@@ -104,15 +113,15 @@ def main() -> None:
     project = args.project.resolve()
     model, corpus = example(project)
     describe_corpus(CorpusConfig(window=512, model=model), corpus)
-    rows = parallelism(model, corpus, args.steps)
-    peak = lambda name: max(s["peak_rss_mb"] for s in rows[name])  # noqa: E731
-    step = lambda name: max(s["step_seconds_median"] for s in rows[name])  # noqa: E731
-    fsdp = rows["fsdp2"]
-    result = {"fsdp2_rank_param_share": f"{max(s['params_held'] / s['params_total'] for s in fsdp):.3f}",
-              "fsdp2_rank_optimizer_share": f"{max(s['optimizer_state_held'] / s['optimizer_state_total'] for s in fsdp):.3f}",
-              "single_peak_mb": f"{peak('single'):.0f}", "ddp2_rank_peak_mb": f"{peak('ddp2'):.0f}",
-              "fsdp2_rank_peak_mb": f"{peak('fsdp2'):.0f}", "single_step_s": f"{step('single'):.2f}",
-              "ddp2_step_s": f"{step('ddp2'):.2f}", "fsdp2_step_s": f"{step('fsdp2'):.2f}"}
+    rows = {} if args.skip_parallel else parallelism(model, corpus, args.steps, args.configs)
+    result = {}
+    for name, shards in rows.items():  # the worst rank
+        if name == "fsdp2":
+            result["fsdp2_rank_param_share"] = f"{max(s['params_held'] / s['params_total'] for s in shards):.3f}"
+            result["fsdp2_rank_optimizer_share"] = \
+                f"{max(s['optimizer_state_held'] / s['optimizer_state_total'] for s in shards):.3f}"
+        result[f"{name}_rank_peak_mb"] = f"{max(s['peak_rss_mb'] for s in shards):.0f}"
+        result[f"{name}_step_s"] = f"{max(s['step_seconds_median'] for s in shards):.2f}"
     if not args.skip_gain:
         result = quality(model, corpus, project / "finetune", args) | result
     print("RESULT " + " ".join(f"{k}={v}" for k, v in result.items()))
