@@ -20,8 +20,8 @@ from optuna.trial import TrialState
 
 from tasks.data.digits import DataConfig, materialize_digits
 from tasks.search.space import SearchConfig
-from tasks.search.study import resolve_storage
-from tasks.search.trials import _storage, run_trials
+from tasks.search.study import resolve_storage, storage_of
+from tasks.search.trials import run_trials
 
 SAMPLERS = ("random", "tpe", "nsga2", "greedy", "genetic")
 
@@ -49,7 +49,7 @@ def main() -> None:
             out = work / f"{sampler}-{seed}"
             print(f"[bench] {sampler} seed {seed}: {args.trials} trials")
             run_trials(cfg, work / "data", out, f"{sampler}-{seed}")
-            study = optuna.load_study(study_name=f"{sampler}-{seed}", storage=_storage(resolve_storage(cfg, out)))
+            study = optuna.load_study(study_name=f"{sampler}-{seed}", storage=storage_of(resolve_storage(cfg, out)))
             curves[sampler].append(best_so_far(study)[: args.trials])
 
     checkpoints = [n for n in (5, 10, 20, 30, 50, 100) if n <= args.trials]

@@ -1,14 +1,18 @@
-"""The causal-LM pipeline: model + corpus -> FP32 ONNX for generation (parity vs PyTorch) -> weight-only
-INT4/INT8 candidates (fixed and searched) -> validate + gates -> report -> register -> ship -> promote.
+"""The causal-LM pipeline: model + corpus -> LoRA fine-tune, merged (when enabled) -> FP32 ONNX for generation
+(parity vs PyTorch) -> weight-only INT4/INT8 candidates (fixed and searched) -> validate + gates -> report ->
+register -> ship -> promote. A fine-tuned run's table also holds the base model at FP32 and the fixed recipes.
 
 Wiring only; each stage lives in `tasks/lm/` (the candidate table and MLflow logging are the shared stages).
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from prefect import flow
 
 from tasks.core import tracking
+from tasks.core.fingerprint import code_version
 from tasks.data.version import version_data_task
 from tasks.lm.evaluate import LMEval
 from tasks.lm.export import export_lm_task
@@ -23,9 +27,11 @@ from tasks.lm.release import (
     validate_lm_task,
 )
 from tasks.lm.search import make_candidate_task, search_lm_task
+from tasks.lm.train import REFERENCE, finetune_lm_task, mark_reference
 from tasks.pipeline_run import already_done, pipeline_run
 from tasks.release.report import report_candidates_task
 from tasks.release.validate import best_passing, require_passing
+from tasks.search.trials import TrialTracking
 
 
 @flow(name="optimize-lm", log_prints=True)
@@ -40,6 +46,12 @@ def optimize_lm(config_path: str = "configs/smollm2.yaml", root: str = ".", forc
             return skipped
 
         out = work / "candidates" / run.run_id
+        key = f"{data.md5}/{code_version()}/{cfg.section_hash('lm', 'finetune')}"
+        base_dir = hf_dir
+        if cfg.finetune.enabled:
+            hf_dir = finetune_lm_task(base_dir, data.dir, cfg.finetune, work / "finetune" / run.run_id,
+                                      work / "finetune-search", key,
+                                      TrialTracking(cfg.tracking.uri, run.experiment_id, run.run_id))
         evaluator = LMEval(data.dir, out / "baseline", cfg.data.window, cfg.data.max_windows, cfg.validate_.threads)
         parity_windows = LMEval(data.dir, hf_dir, cfg.data.window, 2, cfg.validate_.threads).windows("validation")
         baseline = export_lm_task(hf_dir, out / "baseline", cfg.lm.max_length, parity_windows, cfg.validate_.threads)
@@ -49,16 +61,22 @@ def optimize_lm(config_path: str = "configs/smollm2.yaml", root: str = ".", forc
         tracking.log_json(run.run_id, ranked, "candidates/layer_sensitivity.json")
         sensitive = [r["layer"] for r in ranked]
         searched = search_lm_task(baseline.checkpoint, evaluator, cfg.compress.search, cfg.validate_,
-                                  cfg.lm.max_length, sensitive, cfg.gates.max_ppl_increase_pct, work / "search",
-                                  f"{data.md5}/{tracking.code_version()}/{cfg.section_hash('lm')}")
+                                  cfg.lm.max_length, sensitive, cfg.gates.max_ppl_increase_pct, work / "search", key)
         recipes = [*cfg.compress.candidates.items(), *searched]
         candidates = [baseline] + [make_candidate_task(name, recipe, baseline.checkpoint, out, sensitive)
                                    for name, recipe in recipes]
+        references = []
+        if cfg.finetune.enabled:  # the base model on the same text, at FP32 and the fixed recipes: never shipped
+            base = replace(export_lm_task(base_dir, out / f"{REFERENCE}fp32", cfg.lm.max_length, parity_windows,
+                                          cfg.validate_.threads), name=f"{REFERENCE}fp32")
+            references = [base] + [make_candidate_task(f"{REFERENCE}{name}", recipe, base.checkpoint, out, sensitive)
+                                   for name, recipe in cfg.compress.candidates.items()]
 
-        reports = apply_lm_gates(validate_lm_task(candidates, evaluator, cfg.validate_, cfg.lm.max_length), cfg.gates)
+        reports = mark_reference(apply_lm_gates(validate_lm_task(candidates + references, evaluator, cfg.validate_,
+                                                                 cfg.lm.max_length), cfg.gates))
         chosen = best_passing(reports, cfg.gates)
         summary = report_candidates_task(reports, chosen and chosen.name, work / "reports" / run.run_id)
-        tracking.log_candidates(run.run_id, candidates, reports, summary)
+        tracking.log_candidates(run.run_id, candidates + references, reports, summary)
         require_passing(chosen, reports)
 
         folder = next(c.checkpoint for c in candidates if c.name == chosen.name)

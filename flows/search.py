@@ -9,12 +9,7 @@ from prefect import flow
 
 from tasks.search.fetch import DataRef
 from tasks.search.space import SearchConfig
-from tasks.search.trials import (
-    TrialTracking,
-    prepare_study_task,
-    run_trials_task,
-    watch_workers,
-)
+from tasks.search.trials import TrialTracking, prepare_study_task, run_trials_task, watch_workers
 
 
 @flow(name="search", log_prints=True)

@@ -13,12 +13,7 @@ from typing import Literal
 from pydantic import Field, ValidationError, model_validator
 
 from tasks.compress.recipe import CompressConfig
-from tasks.core.config_file import (
-    all_errors,
-    apply_overrides,
-    format_errors,
-    read_config_file,
-)
+from tasks.core.config_file import all_errors, apply_overrides, format_errors, read_config_file
 from tasks.core.settings import ConfigError, excerpt, problem_list
 from tasks.core.tracking import TrackingConfig
 from tasks.data import ClassifierData
@@ -27,6 +22,7 @@ from tasks.data.digits import DataConfig
 from tasks.data.docstrings import TextDataConfig
 from tasks.encoder.compress import DistillLayers, EncoderCompressConfig
 from tasks.encoder.minilm import EncoderConfig
+from tasks.lm.finetune import FinetuneConfig
 from tasks.lm.model import LMModelConfig
 from tasks.lm.release import (
     LMGateConfig,
@@ -182,6 +178,7 @@ class LMPipelineConfig(PipelineBase):
     family: Literal["causal_lm"] = Field("causal_lm", description="Which pipeline this file configures.")
     data: CorpusConfig = Field(default_factory=CorpusConfig)
     lm: LMModelConfig
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     compress: LMCompressConfig = Field(default_factory=LMCompressConfig)
     validate_: LMValidateConfig = Field(default_factory=LMValidateConfig, alias="validate")
     gates: LMGateConfig = Field(default_factory=LMGateConfig)

@@ -77,7 +77,9 @@ def test_the_site_builds_strictly_with_every_config_key_command_and_endpoint(tmp
 
 
 def test_every_documented_command_parses_and_its_overrides_name_real_keys():
-    from tasks.config import ConfigError, apply_overrides, parse_config
+    from tasks.config import parse_config
+    from tasks.core.config_file import apply_overrides
+    from tasks.core.settings import ConfigError
 
     parser, problems, seen = build_parser(), [], 0
     for page in [*PAGES, ROOT / "README.md"]:
@@ -118,9 +120,8 @@ def test_getting_started_in_a_fresh_folder_ships_and_serves_a_model(tmp_path, pr
     """The page's commands, run as typed (in-process, on the session's Prefect API), in a folder of their
     own; then the page's request to the bundle its serve command names; then the own-model guide's
     module and `init` in the same project."""
-    from prefect.settings import PREFECT_API_URL
-
     from conftest import serve_bundle
+    from prefect.settings import PREFECT_API_URL
 
     monkeypatch.setenv("PREFECT_API_URL", PREFECT_API_URL.value())
     monkeypatch.chdir(tmp_path)

@@ -101,9 +101,8 @@ def test_every_family_is_covered():
 @pytest.mark.parametrize("family", sorted(SAMPLES))
 def test_family_contract(family, tmp_path, local_checkpoint):
     from tasks.compress.base import CompressContext, ModelState
-    from tasks.compress.distill import Distill
-    from tasks.compress.recipe import distill, structured_prune
-    from tasks.compress.structured_prune import StructuredPrune
+    from tasks.compress.distill import Distill, distill
+    from tasks.compress.structured_prune import StructuredPrune, structured_prune
     from tasks.data.base import Splits
     from tasks.train.loop import TrainParams, accuracy, fit
     from tasks.train.stage import TrainConfig

@@ -20,9 +20,10 @@ def _corpus() -> list[str]:
     return [topics[key] for key in sorted(topics)[:40]]  # a few hundred KB of offline English
 
 
-def make_tiny_llama(folder: Path, *, seed: int = 0) -> Path:
+def make_tiny_llama(folder: Path, *, seed: int = 0, init_std: float = 0.02) -> Path:
     """Write a 2-layer LlamaForCausalLM (hidden 64, 4 heads / 2 KV heads, vocab 512, context 256) with a
-    byte-level BPE tokenizer trained here, a chat template and a generation config; returns `folder`."""
+    byte-level BPE tokenizer trained here, a chat template and a generation config; returns `folder`.
+    `init_std` above the default gives it logits far from flat, which fine-tuning can then sharpen."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import (
@@ -49,7 +50,8 @@ def make_tiny_llama(folder: Path, *, seed: int = 0) -> Path:
     pad = tokenizer.convert_tokens_to_ids("<|endoftext|>")
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         bos_token_id=bos, eos_token_id=eos, pad_token_id=pad, tie_word_embeddings=False)
+                         bos_token_id=bos, eos_token_id=eos, pad_token_id=pad, tie_word_embeddings=False,
+                         initializer_range=init_std)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).eval()
     model.save_pretrained(folder, safe_serialization=True)

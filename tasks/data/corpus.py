@@ -1,5 +1,6 @@
 """A text corpus for a causal LM: .txt/.md files (one document each) and .jsonl files (one {"text": ...}
-document per line), split by a hash of each document into calibration, validation and test text.
+document, or one {"messages": [{"role", "content"}, ...]} chat, per line), split by a hash of each document
+into calibration (the fine-tune's training text too), validation and test text.
 
 Validation reads every file, so one `DataError` names every empty, undecodable or malformed document, and,
 with the model's tokenizer, every split too short for one evaluation window.
@@ -55,7 +56,21 @@ def load_tokenizer(model: Path):
     return AutoTokenizer.from_pretrained(str(model))
 
 
-def _documents(data_dir: Path) -> tuple[dict[str, str], list[str]]:
+Document = str | list[dict]  # plain text, or a chat's messages
+
+
+def render(tokenizer, doc: Document) -> str:
+    """A document as the model reads it: a chat through the tokenizer's chat template."""
+    return doc if isinstance(doc, str) else tokenizer.apply_chat_template(doc, tokenize=False)
+
+
+def _chat(value: object) -> list[dict] | None:
+    ok = isinstance(value, list) and value and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value)
+    return value if ok and any(m["role"] == "assistant" for m in value) else None
+
+
+def _documents(data_dir: Path) -> tuple[dict[str, Document], list[str]]:
     """Document key -> text, and the problems found reading them."""
     docs, problems = {}, []
     for path in sorted(p for p in data_dir.rglob("*") if p.is_file() and p.name != MANIFEST):
@@ -78,20 +93,23 @@ def _documents(data_dir: Path) -> tuple[dict[str, str], list[str]]:
             if not line.strip():
                 continue
             try:
-                value = json.loads(line).get("text")
-            except (ValueError, AttributeError):
+                row = json.loads(line)
+                value = _chat(row["messages"]) if "messages" in row else row.get("text")
+            except (ValueError, AttributeError, TypeError):
                 value = None
-            if not isinstance(value, str) or not value.strip():
-                problems.append(f"{name} line {line_no}: not an object with a non-empty \"text\" string")
-            else:
+            if isinstance(value, list) or isinstance(value, str) and value.strip():
                 docs[f"{name}:{line_no}"] = value
+            else:
+                problems.append(f"{name} line {line_no}: not an object with a non-empty \"text\" string or "
+                                "\"messages\" (a list of {\"role\", \"content\"} strings with an assistant turn)")
     return docs, problems
 
 
-def split_documents(docs: dict[str, str], validation_fraction: float, test_fraction: float) -> dict[str, str]:
+def split_documents(docs: dict[str, Document], validation_fraction: float, test_fraction: float) -> dict[str, str]:
     """Document key -> split, from a hash of the document's text (the same text always lands in the same split)."""
     keys = list(docs)
-    split = hash_split([docs[k] for k in keys], validation_fraction, test_fraction)
+    text = [d if isinstance(d, str) else json.dumps(d, sort_keys=True) for d in (docs[k] for k in keys)]
+    split = hash_split(text, validation_fraction, test_fraction)
     names = {"train": "calibration", "val": "validation", "test": "test"}
     return {k: names[str(s)] for k, s in zip(keys, split)}
 
@@ -106,7 +124,7 @@ def describe_corpus(cfg, data_dir: Path) -> tuple[dict, dict]:
     if docs and cfg.model is not None:
         tokenizer = load_tokenizer(cfg.model)
         for key, split in assignment.items():
-            tokens[split] += len(tokenizer(docs[key])["input_ids"])
+            tokens[split] += len(tokenizer(render(tokenizer, docs[key]))["input_ids"])
         problems += [f"{s} split has {n} tokens, fewer than one evaluation window of {cfg.window + 1} (data.window): "
                      "add documents or change the fractions" for s, n in tokens.items() if n <= cfg.window]
     raise_problems(data_dir, problems)
@@ -118,7 +136,7 @@ def describe_corpus(cfg, data_dir: Path) -> tuple[dict, dict]:
     return manifest, {"documents": counts, "tokens": tokens}
 
 
-def load_corpus(data_dir: Path) -> dict[str, list[str]]:
+def load_corpus(data_dir: Path) -> dict[str, list[Document]]:
     """Split -> documents of the versioned corpus, in the manifest's order."""
     docs, _ = _documents(Path(data_dir))
     out = {s: [] for s in SPLITS}

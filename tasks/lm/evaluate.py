@@ -18,17 +18,17 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from tasks.data.corpus import load_corpus, load_tokenizer
+from tasks.data.corpus import Document, load_corpus, load_tokenizer, render
 
 ONNX_FILE = "model.onnx"
 
 
-def token_windows(tokenizer, texts: list[str], window: int, max_windows: int) -> np.ndarray:
+def token_windows(tokenizer, texts: list[Document], window: int, max_windows: int) -> np.ndarray:
     """[n, window] token ids: the documents joined by the end-of-text token, cut into whole windows."""
     sep = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     ids: list[int] = []
     for text in texts:
-        ids += tokenizer(text)["input_ids"] + sep
+        ids += tokenizer(render(tokenizer, text))["input_ids"] + sep
         if len(ids) >= window * max_windows:
             break
     n = min(len(ids) // window, max_windows)
@@ -117,7 +117,7 @@ class LMEval:
         return load_tokenizer(self.baseline)
 
     @cached_property
-    def _corpus(self) -> dict[str, list[str]]:
+    def _corpus(self) -> dict[str, list[Document]]:
         return load_corpus(self.data_dir)
 
     def windows(self, split: str, limit: int | None = None) -> np.ndarray:

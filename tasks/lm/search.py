@@ -54,8 +54,8 @@ class LMCompressConfig(Section):
 
     @model_validator(mode="after")
     def _names_free(self) -> "LMCompressConfig":
-        if bad := [n for n in self.candidates if n == "baseline" or n.startswith("trial_")]:
-            raise ValueError(f"candidate names {bad}: 'baseline' and 'trial_*' are the pipeline's own")
+        if bad := [n for n in self.candidates if n == "baseline" or n.startswith(("trial_", "base_"))]:
+            raise ValueError(f"candidate names {bad}: 'baseline', 'trial_*' and 'base_*' are the pipeline's own")
         return self
 
 

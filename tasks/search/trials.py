@@ -120,7 +120,7 @@ class TrialTracking:
     parent_run_id: str
 
 
-class _TrialRuns:
+class TrialRuns:
     """One nested MLflow run per trial under the pipeline run; silent without tracking (benchmarks)."""
 
     def __init__(self, tracking: TrialTracking | None, study_name: str, data_dir: Path):
@@ -212,7 +212,7 @@ def run_trials(cfg: SearchConfig, data: Path | DataRef, out_dir: Path, study_nam
     before = sum(t.state in FINISHED for t in study.get_trials(deepcopy=False))
     if before and worker == 0:
         print(f"[search] resuming study {study_name}: {before}/{cfg.n_trials} trials already finished")
-    runs = _TrialRuns(tracking, study_name, data_dir)
+    runs = TrialRuns(tracking, study_name, data_dir)
     folds = cv_folds(splits, cfg.cv_folds, cfg.seed)
     multi = len(cfg.objectives) > 1
     started, ran = time.perf_counter(), [0]
