@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -15,12 +13,11 @@ import optuna
 import torch
 from prefect import task
 
-from tasks.config import load_config
 from tasks.core.settings import ConfigError
 from tasks.core.stop import interruption
 from tasks.data.corpus import load_corpus, load_tokenizer
 from tasks.lm.finetune import FinetuneConfig
-from tasks.lm.lora import Windows, adapter_state, fit_rank, lora_model, merge, pack, target_modules, train_lora
+from tasks.lm.lora import Windows, merge, pack, target_modules, train_lora
 from tasks.release.validate import Report
 from tasks.search.trials import TrialRuns, TrialTracking
 
@@ -159,37 +156,3 @@ def mark_reference(reports: list[Report]) -> list[Report]:
 
 
 finetune_lm_task = task(finetune_lm, name="finetune_lm")
-
-
-def torchrun_rank(config: str, out: str) -> None:
-    """One rank of the config's fine-tune under torchrun, e.g. on each of M machines:
-    `torchrun --nnodes M --nproc-per-node N --rdzv-backend c10d --rdzv-endpoint HOST:29500 -m tasks.lm.train
-    CONFIG OUT`, run from the project folder (the corpus as the pipeline versioned it, on every machine).
-    Rank 0 writes the merged Hugging Face folder to OUT, which a run then takes as `lm.model`."""
-    import torch.distributed as dist
-
-    cfg = load_config(config).resolved(Path.cwd())
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if cuda else "gloo")
-    try:
-        rank, world = dist.get_rank(), dist.get_world_size()
-        ft = cfg.finetune.model_copy(update={"processes": world})
-        data = check_finetune(cfg.lm.model, cfg.data.dir, ft)
-        model, result = fit_rank(rank, world, device, cfg.lm.model, data.train, data.val, ft,
-                                 print if rank == 0 else None)
-        state = adapter_state(model)
-        if rank == 0:
-            merged = lora_model(cfg.lm.model, ft)
-            merged.load_state_dict(state, strict=False)
-            merge(merged, cfg.lm.model, Path(out))
-            print(f"[finetune] validation perplexity {result.base_perplexity:.3f} -> {result.best_perplexity:.3f} "
-                  f"on {world} ranks ({ft.parallel}); merged into {out}")
-    finally:
-        dist.destroy_process_group()
-
-
-if __name__ == "__main__":
-    torchrun_rank(*sys.argv[1:])
