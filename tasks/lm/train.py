@@ -14,6 +14,7 @@ import torch
 from prefect import task
 
 from tasks.core.settings import ConfigError
+from tasks.core.tracking import log_artifact, log_artifacts, log_metrics, log_params
 from tasks.core.stop import interruption
 from tasks.data.corpus import load_corpus, load_tokenizer
 from tasks.lm.finetune import FinetuneConfig
@@ -127,7 +128,7 @@ def finetune_lm(hf_dir: Path, data_dir: Path, cfg: FinetuneConfig, out: Path, se
 
     def record(r: dict) -> None:
         if run_id:
-            tracking.log_metrics(run_id, {f"finetune.{k}": v for k, v in r.items() if k not in ("step", "epoch")},
+            log_metrics(run_id, {f"finetune.{k}": v for k, v in r.items() if k not in ("step", "epoch")},
                                   r["step"])
         if "val_perplexity" in r:
             print(f"[finetune] epoch {r['epoch']} (step {r['step']}): validation perplexity {r['val_perplexity']:.3f}")
@@ -137,12 +138,12 @@ def finetune_lm(hf_dir: Path, data_dir: Path, cfg: FinetuneConfig, out: Path, se
     merged = merge(model, hf_dir, out / "merged")
     (out / "finetune.json").write_text(json.dumps({"settings": _tuned(cfg), "result": asdict(result)}, indent=1))
     if run_id:
-        tracking.log_params(run_id, {f"finetune.trained.{k}": v for k, v in _tuned(cfg).items()})  # searched or as set
-        tracking.log_metrics(run_id, {"finetune.base_val_perplexity": result.base_perplexity,
+        log_params(run_id, {f"finetune.trained.{k}": v for k, v in _tuned(cfg).items()})  # searched or as set
+        log_metrics(run_id, {"finetune.base_val_perplexity": result.base_perplexity,
                                        "finetune.best_val_perplexity": result.best_perplexity,
                                        "finetune.best_epoch": result.best_epoch, "finetune.seconds": result.seconds})
-        tracking.log_artifacts(run_id, out / "adapter", "finetune/adapter")
-        tracking.log_artifact(run_id, out / "finetune.json", "finetune")
+        log_artifacts(run_id, out / "adapter", "finetune/adapter")
+        log_artifact(run_id, out / "finetune.json", "finetune")
     print(f"[finetune] validation perplexity {result.base_perplexity:.3f} -> {result.best_perplexity:.3f} (best epoch "
           f"{result.best_epoch}/{result.epochs_run}, {result.seconds:.0f}s on {result.processes} process(es), "
           f"{result.parallel}); merged into {merged}")
