@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 from tasks.data.corpus import (
     CorpusConfig,
-    describe_corpus,  # noqa: E402
+    describe_corpus,
 )
 from tasks.lm.finetune import FinetuneConfig  # noqa: E402
 from tasks.lm.lora import merge, train_lora  # noqa: E402
@@ -44,8 +44,12 @@ INT4 = LMRecipe(bits=4, algorithm="rtn", block_size=32, symmetric=True, accuracy
 def example(project: Path) -> tuple[Path, Path]:
     folder = project / "datasets" / "smollm2"
     if not (folder / "model" / "config.json").is_file():
-        subprocess.run([sys.executable, "-m", "flows.cli", "example", "smollm2", "datasets/smollm2", "--root",
-                        str(project)], check=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=project)
+        subprocess.run(
+            [sys.executable, "-m", "flows.cli", "example", "smollm2", "datasets/smollm2", "--root", str(project)],
+            check=True,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            cwd=project,
+        )
     return folder / "model", folder / "corpus"
 
 
@@ -53,19 +57,31 @@ CONFIGS = {"single": (1, "ddp"), "ddp2": (2, "ddp"), "fsdp2": (2, "fsdp")}
 
 
 def parallelism(model: Path, corpus: Path, steps: int, names: list[str]) -> dict:
-    cfg = FinetuneConfig(enabled=True, window=256, batch_size=8, max_windows=8 * steps, val_windows=2, epochs=1,
-                         target="attention+mlp", lr=5e-4)
+    cfg = FinetuneConfig(
+        enabled=True,
+        window=256,
+        batch_size=8,
+        max_windows=8 * steps,
+        val_windows=2,
+        epochs=1,
+        target="attention+mlp",
+        lr=5e-4,
+    )
     data = check_finetune(model, corpus, cfg)
     rows = {}
     for name in names:
         processes, parallel = CONFIGS[name]
-        _, result = train_lora(model, data.train, data.val, cfg.model_copy(update={"processes": processes,
-                                                                                  "parallel": parallel}))
+        _, result = train_lora(
+            model, data.train, data.val, cfg.model_copy(update={"processes": processes, "parallel": parallel})
+        )
         rows[name] = result.shards
         for s in result.shards:
-            print(f"[bench] {name} rank {s['rank']}: peak {s['peak_rss_mb']:.0f} MB, step {s['step_seconds_median']:.2f} s, "
-                  f"params held {s['params_held'] / s['params_total']:.3f}, optimizer state held "
-                  f"{s['optimizer_state_held'] / max(1, s['optimizer_state_total']):.3f}", flush=True)
+            print(
+                f"[bench] {name} rank {s['rank']}: peak {s['peak_rss_mb']:.0f} MB, step {s['step_seconds_median']:.2f} s, "
+                f"params held {s['params_held'] / s['params_total']:.3f}, optimizer state held "
+                f"{s['optimizer_state_held'] / max(1, s['optimizer_state_total']):.3f}",
+                flush=True,
+            )
     return rows
 
 
@@ -74,12 +90,29 @@ def quality(model: Path, corpus: Path, work: Path, args) -> dict:
     from tasks.lm.export import export_lm
     from tasks.lm.quantize import quantize_lm
 
-    cfg = FinetuneConfig(enabled=True, window=args.window, batch_size=args.batch, max_windows=args.train_windows,
-                         val_windows=8, epochs=args.epochs, lr=args.lr, target=args.target, patience=1)
+    cfg = FinetuneConfig(
+        enabled=True,
+        window=args.window,
+        batch_size=args.batch,
+        max_windows=args.train_windows,
+        val_windows=8,
+        epochs=args.epochs,
+        lr=args.lr,
+        target=args.target,
+        patience=1,
+    )
     data = check_finetune(model, corpus, cfg)
     start = time.perf_counter()
-    tuned, result = train_lora(model, data.train, data.val, cfg, on_record=lambda r: "val_perplexity" in r and print(
-        f"[bench] epoch {r['epoch']}: validation perplexity {r['val_perplexity']:.3f}", flush=True))
+    tuned, result = train_lora(
+        model,
+        data.train,
+        data.val,
+        cfg,
+        on_record=lambda r: (
+            "val_perplexity" in r
+            and print(f"[bench] epoch {r['epoch']}: validation perplexity {r['val_perplexity']:.3f}", flush=True)
+        ),
+    )
     minutes = (time.perf_counter() - start) / 60
     merged = merge(tuned, model, work / "merged")
     scores = {}
@@ -89,14 +122,22 @@ def quality(model: Path, corpus: Path, work: Path, args) -> dict:
         int4 = quantize_lm(fp32, INT4, work / f"{name}_int4", [])
         evaluator = LMEval(corpus, fp32, 512, 8, 2)
         scores[name] = {"fp32": evaluator.test_perplexity(fp32), "int4": evaluator.test_perplexity(int4)}
-        print(f"[bench] {name}: test perplexity FP32 {scores[name]['fp32']:.3f}, INT4 {scores[name]['int4']:.3f}",
-              flush=True)
+        print(
+            f"[bench] {name}: test perplexity FP32 {scores[name]['fp32']:.3f}, INT4 {scores[name]['int4']:.3f}",
+            flush=True,
+        )
     gain = (1 - scores["tuned"]["fp32"] / scores["base"]["fp32"]) * 100
     int4_gain = (1 - scores["tuned"]["int4"] / scores["base"]["fp32"]) * 100
-    return {"ft_ppl_gain_pct": f"{gain:.1f}", "ft_int4_keeps_gain": f"{int4_gain / gain:.2f}" if gain > 0 else "n/a",
-            "ft_cpu_minutes": f"{minutes:.1f}", "ft_train_windows": len(data.train), "ft_best_epoch": result.best_epoch,
-            "base_test_ppl": f"{scores['base']['fp32']:.2f}", "ft_test_ppl": f"{scores['tuned']['fp32']:.2f}",
-            "ft_int4_test_ppl": f"{scores['tuned']['int4']:.2f}"}
+    return {
+        "ft_ppl_gain_pct": f"{gain:.1f}",
+        "ft_int4_keeps_gain": f"{int4_gain / gain:.2f}" if gain > 0 else "n/a",
+        "ft_cpu_minutes": f"{minutes:.1f}",
+        "ft_train_windows": len(data.train),
+        "ft_best_epoch": result.best_epoch,
+        "base_test_ppl": f"{scores['base']['fp32']:.2f}",
+        "ft_test_ppl": f"{scores['tuned']['fp32']:.2f}",
+        "ft_int4_test_ppl": f"{scores['tuned']['int4']:.2f}",
+    }
 
 
 def main() -> None:
@@ -121,8 +162,9 @@ def main() -> None:
     for name, shards in rows.items():  # the worst rank
         if name == "fsdp2":
             result["fsdp2_rank_param_share"] = f"{max(s['params_held'] / s['params_total'] for s in shards):.3f}"
-            result["fsdp2_rank_optimizer_share"] = \
+            result["fsdp2_rank_optimizer_share"] = (
                 f"{max(s['optimizer_state_held'] / s['optimizer_state_total'] for s in shards):.3f}"
+            )
         result[f"{name}_rank_peak_mb"] = f"{max(s['peak_rss_mb'] for s in shards):.0f}"
         result[f"{name}_step_s"] = f"{max(s['step_seconds_median'] for s in shards):.2f}"
     if not args.skip_gain:

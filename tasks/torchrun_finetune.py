@@ -31,15 +31,18 @@ def torchrun_rank(config: str, out: str) -> None:
         rank, world = dist.get_rank(), dist.get_world_size()
         ft = cfg.finetune.model_copy(update={"processes": world})
         data = check_finetune(cfg.lm.model, cfg.data.dir, ft)
-        model, result = fit_rank(rank, world, device, cfg.lm.model, data.train, data.val, ft,
-                                 print if rank == 0 else None)
+        model, result = fit_rank(
+            rank, world, device, cfg.lm.model, data.train, data.val, ft, print if rank == 0 else None
+        )
         state = adapter_state(model)
         if rank == 0:
             merged = lora_model(cfg.lm.model, ft)
             merged.load_state_dict(state, strict=False)
             merge(merged, cfg.lm.model, Path(out))
-            print(f"[finetune] validation perplexity {result.base_perplexity:.3f} -> {result.best_perplexity:.3f} "
-                  f"on {world} ranks ({ft.parallel}); merged into {out}")
+            print(
+                f"[finetune] validation perplexity {result.base_perplexity:.3f} -> {result.best_perplexity:.3f} "
+                f"on {world} ranks ({ft.parallel}); merged into {out}"
+            )
     finally:
         dist.destroy_process_group()
 

@@ -45,9 +45,14 @@ def cli_argv(line: str) -> list[str] | None:
 
 def test_the_site_builds_strictly_with_every_config_key_command_and_endpoint(tmp_path):
     site = tmp_path / "site"
-    built = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(site)], cwd=ROOT,
-                           capture_output=True, text=True, timeout=300,
-                           env={**os.environ, "PYTHONPATH": str(ROOT), "NO_MKDOCS_2_WARNING": "1"})
+    built = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(site)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "NO_MKDOCS_2_WARNING": "1"},
+    )
     assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
     reference = {name: (site / "reference" / name / "index.html").read_text() for name in ("config", "cli", "server")}
 
@@ -150,4 +155,6 @@ def test_getting_started_in_a_fresh_folder_ships_and_serves_a_model(tmp_path, pr
         assert main(cli_argv(line)) == 0, line
     config = yaml.safe_load((tmp_path / "mine.yaml").read_text())
     assert config["model"]["spec"] == "acme_nets:small_mlp"
-    assert not any(step["method"] == "distill" for recipe in config["compress"]["candidates"].values() for step in recipe)
+    assert not any(
+        step["method"] == "distill" for recipe in config["compress"]["candidates"].values() for step in recipe
+    )

@@ -30,8 +30,18 @@ from tests.tiny_llm import make_tiny_llama
 # At the default init (std 0.02) the tiny model's logits are nearly flat and LoRA gains ~5% at most; at std 0.1
 # it gains ~25% in one epoch (661 -> 494) and overshoots in the second, which early stopping undoes.
 INIT_STD = 0.1
-FT = FinetuneConfig(enabled=True, window=32, lr=3e-2, target="attention+mlp", epochs=2, batch_size=4, max_windows=24,
-                    val_windows=4, patience=2, warmup=0.2)
+FT = FinetuneConfig(
+    enabled=True,
+    window=32,
+    lr=3e-2,
+    target="attention+mlp",
+    epochs=2,
+    batch_size=4,
+    max_windows=24,
+    val_windows=4,
+    patience=2,
+    warmup=0.2,
+)
 
 
 def write_corpus(folder, n=24, chars=1200):
@@ -75,12 +85,18 @@ def test_lora_learns_the_text_and_merges_into_a_plain_folder(lm, data, tmp_path)
 
 def test_chats_train_on_assistant_tokens_only(lm, tmp_path):
     tokenizer = load_tokenizer(lm / "model")
-    chat = [{"role": "user", "content": "What is a list?"}, {"role": "assistant", "content": "A mutable sequence."},
-            {"role": "user", "content": "And a tuple?"}, {"role": "assistant", "content": "An immutable one."}]
+    chat = [
+        {"role": "user", "content": "What is a list?"},
+        {"role": "assistant", "content": "A mutable sequence."},
+        {"role": "user", "content": "And a tuple?"},
+        {"role": "assistant", "content": "An immutable one."},
+    ]
     ids, learn = encode(tokenizer, chat)
     assert tokenizer.decode(ids) == render(tokenizer, chat)
-    assert tokenizer.decode([i for i, keep in zip(ids, learn) if keep]) == \
-        "A mutable sequence.<|im_end|>\nAn immutable one.<|im_end|>\n"
+    assert (
+        tokenizer.decode([i for i, keep in zip(ids, learn) if keep])
+        == "A mutable sequence.<|im_end|>\nAn immutable one.<|im_end|>\n"
+    )
     corpus = tmp_path / "chats"
     corpus.mkdir()
     (corpus / "chats.jsonl").write_text(json.dumps({"messages": chat}) + "\n" + json.dumps({"text": "plain"}) + "\n")
@@ -96,8 +112,13 @@ def test_two_ranks_follow_one_process_and_fsdp_holds_half_per_rank(lm, data):
     runs = {}
     for processes, parallel in ((1, "ddp"), (2, "fsdp"), (2, "ddp")):
         records = []
-        _, result = train_lora(lm / "model", data.train, data.val,
-                               cfg.model_copy(update={"processes": processes, "parallel": parallel}), records.append)
+        _, result = train_lora(
+            lm / "model",
+            data.train,
+            data.val,
+            cfg.model_copy(update={"processes": processes, "parallel": parallel}),
+            records.append,
+        )
         runs[processes, parallel] = [r["train_loss"] for r in records if "train_loss" in r], result
     one, one_result = runs[1, "ddp"]
     for key in ((2, "fsdp"), (2, "ddp")):
@@ -156,11 +177,18 @@ def test_bad_input_is_one_error_before_training(lm, data):
         train_lora(lm / "model", data.train, data.val, FT.model_copy(update={"lr": 1e20, "warmup": 0.0}))
 
 
-FINETUNED = {**TINY, "data": {"window": 32, "max_windows": 3},
-             "finetune": {**FT.model_dump(exclude={"search"}), "search": {"n_trials": 2, "epochs": [1, 2], "ranks": [8], "lr": [1e-2, 4e-2], "targets": ["attention+mlp"]}},
-             "compress": {"candidates": {"int8": {"bits": 8}}, "search": {"n_trials": 0}},
-             "validate": {"prompt_lengths": [8], "new_tokens": 4, "rounds": 1},
-             "register": {"model_name": "tiny-lm-ft"}, "tracking": {"experiment": "e2e-lm-ft"}}
+FINETUNED = {
+    **TINY,
+    "data": {"window": 32, "max_windows": 3},
+    "finetune": {
+        **FT.model_dump(exclude={"search"}),
+        "search": {"n_trials": 2, "epochs": [1, 2], "ranks": [8], "lr": [1e-2, 4e-2], "targets": ["attention+mlp"]},
+    },
+    "compress": {"candidates": {"int8": {"bits": 8}}, "search": {"n_trials": 0}},
+    "validate": {"prompt_lengths": [8], "new_tokens": 4, "rounds": 1},
+    "register": {"model_name": "tiny-lm-ft"},
+    "tracking": {"experiment": "e2e-lm-ft"},
+}
 
 
 @pytest.mark.e2e
@@ -178,13 +206,16 @@ def test_fine_tune_then_compress_gate_and_ship_beside_the_base_model(prefect_api
     # The same held-out test text: the fine-tuned model at FP32 and INT8 beats the base at both.
     assert m["baseline.test_perplexity"] < 0.9 * m["base_fp32.test_perplexity"]
     assert m["int8.test_perplexity"] < 0.9 * m["base_int8.test_perplexity"]
-    reports = {r["name"]: r for r in json.loads(mlflow.artifacts.load_text(
-        f"runs:/{shipped['run_id']}/candidates/reports.json"))}
+    reports = {
+        r["name"]: r
+        for r in json.loads(mlflow.artifacts.load_text(f"runs:/{shipped['run_id']}/candidates/reports.json"))
+    }
     assert set(reports) == {"baseline", "int8", "base_fp32", "base_int8"}
     assert all(any(g.startswith("reference") for g in reports[n]["failed_gates"]) for n in ("base_fp32", "base_int8"))
     assert m["finetune.best_val_perplexity"] < m["finetune.base_val_perplexity"]
     assert {"adapter_config.json", "adapter_model.safetensors"} <= {
-        f.path.rsplit("/", 1)[-1] for f in client.list_artifacts(shipped["run_id"], "finetune/adapter")}
+        f.path.rsplit("/", 1)[-1] for f in client.list_artifacts(shipped["run_id"], "finetune/adapter")
+    }
     assert len(client.get_metric_history(shipped["run_id"], "finetune.train_loss")) > 1
     trials = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{shipped['run_id']}'")
     assert len(trials) == 2 and all(len(client.get_metric_history(t.info.run_id, "train_loss")) > 1 for t in trials)

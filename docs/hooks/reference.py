@@ -62,6 +62,7 @@ def code(value: object) -> str:
 
 # ---- configuration ---------------------------------------------------------------------------------------
 
+
 def _models(annotation: object) -> list[type[BaseModel]]:
     """The config sections an annotation holds (through Optional, Union, Annotated, list and dict)."""
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
@@ -99,8 +100,9 @@ def _default(field) -> str:
     if field.default is PydanticUndefined and field.default_factory is None:
         return "required"
     value = field.get_default(call_default_factory=True)
-    return code(value.model_dump(mode="json") if isinstance(value, BaseModel) else
-                json.loads(json.dumps(value, default=str)))
+    return code(
+        value.model_dump(mode="json") if isinstance(value, BaseModel) else json.loads(json.dumps(value, default=str))
+    )
 
 
 def _doc(section: type[BaseModel]) -> str:
@@ -139,35 +141,45 @@ def config_sections(cls: type[BaseModel], prefix: str = "") -> list[tuple[str, s
 def config_page() -> str:
     from tasks.config import PIPELINES
 
-    lines = ["# Configuration reference", "",
-             "Generated from the pipeline's config classes when the site is built: every key a config file may",
-             "set, its default, the values it takes and the one-line doc `modelforge init` writes beside it in the",
-             "configs it generates. A file's `family` picks the pipeline; unknown keys are errors, and every",
-             "problem is reported in one pass. Any key can be overridden for one run by its dotted path:",
-             "`modelforge run --config my.yaml --set search.n_trials=3`.", ""]
+    lines = [
+        "# Configuration reference",
+        "",
+        "Generated from the pipeline's config classes when the site is built: every key a config file may",
+        "set, its default, the values it takes and the one-line doc `modelforge init` writes beside it in the",
+        "configs it generates. A file's `family` picks the pipeline; unknown keys are errors, and every",
+        "problem is reported in one pass. Any key can be overridden for one run by its dotted path:",
+        "`modelforge run --config my.yaml --set search.n_trials=3`.",
+        "",
+    ]
     for family, root in PIPELINES.items():
         for heading, doc, rows in config_sections(root):
             lines += [f"## `family: {family}`" if heading == "" else f"### `{heading}`", ""]
             if doc:
                 lines += [cell(doc), ""]
             if rows:
-                lines += ["| key | default | values | doc |", "| --- | --- | --- | --- |",
-                          *(f"| `{key}` | {default} | {cell(values)} | {cell(doc)} |" for key, default, values, doc in rows),
-                          ""]
+                lines += [
+                    "| key | default | values | doc |",
+                    "| --- | --- | --- | --- |",
+                    *(f"| `{key}` | {default} | {cell(values)} | {cell(doc)} |" for key, default, values, doc in rows),
+                    "",
+                ]
     return "\n".join(lines)
 
 
 # ---- command line ----------------------------------------------------------------------------------------
 
+
 def _option(action: argparse.Action) -> str:
     if not action.option_strings:
-        return f"`{action.metavar or action.dest}`" + (f" ({' / '.join(map(str, action.choices))})"
-                                                      if action.choices else "")
+        return f"`{action.metavar or action.dest}`" + (
+            f" ({' / '.join(map(str, action.choices))})" if action.choices else ""
+        )
     flags = ", ".join(action.option_strings)
     if action.nargs == 0:
         return f"`{flags}`"
-    metavar = action.metavar or (("{" + ",".join(map(str, action.choices)) + "}") if action.choices
-                                 else action.dest.upper())
+    metavar = action.metavar or (
+        ("{" + ",".join(map(str, action.choices)) + "}") if action.choices else action.dest.upper()
+    )
     return f"`{flags} {'[' + metavar + ']' if action.nargs == '?' else metavar}`"
 
 
@@ -181,14 +193,32 @@ def cli_page() -> str:
     from flows.cli import build_parser
 
     parser = build_parser()
-    lines = ["# Command-line reference", "",
-             "Generated from `modelforge`'s argument parser when the site is built; `modelforge COMMAND --help`",
-             "prints the same.", "", cell(parser.description or ""), "",
-             "| command | what it does |", "| --- | --- |",
-             *(f"| [`{name}`](#{name}) | {cell(text)} |" for name, text, _ in _subcommands(parser)), ""]
+    lines = [
+        "# Command-line reference",
+        "",
+        "Generated from `modelforge`'s argument parser when the site is built; `modelforge COMMAND --help`",
+        "prints the same.",
+        "",
+        cell(parser.description or ""),
+        "",
+        "| command | what it does |",
+        "| --- | --- |",
+        *(f"| [`{name}`](#{name}) | {cell(text)} |" for name, text, _ in _subcommands(parser)),
+        "",
+    ]
     for name, text, sub in _subcommands(parser):
-        lines += [f"## {name}", "", cell(text), "", "```text", sub.format_usage().strip(), "```", "",
-                  "| option | default | what it does |", "| --- | --- | --- |"]
+        lines += [
+            f"## {name}",
+            "",
+            cell(text),
+            "",
+            "```text",
+            sub.format_usage().strip(),
+            "```",
+            "",
+            "| option | default | what it does |",
+            "| --- | --- | --- |",
+        ]
         for action in sub._actions:
             if isinstance(action, argparse._HelpAction):
                 continue
@@ -200,6 +230,7 @@ def cli_page() -> str:
 
 
 # ---- model server ----------------------------------------------------------------------------------------
+
 
 def _schema_name(schema: dict) -> str:
     if "$ref" in schema:
@@ -213,14 +244,18 @@ def server_page() -> str:
     from serve.app import create_app
 
     schema = create_app(None).openapi()  # builds routes only: no model is loaded until the app starts
-    lines = ["# Model server reference", "",
-             f"Generated from the OpenAPI schema of the model server (`{schema['info']['title']}`) when the site is",
-             "built: every endpoint `modelforge serve` answers, whatever the bundle's family (an endpoint of",
-             "another family answers with a pointer to its own). With `--auth-token`, every endpoint but the",
-             "health probes needs `Authorization: Bearer <token>`; `--docs` serves this schema at `/openapi.json`.",
-             "See [Serving](../how-to/serving.md) for the protocols' bodies and behaviour.", "",
-             "| method | path | what | parameters | request body | responses |",
-             "| --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "# Model server reference",
+        "",
+        f"Generated from the OpenAPI schema of the model server (`{schema['info']['title']}`) when the site is",
+        "built: every endpoint `modelforge serve` answers, whatever the bundle's family (an endpoint of",
+        "another family answers with a pointer to its own). With `--auth-token`, every endpoint but the",
+        "health probes needs `Authorization: Bearer <token>`; `--docs` serves this schema at `/openapi.json`.",
+        "See [Serving](../how-to/serving.md) for the protocols' bodies and behaviour.",
+        "",
+        "| method | path | what | parameters | request body | responses |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     for path, operations in schema["paths"].items():
         for method, op in operations.items():
             params = ", ".join(f"`{p['name']}` ({p['in']})" for p in op.get("parameters", []))
@@ -228,7 +263,9 @@ def server_page() -> str:
             bodies = ", ".join(f"{kind}: {_schema_name(c.get('schema', {}))}" for kind, c in body.items())
             responses = ", ".join(f"{code_} {r.get('description', '')}" for code_, r in op.get("responses", {}).items())
             what = " ".join(filter(None, [op.get("summary"), op.get("description")]))
-            lines.append(f"| {method.upper()} | `{path}` | {cell(what)} | {params} | {cell(bodies)} | {cell(responses)} |")
+            lines.append(
+                f"| {method.upper()} | `{path}` | {cell(what)} | {params} | {cell(bodies)} | {cell(responses)} |"
+            )
     return "\n".join(lines) + "\n"
 
 

@@ -41,7 +41,7 @@ class Recipes(Section):
     """Candidate name -> recipe (the subclass declares `candidates` with its pipeline's step union)."""
 
     @model_validator(mode="after")
-    def _recipes_valid(self) -> "Recipes":
+    def _recipes_valid(self) -> Recipes:
         problems = []
         for name, steps in self.candidates.items():
             if name == "baseline":
@@ -91,6 +91,7 @@ HANDLERS: dict[str, Handler] = {}
 
 def registrar(handlers: dict[str, Callable]):
     """A `@register(method)` decorator filling one pipeline's handler registry."""
+
     def register(method: str) -> Callable[[Callable], Callable]:
         def deco(fn: Callable) -> Callable:
             handlers[method] = fn
@@ -134,5 +135,9 @@ def weights_seen_through(layers: list[nn.Module], make: Callable[[], nn.Module])
 def export_state(state: ModelState, ctx: CompressContext) -> ModelState:
     model, _, _ = load_checkpoint(state.checkpoint)
     result = export_onnx(model, ctx.out_dir / "model.onnx", ctx.splits.test[0])
-    return replace(state, onnx=result.path, parity_max_abs=result.parity_max_abs,
-                   info={**state.info, "params": count_params(model)})
+    return replace(
+        state,
+        onnx=result.path,
+        parity_max_abs=result.parity_max_abs,
+        info={**state.info, "params": count_params(model)},
+    )

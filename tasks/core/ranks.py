@@ -23,16 +23,24 @@ def _entry(target: Callable, rank: int, world: int, port: int, queue, args: tupl
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C reaches every rank; the driver decides
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))  # ranks share the cores, not oversubscribe
     cuda = torch.cuda.is_available() and torch.cuda.device_count() >= world
-    dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world)
+    dist.init_process_group(
+        "nccl" if cuda else "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
     try:
         target(rank, world, torch.device("cuda", rank) if cuda else torch.device("cpu"), queue, *args)
     finally:
         dist.destroy_process_group()
 
 
-def run_ranks(target: Callable, args: tuple, processes: int, on_record: Callable[[object], None] | None = None,
-              kind: str = "ddp", what: str = "data-parallel training", preload: list[str] | None = None) -> None:
+def run_ranks(
+    target: Callable,
+    args: tuple,
+    processes: int,
+    on_record: Callable[[object], None] | None = None,
+    kind: str = "ddp",
+    what: str = "data-parallel training",
+    preload: list[str] | None = None,
+) -> None:
     """`target(rank, world, device, queue, *args)` in `processes` spawned ranks (`kind`-rank-N) of one process
     group (gloo on CPU, NCCL with a GPU per rank); what the ranks put on `queue` goes to `on_record`. A stop
     request terminates the ranks; a rank that dies ends them all with one error.
@@ -51,8 +59,10 @@ def run_ranks(target: Callable, args: tuple, processes: int, on_record: Callable
                 on_record(record)
 
     port = free_port()
-    ranks = [ctx.Process(target=_entry, args=(target, r, processes, port, queue, args), daemon=True,
-                         name=f"{kind}-rank-{r}") for r in range(processes)]
+    ranks = [
+        ctx.Process(target=_entry, args=(target, r, processes, port, queue, args), daemon=True, name=f"{kind}-rank-{r}")
+        for r in range(processes)
+    ]
     for p in ranks:
         p.start()
     try:
@@ -69,5 +79,7 @@ def run_ranks(target: Callable, args: tuple, processes: int, on_record: Callable
             p.join()
     relay()
     if failed := [(p.name, p.exitcode) for p in ranks if p.exitcode != 0]:
-        raise RuntimeError(f"{what} failed: {', '.join(f'{n} exit code {c}' for n, c in failed)} "
-                           "(the rank's traceback is printed above)")
+        raise RuntimeError(
+            f"{what} failed: {', '.join(f'{n} exit code {c}' for n, c in failed)} "
+            "(the rank's traceback is printed above)"
+        )

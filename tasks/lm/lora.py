@@ -51,9 +51,11 @@ class Windows:
 
 def _after(text: str, prefix: str) -> str:
     if not text.startswith(prefix):
-        raise ConfigError("the tokenizer's chat template renders a conversation differently from its first turns, "
-                          "so the assistant tokens cannot be told apart; give the chats as plain \"text\"")
-    return text[len(prefix):]
+        raise ConfigError(
+            "the tokenizer's chat template renders a conversation differently from its first turns, "
+            'so the assistant tokens cannot be told apart; give the chats as plain "text"'
+        )
+    return text[len(prefix) :]
 
 
 def encode(tokenizer, doc: Document) -> tuple[list[int], list[bool]]:
@@ -97,8 +99,13 @@ def pack(tokenizer, docs: list[Document], window: int, limit: int | None) -> Win
 
 def target_modules(model: nn.Module, cfg: FinetuneConfig) -> list[str]:
     """The linear layer names the adapter wraps; a name the model lacks is a ConfigError naming what it has."""
-    names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
-                    if isinstance(m, nn.Linear) and not n.endswith("lm_head")})
+    names = sorted(
+        {
+            n.rsplit(".", 1)[-1]
+            for n, m in model.named_modules()
+            if isinstance(m, nn.Linear) and not n.endswith("lm_head")
+        }
+    )
     if cfg.modules:
         if unknown := [m for m in cfg.modules if m not in names]:
             raise ConfigError(f"finetune.modules {unknown}: no such linear layer in the model (it has {names})")
@@ -106,8 +113,10 @@ def target_modules(model: nn.Module, cfg: FinetuneConfig) -> list[str]:
     parts = {"attention": [ATTENTION], "attention+mlp": [ATTENTION, MLP]}[cfg.target]
     found = [[n for n in names if n in part] for part in parts]
     if not all(found):
-        raise ConfigError(f"finetune.target {cfg.target}: the model has none of {[p for p, f in zip(parts, found) if not f]} "
-                          f"(its linear layers: {names}); name the layers to adapt in finetune.modules")
+        raise ConfigError(
+            f"finetune.target {cfg.target}: the model has none of {[p for p, f in zip(parts, found) if not f]} "
+            f"(its linear layers: {names}); name the layers to adapt in finetune.modules"
+        )
     return [n for f in found for n in f]
 
 
@@ -118,16 +127,23 @@ def lora_model(hf_dir: Path, cfg: FinetuneConfig) -> nn.Module:
 
     base = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32)
     torch.manual_seed(cfg.seed)
-    lora = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, bias="none",
-                      target_modules=target_modules(base, cfg), task_type="CAUSAL_LM")
+    lora = LoraConfig(
+        r=cfg.rank,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        bias="none",
+        target_modules=target_modules(base, cfg),
+        task_type="CAUSAL_LM",
+    )
     return get_peft_model(base, lora)
 
 
 def nll(net: nn.Module, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Summed next-token negative log-likelihood of the labelled tokens."""
     logits = net(input_ids=ids).logits[:, :-1]
-    return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
-                                       ignore_index=IGNORE, reduction="sum")
+    return nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=IGNORE, reduction="sum"
+    )
 
 
 def _all_sum(t: torch.Tensor, world: int) -> torch.Tensor:
@@ -146,7 +162,7 @@ def val_perplexity(net: nn.Module, val: Windows, batch: int, rank: int = 0, worl
     pad = -(-len(val) // world) - len(mine)
     ids = torch.from_numpy(val.ids[mine + [0] * pad])
     labels = torch.from_numpy(val.labels[mine + [0] * pad])
-    labels[len(mine):] = IGNORE
+    labels[len(mine) :] = IGNORE
     total = torch.zeros(2, dtype=torch.float64)
     with torch.no_grad():
         for i in range(0, len(ids), batch):
@@ -190,8 +206,16 @@ class FinetuneResult:
     shards: list[dict] = field(default_factory=list)  # per rank: elements held, peak memory, step time
 
 
-def train_loop(net: nn.Module, model: nn.Module, train: Windows, val: Windows, cfg: FinetuneConfig, rank: int = 0,
-               world: int = 1, on_record: Callable[[dict], None] | None = None) -> FinetuneResult:
+def train_loop(
+    net: nn.Module,
+    model: nn.Module,
+    train: Windows,
+    val: Windows,
+    cfg: FinetuneConfig,
+    rank: int = 0,
+    world: int = 1,
+    on_record: Callable[[dict], None] | None = None,
+) -> FinetuneResult:
     """Train the adapter of `model` (`net`: the module to run, a DDP wrapper or the model itself); returns with
     the best validation epoch's adapter in place. A stop request ends it between two steps."""
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -229,8 +253,9 @@ def train_loop(net: nn.Module, model: nn.Module, train: Windows, val: Windows, c
             loss_sum = nll(net, ids[mine], labels[mine])
             loss = float(_all_sum(loss_sum.detach().clone(), world)) / count
             if not math.isfinite(loss):
-                raise FloatingPointError(f"fine-tuning diverged at step {step + 1} (loss {loss}); lower finetune.lr "
-                                         f"(now {cfg.lr:g})")
+                raise FloatingPointError(
+                    f"fine-tuning diverged at step {step + 1} (loss {loss}); lower finetune.lr (now {cfg.lr:g})"
+                )
             (loss_sum * world / count).backward()  # the ranks average gradients: the global batch's mean
             torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
             opt.step()
@@ -250,12 +275,27 @@ def train_loop(net: nn.Module, model: nn.Module, train: Windows, val: Windows, c
         for p, kept in zip(trainable, best_state):
             p.copy_(kept)
     states = [v for s in opt.state.values() for v in s.values() if torch.is_tensor(v) and v.dim()]
-    shard = {"rank": rank, "params_held": sum(_held(p) for p in model.parameters()),
-             "params_total": sum(p.numel() for p in model.parameters()),
-             "optimizer_state_held": sum(_held(v) for v in states), "optimizer_state_total": sum(v.numel() for v in states),
-             "peak_rss_mb": _peak_rss_mb(), "step_seconds_median": float(np.median(step_seconds)) if step_seconds else 0.0}
-    return FinetuneResult(base, best, best_epoch, epoch, step, time.perf_counter() - start, history, world,
-                          cfg.parallel if world > 1 else "none", [shard])
+    shard = {
+        "rank": rank,
+        "params_held": sum(_held(p) for p in model.parameters()),
+        "params_total": sum(p.numel() for p in model.parameters()),
+        "optimizer_state_held": sum(_held(v) for v in states),
+        "optimizer_state_total": sum(v.numel() for v in states),
+        "peak_rss_mb": _peak_rss_mb(),
+        "step_seconds_median": float(np.median(step_seconds)) if step_seconds else 0.0,
+    }
+    return FinetuneResult(
+        base,
+        best,
+        best_epoch,
+        epoch,
+        step,
+        time.perf_counter() - start,
+        history,
+        world,
+        cfg.parallel if world > 1 else "none",
+        [shard],
+    )
 
 
 def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -272,15 +312,24 @@ def shard_model(model: nn.Module, world: int, device: torch.device) -> None:
     from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh(device.type, (world,))
-    layers = next(m for m in model.modules()
-                  if isinstance(m, nn.ModuleList) and len(m) == model.config.num_hidden_layers)
+    layers = next(
+        m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) == model.config.num_hidden_layers
+    )
     for layer in layers:
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh, reshard_after_forward=True)  # the root too: else it stays gathered after eval
 
 
-def fit_rank(rank: int, world: int, device: torch.device, hf_dir: Path, train: Windows, val: Windows,
-             cfg: FinetuneConfig, on_record: Callable[[dict], None] | None = None) -> tuple[nn.Module, FinetuneResult]:
+def fit_rank(
+    rank: int,
+    world: int,
+    device: torch.device,
+    hf_dir: Path,
+    train: Windows,
+    val: Windows,
+    cfg: FinetuneConfig,
+    on_record: Callable[[dict], None] | None = None,
+) -> tuple[nn.Module, FinetuneResult]:
     """One rank of an initialised process group: its adapted model (sharded under fsdp) and its result."""
     from torch.nn.parallel import DistributedDataParallel
 
@@ -293,8 +342,17 @@ def fit_rank(rank: int, world: int, device: torch.device, hf_dir: Path, train: W
     return model, train_loop(net, model, train, val, cfg, rank, world, on_record)
 
 
-def _rank(rank: int, world: int, device: torch.device, queue, hf_dir: Path, train: Windows, val: Windows,
-          cfg: FinetuneConfig, out: str) -> None:
+def _rank(
+    rank: int,
+    world: int,
+    device: torch.device,
+    queue,
+    hf_dir: Path,
+    train: Windows,
+    val: Windows,
+    cfg: FinetuneConfig,
+    out: str,
+) -> None:
     model, result = fit_rank(rank, world, device, hf_dir, train, val, cfg, queue.put if rank == 0 else None)
     queue.put({"shard": result.shards[0]})
     state = adapter_state(model)
@@ -302,8 +360,9 @@ def _rank(rank: int, world: int, device: torch.device, queue, hf_dir: Path, trai
         torch.save({"adapter": state, "result": asdict(result)}, out)
 
 
-def train_lora(hf_dir: Path, train: Windows, val: Windows, cfg: FinetuneConfig,
-               on_record: Callable[[dict], None] | None = None) -> tuple[nn.Module, FinetuneResult]:
+def train_lora(
+    hf_dir: Path, train: Windows, val: Windows, cfg: FinetuneConfig, on_record: Callable[[dict], None] | None = None
+) -> tuple[nn.Module, FinetuneResult]:
     """The adapted model and its result, trained here or on `cfg.processes` ranks (`cfg.parallel`)."""
     model = lora_model(hf_dir, cfg)
     if cfg.processes == 1:
@@ -318,8 +377,15 @@ def train_lora(hf_dir: Path, train: Windows, val: Windows, cfg: FinetuneConfig,
 
     with tempfile.TemporaryDirectory(prefix="modelforge-lora-") as tmp:
         out = str(Path(tmp) / "rank0.pt")
-        run_ranks(_rank, (Path(hf_dir), train, val, cfg, out), cfg.processes, relay, kind=cfg.parallel,
-                  what=f"{cfg.parallel} fine-tuning", preload=[__name__, "peft", "transformers"])
+        run_ranks(
+            _rank,
+            (Path(hf_dir), train, val, cfg, out),
+            cfg.processes,
+            relay,
+            kind=cfg.parallel,
+            what=f"{cfg.parallel} fine-tuning",
+            preload=[__name__, "peft", "transformers"],
+        )
         saved = torch.load(out, weights_only=True)
     missing = set(saved["adapter"]) - set(model.state_dict())
     if missing:
@@ -334,6 +400,11 @@ def merge(model: nn.Module, hf_dir: Path, out: Path) -> Path:
     out = Path(out)
     model.merge_and_unload().save_pretrained(out, safe_serialization=True)
     for f in Path(hf_dir).iterdir():
-        if f.is_file() and f.suffix != ".safetensors" and not f.name.endswith(".index.json") and not (out / f.name).exists():
+        if (
+            f.is_file()
+            and f.suffix != ".safetensors"
+            and not f.name.endswith(".index.json")
+            and not (out / f.name).exists()
+        ):
             shutil.copyfile(f, out / f.name)
     return out

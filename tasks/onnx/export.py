@@ -76,11 +76,19 @@ def export_onnx(model: nn.Module, path: Path, reference_x: np.ndarray) -> Export
     """
     model = model.eval()
     example = torch.from_numpy(np.ascontiguousarray(reference_x[:2]))
-    graph = (model.export_graph(example) if hasattr(model, "export_graph") else
-             ExportGraph(model, {INPUT_NAME: example}, {INPUT_NAME: {0: torch.export.Dim("batch")}}, {}))
+    graph = (
+        model.export_graph(example)
+        if hasattr(model, "export_graph")
+        else ExportGraph(model, {INPUT_NAME: example}, {INPUT_NAME: {0: torch.export.Dim("batch")}}, {})
+    )
     program = torch.onnx.export(
-        graph.module, tuple(graph.inputs.values()), input_names=list(graph.inputs), output_names=[OUTPUT_NAME],
-        dynamic_shapes=tuple(graph.dynamic_shapes[k] for k in graph.inputs), dynamo=True, verbose=False,
+        graph.module,
+        tuple(graph.inputs.values()),
+        input_names=list(graph.inputs),
+        output_names=[OUTPUT_NAME],
+        dynamic_shapes=tuple(graph.dynamic_shapes[k] for k in graph.inputs),
+        dynamo=True,
+        verbose=False,
     )
     path = save_exported(program, path, graph.metadata)
     with torch.no_grad():

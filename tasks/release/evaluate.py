@@ -36,7 +36,7 @@ class Evaluator(Protocol):
 
     def paired(self, challenger: np.ndarray, champion: np.ndarray) -> dict: ...
 
-    def encoded_as(self, bundle_manifest: dict) -> "Evaluator": ...
+    def encoded_as(self, bundle_manifest: dict) -> Evaluator: ...
 
     def timing_inputs(self) -> Inputs: ...
 
@@ -72,7 +72,7 @@ class ClassifierEval:
         manifest = read_manifest(self.data_dir)
         return SOURCES[manifest["dataset"]].load(Path(self.data_dir), {**manifest, **self.encoding})
 
-    def encoded_as(self, bundle_manifest: dict) -> "ClassifierEval":
+    def encoded_as(self, bundle_manifest: dict) -> ClassifierEval:
         """The same test samples, encoded the way the bundle with `bundle_manifest` was trained to take
         them: a champion is scored on its own preprocessing, not the challenger's."""
         if "preprocessing" not in bundle_manifest or "input_shape" not in bundle_manifest:
@@ -89,9 +89,13 @@ class ClassifierEval:
 
     def paired(self, challenger: np.ndarray, champion: np.ndarray) -> dict:
         """Accuracy of both on the same test samples and McNemar's exact test of the difference."""
-        return {"challenger": float(challenger.mean()), "champion": float(champion.mean()),
-                "gain_pts": float(challenger.mean() - champion.mean()) * 100,
-                "p_value": mcnemar_exact(challenger, champion), "test": "McNemar exact"}
+        return {
+            "challenger": float(challenger.mean()),
+            "champion": float(champion.mean()),
+            "gain_pts": float(challenger.mean() - champion.mean()) * 100,
+            "p_value": mcnemar_exact(challenger, champion),
+            "test": "McNemar exact",
+        }
 
     def timing_inputs(self) -> np.ndarray:
         return self._splits.test[0]
@@ -101,8 +105,11 @@ class ClassifierEval:
 
     def serving_info(self) -> dict:
         m = self._splits.manifest
-        return {"preprocessing": m["preprocessing"], "input_shape": m["input_shape"],
-                "labels": m.get("classes", list(range(m["num_classes"])))}
+        return {
+            "preprocessing": m["preprocessing"],
+            "input_shape": m["input_shape"],
+            "labels": m.get("classes", list(range(m["num_classes"]))),
+        }
 
     def attach(self, bundle: Path) -> None:
         """A classifier bundle needs nothing beside the model."""
@@ -157,10 +164,16 @@ class EncoderEval:
         a bootstrap of a minimum collapses onto the few hardest sentences and gives a zero-width
         interval (measured), so it cannot tell a difference from noise."""
         gain, low, high = paired_bootstrap(challenger, champion, np.mean)
-        return {"metric": "cosine_mean", "challenger": float(challenger.mean()), "champion": float(champion.mean()),
-                "gain_pts": gain * 100, "interval_pts": [low * 100, high * 100], "test": "paired bootstrap"}
+        return {
+            "metric": "cosine_mean",
+            "challenger": float(challenger.mean()),
+            "champion": float(champion.mean()),
+            "gain_pts": gain * 100,
+            "interval_pts": [low * 100, high * 100],
+            "test": "paired bootstrap",
+        }
 
-    def encoded_as(self, bundle_manifest: dict) -> "EncoderEval":
+    def encoded_as(self, bundle_manifest: dict) -> EncoderEval:
         """Sentences go through the packaged tokenizer for every encoder bundle."""
         return self
 
@@ -176,10 +189,13 @@ class EncoderEval:
         return tokenize(self._tokenizer, self._sentences.eval[:2], self.max_length)
 
     def serving_info(self) -> dict:
-        return {"preprocessing": f"tokenizer/ (WordPiece, lower case), truncation at {self.max_length} tokens; "
-                                 "feed input_ids and attention_mask as int64",
-                "output": "L2-normalised sentence embedding (mean pooling over unmasked tokens)",
-                "tokenizer_dir": "tokenizer", "max_length": self.max_length}
+        return {
+            "preprocessing": f"tokenizer/ (WordPiece, lower case), truncation at {self.max_length} tokens; "
+            "feed input_ids and attention_mask as int64",
+            "output": "L2-normalised sentence embedding (mean pooling over unmasked tokens)",
+            "tokenizer_dir": "tokenizer",
+            "max_length": self.max_length,
+        }
 
     def attach(self, bundle: Path) -> None:
         shutil.copytree(self.tokenizer_dir, Path(bundle) / "tokenizer")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from prefect import task
@@ -27,8 +27,9 @@ from tasks.release.guard import (
 
 def io_spec(path: Path) -> dict:
     session = make_session(path)
-    spec = lambda args: [{"name": a.name, "shape": [d if isinstance(d, int) else str(d) for d in a.shape],
-                          "dtype": a.type} for a in args]
+    spec = lambda args: [
+        {"name": a.name, "shape": [d if isinstance(d, int) else str(d) for d in a.shape], "dtype": a.type} for a in args
+    ]
     return {"inputs": spec(session.get_inputs()), "outputs": spec(session.get_outputs())}
 
 
@@ -86,7 +87,7 @@ def ship_bundle(onnx_path: Path, bundle_dir: Path, evaluator: Evaluator, data_ve
             **evaluator.serving_info(),
             "task": data_task(evaluator.data_dir),
             "data_version": data_version,
-            "created_at": datetime.now(timezone.utc).isoformat(),
+            "created_at": datetime.now(UTC).isoformat(),
             **relative_paths(details, bundle_dir),
         }
         evaluator.attach(tmp)

@@ -22,21 +22,44 @@ from tasks.core.ranks import run_ranks
 from tasks.train.loop import FitResult, TrainParams, fit
 
 
-def _fit_rank(rank: int, world: int, device: torch.device, queue, model: nn.Module, train: tuple, val: tuple,
-              params: TrainParams, out: str, restore_best: bool) -> None:
+def _fit_rank(
+    rank: int,
+    world: int,
+    device: torch.device,
+    queue,
+    model: nn.Module,
+    train: tuple,
+    val: tuple,
+    params: TrainParams,
+    out: str,
+    restore_best: bool,
+) -> None:
     from torch.nn.parallel import DistributedDataParallel
 
     ddp = DistributedDataParallel(model.to(device), device_ids=[rank] if device.type == "cuda" else None)
-    result = fit(ddp, train, val, params, on_epoch=queue.put if rank == 0 else None, shard=(rank, world),
-                 restore_best=restore_best)
+    result = fit(
+        ddp,
+        train,
+        val,
+        params,
+        on_epoch=queue.put if rank == 0 else None,
+        shard=(rank, world),
+        restore_best=restore_best,
+    )
     if rank == 0:
         state = {k: v.cpu() for k, v in ddp.module.state_dict().items()}
         torch.save({"model": state, "result": asdict(result)}, out)
 
 
-def fit_parallel(model: nn.Module, train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.ndarray],
-                 params: TrainParams, processes: int, on_epoch: Callable[[dict], None] | None = None,
-                 restore_best: bool = True) -> FitResult:
+def fit_parallel(
+    model: nn.Module,
+    train: tuple[np.ndarray, np.ndarray],
+    val: tuple[np.ndarray, np.ndarray],
+    params: TrainParams,
+    processes: int,
+    on_epoch: Callable[[dict], None] | None = None,
+    restore_best: bool = True,
+) -> FitResult:
     """`fit` over `processes` DDP ranks; returns with `model` holding the trained weights (as `fit`'s
     `restore_best` says: the best val epoch's, or the last)."""
     with tempfile.TemporaryDirectory(prefix="modelforge-ddp-") as tmp:

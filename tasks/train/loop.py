@@ -32,7 +32,7 @@ class TrainParams:
     backbone_lr_scale: float = 1.0  # fine-tuning: the backbone's lr as a multiple of the head's
 
     @staticmethod
-    def from_search(p: dict, epochs: int, patience: int, seed: int) -> "TrainParams":
+    def from_search(p: dict, epochs: int, patience: int, seed: int) -> TrainParams:
         """Training settings of a search result; keys a search space left out keep their defaults."""
         keys = ("batch_size", "weight_decay", "schedule", "augment", "freeze_epochs", "backbone_lr_scale")
         return TrainParams(p["lr"], p["optimizer"], epochs, patience, seed=seed, **{k: p[k] for k in keys if k in p})
@@ -67,8 +67,10 @@ def head_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 def _optimizer(model: nn.Module, p: TrainParams) -> torch.optim.Optimizer:
     head = {id(q) for q in head_parameters(model)}
-    params = [{"params": [q for q in model.parameters() if id(q) in head], "lr": p.lr},
-              {"params": [q for q in model.parameters() if id(q) not in head], "lr": p.lr * p.backbone_lr_scale}]
+    params = [
+        {"params": [q for q in model.parameters() if id(q) in head], "lr": p.lr},
+        {"params": [q for q in model.parameters() if id(q) not in head], "lr": p.lr * p.backbone_lr_scale},
+    ]
     params = [g for g in params if g["params"]]
     if p.optimizer == "sgd":
         return torch.optim.SGD(params, lr=p.lr, weight_decay=p.weight_decay)
