@@ -19,7 +19,7 @@ from pathlib import Path
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 
 
-def _digest_files(h: "hashlib._Hash", files: Iterable[Path], base: Path) -> None:
+def _digest_files(h: hashlib._Hash, files: Iterable[Path], base: Path) -> None:
     for path in sorted(files):
         # The name goes in too: a module moved to another package is another program.
         h.update(str(path.relative_to(base)).encode() + b"\0")

@@ -11,6 +11,7 @@ ended.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import os
@@ -21,7 +22,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -117,11 +118,8 @@ def ensure_pool(pool: str = POOL) -> None:
     from prefect.client.schemas.actions import WorkPoolCreate
     from prefect.exceptions import ObjectAlreadyExists
 
-    with get_client(sync_client=True) as client:
-        try:
-            client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
-        except ObjectAlreadyExists:
-            pass
+    with get_client(sync_client=True) as client, contextlib.suppress(ObjectAlreadyExists):
+        client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
 
 
 def _stack_file(root: Path) -> Path:
@@ -215,7 +213,7 @@ def start_stack(root: Path, port: int = 4200, pool: str = POOL, timeout_s: float
         wait_for_http(f"{url}/health", server, timeout_s, f"the Prefect server (see {logs / 'prefect-server.log'})")
         with temporary_settings(updates={PREFECT_API_URL: url}):
             ensure_pool(pool)
-            launched = datetime.now(timezone.utc)
+            launched = datetime.now(UTC)
             worker = launch("worker", "worker", "start", "--pool", pool)
             deadline = time.monotonic() + timeout_s
             with get_client(sync_client=True) as client:
