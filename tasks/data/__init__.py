@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Union
+from typing import Annotated
 
 from pydantic import Discriminator, Tag
 
@@ -38,9 +38,9 @@ def _dataset_of(value: object) -> str | None:
     return value.get("dataset", "digits") if isinstance(value, dict) else getattr(value, "dataset", None)
 
 
-ClassifierData = Annotated[Union[Annotated[DataConfig, Tag("digits")], Annotated[TableDataConfig, Tag("table")],
-                                 Annotated[ImageFolderConfig, Tag("image_folder")],
-                                 Annotated[TextTableConfig, Tag("text")]], Discriminator(_dataset_of)]
+ClassifierData = Annotated[Annotated[DataConfig, Tag("digits")] | Annotated[TableDataConfig, Tag("table")]
+                           | Annotated[ImageFolderConfig, Tag("image_folder")]
+                           | Annotated[TextTableConfig, Tag("text")], Discriminator(_dataset_of)]
 
 
 @dataclass(frozen=True)

@@ -65,7 +65,7 @@ def split_problems(labels: list[str], split: np.ndarray, classes: list[str], min
     counts = {s: int((split == s).sum()) for s in SPLITS}
     problems = [f"{s} split is empty ({len(labels)} {unit}; add more or change the fractions)"
                 for s in SPLITS if counts[s] == 0]
-    train = Counter(label for label, s in zip(labels, split) if s == "train")
+    train = Counter(label for label, s in zip(labels, split, strict=True) if s == "train")
     if few := {c: train[c] for c in classes if train[c] < min_class_samples}:
         problems.append(f"classes with fewer than {min_class_samples} train {unit} (data.min_class_samples): "
                         + ", ".join(f"{c} ({n})" for c, n in few.items()))

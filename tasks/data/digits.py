@@ -63,7 +63,7 @@ def materialize_digits(cfg: DataConfig, data_dir: Path) -> None:
         "dtype": "float32",
         "preprocessing": "pixel / 16.0 (raw digits are 0..16), layout NCHW",
         "split_seed": cfg.split_seed,
-        "counts": {s: int(len(arrays[s][1])) for s in SPLITS},
+        "counts": {s: len(arrays[s][1]) for s in SPLITS},
     })
 
 

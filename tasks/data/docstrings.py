@@ -36,7 +36,7 @@ class TextDataConfig(Section):
     dvc_remote: str = Field(".modelforge/dvc-remote", description="DVC remote the corpus is pushed to (a folder or a URL).")
 
     @model_validator(mode="after")
-    def _queries_fit(self) -> "TextDataConfig":
+    def _queries_fit(self) -> TextDataConfig:
         if self.queries > self.eval_sentences - 10:
             raise ValueError(f"queries ({self.queries}) must leave at least 10 of the {self.eval_sentences} "
                              "eval_sentences to search (top-10 retrieval)")

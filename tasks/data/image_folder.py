@@ -55,7 +55,7 @@ class ImageFolderConfig(Section):
     dvc_remote: str = Field(".modelforge/dvc-remote", description="DVC remote the data is pushed to (a folder or a URL).")
 
     @model_validator(mode="after")
-    def _size_positive(self) -> "ImageFolderConfig":
+    def _size_positive(self) -> ImageFolderConfig:
         if min(self.image_size) < 4:
             raise ValueError(f"image_size {list(self.image_size)}: both sides must be at least 4 pixels")
         return self
@@ -194,7 +194,7 @@ def describe_image_folder(cfg: ImageFolderConfig, data_dir: Path) -> tuple[dict,
                         "refused before decoding): " + ", ".join(too_large[:10]))
     digests = [hashlib.sha256(d).hexdigest() for d in contents]
     labels_of: dict[str, set[str]] = {}
-    for (label, _), digest in zip(files, digests):
+    for (label, _), digest in zip(files, digests, strict=True):
         labels_of.setdefault(digest, set()).add(label)
     if conflicts := [sorted(v) for v in labels_of.values() if len(v) > 1]:
         problems.append(f"{len(conflicts)} image(s) appear under several classes, e.g. in {', '.join(conflicts[0])}")
@@ -203,9 +203,9 @@ def describe_image_folder(cfg: ImageFolderConfig, data_dir: Path) -> tuple[dict,
     problems += found + unseen_classes(previous_manifest(data_dir, "image_folder"), classes, cfg.allow_drift)
     raise_problems(data_dir, problems)
 
-    train = np.stack([x for x, s in zip(pixels, split) if s == "train"])  # every image decoded: none unreadable
+    train = np.stack([x for x, s in zip(pixels, split, strict=True) if s == "train"])  # every image decoded: none unreadable
     mean, std = train.mean(axis=(0, 2, 3)), train.std(axis=(0, 2, 3))
-    _remember({(digest, size, channels): x for digest, x in zip(digests, pixels)})
+    _remember({(digest, size, channels): x for digest, x in zip(digests, pixels, strict=True)})
     preprocessing = {"kind": "image", "size": list(size), "channels": channels, "color": cfg.color,
                      "mean": [float(m) for m in mean], "std": [float(max(s, 1e-6)) for s in std],
                      "resize": "bilinear", "scale": "pixel / 255, then (x - mean) / std per channel",
@@ -213,7 +213,7 @@ def describe_image_folder(cfg: ImageFolderConfig, data_dir: Path) -> tuple[dict,
     manifest = {"dataset": "image_folder", "classes": classes, "num_classes": len(classes),
                 "input_shape": [channels, *size], "dtype": "float32", "preprocessing": preprocessing,
                 "files": {str(path.relative_to(data_dir)): {"class": label, "sha256": digest, "split": str(s)}
-                          for (label, path), digest, s in zip(files, digests, split)},
+                          for (label, path), digest, s in zip(files, digests, split, strict=True)},
                 "split": {"rule": SPLIT_RULE, "key": "sha256 of the image bytes",
                           "val_fraction": cfg.val_fraction, "test_fraction": cfg.test_fraction},
                 "counts": counts}

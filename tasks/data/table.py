@@ -81,7 +81,7 @@ def read_table(path: Path):
             frame = pd.read_csv(path, keep_default_na=True)
             # pandas renames a repeated header name x to x.1: the notes say so
             header = [str(c) for c in pd.read_csv(path, header=None, nrows=1).iloc[0]]
-            frame.attrs["renamed"] = {new: old for old, new in zip(header, map(str, frame.columns)) if old != new}
+            frame.attrs["renamed"] = {new: old for old, new in zip(header, map(str, frame.columns), strict=True) if old != new}
             return frame
         if kind == "parquet":
             import pyarrow.parquet as pq
@@ -178,7 +178,7 @@ def fit_preprocessing(schema: dict[str, str], train) -> dict:
                             "missing_indicator": bool(x.isna().any())})
         else:
             seen = sorted({_canonical(v) for v in values.dropna()})
-            columns.append({"name": name, "kind": "categorical", "categories": seen + [UNKNOWN]})
+            columns.append({"name": name, "kind": "categorical", "categories": [*seen, UNKNOWN]})
     return {"kind": "table", "columns": columns,
             "features": sum(1 + c["missing_indicator"] if c["kind"] == "numeric" else len(c["categories"])
                             for c in columns)}
@@ -296,7 +296,7 @@ def describe_table(cfg: TableDataConfig, data_dir: Path) -> tuple[dict, dict]:
         content = [json.dumps({k: _canonical(v) for k, v in r.items()}, sort_keys=True)
                    for r in _records(labelled, schema)]
         seen: dict[str, str] = {}
-        leaks = sum(1 for key, s in zip(content, split) if seen.setdefault(key, s) != s)
+        leaks = sum(1 for key, s in zip(content, split, strict=True) if seen.setdefault(key, s) != s)
         if leaks:
             problems.append(f"{leaks} row(s) repeat the features of a row in another split (leakage); "
                             "remove the duplicates or drop data.id_column to split by content")

@@ -127,7 +127,7 @@ def describe_text(cfg: TextTableConfig, data_dir: Path) -> tuple[dict, dict]:
     if blank := sum(not tokens(t) for t in texts):
         problems.append(f"{blank} text(s) without a single word")
     seen: dict[str, str] = {}
-    if conflicts := sum(1 for t, y in zip(texts, labels) if seen.setdefault(t, y) != y):
+    if conflicts := sum(1 for t, y in zip(texts, labels, strict=True) if seen.setdefault(t, y) != y):
         problems.append(f"{conflicts} text(s) appear with different labels")
     classes = sorted(set(labels))
     if len(classes) < 2:
@@ -143,7 +143,7 @@ def describe_text(cfg: TextTableConfig, data_dir: Path) -> tuple[dict, dict]:
         except (OSError, ValueError) as err:
             raise DataError(f"data.tokenizer {cfg.tokenizer}: {err}") from None
     else:
-        counted = Counter(w for t, s in zip(texts, split) if s == "train" for w in tokens(t))
+        counted = Counter(w for t, s in zip(texts, split, strict=True) if s == "train" for w in tokens(t))
         vocab = [w for w, n in sorted(counted.items(), key=lambda kv: (-kv[1], kv[0])) if n >= cfg.min_count][: cfg.vocab_size]
         preprocessing = {"kind": "text", "pattern": PATTERN, "lowercase": True, "max_length": cfg.max_length,
                          "vocab": vocab, "vocab_size": len(vocab) + 2, "ids": "0 padding, 1 unknown word, 2.. vocab"}

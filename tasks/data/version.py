@@ -92,4 +92,4 @@ def version_data(cfg: ClassifierData | TextDataConfig | CorpusConfig, root: Path
     return DataVersion(md5, data_dir, manifest, remote)
 
 
-version_data_task = task(version_data, name="version_data")
+version_data_task = task(name="version_data")(version_data)
