@@ -51,7 +51,7 @@ class ModelConfig(Section):
                                    "classifier's folder (config.json and weights, e.g. a ViT at data.image_size).")
 
     @model_validator(mode="after")
-    def _spec_valid(self) -> "ModelConfig":
+    def _spec_valid(self) -> ModelConfig:
         problems = []
         if self.spec is not None and not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", self.spec):
             problems.append(f"spec {self.spec!r} is not 'package.module:function'")
@@ -75,7 +75,7 @@ class ModelConfig(Section):
         return {"pretrained": self.pretrained} if self.pretrained else {}
 
 
-__all__ = ["Arch", "FAMILIES", "arch_from_params", "build_model", "count_params", "load_checkpoint",
+__all__ = ["FAMILIES", "Arch", "arch_from_params", "build_model", "count_params", "load_checkpoint",
            "save_checkpoint", "vocab_of"]
 
 

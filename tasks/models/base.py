@@ -50,7 +50,7 @@ class Arch:
         found = {k: d[k] for k in ("activation", "dropout", "kernel", "vocab", "embed", "spec", "weights", "layers") if k in d}
         return {**found, "layers": tuple(found["layers"])} if "layers" in found else found
 
-    def scaled(self, factor: float, depth: int | None = None) -> "Arch":
+    def scaled(self, factor: float, depth: int | None = None) -> Arch:
         """A proportionally narrower (and optionally shallower) variant, for distillation students."""
         conv = tuple(max(1, round(c * factor)) for c in self.conv)
         hidden = tuple(max(1, round(h * factor)) for h in self.hidden)
@@ -65,7 +65,7 @@ class Arch:
         return asdict(self)
 
     @staticmethod
-    def from_dict(d: dict) -> "Arch":
+    def from_dict(d: dict) -> Arch:
         return Arch(d["family"], d["num_classes"], tuple(d["input_shape"]), tuple(d["conv"]), tuple(d["hidden"]),
                     **Arch._optional(d))
 
