@@ -41,7 +41,7 @@ class Recipes(Section):
     """Candidate name -> recipe (the subclass declares `candidates` with its pipeline's step union)."""
 
     @model_validator(mode="after")
-    def _recipes_valid(self) -> "Recipes":
+    def _recipes_valid(self) -> Recipes:
         problems = []
         for name, steps in self.candidates.items():
             if name == "baseline":

@@ -46,7 +46,7 @@ class StudentSpec(Section):
     kernel: int = Field(3, ge=1, le=15, description="Conv kernel size (odd).")
 
     @model_validator(mode="after")
-    def _fits_family(self) -> "StudentSpec":
+    def _fits_family(self) -> StudentSpec:
         problems = []
         if self.family in ("cnn", "resnet") and self.channels is None:
             problems.append(f"a {self.family} student needs channels")

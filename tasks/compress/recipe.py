@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Annotated, Union
+from typing import Annotated
 
 from prefect import task
 from pydantic import Field
@@ -36,8 +36,8 @@ from tasks.data import load_splits
 from tasks.train.stage import TrainConfig
 
 Step = Annotated[
-    Union[MagnitudePrune, StructuredPrune, Distill, Binarize, SparsityTrain, QuantizeDynamic, QuantizeStatic,
-          QuantizeAware, ConvertFp16],
+    MagnitudePrune | StructuredPrune | Distill | Binarize | SparsityTrain | QuantizeDynamic | QuantizeStatic
+    | QuantizeAware | ConvertFp16,
     Field(discriminator="method"),
 ]
 
@@ -78,7 +78,8 @@ def compress_candidate(name: str, recipe: list, baseline: Path, data_dir: Path, 
     ctx.out_dir.mkdir(parents=True, exist_ok=True)
     print(f"[compress] {name}: {' -> '.join(s.method for s in recipe) or 'export only'}")
     state = compress(baseline, copy.deepcopy(recipe), ctx)
+    assert state.onnx is not None  # `compress` ends with the export
     return Candidate(name, state.onnx, state.checkpoint, state.parity_max_abs, state.info)
 
 
-compress_candidate_task = task(compress_candidate, name="compress_candidate", task_run_name="compress-{name}")
+compress_candidate_task = task(name="compress_candidate", task_run_name="compress-{name}")(compress_candidate)

@@ -55,7 +55,7 @@ def structured_prune(state: ModelState, cfg: StructuredPrune, ctx: CompressConte
     small = build_model(small_arch)
     prev = torch.arange(arch.input_shape[0])
     with torch.no_grad():
-        for i, (old, new, rows) in enumerate(zip(layers, layers_of(small), keep)):
+        for i, (old, new, rows) in enumerate(zip(layers, layers_of(small), keep, strict=True)):
             if i == n_conv:  # first Linear after Flatten: each kept channel owns a block of spatial inputs
                 channels_in = arch.conv[-1] if n_conv else arch.input_shape[0]
                 spatial = old.in_features // channels_in
