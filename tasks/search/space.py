@@ -37,7 +37,7 @@ class SearchSpace(Section):
                                                     "and other vectors are never augmented).")
 
     @model_validator(mode="after")
-    def _space_valid(self) -> "SearchSpace":
+    def _space_valid(self) -> SearchSpace:
         problems = [
             f"{name}: low {lo} must be > 0 and <= high {hi}"
             for name in ("lr", "depth", "width", "channels", "backbone_lr_scale")
@@ -97,7 +97,7 @@ class SearchConfig(Section):
     space: SearchSpace = Field(default_factory=SearchSpace, description="What the search may choose.")
 
     @model_validator(mode="after")
-    def _strategy_fits(self) -> "SearchConfig":
+    def _strategy_fits(self) -> SearchConfig:
         problems = []
         multi = len(self.objectives) > 1
         if self.objectives[0] != "accuracy" or len(set(self.objectives)) != len(self.objectives):
