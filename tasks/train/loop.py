@@ -32,7 +32,7 @@ class TrainParams:
     backbone_lr_scale: float = 1.0  # fine-tuning: the backbone's lr as a multiple of the head's
 
     @staticmethod
-    def from_search(p: dict, epochs: int, patience: int, seed: int) -> "TrainParams":
+    def from_search(p: dict, epochs: int, patience: int, seed: int) -> TrainParams:
         """Training settings of a search result; keys a search space left out keep their defaults."""
         keys = ("batch_size", "weight_decay", "schedule", "augment", "freeze_epochs", "backbone_lr_scale")
         return TrainParams(p["lr"], p["optimizer"], epochs, patience, seed=seed, **{k: p[k] for k in keys if k in p})
