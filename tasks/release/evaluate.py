@@ -27,8 +27,12 @@ Inputs = np.ndarray | dict[str, np.ndarray]
 
 
 class Evaluator(Protocol):
-    primary: str  # the quality metric candidates are ranked, plotted and promoted by (higher is better)
-    data_dir: Path  # the versioned data whose held-out split it measures on
+    # read-only properties: the evaluators are frozen dataclasses
+    @property
+    def primary(self) -> str: ...  # the quality metric candidates are ranked, plotted and promoted by (higher is better)
+
+    @property
+    def data_dir(self) -> Path: ...  # the versioned data whose held-out split it measures on
 
     def quality(self, session: ort.InferenceSession) -> dict[str, float]: ...
 
@@ -36,7 +40,7 @@ class Evaluator(Protocol):
 
     def paired(self, challenger: np.ndarray, champion: np.ndarray) -> dict: ...
 
-    def encoded_as(self, bundle_manifest: dict) -> "Evaluator": ...
+    def encoded_as(self, bundle_manifest: dict) -> Evaluator: ...
 
     def timing_inputs(self) -> Inputs: ...
 
@@ -72,7 +76,7 @@ class ClassifierEval:
         manifest = read_manifest(self.data_dir)
         return SOURCES[manifest["dataset"]].load(Path(self.data_dir), {**manifest, **self.encoding})
 
-    def encoded_as(self, bundle_manifest: dict) -> "ClassifierEval":
+    def encoded_as(self, bundle_manifest: dict) -> ClassifierEval:
         """The same test samples, encoded the way the bundle with `bundle_manifest` was trained to take
         them: a champion is scored on its own preprocessing, not the challenger's."""
         if "preprocessing" not in bundle_manifest or "input_shape" not in bundle_manifest:
@@ -160,7 +164,7 @@ class EncoderEval:
         return {"metric": "cosine_mean", "challenger": float(challenger.mean()), "champion": float(champion.mean()),
                 "gain_pts": gain * 100, "interval_pts": [low * 100, high * 100], "test": "paired bootstrap"}
 
-    def encoded_as(self, bundle_manifest: dict) -> "EncoderEval":
+    def encoded_as(self, bundle_manifest: dict) -> EncoderEval:
         """Sentences go through the packaged tokenizer for every encoder bundle."""
         return self
 

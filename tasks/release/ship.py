@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from prefect import task
@@ -86,7 +86,7 @@ def ship_bundle(onnx_path: Path, bundle_dir: Path, evaluator: Evaluator, data_ve
             **evaluator.serving_info(),
             "task": data_task(evaluator.data_dir),
             "data_version": data_version,
-            "created_at": datetime.now(timezone.utc).isoformat(),
+            "created_at": datetime.now(UTC).isoformat(),
             **relative_paths(details, bundle_dir),
         }
         evaluator.attach(tmp)
@@ -99,4 +99,4 @@ def ship_bundle(onnx_path: Path, bundle_dir: Path, evaluator: Evaluator, data_ve
     return bundle_dir
 
 
-ship_bundle_task = task(ship_bundle, name="ship_bundle")
+ship_bundle_task = task(name="ship_bundle")(ship_bundle)
