@@ -12,6 +12,7 @@ from prefect import flow
 from flows.release import validate_and_release
 from flows.search import search_trials
 from tasks.compress.recipe import compress_candidate_task
+from tasks.config import PipelineConfig
 from tasks.core import tracking
 from tasks.data.version import version_data_task
 from tasks.pipeline_run import already_done, pipeline_run
@@ -30,6 +31,7 @@ def optimize(config_path: str = "configs/digits.yaml", root: str = ".", force: b
     with pipeline_run(config_path, root, lock_wait_s=lock_wait_s,
                                  overrides=tuple(overrides or ())) as run:
         cfg, work = run.cfg, run.cfg.workdir
+        assert isinstance(cfg, PipelineConfig)  # pipeline_run checked the family
         runner = search_runner(cfg.search, cfg.runner, cfg.tracking.uri)  # a runner that cannot work fails before any data or training
 
         data = version_data_task(cfg.data, run.root)
