@@ -37,7 +37,7 @@ async def read_body(request: Request, max_bytes: int, timeout_s: float, json_onl
         raise BadRequest(413, f"body of {declared} bytes exceeds the limit of {max_bytes} bytes")
     try:
         return await asyncio.wait_for(_read(request, max_bytes), timeout_s)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         raise BadRequest(408, f"the body was not received within {timeout_s:g} s") from None
 
 

@@ -135,7 +135,7 @@ class _Scheduler:
         try:
             self.engine = og.Engine(self.model)  # created here: this thread owns it
             self.events = self.engine.create_event_buffer(4 * self.max_batch)
-        except BaseException as err:  # noqa: BLE001 - handed to the loading thread
+        except BaseException as err:  # handed to the loading thread
             self.failure = err
             self.ready.set()
             return
@@ -261,9 +261,9 @@ class _Scheduler:
         for event in self.engine.run(self.events):
             request = event.request
             generation, turn = self.running[request]
-            if event.flags & og.EngineEventFlags.TOKEN and not generation.finished:
-                if self._on_token(generation, int(event.token)):
-                    request.cancel_turn(turn)
+            if (event.flags & og.EngineEventFlags.TOKEN and not generation.finished
+                    and self._on_token(generation, int(event.token))):
+                request.cancel_turn(turn)
             if event.flags & og.EngineEventFlags.TURN_FINISHED:
                 del self.running[request]
                 request.close()

@@ -32,7 +32,7 @@ COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat
 MAX_STOP_STRINGS = 4
 # Fields this server does not implement, with the value that means "not used": anything else is refused
 # rather than silently ignored.
-UNSUPPORTED = {"n": 1, "best_of": 1, "echo": False, "logprobs": False, "top_logprobs": None, "suffix": None,
+UNSUPPORTED: dict[str, object] = {"n": 1, "best_of": 1, "echo": False, "logprobs": False, "top_logprobs": None, "suffix": None,
                "logit_bias": {}, "presence_penalty": 0, "frequency_penalty": 0, "tools": [], "tool_choice": "none",
                "functions": [], "function_call": "none"}
 CHAT_ROLES = {"system", "developer", "user", "assistant"}
@@ -46,7 +46,7 @@ class OpenAIError(Exception):
         self.headers = headers or ({"Retry-After": str(RETRY_AFTER_SECONDS)} if status == 429 else None)
 
     @classmethod
-    def of(cls, err: BadRequest) -> "OpenAIError":
+    def of(cls, err: BadRequest) -> OpenAIError:
         """The server's own refusals (loading, wrong family, body limits) in OpenAI's error shape."""
         return cls(err.status, str(err), kind="invalid_request_error" if err.status < 500 else "server_error",
                    headers=err.headers)
@@ -252,7 +252,7 @@ def router(ctx: ServeContext) -> APIRouter:
         async for chunk in _chunks(generation, request):
             text.append(chunk.text)
             last = chunk
-        if last is None or last.finish_reason is None and last.error is None:
+        if last is None or (last.finish_reason is None and last.error is None):
             return JSONResponse(status_code=499, content={"error": {"message": "client disconnected",
                                                                     "type": "cancelled", "param": None, "code": None}})
         if last.error is not None:

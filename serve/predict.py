@@ -143,7 +143,7 @@ def classification(model: LoadedModel, logits: np.ndarray) -> dict:
     names = model.manifest.get("labels") or list(range(logits.shape[1]))
     best = logits.argmax(1)
     return {"predictions": best.tolist(), "labels": [names[i] for i in best],
-            "probabilities": [{str(n): round(float(p), 6) for n, p in zip(names, row)} for row in probabilities],
+            "probabilities": [{str(n): round(float(p), 6) for n, p in zip(names, row, strict=True)} for row in probabilities],
             "logits": logits.tolist(), "model_sha256": model.sha256}
 
 

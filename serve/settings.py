@@ -68,7 +68,7 @@ class ServeSettings(BaseModel):
         return data
 
     @model_validator(mode="after")
-    def _check(self) -> "ServeSettings":
+    def _check(self) -> ServeSettings:
         problems = []
         if not is_loopback(self.host) and not self.auth_token:
             problems.append(f"host {self.host} is beyond loopback: pass --auth-token (or set ${TOKEN_ENV}) so that "

@@ -89,7 +89,7 @@ def _tensor(spec: dict, expected: dict, binary: bytes, offset: int, max_batch: i
     if not isinstance(shape, list) or not shape or not all(isinstance(d, int) and d >= 0 for d in shape):
         raise BadRequest(400, f"input {name!r}: shape must be a non-empty list of sizes, got {shape!r}")
     want = expected["shape"]
-    if len(shape) != len(want) or any(w != -1 and w != d for w, d in zip(want[1:], shape[1:])):
+    if len(shape) != len(want) or any(w != -1 and w != d for w, d in zip(want[1:], shape[1:], strict=True)):
         raise BadRequest(400, f"input {name!r} has shape {shape}, the model expects {want} (-1: any)")
     if shape[0] == 0:
         raise BadRequest(400, f"input {name!r} is an empty batch")
@@ -163,7 +163,7 @@ def parse_infer(model: LoadedModel, body: bytes, header_length: str | None, max_
 def infer_response(model: LoadedModel, name: str, request: dict, outputs: list[np.ndarray]) -> Response:
     """The outputs the request asked for (all by default), in JSON or binary as it asked."""
     described = tensors(model)[1]
-    by_name = {d["name"]: (d, out) for d, out in zip(described, outputs)}
+    by_name = {d["name"]: (d, out) for d, out in zip(described, outputs, strict=True)}
     asked = request.get("outputs")
     default_binary = bool((request.get("parameters") or {}).get("binary_data_output", False))
     if asked is None:
