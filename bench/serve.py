@@ -204,7 +204,7 @@ class Load:
     unaccepted: int = 0  # after SIGTERM: connections the closing listener refused or never read from
     first_error: str = ""
 
-    def add(self, other: "Load") -> None:
+    def add(self, other: Load) -> None:
         self.latencies += other.latencies
         self.errors += other.errors
         self.seconds += other.seconds

@@ -80,7 +80,7 @@ class LoadReport:
 
 
 def load(host: str, port: int, payload: dict, seconds: float, threads: int, max_requests: int,
-         halfway: Callable[[], None] | None = None) -> LoadReport:
+         halfway: Callable[[], object] | None = None) -> LoadReport:
     """Drive POST /predict from `threads` keep-alive clients until `seconds` or `max_requests`."""
     body = json.dumps(payload).encode()
     stop = threading.Event()
