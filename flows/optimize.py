@@ -43,7 +43,7 @@ def optimize(config_path: str = "configs/digits.yaml", root: str = ".", force: b
 
         search_cfg = fit_search_to_data(cfg.search, data.input_shape, cfg.data.dataset == "text", cfg.model)
         study = f"{cfg.tracking.experiment}-{data.md5[:12]}-{cfg.section_hash('search', 'model')}"
-        search_trials.with_options(task_runner=runner)(
+        search_trials.with_options(task_runner=runner)(  # type: ignore[arg-type]  # Prefect types TaskRunner invariant in its future; any runner serves
             search_cfg, worker_data(data, cfg.runner), work / "search", study,
             TrialTracking(cfg.tracking.uri, run.experiment_id, run.run_id), remote=cfg.runner.kind != "local")
         search = summarize_search_task(search_cfg, work / "search", study, run.run_id)

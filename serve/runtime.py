@@ -51,7 +51,7 @@ def measure_curve(model: LoadedModel, max_batch: int, budget_s: float = 3.0) -> 
     while batch <= max_batch and time.perf_counter() < deadline:
         x = sample_feeds(model, batch)
         model.session.run(None, x)  # warm-up: first calls allocate
-        times = []
+        times: list[float] = []
         share = deadline - time.perf_counter()
         while len(times) < 50 and (len(times) < 5 or sum(times) < share / 4):
             start = time.perf_counter()

@@ -111,8 +111,8 @@ def _pixels(data: bytes, size: tuple[int, int], channels: int, max_pixels: int) 
     from PIL import Image
 
     _header_pixels(data, max_pixels)
-    with Image.open(io.BytesIO(data)) as image:
-        image = image.convert("L" if channels == 1 else "RGB").resize((size[1], size[0]), Image.Resampling.BILINEAR)
+    with Image.open(io.BytesIO(data)) as opened:
+        image = opened.convert("L" if channels == 1 else "RGB").resize((size[1], size[0]), Image.Resampling.BILINEAR)
         array = np.asarray(image, dtype=np.float32) / 255.0
     return array[None] if channels == 1 else array.transpose(2, 0, 1)
 

@@ -12,11 +12,15 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from pydantic import Field
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 from tasks.core.settings import Section
 from tasks.data.base import (
@@ -110,7 +114,7 @@ def nested_columns(frame) -> dict[str, str]:
     return found
 
 
-def table_notes(frame, schema: dict[str, str], categorical: list[str] = ()) -> list[str]:
+def table_notes(frame, schema: dict[str, str], categorical: Sequence[str] = ()) -> list[str]:
     """What reading the table decided on its own, said to the user (init's summary, the manifest):
     renamed repeated column names, and mostly-numeric columns read as categories because of a few
     values that are not numbers."""
@@ -167,7 +171,7 @@ def infer_schema(cfg: TableDataConfig, frame) -> dict[str, str]:
 
 def fit_preprocessing(schema: dict[str, str], train) -> dict:
     """Standardisation and imputation statistics and the category lists, from the train rows only."""
-    columns = []
+    columns: list[dict[str, Any]] = []
     for name, kind in schema.items():
         values = train[name]
         if kind == "numeric":
@@ -177,11 +181,18 @@ def fit_preprocessing(schema: dict[str, str], train) -> dict:
             columns.append({"name": name, "kind": "numeric", "mean": mean, "std": std if std > 1e-12 else 1.0,
                             "missing_indicator": bool(x.isna().any())})
         else:
-            seen = sorted({_canonical(v) for v in values.dropna()})
+            seen = sorted({_present(v) for v in values.dropna()})
             columns.append({"name": name, "kind": "categorical", "categories": [*seen, UNKNOWN]})
     return {"kind": "table", "columns": columns,
             "features": sum(1 + c["missing_indicator"] if c["kind"] == "numeric" else len(c["categories"])
                             for c in columns)}
+
+
+def _present(value) -> str:
+    """`_canonical` of a cell known not to be missing (after `dropna`/`notna`, which agree with `_missing`)."""
+    text = _canonical(value)
+    assert text is not None
+    return text
 
 
 def _missing(value) -> bool:
@@ -191,7 +202,7 @@ def _missing(value) -> bool:
     return value is None or (not isinstance(value, (*NESTED, str)) and bool(pd.isna(value)))
 
 
-def _standardised(value: int | float, col: dict) -> float | None:
+def _standardised(value: int | float | np.number, col: dict) -> float | None:
     """The value standardised with the train split's mean and std; None when it (or the result)
     lies beyond float32, which would turn into inf in the model and NaN in its answer."""
     try:
@@ -285,11 +296,11 @@ def describe_table(cfg: TableDataConfig, data_dir: Path) -> tuple[dict, dict]:
     if cfg.id_column and (dupes := int(frame[cfg.id_column].duplicated().sum())):
         problems.append(f"id column {cfg.id_column!r}: {dupes} duplicate id(s)")
     labelled = frame[frame[cfg.label].notna()]
-    classes = sorted({_canonical(v) for v in labelled[cfg.label]})
+    classes = sorted({_present(v) for v in labelled[cfg.label]})
     if len(classes) < 2:
         problems.append(f"label column {cfg.label!r} has {len(classes)} class(es); a classifier needs at least 2")
     split = hash_split(_row_keys(labelled, cfg.id_column), cfg.val_fraction, cfg.test_fraction)
-    counts, found = split_problems([_canonical(v) for v in labelled[cfg.label]], split, classes, cfg.min_class_samples,
+    counts, found = split_problems([_present(v) for v in labelled[cfg.label]], split, classes, cfg.min_class_samples,
                                    "rows")
     problems += found
     if cfg.id_column and schema:  # content duplicates with different ids can land in different splits
@@ -328,7 +339,7 @@ def read_versioned(data_dir: Path, manifest: dict):
     return read_table(path)
 
 
-def split_rows(data_dir: Path, manifest: dict) -> tuple[object, np.ndarray]:
+def split_rows(data_dir: Path, manifest: dict) -> tuple[pd.DataFrame, np.ndarray]:
     """The versioned table's labelled rows and the split of each, by the manifest's rule."""
     frame = read_versioned(data_dir, manifest)
     labelled = frame[frame[manifest["label"]].notna()]
