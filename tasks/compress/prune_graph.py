@@ -37,9 +37,9 @@ def _recount_heads(model: nn.Module) -> None:
     for m in model.modules():
         query = getattr(m, "query", None)
         if isinstance(getattr(m, "num_attention_heads", None), int) and isinstance(query, nn.Linear):
-            m.all_head_size = query.out_features
-            # a plain int on HF's attention; torch types any module attribute as a tensor or a module
-            m.num_attention_heads = query.out_features // cast(int, m.attention_head_size)
+            m.all_head_size = query.out_features  # type: ignore[assignment]  # torch types module attributes as tensors/modules
+            # plain ints on HF's attention; torch types any module attribute as a tensor or a module
+            m.num_attention_heads = query.out_features // cast(int, m.attention_head_size)  # type: ignore[assignment]
 
 
 def prune_channels(model: nn.Module, example: torch.Tensor, amount: float, norm: int) -> dict:
