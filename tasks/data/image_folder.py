@@ -174,7 +174,7 @@ def describe_image_folder(cfg: ImageFolderConfig, data_dir: Path) -> tuple[dict,
     if len(classes) < 2:
         problems.append(f"{len(classes)} class folder(s) with images; a classifier needs at least 2")
     channels = 1 if cfg.color == "gray" else 3
-    size = tuple(cfg.image_size)
+    size = cfg.image_size
     limits = {"max_pixels": cfg.max_image_pixels, "max_request_pixels": cfg.max_request_pixels}
     max_pixels, max_request_pixels = pixel_limits({"size": size, **limits})
     contents, pixels, unreadable, too_large = [], [], [], []

@@ -64,10 +64,10 @@ FLOAT32_MAX = float(np.finfo(np.float32).max)
 UNKNOWN = "<unknown>"  # the bucket for categories unseen in train, and for missing categories
 
 
-def find_table(cfg: TableDataConfig, data_dir: Path) -> Path:
-    """The table file: `cfg.file`, or the one CSV/Parquet/JSONL file in the folder."""
-    if cfg.file:
-        return Path(data_dir) / cfg.file
+def find_table(file: str | None, data_dir: Path) -> Path:
+    """The table file: `file` (a data section's `file`), or the one CSV/Parquet/JSONL file in the folder."""
+    if file:
+        return Path(data_dir) / file
     tables = sorted(p for p in Path(data_dir).iterdir() if p.suffix.lower() in READERS)
     if len(tables) != 1:
         raise DataError(f"{data_dir}: found {len(tables)} table files ({', '.join(p.name for p in tables) or 'none'}); "
@@ -275,7 +275,7 @@ def describe_table(cfg: TableDataConfig, data_dir: Path) -> tuple[dict, dict]:
     and counts, preprocessing fitted on train. Compared with the folder's previous manifest, schema
     drift is an error unless `data.allow_drift` is set."""
     data_dir = Path(data_dir)
-    path = find_table(cfg, data_dir)
+    path = find_table(cfg.file, data_dir)
     problems = unknown_files(data_dir, {MANIFEST, path.name})
     frame = read_table(path)
     missing = [c for c in (cfg.label, cfg.id_column, *cfg.categorical, *cfg.drop) if c and c not in frame.columns]

@@ -113,7 +113,7 @@ def _labelled(cfg_text: str, cfg_label: str, frame):
 def describe_text(cfg: TextTableConfig, data_dir: Path) -> tuple[dict, dict]:
     """Validate the rows (everything at once), build the vocabulary on train and write the manifest."""
     data_dir = Path(data_dir)
-    path = find_table(cfg, data_dir)
+    path = find_table(cfg.file, data_dir)
     problems = unknown_files(data_dir, {MANIFEST, path.name})
     frame = read_table(path)
     if missing := [c for c in (cfg.text, cfg.label) if c not in frame.columns]:
