@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import APIRouter, FastAPI
 from fastapi.responses import JSONResponse, Response
@@ -111,8 +112,8 @@ def create_app(source, settings: ServeSettings | None = None,
     fails its sha256 check)."""
     settings = settings or ServeSettings()
     metrics = Metrics()
-    ctx = ServeContext(settings, None, metrics)
-    ctx.holder = ModelHolder(source, settings.load_options, metrics, lambda m: batch_plan(settings, m))
+    ctx = ServeContext(settings, ModelHolder(source, settings.load_options, metrics, lambda m: batch_plan(settings, m)),
+                       metrics)
     stop = threading.Event()
 
     def start() -> None:
@@ -147,7 +148,7 @@ def create_app(source, settings: ServeSettings | None = None,
         if ctx.holder.model is not None and ctx.holder.model.family == LM_FAMILY:
             ctx.holder.model.session.close()  # its engine thread finishes what it admitted, then ends
 
-    docs = {} if settings.docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
+    docs: dict[str, Any] = {} if settings.docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
     app = FastAPI(title="modelforge model server", lifespan=lifespan, **docs)
     app.state.ctx = ctx
 
@@ -237,7 +238,8 @@ def uvicorn_config(app: FastAPI, host: str, port: int):
             super().connection_lost(exc)
 
     return uvicorn.Config(app, host=host, port=port, log_level="warning", http=TimedH11,
-                          timeout_graceful_shutdown=settings.drain_timeout_s, timeout_keep_alive=5)
+                          timeout_graceful_shutdown=settings.drain_timeout_s,  # type: ignore[arg-type]  # uvicorn waits on it with asyncio: a float works
+                          timeout_keep_alive=5)
 
 
 def serve(source, settings: ServeSettings) -> int:

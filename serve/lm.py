@@ -22,6 +22,10 @@ import weakref
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import onnxruntime_genai as og
 
 LM_FAMILY = "causal_lm"
 # onnxruntime-genai 0.18's static batch scheduler decodes at most 4 sequences together (a constant in its
@@ -73,7 +77,7 @@ class Generation:
     # scheduler-thread state
     tokens: int = 0
     pending_text: str = ""
-    stream: object = None  # the tokenizer's incremental decoder
+    stream: og.TokenizerStream | None = None  # the tokenizer's incremental decoder
     finished: bool = False
 
     def cancel(self) -> None:
@@ -141,8 +145,8 @@ class _Scheduler:
             return
         self.ready.set()
         self.waiting: deque[Generation] = deque()
-        self.running: dict[object, tuple[Generation, int]] = {}  # engine request -> (generation, turn id)
-        self.seeded: dict[object, Generation] = {}  # generator -> generation
+        self.running: dict[og.Request, tuple[Generation, int]] = {}  # engine request -> (generation, turn id)
+        self.seeded: dict[og.Generator, Generation] = {}  # generator -> generation
         while True:
             idle = not (self.waiting or self.running or self.seeded)
             if idle and self.closed and self.inbox.empty():

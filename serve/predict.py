@@ -126,6 +126,7 @@ def classifier_feeds(model: LoadedModel, body: bytes, max_batch: int) -> dict[st
     if isinstance(payload, dict) and (raw := next((k for k in RAW_INPUTS if k in payload), None)):
         x = parse_raw(payload, raw, model.manifest.get("preprocessing"), max_batch)
     else:
+        assert model.sample_shape is not None  # every classifier bundle has one
         x = parse_inputs(payload, model.sample_shape, max_batch)
     return feeds(model.session, x)
 

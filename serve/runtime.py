@@ -26,6 +26,7 @@ def cpu_count() -> int:
 def sample_feeds(model: LoadedModel, batch: int) -> dict[str, np.ndarray] | None:
     """A batch of `batch` neutral samples in the model's graph inputs (None for families without one)."""
     if model.family == "classifier":
+        assert model.sample_shape is not None  # every classifier bundle has one
         return feeds(model.session, np.zeros((batch, *model.sample_shape), dtype=np.float32))
     if model.family == "encoder":
         from tasks.encoder.minilm import tokenize
@@ -134,8 +135,9 @@ class ModelHolder:
         fingerprint = self.source.fingerprint()
         if fingerprint is None:
             raise FileNotFoundError(f"nothing to serve at {self.source}")
-        self._publish(self.source.load(self.options), fingerprint)
-        return self.model
+        model = self.source.load(self.options)
+        self._publish(model, fingerprint)
+        return model
 
     def reload_if_changed(self) -> bool:
         """Load a changed model; a broken one is reported once and the current model stays in service."""

@@ -45,7 +45,7 @@ def triton_config(model: onnx.ModelProto, name: str, max_batch_size: int, max_wa
     initializers = {i.name for i in graph.initializer}
     inputs = [i for i in graph.input if i.name not in initializers]
     first = lambda v: v.type.tensor_type.shape.dim[0] if v.type.tensor_type.shape.dim else None
-    batched = max_batch_size > 0 and all(first(v) is not None and not first(v).HasField("dim_value")
+    batched = max_batch_size > 0 and all((d := first(v)) is not None and not d.HasField("dim_value")
                                          for v in [*inputs, *graph.output])
     text = (f'name: "{name}"\nplatform: "onnxruntime_onnx"\nmax_batch_size: {max_batch_size if batched else 0}\n'
             + _block("input", _tensors(inputs, batched)) + _block("output", _tensors(graph.output, batched)))

@@ -66,7 +66,7 @@ def _split_body(body: bytes, header_length: str | None) -> tuple[dict, bytes]:
     return request, binary
 
 
-def _bytes_elements(raw: bytes, name: str) -> list[bytes]:
+def _bytes_elements(raw: bytes, name: object) -> list[bytes]:
     """The protocol's BYTES encoding: each element a 4-byte little-endian length, then its bytes."""
     out, at = [], 0
     while at < len(raw):
@@ -102,18 +102,18 @@ def _tensor(spec: dict, expected: dict, binary: bytes, offset: int, max_batch: i
             raise BadRequest(400, f"input {name!r}: binary_data_size {size!r} runs past the body")
         raw, offset = binary[offset : offset + size], offset + size
         if datatype == "BYTES":
-            values = _bytes_elements(raw, name)
+            elements = _bytes_elements(raw, name)
         elif size != count * np.dtype(NUMPY[datatype]).itemsize:
             raise BadRequest(400, f"input {name!r}: {size} bytes do not hold {count} {datatype} values")
         else:
-            values = np.frombuffer(raw, dtype=NUMPY[datatype]).reshape(shape)
+            values: np.ndarray = np.frombuffer(raw, dtype=NUMPY[datatype]).reshape(shape)
     elif "data" in spec:
         data = spec["data"]
         if datatype == "BYTES":
             flat = np.asarray(data, dtype=object).ravel().tolist() if isinstance(data, list) else [data]
             if not all(isinstance(v, str) for v in flat):
                 raise BadRequest(400, f"input {name!r}: BYTES data must be strings in JSON")
-            values = [v.encode() for v in flat]
+            elements = [v.encode() for v in flat]
         else:
             if problem := numbers_problem(data, len(shape), f"input {name!r}"):
                 raise BadRequest(400, problem)
@@ -128,9 +128,9 @@ def _tensor(spec: dict, expected: dict, binary: bytes, offset: int, max_batch: i
     else:
         raise BadRequest(400, f'input {name!r} has neither "data" nor a binary_data_size parameter')
     if datatype == "BYTES":
-        if len(values) != count:
-            raise BadRequest(400, f"input {name!r}: {len(values)} BYTES elements do not fill shape {shape}")
-        return values, offset
+        if len(elements) != count:
+            raise BadRequest(400, f"input {name!r}: {len(elements)} BYTES elements do not fill shape {shape}")
+        return elements, offset
     if values.dtype.kind == "f" and not np.isfinite(values).all():
         raise BadRequest(400, f"input {name!r} contains NaN or infinity (or a number beyond {datatype}'s range)")
     return values, offset
