@@ -25,7 +25,7 @@ from tasks.onnx.export import write_checked
 from tasks.onnx.runtime import make_session, set_session_unfused
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerBase
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
 class EncoderConfig(Section):
@@ -45,7 +45,7 @@ NUM_HEADS, HIDDEN_SIZE = 12, 384
 class SentenceEncoder(nn.Module):
     """BERT encoder + attention-masked mean pooling + L2 normalisation (sentence-transformers' recipe)."""
 
-    def __init__(self, bert: nn.Module):
+    def __init__(self, bert: PreTrainedModel):
         super().__init__()
         self.bert = bert
 
