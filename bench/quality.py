@@ -54,9 +54,16 @@ def features(data_dir: Path, splits) -> tuple[np.ndarray, np.ndarray, np.ndarray
     from tasks.data.text import split_texts
 
     texts, _, split = split_texts(data_dir, splits.manifest)
-    fit_texts = [t for t, s in zip(texts, split, strict=True) if s == "train"] + [t for t, s in zip(texts, split, strict=True) if s == "val"]
+    fit_texts = [t for t, s in zip(texts, split, strict=True) if s == "train"] + [
+        t for t, s in zip(texts, split, strict=True) if s == "val"
+    ]
     tfidf = TfidfVectorizer(ngram_range=(1, 2), min_df=2, max_features=5000, sublinear_tf=True).fit(fit_texts)
-    return tfidf.transform(fit_texts), y_fit, tfidf.transform([t for t, s in zip(texts, split, strict=True) if s == "test"]), y_test
+    return (
+        tfidf.transform(fit_texts),
+        y_fit,
+        tfidf.transform([t for t, s in zip(texts, split, strict=True) if s == "test"]),
+        y_test,
+    )
 
 
 def baselines(x, y: np.ndarray, x_test, y_test: np.ndarray) -> dict[str, float]:
@@ -71,17 +78,27 @@ def baselines(x, y: np.ndarray, x_test, y_test: np.ndarray) -> dict[str, float]:
     # On thousands of TF-IDF columns one boosting fit takes minutes and the full SVC grid an hour
     # here: boosting keeps its defaults and the SVC searches C only, there.
     wide = x.shape[1] > 500
-    svc_grid = {"C": [1, 3, 10, 30], "gamma": ["scale"]} if wide else {"C": [0.3, 1, 3, 10, 30],
-                                                                       "gamma": ["scale", 0.3, 0.1, 0.03, 0.01]}
+    svc_grid = (
+        {"C": [1, 3, 10, 30], "gamma": ["scale"]}
+        if wide
+        else {"C": [0.3, 1, 3, 10, 30], "gamma": ["scale", 0.3, 0.1, 0.03, 0.01]}
+    )
     models = {
         "svc": GridSearchCV(SVC(), svc_grid, n_jobs=-1),
-        "hist_gb": boosting if wide else GridSearchCV(boosting, {"learning_rate": [0.05, 0.1, 0.2],
-                                                                 "max_leaf_nodes": [15, 31]}, n_jobs=-1),
+        "hist_gb": boosting
+        if wide
+        else GridSearchCV(boosting, {"learning_rate": [0.05, 0.1, 0.2], "max_leaf_nodes": [15, 31]}, n_jobs=-1),
         "logreg": GridSearchCV(LogisticRegression(max_iter=5000), {"C": [0.1, 0.3, 1, 3, 10]}, n_jobs=-1),
     }
     dense = lambda m: m.toarray() if hasattr(m, "toarray") else m
-    return {name: float(model.fit(dense(x) if name == "hist_gb" else x, y).score(
-        dense(x_test) if name == "hist_gb" else x_test, y_test)) for name, model in models.items()}
+    return {
+        name: float(
+            model.fit(dense(x) if name == "hist_gb" else x, y).score(
+                dense(x_test) if name == "hist_gb" else x_test, y_test
+            )
+        )
+        for name, model in models.items()
+    }
 
 
 def run_pipeline(name: str, project: Path, seed: int) -> dict:
@@ -93,14 +110,21 @@ def run_pipeline(name: str, project: Path, seed: int) -> dict:
     if example:
         subprocess.run([*cli, "example", example, data_dir], cwd=project, check=True, capture_output=True)
     started = time.perf_counter()
-    proc = subprocess.run([*cli, "run", "--config", f"configs/{config}", "--set", f"search.seed={seed}",
-                           "--set", f"train.seed={seed}"], cwd=project, capture_output=True, text=True)
+    proc = subprocess.run(
+        [*cli, "run", "--config", f"configs/{config}", "--set", f"search.seed={seed}", "--set", f"train.seed={seed}"],
+        cwd=project,
+        capture_output=True,
+        text=True,
+    )
     seconds = time.perf_counter() - started
     if proc.returncode != 0:
         raise RuntimeError(f"{name} seed {seed}: the pipeline failed:\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
     run = {**shipped_model(name, project), "seconds": seconds}
-    print(f"[bench] {name} seed {seed}: shipped {run['candidate']} at test accuracy {run['shipped']:.4f} in "
-          f"{seconds:.0f} s", flush=True)
+    print(
+        f"[bench] {name} seed {seed}: shipped {run['candidate']} at test accuracy {run['shipped']:.4f} in "
+        f"{seconds:.0f} s",
+        flush=True,
+    )
     return run
 
 
@@ -113,8 +137,10 @@ def shipped_model(name: str, project: Path) -> dict:
     config, data_dir, _ = EXAMPLES[name]
     bundle = project / load_config(project / "configs" / config).register_.bundle_dir
     manifest = json.loads((bundle / "manifest.json").read_text())
-    return {"candidate": manifest["candidate"],
-            "shipped": onnx_accuracy(make_session(bundle / "model.onnx"), *load_splits(project / data_dir).test)}
+    return {
+        "candidate": manifest["candidate"],
+        "shipped": onnx_accuracy(make_session(bundle / "model.onnx"), *load_splits(project / data_dir).test),
+    }
 
 
 def run_example(name: str, work: Path, seeds: list[int]) -> dict:
@@ -126,9 +152,15 @@ def run_example(name: str, work: Path, seeds: list[int]) -> dict:
     splits = load_splits(data_dir)
     print(f"[bench] {name}: fitting the scikit-learn baselines", flush=True)
     accuracies = [r["shipped"] for r in runs]
-    return {"runs": runs, "median": float(np.median(accuracies)), "worst": min(accuracies), "best_run": max(accuracies),
-            "seconds": float(np.median([r["seconds"] for r in runs])), "test_rows": len(splits.test[1]),
-            **baselines(*features(data_dir, splits))}
+    return {
+        "runs": runs,
+        "median": float(np.median(accuracies)),
+        "worst": min(accuracies),
+        "best_run": max(accuracies),
+        "seconds": float(np.median([r["seconds"] for r in runs])),
+        "test_rows": len(splits.test[1]),
+        **baselines(*features(data_dir, splits)),
+    }
 
 
 def main() -> None:
@@ -138,8 +170,10 @@ def main() -> None:
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     work = Path(tempfile.mkdtemp(prefix="bench-quality-"))
-    header = (f"{'example':<18}{'test rows':>10}{'median':>8}{'min-max':>15}{'svc':>8}{'hist_gb':>9}{'logreg':>8}"
-              f"{'median vs best':>16}{'worst vs best':>15}{'run s':>7}  shipped per seed")
+    header = (
+        f"{'example':<18}{'test rows':>10}{'median':>8}{'min-max':>15}{'svc':>8}{'hist_gb':>9}{'logreg':>8}"
+        f"{'median vs best':>16}{'worst vs best':>15}{'run s':>7}  shipped per seed"
+    )
     rows, gaps = [], {}
     for name in args.examples.split(","):
         r = run_example(name, work, seeds)
@@ -147,12 +181,19 @@ def main() -> None:
         gaps[name] = (100 * (r["median"] - best), 100 * (r["worst"] - best))
         spread = f"{r['worst']:.4f}-{r['best_run']:.4f}"
         shipped = " ".join(f"{run['candidate']}:{run['shipped']:.4f}" for run in r["runs"])
-        rows.append(f"{name:<18}{r['test_rows']:>10}{r['median']:>8.4f}{spread:>15}{r['svc']:>8.4f}{r['hist_gb']:>9.4f}"
-                    f"{r['logreg']:>8.4f}{gaps[name][0]:>+16.2f}{gaps[name][1]:>+15.2f}{r['seconds']:>7.0f}  {shipped}")
+        rows.append(
+            f"{name:<18}{r['test_rows']:>10}{r['median']:>8.4f}{spread:>15}{r['svc']:>8.4f}{r['hist_gb']:>9.4f}"
+            f"{r['logreg']:>8.4f}{gaps[name][0]:>+16.2f}{gaps[name][1]:>+15.2f}{r['seconds']:>7.0f}  {shipped}"
+        )
         print(rows[-1], flush=True)  # a long run keeps what it measured so far
     print(f"\nseeds {args.seeds}; run s is the median pipeline run\n" + "\n".join([header, *rows]))
-    print("RESULT " + " ".join(f"worst_gap_pts_{name}={worst:+.2f} median_gap_pts_{name}={median:+.2f}"
-                               for name, (median, worst) in gaps.items()))
+    print(
+        "RESULT "
+        + " ".join(
+            f"worst_gap_pts_{name}={worst:+.2f} median_gap_pts_{name}={median:+.2f}"
+            for name, (median, worst) in gaps.items()
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -54,8 +54,11 @@ def main() -> None:
 
     checkpoints = [n for n in (5, 10, 20, 30, 50, 100) if n <= args.trials]
     print(f"\nbest validation accuracy after N trials (mean ± std over seeds {seeds}, {args.epochs} epochs/trial)")
-    print(f"{'sampler':<8}" + "".join(f"{f'N={n}':>16}" for n in checkpoints)
-          + f"{'per-seed N to random best':>28}{'mean-curve N':>14}")
+    print(
+        f"{'sampler':<8}"
+        + "".join(f"{f'N={n}':>16}" for n in checkpoints)
+        + f"{'per-seed N to random best':>28}{'mean-curve N':>14}"
+    )
     random_best = [c[-1] for c in curves["random"]]
     random_mean_best = float(np.mean(random_best))
     for sampler in SAMPLERS:

@@ -36,7 +36,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 CONCURRENCY = (1, 8, 32)
-BENTO_SERVICE = '''
+BENTO_SERVICE = """
 import os
 
 import bentoml
@@ -53,10 +53,11 @@ class Classifier:
     @bentoml.api(batchable=True, max_batch_size=64, max_latency_ms=1000)
     def predict(self, inputs: np.ndarray) -> np.ndarray:
         return self.session.run(None, {self.input: inputs.astype(np.float32)})[0]
-'''
+"""
 
 
 # --- models ------------------------------------------------------------------------------------------
+
 
 def build_models(work: Path) -> dict[str, dict]:
     """Train, export, ship and register the two models (and a second digits version for the reload)."""
@@ -80,9 +81,13 @@ def build_models(work: Path) -> dict[str, dict]:
     mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
     client = MlflowClient()
     experiment = client.create_experiment("bench-serve", artifact_location=str(work / "artifacts"))
-    archs = {"bench-digits": [Arch("cnn", 10, (1, 8, 8), conv=(8, 16), hidden=(32,)),
-                              Arch("mlp", 10, (1, 8, 8), hidden=(64,))],
-             "bench-resnet": [Arch("resnet", 10, (1, 8, 8), conv=(128, 256))]}
+    archs = {
+        "bench-digits": [
+            Arch("cnn", 10, (1, 8, 8), conv=(8, 16), hidden=(32,)),
+            Arch("mlp", 10, (1, 8, 8), hidden=(64,)),
+        ],
+        "bench-resnet": [Arch("resnet", 10, (1, 8, 8), conv=(128, 256))],
+    }
     models = {}
     for name, versions in archs.items():
         for i, arch in enumerate(versions, 1):
@@ -93,14 +98,21 @@ def build_models(work: Path) -> dict[str, dict]:
             epochs = 1 if arch.family == "resnet" else 3  # serving speed, not accuracy, is measured here
             fit(model, splits.train, splits.val, TrainParams(lr=0.01, optimizer="adam", epochs=epochs, patience=epochs))
             ckpt = save_checkpoint(work / f"{name}-{i}.pt", model, arch, {})
-            onnx_path = compress_candidate("baseline", [], ckpt, data, TrainConfig(max_epochs=1),
-                                           work / f"c-{name}-{i}").onnx
-            bundle = ship_bundle(onnx_path, work / f"bundle-{name}-{i}", ClassifierEval(data), "bench",
-                                 {"candidate": arch.family, "registered_model": {"name": name, "version": str(i)}})
+            onnx_path = compress_candidate(
+                "baseline", [], ckpt, data, TrainConfig(max_epochs=1), work / f"c-{name}-{i}"
+            ).onnx
+            bundle = ship_bundle(
+                onnx_path,
+                work / f"bundle-{name}-{i}",
+                ClassifierEval(data),
+                "bench",
+                {"candidate": arch.family, "registered_model": {"name": name, "version": str(i)}},
+            )
             with mlflow.start_run(experiment_id=experiment) as run:  # as the pipeline registers and ships
                 mlflow.log_artifacts(str(bundle), "bundle")
-            register_model(onnx_path, RegisterConfig(model_name=name, alias="candidate"), run.info.run_id,
-                           ClassifierEval(data))
+            register_model(
+                onnx_path, RegisterConfig(model_name=name, alias="candidate"), run.info.run_id, ClassifierEval(data)
+            )
             if i == 1:
                 x = splits.test[0][:2]
                 client.set_registered_model_alias(name, "champion", "1")
@@ -109,13 +121,13 @@ def build_models(work: Path) -> dict[str, dict]:
                 for _ in range(50):
                     session.run(None, {session.get_inputs()[0].name: x[:1]})
                 ms = (time.perf_counter() - start) / 50 * 1e3
-                models[name] = {"onnx": bundle / "model.onnx", "sample": splits.test[0][:1].tolist(),
-                                "ort_ms": ms}
+                models[name] = {"onnx": bundle / "model.onnx", "sample": splits.test[0][:1].tolist(), "ort_ms": ms}
                 print(f"[bench] {name}: {arch.family}, ORT batch-1 {ms:.2f} ms on one thread", flush=True)
     return models
 
 
 # --- servers -----------------------------------------------------------------------------------------
+
 
 @dataclass
 class Server:
@@ -153,24 +165,67 @@ def start(kind: str, model: str, info: dict, work: Path, bentoml_venv: Path | No
     # mlflow starts `uvicorn` by name: this interpreter's scripts must come first on PATH
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     if kind == "modelforge":
-        cmd = [sys.executable, "-m", "flows.cli", "serve", "--model-uri", f"models:/{model}@champion", "--config",
-               str(work / "config.yaml"), "--root", str(work), "--port", str(port), *extra]
+        cmd = [
+            sys.executable,
+            "-m",
+            "flows.cli",
+            "serve",
+            "--model-uri",
+            f"models:/{model}@champion",
+            "--config",
+            str(work / "config.yaml"),
+            "--root",
+            str(work),
+            "--port",
+            str(port),
+            *extra,
+        ]
         ready = "/readyz"
     elif kind == "mlflow":
-        cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{model}@champion", "--env-manager",
-               "local", "-h", "127.0.0.1", "-p", str(port)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "models",
+            "serve",
+            "-m",
+            f"models:/{model}@champion",
+            "--env-manager",
+            "local",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+        ]
         ready = "/ping"
     else:
         (work / "bento").mkdir(exist_ok=True)
         (work / "bento" / "service.py").write_text(BENTO_SERVICE)
-        cmd = [str(bentoml_venv / "bin" / "bentoml"), "serve", "service:Classifier", "--host", "127.0.0.1",
-               "--port", str(port)]
-        env = {**os.environ, "BENCH_MODEL": str(info["onnx"]), "BENTOML_HOME": str(work / "bentoml-home"),
-               "BENTOML_DO_NOT_TRACK": "true"}
+        cmd = [
+            str(bentoml_venv / "bin" / "bentoml"),
+            "serve",
+            "service:Classifier",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ]
+        env = {
+            **os.environ,
+            "BENCH_MODEL": str(info["onnx"]),
+            "BENTOML_HOME": str(work / "bentoml-home"),
+            "BENTOML_DO_NOT_TRACK": "true",
+        }
         ready = "/readyz"
     log = work / f"{kind}-{model}-{port}.log"
-    proc = subprocess.Popen(cmd, cwd=work / "bento" if kind == "bentoml" else ROOT, env=env, stdout=log.open("w"),
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd,
+        cwd=work / "bento" if kind == "bentoml" else ROOT,
+        env=env,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     server = Server(kind, port, proc, ready, log)
     deadline = time.monotonic() + 180
     while not server.ready():
@@ -187,14 +242,18 @@ def bentoml_available(venv: Path) -> str | None:
     if not bentoml.exists():
         try:
             subprocess.run(["python3", "-m", "venv", str(venv)], check=True, timeout=120)
-            subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "bentoml==1.4.40", "onnxruntime==1.32.0",
-                            "numpy==2.4.6"], check=True, timeout=900)
+            subprocess.run(
+                [str(venv / "bin" / "pip"), "install", "-q", "bentoml==1.4.40", "onnxruntime==1.32.0", "numpy==2.4.6"],
+                check=True,
+                timeout=900,
+            )
         except (subprocess.SubprocessError, OSError) as err:
             return f"could not install BentoML into {venv}: {err}"
     return None if bentoml.exists() else f"no bentoml executable in {venv}"
 
 
 # --- load --------------------------------------------------------------------------------------------
+
 
 @dataclass
 class Load:
@@ -268,14 +327,18 @@ async def _client(port: int, request: bytes, stop_at: float, load: Load, signall
         writer.close()
 
 
-async def _drive(port: int, path: str, body: bytes, concurrency: int, seconds: float,
-                 during: list[tuple[float, callable]] = ()) -> Load:
-    request = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-               f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+async def _drive(
+    port: int, path: str, body: bytes, concurrency: int, seconds: float, during: list[tuple[float, callable]] = ()
+) -> Load:
+    request = (
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
     load, signalled = Load(), asyncio.Event()
     start = time.perf_counter()
-    clients = [asyncio.create_task(_client(port, request, start + seconds, load, signalled))
-               for _ in range(concurrency)]
+    clients = [
+        asyncio.create_task(_client(port, request, start + seconds, load, signalled)) for _ in range(concurrency)
+    ]
     for at, action in during:
         await asyncio.sleep(max(0.0, start + at - time.perf_counter()))
         if action(signalled) is False:
@@ -291,8 +354,8 @@ def drive(port: int, path: str, body: bytes, concurrency: int, seconds: float, d
 
 # --- the run -----------------------------------------------------------------------------------------
 
-def compare(models: dict, work: Path, kinds: list[str], bentoml_venv: Path | None, seconds: float,
-            rounds: int) -> dict:
+
+def compare(models: dict, work: Path, kinds: list[str], bentoml_venv: Path | None, seconds: float, rounds: int) -> dict:
     results = {}
     for model, info in models.items():
         body = json.dumps({"inputs": info["sample"]}).encode()
@@ -305,7 +368,7 @@ def compare(models: dict, work: Path, kinds: list[str], bentoml_venv: Path | Non
             totals = {(k, c): Load() for k in kinds for c in CONCURRENCY}
             for r in range(rounds):
                 for c in CONCURRENCY:
-                    order = kinds[r % len(kinds):] + kinds[: r % len(kinds)]  # who goes first rotates
+                    order = kinds[r % len(kinds) :] + kinds[: r % len(kinds)]  # who goes first rotates
                     for kind in order:
                         path = "/invocations" if kind == "mlflow" else "/predict"
                         drive(servers[kind].port, path, body, c, 0.5)  # warm-up, not counted
@@ -315,8 +378,11 @@ def compare(models: dict, work: Path, kinds: list[str], bentoml_venv: Path | Non
                 server.stop()
         for (kind, c), load in totals.items():
             results[model, kind, c] = load
-            print(f"[bench] {model:13s} {kind:10s} c={c:<3d} {load.rps:8.0f} req/s  p50 {load.pct(50):7.2f} ms  "
-                  f"p99 {load.pct(99):7.2f} ms  errors {len(load.errors)} {load.first_error}", flush=True)
+            print(
+                f"[bench] {model:13s} {kind:10s} c={c:<3d} {load.rps:8.0f} req/s  p50 {load.pct(50):7.2f} ms  "
+                f"p99 {load.pct(99):7.2f} ms  errors {len(load.errors)} {load.first_error}",
+                flush=True,
+            )
     return results
 
 
@@ -337,13 +403,17 @@ def reload_and_drain(models: dict, work: Path, seconds: float) -> tuple[Load, in
         os.killpg(server.proc.pid, signal.SIGTERM)
 
     body = json.dumps({"inputs": info["sample"]}).encode()
-    load = drive(server.port, "/predict", body, 8, seconds * 3,
-                 during=[(seconds, move_alias), (seconds * 2, terminate)])
+    load = drive(
+        server.port, "/predict", body, 8, seconds * 3, during=[(seconds, move_alias), (seconds * 2, terminate)]
+    )
     code = server.proc.wait(60)
     log = server.log.read_text()
-    print(f"[bench] reload + drain: {len(load.latencies)} answered, {len(load.errors)} failed "
-          f"{sorted(set(load.errors))}, {load.unaccepted} client(s) refused after SIGTERM; exit code {code}; "
-          f"reloaded: {'reloaded model' in log}; drained in {time.monotonic() - sent['at']:.1f} s", flush=True)
+    print(
+        f"[bench] reload + drain: {len(load.latencies)} answered, {len(load.errors)} failed "
+        f"{sorted(set(load.errors))}, {load.unaccepted} client(s) refused after SIGTERM; exit code {code}; "
+        f"reloaded: {'reloaded model' in log}; drained in {time.monotonic() - sent['at']:.1f} s",
+        flush=True,
+    )
     return load, code
 
 
@@ -374,8 +444,10 @@ def main() -> None:
     vs_bento = ratio("bentoml", 32, lambda a, b: a.rps / b.rps) if not why_not else float("nan")
     p50_vs_mlflow = max(results[m, "modelforge", 1].pct(50) / results[m, "mlflow", 1].pct(50) for m in models)
     dropped = len(drain.errors) + (code != 0)
-    print(f"RESULT serve_vs_mlflow_c32={vs_mlflow:.2f} serve_vs_bentoml_c32={vs_bento:.2f} "
-          f"serve_p50_vs_mlflow_c1={p50_vs_mlflow:.2f} serve_drain_dropped={dropped}")
+    print(
+        f"RESULT serve_vs_mlflow_c32={vs_mlflow:.2f} serve_vs_bentoml_c32={vs_bento:.2f} "
+        f"serve_p50_vs_mlflow_c1={p50_vs_mlflow:.2f} serve_drain_dropped={dropped}"
+    )
 
 
 if __name__ == "__main__":

@@ -120,15 +120,19 @@ def ratios(rows: dict[str, dict], base: str = "baseline") -> list[str]:
     b = rows[base]
     lines = []
     for name, r in rows.items():
-        lines.append(f"{name:<22}{number(r, 'accuracy'):>10.4f}{100 * (number(r, 'accuracy') - number(b, 'accuracy')):>+10.2f}"
-                     f"{number(r, 'size_kb') / 1024:>10.2f}{number(b, 'size_kb') / number(r, 'size_kb'):>9.2f}x"
-                     f"{number(r, 'throughput_sps'):>12,.0f}{number(r, 'throughput_sps') / number(b, 'throughput_sps'):>9.2f}x"
-                     f"{r['passed']:>8}")
+        lines.append(
+            f"{name:<22}{number(r, 'accuracy'):>10.4f}{100 * (number(r, 'accuracy') - number(b, 'accuracy')):>+10.2f}"
+            f"{number(r, 'size_kb') / 1024:>10.2f}{number(b, 'size_kb') / number(r, 'size_kb'):>9.2f}x"
+            f"{number(r, 'throughput_sps'):>12,.0f}{number(r, 'throughput_sps') / number(b, 'throughput_sps'):>9.2f}x"
+            f"{r['passed']:>8}"
+        )
     return lines
 
 
-HEADER = (f"{'candidate':<22}{'accuracy':>10}{'drop pts':>10}{'size MB':>10}{'smaller':>10}{'samples/s':>12}"
-          f"{'faster':>10}{'gates':>8}")
+HEADER = (
+    f"{'candidate':<22}{'accuracy':>10}{'drop pts':>10}{'size MB':>10}{'smaller':>10}{'samples/s':>12}"
+    f"{'faster':>10}{'gates':>8}"
+)
 
 
 def main() -> None:
@@ -143,41 +147,65 @@ def main() -> None:
         tuned, tuned_s = run_pipeline(work / "minilm", "docstring_minilm.yaml", "docstring_topics", data)
         scratch, scratch_s = run_pipeline(work / "scratch", "docstring_topics.yaml", "docstring_topics", data)
         fine_right = baseline_right(work / "minilm", data)
-        frozen_right, scratch_right = frozen_minilm_right(work / "minilm" / data), baseline_right(work / "scratch", data)
+        frozen_right, scratch_right = (
+            frozen_minilm_right(work / "minilm" / data),
+            baseline_right(work / "scratch", data),
+        )
         frozen, fine = float(frozen_right.mean()), number(tuned["baseline"], "accuracy")
-        tests = {name: paired(fine_right, right) for name, right in (("frozen", frozen_right), ("scratch", scratch_right))}
-        report += ["Text classification, docstring_topics (8 packages), test accuracy:",
-                   f"  frozen MiniLM embeddings + logistic regression  {frozen:.4f}",
-                   f"  text family trained from scratch (FP32)         {number(scratch['baseline'], 'accuracy'):.4f}"
-                   f"   ({scratch_s:.0f} s pipeline)",
-                   f"  MiniLM fine-tuned (FP32)                        {fine:.4f}   ({tuned_s:.0f} s pipeline)",
-                   f"Paired on the same {len(fine_right)} test texts (McNemar's exact test), fine-tuned vs:",
-                   *(f"  {name:<8} right only by fine-tuning {a:3d}, only by {name} {b:3d}: p = {p:.2g}"
-                     for name, (a, b, p) in tests.items()),
-                   "", "The fine-tuned MiniLM's candidates (throughput at batch 32):", HEADER, *ratios(tuned), ""]
+        tests = {
+            name: paired(fine_right, right) for name, right in (("frozen", frozen_right), ("scratch", scratch_right))
+        }
+        report += [
+            "Text classification, docstring_topics (8 packages), test accuracy:",
+            f"  frozen MiniLM embeddings + logistic regression  {frozen:.4f}",
+            f"  text family trained from scratch (FP32)         {number(scratch['baseline'], 'accuracy'):.4f}"
+            f"   ({scratch_s:.0f} s pipeline)",
+            f"  MiniLM fine-tuned (FP32)                        {fine:.4f}   ({tuned_s:.0f} s pipeline)",
+            f"Paired on the same {len(fine_right)} test texts (McNemar's exact test), fine-tuned vs:",
+            *(
+                f"  {name:<8} right only by fine-tuning {a:3d}, only by {name} {b:3d}: p = {p:.2g}"
+                for name, (a, b, p) in tests.items()
+            ),
+            "",
+            "The fine-tuned MiniLM's candidates (throughput at batch 32):",
+            HEADER,
+            *ratios(tuned),
+            "",
+        ]
         int8 = tuned["int8_dynamic"]
-        result.update({
-            "finetune_vs_frozen_pts": 100 * (fine - frozen),
-            "finetune_vs_scratch_pts": 100 * (fine - number(scratch["baseline"], "accuracy")),
-            "finetune_vs_frozen_p": tests["frozen"][2],
-            "finetune_vs_scratch_p": tests["scratch"][2],
-            "minilm_int8_smaller": number(tuned["baseline"], "size_kb") / number(int8, "size_kb"),
-            "minilm_int8_throughput_b32": number(int8, "throughput_sps") / number(tuned["baseline"], "throughput_sps"),
-            "minilm_int8_drop_pts": 100 * (fine - number(int8, "accuracy")),
-            "minilm_3_layers_throughput_b32": number(tuned["student_3_layers"], "throughput_sps")
-            / number(tuned["baseline"], "throughput_sps"),
-            "minilm_3_layers_drop_pts": 100 * (fine - number(tuned["student_3_layers"], "accuracy")),
-        })
+        result.update(
+            {
+                "finetune_vs_frozen_pts": 100 * (fine - frozen),
+                "finetune_vs_scratch_pts": 100 * (fine - number(scratch["baseline"], "accuracy")),
+                "finetune_vs_frozen_p": tests["frozen"][2],
+                "finetune_vs_scratch_p": tests["scratch"][2],
+                "minilm_int8_smaller": number(tuned["baseline"], "size_kb") / number(int8, "size_kb"),
+                "minilm_int8_throughput_b32": number(int8, "throughput_sps")
+                / number(tuned["baseline"], "throughput_sps"),
+                "minilm_int8_drop_pts": 100 * (fine - number(int8, "accuracy")),
+                "minilm_3_layers_throughput_b32": number(tuned["student_3_layers"], "throughput_sps")
+                / number(tuned["baseline"], "throughput_sps"),
+                "minilm_3_layers_drop_pts": 100 * (fine - number(tuned["student_3_layers"], "accuracy")),
+            }
+        )
     if not args.skip_images:
         resnet, resnet_s = run_pipeline(work / "resnet", "digits_png.yaml", "digits_png", "datasets/digits_png")
-        report += [f"Residual CNN on the 32x32 digits_png folder ({resnet_s:.0f} s pipeline; throughput at batch 64):",
-                   HEADER, *ratios(resnet), ""]
+        report += [
+            f"Residual CNN on the 32x32 digits_png folder ({resnet_s:.0f} s pipeline; throughput at batch 64):",
+            HEADER,
+            *ratios(resnet),
+            "",
+        ]
         base = resnet["baseline"]
-        result.update({
-            "resnet_pruned_throughput": number(resnet["structured"], "throughput_sps") / number(base, "throughput_sps"),
-            "resnet_pruned_drop_pts": 100 * (number(base, "accuracy") - number(resnet["structured"], "accuracy")),
-            "resnet_int8_throughput": number(resnet["int8_static"], "throughput_sps") / number(base, "throughput_sps"),
-        })
+        result.update(
+            {
+                "resnet_pruned_throughput": number(resnet["structured"], "throughput_sps")
+                / number(base, "throughput_sps"),
+                "resnet_pruned_drop_pts": 100 * (number(base, "accuracy") - number(resnet["structured"], "accuracy")),
+                "resnet_int8_throughput": number(resnet["int8_static"], "throughput_sps")
+                / number(base, "throughput_sps"),
+            }
+        )
     print("\n" + "\n".join(report))
     print("RESULT " + " ".join(f"{k}={v:.4g}" for k, v in result.items()))
 

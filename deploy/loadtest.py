@@ -75,12 +75,21 @@ class LoadReport:
         return self.requests / self.seconds
 
     def __str__(self) -> str:
-        return (f"{self.requests} requests in {self.seconds:.1f}s = {self.rps:,.0f} req/s, p50 {self.p50_ms:.2f} ms, "
-                f"p99 {self.p99_ms:.2f} ms, errors {self.errors}, models answering {len(self.models_seen)}")
+        return (
+            f"{self.requests} requests in {self.seconds:.1f}s = {self.rps:,.0f} req/s, p50 {self.p50_ms:.2f} ms, "
+            f"p99 {self.p99_ms:.2f} ms, errors {self.errors}, models answering {len(self.models_seen)}"
+        )
 
 
-def load(host: str, port: int, payload: dict, seconds: float, threads: int, max_requests: int,
-         halfway: Callable[[], object] | None = None) -> LoadReport:
+def load(
+    host: str,
+    port: int,
+    payload: dict,
+    seconds: float,
+    threads: int,
+    max_requests: int,
+    halfway: Callable[[], object] | None = None,
+) -> LoadReport:
     """Drive POST /predict from `threads` keep-alive clients until `seconds` or `max_requests`."""
     body = json.dumps(payload).encode()
     stop = threading.Event()
@@ -131,8 +140,9 @@ def load(host: str, port: int, payload: dict, seconds: float, threads: int, max_
         w.join(15)
     elapsed = time.perf_counter() - start
     ms = np.array(latencies) * 1000 if latencies else np.zeros(1)
-    return LoadReport(len(latencies), errors[0], elapsed, float(np.percentile(ms, 50)), float(np.percentile(ms, 99)),
-                      tuple(seen))
+    return LoadReport(
+        len(latencies), errors[0], elapsed, float(np.percentile(ms, 50)), float(np.percentile(ms, 99)), tuple(seen)
+    )
 
 
 def main() -> None:
@@ -155,8 +165,15 @@ def main() -> None:
         sample = np.zeros([1, *manifest["input_shape"]], dtype=np.float32).tolist()
         app = create_app(BundleSource(served), ServeSettings(poll_seconds=0.2))
         with running_server(app) as (host, port):
-            report = load(host, port, {"inputs": sample}, args.seconds, args.threads, args.max_requests,
-                          halfway=lambda: publish_copy(Path(args.reload_with), served))
+            report = load(
+                host,
+                port,
+                {"inputs": sample},
+                args.seconds,
+                args.threads,
+                args.max_requests,
+                halfway=lambda: publish_copy(Path(args.reload_with), served),
+            )
             _, health = request(host, port, "GET", "/health")
     print(f"[loadtest] {report}")
     print(f"[loadtest] reloads during the test: {health['reloads']}; serving {health['model_sha256'][:12]}...")

@@ -40,7 +40,9 @@ class QuietUserErrors(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc, message = record.exc_info[1] if record.exc_info else None, record.getMessage()
-        if isinstance(exc, self.errors) or (message.startswith("Finished in state Failed") and self.names.search(message)):
+        if isinstance(exc, self.errors) or (
+            message.startswith("Finished in state Failed") and self.names.search(message)
+        ):
             record.levelno, record.levelname = logging.DEBUG, "DEBUG"
             return logging.getLogger("prefect").isEnabledFor(logging.DEBUG)
         return True
@@ -82,13 +84,16 @@ def cmd_run(args: argparse.Namespace) -> int:
         from flows.optimize import optimize as pipeline
     # Signals first: a Ctrl-C while the server starts must also stop it.
     with stop_on_signals(), temporary_prefect_server(Path(os.environ["PREFECT_HOME"])):
-        result = pipeline(config_path=args.config, root=str(args.root), force=args.force, lock_wait_s=args.wait,
-                          overrides=args.set)
+        result = pipeline(
+            config_path=args.config, root=str(args.root), force=args.force, lock_wait_s=args.wait, overrides=args.set
+        )
     if result.get("skipped"):
         print(f"modelforge: nothing new: {result['skipped']}")
         return 0
-    print(f"modelforge: shipped {result['chosen']} -> {result['bundle']} ({result['model_uri']} v{result['version']}); "
-          f"{'promoted to champion' if result['promoted'] else 'champion kept'}: {result['promotion_reason']}")
+    print(
+        f"modelforge: shipped {result['chosen']} -> {result['bundle']} ({result['model_uri']} v{result['version']}); "
+        f"{'promoted to champion' if result['promoted'] else 'champion kept'}: {result['promotion_reason']}"
+    )
     return 0
 
 
@@ -139,8 +144,20 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
     uri = _config(args).tracking.uri
     print(f"modelforge: MLflow UI for {uri} on http://{args.host}:{args.port}", flush=True)
-    return subprocess.call([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
-                            "--host", args.host, "--port", str(args.port)])
+    return subprocess.call(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "ui",
+            "--backend-store-uri",
+            uri,
+            "--host",
+            args.host,
+            "--port",
+            str(args.port),
+        ]
+    )
 
 
 def cmd_data_changed(args: argparse.Namespace) -> int:
@@ -149,8 +166,10 @@ def cmd_data_changed(args: argparse.Namespace) -> int:
 
     with prefect_api(args.root):
         changed = notify_data_change(_config(args).data, args.root)
-    print(f"modelforge: data version {changed.md5}: "
-          + ("changed, event emitted" if changed.emitted else "unchanged, no event"))
+    print(
+        f"modelforge: data version {changed.md5}: "
+        + ("changed, event emitted" if changed.emitted else "unchanged, no event")
+    )
     return 0
 
 
@@ -185,8 +204,10 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         else:
             shown = deploy_model(args.config, args.root, args.set, cron=args.cron)
         for d in shown:
-            print(f"{d.name}  ({d.runs_on})\n    id {d.id}; config {d.parameters.get('config_path')}; "
-                  f"root {d.parameters.get('root')}; --set {' '.join(d.parameters.get('overrides') or []) or '-'}")
+            print(
+                f"{d.name}  ({d.runs_on})\n    id {d.id}; config {d.parameters.get('config_path')}; "
+                f"root {d.parameters.get('root')}; --set {' '.join(d.parameters.get('overrides') or []) or '-'}"
+            )
     return 0
 
 
@@ -199,11 +220,11 @@ def cmd_stack(args: argparse.Namespace) -> int:
         return 0
     stack = start_stack(args.root, args.port)
     logs = Path(stack["logs"])
-    print(f"""modelforge: stack {'already running' if stack.get("already_running") else 'started'} for {args.root}
-Prefect UI:  {stack['api_url'].removesuffix('/api')}   (work pool {stack['pool']}, one worker)
+    print(f"""modelforge: stack {"already running" if stack.get("already_running") else "started"} for {args.root}
+Prefect UI:  {stack["api_url"].removesuffix("/api")}   (work pool {stack["pool"]}, one worker)
 Deploy:      modelforge deploy --config CONFIG [--set KEY=VALUE ...]   (in this folder)
 New data:    modelforge data-changed --config CONFIG
-Run now:     PREFECT_API_URL={stack['api_url']} prefect deployment run optimize/MODEL-nightly
+Run now:     PREFECT_API_URL={stack["api_url"]} prefect deployment run optimize/MODEL-nightly
 Logs:        {logs}/    Stop: modelforge stack stop""")
     return 0
 
@@ -211,26 +232,52 @@ Logs:        {logs}/    Stop: modelforge stack stop""")
 def main(argv: list[str] | None = None) -> int:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", default="configs/digits.yaml", help="pipeline config (YAML)")
-    common.add_argument("--root", default=".", type=lambda p: Path(p).resolve(),
-                        help="project folder: DVC repo; relative paths anchor here")
-    common.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key by its dotted path, validated like the file "
-                        "(e.g. --set search.n_trials=3 --set train.max_epochs=10); repeatable")
-    common.add_argument("--wait", type=float, default=0, metavar="SECONDS",
-                        help="run/rollback: when another run holds the work dir, wait this long for it "
-                        "(negative: for ever) instead of failing at once")
+    common.add_argument(
+        "--root",
+        default=".",
+        type=lambda p: Path(p).resolve(),
+        help="project folder: DVC repo; relative paths anchor here",
+    )
+    common.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key by its dotted path, validated like the file "
+        "(e.g. --set search.n_trials=3 --set train.max_epochs=10); repeatable",
+    )
+    common.add_argument(
+        "--wait",
+        type=float,
+        default=0,
+        metavar="SECONDS",
+        help="run/rollback: when another run holds the work dir, wait this long for it "
+        "(negative: for ever) instead of failing at once",
+    )
     parser = argparse.ArgumentParser(prog="modelforge", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", parents=[common], help="run the pipeline the config's `family` names (classifier: "
-                         "optimize flow; minilm: optimize-encoder flow; causal_lm: optimize-lm flow) end to end")
+    run = sub.add_parser(
+        "run",
+        parents=[common],
+        help="run the pipeline the config's `family` names (classifier: "
+        "optimize flow; minilm: optimize-encoder flow; causal_lm: optimize-lm flow) end to end",
+    )
     run.add_argument("--force", action="store_true", help="run even when data, config and code are unchanged")
-    run.add_argument("--runner", type=runner_overrides, default=[], metavar="SPEC",
-                     help="where search trials run: local (threads), dask (a LocalCluster of worker processes), "
-                     "dask://HOST:PORT (a running Dask scheduler), ray, ray://HOST:PORT; sets runner.kind/address")
+    run.add_argument(
+        "--runner",
+        type=runner_overrides,
+        default=[],
+        metavar="SPEC",
+        help="where search trials run: local (threads), dask (a LocalCluster of worker processes), "
+        "dask://HOST:PORT (a running Dask scheduler), ray, ray://HOST:PORT; sets runner.kind/address",
+    )
     run.set_defaults(fn=cmd_run)
-    sub.add_parser("rollback", parents=[common], help="point the champion alias back at the previous champion "
-                   "and republish its bundle").set_defaults(fn=cmd_rollback)
+    sub.add_parser(
+        "rollback",
+        parents=[common],
+        help="point the champion alias back at the previous champion and republish its bundle",
+    ).set_defaults(fn=cmd_rollback)
     cmp_ = sub.add_parser("compare", parents=[common], help="compare the last pipeline runs recorded in MLflow")
     cmp_.add_argument("--last", type=int, default=10)
     cmp_.set_defaults(fn=cmd_compare)
@@ -242,8 +289,12 @@ def main(argv: list[str] | None = None) -> int:
 
     add_arguments(srv)
     srv.set_defaults(fn=cmd_serve)
-    triton = sub.add_parser("export-triton", parents=[common], help="write a bundle as a Triton Inference Server "
-                            "model repository (config.pbtxt with dynamic batching + 1/model.onnx)")
+    triton = sub.add_parser(
+        "export-triton",
+        parents=[common],
+        help="write a bundle as a Triton Inference Server "
+        "model repository (config.pbtxt with dynamic batching + 1/model.onnx)",
+    )
     triton.add_argument("--bundle", type=Path, default=Path("deploy/champion"), help="bundle folder to export")
     triton.add_argument("--out", type=Path, required=True, help="model repository folder (created if needed)")
     triton.add_argument("--name", help="model name in the repository (default: the registered model's name)")
@@ -253,38 +304,69 @@ def main(argv: list[str] | None = None) -> int:
     ui.add_argument("--host", default="127.0.0.1")
     ui.add_argument("--port", type=int, default=5000)
     ui.set_defaults(fn=cmd_ui)
-    sub.add_parser("data-changed", parents=[common], help="version data/ with DVC and emit a Prefect event if "
-                   "its version changed (triggers the on-new-data deployments of the models on that data)"
-                   ).set_defaults(fn=cmd_data_changed)
-    init = sub.add_parser("init", parents=[common], help="inspect your data (a CSV/Parquet/JSONL table, labelled "
-                          "texts, or a folder of image class folders) and write a complete, commented config for it")
-    init.add_argument("--data", required=True, type=Path, help="the data, inside the project: a table file (rows "
-                      "or texts) or a folder with one sub-folder of images per class")
+    sub.add_parser(
+        "data-changed",
+        parents=[common],
+        help="version data/ with DVC and emit a Prefect event if "
+        "its version changed (triggers the on-new-data deployments of the models on that data)",
+    ).set_defaults(fn=cmd_data_changed)
+    init = sub.add_parser(
+        "init",
+        parents=[common],
+        help="inspect your data (a CSV/Parquet/JSONL table, labelled "
+        "texts, or a folder of image class folders) and write a complete, commented config for it",
+    )
+    init.add_argument(
+        "--data",
+        required=True,
+        type=Path,
+        help="the data, inside the project: a table file (rows "
+        "or texts) or a folder with one sub-folder of images per class",
+    )
     init.add_argument("--label", help="the column holding each row's class (tables and texts)")
-    init.add_argument("--model", help="model family to search (mlp, cnn, resnet, text), your own module as "
-                      "package.module:function (function(num_classes, input_shape) -> nn.Module), or a pretrained "
-                      "text model to fine-tune (minilm, or a local Hugging Face folder), or a causal LM (a Hugging Face "
-                      "folder or a .gguf file, with --data a corpus folder); default: what suits the data")
+    init.add_argument(
+        "--model",
+        help="model family to search (mlp, cnn, resnet, text), your own module as "
+        "package.module:function (function(num_classes, input_shape) -> nn.Module), or a pretrained "
+        "text model to fine-tune (minilm, or a local Hugging Face folder), or a causal LM (a Hugging Face "
+        "folder or a .gguf file, with --data a corpus folder); default: what suits the data",
+    )
     init.add_argument("--out", required=True, type=Path, help="config file to write (never overwritten)")
     init.set_defaults(fn=cmd_init)
     from tasks.examples import EXAMPLES
 
-    example = sub.add_parser("example", parents=[common], help="write an example data set, offline, as a user would "
-                             "bring it (e.g. modelforge example wine data)")
+    example = sub.add_parser(
+        "example",
+        parents=[common],
+        help="write an example data set, offline, as a user would bring it (e.g. modelforge example wine data)",
+    )
     example.add_argument("name", choices=sorted(EXAMPLES))
     example.add_argument("dir", type=Path, help="folder to write it to")
     example.set_defaults(fn=cmd_example)
-    dep = sub.add_parser("deploy", parents=[common], help="create/update the config's model's nightly and "
-                         "on-new-data Prefect deployments, with the --set overrides (on the project's stack, or "
-                         "PREFECT_API_URL)")
+    dep = sub.add_parser(
+        "deploy",
+        parents=[common],
+        help="create/update the config's model's nightly and "
+        "on-new-data Prefect deployments, with the --set overrides (on the project's stack, or "
+        "PREFECT_API_URL)",
+    )
     dep.add_argument("--cron", default="0 2 * * *", help="nightly schedule (UTC)")
     what = dep.add_mutually_exclusive_group()
     what.add_argument("--list", action="store_true", help="list the deployments of every model on the server")
-    what.add_argument("--remove", nargs="?", const="", metavar="MODEL",
-                      help="remove a model's deployments (default: the config's register.model_name)")
+    what.add_argument(
+        "--remove",
+        nargs="?",
+        const="",
+        metavar="MODEL",
+        help="remove a model's deployments (default: the config's register.model_name)",
+    )
     dep.set_defaults(fn=cmd_deploy)
-    stack = sub.add_parser("stack", parents=[common], help="start or stop the project's Prefect server, process "
-                           "work pool and worker (logs and pids in .modelforge/), for deployments to run on")
+    stack = sub.add_parser(
+        "stack",
+        parents=[common],
+        help="start or stop the project's Prefect server, process "
+        "work pool and worker (logs and pids in .modelforge/), for deployments to run on",
+    )
     stack.add_argument("action", choices=["start", "stop"])
     stack.add_argument("--port", type=int, default=4200, help="the server's port on 127.0.0.1")
     stack.set_defaults(fn=cmd_stack)
@@ -312,8 +394,11 @@ def main(argv: list[str] | None = None) -> int:
     except (KeyboardInterrupt, TerminationSignal) as err:
         reason = interruption(err)
         assert reason is not None  # a Ctrl-C or a TerminationSignal is always a stop
-        print(f"modelforge: interrupted ({reason}); the MLflow run is marked KILLED, finished trials are kept: "
-              "run the same command again to resume", file=sys.stderr)
+        print(
+            f"modelforge: interrupted ({reason}); the MLflow run is marked KILLED, finished trials are kept: "
+            "run the same command again to resume",
+            file=sys.stderr,
+        )
         return exit_code(reason)
     except (*explained, ValueError, FileNotFoundError) as err:
         logging.getLogger("modelforge").debug("the error's traceback", exc_info=True)

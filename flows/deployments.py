@@ -53,15 +53,28 @@ def list_deployments() -> list[Deployed]:
         flows = {d.flow_id: client.read_flow(d.flow_id).name for d in found}
         out = []
         for d in found:
-            events = [a.trigger for a in client.read_resource_related_automations(f"prefect.deployment.{d.id}")
-                      if isinstance(a.trigger, EventTrigger) and a.trigger.expect]  # not automations made elsewhere
+            events = [
+                a.trigger
+                for a in client.read_resource_related_automations(f"prefect.deployment.{d.id}")
+                if isinstance(a.trigger, EventTrigger) and a.trigger.expect
+            ]  # not automations made elsewhere
             # the trigger's validator turns a dict `match` into a ResourceSpecification
-            triggers = [f"event {' '.join(sorted(t.expect))} of "
-                        f"{cast(ResourceSpecification, t.match).root.get('prefect.resource.id')}" for t in events]
+            triggers = [
+                f"event {' '.join(sorted(t.expect))} of "
+                f"{cast(ResourceSpecification, t.match).root.get('prefect.resource.id')}"
+                for t in events
+            ]
             crons = [f"cron {s.schedule.cron}" for s in d.schedules or [] if isinstance(s.schedule, CronSchedule)]
             model = next(t.removeprefix("model:") for t in d.tags if t.startswith("model:"))
-            out.append(Deployed(f"{flows[d.flow_id]}/{d.name}", str(d.id), model, ", ".join(crons + triggers) or "-",
-                                dict(d.parameters)))
+            out.append(
+                Deployed(
+                    f"{flows[d.flow_id]}/{d.name}",
+                    str(d.id),
+                    model,
+                    ", ".join(crons + triggers) or "-",
+                    dict(d.parameters),
+                )
+            )
     return sorted(out, key=lambda d: d.name)
 
 
@@ -76,8 +89,13 @@ def remove_model(model: str) -> list[Deployed]:
     return doomed
 
 
-def deploy_model(config_path: str | Path, root: str | Path, overrides: list[str] | tuple[str, ...] = (),
-                 pool: str = POOL, cron: str = "0 2 * * *") -> list[Deployed]:
+def deploy_model(
+    config_path: str | Path,
+    root: str | Path,
+    overrides: list[str] | tuple[str, ...] = (),
+    pool: str = POOL,
+    cron: str = "0 2 * * *",
+) -> list[Deployed]:
     """Create or update the nightly and on-new-data deployments of the model `config_path` (with
     `overrides`) configures for the project at `root`. The config is loaded now, so one that would
     fail every night fails here; a model name already deployed from another config or project is
@@ -90,25 +108,47 @@ def deploy_model(config_path: str | Path, root: str | Path, overrides: list[str]
     config, root, overrides = Path(config_path).resolve(), Path(root).resolve(), list(overrides)
     cfg = load_config(config, overrides).resolved(root)
     model = cfg.register_.model_name
-    params = {"config_path": str(config), "root": str(root), "overrides": overrides,
-              # a scheduled or triggered run queues behind one already running on the work dir (an hour at most)
-              "lock_wait_s": 3600}
+    params = {
+        "config_path": str(config),
+        "root": str(root),
+        "overrides": overrides,
+        # a scheduled or triggered run queues behind one already running on the work dir (an hour at most)
+        "lock_wait_s": 3600,
+    }
     for other in list_deployments():
         if other.model == model and (other.parameters.get("config_path"), other.parameters.get("root")) != (
-                str(config), str(root)):
-            raise ValueError(f"model {model} is already deployed from {other.parameters.get('config_path')} in "
-                             f"{other.parameters.get('root')} ({other.name}): give this one another name "
-                             f"(--set register.model_name=...) or remove that one (modelforge deploy --remove {model})")
+            str(config),
+            str(root),
+        ):
+            raise ValueError(
+                f"model {model} is already deployed from {other.parameters.get('config_path')} in "
+                f"{other.parameters.get('root')} ({other.name}): give this one another name "
+                f"(--set register.model_name=...) or remove that one (modelforge deploy --remove {model})"
+            )
     ensure_pool(pool)
     source = Flow.from_source(source=str(CODE_ROOT), entrypoint=ENTRYPOINTS[cfg.family])
     assert isinstance(source, Flow)  # called from sync code, Prefect's async_dispatch returns the result itself
     common: dict[str, Any] = dict(work_pool_name=pool, parameters=params, tags=[TAG, f"model:{model}"])
-    nightly = source.to_deployment(deployment_name(model, NIGHTLY), cron=cron, **common,
-                                   description=f"Nightly optimisation of {model}; skips itself when nothing changed.")
-    on_new_data = source.to_deployment(deployment_name(model, ON_NEW_DATA), **common, triggers=[DeploymentEventTrigger(
-        expect={EVENT}, match={"prefect.resource.id": data_resource(cfg.data.dir)})],
-        description=f"Runs {model} when `modelforge data-changed` reports a new version of {cfg.data.dir}.")
+    nightly = source.to_deployment(
+        deployment_name(model, NIGHTLY),
+        cron=cron,
+        **common,
+        description=f"Nightly optimisation of {model}; skips itself when nothing changed.",
+    )
+    on_new_data = source.to_deployment(
+        deployment_name(model, ON_NEW_DATA),
+        **common,
+        triggers=[DeploymentEventTrigger(expect={EVENT}, match={"prefect.resource.id": data_resource(cfg.data.dir)})],
+        description=f"Runs {model} when `modelforge data-changed` reports a new version of {cfg.data.dir}.",
+    )
     assert isinstance(nightly, RunnerDeployment) and isinstance(on_new_data, RunnerDeployment)  # sync: see above
-    deploy(nightly, on_new_data,
-           work_pool_name=pool, build=False, push=False, print_next_steps_message=False, ignore_warnings=True)
+    deploy(
+        nightly,
+        on_new_data,
+        work_pool_name=pool,
+        build=False,
+        push=False,
+        print_next_steps_message=False,
+        ignore_warnings=True,
+    )
     return [d for d in list_deployments() if d.model == model]

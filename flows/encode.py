@@ -20,10 +20,21 @@ from tasks.release.promote import check_champion_task
 
 
 @flow(name="optimize-encoder", log_prints=True)
-def optimize_encoder(config_path: str = "configs/minilm.yaml", root: str = ".", force: bool = False,
-                     lock_wait_s: float = 0, overrides: list[str] | None = None) -> dict:
-    with pipeline_run(config_path, root, "optimize-encoder", family="minilm",
-                                 lock_wait_s=lock_wait_s, overrides=tuple(overrides or ())) as run:
+def optimize_encoder(
+    config_path: str = "configs/minilm.yaml",
+    root: str = ".",
+    force: bool = False,
+    lock_wait_s: float = 0,
+    overrides: list[str] | None = None,
+) -> dict:
+    with pipeline_run(
+        config_path,
+        root,
+        "optimize-encoder",
+        family="minilm",
+        lock_wait_s=lock_wait_s,
+        overrides=tuple(overrides or ()),
+    ) as run:
         cfg, work = run.cfg, run.cfg.workdir / "encoder"
         assert isinstance(cfg, EncoderPipelineConfig)  # pipeline_run checked the family
 
@@ -35,10 +46,12 @@ def optimize_encoder(config_path: str = "configs/minilm.yaml", root: str = ".", 
 
         out = work / "candidates" / run.run_id
         teacher, tokenizer_dir = export_teacher_task(cfg.encoder, data.dir, out)
-        candidates = [teacher] + [compress_encoder_task(name, recipe, teacher, cfg.encoder, data.dir, data.md5, out,
-                                                        work / "students")
-                                  for name, recipe in cfg.compress.candidates.items()]
+        candidates = [teacher] + [
+            compress_encoder_task(name, recipe, teacher, cfg.encoder, data.dir, data.md5, out, work / "students")
+            for name, recipe in cfg.compress.candidates.items()
+        ]
 
-        evaluator = EncoderEval(data.dir, teacher.onnx, tokenizer_dir, cfg.encoder.max_length,
-                                cfg.encoder.timing_seq_len)
+        evaluator = EncoderEval(
+            data.dir, teacher.onnx, tokenizer_dir, cfg.encoder.max_length, cfg.encoder.timing_seq_len
+        )
         return validate_and_release(run, candidates, evaluator, data.md5, work / "reports" / run.run_id)

@@ -29,10 +29,16 @@ from tasks.release.validate import best_passing, require_passing
 
 
 @flow(name="optimize-lm", log_prints=True)
-def optimize_lm(config_path: str = "configs/smollm2.yaml", root: str = ".", force: bool = False,
-                lock_wait_s: float = 0, overrides: list[str] | None = None) -> dict:
-    with pipeline_run(config_path, root, "optimize-lm", family="causal_lm", lock_wait_s=lock_wait_s,
-                                overrides=tuple(overrides or ())) as run:
+def optimize_lm(
+    config_path: str = "configs/smollm2.yaml",
+    root: str = ".",
+    force: bool = False,
+    lock_wait_s: float = 0,
+    overrides: list[str] | None = None,
+) -> dict:
+    with pipeline_run(
+        config_path, root, "optimize-lm", family="causal_lm", lock_wait_s=lock_wait_s, overrides=tuple(overrides or ())
+    ) as run:
         cfg, work = run.cfg, run.cfg.workdir / "lm"
         hf_dir = prepare_model_task(cfg.lm.model, work / "source")
         data = version_data_task(cfg.data, run.root)
@@ -43,17 +49,32 @@ def optimize_lm(config_path: str = "configs/smollm2.yaml", root: str = ".", forc
         evaluator = LMEval(data.dir, out / "baseline", cfg.data.window, cfg.data.max_windows, cfg.validate_.threads)
         parity_windows = LMEval(data.dir, hf_dir, cfg.data.window, 2, cfg.validate_.threads).windows("validation")
         baseline = export_lm_task(hf_dir, out / "baseline", cfg.lm.max_length, parity_windows, cfg.validate_.threads)
-        ranked = layer_sensitivity_task(baseline.checkpoint,
-                                        evaluator.windows("calibration", cfg.compress.search.trial_windows),
-                                        cfg.validate_.threads) if cfg.compress.uses_sensitivity else []
+        ranked = (
+            layer_sensitivity_task(
+                baseline.checkpoint,
+                evaluator.windows("calibration", cfg.compress.search.trial_windows),
+                cfg.validate_.threads,
+            )
+            if cfg.compress.uses_sensitivity
+            else []
+        )
         tracking.log_json(run.run_id, ranked, "candidates/layer_sensitivity.json")
         sensitive = [r["layer"] for r in ranked]
-        searched = search_lm_task(baseline.checkpoint, evaluator, cfg.compress.search, cfg.validate_,
-                                  cfg.lm.max_length, sensitive, cfg.gates.max_ppl_increase_pct, work / "search",
-                                  f"{data.md5}/{tracking.code_version()}/{cfg.section_hash('lm')}")
+        searched = search_lm_task(
+            baseline.checkpoint,
+            evaluator,
+            cfg.compress.search,
+            cfg.validate_,
+            cfg.lm.max_length,
+            sensitive,
+            cfg.gates.max_ppl_increase_pct,
+            work / "search",
+            f"{data.md5}/{tracking.code_version()}/{cfg.section_hash('lm')}",
+        )
         recipes = [*cfg.compress.candidates.items(), *searched]
-        candidates = [baseline] + [make_candidate_task(name, recipe, baseline.checkpoint, out, sensitive)
-                                   for name, recipe in recipes]
+        candidates = [baseline] + [
+            make_candidate_task(name, recipe, baseline.checkpoint, out, sensitive) for name, recipe in recipes
+        ]
 
         reports = apply_lm_gates(validate_lm_task(candidates, evaluator, cfg.validate_, cfg.lm.max_length), cfg.gates)
         chosen = best_passing(reports, cfg.gates)
@@ -63,14 +84,40 @@ def optimize_lm(config_path: str = "configs/smollm2.yaml", root: str = ".", forc
 
         folder = next(c.checkpoint for c in candidates if c.name == chosen.name)
         registered = register_lm_task(folder, cfg.register_, run.run_id, chosen.to_dict())
-        bundle = ship_lm_task(folder, cfg.register_.bundle_dir, cfg.lm.max_length, data.md5,
-                              {"candidate": chosen.name, "model_name": registered.name, "version": registered.version,
-                               "metrics": chosen.to_dict(), "mlflow_run_id": run.run_id})
+        bundle = ship_lm_task(
+            folder,
+            cfg.register_.bundle_dir,
+            cfg.lm.max_length,
+            data.md5,
+            {
+                "candidate": chosen.name,
+                "model_name": registered.name,
+                "version": registered.version,
+                "metrics": chosen.to_dict(),
+                "mlflow_run_id": run.run_id,
+            },
+        )
         tracking.log_artifacts(run.run_id, bundle, "bundle")  # what rollback republishes
-        tracking.set_tags(run.run_id, {"chosen_candidate": chosen.name, "bundle": str(bundle),
-                                        "registered_version": registered.version, "quality_metric": "top1"})
-        decision = promote_lm_task(registered, bundle, cfg.promote, cfg.validate_, evaluator, cfg.lm.max_length,
-                                   run.run_id)
-        return {"run_id": run.run_id, "data_version": data.md5, "chosen": chosen.name, "bundle": str(bundle),
-                "model_dir": str(bundle / MODEL_DIR), "model_uri": registered.model_uri, "version": registered.version,
-                "promoted": decision.promoted, "promotion_reason": decision.reason}
+        tracking.set_tags(
+            run.run_id,
+            {
+                "chosen_candidate": chosen.name,
+                "bundle": str(bundle),
+                "registered_version": registered.version,
+                "quality_metric": "top1",
+            },
+        )
+        decision = promote_lm_task(
+            registered, bundle, cfg.promote, cfg.validate_, evaluator, cfg.lm.max_length, run.run_id
+        )
+        return {
+            "run_id": run.run_id,
+            "data_version": data.md5,
+            "chosen": chosen.name,
+            "bundle": str(bundle),
+            "model_dir": str(bundle / MODEL_DIR),
+            "model_uri": registered.model_uri,
+            "version": registered.version,
+            "promoted": decision.promoted,
+            "promotion_reason": decision.reason,
+        }

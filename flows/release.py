@@ -23,8 +23,9 @@ from tasks.release.validate import (
 )
 
 
-def validate_and_release(run: PipelineRun, candidates: list[Candidate], evaluator: Evaluator,
-                         data_version: str, reports_dir: Path) -> dict:
+def validate_and_release(
+    run: PipelineRun, candidates: list[Candidate], evaluator: Evaluator, data_version: str, reports_dir: Path
+) -> dict:
     cfg = run.cfg
     assert isinstance(cfg, PipelineConfig | EncoderPipelineConfig)  # the causal LM releases in flows/lm.py
     reports = apply_gates(validate_candidates_task(candidates, cfg.validate_, evaluator), cfg.gates)
@@ -37,17 +38,41 @@ def validate_and_release(run: PipelineRun, candidates: list[Candidate], evaluato
 
     registered = register_model_task(onnx, cfg.register_, run.run_id, evaluator)
     bundle = ship_bundle_task(
-        onnx, cfg.register_.bundle_dir, evaluator, data_version,
-        {"candidate": chosen.name, "metrics": chosen.to_dict(), "mlflow_run_id": run.run_id,
-         "registered_model": asdict(registered)},
+        onnx,
+        cfg.register_.bundle_dir,
+        evaluator,
+        data_version,
+        {
+            "candidate": chosen.name,
+            "metrics": chosen.to_dict(),
+            "mlflow_run_id": run.run_id,
+            "registered_model": asdict(registered),
+        },
     )
     tracking.log_artifacts(run.run_id, bundle, "bundle")  # what rollback republishes
-    tracking.set_tags(run.run_id, {"chosen_candidate": chosen.name, "bundle": str(bundle),
-                                    "registered_version": registered.version, "quality_metric": evaluator.primary})
+    tracking.set_tags(
+        run.run_id,
+        {
+            "chosen_candidate": chosen.name,
+            "bundle": str(bundle),
+            "registered_version": registered.version,
+            "quality_metric": evaluator.primary,
+        },
+    )
 
     decision = promote_model_task(registered, bundle, cfg.promote, cfg.validate_, evaluator, run.run_id)
-    tracking.name_run(run.run_id, f"{data_version[:8]} {chosen.name} {evaluator.primary} {chosen.score:.4f} "
-                                   f"v{registered.version}{' champion' if decision.promoted else ''}")
-    return {"run_id": run.run_id, "data_version": data_version, "chosen": chosen.name, "bundle": str(bundle),
-            "model_uri": registered.model_uri, "version": registered.version, "promoted": decision.promoted,
-            "promotion_reason": decision.reason}
+    tracking.name_run(
+        run.run_id,
+        f"{data_version[:8]} {chosen.name} {evaluator.primary} {chosen.score:.4f} "
+        f"v{registered.version}{' champion' if decision.promoted else ''}",
+    )
+    return {
+        "run_id": run.run_id,
+        "data_version": data_version,
+        "chosen": chosen.name,
+        "bundle": str(bundle),
+        "model_uri": registered.model_uri,
+        "version": registered.version,
+        "promoted": decision.promoted,
+        "promotion_reason": decision.reason,
+    }

@@ -18,8 +18,9 @@ from tasks.search.trials import (
 
 
 @flow(name="search", log_prints=True)
-def search_trials(cfg: SearchConfig, data: DataRef, out_dir: Path, study: str, tracking: TrialTracking,
-                  remote: bool = False) -> list[int]:
+def search_trials(
+    cfg: SearchConfig, data: DataRef, out_dir: Path, study: str, tracking: TrialTracking, remote: bool = False
+) -> list[int]:
     prepare_study_task(cfg, out_dir, study)  # here, once: workers racing to create a fresh schema collide
     workers = [run_trials_task.submit(cfg, data, out_dir, study, tracking, worker=i) for i in range(cfg.workers)]
     return watch_workers(workers, cfg, out_dir, study, progress=remote)  # a failed worker raises its own exception

@@ -50,12 +50,22 @@ PROBES = frozenset({"/livez", "/readyz", "/v2/health/live", "/v2/health/ready"})
 def batch_plan(settings: ServeSettings, model: LoadedModel) -> BatchPlan:
     """What `settings.batching` means for this model on this CPU."""
     if model.family == LM_FAMILY:  # its own engine decodes sequences together, step by step
-        return BatchPlan(settings.lm_max_batch > 1, settings.lm_max_batch, BATCH_GAP_SECONDS * 1000,
-                         f"causal LM: up to {settings.lm_max_batch} sequence(s) per decode step (--lm-max-batch), "
-                         f"{settings.lm_max_waiting} more waiting (--lm-max-waiting)")
+        return BatchPlan(
+            settings.lm_max_batch > 1,
+            settings.lm_max_batch,
+            BATCH_GAP_SECONDS * 1000,
+            f"causal LM: up to {settings.lm_max_batch} sequence(s) per decode step (--lm-max-batch), "
+            f"{settings.lm_max_waiting} more waiting (--lm-max-waiting)",
+        )
     if settings.batching == "off" or sample_feeds(model, 1) is None:
-        return BatchPlan(False, 1, 0.0, "batching off (--batching off)" if settings.batching == "off"
-                         else f"no batching for {model.family} bundles")
+        return BatchPlan(
+            False,
+            1,
+            0.0,
+            "batching off (--batching off)"
+            if settings.batching == "off"
+            else f"no batching for {model.family} bundles",
+        )
     if settings.batching == "on":
         return BatchPlan(True, settings.max_batch, settings.max_wait_ms, "batching on (--batching on)")
     return plan_batching(measure_curve(model, settings.max_batch), settings.max_wait_ms, settings.p99_target_ms)
@@ -71,8 +81,13 @@ class Gate:
         self.expected = f"Bearer {token}".encode() if token else None
 
     async def _refuse(self, send) -> None:
-        await send({"type": "http.response.start", "status": 401,
-                    "headers": [(b"content-type", b"application/json"), (b"www-authenticate", b"Bearer")]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 401,
+                "headers": [(b"content-type", b"application/json"), (b"www-authenticate", b"Bearer")],
+            }
+        )
         await send({"type": "http.response.body", "body": b'{"error": "missing or wrong bearer token"}'})
 
     async def __call__(self, scope, receive, send):
@@ -105,15 +120,15 @@ class Gate:
             ctx.metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
 
 
-def create_app(source, settings: ServeSettings | None = None,
-               on_fatal: Callable[[str], None] | None = None) -> FastAPI:
+def create_app(source, settings: ServeSettings | None = None, on_fatal: Callable[[str], None] | None = None) -> FastAPI:
     """The app for `source` (a `BundleSource` or `RegistrySource`). The model loads in the
     background once the app starts; `on_fatal(message)` hears when it cannot (no model, or one that
     fails its sha256 check)."""
     settings = settings or ServeSettings()
     metrics = Metrics()
-    ctx = ServeContext(settings, ModelHolder(source, settings.load_options, metrics, lambda m: batch_plan(settings, m)),
-                       metrics)
+    ctx = ServeContext(
+        settings, ModelHolder(source, settings.load_options, metrics, lambda m: batch_plan(settings, m)), metrics
+    )
     stop = threading.Event()
 
     def start() -> None:
@@ -128,19 +143,29 @@ def create_app(source, settings: ServeSettings | None = None,
         # Everything loaded so far (torch, mlflow, the session) lives for the whole process: frozen, it
         # is left out of the garbage collector's full passes, which otherwise stall every request.
         gc.freeze()
-        how = (f"{len(model.verified_files)} files verified" if model.family == LM_FAMILY else
-               f"sha256 {model.sha256[:12]}..., {settings.workers} worker(s) x {settings.threads_per_worker} thread(s)")
-        print(f"[serve] serving {source} ({model.family}, {how}) on {cpu_count()} cores; {ctx.holder.plan.reason}",
-              flush=True)
+        how = (
+            f"{len(model.verified_files)} files verified"
+            if model.family == LM_FAMILY
+            else f"sha256 {model.sha256[:12]}..., {settings.workers} worker(s) x {settings.threads_per_worker} thread(s)"
+        )
+        print(
+            f"[serve] serving {source} ({model.family}, {how}) on {cpu_count()} cores; {ctx.holder.plan.reason}",
+            flush=True,
+        )
         del model  # this thread lives on: a reload must be able to free the model (a causal LM's engine thread)
         while not stop.wait(settings.poll_seconds):
             ctx.holder.reload_if_changed()
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
-        ctx.batcher = Batcher(lambda model, feeds: model.session.run(None, feeds), metrics, settings.workers,
-                              settings.max_queue, lambda: (ctx.holder.plan.max_batch, ctx.holder.plan.max_wait_ms / 1000),
-                              lambda: ctx.in_flight)
+        ctx.batcher = Batcher(
+            lambda model, feeds: model.session.run(None, feeds),
+            metrics,
+            settings.workers,
+            settings.max_queue,
+            lambda: (ctx.holder.plan.max_batch, ctx.holder.plan.max_wait_ms / 1000),
+            lambda: ctx.in_flight,
+        )
         threading.Thread(target=start, name="model-loader", daemon=True).start()
         yield
         stop.set()
@@ -168,25 +193,40 @@ def create_app(source, settings: ServeSettings | None = None,
     @app.get("/health")
     async def health() -> dict:
         m, holder = ctx.model(), ctx.holder
-        return {"status": "ok", "ready": holder.not_ready() is None, **m.identity(),
-                "candidate": m.manifest.get("candidate"), "loaded_at": m.loaded_at, "reloads": holder.reloads,
-                "last_reload_error": holder.failed[1] if holder.failed else None}
+        return {
+            "status": "ok",
+            "ready": holder.not_ready() is None,
+            **m.identity(),
+            "candidate": m.manifest.get("candidate"),
+            "loaded_at": m.loaded_at,
+            "reloads": holder.reloads,
+            "last_reload_error": holder.failed[1] if holder.failed else None,
+        }
 
     @app.get("/model-info")
     async def model_info() -> dict:
         m = ctx.model()
         if m.family == LM_FAMILY:  # onnxruntime-genai runs its own threads; what it did since loading instead
             return {**m.manifest, **m.identity(), "batching": ctx.holder.plan.to_dict(), "generation": m.session.stats}
-        return {**m.manifest, "batching": ctx.holder.plan.to_dict(),
-                "threads": {"cores": cpu_count(), "workers": settings.workers,
-                            "intra_op_threads": settings.threads_per_worker}}
+        return {
+            **m.manifest,
+            "batching": ctx.holder.plan.to_dict(),
+            "threads": {
+                "cores": cpu_count(),
+                "workers": settings.workers,
+                "intra_op_threads": settings.threads_per_worker,
+            },
+        }
 
     @app.post("/reload")
     async def reload() -> dict:
         reloaded = await run_in_threadpool(ctx.holder.reload_if_changed)
         holder = ctx.holder
-        return {"reloaded": reloaded, **ctx.model().identity(),
-                "last_reload_error": holder.failed[1] if holder.failed else None}
+        return {
+            "reloaded": reloaded,
+            **ctx.model().identity(),
+            "last_reload_error": holder.failed[1] if holder.failed else None,
+        }
 
     @app.get("/metrics")
     async def metrics_endpoint() -> Response:
@@ -237,9 +277,15 @@ def uvicorn_config(app: FastAPI, host: str, port: int):
                 self._timer.cancel()
             super().connection_lost(exc)
 
-    return uvicorn.Config(app, host=host, port=port, log_level="warning", http=TimedH11,
-                          timeout_graceful_shutdown=settings.drain_timeout_s,  # type: ignore[arg-type]  # uvicorn waits on it with asyncio: a float works
-                          timeout_keep_alive=5)
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level="warning",
+        http=TimedH11,
+        timeout_graceful_shutdown=settings.drain_timeout_s,  # type: ignore[arg-type]  # uvicorn waits on it with asyncio: a float works
+        timeout_keep_alive=5,
+    )
 
 
 def serve(source, settings: ServeSettings) -> int:
@@ -257,8 +303,11 @@ def serve(source, settings: ServeSettings) -> int:
                 self.force_exit = True
                 return
             ctx.holder.draining = True
-            print(f"[serve] {signal.Signals(sig).name}: draining (in flight: {ctx.in_flight}, timeout "
-                  f"{settings.drain_timeout_s:g} s)", flush=True)
+            print(
+                f"[serve] {signal.Signals(sig).name}: draining (in flight: {ctx.in_flight}, timeout "
+                f"{settings.drain_timeout_s:g} s)",
+                flush=True,
+            )
             threading.Timer(settings.drain_grace_s, lambda: setattr(self, "should_exit", True)).start()
 
         @contextlib.contextmanager

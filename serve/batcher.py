@@ -42,16 +42,27 @@ class Job:
 class Batcher:
     """`run(model, feeds) -> outputs` on `workers` threads; `submit` gives each request its outputs."""
 
-    def __init__(self, run: Callable[[object, dict], list[np.ndarray]], metrics: Metrics, workers: int,
-                 max_queue: int, policy: Callable[[], tuple[int, float]], in_flight: Callable[[], int]):
+    def __init__(
+        self,
+        run: Callable[[object, dict], list[np.ndarray]],
+        metrics: Metrics,
+        workers: int,
+        max_queue: int,
+        policy: Callable[[], tuple[int, float]],
+        in_flight: Callable[[], int],
+    ):
         """`policy()`: (most samples per call, longest wait in seconds) for the model serving now."""
         self.run, self.metrics, self.policy, self.in_flight = run, metrics, policy, in_flight
         self.max_queue = max_queue
         self._jobs: deque[Job] = deque()
         self._cv = threading.Condition()
         self._stopped = False
-        self._recent: deque[tuple[float, int]] = deque(maxlen=64)  # (seconds, samples) of recent batches: what Retry-After is estimated from
-        self._threads = [threading.Thread(target=self._work, name=f"inference-{i}", daemon=True) for i in range(workers)]
+        self._recent: deque[tuple[float, int]] = deque(
+            maxlen=64
+        )  # (seconds, samples) of recent batches: what Retry-After is estimated from
+        self._threads = [
+            threading.Thread(target=self._work, name=f"inference-{i}", daemon=True) for i in range(workers)
+        ]
         for t in self._threads:
             t.start()
 
@@ -66,8 +77,11 @@ class Batcher:
         job = Job(model, feeds, time.monotonic() + timeout_s)
         with self._cv:
             if len(self._jobs) >= self.max_queue:
-                raise BadRequest(429, f"the inference queue is full ({self.max_queue} requests waiting)",
-                                 {"Retry-After": str(self.retry_after())})
+                raise BadRequest(
+                    429,
+                    f"the inference queue is full ({self.max_queue} requests waiting)",
+                    {"Retry-After": str(self.retry_after())},
+                )
             self._jobs.append(job)
             self.metrics.queue_depth.set(len(self._jobs))
             self._cv.notify()
@@ -112,17 +126,24 @@ class Batcher:
             for job in batch:
                 self.metrics.queue_time.observe(now - job.enqueued)
                 if now > job.deadline:
-                    _settle(job.future, error=BadRequest(
-                        503, f"the request waited {now - job.enqueued:.2f} s for inference, past its deadline",
-                        {"Retry-After": str(self.retry_after())}))
+                    _settle(
+                        job.future,
+                        error=BadRequest(
+                            503,
+                            f"the request waited {now - job.enqueued:.2f} s for inference, past its deadline",
+                            {"Retry-After": str(self.retry_after())},
+                        ),
+                    )
                 else:
                     live.append(job)
             if live:
                 self._run(live)
 
     def _run(self, batch: list[Job]) -> None:
-        feeds = {k: np.concatenate([j.feeds[k] for j in batch]) if len(batch) > 1 else batch[0].feeds[k]
-                 for k in batch[0].feeds}
+        feeds = {
+            k: np.concatenate([j.feeds[k] for j in batch]) if len(batch) > 1 else batch[0].feeds[k]
+            for k in batch[0].feeds
+        }
         start = time.perf_counter()
         try:
             outputs = self.run(batch[0].model, feeds)

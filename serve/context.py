@@ -17,9 +17,11 @@ from serve.settings import ServeSettings
 from serve.sources import LoadedModel
 
 # Where a caller of the wrong endpoint should go, by the served bundle's family.
-ENDPOINTS = {"classifier": ("a classifier", 'POST /predict {"inputs": [...]} (or /v2/models/{name}/infer)'),
-             "encoder": ("a sentence encoder", 'POST /embed {"texts": [...]} (or /v2/models/{name}/infer)'),
-             "causal_lm": ("a causal LM", "POST /v1/completions or /v1/chat/completions")}
+ENDPOINTS = {
+    "classifier": ("a classifier", 'POST /predict {"inputs": [...]} (or /v2/models/{name}/infer)'),
+    "encoder": ("a sentence encoder", 'POST /embed {"texts": [...]} (or /v2/models/{name}/infer)'),
+    "causal_lm": ("a causal LM", "POST /v1/completions or /v1/chat/completions"),
+}
 
 
 @dataclass
@@ -47,8 +49,10 @@ class ServeContext:
     def readiness(self) -> JSONResponse:
         """200 when the server should get traffic, else 503 with the reason (loading, verifying, draining)."""
         reason = self.load_error or self.holder.not_ready()
-        return JSONResponse({"ready": reason is None, **({"reason": reason} if reason else {})},
-                            status_code=200 if reason is None else 503)
+        return JSONResponse(
+            {"ready": reason is None, **({"reason": reason} if reason else {})},
+            status_code=200 if reason is None else 503,
+        )
 
     async def body(self, request: Request, any_type: bool = False) -> bytes:
         return await read_body(request, self.settings.max_body_bytes, self.settings.read_timeout_s, not any_type)
@@ -66,5 +70,8 @@ def check_finite(name: str, values: np.ndarray) -> None:
     bad = ~np.isfinite(values)
     if bad.any():
         sample = int(np.argwhere(bad)[0][0])
-        raise BadRequest(400, f"the model's output ({name}) for sample {sample} is not finite: the input lies far "
-                         "outside the range the model was trained on")
+        raise BadRequest(
+            400,
+            f"the model's output ({name}) for sample {sample} is not finite: the input lies far "
+            "outside the range the model was trained on",
+        )

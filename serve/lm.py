@@ -35,8 +35,12 @@ RETRY_AFTER_SECONDS = 1
 # A request that finds the engine idle waits for others to batch with while they keep coming (each within
 # BATCH_GAP_SECONDS of the last), at most BATCH_WINDOW_SECONDS.
 BATCH_GAP_SECONDS, BATCH_WINDOW_SECONDS = 0.05, 0.25
-FINISH_REASONS = {"EOS": "stop", "STOP_STRING": "stop", "MAX_GENERATED_TOKENS": "length",
-                  "MAX_SESSION_TOKENS": "length"}
+FINISH_REASONS = {
+    "EOS": "stop",
+    "STOP_STRING": "stop",
+    "MAX_GENERATED_TOKENS": "length",
+    "MAX_SESSION_TOKENS": "length",
+}
 
 
 class QueueFull(Exception):
@@ -93,16 +97,14 @@ class Generation:
 
 def _held_back(text: str, stops: tuple[str, ...]) -> int:
     """How many trailing characters of `text` could still begin a stop string (so are not sent yet)."""
-    return max((k for s in stops for k in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:k])),
-               default=0)
+    return max((k for s in stops for k in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:k])), default=0)
 
 
 class _Scheduler:
     """The thread that owns the engine: admits waiting requests into free batch slots, steps the engine,
     steps seeded generators, and turns tokens into text for each client."""
 
-    def __init__(self, model, tokenizer, tokenizer_lock: threading.Lock, max_batch: int, max_waiting: int,
-                 name: str):
+    def __init__(self, model, tokenizer, tokenizer_lock: threading.Lock, max_batch: int, max_waiting: int, name: str):
         self.model, self.tokenizer, self.tokenizer_lock = model, tokenizer, tokenizer_lock
         self.max_batch, self.max_waiting = max_batch, max_waiting
         self.eos = set(tokenizer.eos_token_ids)
@@ -123,8 +125,9 @@ class _Scheduler:
     def submit(self, generation: Generation) -> None:
         with self.count_lock:
             if self.admitted >= self.max_batch + self.max_waiting:
-                raise QueueFull(f"{self.admitted} requests are generating or waiting (limit "
-                                f"{self.max_batch} + {self.max_waiting})")
+                raise QueueFull(
+                    f"{self.admitted} requests are generating or waiting (limit {self.max_batch} + {self.max_waiting})"
+                )
             self.admitted += 1
         self.inbox.put(generation)
 
@@ -193,8 +196,10 @@ class _Scheduler:
         """Before a new batch starts, wait for more requests while they keep arriving: clients that come
         together then decode together."""
         limit = self.waiting[0].queued_at + BATCH_WINDOW_SECONDS
-        while len(self.waiting) < self.max_batch and (
-                left := min(limit, self.waiting[-1].queued_at + BATCH_GAP_SECONDS) - time.monotonic()) > 0:
+        while (
+            len(self.waiting) < self.max_batch
+            and (left := min(limit, self.waiting[-1].queued_at + BATCH_GAP_SECONDS) - time.monotonic()) > 0
+        ):
             try:
                 item = self.inbox.get(timeout=left)
             except queue.Empty:
@@ -218,9 +223,14 @@ class _Scheduler:
             try:
                 if seeded:
                     params = og.GeneratorParams(self.model)
-                    params.set_search_options(do_sample=True, temperature=s.temperature, top_p=s.top_p, top_k=0,
-                                              random_seed=s.seed,
-                                              max_length=len(generation.prompt_ids) + s.max_tokens)
+                    params.set_search_options(
+                        do_sample=True,
+                        temperature=s.temperature,
+                        top_p=s.top_p,
+                        top_k=0,
+                        random_seed=s.seed,
+                        max_length=len(generation.prompt_ids) + s.max_tokens,
+                    )
                     generator = og.Generator(self.model, params)
                     generator.append_tokens(generation.prompt_ids)
                     self.seeded[generator] = generation
@@ -251,13 +261,13 @@ class _Scheduler:
         stops = generation.sampling.stop
         hits = [i for i in (generation.pending_text.find(s) for s in stops) if i >= 0]
         if hits:
-            generation.pending_text = generation.pending_text[:min(hits)]
+            generation.pending_text = generation.pending_text[: min(hits)]
             self._finish(generation, "stop")
             return True
         keep = _held_back(generation.pending_text, stops)
-        ready = generation.pending_text[:len(generation.pending_text) - keep]
+        ready = generation.pending_text[: len(generation.pending_text) - keep]
         if ready:
-            generation.pending_text = generation.pending_text[len(ready):]
+            generation.pending_text = generation.pending_text[len(ready) :]
             generation.report(Chunk(ready))
         return False
 
@@ -265,8 +275,11 @@ class _Scheduler:
         for event in self.engine.run(self.events):
             request = event.request
             generation, turn = self.running[request]
-            if (event.flags & og.EngineEventFlags.TOKEN and not generation.finished
-                    and self._on_token(generation, int(event.token))):
+            if (
+                event.flags & og.EngineEventFlags.TOKEN
+                and not generation.finished
+                and self._on_token(generation, int(event.token))
+            ):
                 request.cancel_turn(turn)
             if event.flags & og.EngineEventFlags.TURN_FINISHED:
                 del self.running[request]
@@ -327,8 +340,13 @@ class LMRuntime:
     @property
     def stats(self) -> dict:
         scheduler = self._scheduler
-        return {"admitted": scheduler.admitted, "generated_tokens": scheduler.generated_tokens,
-                "largest_batch": scheduler.largest_batch, "max_batch": self.max_batch, "max_waiting": self.max_waiting}
+        return {
+            "admitted": scheduler.admitted,
+            "generated_tokens": scheduler.generated_tokens,
+            "largest_batch": scheduler.largest_batch,
+            "max_batch": self.max_batch,
+            "max_waiting": self.max_waiting,
+        }
 
 
 def _generation_defaults(model_dir: Path) -> dict:

@@ -61,9 +61,11 @@ def parse_inputs(payload: object, sample_shape: tuple[int, ...], max_batch: int)
     return x
 
 
-RAW_INPUTS = {"records": ("table", "an array of objects (column -> value)"),
-              "images": ("image", "an array of base64-encoded PNG/JPEG files"),
-              "texts": ("text", "an array of strings")}
+RAW_INPUTS = {
+    "records": ("table", "an array of objects (column -> value)"),
+    "images": ("image", "an array of base64-encoded PNG/JPEG files"),
+    "texts": ("text", "an array of strings"),
+}
 
 
 def _decode_base64(items: list) -> list[bytes]:
@@ -87,8 +89,11 @@ def parse_raw(payload: dict, key: str, preprocessing: object, max_batch: int) ->
 
     kind, shape = RAW_INPUTS[key]
     if not (isinstance(preprocessing, dict) and preprocessing.get("kind") == kind):
-        raise BadRequest(400, f'this bundle was not trained on {kind} data: "{key}" does not apply; send what its '
-                         'manifest (GET /model-info) describes')
+        raise BadRequest(
+            400,
+            f'this bundle was not trained on {kind} data: "{key}" does not apply; send what its '
+            "manifest (GET /model-info) describes",
+        )
     items = payload[key]
     if isinstance(items, (dict, str)):
         items = [items]
@@ -143,9 +148,15 @@ def classification(model: LoadedModel, logits: np.ndarray) -> dict:
     probabilities = shifted / shifted.sum(1, keepdims=True)
     names = model.manifest.get("labels") or list(range(logits.shape[1]))
     best = logits.argmax(1)
-    return {"predictions": best.tolist(), "labels": [names[i] for i in best],
-            "probabilities": [{str(n): round(float(p), 6) for n, p in zip(names, row, strict=True)} for row in probabilities],
-            "logits": logits.tolist(), "model_sha256": model.sha256}
+    return {
+        "predictions": best.tolist(),
+        "labels": [names[i] for i in best],
+        "probabilities": [
+            {str(n): round(float(p), 6) for n, p in zip(names, row, strict=True)} for row in probabilities
+        ],
+        "logits": logits.tolist(),
+        "model_sha256": model.sha256,
+    }
 
 
 def router(ctx: ServeContext) -> APIRouter:
@@ -156,8 +167,9 @@ def router(ctx: ServeContext) -> APIRouter:
         batch, answer."""
         model = ctx.model(family)  # one consistent model for this request, even across a reload
         body = await ctx.body(request)
-        output = (await ctx.infer(model, await run_in_threadpool(parse, model, body,
-                                                                 ctx.settings.max_request_samples)))[0]
+        output = (
+            await ctx.infer(model, await run_in_threadpool(parse, model, body, ctx.settings.max_request_samples))
+        )[0]
         if len(output) <= INLINE_ROWS:
             return respond(model, output)
         return await run_in_threadpool(respond, model, output)

@@ -31,8 +31,9 @@ def sample_feeds(model: LoadedModel, batch: int) -> dict[str, np.ndarray] | None
     if model.family == "encoder":
         from tasks.encoder.minilm import tokenize
 
-        return tokenize(model.tokenizer, ["a sentence of average length for measuring"] * batch,
-                        model.manifest["max_length"])
+        return tokenize(
+            model.tokenizer, ["a sentence of average length for measuring"] * batch, model.manifest["max_length"]
+        )
     return None
 
 
@@ -83,18 +84,35 @@ def plan_batching(curve: list[CurvePoint], max_wait_ms: float, p99_target_ms: fl
     single = curve[0]
     within = [p for p in curve if p.p99_ms + max_wait_ms <= p99_target_ms]
     if not within:
-        return BatchPlan(False, 1, 0.0, f"batch 1 already takes {single.p99_ms} ms at p99, beyond the "
-                         f"{p99_target_ms:g} ms target: batching off", tuple(curve))
+        return BatchPlan(
+            False,
+            1,
+            0.0,
+            f"batch 1 already takes {single.p99_ms} ms at p99, beyond the {p99_target_ms:g} ms target: batching off",
+            tuple(curve),
+        )
     best = max(within, key=lambda p: p.samples_per_s)
     gain = best.samples_per_s / single.samples_per_s
     if best.batch == 1 or gain < BATCHING_GAIN:
         top = max(curve[1:], key=lambda p: p.samples_per_s, default=single)
-        return BatchPlan(False, 1, 0.0, f"on this CPU batch {top.batch} gives {top.samples_per_s / single.samples_per_s:.2f}x "
-                         f"the samples/s of batch 1 (within the {p99_target_ms:g} ms p99 target: {gain:.2f}x), "
-                         f"under the {BATCHING_GAIN}x that batching must earn: batching off", tuple(curve))
-    return BatchPlan(True, best.batch, max_wait_ms, f"batch {best.batch} gives {gain:.2f}x the samples/s of batch 1 "
-                     f"at p99 {best.p99_ms} ms + {max_wait_ms:g} ms wait, within the {p99_target_ms:g} ms target: "
-                     "batching on", tuple(curve))
+        return BatchPlan(
+            False,
+            1,
+            0.0,
+            f"on this CPU batch {top.batch} gives {top.samples_per_s / single.samples_per_s:.2f}x "
+            f"the samples/s of batch 1 (within the {p99_target_ms:g} ms p99 target: {gain:.2f}x), "
+            f"under the {BATCHING_GAIN}x that batching must earn: batching off",
+            tuple(curve),
+        )
+    return BatchPlan(
+        True,
+        best.batch,
+        max_wait_ms,
+        f"batch {best.batch} gives {gain:.2f}x the samples/s of batch 1 "
+        f"at p99 {best.p99_ms} ms + {max_wait_ms:g} ms wait, within the {p99_target_ms:g} ms target: "
+        "batching on",
+        tuple(curve),
+    )
 
 
 class ModelHolder:
@@ -127,8 +145,14 @@ class ModelHolder:
         plan = self.prepare(model)
         self.model, self.plan, self.fingerprint, self.failed = model, plan, fingerprint, None  # reference swaps
         version = (model.manifest.get("registered_model") or {}).get("version", model.manifest.get("version"))
-        self.metrics.model.info({"sha256": model.sha256 or "", "candidate": str(model.manifest.get("candidate")),
-                                 "version": "" if version is None else str(version), "family": model.family})
+        self.metrics.model.info(
+            {
+                "sha256": model.sha256 or "",
+                "candidate": str(model.manifest.get("candidate")),
+                "version": "" if version is None else str(version),
+                "family": model.family,
+            }
+        )
 
     def load(self) -> LoadedModel:
         """The first load; raises when there is nothing to serve or it fails its sha256 check."""
@@ -143,15 +167,21 @@ class ModelHolder:
         """Load a changed model; a broken one is reported once and the current model stays in service."""
         with self._lock:
             current = self.source.fingerprint()
-            if (self.model is None or current is None or current == self.fingerprint
-                    or (self.failed and self.failed[0] == current)):
+            if (
+                self.model is None
+                or current is None
+                or current == self.fingerprint
+                or (self.failed and self.failed[0] == current)
+            ):
                 return False
             self.verifying = True
             try:
                 fresh = self.source.load(self.options)  # fully built before anyone can see it
                 if fresh.family != self.model.family:
-                    raise ValueError(f"a {fresh.family} bundle cannot replace the {self.model.family} bundle being "
-                                     "served (its endpoints differ): start a server for it")
+                    raise ValueError(
+                        f"a {fresh.family} bundle cannot replace the {self.model.family} bundle being "
+                        "served (its endpoints differ): start a server for it"
+                    )
                 self._publish(fresh, current)
             except Exception as err:
                 self.failed = (current, f"{type(err).__name__}: {err}")

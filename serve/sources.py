@@ -66,8 +66,12 @@ def _lm_files(bundle_dir: Path, manifest: dict) -> tuple[Path, dict[str, str], l
     if not isinstance(manifest.get("max_length"), int):
         problems.append('manifest "max_length" (the context the model was built for) is missing')
     model_dir, files = manifest.get("model_dir"), manifest.get("files")
-    if (not isinstance(model_dir, str) or not model_dir or Path(model_dir).is_absolute()
-            or ".." in Path(model_dir).parts):
+    if (
+        not isinstance(model_dir, str)
+        or not model_dir
+        or Path(model_dir).is_absolute()
+        or ".." in Path(model_dir).parts
+    ):
         return bundle_dir, {}, [*problems, f'manifest "model_dir" {model_dir!r} is not a folder name inside the bundle']
     if not isinstance(files, dict) or not files:
         return bundle_dir, {}, [*problems, 'manifest "files" must map every model file to its sha256']
@@ -80,8 +84,10 @@ def _lm_files(bundle_dir: Path, manifest: dict) -> tuple[Path, dict[str, str], l
             listed[str(rel.relative_to(model_dir))] = digest
     present = {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()} if root.is_dir() else set()
     problems += [f"{model_dir}/{name} is missing" for name in sorted(set(listed) - present)]
-    problems += [f"{model_dir}/{name} is not in the manifest (unverified files are never loaded)"
-                 for name in sorted(present - set(listed))]
+    problems += [
+        f"{model_dir}/{name} is not in the manifest (unverified files are never loaded)"
+        for name in sorted(present - set(listed))
+    ]
     return root, listed, problems
 
 
@@ -100,8 +106,10 @@ def _verified_copy(bundle_dir: Path, manifest: dict, dest: Path) -> dict[str, st
                 digest.update(chunk)
                 out.write(chunk)
         if digest.hexdigest() != expected:
-            problems.append(f"{root.name}/{name}: sha256 {digest.hexdigest()[:12]}... does not match the manifest's "
-                            f"{expected[:12]}...")
+            problems.append(
+                f"{root.name}/{name}: sha256 {digest.hexdigest()[:12]}... does not match the manifest's "
+                f"{expected[:12]}..."
+            )
         verified[f"{root.name}/{name}"] = expected
     if problems:
         raise BundleError(f"{bundle_dir}: refusing to serve this causal-LM bundle: " + "; ".join(problems))
@@ -115,8 +123,9 @@ def _load_lm(bundle_dir: Path, manifest: dict, options: LoadOptions) -> LoadedMo
         runtime = open_lm(private, manifest, options.lm_max_batch, options.lm_max_waiting)
     finally:
         shutil.rmtree(private, ignore_errors=True)  # the model and tokenizer are in memory now
-    return LoadedModel(runtime, relative_paths(manifest, bundle_dir), LM_FAMILY, None, None, runtime.loaded_at,
-                       verified)
+    return LoadedModel(
+        runtime, relative_paths(manifest, bundle_dir), LM_FAMILY, None, None, runtime.loaded_at, verified
+    )
 
 
 def load_bundle(bundle_dir: Path, options: LoadOptions = LoadOptions()) -> LoadedModel:
@@ -128,9 +137,11 @@ def load_bundle(bundle_dir: Path, options: LoadOptions = LoadOptions()) -> Loade
     model_bytes = (bundle_dir / manifest["model_file"]).read_bytes()
     actual = hashlib.sha256(model_bytes).hexdigest()
     if actual != manifest.get("sha256"):
-        raise BundleError(f"{bundle_dir / manifest['model_file']}: sha256 {actual[:12]}... does not match the "
-                          f"manifest's {str(manifest.get('sha256'))[:12]}...: the model file was changed or corrupted "
-                          "after shipping; refusing to serve it")
+        raise BundleError(
+            f"{bundle_dir / manifest['model_file']}: sha256 {actual[:12]}... does not match the "
+            f"manifest's {str(manifest.get('sha256'))[:12]}...: the model file was changed or corrupted "
+            "after shipping; refusing to serve it"
+        )
     session = make_session(model_bytes, intra_op_threads=options.intra_op_threads, spin=False)
     tokenizer = None
     if "tokenizer_dir" in manifest:
@@ -138,8 +149,9 @@ def load_bundle(bundle_dir: Path, options: LoadOptions = LoadOptions()) -> Loade
 
         tokenizer = AutoTokenizer.from_pretrained(str(bundle_dir / manifest["tokenizer_dir"]))
     shape = tuple(manifest["input_shape"]) if "input_shape" in manifest else None
-    return LoadedModel(session, relative_paths(manifest, bundle_dir), bundle_family(manifest), shape, tokenizer,
-                       time.time())
+    return LoadedModel(
+        session, relative_paths(manifest, bundle_dir), bundle_family(manifest), shape, tokenizer, time.time()
+    )
 
 
 class BundleSource:
@@ -156,8 +168,12 @@ class BundleSource:
             manifest = json.loads((self.bundle_dir / "manifest.json").read_text())
             if bundle_family(manifest) == LM_FAMILY:
                 root = self.bundle_dir / manifest["model_dir"]
-                stats = sorted((str(p.relative_to(root)), s.st_ino, s.st_size, s.st_mtime_ns)
-                               for p in root.rglob("*") if p.is_file() for s in [p.stat()])
+                stats = sorted(
+                    (str(p.relative_to(root)), s.st_ino, s.st_size, s.st_mtime_ns)
+                    for p in root.rglob("*")
+                    if p.is_file()
+                    for s in [p.stat()]
+                )
                 return hashlib.sha256(json.dumps([manifest, stats], sort_keys=True).encode()).hexdigest()
             model = (self.bundle_dir / manifest["model_file"]).stat()
         except (OSError, ValueError, KeyError, TypeError):

@@ -16,8 +16,16 @@ import onnx
 
 from tasks.release.guard import BundleError
 
-TRITON_TYPES = {"FLOAT": "TYPE_FP32", "DOUBLE": "TYPE_FP64", "FLOAT16": "TYPE_FP16", "INT64": "TYPE_INT64",
-                "INT32": "TYPE_INT32", "INT8": "TYPE_INT8", "UINT8": "TYPE_UINT8", "BOOL": "TYPE_BOOL"}
+TRITON_TYPES = {
+    "FLOAT": "TYPE_FP32",
+    "DOUBLE": "TYPE_FP64",
+    "FLOAT16": "TYPE_FP16",
+    "INT64": "TYPE_INT64",
+    "INT32": "TYPE_INT32",
+    "INT8": "TYPE_INT8",
+    "UINT8": "TYPE_UINT8",
+    "BOOL": "TYPE_BOOL",
+}
 
 
 def _tensors(values, batched: bool) -> list[tuple[str, str, list[int]]]:
@@ -33,8 +41,10 @@ def _tensors(values, batched: bool) -> list[tuple[str, str, list[int]]]:
 
 
 def _block(key: str, tensors: list[tuple[str, str, list[int]]]) -> str:
-    items = ",\n".join(f'  {{\n    name: "{n}"\n    data_type: {t}\n    dims: [ {", ".join(map(str, d))} ]\n  }}'
-                       for n, t, d in tensors)
+    items = ",\n".join(
+        f'  {{\n    name: "{n}"\n    data_type: {t}\n    dims: [ {", ".join(map(str, d))} ]\n  }}'
+        for n, t, d in tensors
+    )
     return f"{key} [\n{items}\n]\n"
 
 
@@ -45,10 +55,14 @@ def triton_config(model: onnx.ModelProto, name: str, max_batch_size: int, max_wa
     initializers = {i.name for i in graph.initializer}
     inputs = [i for i in graph.input if i.name not in initializers]
     first = lambda v: v.type.tensor_type.shape.dim[0] if v.type.tensor_type.shape.dim else None
-    batched = max_batch_size > 0 and all((d := first(v)) is not None and not d.HasField("dim_value")
-                                         for v in [*inputs, *graph.output])
-    text = (f'name: "{name}"\nplatform: "onnxruntime_onnx"\nmax_batch_size: {max_batch_size if batched else 0}\n'
-            + _block("input", _tensors(inputs, batched)) + _block("output", _tensors(graph.output, batched)))
+    batched = max_batch_size > 0 and all(
+        (d := first(v)) is not None and not d.HasField("dim_value") for v in [*inputs, *graph.output]
+    )
+    text = (
+        f'name: "{name}"\nplatform: "onnxruntime_onnx"\nmax_batch_size: {max_batch_size if batched else 0}\n'
+        + _block("input", _tensors(inputs, batched))
+        + _block("output", _tensors(graph.output, batched))
+    )
     if batched:
         text += f"dynamic_batching {{\n  max_queue_delay_microseconds: {max_wait_us}\n}}\n"
     return text + "instance_group [\n  {\n    kind: KIND_CPU\n    count: 1\n  }\n]\n"
@@ -72,5 +86,3 @@ def export_triton(bundle: Path, repository: Path, name: str | None = None, max_b
     if manifest.get("labels"):  # Triton's classification extension reads class names from here
         (target / "labels.txt").write_text("\n".join(map(str, manifest["labels"])) + "\n")
     return target
-
-

@@ -21,10 +21,26 @@ from serve.predict import numbers_problem
 from serve.sources import LoadedModel
 
 # ONNX Runtime's type names -> the protocol's, and the numpy types they travel as.
-DATATYPES = {"tensor(float)": "FP32", "tensor(double)": "FP64", "tensor(float16)": "FP16", "tensor(int64)": "INT64",
-             "tensor(int32)": "INT32", "tensor(int8)": "INT8", "tensor(uint8)": "UINT8", "tensor(bool)": "BOOL"}
-NUMPY = {"FP32": np.float32, "FP64": np.float64, "FP16": np.float16, "INT64": np.int64, "INT32": np.int32,
-         "INT8": np.int8, "UINT8": np.uint8, "BOOL": np.bool_}
+DATATYPES = {
+    "tensor(float)": "FP32",
+    "tensor(double)": "FP64",
+    "tensor(float16)": "FP16",
+    "tensor(int64)": "INT64",
+    "tensor(int32)": "INT32",
+    "tensor(int8)": "INT8",
+    "tensor(uint8)": "UINT8",
+    "tensor(bool)": "BOOL",
+}
+NUMPY = {
+    "FP32": np.float32,
+    "FP64": np.float64,
+    "FP16": np.float16,
+    "INT64": np.int64,
+    "INT32": np.int32,
+    "INT8": np.int8,
+    "UINT8": np.uint8,
+    "BOOL": np.bool_,
+}
 HEADER = "Inference-Header-Content-Length"
 
 
@@ -34,8 +50,10 @@ def _dims(shape: list) -> list[int]:
 
 def tensors(model: LoadedModel) -> tuple[list[dict], list[dict]]:
     """The model's inputs and outputs as the protocol describes them."""
-    describe = lambda specs: [{"name": s["name"], "datatype": DATATYPES.get(s["dtype"], s["dtype"]),
-                               "shape": _dims(s["shape"])} for s in specs]
+    describe = lambda specs: [
+        {"name": s["name"], "datatype": DATATYPES.get(s["dtype"], s["dtype"]), "shape": _dims(s["shape"])}
+        for s in specs
+    ]
     outputs = describe(model.manifest["outputs"])
     if model.family == "encoder":
         return [{"name": "text", "datatype": "BYTES", "shape": [-1]}], outputs
@@ -56,7 +74,7 @@ def _split_body(body: bytes, header_length: str | None) -> tuple[dict, bytes]:
     elif not header_length.isdigit() or int(header_length) > len(body):
         raise BadRequest(400, f"{HEADER} {header_length!r} does not fit a body of {len(body)} bytes")
     else:
-        head, binary = body[: int(header_length)], body[int(header_length):]
+        head, binary = body[: int(header_length)], body[int(header_length) :]
     try:
         request = json.loads(head)
     except (ValueError, UnicodeDecodeError, RecursionError) as err:
@@ -142,8 +160,11 @@ def parse_infer(model: LoadedModel, body: bytes, header_length: str | None, max_
     expected = {t["name"]: t for t in tensors(model)[0]}
     given = {spec.get("name"): spec for spec in request["inputs"] if isinstance(spec, dict)}
     if len(given) != len(request["inputs"]) or set(given) != set(expected):
-        raise BadRequest(400, f"inputs must be exactly {sorted(expected)}, got "
-                         f"{[s.get('name') if isinstance(s, dict) else s for s in request['inputs']]}")
+        raise BadRequest(
+            400,
+            f"inputs must be exactly {sorted(expected)}, got "
+            f"{[s.get('name') if isinstance(s, dict) else s for s in request['inputs']]}",
+        )
     values, offset = {}, 0
     for spec in request["inputs"]:  # binary blobs follow the inputs' order
         values[spec["name"]], offset = _tensor(spec, expected[spec["name"]], binary, offset, max_batch)
@@ -188,8 +209,7 @@ def infer_response(model: LoadedModel, name: str, request: dict, outputs: list[n
     if not blobs:
         return JSONResponse(head)
     header = json.dumps(head).encode()
-    return Response(header + b"".join(blobs), media_type="application/octet-stream",
-                    headers={HEADER: str(len(header))})
+    return Response(header + b"".join(blobs), media_type="application/octet-stream", headers={HEADER: str(len(header))})
 
 
 def router(ctx: ServeContext) -> APIRouter:
@@ -198,8 +218,12 @@ def router(ctx: ServeContext) -> APIRouter:
     def served(name: str, version: str | None = None) -> LoadedModel:
         model = ctx.model("classifier", "encoder")
         if name != model_name(ctx, model) or (version is not None and version != model_version(model)):
-            raise BadRequest(404, f"unknown model {name!r}" + (f" version {version!r}" if version else "")
-                             + f"; this server serves {model_name(ctx, model)!r} version {model_version(model)}")
+            raise BadRequest(
+                404,
+                f"unknown model {name!r}"
+                + (f" version {version!r}" if version else "")
+                + f"; this server serves {model_name(ctx, model)!r} version {model_version(model)}",
+            )
         return model
 
     @api.get("")
@@ -219,8 +243,13 @@ def router(ctx: ServeContext) -> APIRouter:
     async def metadata(name: str, version: str | None = None) -> dict:
         model = served(name, version)
         inputs, outputs = tensors(model)
-        return {"name": name, "versions": [model_version(model)], "platform": "onnxruntime_onnx",
-                "inputs": inputs, "outputs": outputs}
+        return {
+            "name": name,
+            "versions": [model_version(model)],
+            "platform": "onnxruntime_onnx",
+            "inputs": inputs,
+            "outputs": outputs,
+        }
 
     @api.get("/models/{name}/ready")
     @api.get("/models/{name}/versions/{version}/ready")
@@ -233,8 +262,9 @@ def router(ctx: ServeContext) -> APIRouter:
     async def infer(name: str, request: Request, version: str | None = None) -> Response:
         model = served(name, version)
         body = await ctx.body(request, any_type=True)
-        parsed, feeds = await run_in_threadpool(parse_infer, model, body, request.headers.get(HEADER),
-                                                ctx.settings.max_request_samples)
+        parsed, feeds = await run_in_threadpool(
+            parse_infer, model, body, request.headers.get(HEADER), ctx.settings.max_request_samples
+        )
         outputs = await ctx.infer(model, feeds)
         return await run_in_threadpool(infer_response, model, name, parsed, outputs)
 

@@ -64,19 +64,26 @@ class PipelineConfig(PipelineBase):
         folder = lambda name: str(root / name) if name and name != PACKAGED and not Path(name).is_absolute() else name
         cfg = super().anchored(root)
         model = cfg.model.model_copy(update={"pretrained": folder(cfg.model.pretrained)})
-        data = (cfg.data.model_copy(update={"tokenizer": folder(cfg.data.tokenizer)})
-                if hasattr(cfg.data, "tokenizer") else cfg.data)
+        data = (
+            cfg.data.model_copy(update={"tokenizer": folder(cfg.data.tokenizer)})
+            if hasattr(cfg.data, "tokenizer")
+            else cfg.data
+        )
         return cfg.model_copy(update={"model": model, "data": data})
 
     def user_inputs(self) -> tuple[str | None, list[Path]]:
         from tasks.models.hf import pretrained_folder
 
-        files = [self.model.weights, self.train.init_from, pretrained_folder(self.model.pretrained),
-                 pretrained_folder(getattr(self.data, "tokenizer", None))]
+        files = [
+            self.model.weights,
+            self.train.init_from,
+            pretrained_folder(self.model.pretrained),
+            pretrained_folder(getattr(self.data, "tokenizer", None)),
+        ]
         return self.model.spec, [Path(f) for f in files if f]
 
     @model_validator(mode="after")
-    def _model_fits(self) -> "PipelineConfig":
+    def _model_fits(self) -> PipelineConfig:
         problems = []
         if "custom" in self.search.space.families and self.model.spec is None:
             problems.append("search.space.families names custom but model.spec is not set")
@@ -85,11 +92,15 @@ class PipelineConfig(PipelineBase):
         problems += self._students_missing()
         if self.model.pretrained is not None:
             if self.data.dataset == "table":
-                problems.append(f"model.pretrained is {self.model.pretrained}: a pretrained Hugging Face model takes "
-                                f"texts or images, and the data is {self.data.dataset}")
+                problems.append(
+                    f"model.pretrained is {self.model.pretrained}: a pretrained Hugging Face model takes "
+                    f"texts or images, and the data is {self.data.dataset}"
+                )
             elif self.data.dataset == "text" and self.data.tokenizer != self.model.pretrained:
-                problems.append(f"model.pretrained is {self.model.pretrained}: its texts must be tokenized by it, so "
-                                f"data.tokenizer must be {self.model.pretrained} too")
+                problems.append(
+                    f"model.pretrained is {self.model.pretrained}: its texts must be tokenized by it, so "
+                    f"data.tokenizer must be {self.model.pretrained} too"
+                )
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -101,27 +112,34 @@ class PipelineConfig(PipelineBase):
 
         teachers = [self.model.family] if self.model.family else self.search.space.families
         lacking = [f for f in teachers if f in FAMILIES and not (FAMILIES[f].scales or FAMILIES[f].shallower)]
-        return [f"candidate {name!r}: distill has no student for a {lacking[0]} teacher (it has no scaled-down twin); "
-                "name one, e.g. student: {family: mlp, width: 64, depth: 1}, or drop the candidate"
-                for name, recipe in self.compress.candidates.items() if lacking
-                and any(step.method == "distill" and step.student is None for step in recipe)]
+        return [
+            f"candidate {name!r}: distill has no student for a {lacking[0]} teacher (it has no scaled-down twin); "
+            "name one, e.g. student: {family: mlp, width: 64, depth: 1}, or drop the candidate"
+            for name, recipe in self.compress.candidates.items()
+            if lacking and any(step.method == "distill" and step.student is None for step in recipe)
+        ]
 
     @model_validator(mode="after")
-    def _val_held_out(self) -> "PipelineConfig":
+    def _val_held_out(self) -> PipelineConfig:
         """Accuracy-aware INT8 measures its loss on val. A refit model has trained on val: the refit
         MiniLM classifier scored 1.0000 there with every INT8 variant (measured), so the loss reads
         zero and the tuning would stop at once, blind."""
         if not self.train.refit:
             return self
-        tuned = [name for name, recipe in self.compress.candidates.items()
-                 if any(getattr(step, "max_accuracy_loss", None) is not None for step in recipe)]
+        tuned = [
+            name
+            for name, recipe in self.compress.candidates.items()
+            if any(getattr(step, "max_accuracy_loss", None) is not None for step in recipe)
+        ]
         if tuned:
-            raise ValueError(f"candidates {', '.join(tuned)}: accuracy-aware quantization (max_accuracy_loss) measures "
-                             "its loss on val, which train.refit trains on; drop one of the two")
+            raise ValueError(
+                f"candidates {', '.join(tuned)}: accuracy-aware quantization (max_accuracy_loss) measures "
+                "its loss on val, which train.refit trains on; drop one of the two"
+            )
         return self
 
     @model_validator(mode="after")
-    def _runner_fits(self) -> "PipelineConfig":
+    def _runner_fits(self) -> PipelineConfig:
         """Workers on other machines cannot share the driver's files: SQLite, a journal file, a
         relative folder. Refused here, before anything runs, not found out as trials landing in a
         stray store on each worker."""
@@ -130,14 +148,18 @@ class PipelineConfig(PipelineBase):
         where = f"runner.kind {self.runner.kind}" + (f" at {self.runner.address}" if self.runner.address else "")
         problems = []
         if not (self.search.storage and is_server_database(self.search.storage)):
-            problems.append(f"search.storage is {self.search.storage or 'a file under the work dir (default)'}; with "
-                            f"{where} the study must live in a server database every worker reaches, "
-                            "e.g. postgresql+psycopg://user:password@host:5432/optuna")
+            problems.append(
+                f"search.storage is {self.search.storage or 'a file under the work dir (default)'}; with "
+                f"{where} the study must live in a server database every worker reaches, "
+                "e.g. postgresql+psycopg://user:password@host:5432/optuna"
+            )
         uri = self.tracking.uri
         if not (is_server_database(uri) or uri.startswith(("http://", "https://"))):
-            problems.append(f"tracking.uri is {uri}; with {where} trial runs must go to a store every worker "
-                            "reaches: an MLflow server (http://host:5000) or a server database "
-                            "(postgresql+psycopg://user:password@host:5432/mlflow)")
+            problems.append(
+                f"tracking.uri is {uri}; with {where} trial runs must go to a store every worker "
+                "reaches: an MLflow server (http://host:5000) or a server database "
+                "(postgresql+psycopg://user:password@host:5432/mlflow)"
+            )
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -151,7 +173,9 @@ class EncoderRegisterConfig(RegisterConfig):
 
 
 class EncoderPromoteConfig(PromoteConfig):
-    champion_bundle_dir: Path = Field(Path("deploy/minilm-champion"), description="Champion bundle; replaced atomically on promotion.")
+    champion_bundle_dir: Path = Field(
+        Path("deploy/minilm-champion"), description="Champion bundle; replaced atomically on promotion."
+    )
 
 
 class EncoderPipelineConfig(PipelineBase):
@@ -165,11 +189,14 @@ class EncoderPipelineConfig(PipelineBase):
     promote: EncoderPromoteConfig = Field(default_factory=EncoderPromoteConfig)
 
     @model_validator(mode="after")
-    def _students_fit_teacher(self) -> "EncoderPipelineConfig":
+    def _students_fit_teacher(self) -> EncoderPipelineConfig:
         layers = self.encoder.num_layers or 6
-        problems = [f"compress.candidates.{name}: keep={step.keep} but the teacher has layers 0..{layers - 1}"
-                    for name, steps in self.compress.candidates.items() for step in steps
-                    if isinstance(step, DistillLayers) and (max(step.keep) >= layers or min(step.keep) < 0)]
+        problems = [
+            f"compress.candidates.{name}: keep={step.keep} but the teacher has layers 0..{layers - 1}"
+            for name, steps in self.compress.candidates.items()
+            for step in steps
+            if isinstance(step, DistillLayers) and (max(step.keep) >= layers or min(step.keep) < 0)
+        ]
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -196,23 +223,29 @@ class LMPipelineConfig(PipelineBase):
         return None, [self.lm.model]  # not DVC-tracked: replaced in place, it must not look like the same run
 
     @model_validator(mode="after")
-    def _fits_context(self) -> "LMPipelineConfig":
+    def _fits_context(self) -> LMPipelineConfig:
         if self.data.window > self.lm.max_length:
             raise ValueError(f"data.window ({self.data.window}) exceeds lm.max_length ({self.lm.max_length})")
         return self
 
 
-PIPELINES: dict[str, type[PipelineBase]] = {"classifier": PipelineConfig, "minilm": EncoderPipelineConfig,
-                                         "causal_lm": LMPipelineConfig}
+PIPELINES: dict[str, type[PipelineBase]] = {
+    "classifier": PipelineConfig,
+    "minilm": EncoderPipelineConfig,
+    "causal_lm": LMPipelineConfig,
+}
 
 
-def parse_config(raw: dict, source: str = "<dict>", unknown: list[str] | tuple[str, ...] = ()
-                 ) -> "PipelineConfig | EncoderPipelineConfig | LMPipelineConfig":
+def parse_config(
+    raw: dict, source: str = "<dict>", unknown: list[str] | tuple[str, ...] = ()
+) -> PipelineConfig | EncoderPipelineConfig | LMPipelineConfig:
     """Validate `raw` against the pipeline its `family` key names (default: classifier); `unknown`:
     problems found while reading it (keys dropped before validation), reported with the others."""
     family = raw.get("family", "classifier")
     if family not in PIPELINES:
-        raise ConfigError(f"invalid config {source}: family {excerpt(repr(family), 80)} is not one of {sorted(PIPELINES)}")
+        raise ConfigError(
+            f"invalid config {source}: family {excerpt(repr(family), 80)} is not one of {sorted(PIPELINES)}"
+        )
     try:
         cfg, errors = PIPELINES[family].model_validate(raw), []
     except ValidationError:
@@ -232,7 +265,9 @@ def tracking_of(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         return TrackingConfig()
 
 
-def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> "PipelineConfig | EncoderPipelineConfig | LMPipelineConfig":
+def load_config(
+    path: str | Path, overrides: list[str] | tuple[str, ...] = ()
+) -> PipelineConfig | EncoderPipelineConfig | LMPipelineConfig:
     """The config file at `path`, with `overrides` (`dotted.key=value`) applied, validated as one."""
     raw, unknown = read_config_file(path, PIPELINES)
     source = f"{path}" + (f" with --set {' '.join(overrides)}" if overrides else "")

@@ -71,7 +71,9 @@ def docstring_topics(dir: Path, classes: int = 8, per_class: int = 400, seed: in
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     by_package = {}
     for package in sorted(p for p in stdlib.iterdir() if (p / "__init__.py").exists() and p.name.isidentifier()):
-        sentences = set().union(*(docstring_sentences(f) for f in sorted(package.rglob("*.py")) if "test" not in f.parts))
+        sentences = set().union(
+            *(docstring_sentences(f) for f in sorted(package.rglob("*.py")) if "test" not in f.parts)
+        )
         by_package[package.name] = sorted(sentences)
     seen: set[str] = set()
     rows = []
@@ -109,5 +111,10 @@ def smollm2(dir: Path) -> Path:
     return dir
 
 
-EXAMPLES = {"breast_cancer": breast_cancer, "wine": wine, "digits_png": digits_png, "docstring_topics": docstring_topics,
-            "smollm2": smollm2}
+EXAMPLES = {
+    "breast_cancer": breast_cancer,
+    "wine": wine,
+    "digits_png": digits_png,
+    "docstring_topics": docstring_topics,
+    "smollm2": smollm2,
+}

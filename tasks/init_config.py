@@ -77,13 +77,17 @@ def describe_data(data: Path, label: str | None) -> tuple[dict, list[str]]:
     sub-folders of images), and comment lines that say what was found."""
     data = Path(data)
     if data.is_dir():
-        classes = {d.name: sum(1 for f in d.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
-                   for d in sorted(data.iterdir()) if d.is_dir()}
+        classes = {
+            d.name: sum(1 for f in d.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
+            for d in sorted(data.iterdir())
+            if d.is_dir()
+        }
         if not any(classes.values()):
             raise DataError(f"{data}: a folder, but no class sub-folders of PNG/JPEG images in it")
         return {"dataset": "image_folder", "dir": str(data)}, [
             f"{data.name}/: {sum(classes.values())} images in {len(classes)} class folders",
-            "classes: " + ", ".join(f"{c} ({n})" for c, n in classes.items())]
+            "classes: " + ", ".join(f"{c} ({n})" for c, n in classes.items()),
+        ]
     if not (data.is_file() and data.suffix.lower() in READERS):
         raise DataError(f"{data}: neither a table file ({', '.join(sorted(READERS))}) nor a folder of class folders")
     if not label:
@@ -94,16 +98,26 @@ def describe_data(data: Path, label: str | None) -> tuple[dict, list[str]]:
     classes = frame[label].dropna().astype(str).value_counts()
     counted = "classes: " + ", ".join(f"{c} ({n})" for c, n in classes.items())
     if text := _text_column(frame, label):
-        return ({"dataset": "text", "dir": str(data.parent), "file": data.name, "text": text, "label": label},
-                [f"{data.name}: {len(frame)} texts in column {text!r}, {len(classes)} classes", counted])
+        return (
+            {"dataset": "text", "dir": str(data.parent), "file": data.name, "text": text, "label": label},
+            [f"{data.name}: {len(frame)} texts in column {text!r}, {len(classes)} classes", counted],
+        )
     nested = nested_columns(frame)  # a model here reads numbers and categories: these go to data.drop
     schema = infer_schema(TableDataConfig(dataset="table", label=label, drop=list(nested)), frame)
-    found = [f"{data.name}: {len(frame)} rows, {len(schema)} feature columns, {len(classes)} classes",
-             "columns: " + ", ".join(f"{c} ({k}, {int(frame[c].isna().sum())} missing)" for c, k in schema.items()),
-             counted, *(f"column {c!r} holds nested values ({t}): listed in data.drop, not read" for c, t in nested.items()),
-             *(f"note: {note}" for note in table_notes(frame, schema))]
-    return {"dataset": "table", "dir": str(data.parent), "file": data.name, "label": label,
-            **({"drop": list(nested)} if nested else {})}, found
+    found = [
+        f"{data.name}: {len(frame)} rows, {len(schema)} feature columns, {len(classes)} classes",
+        "columns: " + ", ".join(f"{c} ({k}, {int(frame[c].isna().sum())} missing)" for c, k in schema.items()),
+        counted,
+        *(f"column {c!r} holds nested values ({t}): listed in data.drop, not read" for c, t in nested.items()),
+        *(f"note: {note}" for note in table_notes(frame, schema)),
+    ]
+    return {
+        "dataset": "table",
+        "dir": str(data.parent),
+        "file": data.name,
+        "label": label,
+        **({"drop": list(nested)} if nested else {}),
+    }, found
 
 
 def pretrained_image_input(folder: Path) -> dict:
@@ -113,8 +127,10 @@ def pretrained_image_input(folder: Path) -> dict:
     except (OSError, ValueError) as err:
         raise ConfigError(f"--model {folder}: config.json cannot be read ({err})") from None
     side = config.get("image_size", 224)
-    return {"image_size": list(side) if isinstance(side, list) else [side, side],
-            "color": "gray" if config.get("num_channels", 3) == 1 else "rgb"}
+    return {
+        "image_size": list(side) if isinstance(side, list) else [side, side],
+        "color": "gray" if config.get("num_channels", 3) == 1 else "rgb",
+    }
 
 
 def candidates_for(families: list[str]) -> dict[str, list]:
@@ -122,8 +138,11 @@ def candidates_for(families: list[str]) -> dict[str, list]:
     module has no narrower twin: that candidate would fail after search and training)."""
     defaults = CompressConfig().model_dump()["candidates"]
     student_for_all = all(FAMILIES[f].scales or FAMILIES[f].shallower is not None for f in families)
-    return {name: recipe for name, recipe in defaults.items()
-            if student_for_all or not any(step["method"] == "distill" for step in recipe)}
+    return {
+        name: recipe
+        for name, recipe in defaults.items()
+        if student_for_all or not any(step["method"] == "distill" for step in recipe)
+    }
 
 
 def validated_manifest(cfg: PipelineConfig) -> dict:
@@ -149,12 +168,15 @@ def check_runnable(cfg: PipelineConfig, root: Path, data: Path) -> None:
         if "data.dir" not in str(err):
             raise
         folder = Path(f"data/{data.stem}")
-        raise ConfigError(f"{data} must lie in a folder of its own inside the project ({root}), which DVC versions "
-                          f"whole; e.g. `mkdir -p {folder} && cp {data} {folder}/` (or `mv`), then "
-                          f"`modelforge init --data {folder / data.name} ...`") from None
+        raise ConfigError(
+            f"{data} must lie in a folder of its own inside the project ({root}), which DVC versions "
+            f"whole; e.g. `mkdir -p {folder} && cp {data} {folder}/` (or `mv`), then "
+            f"`modelforge init --data {folder / data.name} ...`"
+        ) from None
     manifest = validated_manifest(resolved)
-    check_model_inputs(resolved.train, resolved.model, int(manifest["num_classes"]), tuple(manifest["input_shape"]),
-                       root)
+    check_model_inputs(
+        resolved.train, resolved.model, int(manifest["num_classes"]), tuple(manifest["input_shape"]), root
+    )
 
 
 def lm_config(model: Path, data: Path, out: Path, root: Path) -> tuple[BaseModel, list[str]]:
@@ -168,11 +190,19 @@ def lm_config(model: Path, data: Path, out: Path, root: Path) -> tuple[BaseModel
     files = [p for p in data.rglob("*") if p.suffix in (*TEXT_SUFFIXES, ".jsonl")]
     name = out.stem.replace("_", "-")
     inside = lambda p: str(p.resolve().relative_to(root)) if p.resolve().is_relative_to(root) else str(p.resolve())
-    cfg = LMPipelineConfig.model_validate({"lm": {"model": inside(model)}, "data": {"dir": inside(data)},
-                                           "register": {"model_name": f"{name}-lm"}, "tracking": {"experiment": name}})
-    return cfg, [f"{data.name}/: {len(files)} document files; model {model.name} "
-                 f"({'GGUF' if model.is_file() else 'Hugging Face folder'})",
-                 "gates.max_ppl_increase_pct / min_top1 / max_kl judge every candidate against the FP32 model."]
+    cfg = LMPipelineConfig.model_validate(
+        {
+            "lm": {"model": inside(model)},
+            "data": {"dir": inside(data)},
+            "register": {"model_name": f"{name}-lm"},
+            "tracking": {"experiment": name},
+        }
+    )
+    return cfg, [
+        f"{data.name}/: {len(files)} document files; model {model.name} "
+        f"({'GGUF' if model.is_file() else 'Hugging Face folder'})",
+        "gates.max_ppl_increase_pct / min_top1 / max_kl judge every candidate against the FP32 model.",
+    ]
 
 
 def is_causal_lm(model: str | None, root: Path) -> bool:
@@ -199,53 +229,70 @@ def init_config(data: Path, label: str | None, model: str | None, out: Path, roo
     absolute = Path(data) if Path(data).is_absolute() else root / data
     if model is not None and is_causal_lm(model, root):
         cfg, found = lm_config(root / model, absolute, out, root)
-        return _write(cfg, data, found, out, target, ("family", "lm", "data", "compress", "gates"),
-                      "compress.search.n_trials=30")
+        return _write(
+            cfg, data, found, out, target, ("family", "lm", "data", "compress", "gates"), "compress.search.n_trials=30"
+        )
     section, found = describe_data(absolute, label)
-    section["dir"] = str(Path(section["dir"]).resolve().relative_to(root)) if Path(section["dir"]).resolve().is_relative_to(root) \
+    section["dir"] = (
+        str(Path(section["dir"]).resolve().relative_to(root))
+        if Path(section["dir"]).resolve().is_relative_to(root)
         else section["dir"]
+    )
     spec = model if model and ":" in model else None  # a user's own "package.module:function"
     # a pretrained Hugging Face classifier: the packaged MiniLM, or a local checkpoint folder (text or image)
     pretrained = model if model == PACKAGED or (model and (absolute_model := root / model).is_dir()) else None
     if pretrained and pretrained != PACKAGED:
         pretrained = str(absolute_model.resolve())
     if pretrained and section["dataset"] not in ("text", "image_folder"):
-        raise ConfigError(f"--model {model} is a pretrained Hugging Face model (texts or images); {data} is "
-                          f"{section['dataset']} data")
+        raise ConfigError(
+            f"--model {model} is a pretrained Hugging Face model (texts or images); {data} is {section['dataset']} data"
+        )
     if pretrained and section["dataset"] == "text":
         section["tokenizer"] = pretrained  # its texts must be tokenized by its own tokenizer
     if pretrained and section["dataset"] == "image_folder":
         section.update(pretrained_image_input(Path(pretrained)))
     families = ["custom"] if spec else ["hf"] if pretrained else [model] if model else FAMILIES_FOR[section["dataset"]]
     if unknown := [f for f in families if f not in FAMILIES]:
-        raise ConfigError(f"--model {unknown[0]}: known model families are {', '.join(BUILTIN_FAMILIES)}, or your "
-                          f"own module as package.module:function, or a pretrained Hugging Face model ({PACKAGED} or a "
-                          "local Hugging Face folder)")
+        raise ConfigError(
+            f"--model {unknown[0]}: known model families are {', '.join(BUILTIN_FAMILIES)}, or your "
+            f"own module as package.module:function, or a pretrained Hugging Face model ({PACKAGED} or a "
+            "local Hugging Face folder)"
+        )
     if section["dataset"] != "image_folder" and (images := [f for f in families if FAMILIES[f].images]):
         raise ConfigError(f"--model {images[0]} takes images; {data} is {section['dataset']} data")
     name = out.stem.replace("_", "-")
     # Shift augmentation is for images; the space default would waste trials on it elsewhere.
     augment = ["shift"] if section["dataset"] == "image_folder" else ["none"]
-    cfg = PipelineConfig.model_validate({
-        "data": section, "model": {"spec": spec, "pretrained": pretrained},
-        "search": {"space": {"families": families, "augment": augment}},
-        "compress": {"candidates": candidates_for(families)},
-        # Bundle folders of their own: two models' champions never share (and replace) one folder.
-        "register": {"model_name": f"{name}-classifier", "bundle_dir": f"deploy/{name}-bundle"},
-        "promote": {"champion_bundle_dir": f"deploy/{name}-champion"}, "tracking": {"experiment": name}})
+    cfg = PipelineConfig.model_validate(
+        {
+            "data": section,
+            "model": {"spec": spec, "pretrained": pretrained},
+            "search": {"space": {"families": families, "augment": augment}},
+            "compress": {"candidates": candidates_for(families)},
+            # Bundle folders of their own: two models' champions never share (and replace) one folder.
+            "register": {"model_name": f"{name}-classifier", "bundle_dir": f"deploy/{name}-bundle"},
+            "promote": {"champion_bundle_dir": f"deploy/{name}-champion"},
+            "tracking": {"experiment": name},
+        }
+    )
     check_runnable(cfg, root, Path(data))
     found.append("gates.min_accuracy is an absolute floor on test accuracy: set it to what your use needs.")
-    return _write(cfg, data, found, out, target, ("family", "data", "model", "search", "train", "compress"),
-                  "search.n_trials=30")
+    return _write(
+        cfg, data, found, out, target, ("family", "data", "model", "search", "train", "compress"), "search.n_trials=30"
+    )
 
 
-def _write(cfg: BaseModel, data: Path, found: list[str], out: Path, target: Path, first: tuple[str, ...],
-           override: str) -> Path:
+def _write(
+    cfg: BaseModel, data: Path, found: list[str], out: Path, target: Path, first: tuple[str, ...], override: str
+) -> Path:
     """`cfg` written to `target` with its docs, after a header of what was found; loaded back, or removed."""
-    header = [f"# modelforge config written by `modelforge init` for {data}",
-              *(f"# {line}" for line in found),
-              "# Run it:   modelforge run --config " + str(out),
-              "# Override: modelforge run --config " + str(out) + " --set " + override, ""]
+    header = [
+        f"# modelforge config written by `modelforge init` for {data}",
+        *(f"# {line}" for line in found),
+        "# Run it:   modelforge run --config " + str(out),
+        "# Override: modelforge run --config " + str(out) + " --set " + override,
+        "",
+    ]
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text("\n".join(header + commented_yaml(cfg, first=first)) + "\n")
     try:

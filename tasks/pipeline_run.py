@@ -39,15 +39,23 @@ def fingerprint(cfg: PipelineBase, data_version: str, root: Path) -> dict[str, s
     user's model code and checkpoint files the config names (edited in place, they are new inputs)."""
     sections = [s for s in cfg.model_dump(by_alias=True) if s != "workdir"]
     spec, files = cfg.user_inputs()
-    return {"data_version": data_version, "config_hash": cfg.section_hash(*sections), "code_version": code_version(),
-            "inputs_version": inputs_version(spec, files, root) or "none"}
+    return {
+        "data_version": data_version,
+        "config_hash": cfg.section_hash(*sections),
+        "code_version": code_version(),
+        "inputs_version": inputs_version(spec, files, root) or "none",
+    }
 
 
 def find_equivalent_run(experiment_id: str, tags: dict[str, str], exclude: str) -> str | None:
     """A FINISHED run with the same fingerprint that shipped a model, if any."""
     query = " and ".join(f"tags.{k} = '{v}'" for k, v in tags.items())
-    for run in MlflowClient().search_runs([experiment_id], f"{query} and attributes.status = 'FINISHED'",
-                                          order_by=["attributes.start_time DESC"], max_results=20):
+    for run in MlflowClient().search_runs(
+        [experiment_id],
+        f"{query} and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"],
+        max_results=20,
+    ):
         if run.info.run_id != exclude and "registered_version" in run.data.tags and "skipped" not in run.data.tags:
             return run.info.run_id
     return None
@@ -83,16 +91,23 @@ def close_orphans(experiment_id: str, workdir: Path, closer: str) -> list[str]:
     locked by the caller, no live process can own them (their process was SIGKILLed, or the machine
     went down). Their RUNNING trial runs go with them. Returns the ids closed."""
     client = MlflowClient()
-    query = (f"attributes.status = 'RUNNING' and tags.`modelforge.workdir` = '{workdir}' "
-             f"and tags.`modelforge.host` = '{socket.gethostname()}'")
+    query = (
+        f"attributes.status = 'RUNNING' and tags.`modelforge.workdir` = '{workdir}' "
+        f"and tags.`modelforge.host` = '{socket.gethostname()}'"
+    )
     closed = []
     for run in client.search_runs([experiment_id], query, max_results=1000):
         if run.info.run_id == closer:
             continue
-        note = (f"orphaned: its process (pid {run.data.tags.get('modelforge.pid', '?')}) ended without closing "
-                f"the run (killed?); marked FAILED by run {closer}")
-        children = client.search_runs([experiment_id], f"attributes.status = 'RUNNING' and "
-                                      f"tags.mlflow.parentRunId = '{run.info.run_id}'", max_results=1000)
+        note = (
+            f"orphaned: its process (pid {run.data.tags.get('modelforge.pid', '?')}) ended without closing "
+            f"the run (killed?); marked FAILED by run {closer}"
+        )
+        children = client.search_runs(
+            [experiment_id],
+            f"attributes.status = 'RUNNING' and tags.mlflow.parentRunId = '{run.info.run_id}'",
+            max_results=1000,
+        )
         for orphan in [run, *children]:
             set_tags(orphan.info.run_id, {"error": note, "status_reason": "orphaned"})
             end_run(orphan.info.run_id, "FAILED")
@@ -103,9 +118,14 @@ def close_orphans(experiment_id: str, workdir: Path, closer: str) -> list[str]:
 
 
 @contextmanager
-def pipeline_run(config_path: str | Path, root: str | Path, run_name: str = "optimize",
-                 family: str = "classifier", lock_wait_s: float = 0,
-                 overrides: list[str] | tuple[str, ...] = ()) -> Iterator[PipelineRun]:
+def pipeline_run(
+    config_path: str | Path,
+    root: str | Path,
+    run_name: str = "optimize",
+    family: str = "classifier",
+    lock_wait_s: float = 0,
+    overrides: list[str] | tuple[str, ...] = (),
+) -> Iterator[PipelineRun]:
     """Load and print the resolved config, lock the work dir, close runs a killed process left
     RUNNING, open the parent MLflow run, and close it FINISHED; on a stop request (Ctrl-C, SIGTERM)
     KILLED, on any other error (a bad config included) FAILED, with the reason recorded on the run.
@@ -117,8 +137,10 @@ def pipeline_run(config_path: str | Path, root: str | Path, run_name: str = "opt
     try:
         cfg = load_config(config_path, overrides).resolved(root)
         if cfg.family != family:
-            raise ConfigError(f"{config_path} configures the {cfg.family!r} pipeline, not {family!r}: "
-                              "run it with `modelforge run --config ...`, which picks the flow by family")
+            raise ConfigError(
+                f"{config_path} configures the {cfg.family!r} pipeline, not {family!r}: "
+                "run it with `modelforge run --config ...`, which picks the flow by family"
+            )
     except ConfigError as err:
         # Filed under the experiment the config names when its tracking section is usable.
         tracking = PipelineConfig(tracking=tracking_of(config_path, overrides)).anchored(root).tracking
@@ -128,12 +150,22 @@ def pipeline_run(config_path: str | Path, root: str | Path, run_name: str = "opt
     with lock_workdir(cfg.workdir, f"{run_name} --config {config_path}", lock_wait_s) as note:
         clean_leftovers(cfg.register_.bundle_dir, cfg.promote.champion_bundle_dir)
         text = yaml.safe_dump(cfg.model_dump(mode="json", by_alias=True), sort_keys=False)
-        print(f"[config] resolved config from {config_path}"
-              f"{' with --set ' + source['config_overrides'] if overrides else ''}:\n{text}")
+        print(
+            f"[config] resolved config from {config_path}"
+            f"{' with --set ' + source['config_overrides'] if overrides else ''}:\n{text}"
+        )
         experiment_id = setup_tracking(cfg.tracking)
-        run_id = start_run(experiment_id, run_name, tags={
-            **source, **source_tags(config_path, root), "modelforge.workdir": str(cfg.workdir),
-            "modelforge.host": socket.gethostname(), "modelforge.pid": str(os.getpid())})
+        run_id = start_run(
+            experiment_id,
+            run_name,
+            tags={
+                **source,
+                **source_tags(config_path, root),
+                "modelforge.workdir": str(cfg.workdir),
+                "modelforge.host": socket.gethostname(),
+                "modelforge.pid": str(os.getpid()),
+            },
+        )
         note(mlflow_run=run_id)
         try:
             close_orphans(experiment_id, cfg.workdir, run_id)

@@ -64,8 +64,11 @@ def warm_started_trials(project: Path) -> list:
 
     storage = f"sqlite:///{project}/.modelforge/search/optuna.db"
     newest = max(optuna.get_all_study_summaries(storage), key=lambda s: s.datetime_start)
-    return [t for t in optuna.load_study(study_name=newest.study_name, storage=storage).get_trials()
-            if "warm_start_from" in t.user_attrs]
+    return [
+        t
+        for t in optuna.load_study(study_name=newest.study_name, storage=storage).get_trials()
+        if "warm_start_from" in t.user_attrs
+    ]
 
 
 @pytest.fixture(scope="session")
@@ -78,7 +81,9 @@ def cnn_onnx(cnn_checkpoint, data_dir, train_cfg, tmp_path_factory) -> Path:
     """The small CNN's baseline candidate: exported, with parity checked."""
     from tasks.compress.recipe import compress_candidate
 
-    return compress_candidate("baseline", [], cnn_checkpoint, data_dir, train_cfg, tmp_path_factory.mktemp("cnn-onnx")).onnx
+    return compress_candidate(
+        "baseline", [], cnn_checkpoint, data_dir, train_cfg, tmp_path_factory.mktemp("cnn-onnx")
+    ).onnx
 
 
 @pytest.fixture(scope="session")
@@ -88,8 +93,13 @@ def cnn_bundle(cnn_onnx, data_dir, tmp_path_factory) -> Path:
     from tasks.release.evaluate import ClassifierEval
     from tasks.release.ship import ship_bundle
 
-    return ship_bundle(cnn_onnx, tmp_path_factory.mktemp("cnn-bundle") / "bundle", ClassifierEval(data_dir), "v1.dir",
-                       {"candidate": "baseline", "metrics": {"onnx": str(cnn_onnx)}})
+    return ship_bundle(
+        cnn_onnx,
+        tmp_path_factory.mktemp("cnn-bundle") / "bundle",
+        ClassifierEval(data_dir),
+        "v1.dir",
+        {"candidate": "baseline", "metrics": {"onnx": str(cnn_onnx)}},
+    )
 
 
 def serve_bundle(bundle: Path, payload: dict, truth: list | None = None) -> tuple[dict, float | None]:

@@ -24,8 +24,18 @@ from tasks.core.lock import lock_workdir
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = {
-    "search": {"n_trials": 1, "epochs": 1, "space": {"families": ["mlp"], "optimizers": ["adam"], "lr": [0.005, 0.005],
-                                                     "depth": [1, 1], "width": [32, 32], "batch_sizes": [64]}},
+    "search": {
+        "n_trials": 1,
+        "epochs": 1,
+        "space": {
+            "families": ["mlp"],
+            "optimizers": ["adam"],
+            "lr": [0.005, 0.005],
+            "depth": [1, 1],
+            "width": [32, 32],
+            "batch_sizes": [64],
+        },
+    },
     "train": {"max_epochs": 1, "patience": 1},
     "compress": {"candidates": {}},
     "validate": {"warmup": 2, "latency_runs": 10, "throughput_runs": 2},
@@ -34,8 +44,10 @@ CONFIG = {
     "tracking": {"experiment": "cli"},
 }
 STRONGER = ["--set", "train.max_epochs=15", "--set", "train.patience=15"]
-SHIPPED = re.compile(r"modelforge: shipped baseline -> (\S+) \(models:/cli-digits@candidate v(\d+)\); "
-                     r"(promoted to champion|champion kept): (.+)")
+SHIPPED = re.compile(
+    r"modelforge: shipped baseline -> (\S+) \(models:/cli-digits@candidate v(\d+)\); "
+    r"(promoted to champion|champion kept): (.+)"
+)
 
 
 @pytest.fixture()
@@ -51,8 +63,13 @@ def project(tmp_path_factory, prefect_api):
     root = tmp_path_factory.mktemp("cli-project")
     config = root / "config.yaml"
     config.write_text(yaml.safe_dump(CONFIG))
-    first = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--config", str(config), "--root", str(root)],
-                           cwd=ROOT, capture_output=True, text=True, timeout=600)
+    first = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "run", "--config", str(config), "--root", str(root)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     v1 = json.loads((root / "deploy" / "champion" / "manifest.json").read_text())["sha256"]
     with pytest.MonkeyPatch.context() as mp:
         from prefect.settings import PREFECT_API_URL
@@ -113,8 +130,18 @@ def test_rollback_waits_behind_a_busy_work_dir_then_restores_the_previous_champi
 def test_compare_prints_the_runs_side_by_side(project, capsys):
     assert cli(project, "compare") == 0
     rows = capsys.readouterr().out.strip().splitlines()
-    assert rows[0].split() == ["started", "run", "status", "data_version", "chosen", "quality", "p50_ms", "size_kb",
-                               "version", "promotion"]
+    assert rows[0].split() == [
+        "started",
+        "run",
+        "status",
+        "data_version",
+        "chosen",
+        "quality",
+        "p50_ms",
+        "size_kb",
+        "version",
+        "promotion",
+    ]
     assert [r.split()[3] for r in rows[1:]] == ["FINISHED", "FINISHED"]  # newest first: v2, then v1
     assert [r.split()[-2:] for r in rows[1:]] == [["2", "promoted"], ["1", "promoted"]]  # version, promotion
 
@@ -145,6 +172,7 @@ def test_family_minilm_runs_the_encoder_flow(tmp_path, api_in_env, monkeypatch):
         def record(**kwargs):
             called.append((name, kwargs["config_path"]))
             return {"skipped": f"{name} (recorded by the test)"}
+
         return record
 
     monkeypatch.setattr(flows.encode, "optimize_encoder", flow_named("optimize-encoder"))
@@ -153,4 +181,7 @@ def test_family_minilm_runs_the_encoder_flow(tmp_path, api_in_env, monkeypatch):
         config = tmp_path / f"{family}.yaml"
         config.write_text(yaml.safe_dump({"family": family}))
         assert main(["run", "--config", str(config), "--root", str(tmp_path)]) == 0
-    assert called == [("optimize-encoder", str(tmp_path / "minilm.yaml")), ("optimize", str(tmp_path / "classifier.yaml"))]
+    assert called == [
+        ("optimize-encoder", str(tmp_path / "minilm.yaml")),
+        ("optimize", str(tmp_path / "classifier.yaml")),
+    ]

@@ -57,7 +57,9 @@ def test_handler_contract(method, cnn_checkpoint, data_dir, splits, train_cfg, t
     else:
         assert np.abs(logits - own_logits).max() < 1e-4
         assert cand.parity_max_abs < 1e-4
-    assert onnx_acc >= teacher_acc - MAX_DROP.get(method, 0.03), f"{method}: {onnx_acc:.3f} vs teacher {teacher_acc:.3f}"
+    assert onnx_acc >= teacher_acc - MAX_DROP.get(method, 0.03), (
+        f"{method}: {onnx_acc:.3f} vs teacher {teacher_acc:.3f}"
+    )
 
 
 def test_magnitude_prune_reaches_target_sparsity(cnn_checkpoint, data_dir, train_cfg, tmp_path):
@@ -86,6 +88,7 @@ def test_recipe_chains_torch_then_onnx_steps(cnn_checkpoint, data_dir, train_cfg
 
 def test_empty_calibration_set_is_a_clear_error(cnn_checkpoint, data_dir, train_cfg, tmp_path, monkeypatch):
     import tasks.compress.recipe as cm
+
     real = cm.load_splits
 
     def no_train(d):
@@ -135,8 +138,9 @@ def test_structured_prune_keeps_the_function_of_kept_units(cnn_checkpoint, data_
 
 def test_accuracy_aware_fallback_excludes_sensitive_nodes(cnn_checkpoint, data_dir, train_cfg, tmp_path):
     # One calibration sample and per-tensor scales make INT8 lose accuracy; zero tolerance forces fallback.
-    step = QuantizeStatic(method="quantize_static", calibration_samples=1, per_channel=False,
-                          max_accuracy_loss=0.0, max_fallback_nodes=4)
+    step = QuantizeStatic(
+        method="quantize_static", calibration_samples=1, per_channel=False, max_accuracy_loss=0.0, max_fallback_nodes=4
+    )
     cand = compress_candidate("q", [step], cnn_checkpoint, data_dir, train_cfg, tmp_path)
     info = cand.info["quantize_static"]
     assert info["val_acc_int8_full"] < info["val_acc_fp32"], "precondition: harsh calibration must lose accuracy"

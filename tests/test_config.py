@@ -31,7 +31,9 @@ def test_unknown_method_and_bad_recipe_order():
     with pytest.raises(ConfigError, match="method"):
         parse_config({"compress": {"candidates": {"x": [{"method": "lowrank"}]}}})
     with pytest.raises(ConfigError, match="torch steps cannot follow an ONNX step"):
-        parse_config({"compress": {"candidates": {"x": [{"method": "quantize_static"}, {"method": "magnitude_prune"}]}}})
+        parse_config(
+            {"compress": {"candidates": {"x": [{"method": "quantize_static"}, {"method": "magnitude_prune"}]}}}
+        )
     with pytest.raises(ConfigError, match="reserved"):
         parse_config({"compress": {"candidates": {"baseline": [{"method": "quantize_dynamic"}]}}})
 
@@ -39,9 +41,18 @@ def test_unknown_method_and_bad_recipe_order():
 def test_accuracy_aware_quantization_needs_a_val_the_model_has_not_trained_on():
     tuned = {"method": "quantize_static", "max_accuracy_loss": 0.5}
     with pytest.raises(ConfigError, match=r"candidates a, c: accuracy-aware quantization.*train\.refit"):
-        parse_config({"train": {"refit": True},
-                      "compress": {"candidates": {"a": [tuned], "b": [{"method": "quantize_static"}],
-                                                  "c": [{"method": "structured_prune"}, tuned]}}})
+        parse_config(
+            {
+                "train": {"refit": True},
+                "compress": {
+                    "candidates": {
+                        "a": [tuned],
+                        "b": [{"method": "quantize_static"}],
+                        "c": [{"method": "structured_prune"}, tuned],
+                    }
+                },
+            }
+        )
     parse_config({"train": {"refit": False}, "compress": {"candidates": {"a": [tuned]}}})
 
 
@@ -81,39 +92,74 @@ def test_family_selects_the_pipeline_and_its_checks():
     assert set(cfg.compress.candidates) == {"optimized", "int8", "student", "student_int8"}
     # A partial register section keeps the encoder's own bundle, not the classifier's.
     assert parse_config({"family": "minilm", "register": {"model_name": "x"}}).register_.bundle_dir == Path(
-        "deploy/minilm-bundle")
+        "deploy/minilm-bundle"
+    )
     with pytest.raises(ConfigError, match="family 'bert' is not one of"):
         parse_config({"family": "bert"})
     with pytest.raises(ConfigError) as err:
-        parse_config({"family": "minilm", "encoder": {"num_layers": 2},
-                      "data": {"eval_sentences": 50, "queries": 45},
-                      "compress": {"candidates": {"q": [{"method": "quantize_dynamic"}, {"method": "distill_layers"}]}}})
+        parse_config(
+            {
+                "family": "minilm",
+                "encoder": {"num_layers": 2},
+                "data": {"eval_sentences": 50, "queries": 45},
+                "compress": {"candidates": {"q": [{"method": "quantize_dynamic"}, {"method": "distill_layers"}]}},
+            }
+        )
     assert "queries (45) must leave at least 10" in str(err.value) and "torch steps cannot follow" in str(err.value)
-    with pytest.raises(ConfigError, match=r"structured_prune.*does not match any of the expected tags: 'distill_layers'"):
+    with pytest.raises(
+        ConfigError, match=r"structured_prune.*does not match any of the expected tags: 'distill_layers'"
+    ):
         parse_config({"family": "minilm", "compress": {"candidates": {"c": [{"method": "structured_prune"}]}}})
     with pytest.raises(ConfigError, match=r"keep=\[0, 3\] but the teacher has layers 0..1"):
-        parse_config({"family": "minilm", "encoder": {"num_layers": 2},
-                      "compress": {"candidates": {"s": [{"method": "distill_layers", "keep": [0, 3]}]}}})
+        parse_config(
+            {
+                "family": "minilm",
+                "encoder": {"num_layers": 2},
+                "compress": {"candidates": {"s": [{"method": "distill_layers", "keep": [0, 3]}]}},
+            }
+        )
 
 
 def test_new_compression_methods_report_every_bad_value_at_once():
     with pytest.raises(ConfigError) as err:
-        parse_config({"compress": {"candidates": {
-            "binary": [{"method": "binarize", "finetune_epochs": 0}],
-            "slim": [{"method": "sparsity_train", "penalty": -1, "target": "filters"}, {"method": "structured_prune"}],
-            "qat": [{"method": "quantize_aware", "calibration_samples": 0}, {"method": "binarize"}],
-        }}})
+        parse_config(
+            {
+                "compress": {
+                    "candidates": {
+                        "binary": [{"method": "binarize", "finetune_epochs": 0}],
+                        "slim": [
+                            {"method": "sparsity_train", "penalty": -1, "target": "filters"},
+                            {"method": "structured_prune"},
+                        ],
+                        "qat": [{"method": "quantize_aware", "calibration_samples": 0}, {"method": "binarize"}],
+                    }
+                }
+            }
+        )
     text = str(err.value)
-    for where in ("binary.0.binarize.finetune_epochs", "slim.0.sparsity_train.penalty", "slim.0.sparsity_train.target",
-                  "qat.0.quantize_aware.calibration_samples", "torch steps cannot follow an ONNX step"):
+    for where in (
+        "binary.0.binarize.finetune_epochs",
+        "slim.0.sparsity_train.penalty",
+        "slim.0.sparsity_train.target",
+        "qat.0.quantize_aware.calibration_samples",
+        "torch steps cannot follow an ONNX step",
+    ):
         assert where in text, text
 
 
 def test_set_overrides_any_key_by_dotted_path_and_is_validated_like_the_file(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("search:\n  n_trials: 20\n")
-    cfg = load_config(path, ["search.n_trials=3", "train.max_epochs=10", "search.space.families=[mlp]",
-                             "validate.warmup=0", "gates.max_latency_ratio=null"])
+    cfg = load_config(
+        path,
+        [
+            "search.n_trials=3",
+            "train.max_epochs=10",
+            "search.space.families=[mlp]",
+            "validate.warmup=0",
+            "gates.max_latency_ratio=null",
+        ],
+    )
     assert (cfg.search.n_trials, cfg.train.max_epochs, cfg.search.space.families) == (3, 10, ["mlp"])
     assert cfg.validate_.warmup == 0 and cfg.gates.max_latency_ratio is None
     with pytest.raises(ConfigError) as err:

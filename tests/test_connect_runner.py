@@ -27,8 +27,13 @@ from tasks.search.study import storage_of
 pytestmark = pytest.mark.e2e
 
 SMALL = {
-    "search": {"n_trials": 4, "epochs": 1, "workers": 2, "sampler": "random",
-               "space": {"families": ["mlp"], "depth": [1, 1], "width": [16, 32], "batch_sizes": [64]}},
+    "search": {
+        "n_trials": 4,
+        "epochs": 1,
+        "workers": 2,
+        "sampler": "random",
+        "space": {"families": ["mlp"], "depth": [1, 1], "width": [16, 32], "batch_sizes": [64]},
+    },
     "train": {"max_epochs": 2, "patience": 2},
     "compress": {"candidates": {}},
     "validate": {"warmup": 2, "latency_runs": 10, "throughput_runs": 2},
@@ -76,14 +81,23 @@ def test_file_stores_are_refused_for_workers_on_other_machines():
     with pytest.raises(ConfigError) as err:
         parse_config({"runner": {"kind": "dask", "address": "tcp://10.0.0.5:8786"}})
     assert "search.storage" in str(err.value) and "tracking.uri" in str(err.value)
-    parse_config({"runner": {"kind": "dask", "address": "tcp://10.0.0.5:8786"},
-                  "search": {"storage": "postgresql+psycopg://u@db/optuna"},
-                  "tracking": {"uri": "http://mlflow:5000"}})  # server stores: accepted
+    parse_config(
+        {
+            "runner": {"kind": "dask", "address": "tcp://10.0.0.5:8786"},
+            "search": {"storage": "postgresql+psycopg://u@db/optuna"},
+            "tracking": {"uri": "http://mlflow:5000"},
+        }
+    )  # server stores: accepted
 
 
 def test_a_runner_that_cannot_work_fails_before_anything_runs():
-    cfg = parse_config({"runner": {"kind": "dask", "address": "tcp://10.0.0.5:8786"},
-                        "search": {"storage": "postgresql+psycopg2://u@db/optuna"}, "tracking": {"uri": "http://mlflow:5000"}})
+    cfg = parse_config(
+        {
+            "runner": {"kind": "dask", "address": "tcp://10.0.0.5:8786"},
+            "search": {"storage": "postgresql+psycopg2://u@db/optuna"},
+            "tracking": {"uri": "http://mlflow:5000"},
+        }
+    )
     with pytest.raises(ConfigError) as err:
         search_runner(cfg.search, cfg.runner, cfg.tracking.uri)
     assert "No module named 'psycopg2'" in str(err.value) and "postgresql+psycopg://" in str(err.value)
@@ -112,18 +126,22 @@ def test_a_worker_failure_reaches_the_run_with_its_own_exception(tmp_path, prefe
         optimize(config_path=str(config), root=str(tmp_path))
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/.modelforge/mlflow.db")
     [run] = MlflowClient().search_runs([MlflowClient().get_experiment_by_name("cluster").experiment_id])
-    assert run.info.status == "FAILED" and ("FileExistsError" in run.data.tags["error"]
-                                            or "NotADirectoryError" in run.data.tags["error"])
+    assert run.info.status == "FAILED" and (
+        "FileExistsError" in run.data.tags["error"] or "NotADirectoryError" in run.data.tags["error"]
+    )
 
 
 # --- PostgreSQL: Debian's server, started here on 127.0.0.1 -------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def postgres():
     bins = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
     if not bins:
-        missing = ("PostgreSQL is not installed and could not be (`make test` installs Debian's postgresql "
-                   "when it runs as root with apt-get)")
+        missing = (
+            "PostgreSQL is not installed and could not be (`make test` installs Debian's postgresql "
+            "when it runs as root with apt-get)"
+        )
         if os.environ.get("CI") == "true":  # CI must run the test, as it must the browser test
             pytest.fail(missing)
         pytest.skip(missing)
@@ -134,10 +152,27 @@ def postgres():
         shutil.chown(folder, "postgres")
         as_user = ["runuser", "-u", "postgres", "--"]
     port = free_port()
-    subprocess.run([*as_user, bindir / "initdb", "-D", folder / "db", "-A", "trust", "-U", "modelforge", "-N"],
-                   check=True, capture_output=True)
-    subprocess.run([*as_user, bindir / "pg_ctl", "-D", folder / "db", "-l", folder / "log", "-w", "start", "-o",
-                    f"-p {port} -k {folder} -c listen_addresses=127.0.0.1 -c fsync=off"], check=True, capture_output=True)
+    subprocess.run(
+        [*as_user, bindir / "initdb", "-D", folder / "db", "-A", "trust", "-U", "modelforge", "-N"],
+        check=True,
+        capture_output=True,
+    )
+    subprocess.run(
+        [
+            *as_user,
+            bindir / "pg_ctl",
+            "-D",
+            folder / "db",
+            "-l",
+            folder / "log",
+            "-w",
+            "start",
+            "-o",
+            f"-p {port} -k {folder} -c listen_addresses=127.0.0.1 -c fsync=off",
+        ],
+        check=True,
+        capture_output=True,
+    )
     import psycopg
 
     with psycopg.connect(f"postgresql://modelforge@127.0.0.1:{port}/postgres", autocommit=True) as conn:
@@ -157,17 +192,34 @@ def test_search_on_a_dask_cluster_with_postgres_for_optuna_and_mlflow(tmp_path, 
     port = free_port()
     # As the README runs it: an MLflow server on the PostgreSQL store (its REST client is stricter than
     # the SQL store: a number as a tag value once failed every trial there and nowhere else).
-    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"{postgres}/mlflow",
-                               "--artifacts-destination", str(tmp_path / "artifacts"), "--host", "127.0.0.1",
-                               "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--backend-store-uri",
+            f"{postgres}/mlflow",
+            "--artifacts-destination",
+            str(tmp_path / "artifacts"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     uri = f"http://127.0.0.1:{port}"
     try:
         wait_for_http(f"{uri}/health", server, 120, "mlflow server")
         with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
-            config = write(tmp_path, runner={"kind": "dask", "address": cluster.scheduler_address,
-                                             "data_cache": str(cache)},
-                           search={**SMALL["search"], "storage": f"{postgres}/optuna"},
-                           tracking={"uri": uri, "experiment": "pg"})
+            config = write(
+                tmp_path,
+                runner={"kind": "dask", "address": cluster.scheduler_address, "data_cache": str(cache)},
+                search={**SMALL["search"], "storage": f"{postgres}/optuna"},
+                tracking={"uri": uri, "experiment": "pg"},
+            )
             started = time.time()
             result = optimize(config_path=str(config), root=str(tmp_path))
         runs = trial_runs(uri, "pg", result["run_id"])

@@ -72,8 +72,11 @@ def test_a_new_class_is_drift(tmp_path):
 
 TINY = {
     "data": {"dataset": "image_folder", "image_size": [16, 16]},
-    "search": {"n_trials": 2, "epochs": 3, "space": {"families": ["cnn"], "lr": [0.005, 0.02], "optimizers": ["adam"],
-                                                     "depth": [1, 1]}},
+    "search": {
+        "n_trials": 2,
+        "epochs": 3,
+        "space": {"families": ["cnn"], "lr": [0.005, 0.02], "optimizers": ["adam"], "depth": [1, 1]},
+    },
     "train": {"max_epochs": 12, "patience": 4},
     "compress": {"candidates": {}},
     "validate": {"warmup": 3, "latency_runs": 20, "throughput_runs": 3},
@@ -97,8 +100,11 @@ def test_image_folder_flow_ships_and_serves_pngs_and_jpegs(tmp_path, prefect_api
     bundle = tmp_path / "deploy" / "bundle"
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert manifest["labels"] == ["0", "1", "2"] and manifest["preprocessing"]["kind"] == "image"
-    test_files = [n for n, i in json.loads((tmp_path / "data" / "manifest.json").read_text())["files"].items()
-                  if i["split"] == "test"][:6]
+    test_files = [
+        n
+        for n, i in json.loads((tmp_path / "data" / "manifest.json").read_text())["files"].items()
+        if i["split"] == "test"
+    ][:6]
     pngs = [(tmp_path / "data" / n).read_bytes() for n in test_files]
     jpegs = []
     for png in pngs:  # the same images as a phone would send them: RGB JPEG

@@ -39,6 +39,7 @@ class Case:
 
 # --- table ------------------------------------------------------------------------------------------
 
+
 def table_problems(data: Path) -> tuple[dict, list[str]]:
     frame = pd.read_csv(data / "data.csv")
     frame.loc[:2, "label"] = None
@@ -59,17 +60,20 @@ def table_served(data: Path, manifest: dict) -> tuple[np.ndarray, np.ndarray]:
 
 def table_samples(data: Path, manifest: dict) -> dict[str, str]:
     rows, split = split_rows(data, manifest)
-    return dict(zip((json.dumps(r, sort_keys=True) for r in json.loads(rows.to_json(orient="records"))), split, strict=True))
+    return dict(
+        zip((json.dumps(r, sort_keys=True) for r in json.loads(rows.to_json(orient="records"))), split, strict=True)
+    )
 
 
 def wine_part(data: Path, seed: int) -> None:
     """Half of the wine table: the even rows, or with seed 1 the odd ones (arriving later)."""
     wine(data)
     frame = pd.read_csv(data / "data.csv")
-    frame.iloc[seed % 2::2].to_csv(data / "data.csv", index=False)
+    frame.iloc[seed % 2 :: 2].to_csv(data / "data.csv", index=False)
 
 
 # --- image folder -----------------------------------------------------------------------------------
+
 
 def image_problems(data: Path) -> tuple[dict, list[str]]:
     (data / "dark" / "broken.png").write_bytes(b"not a png")
@@ -91,13 +95,22 @@ def image_served(data: Path, manifest: dict) -> tuple[np.ndarray, np.ndarray]:
 
 # --- text -------------------------------------------------------------------------------------------
 
+
 def text_problems(data: Path) -> tuple[dict, list[str]]:
     frame = pd.read_csv(data / "texts.csv")
     frame.loc[0, "text"], frame.loc[1, "label"], frame.loc[2, "text"] = None, None, "!!!"
-    frame.loc[3, "text"], frame.loc[3, "label"] = frame.loc[4, "text"], "food" if frame.loc[4, "label"] != "food" else "music"
+    frame.loc[3, "text"], frame.loc[3, "label"] = (
+        frame.loc[4, "text"],
+        "food" if frame.loc[4, "label"] != "food" else "music",
+    )
     frame.to_csv(data / "texts.csv", index=False)
-    return {"min_class_samples": 100}, ["column 'text': 1 empty value", "column 'label': 1 empty value",
-                                        "without a single word", "appear with different labels", "fewer than 100 train rows"]
+    return {"min_class_samples": 100}, [
+        "column 'text': 1 empty value",
+        "column 'label': 1 empty value",
+        "without a single word",
+        "appear with different labels",
+        "fewer than 100 train rows",
+    ]
 
 
 def text_append(data: Path, more: Path) -> None:
@@ -108,7 +121,9 @@ def text_append(data: Path, more: Path) -> None:
 
 def text_served(data: Path, manifest: dict) -> tuple[np.ndarray, np.ndarray]:
     texts, _, split = split_texts(data, manifest)
-    return encode_texts(manifest["preprocessing"], [t for t, s in zip(texts, split, strict=True) if s == "test"]), load_splits(data).test[0]
+    return encode_texts(
+        manifest["preprocessing"], [t for t, s in zip(texts, split, strict=True) if s == "test"]
+    ), load_splits(data).test[0]
 
 
 def text_samples(data: Path, manifest: dict) -> dict[str, str]:
@@ -117,15 +132,33 @@ def text_samples(data: Path, manifest: dict) -> dict[str, str]:
 
 
 CASES = {
-    "table": Case(lambda **kw: TableDataConfig(dataset="table", label="label", **kw), wine_part, table_append,
-                  table_problems, table_served, table_samples, "mlp"),
-    "image_folder": Case(lambda **kw: ImageFolderConfig(dataset="image_folder", image_size=(16, 16), **kw),
-                         lambda data, seed: write_images(data, seed=seed), image_append, image_problems,
-                         image_served, lambda data, manifest: {n: i["split"] for n, i in manifest["files"].items()},
-                         "mlp"),
-    "text": Case(lambda **kw: TextTableConfig(dataset="text", max_length=8, min_count=1, **kw),
-                 lambda data, seed: write_texts(data, per_class=20, seed=seed), text_append, text_problems,
-                 text_served, text_samples, "text"),
+    "table": Case(
+        lambda **kw: TableDataConfig(dataset="table", label="label", **kw),
+        wine_part,
+        table_append,
+        table_problems,
+        table_served,
+        table_samples,
+        "mlp",
+    ),
+    "image_folder": Case(
+        lambda **kw: ImageFolderConfig(dataset="image_folder", image_size=(16, 16), **kw),
+        lambda data, seed: write_images(data, seed=seed),
+        image_append,
+        image_problems,
+        image_served,
+        lambda data, manifest: {n: i["split"] for n, i in manifest["files"].items()},
+        "mlp",
+    ),
+    "text": Case(
+        lambda **kw: TextTableConfig(dataset="text", max_length=8, min_count=1, **kw),
+        lambda data, seed: write_texts(data, per_class=20, seed=seed),
+        text_append,
+        text_problems,
+        text_served,
+        text_samples,
+        "text",
+    ),
 }
 
 
@@ -172,8 +205,14 @@ def test_serving_encodes_a_raw_sample_exactly_as_training_did(source):
 def test_appending_moves_no_old_sample_and_the_search_warm_starts(source, tmp_path):
     name, case, data = source
     before = case.samples(data, describe(name, data))
-    space = {"families": [case.family], "optimizers": ["adam"], "depth": [1, 1], "width": [16, 16],
-             "batch_sizes": [32], "augment": ["none"]}
+    space = {
+        "families": [case.family],
+        "optimizers": ["adam"],
+        "depth": [1, 1],
+        "width": [16, 16],
+        "batch_sizes": [32],
+        "augment": ["none"],
+    }
     cfg = SearchConfig(n_trials=1, epochs=1, warm_start=1, space=space)
 
     def study(manifest: dict) -> str:  # experiment-datamd5-searchhash, as the pipeline names it

@@ -74,8 +74,12 @@ def test_schema_drift_against_the_previous_version_is_an_error(wine_dir):
     with pytest.raises(DataError) as err:
         describe_table(table_cfg(), wine_dir)
     text = str(err.value)
-    for expected in ("new column 'new_col'", "column 'hue' is gone", "'site' changed type: categorical -> numeric",
-                     "not in the previous version: class_9"):
+    for expected in (
+        "new column 'new_col'",
+        "column 'hue' is gone",
+        "'site' changed type: categorical -> numeric",
+        "not in the previous version: class_9",
+    ):
         assert expected in text
     describe_table(table_cfg(allow_drift=True, min_class_samples=1), wine_dir)  # an intended change goes through
 
@@ -93,7 +97,9 @@ def test_bad_records_name_the_problem(wine_dir):
     with pytest.raises(ValueError) as err:
         encode_records(manifest["preprocessing"], [{"alcohol": "strong"}, "not a record"])
     assert "record 0: column 'alcohol' is numeric, got 'strong'" in str(err.value)
-    assert "record 0: missing column 'malic_acid'" in str(err.value) and "record 1: expected an object" in str(err.value)
+    assert "record 0: missing column 'malic_acid'" in str(err.value) and "record 1: expected an object" in str(
+        err.value
+    )
 
 
 TINY = {
@@ -138,7 +144,9 @@ def test_table_flow_ships_serves_records_and_keeps_old_test_rows_in_test_when_ro
     second = optimize(config_path=str(tmp_path / "config.yaml"), root=str(tmp_path))
     assert second["data_version"] != first["data_version"]
     new_rows, new_split = split_rows(tmp_path / "data", read_manifest(tmp_path / "data"))
-    test_now = {json.dumps(r, sort_keys=True) for r in json.loads(new_rows[new_split == "test"].to_json(orient="records"))}
+    test_now = {
+        json.dumps(r, sort_keys=True) for r in json.loads(new_rows[new_split == "test"].to_json(orient="records"))
+    }
     old_test_rows = json.loads(old_rows[old_split == "test"].to_json(orient="records"))
     assert len(test_now) > len(old_test_rows) and all(json.dumps(r, sort_keys=True) in test_now for r in old_test_rows)
     # the new study started from the old one's best trials

@@ -16,14 +16,20 @@ from serve.sources import BundleSource
 from tasks.data import load_splits
 from tasks.data.text import TextTableConfig, describe_text, encode_texts, split_texts
 
-TOPICS = {"space": "rocket orbit planet launch star moon", "food": "bread cheese soup cook taste kitchen",
-          "music": "guitar song drum melody concert band"}
+TOPICS = {
+    "space": "rocket orbit planet launch star moon",
+    "food": "bread cheese soup cook taste kitchen",
+    "music": "guitar song drum melody concert band",
+}
 
 
 def write_texts(folder, per_class=40, seed=0):
     rng = np.random.default_rng(seed)
-    rows = [{"text": " ".join(rng.choice(words.split(), 5)) + f" ref{label}{i}", "label": label}
-            for label, words in TOPICS.items() for i in range(per_class)]
+    rows = [
+        {"text": " ".join(rng.choice(words.split(), 5)) + f" ref{label}{i}", "label": label}
+        for label, words in TOPICS.items()
+        for i in range(per_class)
+    ]
     folder.mkdir(parents=True, exist_ok=True)
     pd.DataFrame(rows).to_csv(folder / "texts.csv", index=False)
     return folder
@@ -39,7 +45,9 @@ def test_vocabulary_comes_from_train_and_serving_tokenises_the_same(tmp_path):
     texts, labels, split = split_texts(data, manifest)
     train_words = {w for t, s in zip(texts, split, strict=True) if s == "train" for w in t.lower().split()}
     assert set(manifest["preprocessing"]["vocab"]) <= train_words
-    only_in_test = {w for t, s in zip(texts, split, strict=True) if s == "test" for w in t.lower().split()} - train_words
+    only_in_test = {
+        w for t, s in zip(texts, split, strict=True) if s == "test" for w in t.lower().split()
+    } - train_words
     assert only_in_test and not only_in_test & set(manifest["preprocessing"]["vocab"])  # e.g. "refspace37": unseen
     splits = load_splits(data)
     assert splits.test[0].shape[1:] == (8,) and splits.test[0].dtype == np.float32
@@ -52,8 +60,18 @@ def test_vocabulary_comes_from_train_and_serving_tokenises_the_same(tmp_path):
 
 TINY = {
     "data": {"dataset": "text", "max_length": 8, "min_count": 1},
-    "search": {"n_trials": 2, "epochs": 8, "space": {"families": ["text", "cnn"], "lr": [0.01, 0.02], "optimizers": ["adam"],
-                                                     "depth": [1, 1], "width": [16, 32], "augment": ["none"]}},
+    "search": {
+        "n_trials": 2,
+        "epochs": 8,
+        "space": {
+            "families": ["text", "cnn"],
+            "lr": [0.01, 0.02],
+            "optimizers": ["adam"],
+            "depth": [1, 1],
+            "width": [16, 32],
+            "augment": ["none"],
+        },
+    },
     "train": {"max_epochs": 30, "patience": 8},
     "compress": {"candidates": {"int8": [{"method": "quantize_dynamic"}]}},
     "validate": {"warmup": 3, "latency_runs": 20, "throughput_runs": 3},
@@ -73,8 +91,11 @@ def test_text_flow_ships_and_serves_texts(tmp_path, prefect_api):
     bundle = tmp_path / "deploy" / "bundle"
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert manifest["labels"] == sorted(TOPICS) and manifest["preprocessing"]["kind"] == "text"
-    body, acc = serve_bundle(bundle, {"texts": ["The rocket, the orbit, a planet!", "cheese soup: cook, taste",
-                                                "drum song, guitar band"]}, ["space", "food", "music"])
+    body, acc = serve_bundle(
+        bundle,
+        {"texts": ["The rocket, the orbit, a planet!", "cheese soup: cook, taste", "drum song, guitar band"]},
+        ["space", "food", "music"],
+    )
     assert acc == 1.0
     with running_server(create_app(BundleSource(bundle), ServeSettings(poll_seconds=60))) as (host, port):
         status, body = request(host, port, "POST", "/predict", {"texts": [42]})

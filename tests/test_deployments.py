@@ -32,11 +32,21 @@ from tasks.data.notify import data_resource, notify_data_change
 from tasks.examples import breast_cancer, wine
 
 pytestmark = pytest.mark.e2e
-TINY = ["search.n_trials=2", "search.epochs=2", "search.space.depth=[1, 1]", "search.space.width=[16, 16]",
-        "train.max_epochs=3", "train.patience=3",
-        "compress.candidates={int8_dynamic: [{method: quantize_dynamic}]}",
-        "validate.warmup=2", "validate.latency_runs=10", "validate.throughput_runs=2",
-        "gates.min_accuracy=0.5", "gates.max_accuracy_drop=5.0", "gates.max_latency_ratio=null"]
+TINY = [
+    "search.n_trials=2",
+    "search.epochs=2",
+    "search.space.depth=[1, 1]",
+    "search.space.width=[16, 16]",
+    "train.max_epochs=3",
+    "train.patience=3",
+    "compress.candidates={int8_dynamic: [{method: quantize_dynamic}]}",
+    "validate.warmup=2",
+    "validate.latency_runs=10",
+    "validate.throughput_runs=2",
+    "gates.min_accuracy=0.5",
+    "gates.max_accuracy_drop=5.0",
+    "gates.max_latency_ratio=null",
+]
 PROJECTS = {"wine": wine, "cancer": breast_cancer}  # config wine.yaml -> model wine-classifier, ...
 
 
@@ -66,10 +76,18 @@ def stack(tmp_path_factory):
         project = tmp_path_factory.mktemp(name)
         rows = pd.read_csv(example(project / "data"))
         rows.iloc[:140].to_csv(project / "data" / "data.csv", index=False)  # the first delivery
-        assert cli_main(["init", "--root", str(project), "--data", "data/data.csv", "--label", "label",
-                         "--out", f"{name}.yaml"]) == 0
-        projects[name] = {"root": project, "rows": rows, "config": project / f"{name}.yaml",
-                          "model": f"{name}-classifier"}
+        assert (
+            cli_main(
+                ["init", "--root", str(project), "--data", "data/data.csv", "--label", "label", "--out", f"{name}.yaml"]
+            )
+            == 0
+        )
+        projects[name] = {
+            "root": project,
+            "rows": rows,
+            "config": project / f"{name}.yaml",
+            "model": f"{name}-classifier",
+        }
     first = projects["wine"]["root"]
     try:
         started = cli("stack", "start", "--port", str(free_port()), cwd=first, env=env)
@@ -122,14 +140,22 @@ def champion(project: dict) -> tuple[str, str]:
 
 def test_each_model_is_deployed_with_absolute_paths_its_overrides_and_its_own_data_trigger(stack):
     deployed = {d.name: d for d in list_deployments()}
-    assert sorted(deployed) == ["optimize/cancer-classifier-nightly", "optimize/cancer-classifier-on-new-data",
-                                "optimize/wine-classifier-nightly", "optimize/wine-classifier-on-new-data"]
+    assert sorted(deployed) == [
+        "optimize/cancer-classifier-nightly",
+        "optimize/cancer-classifier-on-new-data",
+        "optimize/wine-classifier-nightly",
+        "optimize/wine-classifier-on-new-data",
+    ]
     for name, project in stack["projects"].items():
         data = load_config(project["config"]).resolved(project["root"]).data.dir
         nightly, on_new_data = (deployed[f"optimize/{name}-classifier-{kind}"] for kind in ("nightly", "on-new-data"))
         for d in (nightly, on_new_data):
-            assert d.parameters == {"config_path": str(project["config"]), "root": str(project["root"]),
-                                    "overrides": TINY, "lock_wait_s": 3600}
+            assert d.parameters == {
+                "config_path": str(project["config"]),
+                "root": str(project["root"]),
+                "overrides": TINY,
+                "lock_wait_s": 3600,
+            }
         assert nightly.runs_on == "cron 0 2 * * *"
         assert on_new_data.runs_on == f"event modelforge.data.changed of {data_resource(data)}"
     # A second project's model under a name already deployed would take the first one's deployments over.
@@ -143,7 +169,11 @@ def test_nightly_deployment_run_on_demand_from_a_project_folder_finishes(stack):
     cancer = stack["projects"]["cancer"]
     started = subprocess.run(
         [sys.executable, "-m", "prefect", "deployment", "run", "optimize/cancer-classifier-nightly"],
-        cwd=cancer["root"], env={**stack["env"], "PREFECT_API_URL": stack["url"]}, capture_output=True, text=True)
+        cwd=cancer["root"],
+        env={**stack["env"], "PREFECT_API_URL": stack["url"]},
+        capture_output=True,
+        text=True,
+    )
     assert started.returncode == 0, started.stdout + started.stderr
     flow_run_id = re.search(r"UUID: ([0-9a-f-]{36})", started.stdout).group(1)
     assert final_state(flow_run_id).is_completed()
@@ -168,17 +198,24 @@ def test_new_rows_in_one_project_start_its_on_new_data_run_only(stack):
     # The flow runs on the server (the nightly schedules' future runs aside): each deployment ran only when asked.
     with get_client(sync_client=True) as c:
         names = {d.id: f"optimize/{d.name}" for d in c.read_deployments()}
-        ran = sorted((names[r.deployment_id], r.name, r.state.name, r.total_run_time.total_seconds())
-                     for r in c.read_flow_runs() if r.deployment_id and r.state.type != StateType.SCHEDULED)
+        ran = sorted(
+            (names[r.deployment_id], r.name, r.state.name, r.total_run_time.total_seconds())
+            for r in c.read_flow_runs()
+            if r.deployment_id and r.state.type != StateType.SCHEDULED
+        )
     print("".join(f"\nflow run {run:<22} {deployment:<40} {state} ({s:.0f} s)" for deployment, run, state, s in ran))
-    assert [(d, state) for d, _, state, _ in ran] == [("optimize/cancer-classifier-nightly", "Completed"),
-                                                 ("optimize/wine-classifier-on-new-data", "Completed")]
+    assert [(d, state) for d, _, state, _ in ran] == [
+        ("optimize/cancer-classifier-nightly", "Completed"),
+        ("optimize/wine-classifier-on-new-data", "Completed"),
+    ]
 
 
 def test_remove_and_stack_stop(stack):
     removed = remove_model("cancer-classifier")
-    assert sorted(d.name for d in removed) == ["optimize/cancer-classifier-nightly",
-                                              "optimize/cancer-classifier-on-new-data"]
+    assert sorted(d.name for d in removed) == [
+        "optimize/cancer-classifier-nightly",
+        "optimize/cancer-classifier-on-new-data",
+    ]
     assert sorted(d.model for d in list_deployments()) == ["wine-classifier", "wine-classifier"]
     first = stack["projects"]["wine"]["root"]
     pids = json.loads((first / ".modelforge" / "stack.json").read_text())["pids"]

@@ -29,13 +29,17 @@ TINY = {
     "family": "minilm",
     "data": {"train_sentences": 96, "eval_sentences": 60, "queries": 20},
     "encoder": {"num_layers": 2},
-    "compress": {"candidates": {
-        "int8": [{"method": "ort_optimize"}, {"method": "quantize_dynamic", "per_channel": True}],
-        # One layer trained for one short epoch: far from the teacher, so the fidelity gates must reject it.
-        "student": [{"method": "distill_layers", "keep": [1], "epochs": 1, "lr": 1e-4, "batch": 32}],
-        "student_int8": [{"method": "distill_layers", "keep": [1], "epochs": 1, "lr": 1e-4, "batch": 32},
-                         {"method": "quantize_dynamic", "per_channel": True}],
-    }},
+    "compress": {
+        "candidates": {
+            "int8": [{"method": "ort_optimize"}, {"method": "quantize_dynamic", "per_channel": True}],
+            # One layer trained for one short epoch: far from the teacher, so the fidelity gates must reject it.
+            "student": [{"method": "distill_layers", "keep": [1], "epochs": 1, "lr": 1e-4, "batch": 32}],
+            "student_int8": [
+                {"method": "distill_layers", "keep": [1], "epochs": 1, "lr": 1e-4, "batch": 32},
+                {"method": "quantize_dynamic", "per_channel": True},
+            ],
+        }
+    },
     "validate": {"warmup": 2, "latency_runs": 10, "throughput_batch": 4, "throughput_runs": 2},
     "gates": {"min_cosine_worst": 0.95, "min_cosine_mean": 0.98, "min_top10_overlap": 0.6, "max_latency_ratio": None},
     "register": {"model_name": "tiny-minilm"},
@@ -65,8 +69,10 @@ def test_encoder_run_ships_a_gated_registered_model(shipped):
     assert m["baseline.cosine_min"] == pytest.approx(1.0, abs=1e-6)  # the reference against itself
     assert 0.95 <= m["int8.cosine_min"] < 1.0 and m["int8.size_bytes"] < m["baseline.size_bytes"] / 3
     assert m["student.passed"] == 0.0  # the crippled student is rejected on fidelity
-    reports = {r["name"]: r for r in json.loads(
-        mlflow.artifacts.load_text(f"runs:/{result['run_id']}/candidates/reports.json"))}
+    reports = {
+        r["name"]: r
+        for r in json.loads(mlflow.artifacts.load_text(f"runs:/{result['run_id']}/candidates/reports.json"))
+    }
     assert any("cosine" in gate for gate in reports["student"]["failed_gates"])
     compression = json.loads(mlflow.artifacts.load_text(f"runs:/{result['run_id']}/candidates/compression.json"))
     trained, reused = (compression[k]["info"]["distill_layers"] for k in ("student", "student_int8"))
@@ -117,6 +123,8 @@ def test_server_embeds_texts_with_the_shipped_encoder(shipped):
         output = manifest["outputs"][0]["name"]
         np.testing.assert_allclose(client.infer("tiny-minilm", [text]).as_numpy(output), expected, atol=1e-5)
         assert request(host, port, "POST", "/embed", {"texts": ["ok", 3]}) == (
-            400, {"error": "texts[1] is not a non-empty string (1 such item(s))"})
+            400,
+            {"error": "texts[1] is not a non-empty string (1 such item(s))"},
+        )
         status, body = request(host, port, "POST", "/predict", {"inputs": [[0.0]]})
         assert status == 400 and "sentence encoder" in body["error"]

@@ -72,6 +72,7 @@ def tamper(model: Path) -> None:
 
 # --- 1. A ship, promotion or rollback never deletes a folder modelforge did not write ----------------
 
+
 def test_publishing_onto_a_user_folder_is_refused_and_every_file_kept(cnn_bundle, tmp_path):
     files = user_folder(tmp_path / "mine")
     with pytest.raises(BundleError, match="not a bundle modelforge wrote"):
@@ -99,15 +100,20 @@ def test_own_and_pre_marker_bundles_are_replaced(cnn_bundle, tmp_path):
     assert json.loads((target / "manifest.json").read_text())["format"] == "modelforge-bundle/1"
 
 
-@pytest.mark.parametrize("raw, message", [
-    ({"register": {"bundle_dir": "."}}, "register.bundle_dir: .* is the project folder itself"),
-    ({"register": {"bundle_dir": ".."}}, "register.bundle_dir: .* is outside the project"),
-    ({"promote": {"champion_bundle_dir": "/tmp"}}, "promote.champion_bundle_dir: /tmp is outside"),
-    ({"workdir": "../elsewhere"}, "workdir: .* is outside the project"),
-    ({"data": {"dir": "/etc"}}, "data.dir: /etc is outside the project"),
-    ({"register": {"bundle_dir": "deploy"}, "promote": {"champion_bundle_dir": "deploy/champion"}},
-     "register.bundle_dir: .* would contain promote.champion_bundle_dir"),
-])
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        ({"register": {"bundle_dir": "."}}, "register.bundle_dir: .* is the project folder itself"),
+        ({"register": {"bundle_dir": ".."}}, "register.bundle_dir: .* is outside the project"),
+        ({"promote": {"champion_bundle_dir": "/tmp"}}, "promote.champion_bundle_dir: /tmp is outside"),
+        ({"workdir": "../elsewhere"}, "workdir: .* is outside the project"),
+        ({"data": {"dir": "/etc"}}, "data.dir: /etc is outside the project"),
+        (
+            {"register": {"bundle_dir": "deploy"}, "promote": {"champion_bundle_dir": "deploy/champion"}},
+            "register.bundle_dir: .* would contain promote.champion_bundle_dir",
+        ),
+    ],
+)
 def test_unsafe_paths_are_a_config_error(tmp_path, raw, message):
     with pytest.raises(ConfigError, match=message):
         parse_config(raw).resolved(tmp_path)
@@ -123,8 +129,9 @@ def test_every_unsafe_path_is_reported_at_once(tmp_path):
 
 def test_rollback_onto_a_user_folder_changes_nothing(tmp_path, capsys):
     files = user_folder(tmp_path / "mine")
-    (tmp_path / "c.yaml").write_text(yaml.safe_dump({"promote": {"champion_bundle_dir": "mine"},
-                                                     "tracking": {"uri": f"sqlite:///{tmp_path}/m.db"}}))
+    (tmp_path / "c.yaml").write_text(
+        yaml.safe_dump({"promote": {"champion_bundle_dir": "mine"}, "tracking": {"uri": f"sqlite:///{tmp_path}/m.db"}})
+    )
     assert main(["rollback", "--config", str(tmp_path / "c.yaml"), "--root", str(tmp_path)]) == 2
     assert "not a bundle modelforge wrote" in capsys.readouterr().err
     assert contents(tmp_path / "mine") == files
@@ -132,11 +139,17 @@ def test_rollback_onto_a_user_folder_changes_nothing(tmp_path, capsys):
 
 # --- 2. The server serves only the model its manifest describes -------------------------------------
 
+
 def test_server_refuses_to_start_on_a_tampered_model(cnn_bundle, tmp_path):
     served = publish_copy(cnn_bundle, tmp_path / "served")
     tamper(served / "model.onnx")
-    proc = subprocess.run([sys.executable, "-m", "flows.cli", "serve", "--bundle", str(served), "--port",
-                           str(free_port())], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    proc = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "serve", "--bundle", str(served), "--port", str(free_port())],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
     assert proc.returncode == 2 and "does not match the manifest" in proc.stderr, proc.stderr[-2000:]
 
 
@@ -163,6 +176,7 @@ def test_model_info_shows_no_absolute_paths(cnn_bundle, tmp_path):
 
 # --- 8. Bad requests are a 4xx, never a 500, and a large body is refused before it is read -----------
 
+
 @pytest.fixture(scope="module")
 def strict_server(cnn_bundle, tmp_path_factory):
     served = publish_copy(cnn_bundle, tmp_path_factory.mktemp("strict") / "served")
@@ -170,8 +184,9 @@ def strict_server(cnn_bundle, tmp_path_factory):
         yield host, port
 
 
-def post(host: str, port: int, body, content_type: str = "application/json", chunked: bool = False,
-         path: str = "/predict") -> tuple[int, dict]:
+def post(
+    host: str, port: int, body, content_type: str = "application/json", chunked: bool = False, path: str = "/predict"
+) -> tuple[int, dict]:
     conn = http.client.HTTPConnection(host, port, timeout=30)
     try:
         conn.request("POST", path, body=body, headers={"Content-Type": content_type}, encode_chunked=chunked)
@@ -190,7 +205,9 @@ def sample(value) -> str:
 def v2(datatype="FP32", shape=(1, 1, 8, 8), data=None, name="input", **extra) -> bytes:
     """An Open Inference Protocol v2 request for the served digits model."""
     data = np.zeros(shape).tolist() if data is None else data
-    return json.dumps({"inputs": [{"name": name, "datatype": datatype, "shape": list(shape), "data": data, **extra}]}).encode()
+    return json.dumps(
+        {"inputs": [{"name": name, "datatype": datatype, "shape": list(shape), "data": data, **extra}]}
+    ).encode()
 
 
 INFER = "/v2/models/model/infer"
@@ -199,38 +216,47 @@ JSON = "application/json"
 
 # One table of malformed requests for every protocol the server speaks: each is a clear 4xx naming
 # the problem, and the server answers the next request.
-@pytest.mark.parametrize("path, body, content_type, status, message", [
-    ("/predict", b"{not json", JSON, 400, "not valid JSON"),
-    ("/predict", json.dumps({"data": []}).encode(), JSON, 400, '"inputs"'),
-    ("/predict", json.dumps({"inputs": [[1, 2], [3]]}).encode(), JSON, 400, "rectangular"),
-    ("/predict", json.dumps({"inputs": "eight by eight"}).encode(), JSON, 400, "only numbers"),
-    ("/predict", json.dumps({"inputs": np.zeros((2, 64)).tolist()}).encode(), JSON, 400, "expected ['batch', 1, 8, 8]"),
-    ("/predict", json.dumps({"inputs": np.zeros((2, 1, 8, 7)).tolist()}).encode(), JSON, 400, "shape [2, 1, 8, 7]"),
-    ("/predict", json.dumps({"inputs": []}).encode(), JSON, 400, "shape [0]"),
-    ("/predict", sample("NaN").encode(), JSON, 400, "NaN is not a number JSON allows"),
-    ("/predict", json.dumps({"inputs": np.zeros((1025, 1, 8, 8)).tolist()}).encode(), JSON, 413, "limit of 1024"),
-    ("/predict", b'{"inputs": ' + b"[" * 1000 + b"1" + b"]" * 1000 + b"}", JSON, 400, "nested"),
-    ("/predict", sample("1" * 400).encode(), JSON, 400, "400 digits"),
-    ("/predict", sample('"0.5"').encode(), JSON, 400, "only numbers"),
-    ("/predict", sample("true").encode(), JSON, 400, "only numbers, found bool"),
-    ("/predict", sample("1").encode(), "text/plain", 415, "application/json"),
-    ("/predict", sample("1e39").encode(), JSON, 400, "float32"),
-    ("/predict", json.dumps({"inputs": np.full((1, 1, 8, 8), 3e38).tolist()}).encode(), JSON, 400, "not finite"),
-    ("/predict", b'{"inputs": [' + b"0.5, " * 400_000 + b"0.5]}", JSON, 413, "limit of 1000000 bytes"),
-    ("/embed", json.dumps({"texts": ["a"]}).encode(), JSON, 400, "this bundle is a classifier"),
-    (INFER, b"{not json", JSON, 400, "not valid JSON"),
-    (INFER, json.dumps({"inputs": {}}).encode(), JSON, 400, '"inputs" array'),
-    (INFER, v2(name="pixels"), JSON, 400, "inputs must be exactly ['input']"),
-    (INFER, v2(datatype="INT64"), JSON, 400, "datatype INT64, the model expects FP32"),
-    (INFER, v2(shape=(1, 64)), JSON, 400, "shape [1, 64], the model expects [-1, 1, 8, 8]"),
-    (INFER, v2(data=[0.5] * 63), JSON, 400, "63 values do not fill shape [1, 1, 8, 8]"),
-    (INFER, v2(data=["0.5"] * 64), JSON, 400, "must hold only numbers"),
-    (INFER, v2(data=[1e39] * 64), JSON, 400, "NaN or infinity"),
-    (INFER, v2(shape=(1025, 1, 8, 8), data=[]), JSON, 413, "limit of 1024"),
-    (INFER, v2(data=None, parameters={"binary_data_size": 256}), JSON, 400, "runs past the body"),
-    (INFER, v2(data=[3e38] * 64), JSON, 400, "not finite"),
-    ("/v2/models/other/infer", v2(), JSON, 404, "unknown model 'other'"),
-])
+@pytest.mark.parametrize(
+    "path, body, content_type, status, message",
+    [
+        ("/predict", b"{not json", JSON, 400, "not valid JSON"),
+        ("/predict", json.dumps({"data": []}).encode(), JSON, 400, '"inputs"'),
+        ("/predict", json.dumps({"inputs": [[1, 2], [3]]}).encode(), JSON, 400, "rectangular"),
+        ("/predict", json.dumps({"inputs": "eight by eight"}).encode(), JSON, 400, "only numbers"),
+        (
+            "/predict",
+            json.dumps({"inputs": np.zeros((2, 64)).tolist()}).encode(),
+            JSON,
+            400,
+            "expected ['batch', 1, 8, 8]",
+        ),
+        ("/predict", json.dumps({"inputs": np.zeros((2, 1, 8, 7)).tolist()}).encode(), JSON, 400, "shape [2, 1, 8, 7]"),
+        ("/predict", json.dumps({"inputs": []}).encode(), JSON, 400, "shape [0]"),
+        ("/predict", sample("NaN").encode(), JSON, 400, "NaN is not a number JSON allows"),
+        ("/predict", json.dumps({"inputs": np.zeros((1025, 1, 8, 8)).tolist()}).encode(), JSON, 413, "limit of 1024"),
+        ("/predict", b'{"inputs": ' + b"[" * 1000 + b"1" + b"]" * 1000 + b"}", JSON, 400, "nested"),
+        ("/predict", sample("1" * 400).encode(), JSON, 400, "400 digits"),
+        ("/predict", sample('"0.5"').encode(), JSON, 400, "only numbers"),
+        ("/predict", sample("true").encode(), JSON, 400, "only numbers, found bool"),
+        ("/predict", sample("1").encode(), "text/plain", 415, "application/json"),
+        ("/predict", sample("1e39").encode(), JSON, 400, "float32"),
+        ("/predict", json.dumps({"inputs": np.full((1, 1, 8, 8), 3e38).tolist()}).encode(), JSON, 400, "not finite"),
+        ("/predict", b'{"inputs": [' + b"0.5, " * 400_000 + b"0.5]}", JSON, 413, "limit of 1000000 bytes"),
+        ("/embed", json.dumps({"texts": ["a"]}).encode(), JSON, 400, "this bundle is a classifier"),
+        (INFER, b"{not json", JSON, 400, "not valid JSON"),
+        (INFER, json.dumps({"inputs": {}}).encode(), JSON, 400, '"inputs" array'),
+        (INFER, v2(name="pixels"), JSON, 400, "inputs must be exactly ['input']"),
+        (INFER, v2(datatype="INT64"), JSON, 400, "datatype INT64, the model expects FP32"),
+        (INFER, v2(shape=(1, 64)), JSON, 400, "shape [1, 64], the model expects [-1, 1, 8, 8]"),
+        (INFER, v2(data=[0.5] * 63), JSON, 400, "63 values do not fill shape [1, 1, 8, 8]"),
+        (INFER, v2(data=["0.5"] * 64), JSON, 400, "must hold only numbers"),
+        (INFER, v2(data=[1e39] * 64), JSON, 400, "NaN or infinity"),
+        (INFER, v2(shape=(1025, 1, 8, 8), data=[]), JSON, 413, "limit of 1024"),
+        (INFER, v2(data=None, parameters={"binary_data_size": 256}), JSON, 400, "runs past the body"),
+        (INFER, v2(data=[3e38] * 64), JSON, 400, "not finite"),
+        ("/v2/models/other/infer", v2(), JSON, 404, "unknown model 'other'"),
+    ],
+)
 def test_malformed_requests_are_a_clear_4xx(strict_server, path, body, content_type, status, message):
     got_status, got = post(*strict_server, body, content_type, path=path)
     assert got_status == status and message in got["error"], got
@@ -299,8 +325,9 @@ def test_a_slow_inference_does_not_stall_the_event_loop(cnn_bundle, tmp_path, sp
     with running_server(app) as (host, port):
         holder = app.state.ctx.holder
         holder.model = dataclasses.replace(holder.model, session=SlowSession(holder.model.session))
-        slow = threading.Thread(target=request, args=(host, port, "POST", "/predict",
-                                                       {"inputs": splits.test[0][:1].tolist()}))
+        slow = threading.Thread(
+            target=request, args=(host, port, "POST", "/predict", {"inputs": splits.test[0][:1].tolist()})
+        )
         slow.start()
         time.sleep(0.3)
         start = time.monotonic()
@@ -312,6 +339,7 @@ def test_a_slow_inference_does_not_stall_the_event_loop(cnn_bundle, tmp_path, sp
 
 # --- 3, 4. Ctrl-C and SIGTERM stop a run cleanly; a SIGKILLed run is closed by the next one ----------
 
+
 class Run:
     """`modelforge run` in its own session with SIGINT restored, as a terminal would start it (a
     background job of a non-interactive shell would ignore SIGINT)."""
@@ -319,8 +347,13 @@ class Run:
     def __init__(self, root: Path, config: Path):
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "flows.cli", "run", "--config", str(config), "--root", str(root)],
-            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )
         self.lines: list[str] = []
         threading.Thread(target=lambda: self.lines.extend(self.proc.stdout), daemon=True).start()
 
@@ -369,15 +402,21 @@ class Run:
 def finished_trials(root: Path) -> int:
     [db] = (root / ".modelforge" / "search").glob("optuna.db")
     [summary] = optuna.get_all_study_summaries(f"sqlite:///{db}")
-    return len(optuna.load_study(study_name=summary.study_name, storage=f"sqlite:///{db}")
-               .get_trials(states=(TrialState.COMPLETE,)))
+    return len(
+        optuna.load_study(study_name=summary.study_name, storage=f"sqlite:///{db}").get_trials(
+            states=(TrialState.COMPLETE,)
+        )
+    )
 
 
 @pytest.mark.e2e
 def test_signals_stop_the_run_cleanly_and_a_rerun_resumes(tmp_path):
     config = tmp_path / "long.yaml"
-    config.write_text(yaml.safe_dump({"search": {"n_trials": 1000, "epochs": 15, "space": TINY_SPACE},
-                                      "tracking": {"experiment": "signals"}}))
+    config.write_text(
+        yaml.safe_dump(
+            {"search": {"n_trials": 1000, "epochs": 15, "space": TINY_SPACE}, "tracking": {"experiment": "signals"}}
+        )
+    )
     # Ctrl-C in a terminal: SIGINT to the whole process group.
     first = Run(tmp_path, config)
     first.wait_for(r"\[search\] trial 2/1000")
@@ -401,20 +440,25 @@ def test_signals_stop_the_run_cleanly_and_a_rerun_resumes(tmp_path):
 
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/.modelforge/mlflow.db")
     client = MlflowClient()
-    every = client.search_runs([client.get_experiment_by_name("signals").experiment_id],
-                               order_by=["attributes.start_time ASC"])
+    every = client.search_runs(
+        [client.get_experiment_by_name("signals").experiment_id], order_by=["attributes.start_time ASC"]
+    )
     parents = [r for r in every if "mlflow.parentRunId" not in r.data.tags]
     expected = [("KILLED", "stopped by SIGINT"), ("FAILED", "orphaned: its process"), ("KILLED", "stopped by SIGTERM")]
     assert [r.info.status for r in parents] == [status for status, _ in expected]
     for run, (_, reason) in zip(parents, expected, strict=True):
         assert reason in run.data.tags["error"], run.data.tags["error"]
     assert not [r for r in every if r.info.status == "RUNNING"]  # no trial run left RUNNING either
-    interrupted = [r for r in every if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id
-                   and r.info.status != "FINISHED"]
+    interrupted = [
+        r
+        for r in every
+        if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id and r.info.status != "FINISHED"
+    ]
     assert [r.info.status for r in interrupted] == ["KILLED"]  # the trial that was training
 
 
 # --- 5. Failures surface with their real exception and do not eat the next run's budget --------------
+
 
 def search_cfg(**kw) -> SearchConfig:
     return SearchConfig(epochs=1, space=TINY_SPACE, **kw)
@@ -432,23 +476,31 @@ def test_failures_of_an_earlier_run_do_not_use_up_the_budget(data_dir, tmp_path)
 def test_a_failure_outside_training_reports_its_real_error(data_dir, tmp_path):
     tracking.setup_tracking(TrackingConfig(uri=f"sqlite:///{tmp_path}/m.db", artifact_dir=tmp_path / "a"))
     cfg = search_cfg(n_trials=1)
-    run_trials(cfg, data_dir, tmp_path, "s", TrialTracking(f"sqlite:///{tmp_path}/m.db", "424242", "none"))  # no such experiment
+    run_trials(
+        cfg, data_dir, tmp_path, "s", TrialTracking(f"sqlite:///{tmp_path}/m.db", "424242", "none")
+    )  # no such experiment
     with pytest.raises(SearchError) as err:
         summarize_search(cfg, tmp_path, "s")
     assert "trial 0: MlflowException" in str(err.value) and "?" not in str(err.value)
 
 
 def tiny_project(root: Path, **sections) -> Path:
-    raw = {"search": {"n_trials": 1, "epochs": 1, "space": TINY_SPACE}, "train": {"max_epochs": 2},
-           "compress": {"candidates": {}}, "tracking": {"experiment": "faults"}, **sections}
+    raw = {
+        "search": {"n_trials": 1, "epochs": 1, "space": TINY_SPACE},
+        "train": {"max_epochs": 2},
+        "compress": {"candidates": {}},
+        "tracking": {"experiment": "faults"},
+        **sections,
+    }
     (root / "c.yaml").write_text(yaml.safe_dump(raw))
     return root / "c.yaml"
 
 
 @pytest.mark.e2e
 def test_an_unreachable_study_storage_fails_the_run_with_its_own_error(prefect_api, tmp_path):
-    config = tiny_project(tmp_path, search={"n_trials": 1, "space": TINY_SPACE,
-                                            "storage": "postgresql+psycopg://u@127.0.0.1:9/none"})
+    config = tiny_project(
+        tmp_path, search={"n_trials": 1, "space": TINY_SPACE, "storage": "postgresql+psycopg://u@127.0.0.1:9/none"}
+    )
     with pytest.raises(Exception) as err:  # no database listens on port 9
         optimize(config_path=str(config), root=str(tmp_path))
     # Before: AttributeError: 'NoneType' object has no attribute 'flat'. Now the real error, raised where the
@@ -461,6 +513,7 @@ def test_an_unreachable_study_storage_fails_the_run_with_its_own_error(prefect_a
 
 # --- 6. One run at a time per work dir ----------------------------------------------------------------
 
+
 def test_a_second_run_on_a_busy_workdir_names_the_run_that_holds_it(prefect_api, tmp_path):
     config = tiny_project(tmp_path)
     with lock_workdir(tmp_path / ".modelforge", "optimize --config other.yaml") as note:
@@ -471,6 +524,7 @@ def test_a_second_run_on_a_busy_workdir_names_the_run_that_holds_it(prefect_api,
 
 
 # --- 7. Labels and manifests are checked before training, not after registering --------------------
+
 
 def test_two_d_labels_and_a_missing_manifest_key_are_one_data_error(tmp_path):
     materialize_digits(DataConfig(), tmp_path)
@@ -484,6 +538,7 @@ def test_two_d_labels_and_a_missing_manifest_key_are_one_data_error(tmp_path):
 
 
 # --- 9. Config: every problem in one pass; a failed run is filed where the config says -----------------
+
 
 def test_field_and_cross_field_problems_are_reported_together():
     with pytest.raises(ConfigError) as err:
@@ -505,11 +560,21 @@ def test_a_bad_config_is_filed_under_the_experiment_it_names(tmp_path):
 
 # --- 10. No pickles: task results are JSON, checkpoints load weights only ----------------------------
 
+
 def test_the_cached_training_result_is_json(prefect_api, data_dir, train_cfg, tmp_path):
     from prefect.settings import PREFECT_LOCAL_STORAGE_PATH
 
-    best = {"family": "mlp", "lr": 0.01, "optimizer": "adam", "depth": 1, "width": 16, "activation": "relu",
-            "dropout": 0.0, "channels": 8, "kernel": 3}
+    best = {
+        "family": "mlp",
+        "lr": 0.01,
+        "optimizer": "adam",
+        "depth": 1,
+        "width": 16,
+        "activation": "relu",
+        "dropout": 0.0,
+        "channels": 8,
+        "kernel": 3,
+    }
 
     @flow
     def train_twice():
@@ -523,7 +588,12 @@ def test_the_cached_training_result_is_json(prefect_api, data_dir, train_cfg, tm
 
 def test_every_torch_load_is_weights_only():
     calls = []
-    for path in [*ROOT.glob("tasks/**/*.py"), *ROOT.glob("flows/*.py"), *ROOT.glob("deploy/*.py"), *ROOT.glob("bench/*.py")]:
+    for path in [
+        *ROOT.glob("tasks/**/*.py"),
+        *ROOT.glob("flows/*.py"),
+        *ROOT.glob("deploy/*.py"),
+        *ROOT.glob("bench/*.py"),
+    ]:
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Call) and ast.unparse(node.func) == "torch.load":
                 safe = any(k.arg == "weights_only" and ast.unparse(k.value) == "True" for k in node.keywords)

@@ -41,6 +41,7 @@ from tasks.release.ship import publish_copy
 
 # --- Config: bounded before it is parsed, every section typed -----------------------------------------
 
+
 def alias_bomb(levels: int, key: str = "student", indent: int = 8) -> str:
     """`key:` holding `levels` nested lists of ten aliases each: 10**levels copies of one small
     mapping, in under a kilobyte of YAML."""
@@ -60,11 +61,14 @@ def test_a_yaml_alias_bomb_is_refused_while_loading_with_a_short_message(tmp_pat
     assert len(str(err.value)) < 400, str(err.value)
 
 
-@pytest.mark.parametrize("student, message", [
-    ({"family": "cnn", "depth": 2, "width": 64}, "a cnn student needs channels"),
-    ({"family": "cnn", "depht": 2, "width": 64, "channels": 8}, r"student.depht: Extra inputs are not permitted"),
-    ({"family": "mlp", "depth": 2, "width": 10**9}, r"student.width: Input should be less than or equal to 4096"),
-])
+@pytest.mark.parametrize(
+    "student, message",
+    [
+        ({"family": "cnn", "depth": 2, "width": 64}, "a cnn student needs channels"),
+        ({"family": "cnn", "depht": 2, "width": 64, "channels": 8}, r"student.depht: Extra inputs are not permitted"),
+        ({"family": "mlp", "depth": 2, "width": 10**9}, r"student.width: Input should be less than or equal to 4096"),
+    ],
+)
 def test_the_distillation_student_is_a_checked_section(student, message):
     with pytest.raises(ConfigError, match=message):
         parse_config({"compress": {"candidates": {"small": [{"method": "distill", "student": student}]}}})
@@ -88,15 +92,19 @@ def test_unknown_keys_are_reported_by_line_and_their_values_never_built(tmp_path
     with pytest.raises(ConfigError) as err:
         load_config(config)
     assert "(3 problem(s))" in str(err.value), str(err.value)
-    assert "search.n_trails: unknown key (line 2)" in str(err.value) and "big_list: unknown key (line 4)" in str(err.value)
+    assert "search.n_trails: unknown key (line 2)" in str(err.value) and "big_list: unknown key (line 4)" in str(
+        err.value
+    )
     assert "search.epochs: Input should be greater than or equal to 1" in str(err.value)
 
 
 # --- Images: a pixel limit read from the header, in training and at the server ------------------------
 
+
 def png_bomb(width: int, height: int) -> bytes:
     """A gray PNG of width x height black pixels, compressed row by row: a few KB that decode to
     width * height bytes."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
@@ -123,8 +131,11 @@ def decodes(monkeypatch) -> list[int]:
 def test_an_image_over_the_pixel_limit_is_refused_by_name_before_it_is_decoded(tmp_path, decodes):
     write_images(tmp_path / "d")
     (tmp_path / "d" / "dark" / "bomb.png").write_bytes(png_bomb(4096, 4096))  # 16.8 MP in 17 KB
-    with pytest.raises(DataError, match=r"1 image\(s\) over the limit of 1,048,576 pixels \(data.max_image_pixels; "
-                                        r"refused before decoding\): dark/bomb.png \(4096x4096"):
+    with pytest.raises(
+        DataError,
+        match=r"1 image\(s\) over the limit of 1,048,576 pixels \(data.max_image_pixels; "
+        r"refused before decoding\): dark/bomb.png \(4096x4096",
+    ):
         describe_image_folder(folder_cfg(), tmp_path / "d")  # 16x16: 64 x 256 px is under the 1 MP floor
     assert max(decodes) < 1000
 
@@ -145,19 +156,31 @@ def image_server(cnn_bundle, tmp_path_factory):
     pixel limits existed: the derived ones hold (1 MP an image, 16 MP a request)."""
     served = publish_copy(cnn_bundle, tmp_path_factory.mktemp("images") / "served")
     manifest = json.loads((served / "manifest.json").read_text())
-    manifest["preprocessing"] = {"kind": "image", "size": [8, 8], "channels": 1, "color": "gray",
-                                 "mean": [0.0], "std": [1.0]}
+    manifest["preprocessing"] = {
+        "kind": "image",
+        "size": [8, 8],
+        "channels": 1,
+        "color": "gray",
+        "mean": [0.0],
+        "std": [1.0],
+    }
     (served / "manifest.json").write_text(json.dumps(manifest))
     with running_server(create_app(BundleSource(served))) as (host, port):
         yield host, port
 
 
-@pytest.mark.parametrize("images, status, message", [
-    ([png_bomb(2048, 2048)], 400, "image 0: 2048x2048 = 4,194,304 pixels, over the limit of 1,048,576"),
-    ([png_bomb(1000, 1000)] * 20, 400, "the 20 images hold 20,000,000 pixels together, over the limit of 16,777,216 "
-                                       "per request"),
-    ([png_bomb(64, 64)] * 4, 200, None),
-])
+@pytest.mark.parametrize(
+    "images, status, message",
+    [
+        ([png_bomb(2048, 2048)], 400, "image 0: 2048x2048 = 4,194,304 pixels, over the limit of 1,048,576"),
+        (
+            [png_bomb(1000, 1000)] * 20,
+            400,
+            "the 20 images hold 20,000,000 pixels together, over the limit of 16,777,216 per request",
+        ),
+        ([png_bomb(64, 64)] * 4, 200, None),
+    ],
+)
 def test_served_images_over_the_pixel_limits_are_a_400(image_server, images, status, message):
     body = json.dumps({"images": [base64.b64encode(image).decode() for image in images]}).encode()
     got_status, got = post(*image_server, body)
@@ -165,6 +188,7 @@ def test_served_images_over_the_pixel_limits_are_a_400(image_server, images, sta
 
 
 # --- Data folders: nothing DVC cannot version as written, nothing of the user's rewritten -------------
+
 
 def test_a_file_name_that_is_not_utf8_is_one_data_error_naming_it_before_dvc_runs(tmp_path):
     write_images(tmp_path / "d")  # valid otherwise: `dvc add` used to be the first to trip on it
@@ -188,12 +212,16 @@ def test_a_parquet_list_column_is_a_data_error_naming_it_and_init_drops_it(tmp_p
     (tmp_path / "d").mkdir()
     rng = np.random.default_rng(0)
     pd.DataFrame({"x": rng.normal(size=40), "tags": [[1, 2]] * 40, "label": ["a", "b"] * 20}).to_parquet(
-        tmp_path / "d" / "t.parquet")
+        tmp_path / "d" / "t.parquet"
+    )
     with pytest.raises(DataError, match=r"'tags' \(list<element: int64>\); list them in data.drop"):
         describe_table(TableDataConfig(dataset="table", label="label"), tmp_path / "d")
     assert main(["init", "--root", str(tmp_path), "--data", "d/t.parquet", "--label", "label", "--out", "c.yaml"]) == 0
     text = (tmp_path / "c.yaml").read_text()
-    assert "column 'tags' holds nested values (list<element: int64>): listed in data.drop" in text and "drop: [tags]" in text
+    assert (
+        "column 'tags' holds nested values (list<element: int64>): listed in data.drop" in text
+        and "drop: [tags]" in text
+    )
     manifest, _ = describe_table(load_config(tmp_path / "c.yaml").data, tmp_path / "d")
     assert list(manifest["schema"]) == ["x"]
 
@@ -205,8 +233,7 @@ def test_init_and_the_manifest_say_what_reading_a_table_decided(tmp_path):
     (tmp_path / "d" / "t.csv").write_text("x,x,amount,label\n" + "\n".join(rows) + "\n")
     assert main(["init", "--root", str(tmp_path), "--data", "d/t.csv", "--label", "label", "--out", "c.yaml"]) == 0
     manifest, _ = describe_table(load_config(tmp_path / "c.yaml").data, tmp_path / "d")
-    junk = ("column 'amount' is read as categorical, yet 57 of its 60 values are numbers: 3 are not ('12kg', '?', "
-            "'abc')")
+    junk = "column 'amount' is read as categorical, yet 57 of its 60 values are numbers: 3 are not ('12kg', '?', 'abc')"
     repeat = "column 'x.1' is a repeat of the header name 'x' (pandas renamed it)"
     text = (tmp_path / "c.yaml").read_text()
     assert junk in text and repeat in text
@@ -214,6 +241,7 @@ def test_init_and_the_manifest_say_what_reading_a_table_decided(tmp_path):
 
 
 # --- Runs: what the next run cleans up, what a failing one prints ------------------------------------
+
 
 @pytest.fixture(scope="module")
 def tracking(tmp_path_factory) -> dict:
@@ -231,9 +259,11 @@ def kill_during(monkeypatch, step: str) -> None:
             shutil.copyfile(Path(args[0]) / "model.onnx", Path(args[1]) / "model.onnx")
         raise Killed
 
-    fake = types.SimpleNamespace(copytree=killed if step == "copy" else shutil.copytree,
-                                 rmtree=killed if step == "delete" else lambda *a, **k: None,
-                                 copyfile=shutil.copyfile)
+    fake = types.SimpleNamespace(
+        copytree=killed if step == "copy" else shutil.copytree,
+        rmtree=killed if step == "delete" else lambda *a, **k: None,
+        copyfile=shutil.copyfile,
+    )
     monkeypatch.setattr("tasks.release.ship.shutil", fake)
 
 
@@ -266,8 +296,9 @@ def test_a_data_error_prints_one_clean_line_and_no_traceback(prefect_api, tracki
     (tmp_path / "mydata" / "t.csv").write_text("a,label\n1,x\n")
     (tmp_path / "mydata" / "extra.npy").symlink_to(tmp_path / "c.yaml")  # refused before any DVC command
     config = tmp_path / "c.yaml"
-    config.write_text(yaml.safe_dump({"data": {"dataset": "table", "dir": "mydata", "label": "label"},
-                                      "tracking": tracking}))
+    config.write_text(
+        yaml.safe_dump({"data": {"dataset": "table", "dir": "mydata", "label": "label"}, "tracking": tracking})
+    )
     assert main(["run", "--config", str(config), "--root", str(tmp_path)]) == 2
     out, err = capfd.readouterr()
     assert "Traceback" not in out + err, (out + err)[-3000:]
@@ -275,6 +306,7 @@ def test_a_data_error_prints_one_clean_line_and_no_traceback(prefect_api, tracki
 
 
 # --- Checkpoints: refused without advice to unpickle ------------------------------------------------
+
 
 @pytest.mark.parametrize("loader", [load_checkpoint, read_weights])
 def test_a_pickled_model_is_refused_without_suggesting_the_unsafe_loader(tmp_path, loader):

@@ -38,7 +38,8 @@ def _project(tmp_path: Path) -> Path:
     (tmp_path / "acme" / "layers.py").write_text("WIDTH = 32\n")
     (tmp_path / "acme" / "nets.py").write_text(
         "import torch\nfrom torch import nn\nfrom .layers import WIDTH\n\n"
-        "def build(num_classes, input_shape):\n    return nn.Linear(WIDTH, num_classes)\n")
+        "def build(num_classes, input_shape):\n    return nn.Linear(WIDTH, num_classes)\n"
+    )
     (tmp_path / "w.pt").write_bytes(b"weights v1")
     (tmp_path / "hf").mkdir()
     (tmp_path / "hf" / "model.safetensors").write_bytes(b"checkpoint v1")
@@ -58,29 +59,44 @@ def test_fingerprint_and_train_key_change_when_user_files_change(tmp_path, monke
     root = _project(tmp_path)
     monkeypatch.syspath_prepend(str(root))  # as the run's pre-training check does, for every stage
     (root / "init.pt").write_bytes(b"init v1")
-    cfg = PipelineConfig.model_validate({"model": {"spec": "acme.nets:build", "weights": "w.pt"},
-                                         "train": {"init_from": "init.pt"},
-                                         "compress": {"candidates": {"int8": [{"method": "quantize_dynamic"}]}}}
-                                        ).anchored(root)
-    hf_cfg = PipelineConfig.model_validate({"data": {"dataset": "image_folder", "dir": "data"},
-                                            "model": {"pretrained": "hf"}}).anchored(root)
+    cfg = PipelineConfig.model_validate(
+        {
+            "model": {"spec": "acme.nets:build", "weights": "w.pt"},
+            "train": {"init_from": "init.pt"},
+            "compress": {"candidates": {"int8": [{"method": "quantize_dynamic"}]}},
+        }
+    ).anchored(root)
+    hf_cfg = PipelineConfig.model_validate(
+        {"data": {"dataset": "image_folder", "dir": "data"}, "model": {"pretrained": "hf"}}
+    ).anchored(root)
     train = TrainConfig(init_from=root / "init.pt")
-    best = {"family": "custom", "spec": "acme.nets:build", "weights": str(root / "w.pt"), "pretrained": str(root / "hf")}
+    best = {
+        "family": "custom",
+        "spec": "acme.nets:build",
+        "weights": str(root / "w.pt"),
+        "pretrained": str(root / "hf"),
+    }
 
     def state():
         return fingerprint(cfg, "md5", root), fingerprint(hf_cfg, "md5", root), train_cache_key(train, best, "md5")
 
     before = state()
-    path, text = {"module": ("acme/nets.py", "WIDTH = 48\n"), "imported module": ("acme/layers.py", "WIDTH = 48\n"),
-                  "weights": ("w.pt", "weights v2"), "pretrained folder": ("hf/model.safetensors", "checkpoint v2"),
-                  "init_from": ("init.pt", "init v2")}[edit]
+    path, text = {
+        "module": ("acme/nets.py", "WIDTH = 48\n"),
+        "imported module": ("acme/layers.py", "WIDTH = 48\n"),
+        "weights": ("w.pt", "weights v2"),
+        "pretrained folder": ("hf/model.safetensors", "checkpoint v2"),
+        "init_from": ("init.pt", "init v2"),
+    }[edit]
     with open(root / path, "a") as f:
         f.write(text)
     after = state()
     assert before[0]["code_version"] == after[0]["code_version"]  # the pipeline's code did not change
     changed = {"pretrained folder": [1, 2]}.get(edit, [0, 2])
     for i in changed:
-        assert before[i] != after[i], f"{edit} edited in place, yet {['fingerprint', 'hf fingerprint', 'train key'][i]} is unchanged"
+        assert before[i] != after[i], (
+            f"{edit} edited in place, yet {['fingerprint', 'hf fingerprint', 'train key'][i]} is unchanged"
+        )
 
 
 def test_a_users_module_is_imported_as_it_is_now(tmp_path, monkeypatch):
@@ -93,9 +109,11 @@ def test_a_users_module_is_imported_as_it_is_now(tmp_path, monkeypatch):
         (folder / "zoo").mkdir(parents=True)
         (folder / "zoo" / "__init__.py").write_text("")
         (folder / "zoo" / "sizes.py").write_text(f"WIDTH = {width}\n")
-        (folder / "zoo" / "nets.py").write_text("from torch import nn\nfrom .sizes import WIDTH\n\n"
-                                                "def build(num_classes, input_shape):\n"
-                                                "    return nn.Linear(WIDTH, num_classes)\n")
+        (folder / "zoo" / "nets.py").write_text(
+            "from torch import nn\nfrom .sizes import WIDTH\n\n"
+            "def build(num_classes, input_shape):\n"
+            "    return nn.Linear(WIDTH, num_classes)\n"
+        )
     width = lambda: load_factory("zoo.nets:build")(2, (1,)).in_features
     monkeypatch.syspath_prepend(str(first))
     assert width() == 3

@@ -43,7 +43,8 @@ def user_module(root, name: str = "acme_nets") -> str:
     (root / f"{name}.py").write_text(
         "import math\nfrom torch import nn\n\n"
         "def linear(num_classes, input_shape):\n"
-        "    return nn.Sequential(nn.Flatten(), nn.Linear(math.prod(input_shape), num_classes))\n")
+        "    return nn.Sequential(nn.Flatten(), nn.Linear(math.prod(input_shape), num_classes))\n"
+    )
     return f"{name}:linear"
 
 
@@ -51,7 +52,9 @@ def test_texts_and_image_folders_are_recognised(tmp_path):
     docstring_topics(tmp_path / "texts", classes=2, per_class=40)
     cfg = load_config(init_config(tmp_path / "texts/data.csv", "label", None, "text.yaml", tmp_path))
     assert cfg.data.dataset == "text" and cfg.data.text == "text" and cfg.search.space.families == ["text"]
-    cfg = load_config(init_config(tmp_path / "texts/data.csv", "label", "minilm", "tuned.yaml", tmp_path))  # transfer learning
+    cfg = load_config(
+        init_config(tmp_path / "texts/data.csv", "label", "minilm", "tuned.yaml", tmp_path)
+    )  # transfer learning
     assert (cfg.model.pretrained, cfg.data.tokenizer, cfg.search.space.families) == ("minilm", "minilm", ["hf"])
     images = tmp_path / "images"
     png_classes(images)
@@ -73,8 +76,10 @@ def test_texts_and_image_folders_are_recognised(tmp_path):
     assert (cfg.data.image_size, cfg.data.color) == ((16, 16), "rgb")
     assert "student" in cfg.compress.candidates  # a Hugging Face teacher distils into its shallower twin
     # each model ships to bundle folders of its own
-    assert (str(cfg.register_.bundle_dir), str(cfg.promote.champion_bundle_dir)) == ("deploy/vit-bundle",
-                                                                                     "deploy/vit-champion")
+    assert (str(cfg.register_.bundle_dir), str(cfg.promote.champion_bundle_dir)) == (
+        "deploy/vit-bundle",
+        "deploy/vit-champion",
+    )
 
 
 def test_init_refuses_what_run_would_refuse(tmp_path):
@@ -114,7 +119,9 @@ def test_refusals_are_clear(tmp_path, capsys):
         init_config(tmp_path / "d/data.csv", "target", None, "c.yaml", tmp_path)
     with pytest.raises(ConfigError, match="known model families"):
         init_config(tmp_path / "d/data.csv", "label", "transformer", "c.yaml", tmp_path)
-    with pytest.raises(ConfigError, match=r"--model minilm is a pretrained Hugging Face model \(texts or images\); .* is table data"):
+    with pytest.raises(
+        ConfigError, match=r"--model minilm is a pretrained Hugging Face model \(texts or images\); .* is table data"
+    ):
         init_config(tmp_path / "d/data.csv", "label", "minilm", "c.yaml", tmp_path)
     with pytest.raises(ConfigError, match=r"--model resnet takes images; .* is table data"):
         init_config(tmp_path / "d/data.csv", "label", "resnet", "c.yaml", tmp_path)

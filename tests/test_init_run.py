@@ -31,18 +31,24 @@ def _texts_with_builtin_family(root):
     import pandas as pd
 
     rng = random.Random(0)
-    words = {"cooking": "oven flour sugar bake knead dough salt butter whisk pan".split(),
-             "sailing": "boat wind sail mast keel harbour tide rope anchor deck".split()}
-    rows = [{"text": " ".join(rng.choices(vocab, k=8)), "label": topic} for topic, vocab in words.items()
-            for _ in range(60)]
+    words = {
+        "cooking": "oven flour sugar bake knead dough salt butter whisk pan".split(),
+        "sailing": "boat wind sail mast keel harbour tide rope anchor deck".split(),
+    }
+    rows = [
+        {"text": " ".join(rng.choices(vocab, k=8)), "label": topic} for topic, vocab in words.items() for _ in range(60)
+    ]
     (root / "data" / "topics").mkdir(parents=True)
     pd.DataFrame(rows).to_csv(root / "data/topics/data.csv", index=False)
     return root / "data/topics/data.csv", "label", None
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("project", [_table_with_user_module, _images_with_hf_checkpoint, _texts_with_builtin_family],
-                         ids=["table+module", "images+hf", "text+builtin"])
+@pytest.mark.parametrize(
+    "project",
+    [_table_with_user_module, _images_with_hf_checkpoint, _texts_with_builtin_family],
+    ids=["table+module", "images+hf", "text+builtin"],
+)
 def test_what_init_writes_run_finishes(tmp_path, prefect_api, project):
     from flows.optimize import optimize
 

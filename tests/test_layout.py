@@ -36,7 +36,9 @@ def import_graph() -> dict[str, set[str]]:
             elif isinstance(node, ast.ImportFrom):
                 base = node.module or ""
                 if node.level:
-                    base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                    base = ".".join(
+                        package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else [])
+                    )
                 targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in mods else base for a in node.names]
             else:
                 continue
@@ -101,7 +103,11 @@ def test_no_package_imports_itself_back_through_others():
 
 
 def test_no_module_is_over_the_size_limit():
-    long = {m: n for m, p in modules().items() if m.startswith("tasks") and (n := len(p.read_text().splitlines())) > MAX_LINES}
+    long = {
+        m: n
+        for m, p in modules().items()
+        if m.startswith("tasks") and (n := len(p.read_text().splitlines())) > MAX_LINES
+    }
     assert long == {}
 
 

@@ -30,8 +30,10 @@ TINY = {
     "lm": {"model": "model", "max_length": 128},
     "data": {"window": 64, "max_windows": 3},
     # int8 keeps the tiny model's argmax; int4 everywhere (lm_head too) must fail the top-1 gate.
-    "compress": {"candidates": {"int8": {"bits": 8}, "int4": {"bits": 4, "lm_head": "int4"}},
-                 "search": {"n_trials": 1, "keep": 1, "trial_windows": 1}},
+    "compress": {
+        "candidates": {"int8": {"bits": 8}, "int4": {"bits": 4, "lm_head": "int4"}},
+        "search": {"n_trials": 1, "keep": 1, "trial_windows": 1},
+    },
     "validate": {"prompt_lengths": [8, 32], "new_tokens": 8, "rounds": 1},
     "gates": {"select_by": "size_bytes"},
     "register": {"model_name": "tiny-lm"},
@@ -99,10 +101,17 @@ def test_lm_gates_registry_and_search(project, shipped):
     assert m["baseline.top1"] == 1.0 and m["baseline.kl"] < 1e-3 and m["baseline.parity_max_abs"] < 1e-3
     assert m["int8.passed"] == 1.0 and m["int8.top1"] >= 0.9 and m["int8.size_bytes"] < 0.7 * m["baseline.size_bytes"]
     assert m["int4.passed"] == 0.0 and m["int4.size_bytes"] < m["int8.size_bytes"]
-    assert {"baseline.ttft_8_ms", "baseline.ttft_32_ms", "int8.decode_8_tok_s", "int8.peak_mb",
-            "baseline.kv_cache_mb"} <= set(m)
-    reports = {r["name"]: r for r in json.loads(mlflow.artifacts.load_text(
-        f"runs:/{shipped['run_id']}/candidates/reports.json"))}
+    assert {
+        "baseline.ttft_8_ms",
+        "baseline.ttft_32_ms",
+        "int8.decode_8_tok_s",
+        "int8.peak_mb",
+        "baseline.kv_cache_mb",
+    } <= set(m)
+    reports = {
+        r["name"]: r
+        for r in json.loads(mlflow.artifacts.load_text(f"runs:/{shipped['run_id']}/candidates/reports.json"))
+    }
     assert any(g.startswith("top-1 agreement") for g in reports["int4"]["failed_gates"])
     # The KV cache sized to max_length: 2 (k, v) x 2 layers x 2 KV heads x 16 dims x 128 positions x 4 bytes.
     assert m["baseline.kv_cache_mb"] == pytest.approx(2 * 2 * 2 * 16 * 128 * 4 / 2**20)
@@ -117,8 +126,12 @@ def test_lm_gates_registry_and_search(project, shipped):
     version = client.get_model_version_by_alias("tiny-lm", "champion")
     assert str(version.version) == shipped["version"] and shipped["promoted"]
     files = {f.path for f in client.list_artifacts(shipped["run_id"], "model")}
-    assert {"model/genai_config.json", "model/tokenizer_config.json", "model/generation_config.json",
-            "model/model.onnx"} <= files
+    assert {
+        "model/genai_config.json",
+        "model/tokenizer_config.json",
+        "model/generation_config.json",
+        "model/model.onnx",
+    } <= files
     assert float(version.tags["top1"]) == pytest.approx(m["int8.top1"], rel=1e-4)
     assert (project / "deploy" / "lm-champion" / "model" / "model.onnx").is_file()
 
@@ -129,11 +142,25 @@ def test_lm_gates_registry_and_search(project, shipped):
 def test_mixed_precision_keeps_the_most_sensitive_layers_at_int8(project, shipped):
     model = onnx.load(str(project / "deploy" / "lm-bundle" / "model" / "model.onnx"), load_external_data=False)
     # node_bits reads MatMul names; rebuild the FP32 names from the quantized graph's.
-    fp32 = onnx.helper.make_model(onnx.helper.make_graph(
-        [onnx.helper.make_node("MatMul", ["x", f"w{i}"], [f"y{i}"], name=n.name.removesuffix("_Q8").removesuffix("_Q4"))
-         for i, n in enumerate(model.graph.node) if n.op_type == "MatMulNBits"], "g", [], [],
-        [onnx.numpy_helper.from_array(np.zeros((1, 1), np.float32), f"w{i}")
-         for i, n in enumerate(model.graph.node) if n.op_type == "MatMulNBits"]))
+    fp32 = onnx.helper.make_model(
+        onnx.helper.make_graph(
+            [
+                onnx.helper.make_node(
+                    "MatMul", ["x", f"w{i}"], [f"y{i}"], name=n.name.removesuffix("_Q8").removesuffix("_Q4")
+                )
+                for i, n in enumerate(model.graph.node)
+                if n.op_type == "MatMulNBits"
+            ],
+            "g",
+            [],
+            [],
+            [
+                onnx.numpy_helper.from_array(np.zeros((1, 1), np.float32), f"w{i}")
+                for i, n in enumerate(model.graph.node)
+                if n.op_type == "MatMulNBits"
+            ],
+        )
+    )
     plan = node_bits(fp32, LMRecipe(bits=4, lm_head="fp32", int8_layers=1), sensitive=[1, 0])
     assert plan["/lm_head/MatMul"] is None
     assert {b for n, b in plan.items() if "/layers.1/" in n} == {8}
@@ -145,6 +172,7 @@ def test_champion_challenger_rule_is_a_paired_test_on_the_same_windows():
     test windows, or a matching perplexity and a decode speed-up whose interval over rounds lies above 1.05."""
     rng = np.random.default_rng(0)
     champion_nll = rng.normal(2.3, 0.2, 16)
+
     def window(shift, noise):
         jitter = rng.normal(0, noise, 16)
         nll = champion_nll + shift + jitter - jitter.mean()  # noise that averages out: `shift` is the whole effect
@@ -173,8 +201,13 @@ def test_bad_corpus_is_one_data_error(project, tmp_path):
     with pytest.raises(DataError) as err:
         describe_corpus(CorpusConfig(window=64, model=project / "model"), corpus)
     message = str(err.value)
-    for expected in ("empty.md: empty document", "latin1.txt: not UTF-8", "docs.jsonl line 2", "table.csv: not a .txt",
-                     "fewer than one evaluation window of 65"):
+    for expected in (
+        "empty.md: empty document",
+        "latin1.txt: not UTF-8",
+        "docs.jsonl line 2",
+        "table.csv: not a .txt",
+        "fewer than one evaluation window of 65",
+    ):
         assert expected in message, expected
 
 
@@ -188,8 +221,13 @@ def test_bad_model_folders_are_refused_before_the_data(project, prefect_api, tmp
     with pytest.raises(ConfigError) as err:
         optimize_lm(config_path=str(tmp_path / "config.yaml"), root=str(tmp_path))
     message = str(err.value)
-    for expected in ("pickled weights are refused", "pytorch_model.bin", "no *.safetensors", "BertForMaskedLM",
-                     "no tokenizer.json"):
+    for expected in (
+        "pickled weights are refused",
+        "pytorch_model.bin",
+        "no *.safetensors",
+        "BertForMaskedLM",
+        "no tokenizer.json",
+    ):
         assert expected in message, expected
     assert not (tmp_path / "corpus.dvc").exists()  # nothing was versioned
 

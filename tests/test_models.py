@@ -18,17 +18,23 @@ from tasks.models import (
 from tasks.onnx.export import export_onnx
 
 
-@pytest.mark.parametrize("arch", [
-    Arch("mlp", 10, (1, 8, 8), hidden=(16, 16, 16)),
-    Arch("cnn", 10, (1, 8, 8), conv=(4, 8, 16, 32), hidden=(8,)),  # deeper than the map can pool
-])
+@pytest.mark.parametrize(
+    "arch",
+    [
+        Arch("mlp", 10, (1, 8, 8), hidden=(16, 16, 16)),
+        Arch("cnn", 10, (1, 8, 8), conv=(4, 8, 16, 32), hidden=(8,)),  # deeper than the map can pool
+    ],
+)
 def test_forward_shapes(arch):
     assert build_model(arch)(torch.zeros(3, *arch.input_shape)).shape == (3, 10)
 
 
 def test_from_params_and_scaled():
-    cnn = arch_from_params({"family": "cnn", "depth": 3, "width": 64, "channels": 8, "activation": "gelu",
-                            "dropout": 0.2, "kernel": 5}, 10, (1, 8, 8))
+    cnn = arch_from_params(
+        {"family": "cnn", "depth": 3, "width": 64, "channels": 8, "activation": "gelu", "dropout": 0.2, "kernel": 5},
+        10,
+        (1, 8, 8),
+    )
     assert cnn.conv == (8, 16, 32) and cnn.hidden == (64,) and cnn.kernel == 5
     model = build_model(cnn)
     assert any(isinstance(m, torch.nn.GELU) for m in model) and any(isinstance(m, torch.nn.Dropout) for m in model)
@@ -112,8 +118,9 @@ def test_family_contract(family, tmp_path, local_checkpoint):
     tokens = family in ("text", "hf")
     x = (gen.integers(0, 24, (48, *shape)) if tokens else gen.normal(size=(48, *shape))).astype(np.float32)
     y = (x.reshape(48, -1).sum(1) > np.median(x.reshape(48, -1).sum(1))).astype(np.int64)
-    arch = arch_from_params({"family": family, **PARAMS, "pretrained": local_checkpoint}, 2, shape,
-                            vocab=30 if family == "text" else 0)
+    arch = arch_from_params(
+        {"family": family, **PARAMS, "pretrained": local_checkpoint}, 2, shape, vocab=30 if family == "text" else 0
+    )
     torch.manual_seed(0)
     model = build_model(arch)
 
@@ -122,8 +129,13 @@ def test_family_contract(family, tmp_path, local_checkpoint):
             return torch.nn.functional.cross_entropy(model.eval()(torch.from_numpy(x)), torch.from_numpy(y)).item()
 
     untrained, weights = loss(), {k: p.detach().clone() for k, p in model.named_parameters()}
-    fit(model, (x, y), (x, y), TrainParams(lr=0.01, optimizer="adam", epochs=2, patience=2, batch_size=16),
-        restore_best=False)
+    fit(
+        model,
+        (x, y),
+        (x, y),
+        TrainParams(lr=0.01, optimizer="adam", epochs=2, patience=2, batch_size=16),
+        restore_best=False,
+    )
     # It trains: two epochs lower the loss on what it trained on, and the optimizer moved the weights
     # (BatchNorm's running statistics alone also change an eval-mode loss).
     assert loss() < untrained
@@ -135,8 +147,9 @@ def test_family_contract(family, tmp_path, local_checkpoint):
     manifest = {"num_classes": 2, "input_shape": list(shape), "preprocessing": {"vocab_size": 30}}
     splits = Splits((x, y), (x, y), (x, y), 2, manifest)
     ctx = CompressContext(splits, TrainConfig(), ckpt, tmp_path / "pruned")
-    state = structured_prune(ModelState(ckpt), StructuredPrune(method="structured_prune", amount=0.5,
-                                                               finetune_epochs=1), ctx)
+    state = structured_prune(
+        ModelState(ckpt), StructuredPrune(method="structured_prune", amount=0.5, finetune_epochs=1), ctx
+    )
     pruned, _, _ = load_checkpoint(state.checkpoint)
     assert count_params(pruned) < 0.7 * count_params(model)
     assert accuracy(pruned, x, y) == state.info["structured_prune"]["val_acc_finetuned"]  # its weights, reloaded
@@ -183,7 +196,9 @@ def test_a_hugging_face_graph_takes_input_ids_and_attention_mask(local_checkpoin
     path = export_onnx(model, tmp_path / "hf.onnx", x).path
     session = make_session(path)
     assert [(i.name, i.type, i.shape) for i in session.get_inputs()] == [
-        ("input_ids", "tensor(int64)", ["batch", "tokens"]), ("attention_mask", "tensor(int64)", ["batch", "tokens"])]
+        ("input_ids", "tensor(int64)", ["batch", "tokens"]),
+        ("attention_mask", "tensor(int64)", ["batch", "tokens"]),
+    ]
     assert session.get_modelmeta().custom_metadata_map[PAD_KEY] == "0"
     with torch.no_grad():
         expected = model(torch.from_numpy(x)).numpy()
@@ -202,7 +217,10 @@ def test_custom_module_loads_pretrained_weights_and_refuses_ones_that_do_not_fit
     torch.save(pretrained.state_dict(), tmp_path / "w.pt")
     for weights in ("w.safetensors", "w.pt"):
         loaded = build_model(Arch(**{**arch.to_dict(), "weights": str(tmp_path / weights)}))
-        assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), pretrained.state_dict().values(), strict=True))
+        assert all(
+            torch.equal(a, b)
+            for a, b in zip(loaded.state_dict().values(), pretrained.state_dict().values(), strict=True)
+        )
     with pytest.raises(ValueError, match=r"fc.weight: \(3, 16\) in the file, \(5, 16\) in the model"):
         build_model(Arch(**{**arch.to_dict(), "num_classes": 5, "weights": str(tmp_path / "w.pt")}))
     torch.save(pretrained, tmp_path / "pickled.pt")  # a whole pickled module: refused, never unpickled

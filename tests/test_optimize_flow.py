@@ -19,14 +19,19 @@ from tasks.release.validate import GateError
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("prefect_api")]
 
 TINY = {
-    "search": {"n_trials": 2, "epochs": 2, "space": {"families": ["cnn"], "lr": [0.005, 0.02],
-                                                      "optimizers": ["adam"], "depth": [1, 1]}},
+    "search": {
+        "n_trials": 2,
+        "epochs": 2,
+        "space": {"families": ["cnn"], "lr": [0.005, 0.02], "optimizers": ["adam"], "depth": [1, 1]},
+    },
     "train": {"max_epochs": 10, "patience": 4},
-    "compress": {"candidates": {
-        "int8_static": [{"method": "quantize_static", "calibration_samples": 64}],
-        # Deliberately crippled: 1 epoch, 10% width. The accuracy gate must reject it.
-        "tiny_student": [{"method": "distill", "width_factor": 0.1, "epochs": 1}],
-    }},
+    "compress": {
+        "candidates": {
+            "int8_static": [{"method": "quantize_static", "calibration_samples": 64}],
+            # Deliberately crippled: 1 epoch, 10% width. The accuracy gate must reject it.
+            "tiny_student": [{"method": "distill", "width_factor": 0.1, "epochs": 1}],
+        }
+    },
     "validate": {"warmup": 3, "latency_runs": 20, "throughput_runs": 3},
     "gates": {"max_accuracy_drop": 2.0, "min_accuracy": 0.8, "max_latency_ratio": None},
     "register": {"model_name": "tiny-digits"},
@@ -104,8 +109,9 @@ def test_full_run_ships_a_gated_registered_model(tmp_path):
     assert skipped.info.status == "FINISHED" and "skipped" in skipped.data.tags
     assert len(MlflowClient().search_model_versions("name = 'tiny-digits'")) == 1
     # A config change is not "nothing new".
-    changed = optimize(config_path=str(write_config(tmp_path, {"gates": {"max_accuracy_drop": 2.5}})),
-                       root=str(tmp_path))
+    changed = optimize(
+        config_path=str(write_config(tmp_path, {"gates": {"max_accuracy_drop": 2.5}})), root=str(tmp_path)
+    )
     assert "skipped" not in changed and changed["version"] == "2"
     assert len([r for r in runs(tmp_path) if r.data.tags.get("mlflow.parentRunId") == changed["run_id"]]) == 0
 

@@ -35,16 +35,19 @@ def fast(speedup, low, high):
     return {"speedup": speedup, "interval": [low, high]}
 
 
-@pytest.mark.parametrize("quality, speed, promoted, why", [
-    (None, None, True, "no champion yet"),
-    (acc(2.0, 0.001), fast(0.5, 0.45, 0.55), True, "accuracy better by 2.00 pts (McNemar exact p = 0.001)"),
-    # better on paper, but the test cannot tell, and the speed-up may be noise: the champion stays
-    (acc(0.5, 0.3), fast(1.1, 1.01, 1.2), False, "not better by the test (+0.50 pts"),
-    (acc(-0.1, 0.8), fast(2.0, 1.8, 2.2), True, "within 0.25 pts (-0.10, McNemar exact p = 0.8) and 2.00x faster"),
-    (acc(-0.1, 0.8), fast(1.3, 1.04, 1.5), False, "not above 1.05x"),
-    (acc(-2.0, 0.01), fast(3.0, 2.9, 3.1), False, "accuracy worse by 2.00 pts"),
-    (acc(-0.2, 0.01), fast(3.0, 2.9, 3.1), False, "accuracy worse by 0.20 pts"),  # within tolerance but significant
-])
+@pytest.mark.parametrize(
+    "quality, speed, promoted, why",
+    [
+        (None, None, True, "no champion yet"),
+        (acc(2.0, 0.001), fast(0.5, 0.45, 0.55), True, "accuracy better by 2.00 pts (McNemar exact p = 0.001)"),
+        # better on paper, but the test cannot tell, and the speed-up may be noise: the champion stays
+        (acc(0.5, 0.3), fast(1.1, 1.01, 1.2), False, "not better by the test (+0.50 pts"),
+        (acc(-0.1, 0.8), fast(2.0, 1.8, 2.2), True, "within 0.25 pts (-0.10, McNemar exact p = 0.8) and 2.00x faster"),
+        (acc(-0.1, 0.8), fast(1.3, 1.04, 1.5), False, "not above 1.05x"),
+        (acc(-2.0, 0.01), fast(3.0, 2.9, 3.1), False, "accuracy worse by 2.00 pts"),
+        (acc(-0.2, 0.01), fast(3.0, 2.9, 3.1), False, "accuracy worse by 0.20 pts"),  # within tolerance but significant
+    ],
+)
 def test_decision_rule(quality, speed, promoted, why):
     ok, reason = decide(quality, speed, PromoteConfig())
     assert ok == promoted and why in reason
@@ -68,8 +71,9 @@ def test_paired_statistics():
 
 
 def test_champion_challenger_and_rollback(tmp_path, cnn_checkpoint, data_dir, train_cfg):
-    tracking.setup_tracking(TrackingConfig(uri=f"sqlite:///{tmp_path}/mlflow.db", experiment="promo",
-                                            artifact_dir=tmp_path / "art"))
+    tracking.setup_tracking(
+        TrackingConfig(uri=f"sqlite:///{tmp_path}/mlflow.db", experiment="promo", artifact_dir=tmp_path / "art")
+    )
     exp = MlflowClient().get_experiment_by_name("promo").experiment_id
     torch.manual_seed(0)
     arch = Arch("cnn", 10, (1, 8, 8), conv=(8, 16), hidden=(32,))
@@ -81,8 +85,13 @@ def test_champion_challenger_and_rollback(tmp_path, cnn_checkpoint, data_dir, tr
         onnx_path = compress_candidate(name, [], checkpoint, data_dir, train_cfg, tmp_path / "c").onnx
         run_id = tracking.start_run(exp, name)
         registered = register_model(onnx_path, reg_cfg, run_id, ClassifierEval(data_dir))
-        bundle = ship_bundle(onnx_path, tmp_path / f"bundle-{name}", ClassifierEval(data_dir), "v.dir",
-                             {"candidate": name, "registered_model": asdict(registered)})
+        bundle = ship_bundle(
+            onnx_path,
+            tmp_path / f"bundle-{name}",
+            ClassifierEval(data_dir),
+            "v.dir",
+            {"candidate": name, "registered_model": asdict(registered)},
+        )
         tracking.log_artifacts(run_id, bundle, "bundle")
         return promote_model(registered, bundle, cfg, FAST_TIMING, ClassifierEval(data_dir), run_id), bundle
 
@@ -128,8 +137,9 @@ def test_champion_challenger_and_rollback(tmp_path, cnn_checkpoint, data_dir, tr
 
 
 def test_rollback_without_previous_champion_is_a_clear_error(tmp_path):
-    tracking.setup_tracking(TrackingConfig(uri=f"sqlite:///{tmp_path}/mlflow.db", experiment="none",
-                                            artifact_dir=tmp_path / "art"))
+    tracking.setup_tracking(
+        TrackingConfig(uri=f"sqlite:///{tmp_path}/mlflow.db", experiment="none", artifact_dir=tmp_path / "art")
+    )
     with pytest.raises(ValueError, match="no 'previous-champion' version to roll back to"):
         rollback("never-registered", PromoteConfig(champion_bundle_dir=tmp_path / "champion"))
 
@@ -155,7 +165,13 @@ def test_a_champion_is_scored_in_its_own_encoding_when_the_data_grows(tmp_path):
     assert theirs._splits.test[0].shape == (len(ours._splits.test[0]), old["input_shape"][0])
     assert (theirs._splits.test[1] == ours._splits.test[1]).all()  # the same test rows, paired
     tensors = lambda width: [{"name": "x", "dtype": "tensor(float)", "shape": ["batch", width]}]
-    assert task_mismatch({"inputs": tensors(old["input_shape"][0]), "labels": old["classes"]},
-                         {"inputs": tensors(new["input_shape"][0]), "labels": new["classes"]}) == []
+    assert (
+        task_mismatch(
+            {"inputs": tensors(old["input_shape"][0]), "labels": old["classes"]},
+            {"inputs": tensors(new["input_shape"][0]), "labels": new["classes"]},
+        )
+        == []
+    )
     assert task_mismatch({"labels": ["a", "b"]}, {"labels": ["a", "b", "c"]}) == [
-        "classes: champion ['a', 'b'], challenger ['a', 'b', 'c']"]
+        "classes: champion ['a', 'b'], challenger ['a', 'b', 'c']"
+    ]

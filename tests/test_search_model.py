@@ -15,8 +15,9 @@ from tasks.search.space import SearchConfig
 
 @pytest.fixture()
 def tracking(tmp_path):
-    exp = setup_tracking(TrackingConfig(uri=f"sqlite:///{tmp_path}/mlflow.db", experiment="search",
-                                                  artifact_dir=tmp_path / "art"))
+    exp = setup_tracking(
+        TrackingConfig(uri=f"sqlite:///{tmp_path}/mlflow.db", experiment="search", artifact_dir=tmp_path / "art")
+    )
     return search_mod.TrialTracking(f"sqlite:///{tmp_path}/mlflow.db", exp, start_run(exp, "parent"))
 
 
@@ -51,7 +52,9 @@ def test_resume_runs_only_the_missing_trials(data_dir, tmp_path):
     assert first.completed_trials == 3
     before = frozen(study_of(first).trials)
     more = search_mod.search_model(small(n_trials=5), data_dir, tmp_path, "resume")
-    assert more.completed_trials == 5 and frozen(study_of(more).trials)[:3] == before  # the first three kept as they were
+    assert (
+        more.completed_trials == 5 and frozen(study_of(more).trials)[:3] == before
+    )  # the first three kept as they were
     assert search_mod.run_trials(small(n_trials=5), data_dir, tmp_path, "resume") == 0  # nothing left to run
     assert len(study_of(more).trials) == 5
 
@@ -108,10 +111,19 @@ def test_all_trials_failing_is_an_error(data_dir, tmp_path, monkeypatch):
 
 
 def test_grid_visits_exactly_the_grid(data_dir, tmp_path):
-    space = {**FAST, "optimizers": ["adam", "sgd"], "lr": (0.01, 0.01), "dropout": (0.0, 0.0), "channels": (8, 8),
-             "schedules": ["constant"], "activations": ["relu"], "weight_decay": [0.0]}
-    result = search_mod.search_model(small(sampler="grid", grid_points=2, n_trials=50, space=space),
-                                     data_dir, tmp_path, "grid")
+    space = {
+        **FAST,
+        "optimizers": ["adam", "sgd"],
+        "lr": (0.01, 0.01),
+        "dropout": (0.0, 0.0),
+        "channels": (8, 8),
+        "schedules": ["constant"],
+        "activations": ["relu"],
+        "weight_decay": [0.0],
+    }
+    result = search_mod.search_model(
+        small(sampler="grid", grid_points=2, n_trials=50, space=space), data_dir, tmp_path, "grid"
+    )
     visited = sorted((t.params["optimizer"], t.params["width"]) for t in study_of(result).trials)
     assert visited == sorted(itertools.product(["adam", "sgd"], [16, 32]))
 
@@ -124,8 +136,14 @@ def dominates(a, b, directions):
 
 def test_multi_objective_front_is_non_dominated_and_selection_respects_budget(data_dir, tmp_path, tracking):
     space = {**FAST, "width": (4, 64)}
-    cfg = small(sampler="nsga2", objectives=["accuracy", "size"], n_trials=8, space=space,
-                selection="accuracy_under_size", size_budget_params=1500)
+    cfg = small(
+        sampler="nsga2",
+        objectives=["accuracy", "size"],
+        n_trials=8,
+        space=space,
+        selection="accuracy_under_size",
+        size_budget_params=1500,
+    )
     result = search_mod.search_model(cfg, data_dir, tmp_path, "mo", tracking)
     study = study_of(result)
     directions = ["maximize", "minimize"]
@@ -150,6 +168,7 @@ def test_latency_objective_is_measured_on_onnx_runtime(data_dir, tmp_path, monke
     import onnxruntime
 
     from tasks.onnx import runtime
+
     measured = []
 
     def spy(sessions, *a, **k):  # the timer the trials must use, on the sessions they must hand it
@@ -159,8 +178,9 @@ def test_latency_objective_is_measured_on_onnx_runtime(data_dir, tmp_path, monke
 
     real = runtime.measure_speeds
     monkeypatch.setattr(runtime, "measure_speeds", spy)
-    cfg = small(objectives=["accuracy", "latency"], n_trials=2, selection="accuracy_under_latency",
-                latency_budget_ms=1000.0)
+    cfg = small(
+        objectives=["accuracy", "latency"], n_trials=2, selection="accuracy_under_latency", latency_budget_ms=1000.0
+    )
     result = search_mod.search_model(cfg, data_dir, tmp_path, "lat")
     trials = study_of(result).trials
     assert len(trials) == 2 and [kind for kind, _ in measured] == [onnxruntime.InferenceSession] * 2
@@ -196,15 +216,24 @@ def test_pruner_stops_hopeless_trials(data_dir, tmp_path):
     # Plain SGD at lr 1e-4 barely moves in 6 epochs while Adam at 1e-2 converges: the median pruner
     # must cut some SGD trials once three trials have set the bar.
     space = {**FAST, "optimizers": ["sgd", "adam"], "lr": (1e-4, 1e-2)}
-    result = search_mod.search_model(small(pruner="median", n_trials=12, epochs=6, space=space, sampler="random"),
-                                     data_dir, tmp_path, "prune")
+    result = search_mod.search_model(
+        small(pruner="median", n_trials=12, epochs=6, space=space, sampler="random"), data_dir, tmp_path, "prune"
+    )
     assert result.pruned_trials >= 1 and result.completed_trials + result.pruned_trials >= 12
 
 
 def test_search_config_rejects_impossible_strategies():
     with pytest.raises(ConfigError) as err:
-        parse_config({"search": {"objectives": ["accuracy", "latency"], "pruner": "median", "sampler": "cmaes",
-                                 "selection": "accuracy_under_size"}})
+        parse_config(
+            {
+                "search": {
+                    "objectives": ["accuracy", "latency"],
+                    "pruner": "median",
+                    "sampler": "cmaes",
+                    "selection": "accuracy_under_size",
+                }
+            }
+        )
     msg = str(err.value)
     assert "cannot prune" in msg and "cmaes is single-objective" in msg
     assert "needs 'size' in objectives" in msg and "needs size_budget_params" in msg
@@ -235,11 +264,14 @@ def test_greedy_moves_one_parameter_from_the_incumbent_and_restarts_when_stale()
 @pytest.mark.parametrize("sampler", ["greedy", "genetic"])
 def test_new_samplers_run_resumable_pipeline_studies(sampler, data_dir, tmp_path, tracking):
     cfg = small(sampler=sampler, n_trials=6, seed=1, population=2 if sampler == "genetic" else None)
-    first = search_mod.search_model(small(sampler=sampler, n_trials=3, seed=1, population=cfg.population),
-                                    data_dir, tmp_path, "s", tracking)
+    first = search_mod.search_model(
+        small(sampler=sampler, n_trials=3, seed=1, population=cfg.population), data_dir, tmp_path, "s", tracking
+    )
     resumed = search_mod.search_model(cfg, data_dir, tmp_path, "s", tracking)  # the same study, 3 more trials
     assert first.completed_trials == 3 and resumed.completed_trials == 6
-    trial_runs = MlflowClient().search_runs([tracking.experiment_id], f"tags.mlflow.parentRunId = '{tracking.parent_run_id}'")
+    trial_runs = MlflowClient().search_runs(
+        [tracking.experiment_id], f"tags.mlflow.parentRunId = '{tracking.parent_run_id}'"
+    )
     assert len(trial_runs) == 6 and all(r.info.status == "FINISHED" for r in trial_runs)
 
 
@@ -256,7 +288,9 @@ def test_genetic_is_not_nsga2_under_another_name():
 
     trials = {}
     for sampler in ("nsga2", "genetic"):
-        study = optuna.create_study(direction="maximize", sampler=search_mod.make_sampler(small(sampler=sampler, population=6)))
+        study = optuna.create_study(
+            direction="maximize", sampler=search_mod.make_sampler(small(sampler=sampler, population=6))
+        )
         study.optimize(objective, n_trials=24)
         trials[sampler] = [t.params for t in study.trials]
     assert trials["nsga2"][:6] == trials["genetic"][:6]  # the same random first generation (same seed)

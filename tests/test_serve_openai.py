@@ -12,7 +12,7 @@ import shutil
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timezone
+from datetime import UTC, datetime, timezone
 from pathlib import Path
 
 import httpx
@@ -46,9 +46,18 @@ def build_lm_bundle(folder: Path, hf: Path | None = None, context: int = CONTEXT
     if (hf / "generation_config.json").is_file():
         shutil.copy(hf / "generation_config.json", model_dir)
     files = {f"model/{p.relative_to(model_dir)}": sha256_of(p) for p in sorted(model_dir.rglob("*")) if p.is_file()}
-    manifest = {"format": BUNDLE_FORMAT, "family": "causal_lm", "model_dir": "model", "files": files,
-                "model_name": name, "version": None, "candidate": "int4", "max_length": context,
-                "data_version": None, "created_at": datetime.now(timezone.utc).isoformat()}
+    manifest = {
+        "format": BUNDLE_FORMAT,
+        "family": "causal_lm",
+        "model_dir": "model",
+        "files": files,
+        "model_name": name,
+        "version": None,
+        "candidate": "int4",
+        "max_length": context,
+        "data_version": None,
+        "created_at": datetime.now(UTC).isoformat(),
+    }
     (bundle / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return bundle
 
@@ -109,8 +118,13 @@ def client(server, token: str = TOKEN) -> openai.OpenAI:
 def call(server, method: str, path: str, body: bytes | dict | None = None) -> tuple[int, dict]:
     """A plain HTTP request with the server's token (JSON in and out)."""
     content = body if isinstance(body, bytes) else None if body is None else json.dumps(body).encode()
-    answer = httpx.request(method, f"http://{server[0]}:{server[1]}{path}", content=content, timeout=30,
-                           headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"})
+    answer = httpx.request(
+        method,
+        f"http://{server[0]}:{server[1]}{path}",
+        content=content,
+        timeout=30,
+        headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"},
+    )
     return answer.status_code, answer.json() if answer.content else {}
 
 
@@ -126,8 +140,16 @@ def test_completions_match_onnxruntime_genai_and_stream_the_same_text(server, re
     got = api.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0)
     assert (got.choices[0].text, got.choices[0].finish_reason) == (text, finish)
     assert (got.usage.prompt_tokens, got.usage.completion_tokens) == (len(reference.encode(prompt)), n)
-    chunks = list(api.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0, stream=True,
-                                         stream_options={"include_usage": True}))
+    chunks = list(
+        api.completions.create(
+            model=MODEL,
+            prompt=prompt,
+            max_tokens=12,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     assert len(chunks) > 3 and "".join(c.choices[0].text for c in chunks if c.choices) == text
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == finish
     assert chunks[-1].usage.completion_tokens == n
@@ -138,8 +160,12 @@ def test_concurrent_requests_decode_in_one_batch_as_they_would_alone(server, ref
     expected = [reference.greedy(reference.encode(p), 16)[0] for p in prompts]
     api = client(server)
     with ThreadPoolExecutor(len(prompts)) as pool:
-        got = list(pool.map(lambda p: api.completions.create(model=MODEL, prompt=p, max_tokens=16, temperature=0)
-                            .choices[0].text, prompts))
+        got = list(
+            pool.map(
+                lambda p: api.completions.create(model=MODEL, prompt=p, max_tokens=16, temperature=0).choices[0].text,
+                prompts,
+            )
+        )
     assert got == expected
     assert stats(server[2])["largest_batch"] > 1  # they did share engine steps
 
@@ -153,8 +179,9 @@ def test_chat_completions_apply_the_chat_template(server, reference):
     got = api.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, temperature=0)
     assert (got.choices[0].message.role, got.choices[0].message.content) == ("assistant", text)
     assert (got.usage.prompt_tokens, got.usage.completion_tokens, got.choices[0].finish_reason) == (len(ids), n, finish)
-    chunks = list(api.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, temperature=0,
-                                              stream=True))
+    chunks = list(
+        api.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, temperature=0, stream=True)
+    )
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == text
 
@@ -164,10 +191,11 @@ def test_stop_strings_and_seeds(server, reference):
     prompt = "Exceptions are raised"
     text, _, _ = reference.greedy(reference.encode(prompt), 24)
     stop = text[8:11]
-    expected = text[:text.find(stop)]
+    expected = text[: text.find(stop)]
     for stream in (False, True):
-        got = api.completions.create(model=MODEL, prompt=prompt, max_tokens=24, temperature=0, stop=[stop],
-                                     stream=stream)
+        got = api.completions.create(
+            model=MODEL, prompt=prompt, max_tokens=24, temperature=0, stop=[stop], stream=stream
+        )
         chunks = list(got) if stream else [got]
         assert "".join(c.choices[0].text for c in chunks) == expected
         assert chunks[-1].choices[0].finish_reason == "stop"
@@ -179,18 +207,21 @@ def test_stop_strings_and_seeds(server, reference):
     assert sample(7) == sample(7) != sample(8)
 
 
-@pytest.mark.parametrize("kwargs, param", [
-    ({"prompt": "list " * 3000}, "prompt"),
-    ({"prompt": "Hello", "max_tokens": CONTEXT}, "max_tokens"),
-    ({"prompt": "Hello", "temperature": "hot"}, "temperature"),
-    ({"prompt": "Hello", "top_p": 0}, "top_p"),
-    ({"prompt": "Hello", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
-    ({"prompt": "Hello", "n": 2}, "n"),
-    ({"prompt": "Hello", "seed": -1}, "seed"),
-    ({"prompt": ""}, "prompt"),
-    ({"messages": [{"role": "robot", "content": "hi"}]}, "messages[0].role"),
-    ({"messages": [{"role": "user", "content": "word " * 3000}]}, "messages"),
-])
+@pytest.mark.parametrize(
+    "kwargs, param",
+    [
+        ({"prompt": "list " * 3000}, "prompt"),
+        ({"prompt": "Hello", "max_tokens": CONTEXT}, "max_tokens"),
+        ({"prompt": "Hello", "temperature": "hot"}, "temperature"),
+        ({"prompt": "Hello", "top_p": 0}, "top_p"),
+        ({"prompt": "Hello", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ({"prompt": "Hello", "n": 2}, "n"),
+        ({"prompt": "Hello", "seed": -1}, "seed"),
+        ({"prompt": ""}, "prompt"),
+        ({"messages": [{"role": "robot", "content": "hi"}]}, "messages[0].role"),
+        ({"messages": [{"role": "user", "content": "word " * 3000}]}, "messages"),
+    ],
+)
 def test_a_bad_request_is_a_400_naming_the_field(server, kwargs, param):
     api = client(server)
     create = api.chat.completions.create if "messages" in kwargs else api.completions.create
@@ -244,10 +275,14 @@ def test_a_registry_alias_serves_an_lm_bundle(lm_bundle, reference, tmp_path):
     try:
         app = create_app(RegistrySource(f"models:/{MODEL}@champion"), ServeSettings())
         with running_server(app) as (host, port):
-            got = client((host, port), "unused").completions.create(model=MODEL, prompt="Modules", max_tokens=8,
-                                                                    temperature=0)
+            got = client((host, port), "unused").completions.create(
+                model=MODEL, prompt="Modules", max_tokens=8, temperature=0
+            )
             assert got.choices[0].text == reference.greedy(reference.encode("Modules"), 8)[0]
-            assert app.state.ctx.holder.model.verified_files == json.loads((lm_bundle / "manifest.json").read_text())["files"]
+            assert (
+                app.state.ctx.holder.model.verified_files
+                == json.loads((lm_bundle / "manifest.json").read_text())["files"]
+            )
     finally:
         mlflow.set_tracking_uri(previous[0])
         mlflow.set_registry_uri(previous[1])

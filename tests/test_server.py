@@ -108,16 +108,27 @@ def test_model_info_says_whether_batching_pays_on_this_cpu(server, bundles):
     curve = [CurvePoint(**p) for p in batching["curve"]]
     assert [p.batch for p in curve] == [2**i for i in range(len(curve))] and len(curve) >= 4  # measured at start
     decided = plan_batching(curve, 2.0, 50.0)  # the defaults: the same curve gives the same decision
-    assert (batching["enabled"], batching["max_batch"], batching["reason"]) == (decided.enabled, decided.max_batch,
-                                                                                decided.reason)
+    assert (batching["enabled"], batching["max_batch"], batching["reason"]) == (
+        decided.enabled,
+        decided.max_batch,
+        decided.reason,
+    )
 
 
-@pytest.mark.parametrize("curve, enabled, max_batch, why", [
-    ([(1, 1.0, 1.2), (2, 1.1, 1.3), (4, 1.3, 1.6), (8, 2.0, 2.4)], True, 8, "batching on"),  # 4x at batch 8
-    ([(1, 10.0, 12.0), (2, 19.0, 22.0), (4, 38.0, 45.0)], False, 1, "under the 1.2x"),  # compute-bound: no gain
-    ([(1, 1.0, 1.2), (2, 1.9, 2.2), (4, 1.5, 60.0)], False, 1, "within the 50 ms p99 target: 1.05x"),  # the gain lies beyond the p99 target
-    ([(1, 80.0, 90.0), (2, 90.0, 95.0)], False, 1, "beyond the 50 ms target"),
-])
+@pytest.mark.parametrize(
+    "curve, enabled, max_batch, why",
+    [
+        ([(1, 1.0, 1.2), (2, 1.1, 1.3), (4, 1.3, 1.6), (8, 2.0, 2.4)], True, 8, "batching on"),  # 4x at batch 8
+        ([(1, 10.0, 12.0), (2, 19.0, 22.0), (4, 38.0, 45.0)], False, 1, "under the 1.2x"),  # compute-bound: no gain
+        (
+            [(1, 1.0, 1.2), (2, 1.9, 2.2), (4, 1.5, 60.0)],
+            False,
+            1,
+            "within the 50 ms p99 target: 1.05x",
+        ),  # the gain lies beyond the p99 target
+        ([(1, 80.0, 90.0), (2, 90.0, 95.0)], False, 1, "beyond the 50 ms target"),
+    ],
+)
 def test_batching_is_enabled_only_where_it_raises_throughput_within_the_p99_target(curve, enabled, max_batch, why):
     points = [CurvePoint(b, p50, p99, round(b / p50 * 1000, 1)) for b, p50, p99 in curve]
     plan = plan_batching(points, 2.0, 50.0)
@@ -251,8 +262,10 @@ def test_auth_token_on_everything_but_the_probes_docs_off_metrics_and_read_timeo
             slow.settimeout(5)
             assert slow.recv(100) == b""  # closed by the server
         with socket.create_connection((host, port)) as slow:
-            slow.sendall(f"POST /predict HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\nContent-Type: "
-                         "application/json\r\nContent-Length: 100\r\n\r\n{\"inputs\"".encode())
+            slow.sendall(
+                f"POST /predict HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\nContent-Type: "
+                'application/json\r\nContent-Length: 100\r\n\r\n{"inputs"'.encode()
+            )
             slow.settimeout(5)
             assert slow.recv(100).startswith(b"HTTP/1.1 408")
     with running_server(create_app(BundleSource(bundles["cnn"]), ServeSettings(docs=True))) as (host, port):
@@ -303,14 +316,23 @@ def test_a_full_queue_is_a_429_and_a_missed_deadline_a_503_with_retry_after(bund
     assert set(statuses) == {200, 429, 503}, statuses
     for status, body, headers in answers:
         if status != 200:
-            assert int(headers["retry-after"]) >= 1 and ("queue is full" in body["error"] or "deadline" in body["error"])
+            assert int(headers["retry-after"]) >= 1 and (
+                "queue is full" in body["error"] or "deadline" in body["error"]
+            )
 
 
 def test_reload_under_load_drops_no_request(server, bundles):
     host, port, served = server
     sample = {"inputs": np.zeros((1, 1, 8, 8)).tolist()}
-    report = load(host, port, sample, seconds=3, threads=4, max_requests=20_000,
-                  halfway=lambda: publish_copy(bundles["mlp"], served))
+    report = load(
+        host,
+        port,
+        sample,
+        seconds=3,
+        threads=4,
+        max_requests=20_000,
+        halfway=lambda: publish_copy(bundles["mlp"], served),
+    )
     assert report.errors == 0 and report.requests > 100
     assert report.models_seen == (sha(bundles["cnn"]), sha(bundles["mlp"]))  # old model, then the new one
     health = request(host, port, "GET", "/health")[1]
@@ -323,8 +345,11 @@ def test_broken_new_bundle_keeps_the_old_model(server, bundles, tmp_path):
     broken = tmp_path / "broken"
     broken.mkdir()
     # The hash matches (so this tests the next line of defence: a model ORT cannot load).
-    (broken / "manifest.json").write_text(json.dumps({"sha256": hashlib.sha256(b"garbage").hexdigest(),
-                                                      "model_file": "model.onnx", "input_shape": [1, 8, 8]}))
+    (broken / "manifest.json").write_text(
+        json.dumps(
+            {"sha256": hashlib.sha256(b"garbage").hexdigest(), "model_file": "model.onnx", "input_shape": [1, 8, 8]}
+        )
+    )
     (broken / "model.onnx").write_bytes(b"garbage")
     publish_copy(broken, served)
     status, reload = request(host, port, "POST", "/reload")  # whether the watcher got there first or not
@@ -347,8 +372,22 @@ def test_export_triton_writes_a_repository_matching_the_onnx_signature(bundles, 
     schema = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(schema)
 
-    assert main(["export-triton", "--bundle", str(bundles["cnn"]), "--out", str(tmp_path / "repo"),
-                 "--name", "digits", "--max-batch-size", "32"]) == 0
+    assert (
+        main(
+            [
+                "export-triton",
+                "--bundle",
+                str(bundles["cnn"]),
+                "--out",
+                str(tmp_path / "repo"),
+                "--name",
+                "digits",
+                "--max-batch-size",
+                "32",
+            ]
+        )
+        == 0
+    )
     config = text_format.Parse((tmp_path / "repo" / "digits" / "config.pbtxt").read_text(), schema.ModelConfig())
     model_bytes = (tmp_path / "repo" / "digits" / "1" / "model.onnx").read_bytes()
     assert hashlib.sha256(model_bytes).hexdigest() == sha(bundles["cnn"])
@@ -360,8 +399,11 @@ def test_export_triton_writes_a_repository_matching_the_onnx_signature(bundles, 
         assert all(schema.DataType.Name(t.data_type) == "TYPE_FP32" for t in got)
     assert config.HasField("dynamic_batching") and config.instance_group[0].kind == schema.ModelInstanceGroup.KIND_CPU
     assert (tmp_path / "repo" / "digits" / "labels.txt").read_text().split() == [str(i) for i in range(10)]
-    assert main(["export-triton", "--bundle", str(bundles["cnn"]), "--out", str(tmp_path / "repo"),
-                 "--name", "digits"]) == 2 and "exists" in capsys.readouterr().err
+    assert (
+        main(["export-triton", "--bundle", str(bundles["cnn"]), "--out", str(tmp_path / "repo"), "--name", "digits"])
+        == 2
+        and "exists" in capsys.readouterr().err
+    )
 
 
 def registry_with_two_versions(root: Path, bundles) -> str:
@@ -390,10 +432,34 @@ def test_cli_serves_a_registry_alias_follows_it_limits_bodies_and_drains_on_sigt
     (tmp_path / "c.yaml").write_text(f"tracking: {{uri: '{uri}'}}\n")
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "flows.cli", "serve", "--model-uri", "models:/tiny@champion", "--config",
-         str(tmp_path / "c.yaml"), "--root", str(tmp_path), "--port", str(port), "--max-body-mb", "0.01",
-         "--poll-seconds", "0.2", "--drain-grace-s", "1", "--drain-timeout-s", "10"],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        [
+            sys.executable,
+            "-m",
+            "flows.cli",
+            "serve",
+            "--model-uri",
+            "models:/tiny@champion",
+            "--config",
+            str(tmp_path / "c.yaml"),
+            "--root",
+            str(tmp_path),
+            "--port",
+            str(port),
+            "--max-body-mb",
+            "0.01",
+            "--poll-seconds",
+            "0.2",
+            "--drain-grace-s",
+            "1",
+            "--drain-timeout-s",
+            "10",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     host = "127.0.0.1"
     try:
         wait_until(lambda: _ready(host, port) or proc.poll() is not None, timeout=120)
@@ -401,7 +467,9 @@ def test_cli_serves_a_registry_alias_follows_it_limits_bodies_and_drains_on_sigt
         assert request(host, port, "GET", "/health")[1]["model_sha256"] == sha(bundles["cnn"])
         status, body = request(host, port, "POST", "/predict", {"inputs": np.zeros((40, 1, 8, 8)).tolist()})
         assert status == 413 and "limit of 10485 bytes" in body["error"]  # --max-body-mb 0.01
-        MlflowClient(uri, registry_uri=uri).set_registered_model_alias("tiny", "champion", "2")  # the alias moves: the server follows
+        MlflowClient(uri, registry_uri=uri).set_registered_model_alias(
+            "tiny", "champion", "2"
+        )  # the alias moves: the server follows
         wait_until(lambda: request(host, port, "GET", "/health")[1]["model_sha256"] == sha(bundles["mlp"]))
 
         # SIGTERM under load: not ready at once, requests keep being answered, then a clean exit 0
@@ -411,8 +479,12 @@ def test_cli_serves_a_registry_alias_follows_it_limits_bodies_and_drains_on_sigt
             conn, fresh = http.client.HTTPConnection(host, port, timeout=10), True
             while not stop.is_set():
                 try:
-                    conn.request("POST", "/predict", body=json.dumps({"inputs": np.zeros((1, 1, 8, 8)).tolist()}),
-                                 headers={"Content-Type": "application/json"})
+                    conn.request(
+                        "POST",
+                        "/predict",
+                        body=json.dumps({"inputs": np.zeros((1, 1, 8, 8)).tolist()}),
+                        headers={"Content-Type": "application/json"},
+                    )
                     resp = conn.getresponse()
                     resp.read()
                     results.append(resp.status)

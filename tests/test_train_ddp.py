@@ -42,9 +42,14 @@ def test_a_stop_request_terminates_the_ranks(splits):
             request_stop("test stop")
 
     with pytest.raises(RunInterrupted):
-        fit_parallel(model, splits.train, splits.val, TrainParams(lr=0.005, optimizer="adam", epochs=10_000,
-                                                                    patience=10_000), processes=2,
-                     on_epoch=stop_once_training)
+        fit_parallel(
+            model,
+            splits.train,
+            splits.val,
+            TrainParams(lr=0.005, optimizer="adam", epochs=10_000, patience=10_000),
+            processes=2,
+            on_epoch=stop_once_training,
+        )
     assert sorted(p.name for p in ranks) == ["ddp-rank-0", "ddp-rank-1"]
     for p in ranks:
         with pytest.raises(ProcessLookupError):  # ended and reaped, not left training in the background
@@ -52,8 +57,16 @@ def test_a_stop_request_terminates_the_ranks(splits):
 
 
 def test_train_model_on_two_processes(data_dir, tmp_path):
-    best = {"family": "mlp", "depth": 1, "width": 32, "activation": "relu", "dropout": 0.0, "lr": 0.005,
-            "optimizer": "adam", "batch_size": 64}
+    best = {
+        "family": "mlp",
+        "depth": 1,
+        "width": 32,
+        "activation": "relu",
+        "dropout": 0.0,
+        "lr": 0.005,
+        "optimizer": "adam",
+        "batch_size": 64,
+    }
     trained = train_model(TrainConfig(max_epochs=6, patience=6, processes=2), best, data_dir, "v" * 32, tmp_path)
     model, _, meta = load_checkpoint(trained.checkpoint)
     assert trained.test_accuracy >= 0.85 and meta["train"]["epochs"] == 6

@@ -38,8 +38,13 @@ def test_train_model_writes_checkpoint_and_finetunes(data_dir, tmp_path):
     assert arch.conv == (4,) and meta["data_version"] == "md5.dir"
     assert trained.test_accuracy > 0.5
     # Fine-tuning starts from the checkpoint's weights, not a fresh init.
-    tuned = train_model(cfg.model_copy(update={"init_from": trained.checkpoint, "max_epochs": 1}), best,
-                        data_dir, "md5.dir", tmp_path / "ft")
+    tuned = train_model(
+        cfg.model_copy(update={"init_from": trained.checkpoint, "max_epochs": 1}),
+        best,
+        data_dir,
+        "md5.dir",
+        tmp_path / "ft",
+    )
     assert tuned.val_accuracy >= trained.val_accuracy - 0.05
 
 

@@ -26,13 +26,18 @@ from tasks.train.loop import TrainParams, fit
 from tasks.train.stage import TrainConfig, check_model_inputs
 
 TINY = {
-    "search": {"n_trials": 2, "epochs": 2, "space": {"lr": [0.005, 0.02], "optimizers": ["adam"], "depth": [1, 2],
-                                                     "channels": [4, 8]}},
+    "search": {
+        "n_trials": 2,
+        "epochs": 2,
+        "space": {"lr": [0.005, 0.02], "optimizers": ["adam"], "depth": [1, 2], "channels": [4, 8]},
+    },
     "train": {"max_epochs": 8, "patience": 4},
-    "compress": {"candidates": {
-        "structured": [{"method": "structured_prune", "amount": 0.5, "finetune_epochs": 2}],
-        "int8_static": [{"method": "quantize_static", "calibration_samples": 64}],
-    }},
+    "compress": {
+        "candidates": {
+            "structured": [{"method": "structured_prune", "amount": 0.5, "finetune_epochs": 2}],
+            "int8_static": [{"method": "quantize_static", "calibration_samples": 64}],
+        }
+    },
     "validate": {"warmup": 3, "latency_runs": 20, "throughput_runs": 3},
     "gates": {"min_accuracy": 0.7, "max_accuracy_drop": 30.0, "max_latency_ratio": None},
     "tracking": {"experiment": "e2e-user-model"},
@@ -64,8 +69,9 @@ def first_epoch_losses(root: Path, report: dict) -> list[float]:
     """The mean train loss of the first epoch of every search trial and of the final training."""
     mlflow.set_tracking_uri(f"sqlite:///{root}/.modelforge/mlflow.db")
     client = MlflowClient()
-    trials = client.search_runs([client.get_run(report["run_id"]).info.experiment_id],
-                                f"tags.mlflow.parentRunId = '{report['run_id']}'")
+    trials = client.search_runs(
+        [client.get_run(report["run_id"]).info.experiment_id], f"tags.mlflow.parentRunId = '{report['run_id']}'"
+    )
     losses = [client.get_metric_history(t.info.run_id, "train_loss")[0].value for t in trials]
     [history] = (root / ".modelforge").rglob("train_history.json")
     return losses + [json.loads(history.read_text())[0]["train_loss"]]
@@ -82,8 +88,9 @@ def test_a_users_module_with_pretrained_weights_goes_through_the_whole_dag(tmp_p
     pretrained = small_resnet(10, (1, 8, 8))
     fit(pretrained, splits.train, splits.val, TrainParams(lr=0.01, optimizer="adam", epochs=4, patience=4))
     save_file(pretrained.state_dict(), tmp_path / "pretrained.safetensors")
-    report = run_project(tmp_path, {**TINY, "model": {"spec": "acme_nets:small_resnet",
-                                                      "weights": "pretrained.safetensors"}})
+    report = run_project(
+        tmp_path, {**TINY, "model": {"spec": "acme_nets:small_resnet", "weights": "pretrained.safetensors"}}
+    )
     losses = first_epoch_losses(tmp_path, report)
     assert len(losses) == 3 and max(losses) < 1.2, losses  # both trials and the final training started from them
     shipped_and_served(tmp_path)
@@ -110,16 +117,29 @@ def test_a_local_hugging_face_image_classifier_is_fine_tuned_compressed_and_serv
 
     vit = str(tiny_vit(tmp_path / "vit"))  # a 2-label checkpoint: the digits get a fresh 10-class head
     config = json.loads(json.dumps(TINY))
-    config.update({
-        "model": {"pretrained": vit},
-        "search": {"n_trials": 2, "epochs": 3, "space": {"lr": [0.003, 0.006], "optimizers": ["adamw"],
-                                                         "freeze_epochs": [0, 1], "backbone_lr_scale": [0.5, 1.0]}},
-        "train": {"max_epochs": 12, "patience": 4},
-        "compress": {"candidates": {
-            "heads": [{"method": "structured_prune", "amount": 0.5, "finetune_epochs": 4}],
-            "int8_dynamic": [{"method": "quantize_dynamic"}],
-            "one_layer": [{"method": "distill", "epochs": 6}]}},  # the teacher's own first layer, distilled
-    })
+    config.update(
+        {
+            "model": {"pretrained": vit},
+            "search": {
+                "n_trials": 2,
+                "epochs": 3,
+                "space": {
+                    "lr": [0.003, 0.006],
+                    "optimizers": ["adamw"],
+                    "freeze_epochs": [0, 1],
+                    "backbone_lr_scale": [0.5, 1.0],
+                },
+            },
+            "train": {"max_epochs": 12, "patience": 4},
+            "compress": {
+                "candidates": {
+                    "heads": [{"method": "structured_prune", "amount": 0.5, "finetune_epochs": 4}],
+                    "int8_dynamic": [{"method": "quantize_dynamic"}],
+                    "one_layer": [{"method": "distill", "epochs": 6}],
+                }
+            },  # the teacher's own first layer, distilled
+        }
+    )
     report = run_project(tmp_path, config)
     table = candidates(tmp_path, report)
     assert float(table["baseline"]["accuracy"]) > 0.7
@@ -142,31 +162,46 @@ def test_every_problem_of_a_model_is_named_before_training(tmp_path, monkeypatch
     }
     for spec, expected in problems.items():
         with pytest.raises(ConfigError) as err:
-            check_model_inputs(TrainConfig(init_from=tmp_path / "plain.pt"), ModelConfig(spec=spec), 3, (1, 8, 8),
-                               tmp_path)
+            check_model_inputs(
+                TrainConfig(init_from=tmp_path / "plain.pt"), ModelConfig(spec=spec), 3, (1, 8, 8), tmp_path
+            )
         assert expected in str(err.value) and "2 problem(s)" in str(err.value), str(err.value)
         assert "a plain state_dict: for your own module's weights set model.spec and model.weights" in str(err.value)
     (tmp_path / "not_a_checkpoint").mkdir()  # an HF folder without its config and weights
     with pytest.raises(ConfigError, match=r"not_a_checkpoint has no config.json, weights \(\*.safetensors\)"):
-        check_model_inputs(TrainConfig(), ModelConfig(pretrained=str(tmp_path / "not_a_checkpoint")), 3, (1, 8, 8),
-                           tmp_path)
+        check_model_inputs(
+            TrainConfig(), ModelConfig(pretrained=str(tmp_path / "not_a_checkpoint")), 3, (1, 8, 8), tmp_path
+        )
     with pytest.raises(ConfigError, match=r"do not fit the model: missing stem\.0\.weight"):
-        check_model_inputs(TrainConfig(), ModelConfig(spec="user_models:small_resnet", weights=tmp_path / "plain.pt"),
-                           3, (1, 8, 8), tmp_path)
+        check_model_inputs(
+            TrainConfig(),
+            ModelConfig(spec="user_models:small_resnet", weights=tmp_path / "plain.pt"),
+            3,
+            (1, 8, 8),
+            tmp_path,
+        )
 
 
-TOPICS = {"math": "sum product integer number divide square root add", "files": "path folder file read write open "
-          "close directory", "net": "socket host port connect send receive server request"}
+TOPICS = {
+    "math": "sum product integer number divide square root add",
+    "files": "path folder file read write open close directory",
+    "net": "socket host port connect send receive server request",
+}
 
 
 def topic_texts(n_per_topic: int = 60) -> list[dict]:
     rng = np.random.default_rng(0)
-    return [{"text": " ".join(rng.choice(words.split(), 6)) + f" item {i}", "label": topic}
-            for topic, words in TOPICS.items() for i in range(n_per_topic)]
+    return [
+        {"text": " ".join(rng.choice(words.split(), 6)) + f" item {i}", "label": topic}
+        for topic, words in TOPICS.items()
+        for i in range(n_per_topic)
+    ]
 
 
 @pytest.mark.e2e
-def test_a_local_hugging_face_checkpoint_is_fine_tuned_pruned_by_heads_quantized_and_serves_texts(tmp_path, prefect_api):
+def test_a_local_hugging_face_checkpoint_is_fine_tuned_pruned_by_heads_quantized_and_serves_texts(
+    tmp_path, prefect_api
+):
     import pandas as pd
     from user_models import tiny_bert
 
@@ -175,19 +210,37 @@ def test_a_local_hugging_face_checkpoint_is_fine_tuned_pruned_by_heads_quantized
     pd.DataFrame(rows).to_csv(tmp_path / "data" / "texts.csv", index=False)
     bert = str(tiny_bert(tmp_path / "bert", [r["text"] for r in rows]))
     config = json.loads(json.dumps(TINY))
-    config.update({
-        "data": {"dataset": "text", "tokenizer": bert, "max_length": 16},
-        "model": {"pretrained": bert},
-        "search": {"n_trials": 2, "epochs": 4, "space": {"lr": [0.003, 0.006], "optimizers": ["adamw"],
-                                                         "batch_sizes": [16], "freeze_epochs": [0, 1],
-                                                         "backbone_lr_scale": [0.5, 1.0], "augment": ["none"]}},
-        "train": {"max_epochs": 10, "patience": 4},
-        "compress": {"candidates": {
-            "heads": [{"method": "structured_prune", "amount": 0.5, "finetune_epochs": 6, "finetune_lr_scale": 0.5}],
-            "int8_dynamic": [{"method": "quantize_dynamic"}],
-            # the transformer teaches a built-in bag-of-tokens student over the same token ids
-            "student": [{"method": "distill", "student": {"family": "text", "width": 8, "depth": 1}, "epochs": 20}]}},
-    })
+    config.update(
+        {
+            "data": {"dataset": "text", "tokenizer": bert, "max_length": 16},
+            "model": {"pretrained": bert},
+            "search": {
+                "n_trials": 2,
+                "epochs": 4,
+                "space": {
+                    "lr": [0.003, 0.006],
+                    "optimizers": ["adamw"],
+                    "batch_sizes": [16],
+                    "freeze_epochs": [0, 1],
+                    "backbone_lr_scale": [0.5, 1.0],
+                    "augment": ["none"],
+                },
+            },
+            "train": {"max_epochs": 10, "patience": 4},
+            "compress": {
+                "candidates": {
+                    "heads": [
+                        {"method": "structured_prune", "amount": 0.5, "finetune_epochs": 6, "finetune_lr_scale": 0.5}
+                    ],
+                    "int8_dynamic": [{"method": "quantize_dynamic"}],
+                    # the transformer teaches a built-in bag-of-tokens student over the same token ids
+                    "student": [
+                        {"method": "distill", "student": {"family": "text", "width": 8, "depth": 1}, "epochs": 20}
+                    ],
+                }
+            },
+        }
+    )
     report = run_project(tmp_path, config)
     table = candidates(tmp_path, report)
     assert float(table["baseline"]["accuracy"]) > 0.8

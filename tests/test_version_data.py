@@ -97,8 +97,11 @@ def test_sentence_corpus_is_disjoint_and_validated(tmp_path):
 
 
 def test_corpus_built_with_other_settings_is_refused(tmp_path):
-    cfg = TextDataConfig(dir="corpus", train_sentences=20, eval_sentences=15, queries=5,
-                         dvc_remote=str(tmp_path / "remote"))
+    cfg = TextDataConfig(
+        dir="corpus", train_sentences=20, eval_sentences=15, queries=5, dvc_remote=str(tmp_path / "remote")
+    )
     assert version_data(cfg, tmp_path).manifest["counts"] == {"train": 20, "eval": 15}
-    with pytest.raises(DataError, match=r"other settings .* counts: \{'eval': 15, 'train': 20\} vs \{'train': 30, 'eval': 15\}"):
+    with pytest.raises(
+        DataError, match=r"other settings .* counts: \{'eval': 15, 'train': 20\} vs \{'train': 30, 'eval': 15\}"
+    ):
         version_data(cfg.model_copy(update={"train_sentences": 30}), tmp_path)

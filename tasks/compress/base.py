@@ -95,6 +95,7 @@ HANDLERS: dict[str, Handler] = {}
 
 def registrar(handlers: dict[str, Callable]):
     """A `@register(method)` decorator filling one pipeline's handler registry."""
+
     def register(method: str) -> Callable[[Callable], Callable]:
         def deco(fn: Callable) -> Callable:
             handlers[method] = fn
@@ -138,5 +139,9 @@ def weights_seen_through(layers: Sequence[nn.Module], make: Callable[[], nn.Modu
 def export_state(state: ModelState, ctx: CompressContext) -> ModelState:
     model, _, _ = load_checkpoint(state.checkpoint)
     result = export_onnx(model, ctx.out_dir / "model.onnx", ctx.splits.test[0])
-    return replace(state, onnx=result.path, parity_max_abs=result.parity_max_abs,
-                   info={**state.info, "params": count_params(model)})
+    return replace(
+        state,
+        onnx=result.path,
+        parity_max_abs=result.parity_max_abs,
+        info={**state.info, "params": count_params(model)},
+    )

@@ -28,5 +28,6 @@ def convert_fp16(state: ModelState, cfg: ConvertFp16, ctx: CompressContext) -> M
     model.topological_sort()  # the converter appends its I/O Casts last, which onnx.checker rejects
     onnx.checker.check_model(model.model)
     onnx.save(model.model, str(out))
-    return replace(state, onnx=out, parity_max_abs=None,
-                   info={**state.info, "convert_fp16": {"keep_io_types": cfg.keep_io_types}})
+    return replace(
+        state, onnx=out, parity_max_abs=None, info={**state.info, "convert_fp16": {"keep_io_types": cfg.keep_io_types}}
+    )

@@ -35,12 +35,18 @@ class StudentSpec(Section):
     Bounded: a student is meant to be small, and a typo of a few digits must not allocate gigabytes."""
 
     family: Literal["mlp", "cnn", "resnet", "text"] = Field(..., description="The student's built-in family.")
-    depth: int = Field(..., ge=1, le=8, description="Hidden layers (mlp; text: embedding + depth-1), conv blocks "
-                       "(cnn) or residual stages (resnet).")
-    width: int | None = Field(None, ge=1, le=4096, description="Hidden units (mlp, the cnn's head, the text "
-                              "embedding); resnet has none.")
-    channels: int | None = Field(None, ge=1, le=512, description="Channels of the first conv block or stage "
-                                 "(cnn, resnet), doubling per block.")
+    depth: int = Field(
+        ...,
+        ge=1,
+        le=8,
+        description="Hidden layers (mlp; text: embedding + depth-1), conv blocks (cnn) or residual stages (resnet).",
+    )
+    width: int | None = Field(
+        None, ge=1, le=4096, description="Hidden units (mlp, the cnn's head, the text embedding); resnet has none."
+    )
+    channels: int | None = Field(
+        None, ge=1, le=512, description="Channels of the first conv block or stage (cnn, resnet), doubling per block."
+    )
     activation: Activation = Field("relu", description="Activation function.")
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout after each hidden layer.")
     kernel: int = Field(3, ge=1, le=15, description="Conv kernel size (odd).")
@@ -62,14 +68,23 @@ class StudentSpec(Section):
 class Distill(StepConfig):
     method: Literal["distill"]
     width_factor: float = Field(0.5, gt=0, le=1, description="Student width/channels as a share of the teacher's.")
-    depth: int | None = Field(None, ge=1, description="Student depth; default the teacher's (a Hugging Face "
-                              "teacher: half its transformer layers, spread from the first to the last).")
-    conv: list[int] | None = Field(None, description="Explicit student conv channels (e.g. from a search trial); overrides width_factor.")
+    depth: int | None = Field(
+        None,
+        ge=1,
+        description="Student depth; default the teacher's (a Hugging Face "
+        "teacher: half its transformer layers, spread from the first to the last).",
+    )
+    conv: list[int] | None = Field(
+        None, description="Explicit student conv channels (e.g. from a search trial); overrides width_factor."
+    )
     hidden: list[int] | None = Field(None, description="Explicit student hidden widths; overrides width_factor.")
-    student: StudentSpec | None = Field(None, description="A built-in student for any teacher (a resnet, your module, "
-                                        "a Hugging Face model), as search parameters: e.g. {family: text, width: 128, "
-                                        "depth: 2} or {family: cnn, channels: 16, depth: 2, width: 64}; overrides the "
-                                        "scaled teacher.")
+    student: StudentSpec | None = Field(
+        None,
+        description="A built-in student for any teacher (a resnet, your module, "
+        "a Hugging Face model), as search parameters: e.g. {family: text, width: 128, "
+        "depth: 2} or {family: cnn, channels: 16, depth: 2, width: 64}; overrides the "
+        "scaled teacher.",
+    )
     temperature: float = Field(4.0, gt=0, description="Softmax temperature of the KL term.")
     alpha: float = Field(0.7, ge=0, le=1, description="Weight of the KL term; 1-alpha weights the hard-label loss.")
     epochs: int = Field(30, ge=1, description="Student training epochs (early stopping applies).")
@@ -83,18 +98,24 @@ def distill(state: ModelState, cfg: Distill, ctx: CompressContext) -> ModelState
     teacher, arch, meta = load_checkpoint(state.checkpoint)
     family, student = FAMILIES[arch.family], None
     if cfg.student is not None:
-        student_arch = arch_from_params(cfg.student.model_dump(exclude_none=True), arch.num_classes, arch.input_shape,
-                                        vocab_of(ctx.splits.manifest))
+        student_arch = arch_from_params(
+            cfg.student.model_dump(exclude_none=True), arch.num_classes, arch.input_shape, vocab_of(ctx.splits.manifest)
+        )
     elif family.shallower is not None:
         student, student_arch = family.shallower(teacher, arch, cfg.depth)
     elif not family.scales:
-        raise ValueError(f"distill: a {arch.family} teacher has no scaled-down twin; name a built-in student "
-                         "(student: {family: ..., ...})")
+        raise ValueError(
+            f"distill: a {arch.family} teacher has no scaled-down twin; name a built-in student "
+            "(student: {family: ..., ...})"
+        )
     else:
         student_arch = arch.scaled(cfg.width_factor, cfg.depth)
     if cfg.conv is not None or cfg.hidden is not None:
-        student_arch = replace(student_arch, conv=tuple(cfg.conv if cfg.conv is not None else student_arch.conv),
-                               hidden=tuple(cfg.hidden if cfg.hidden is not None else student_arch.hidden))
+        student_arch = replace(
+            student_arch,
+            conv=tuple(cfg.conv if cfg.conv is not None else student_arch.conv),
+            hidden=tuple(cfg.hidden if cfg.hidden is not None else student_arch.hidden),
+        )
     torch.manual_seed(ctx.train.seed)
     if student is None:
         student = build_model(student_arch)
@@ -103,15 +124,22 @@ def distill(state: ModelState, cfg: Distill, ctx: CompressContext) -> ModelState
     def kd_loss(logits: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             soft_targets = torch.log_softmax(teacher(x) / cfg.temperature, dim=1)
-        kl = nn.functional.kl_div(torch.log_softmax(logits / cfg.temperature, dim=1), soft_targets,
-                                  reduction="batchmean", log_target=True)
+        kl = nn.functional.kl_div(
+            torch.log_softmax(logits / cfg.temperature, dim=1), soft_targets, reduction="batchmean", log_target=True
+        )
         return cfg.alpha * t2 * kl + (1 - cfg.alpha) * nn.functional.cross_entropy(logits, y)
 
     result = fit(student, ctx.splits.train, ctx.splits.val, train_params(ctx, meta, cfg.epochs), loss_fn=kd_loss)
-    info = {"teacher_params": count_params(teacher), "student_params": count_params(student),
-            "teacher_val_acc": accuracy(teacher, *ctx.splits.val), "student_val_acc": result.best_val_accuracy,
-            "student_arch": student_arch.to_dict()}
+    info = {
+        "teacher_params": count_params(teacher),
+        "student_params": count_params(student),
+        "teacher_val_acc": accuracy(teacher, *ctx.splits.val),
+        "student_val_acc": result.best_val_accuracy,
+        "student_arch": student_arch.to_dict(),
+    }
     ckpt = save_checkpoint(ctx.out_dir / "student.pt", student, student_arch, {**meta, "distill": info})
-    print(f"[compress] distill: student {info['student_params']} params (teacher {info['teacher_params']}), "
-          f"val acc {info['student_val_acc']:.4f} (teacher {info['teacher_val_acc']:.4f})")
+    print(
+        f"[compress] distill: student {info['student_params']} params (teacher {info['teacher_params']}), "
+        f"val acc {info['student_val_acc']:.4f} (teacher {info['teacher_val_acc']:.4f})"
+    )
     return replace(state, checkpoint=ckpt, info={**state.info, "distill": info})

@@ -25,12 +25,15 @@ class MagnitudePrune(Finetuned):
     method: Literal["magnitude_prune"]
     sparsity: float = Field(0.5, ge=0, lt=1, description="Final fraction of conv/linear weights set to zero (by |w|).")
     scope: Literal["global", "layer"] = Field("global", description="Rank weights across all layers or within each.")
-    steps: int = Field(1, ge=1, description="Iterative schedule: sparsity ramps up over this many prune+fine-tune steps.")
+    steps: int = Field(
+        1, ge=1, description="Iterative schedule: sparsity ramps up over this many prune+fine-tune steps."
+    )
     finetune_epochs: int = Field(5, ge=0, description="Fine-tuning epochs after each step, with the mask held fixed.")
 
 
 def _magnitude_masks(weights: list[torch.Tensor], sparsity: float, scope: str) -> list[torch.Tensor]:
     """Keep-masks zeroing the `sparsity` share of smallest |w|, ranked globally or per layer."""
+
     def threshold(values: torch.Tensor) -> torch.Tensor:
         k = int(sparsity * values.numel())
         return values.kthvalue(k).values if k > 0 else torch.tensor(-1.0)
@@ -60,14 +63,28 @@ def magnitude_prune(state: ModelState, cfg: MagnitudePrune, ctx: CompressContext
         apply_masks(model)
         acc_pruned = accuracy(model, *ctx.splits.val)
         if cfg.finetune_epochs:
-            fit(model, ctx.splits.train, ctx.splits.val,
-                train_params(ctx, meta, cfg.finetune_epochs, cfg.finetune_lr_scale), after_step=apply_masks)
-        history.append({"sparsity": target, "val_acc_pruned": acc_pruned, "val_acc_finetuned": accuracy(model, *ctx.splits.val)})
-        print(f"[compress] magnitude_prune step {step}/{cfg.steps}: sparsity {target:.2f}, val acc "
-              f"{acc_pruned:.4f} -> {history[-1]['val_acc_finetuned']:.4f} after {cfg.finetune_epochs} fine-tune epochs")
+            fit(
+                model,
+                ctx.splits.train,
+                ctx.splits.val,
+                train_params(ctx, meta, cfg.finetune_epochs, cfg.finetune_lr_scale),
+                after_step=apply_masks,
+            )
+        history.append(
+            {"sparsity": target, "val_acc_pruned": acc_pruned, "val_acc_finetuned": accuracy(model, *ctx.splits.val)}
+        )
+        print(
+            f"[compress] magnitude_prune step {step}/{cfg.steps}: sparsity {target:.2f}, val acc "
+            f"{acc_pruned:.4f} -> {history[-1]['val_acc_finetuned']:.4f} after {cfg.finetune_epochs} fine-tune epochs"
+        )
     zeros = sum(int((w == 0).sum()) for w in prunable(model))
     total = sum(w.numel() for w in prunable(model))
-    info = {"sparsity": zeros / total, "scope": cfg.scope, "steps": history, "params": count_params(model),
-            "nonzero_params": count_params(model) - zeros}
+    info = {
+        "sparsity": zeros / total,
+        "scope": cfg.scope,
+        "steps": history,
+        "params": count_params(model),
+        "nonzero_params": count_params(model) - zeros,
+    }
     ckpt = save_checkpoint(ctx.out_dir / "pruned.pt", model, arch, {**meta, "magnitude_prune": info})
     return replace(state, checkpoint=ckpt, info={**state.info, "magnitude_prune": info})

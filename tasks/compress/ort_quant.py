@@ -60,8 +60,14 @@ def calibration_set(ctx: CompressContext, samples: int, method: str) -> np.ndarr
     return x_train[rng.permutation(len(x_train))[:samples]]
 
 
-def quantize_qdq(fp32: Path, out: Path, calib: np.ndarray, per_channel: bool, calibrate_method: str = "minmax",
-                  exclude: list[str] | tuple = ()) -> Path:
+def quantize_qdq(
+    fp32: Path,
+    out: Path,
+    calib: np.ndarray,
+    per_channel: bool,
+    calibrate_method: str = "minmax",
+    exclude: list[str] | tuple = (),
+) -> Path:
     """ORT static INT8 in QDQ format, calibrated on `calib`: signed 8-bit weights, unsigned 8-bit
     activations. ORT's CPU kernels take U8S8 whole: on the residual CNN every Conv and Add became
     QLinearConv/QLinearAdd, where with signed activations 6 of 9 Convs stayed FP32 between
@@ -69,12 +75,24 @@ def quantize_qdq(fp32: Path, out: Path, calib: np.ndarray, per_channel: bool, ca
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType
     from onnxruntime.quantization import quantize_static as ort_quantize_static
 
-    method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-              "percentile": CalibrationMethod.Percentile}[calibrate_method]
+    method = {
+        "minmax": CalibrationMethod.MinMax,
+        "entropy": CalibrationMethod.Entropy,
+        "percentile": CalibrationMethod.Percentile,
+    }[calibrate_method]
     # reduce_range: 7-bit weights avoid u8s8 overflow on CPUs without VNNI.
-    ort_quantize_static(str(fp32), str(out), _CalibrationReader(calib, fp32), quant_format=QuantFormat.QDQ,
-                        per_channel=per_channel, reduce_range=not cpu_has_vnni(), nodes_to_exclude=list(exclude),
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=method)
+    ort_quantize_static(
+        str(fp32),
+        str(out),
+        _CalibrationReader(calib, fp32),
+        quant_format=QuantFormat.QDQ,
+        per_channel=per_channel,
+        reduce_range=not cpu_has_vnni(),
+        nodes_to_exclude=list(exclude),
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+        calibrate_method=method,
+    )
     return out
 
 
@@ -96,8 +114,10 @@ def rank_nodes_by_error(fp32: Path, int8: Path, x: np.ndarray, work: Path) -> li
     fp32_aug, int8_aug = work / "fp32_debug.onnx", work / "int8_debug.onnx"
     modify_model_output_intermediate_tensors(str(fp32), str(fp32_aug))
     modify_model_output_intermediate_tensors(str(int8), str(int8_aug))
-    matching = create_activation_matching(collect_activations(str(int8_aug), _CalibrationReader(x, fp32)),
-                                          collect_activations(str(fp32_aug), _CalibrationReader(x, fp32)))
+    matching = create_activation_matching(
+        collect_activations(str(int8_aug), _CalibrationReader(x, fp32)),
+        collect_activations(str(fp32_aug), _CalibrationReader(x, fp32)),
+    )
     sqnr = {t: min(e["xmodel_err"], 100.0) for t, e in compute_activation_error(matching).items() if "xmodel_err" in e}
     nodes = onnx.load(str(fp32)).graph.node
     consumers: dict[str, list] = {}

@@ -16,9 +16,12 @@ def classifier_layers(model: nn.Module, example: torch.Tensor) -> list[nn.Linear
     They keep every class."""
     with torch.no_grad():
         classes = model.eval()(example).shape[-1]
-    return [m for m in model.modules()
-            if (isinstance(m, nn.Linear) and m.out_features == classes)
-            or (isinstance(m, nn.Conv2d) and m.out_channels == classes and m.kernel_size == (1, 1))][-1:]
+    return [
+        m
+        for m in model.modules()
+        if (isinstance(m, nn.Linear) and m.out_features == classes)
+        or (isinstance(m, nn.Conv2d) and m.out_channels == classes and m.kernel_size == (1, 1))
+    ][-1:]
 
 
 def attention_heads(model: nn.Module) -> dict[nn.Module, int]:
@@ -53,14 +56,28 @@ def prune_channels(model: nn.Module, example: torch.Tensor, amount: float, norm:
     heads = attention_heads(model)
     ignored = classifier_layers(model, example)
     if heads:  # the residual stream's width: Linear layers writing into it (attention and FFN outputs) keep it
-        ignored += [m for m in model.modules() if isinstance(m, nn.Linear) and m not in heads
-                    and m.out_features == next(iter(heads)).in_features]
+        ignored += [
+            m
+            for m in model.modules()
+            if isinstance(m, nn.Linear) and m not in heads and m.out_features == next(iter(heads)).in_features
+        ]
     # Embeddings as roots too: a word-embedding width is a channel group like any layer's outputs.
     pruner = tp.pruner.MagnitudePruner(
-        model, example, importance=tp.importance.MagnitudeImportance(p=norm), pruning_ratio=amount,
-        ignored_layers=ignored, root_module_types=[nn.Conv2d, nn.Linear, nn.LSTM] + ([] if heads else [nn.Embedding]),
-        num_heads=heads, prune_num_heads=bool(heads), prune_head_dims=False, head_pruning_ratio=amount)
+        model,
+        example,
+        importance=tp.importance.MagnitudeImportance(p=norm),
+        pruning_ratio=amount,
+        ignored_layers=ignored,
+        root_module_types=[nn.Conv2d, nn.Linear, nn.LSTM] + ([] if heads else [nn.Embedding]),
+        num_heads=heads,
+        prune_num_heads=bool(heads),
+        prune_head_dims=False,
+        head_pruning_ratio=amount,
+    )
     pruner.step()
     _recount_heads(model)
-    return {"params_before": before, "params_after": sum(p.numel() for p in model.parameters()),
-            **({"attention_heads_after": sum(h for h in attention_heads(model).values()) // 3} if heads else {})}
+    return {
+        "params_before": before,
+        "params_after": sum(p.numel() for p in model.parameters()),
+        **({"attention_heads_after": sum(h for h in attention_heads(model).values()) // 3} if heads else {}),
+    }

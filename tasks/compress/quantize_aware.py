@@ -79,17 +79,28 @@ def quantize_aware(state: ModelState, cfg: QuantizeAware, ctx: CompressContext) 
     with weights_seen_through(layers, lambda: _FakeQuantWeight(cfg.per_channel)):
         hooks = [_fake_quant_inputs(layer) for layer in layers]
         acc_fq = accuracy(model, *ctx.splits.val)
-        fit(model, ctx.splits.train, ctx.splits.val,
-            train_params(ctx, meta, cfg.finetune_epochs, cfg.finetune_lr_scale))
+        fit(
+            model, ctx.splits.train, ctx.splits.val, train_params(ctx, meta, cfg.finetune_epochs, cfg.finetune_lr_scale)
+        )
         acc_trained = accuracy(model, *ctx.splits.val)
         for hook in hooks:
             hook.remove()
     ckpt = save_checkpoint(ctx.out_dir / "qat.pt", model, arch, {**meta, "quantize_aware": {}})
     exported = export_state(replace(state, checkpoint=ckpt), ctx)
-    out = quantize_qdq(preprocessed(exported, ctx), ctx.out_dir / "int8_qat.onnx",
-                        calibration_set(ctx, cfg.calibration_samples, "quantize_aware"), cfg.per_channel)
-    info = {"val_acc_fake_quant_before": acc_fq, "val_acc_fake_quant_trained": acc_trained,
-            "val_acc_int8": onnx_accuracy(make_session(out), *ctx.splits.val), "per_channel": cfg.per_channel}
-    print(f"[compress] quantize_aware: fake-quant val acc {acc_fq:.4f} -> {acc_trained:.4f} after "
-          f"{cfg.finetune_epochs} epochs; exported INT8 val acc {info['val_acc_int8']:.4f}")
+    out = quantize_qdq(
+        preprocessed(exported, ctx),
+        ctx.out_dir / "int8_qat.onnx",
+        calibration_set(ctx, cfg.calibration_samples, "quantize_aware"),
+        cfg.per_channel,
+    )
+    info = {
+        "val_acc_fake_quant_before": acc_fq,
+        "val_acc_fake_quant_trained": acc_trained,
+        "val_acc_int8": onnx_accuracy(make_session(out), *ctx.splits.val),
+        "per_channel": cfg.per_channel,
+    }
+    print(
+        f"[compress] quantize_aware: fake-quant val acc {acc_fq:.4f} -> {acc_trained:.4f} after "
+        f"{cfg.finetune_epochs} epochs; exported INT8 val acc {info['val_acc_int8']:.4f}"
+    )
     return replace(exported, onnx=out, parity_max_abs=None, info={**exported.info, "quantize_aware": info})

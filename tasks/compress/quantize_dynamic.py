@@ -23,7 +23,9 @@ def quantize_dynamic(state: ModelState, cfg: QuantizeDynamic, ctx: CompressConte
     from onnxruntime.quantization import quantize_dynamic as ort_quantize_dynamic
 
     out = ctx.out_dir / "int8_dynamic.onnx"
-    ort_quantize_dynamic(str(preprocessed(state, ctx)), str(out), weight_type=QuantType.QInt8,
-                         per_channel=cfg.per_channel)
-    return replace(state, onnx=out, parity_max_abs=None,
-                   info={**state.info, "quantize_dynamic": {"per_channel": cfg.per_channel}})
+    ort_quantize_dynamic(
+        str(preprocessed(state, ctx)), str(out), weight_type=QuantType.QInt8, per_channel=cfg.per_channel
+    )
+    return replace(
+        state, onnx=out, parity_max_abs=None, info={**state.info, "quantize_dynamic": {"per_channel": cfg.per_channel}}
+    )

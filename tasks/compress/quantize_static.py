@@ -23,11 +23,16 @@ class QuantizeStatic(StepConfig):
     on_onnx: ClassVar[bool] = True
     method: Literal["quantize_static"]
     calibration_samples: int = Field(256, ge=1, description="Training samples fed to the calibrator.")
-    calibrate_method: Literal["minmax", "entropy", "percentile"] = Field("minmax", description="Activation range estimator.")
+    calibrate_method: Literal["minmax", "entropy", "percentile"] = Field(
+        "minmax", description="Activation range estimator."
+    )
     per_channel: bool = Field(True, description="Per-channel weight scales.")
     max_accuracy_loss: float | None = Field(
-        None, ge=0, description="Accuracy-aware tuning: allowed val-accuracy loss (points) vs FP32; nodes fall back "
-        "to FP32, most sensitive first, until it holds. None = quantize everything.")
+        None,
+        ge=0,
+        description="Accuracy-aware tuning: allowed val-accuracy loss (points) vs FP32; nodes fall back "
+        "to FP32, most sensitive first, until it holds. None = quantize everything.",
+    )
     max_fallback_nodes: int = Field(8, ge=1, description="Most nodes accuracy-aware tuning may keep in FP32.")
 
 
@@ -47,9 +52,15 @@ def quantize_static(state: ModelState, cfg: QuantizeStatic, ctx: CompressContext
     out = ctx.out_dir / "int8_static.onnx"
     acc = quantize([], out)
     fp32_acc = onnx_accuracy(make_session(fp32), *ctx.splits.val)
-    info: dict[str, Any] = {"calibration_samples": len(calib), "calibrate_method": cfg.calibrate_method,
-            "per_channel": cfg.per_channel, "reduce_range": reduce_range, "val_acc_fp32": fp32_acc,
-            "val_acc_int8_full": acc, "nodes_excluded": []}
+    info: dict[str, Any] = {
+        "calibration_samples": len(calib),
+        "calibrate_method": cfg.calibrate_method,
+        "per_channel": cfg.per_channel,
+        "reduce_range": reduce_range,
+        "val_acc_fp32": fp32_acc,
+        "val_acc_int8_full": acc,
+        "nodes_excluded": [],
+    }
     loss = lambda a: (fp32_acc - a) * 100
     if cfg.max_accuracy_loss is not None and loss(acc) > cfg.max_accuracy_loss:
         ranking = rank_nodes_by_error(fp32, out, calib[:64], ctx.out_dir)
@@ -59,8 +70,10 @@ def quantize_static(state: ModelState, cfg: QuantizeStatic, ctx: CompressContext
             excluded.append(node)
             trial = ctx.out_dir / f"int8_fallback_{len(excluded)}.onnx"
             trial_acc = quantize(list(excluded), trial)
-            print(f"[compress] quantize_static: FP32 fallback of {node} (loses {sqnr:.1f} dB SQNR): val acc {trial_acc:.4f} "
-                  f"(loss {loss(trial_acc):.2f} pts, allowed {cfg.max_accuracy_loss:.2f})")
+            print(
+                f"[compress] quantize_static: FP32 fallback of {node} (loses {sqnr:.1f} dB SQNR): val acc {trial_acc:.4f} "
+                f"(loss {loss(trial_acc):.2f} pts, allowed {cfg.max_accuracy_loss:.2f})"
+            )
             if trial_acc > best_acc:
                 best_acc, best_excluded = trial_acc, list(excluded)
                 trial.replace(out)

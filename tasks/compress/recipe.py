@@ -36,8 +36,15 @@ from tasks.data import load_splits
 from tasks.train.stage import TrainConfig
 
 Step = Annotated[
-    MagnitudePrune | StructuredPrune | Distill | Binarize | SparsityTrain | QuantizeDynamic | QuantizeStatic
-    | QuantizeAware | ConvertFp16,
+    MagnitudePrune
+    | StructuredPrune
+    | Distill
+    | Binarize
+    | SparsityTrain
+    | QuantizeDynamic
+    | QuantizeStatic
+    | QuantizeAware
+    | ConvertFp16,
     Field(discriminator="method"),
 ]
 
@@ -71,8 +78,9 @@ def compress(checkpoint: Path, recipe: list, ctx: CompressContext) -> ModelState
     return state if state.onnx is not None else export_state(state, ctx)
 
 
-def compress_candidate(name: str, recipe: list, baseline: Path, data_dir: Path, train: TrainConfig,
-                       out_dir: Path) -> Candidate:
+def compress_candidate(
+    name: str, recipe: list, baseline: Path, data_dir: Path, train: TrainConfig, out_dir: Path
+) -> Candidate:
     """One candidate end to end: its recipe on the baseline, written under `out_dir/name`."""
     ctx = CompressContext(load_splits(data_dir), train, Path(baseline), Path(out_dir) / name)
     ctx.out_dir.mkdir(parents=True, exist_ok=True)

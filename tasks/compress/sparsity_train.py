@@ -25,9 +25,11 @@ from tasks.train.loop import accuracy, fit
 class SparsityTrain(Finetuned):
     method: Literal["sparsity_train"]
     target: Literal["channels", "weights"] = Field(
-        "channels", description="channels: group L1 (the sum of every conv filter's / hidden neuron's weight L2 "
+        "channels",
+        description="channels: group L1 (the sum of every conv filter's / hidden neuron's weight L2 "
         "norm, as network slimming does on BatchNorm scales) drives whole channels to zero before "
-        "structured_prune; weights: plain L1, before magnitude_prune.")
+        "structured_prune; weights: plain L1, before magnitude_prune.",
+    )
     penalty: float = Field(1e-3, gt=0, description="Weight of the L1 term beside the cross-entropy.")
     finetune_epochs: int = Field(10, ge=1, description="Fine-tuning epochs with the penalty.")
     finetune_lr_scale: float = Field(0.5, gt=0, description="Fine-tuning lr as a multiple of the baseline's lr.")
@@ -54,18 +56,30 @@ def sparsity_train(state: ModelState, cfg: SparsityTrain, ctx: CompressContext) 
         return nn.functional.cross_entropy(logits, y) + cfg.penalty * l1()
 
     acc_before = accuracy(model, *ctx.splits.val)
-    fit(model, ctx.splits.train, ctx.splits.val, train_params(ctx, meta, cfg.finetune_epochs, cfg.finetune_lr_scale),
-        loss_fn=penalised, restore_best=False)
+    fit(
+        model,
+        ctx.splits.train,
+        ctx.splits.val,
+        train_params(ctx, meta, cfg.finetune_epochs, cfg.finetune_lr_scale),
+        loss_fn=penalised,
+        restore_best=False,
+    )
     with torch.no_grad():
         norms = torch.cat(_channel_norms(model))
         weights = torch.cat([w.abs().flatten() for w in prunable(model)])
-    info = {"target": cfg.target, "penalty": cfg.penalty, "val_acc_before": acc_before,
-            "val_acc_after": accuracy(model, *ctx.splits.val),
-            # "near zero": under 5% of the largest channel norm / weight
-            "channels_near_zero": float((norms < 0.05 * norms.max()).float().mean()),
-            "weights_near_zero": float((weights < 0.05 * weights.max()).float().mean())}
+    info = {
+        "target": cfg.target,
+        "penalty": cfg.penalty,
+        "val_acc_before": acc_before,
+        "val_acc_after": accuracy(model, *ctx.splits.val),
+        # "near zero": under 5% of the largest channel norm / weight
+        "channels_near_zero": float((norms < 0.05 * norms.max()).float().mean()),
+        "weights_near_zero": float((weights < 0.05 * weights.max()).float().mean()),
+    }
     ckpt = save_checkpoint(ctx.out_dir / "sparse.pt", model, arch, {**meta, "sparsity_train": info})
-    print(f"[compress] sparsity_train ({cfg.target}, penalty {cfg.penalty}): {info['channels_near_zero']:.0%} of "
-          f"channels and {info['weights_near_zero']:.0%} of weights near zero, val acc {acc_before:.4f} -> "
-          f"{info['val_acc_after']:.4f}")
+    print(
+        f"[compress] sparsity_train ({cfg.target}, penalty {cfg.penalty}): {info['channels_near_zero']:.0%} of "
+        f"channels and {info['weights_near_zero']:.0%} of weights near zero, val acc {acc_before:.4f} -> "
+        f"{info['val_acc_after']:.4f}"
+    )
     return replace(state, checkpoint=ckpt, info={**state.info, "sparsity_train": info})

@@ -50,8 +50,7 @@ def structured_prune(state: ModelState, cfg: StructuredPrune, ctx: CompressConte
         keep.append(scores.topk(n_keep).indices.sort().values)
     keep.append(torch.arange(arch.num_classes))  # the classifier keeps every class
     n_conv = len(arch.conv)
-    small_arch = replace(arch, conv=tuple(len(k) for k in keep[:n_conv]),
-                         hidden=tuple(len(k) for k in keep[n_conv:-1]))
+    small_arch = replace(arch, conv=tuple(len(k) for k in keep[:n_conv]), hidden=tuple(len(k) for k in keep[n_conv:-1]))
     small = build_model(small_arch)
     prev = torch.arange(arch.input_shape[0])
     with torch.no_grad():
@@ -69,29 +68,48 @@ def structured_prune(state: ModelState, cfg: StructuredPrune, ctx: CompressConte
             prev = rows
     acc_pruned = accuracy(small, *ctx.splits.val)
     if cfg.finetune_epochs:
-        fit(small, ctx.splits.train, ctx.splits.val, train_params(ctx, meta, cfg.finetune_epochs, cfg.finetune_lr_scale))
-    info = {"amount": cfg.amount, "params_before": count_params(model), "params_after": count_params(small),
-            "arch_after": small_arch.to_dict(), "val_acc_pruned": acc_pruned,
-            "val_acc_finetuned": accuracy(small, *ctx.splits.val)}
+        fit(
+            small, ctx.splits.train, ctx.splits.val, train_params(ctx, meta, cfg.finetune_epochs, cfg.finetune_lr_scale)
+        )
+    info = {
+        "amount": cfg.amount,
+        "params_before": count_params(model),
+        "params_after": count_params(small),
+        "arch_after": small_arch.to_dict(),
+        "val_acc_pruned": acc_pruned,
+        "val_acc_finetuned": accuracy(small, *ctx.splits.val),
+    }
     ckpt = save_checkpoint(ctx.out_dir / "structured.pt", small, small_arch, {**meta, "structured_prune": info})
-    print(f"[compress] structured_prune: conv {arch.conv}->{small_arch.conv} hidden {arch.hidden}->{small_arch.hidden}, "
-          f"params {info['params_before']}->{info['params_after']}, val acc {acc_pruned:.4f} -> "
-          f"{info['val_acc_finetuned']:.4f} after {cfg.finetune_epochs} fine-tune epochs")
+    print(
+        f"[compress] structured_prune: conv {arch.conv}->{small_arch.conv} hidden {arch.hidden}->{small_arch.hidden}, "
+        f"params {info['params_before']}->{info['params_after']}, val acc {acc_pruned:.4f} -> "
+        f"{info['val_acc_finetuned']:.4f} after {cfg.finetune_epochs} fine-tune epochs"
+    )
     return replace(state, checkpoint=ckpt, info={**state.info, "structured_prune": info})
 
 
-def _prune_in_place(model: nn.Module, arch, meta: dict, state: ModelState, cfg: StructuredPrune,
-                    ctx: CompressContext) -> ModelState:
+def _prune_in_place(
+    model: nn.Module, arch, meta: dict, state: ModelState, cfg: StructuredPrune, ctx: CompressContext
+) -> ModelState:
     """Families with no narrower `Arch` to rebuild (residual nets, a user's module, text): Torch-Pruning
     removes coupled channel groups in place; the checkpoint records the pruned shapes."""
     example = torch.from_numpy(ctx.splits.val[0][:2])
     info = prune_channels(model, example, cfg.amount, cfg.norm)
     acc_pruned = accuracy(model, *ctx.splits.val)
     if cfg.finetune_epochs:
-        fit(model, ctx.splits.train, ctx.splits.val, train_params(ctx, meta, cfg.finetune_epochs, cfg.finetune_lr_scale))
-    info = {"amount": cfg.amount, **info, "val_acc_pruned": acc_pruned, "val_acc_finetuned": accuracy(model, *ctx.splits.val)}
+        fit(
+            model, ctx.splits.train, ctx.splits.val, train_params(ctx, meta, cfg.finetune_epochs, cfg.finetune_lr_scale)
+        )
+    info = {
+        "amount": cfg.amount,
+        **info,
+        "val_acc_pruned": acc_pruned,
+        "val_acc_finetuned": accuracy(model, *ctx.splits.val),
+    }
     ckpt = save_checkpoint(ctx.out_dir / "structured.pt", model, arch, {**meta, "structured_prune": info})
-    print(f"[compress] structured_prune ({arch.family}, dependency graph): params {info['params_before']}->"
-          f"{info['params_after']}, val acc {acc_pruned:.4f} -> {info['val_acc_finetuned']:.4f} after "
-          f"{cfg.finetune_epochs} fine-tune epochs")
+    print(
+        f"[compress] structured_prune ({arch.family}, dependency graph): params {info['params_before']}->"
+        f"{info['params_after']}, val acc {acc_pruned:.4f} -> {info['val_acc_finetuned']:.4f} after "
+        f"{cfg.finetune_epochs} fine-tune epochs"
+    )
     return replace(state, checkpoint=ckpt, info={**state.info, "structured_prune": info})

@@ -20,7 +20,6 @@ from tasks.core.settings import ConfigError, excerpt
 MAX_CONFIG_BYTES = 256 * 2**10  # configs are a few KB; parsing 1 MB of YAML took 14 s here (pure Python)
 
 
-
 def format_errors(errors: Sequence[Mapping[str, Any]]) -> list[str]:
     return [f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}" for e in errors]
 
@@ -67,8 +66,9 @@ def _section_keys(annotation: object) -> set[str] | None:
 def _drop_unknown_keys(root: yaml.MappingNode, pipelines: Mapping[str, type[BaseModel]]) -> list[str]:
     """Keys the pipeline and its sections do not take, removed from the parsed file before any value
     is built (a huge or alias-bombed value under a misspelt key is never expanded), one problem each."""
-    family = next((v.value for k, v in root.value if k.value == "family" and isinstance(v, yaml.ScalarNode)),
-                  "classifier")
+    family = next(
+        (v.value for k, v in root.value if k.value == "family" and isinstance(v, yaml.ScalarNode)), "classifier"
+    )
     if family not in pipelines:
         return []  # parse_config names the unknown family
     problems: list[str] = []
@@ -89,8 +89,11 @@ def _drop_unknown_keys(root: yaml.MappingNode, pipelines: Mapping[str, type[Base
     prune(root, sections, "")
     fields = {key: f for name, f in cls.model_fields.items() for key in (name, f.alias) if key}
     for key, value in root.value:
-        if isinstance(value, yaml.MappingNode) and key.value in fields and (
-                keys := _section_keys(fields[key.value].annotation)):
+        if (
+            isinstance(value, yaml.MappingNode)
+            and key.value in fields
+            and (keys := _section_keys(fields[key.value].annotation))
+        ):
             prune(value, keys, f"{key.value}.")
     return problems
 
@@ -104,12 +107,15 @@ def safe_yaml(text: str, what: str, pipelines: Mapping[str, type[BaseModel]] | N
         node = loader.get_single_node()
         if node is None:
             return None, []
-        unknown = (_drop_unknown_keys(node, pipelines) if pipelines and isinstance(node, yaml.MappingNode) else [])
+        unknown = _drop_unknown_keys(node, pipelines) if pipelines and isinstance(node, yaml.MappingNode) else []
         if (size := _expanded_size(node)) > MAX_CONFIG_BYTES:
-            raise ConfigError(f"{what}: an alias (*name) refers to its own anchor (&name), a cycle" if size == math.inf
-                              else f"{what} expands to about {size / 2**10:,.0f} KB with its YAML aliases (*name) written "
-                              f"out, over the {MAX_CONFIG_BYTES // 2**10} KB limit (an alias bomb?); write the "
-                              "values out or use fewer aliases")
+            raise ConfigError(
+                f"{what}: an alias (*name) refers to its own anchor (&name), a cycle"
+                if size == math.inf
+                else f"{what} expands to about {size / 2**10:,.0f} KB with its YAML aliases (*name) written "
+                f"out, over the {MAX_CONFIG_BYTES // 2**10} KB limit (an alias bomb?); write the "
+                "values out or use fewer aliases"
+            )
         return loader.construct_document(node), unknown
     except yaml.YAMLError as err:
         raise ConfigError(f"{what} is not valid YAML: {excerpt(err, 500)}") from None
@@ -130,8 +136,10 @@ def read_config_file(path: str | Path, pipelines: Mapping[str, type[BaseModel]])
     except OSError as err:
         raise ConfigError(f"cannot read config {path}: {err.strerror}") from None
     if size > MAX_CONFIG_BYTES:
-        raise ConfigError(f"config {path} is over the {MAX_CONFIG_BYTES // 2**10} KB limit for a config file "
-                          f"({size:,} bytes or more; a config is a few KB: is it the right file?)")
+        raise ConfigError(
+            f"config {path} is over the {MAX_CONFIG_BYTES // 2**10} KB limit for a config file "
+            f"({size:,} bytes or more; a config is a few KB: is it the right file?)"
+        )
     try:
         text = data.decode()
     except UnicodeDecodeError as err:
@@ -201,4 +209,3 @@ def apply_overrides(raw: dict, overrides: list[str] | tuple[str, ...]) -> dict:
     if problems:
         raise ConfigError("invalid overrides:\n" + "\n".join(f"  - {p}" for p in problems))
     return out
-

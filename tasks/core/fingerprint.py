@@ -112,8 +112,11 @@ def user_modules(module: str, root: Path | None = None) -> dict[str, Path]:
             continue
         path = _module_file(name, [tree])
         # A virtual environment inside the project holds installed libraries, not the user's code.
-        if path is None or not path.is_relative_to(own) or {"site-packages", "dist-packages"} & set(
-                path.relative_to(own).parts):
+        if (
+            path is None
+            or not path.is_relative_to(own)
+            or {"site-packages", "dist-packages"} & set(path.relative_to(own).parts)
+        ):
             continue
         seen[name] = path
         queue += sorted(_imported_names(path.read_text(errors="replace"), name, path.name == "__init__.py"))
@@ -137,9 +140,16 @@ def import_current(module: str) -> object:
     chain = [".".join(parts[: i + 1]) for i in range(len(parts))]
     files = {name: path for name in chain if (path := _module_file(name, [])) is not None} | user_modules(module)
     installed = lambda p: bool({"site-packages", "dist-packages"} & set(p.parts))
-    stale = [name for name, path in files.items() if name in sys.modules and not installed(path) and (
-        Path(getattr(sys.modules[name], "__file__", None) or "/").resolve() != path
-        or _IMPORTED.get(name) != _file_digest(path))]
+    stale = [
+        name
+        for name, path in files.items()
+        if name in sys.modules
+        and not installed(path)
+        and (
+            Path(getattr(sys.modules[name], "__file__", None) or "/").resolve() != path
+            or _IMPORTED.get(name) != _file_digest(path)
+        )
+    ]
     gone = [name for name in chain if name in sys.modules and name not in files]  # its folder left sys.path
     if stale or gone:
         for name in [*files, *gone]:

@@ -45,19 +45,33 @@ def lock_workdir(workdir: Path, what: str, wait_s: float = 0) -> Iterator[Callab
         lock.acquire(timeout=0)
     except Timeout:
         holder = read_holder(workdir)
-        who = (f"{holder.get('what', 'a run')} (pid {holder.get('pid')} on {holder.get('host')}, "
-               f"since {holder.get('since')})") if holder else "another run"
+        who = (
+            (
+                f"{holder.get('what', 'a run')} (pid {holder.get('pid')} on {holder.get('host')}, "
+                f"since {holder.get('since')})"
+            )
+            if holder
+            else "another run"
+        )
         if wait_s == 0:
-            raise WorkdirBusy(f"work dir {workdir} is in use by {who}; wait for it to finish, or pass "
-                              "--wait SECONDS to queue behind it") from None
-        print(f"[lock] work dir {workdir} is in use by {who}: waiting"
-              + (f" up to {wait_s:.0f}s" if wait_s > 0 else ""), flush=True)
+            raise WorkdirBusy(
+                f"work dir {workdir} is in use by {who}; wait for it to finish, or pass "
+                "--wait SECONDS to queue behind it"
+            ) from None
+        print(
+            f"[lock] work dir {workdir} is in use by {who}: waiting" + (f" up to {wait_s:.0f}s" if wait_s > 0 else ""),
+            flush=True,
+        )
         try:
             lock.acquire(timeout=wait_s)
         except Timeout:
             raise WorkdirBusy(f"work dir {workdir} is still in use by {who} after waiting {wait_s:.0f}s") from None
-    holder = {"what": what, "pid": os.getpid(), "host": socket.gethostname(),
-              "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    holder = {
+        "what": what,
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
 
     def note(**facts: str) -> None:
         holder.update(facts)

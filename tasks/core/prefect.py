@@ -81,17 +81,40 @@ def temporary_prefect_server(log_dir: Path, timeout_s: float = 120) -> Iterator[
     log_dir.mkdir(parents=True, exist_ok=True)
     with open(log_dir / "prefect-server.log", "ab") as log:
         server = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "--app-dir", str(Path(prefect.__file__).parent.parent), "--factory",
-             "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(port),
-             "--log-level", "error", "--lifespan", "on"],
-            env={**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
-                 "PREFECT__SERVER_FINAL": "1"},
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True, preexec_fn=_die_with_parent)
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "--app-dir",
+                str(Path(prefect.__file__).parent.parent),
+                "--factory",
+                "prefect.server.api.server:create_app",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--log-level",
+                "error",
+                "--lifespan",
+                "on",
+            ],
+            env={
+                **os.environ,
+                "PREFECT_UI_ENABLED": "0",
+                "PREFECT__SERVER_EPHEMERAL": "1",
+                "PREFECT__SERVER_FINAL": "1",
+            },
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )
     url = f"http://127.0.0.1:{port}/api"
     try:
-        wait_for_http(f"{url}/health", server, timeout_s,
-                      f"the temporary Prefect server (see {log_dir / 'prefect-server.log'})")
+        wait_for_http(
+            f"{url}/health", server, timeout_s, f"the temporary Prefect server (see {log_dir / 'prefect-server.log'})"
+        )
         print(f"[prefect] temporary server pid {server.pid} at {url}", flush=True)
         with temporary_settings(updates={PREFECT_API_URL: url}):
             os.environ["PREFECT_API_URL"] = url  # for anything that reads the environment directly
@@ -157,8 +180,10 @@ def prefect_api(root: Path) -> Iterator[str]:
         yield url
         return
     if not (stack := running_stack(root)):
-        raise ValueError(f"no Prefect server: run `modelforge stack start` in {Path(root).resolve()} "
-                         "(or set PREFECT_API_URL to a running one)")
+        raise ValueError(
+            f"no Prefect server: run `modelforge stack start` in {Path(root).resolve()} "
+            "(or set PREFECT_API_URL to a running one)"
+        )
     with temporary_settings(updates={PREFECT_API_URL: stack["api_url"]}):
         yield stack["api_url"]
 
@@ -196,14 +221,26 @@ def start_stack(root: Path, port: int = 4200, pool: str = POOL, timeout_s: float
     logs, home = state / "logs", state / "prefect-server"
     logs.mkdir(parents=True, exist_ok=True)
     home.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": url,
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "true"}
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(home),
+        "PREFECT_API_URL": url,
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "DO_NOT_TRACK": "true",
+    }
     stack = {"api_url": url, "root": str(root), "pool": pool, "logs": str(logs), "pids": {}}
 
     def launch(name: str, *args: str) -> subprocess.Popen:
         with open(logs / f"prefect-{name}.log", "ab") as log:
-            proc = subprocess.Popen([sys.executable, "-m", "prefect", *args], env=env, cwd=root, stdout=log,
-                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "prefect", *args],
+                env=env,
+                cwd=root,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
         stack["pids"][name] = proc.pid
         _stack_file(root).write_text(json.dumps(stack, indent=2))  # at once: `stack stop` finds a half-started stack
         return proc
@@ -218,8 +255,10 @@ def start_stack(root: Path, port: int = 4200, pool: str = POOL, timeout_s: float
             deadline = time.monotonic() + timeout_s
             with get_client(sync_client=True) as client:
                 # The database outlives a stack: workers of earlier ones are listed too, with older heartbeats.
-                while not any(w.last_heartbeat_time and w.last_heartbeat_time >= launched
-                              for w in client.read_workers_for_work_pool(pool)):
+                while not any(
+                    w.last_heartbeat_time and w.last_heartbeat_time >= launched
+                    for w in client.read_workers_for_work_pool(pool)
+                ):
                     if worker.poll() is not None or time.monotonic() > deadline:
                         raise RuntimeError(f"the Prefect worker did not start (see {logs / 'prefect-worker.log'})")
                     time.sleep(0.5)

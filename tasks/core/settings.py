@@ -28,4 +28,3 @@ def problem_list(head: str, problems: list[str]) -> str:
     if len(problems) > MAX_PROBLEMS_SHOWN:
         lines.append(f"  - ... and {len(problems) - MAX_PROBLEMS_SHOWN} more")
     return f"{head} ({len(problems)} problem(s)):\n" + "\n".join(lines)
-

@@ -71,8 +71,11 @@ def stop_on_signals() -> Iterator[None]:
                 print(f"modelforge: {name}: already stopping ({_reason[0]})", file=sys.stderr, flush=True)
             return
         request_stop(f"stopped by {name}")
-        print(f"modelforge: {name} received: stopping (finished trials are kept; rerun to resume)",
-              file=sys.stderr, flush=True)
+        print(
+            f"modelforge: {name} received: stopping (finished trials are kept; rerun to resume)",
+            file=sys.stderr,
+            flush=True,
+        )
         raise RunInterrupted(f"stopped by {name}")
 
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}

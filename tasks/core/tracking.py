@@ -30,23 +30,21 @@ from tasks.core.settings import Section
 
 
 class TrackingConfig(Section):
-    uri: str = Field("sqlite:///.modelforge/mlflow.db", description="MLflow tracking URI: sqlite:/// (default), a "
-                     "server database (postgresql+psycopg://user@host/db) or an MLflow server (http://host:5000).")
+    uri: str = Field(
+        "sqlite:///.modelforge/mlflow.db",
+        description="MLflow tracking URI: sqlite:/// (default), a "
+        "server database (postgresql+psycopg://user@host/db) or an MLflow server (http://host:5000).",
+    )
     experiment: str = Field("modelforge", min_length=1, description="MLflow experiment name.")
-    artifact_dir: Path = Field(Path(".modelforge/mlartifacts"), description="Artifact root of a new experiment "
-                               "(an MLflow server, http://..., uses its own artifact store instead).")
+    artifact_dir: Path = Field(
+        Path(".modelforge/mlartifacts"),
+        description="Artifact root of a new experiment "
+        "(an MLflow server, http://..., uses its own artifact store instead).",
+    )
 
 
 _MAX_PARAM_LEN = 6000
 PIPELINE_TAG = "modelforge.pipeline"
-
-
-
-
-
-
-
-
 
 
 def log_dataset(run_id: str, data_dir: Path, data_version: str) -> None:
@@ -61,8 +59,9 @@ def log_dataset(run_id: str, data_dir: Path, data_version: str) -> None:
         warnings.simplefilter("ignore", UserWarning)
         source = resolve_dataset_source(str(Path(data_dir).resolve()))
     dataset = MetaDataset(source, name=Path(data_dir).name, digest=data_version[:36])  # type: ignore[abstract]  # mlflow leaves `profile` unimplemented on its documented MetaDataset (Dataset is no ABC)
-    MlflowClient().log_inputs(run_id, [DatasetInput(dataset._to_mlflow_entity(),
-                                                    [InputTag(MLFLOW_DATASET_CONTEXT, "training")])])
+    MlflowClient().log_inputs(
+        run_id, [DatasetInput(dataset._to_mlflow_entity(), [InputTag(MLFLOW_DATASET_CONTEXT, "training")])]
+    )
 
 
 def name_run(run_id: str, name: str) -> None:
@@ -75,8 +74,9 @@ def source_tags(config_path: str | Path, root: Path) -> dict[str, str]:
     project is a git repository (so a run links back to the code and config it ran)."""
     tags = {MLFLOW_SOURCE_NAME: str(config_path), MLFLOW_SOURCE_TYPE: "LOCAL"}
     try:
-        git = subprocess.run(["git", "-C", str(root), "rev-parse", "--show-toplevel", "HEAD"], capture_output=True,
-                             text=True, timeout=10)
+        git = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--show-toplevel", "HEAD"], capture_output=True, text=True, timeout=10
+        )
     except (OSError, subprocess.TimeoutExpired):  # no git here: the tag is optional
         return tags
     top, _, commit = git.stdout.strip().partition("\n")
@@ -169,19 +169,15 @@ def log_stage(run_id: str, stage: str, values: dict) -> None:
     log_params(run_id, others)
 
 
-
-
-
-
-
-
 def log_candidates(run_id: str, candidates: list, reports: list, summary: dict[str, Path]) -> None:
     """Per-candidate metrics (`<name>.accuracy` or `<name>.cosine_min`, ..., timings, size), compression
     facts, and the summary files."""
     for report in reports:
         d = report.to_dict()
         keys = [*report.quality, "latency_p50_ms", "latency_p95_ms", "throughput_sps", "size_bytes", "parity_max_abs"]
-        log_metrics(run_id, {f"{report.name}.{k}": d[k] for k in keys} | {f"{report.name}.passed": float(report.passed)})
+        log_metrics(
+            run_id, {f"{report.name}.{k}": d[k] for k in keys} | {f"{report.name}.passed": float(report.passed)}
+        )
     log_json(run_id, {c.name: {"info": c.info, "onnx": str(c.onnx)} for c in candidates}, "candidates/compression.json")
     log_json(run_id, [r.to_dict() for r in reports], "candidates/reports.json")
     for path in summary.values():

@@ -38,9 +38,13 @@ def _dataset_of(value: object) -> str | None:
     return value.get("dataset", "digits") if isinstance(value, dict) else getattr(value, "dataset", None)
 
 
-ClassifierData = Annotated[Annotated[DataConfig, Tag("digits")] | Annotated[TableDataConfig, Tag("table")]
-                           | Annotated[ImageFolderConfig, Tag("image_folder")]
-                           | Annotated[TextTableConfig, Tag("text")], Discriminator(_dataset_of)]
+ClassifierData = Annotated[
+    Annotated[DataConfig, Tag("digits")]
+    | Annotated[TableDataConfig, Tag("table")]
+    | Annotated[ImageFolderConfig, Tag("image_folder")]
+    | Annotated[TextTableConfig, Tag("text")],
+    Discriminator(_dataset_of),
+]
 
 
 @dataclass(frozen=True)
@@ -66,6 +70,8 @@ def load_splits(data_dir: Path) -> Splits:
     manifest = read_manifest(data_dir)
     source = SOURCES.get(manifest.get("dataset", ""))
     if source is None or source.load is None:
-        raise DataError(f"{Path(data_dir) / MANIFEST}: dataset {manifest.get('dataset')!r} is not a classifier data "
-                        f"source; known: {sorted(k for k, s in SOURCES.items() if s.load)}")
+        raise DataError(
+            f"{Path(data_dir) / MANIFEST}: dataset {manifest.get('dataset')!r} is not a classifier data "
+            f"source; known: {sorted(k for k, s in SOURCES.items() if s.load)}"
+        )
     return source.load(Path(data_dir), manifest)

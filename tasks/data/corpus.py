@@ -30,15 +30,23 @@ class CorpusConfig(Section):
 
     dataset: Literal["text_corpus"] = Field("text_corpus", description="A folder of plain-text documents.")
     dir: Path = Field(Path("corpus"), description="DVC-tracked corpus folder (relative to the project root).")
-    validation_fraction: float = Field(0.3, gt=0, lt=0.5, description="Share of documents (by hash) for gates "
-                                       "and candidate selection.")
-    test_fraction: float = Field(0.3, gt=0, lt=0.5, description="Share of documents (by hash) for the reported "
-                                 "figures and champion/challenger; the rest calibrates.")
+    validation_fraction: float = Field(
+        0.3, gt=0, lt=0.5, description="Share of documents (by hash) for gates and candidate selection."
+    )
+    test_fraction: float = Field(
+        0.3,
+        gt=0,
+        lt=0.5,
+        description="Share of documents (by hash) for the reported "
+        "figures and champion/challenger; the rest calibrates.",
+    )
     window: int = Field(512, ge=8, le=8192, description="Tokens per perplexity window; every split must hold one.")
     max_windows: int = Field(16, ge=1, description="Most windows scored per split (bounds evaluation time).")
     # Not a setting: the run copies lm.model here, so versioning can count tokens with its tokenizer.
     model: Path | None = Field(None, exclude=True)
-    dvc_remote: str = Field(".modelforge/dvc-remote", description="DVC remote the corpus is pushed to (a folder or a URL).")
+    dvc_remote: str = Field(
+        ".modelforge/dvc-remote", description="DVC remote the corpus is pushed to (a folder or a URL)."
+    )
 
 
 TEXT_SUFFIXES = (".txt", ".md")
@@ -82,7 +90,7 @@ def _documents(data_dir: Path) -> tuple[dict[str, str], list[str]]:
             except (ValueError, AttributeError):
                 value = None
             if not isinstance(value, str) or not value.strip():
-                problems.append(f"{name} line {line_no}: not an object with a non-empty \"text\" string")
+                problems.append(f'{name} line {line_no}: not an object with a non-empty "text" string')
             else:
                 docs[f"{name}:{line_no}"] = value
     return docs, problems
@@ -100,20 +108,30 @@ def describe_corpus(cfg, data_dir: Path) -> tuple[dict, dict]:
     data_dir = Path(data_dir)
     docs, problems = _documents(data_dir)
     if not docs and not problems:
-        problems.append("no documents: put .txt/.md files or .jsonl files of {\"text\": ...} lines here")
+        problems.append('no documents: put .txt/.md files or .jsonl files of {"text": ...} lines here')
     assignment = split_documents(docs, cfg.validation_fraction, cfg.test_fraction)
     tokens = {s: 0 for s in SPLITS}
     if docs and cfg.model is not None:
         tokenizer = load_tokenizer(cfg.model)
         for key, split in assignment.items():
             tokens[split] += len(tokenizer(docs[key])["input_ids"])
-        problems += [f"{s} split has {n} tokens, fewer than one evaluation window of {cfg.window + 1} (data.window): "
-                     "add documents or change the fractions" for s, n in tokens.items() if n <= cfg.window]
+        problems += [
+            f"{s} split has {n} tokens, fewer than one evaluation window of {cfg.window + 1} (data.window): "
+            "add documents or change the fractions"
+            for s, n in tokens.items()
+            if n <= cfg.window
+        ]
     raise_problems(data_dir, problems)
     counts = {s: sum(v == s for v in assignment.values()) for s in SPLITS}
-    manifest = {"dataset": "text_corpus", "documents": assignment, "counts": counts, "tokens": tokens,
-                "split_rule": SPLIT_RULE.replace("train", "calibration").replace("val", "validation"),
-                "validation_fraction": cfg.validation_fraction, "test_fraction": cfg.test_fraction}
+    manifest = {
+        "dataset": "text_corpus",
+        "documents": assignment,
+        "counts": counts,
+        "tokens": tokens,
+        "split_rule": SPLIT_RULE.replace("train", "calibration").replace("val", "validation"),
+        "validation_fraction": cfg.validation_fraction,
+        "test_fraction": cfg.test_fraction,
+    }
     write_manifest(data_dir, manifest)
     return manifest, {"documents": counts, "tokens": tokens}
 

@@ -39,9 +39,7 @@ class DataVersion:
 
 def _dvc(root: Path, *args: str) -> str:
     env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "dvc", *args], cwd=root, env=env, capture_output=True, text=True
-    )
+    proc = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"`dvc {' '.join(args)}` failed in {root}:\n{proc.stdout}{proc.stderr}")
     return proc.stdout

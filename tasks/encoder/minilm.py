@@ -30,10 +30,14 @@ if TYPE_CHECKING:
 
 class EncoderConfig(Section):
     family: Literal["minilm"] = Field("minilm", description="Pretrained encoder shipped in a package (no hub access).")
-    num_layers: int | None = Field(None, ge=1, le=6, description="Keep only the first N transformer layers (fast tests).")
+    num_layers: int | None = Field(
+        None, ge=1, le=6, description="Keep only the first N transformer layers (fast tests)."
+    )
     max_length: int = Field(128, ge=8, le=512, description="Tokenizer truncation length.")
     timing_seq_len: int = Field(128, ge=8, le=512, description="Sequence length every timed input is padded to.")
-    min_export_cosine: float = Field(0.9999, gt=0, le=1, description="Worst per-sentence cosine, ORT vs PyTorch, an export must reach.")
+    min_export_cosine: float = Field(
+        0.9999, gt=0, le=1, description="Worst per-sentence cosine, ORT vs PyTorch, an export must reach."
+    )
 
 
 INPUTS = ("input_ids", "attention_mask")
@@ -54,8 +58,6 @@ class SentenceEncoder(nn.Module):
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
         return nn.functional.normalize(pooled, dim=1)
-
-
 
 
 def load_tokenizer() -> PreTrainedTokenizerBase:
@@ -80,8 +82,13 @@ def load_minilm(num_layers: int | None = None) -> tuple[SentenceEncoder, PreTrai
 
 
 def tokenize(tokenizer, sentences: list[str], max_length: int = 128, pad_to_max: bool = False) -> dict[str, np.ndarray]:
-    enc = tokenizer(sentences, padding="max_length" if pad_to_max else True, truncation=True,
-                    max_length=max_length, return_tensors="np")
+    enc = tokenizer(
+        sentences,
+        padding="max_length" if pad_to_max else True,
+        truncation=True,
+        max_length=max_length,
+        return_tensors="np",
+    )
     return {k: enc[k].astype(np.int64) for k in INPUTS}
 
 
@@ -92,8 +99,10 @@ def encode_torch(model: SentenceEncoder, feeds: dict[str, np.ndarray]) -> np.nda
 
 def encode_onnx(path_or_session, tokenizer, sentences: list[str], batch: int = 64, max_length: int = 128) -> np.ndarray:
     session = path_or_session if hasattr(path_or_session, "run") else make_session(path_or_session)
-    out = [session.run(None, tokenize(tokenizer, sentences[i : i + batch], max_length))[0]
-           for i in range(0, len(sentences), batch)]
+    out = [
+        session.run(None, tokenize(tokenizer, sentences[i : i + batch], max_length))[0]
+        for i in range(0, len(sentences), batch)
+    ]
     return np.concatenate(out)
 
 
@@ -117,9 +126,16 @@ def export_encoder(model: SentenceEncoder, tokenizer, path: Path, reference: lis
     def export(tmp: Path) -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the deprecation notice of the TorchScript exporter, at every export
-            torch.onnx.export(model, tuple(torch.from_numpy(example[k]) for k in INPUTS), str(tmp),
-                              input_names=list(INPUTS), output_names=[OUTPUT], opset_version=17, dynamo=False,
-                              dynamic_axes={**{k: {0: "batch", 1: "sequence"} for k in INPUTS}, OUTPUT: {0: "batch"}})
+            torch.onnx.export(
+                model,
+                tuple(torch.from_numpy(example[k]) for k in INPUTS),
+                str(tmp),
+                input_names=list(INPUTS),
+                output_names=[OUTPUT],
+                opset_version=17,
+                dynamo=False,
+                dynamic_axes={**{k: {0: "batch", 1: "sequence"} for k in INPUTS}, OUTPUT: {0: "batch"}},
+            )
 
     path = write_checked(path, export)
     feeds = tokenize(tokenizer, reference)
@@ -132,13 +148,18 @@ def export_encoder(model: SentenceEncoder, tokenizer, path: Path, reference: lis
 # the embedding tables out of the INT8 MatMuls and Gathers (EmbedLayerNormalization's quantized form
 # also cost worst-case cosine: 0.977 vs 0.982). So the encoder is fused offline for attention only, and
 # its sessions must not re-create those fusions: the list travels in the model (run_onnx.make_session).
-UNFUSED = {"enable_skip_layer_norm": False, "enable_bias_skip_layer_norm": False, "enable_bias_gelu": False,
-           "enable_embed_layer_norm": False}
+UNFUSED = {
+    "enable_skip_layer_norm": False,
+    "enable_bias_skip_layer_norm": False,
+    "enable_bias_gelu": False,
+    "enable_embed_layer_norm": False,
+}
 SESSION_UNFUSED = ("SkipLayerNormFusion", "BiasGeluFusion", "EmbedLayerNormFusion")
 
 
-def optimize_encoder(path: Path, out: Path, opt_level: int = 1, num_heads: int = NUM_HEADS,
-                     hidden_size: int = HIDDEN_SIZE) -> dict[str, int]:
+def optimize_encoder(
+    path: Path, out: Path, opt_level: int = 1, num_heads: int = NUM_HEADS, hidden_size: int = HIDDEN_SIZE
+) -> dict[str, int]:
     """ORT's transformer optimiser: multi-head attention fused into one Attention op per layer,
     GELU and LayerNorm patterns to their ops, the fusions that measured slower left out (`UNFUSED`),
     after ORT's own graph optimisations at `opt_level`; returns the fused-operator counts."""
@@ -148,8 +169,14 @@ def optimize_encoder(path: Path, out: Path, opt_level: int = 1, num_heads: int =
     options = FusionOptions("bert")
     for flag, value in UNFUSED.items():
         setattr(options, flag, value)
-    optimized = optimize_model(str(path), model_type="bert", num_heads=num_heads, hidden_size=hidden_size, opt_level=opt_level,
-                               optimization_options=options)
+    optimized = optimize_model(
+        str(path),
+        model_type="bert",
+        num_heads=num_heads,
+        hidden_size=hidden_size,
+        opt_level=opt_level,
+        optimization_options=options,
+    )
     set_session_unfused(optimized.model, SESSION_UNFUSED)
     optimized.save_model_to_file(str(out))
     return {k: v for k, v in optimized.get_fused_operator_statistics().items() if v}
@@ -165,8 +192,13 @@ def quantize_encoder(path: Path, out: Path, per_channel: bool = True) -> Path:
 
     # The fused graph's contrib ops have no ONNX type inference: without a default type the
     # quantizer cannot type their outputs and fails.
-    quantize_dynamic(str(path), str(out), weight_type=QuantType.QInt8, per_channel=per_channel,
-                     extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+    quantize_dynamic(
+        str(path),
+        str(out),
+        weight_type=QuantType.QInt8,
+        per_channel=per_channel,
+        extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+    )
     return Path(out)
 
 
@@ -196,9 +228,18 @@ def make_student(teacher: SentenceEncoder, keep: tuple[int, ...]) -> SentenceEnc
     return student
 
 
-def distill_encoder(teacher: SentenceEncoder, tokenizer, sentences: list[str], keep: tuple[int, ...] = (0, 2, 5),
-                    epochs: int = 2, lr: float = 5e-5, batch: int = 32, warmup: float = 0.06, max_length: int = 128,
-                    seed: int = 0) -> tuple[SentenceEncoder, list[float]]:
+def distill_encoder(
+    teacher: SentenceEncoder,
+    tokenizer,
+    sentences: list[str],
+    keep: tuple[int, ...] = (0, 2, 5),
+    epochs: int = 2,
+    lr: float = 5e-5,
+    batch: int = 32,
+    warmup: float = 0.06,
+    max_length: int = 128,
+    seed: int = 0,
+) -> tuple[SentenceEncoder, list[float]]:
     """Train a student (teacher layers `keep`) to reproduce the teacher's normalised embeddings on
     `sentences` (loss: 1 - cosine); returns it in eval mode with the per-epoch mean loss.
 
@@ -214,14 +255,19 @@ def distill_encoder(teacher: SentenceEncoder, tokenizer, sentences: list[str], k
     tensors = lambda feeds: (torch.from_numpy(feeds[k]).to(device) for k in INPUTS)
     with torch.no_grad():
         teacher = teacher.to(device)
-        targets = torch.cat([teacher(*tensors(tokenize(tokenizer, sentences[i : i + 128], max_length)))
-                             for i in range(0, len(sentences), 128)])
+        targets = torch.cat(
+            [
+                teacher(*tensors(tokenize(tokenizer, sentences[i : i + 128], max_length)))
+                for i in range(0, len(sentences), 128)
+            ]
+        )
         teacher.cpu()
     opt = torch.optim.AdamW(student.parameters(), lr=lr)
     steps_per_epoch = -(-len(sentences) // batch)
     total, warm = epochs * steps_per_epoch, max(1, int(warmup * epochs * steps_per_epoch))
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / warm if s < warm else 0.5 * (1 + np.cos(np.pi * (s - warm) / max(1, total - warm))))
+        opt, lambda s: (s + 1) / warm if s < warm else 0.5 * (1 + np.cos(np.pi * (s - warm) / max(1, total - warm)))
+    )
     order = list(range(len(sentences)))
     history = []
     for epoch in range(1, epochs + 1):

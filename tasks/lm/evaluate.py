@@ -147,15 +147,23 @@ class LMEval:
         """Test-split tokens to prompt with (the same for every model)."""
         return [int(t) for t in self.windows("test", 1)[0]]
 
-    def timings(self, model_dirs: dict[str, Path], prompt_lengths: list[int], new_tokens: int, max_length: int,
-                rounds: int) -> dict[str, dict]:
+    def timings(
+        self, model_dirs: dict[str, Path], prompt_lengths: list[int], new_tokens: int, max_length: int, rounds: int
+    ) -> dict[str, dict]:
         """Per model: {"prompts": {length: ttft_ms, decode_tok_s, step_p50_ms, step_p95_ms}, "peak_mb",
         "rounds_tok_s"}; the best of `rounds` interleaved rounds, and each round's decode tokens/s at the
         shortest prompt (for a paired speed comparison)."""
         prompt = self.prompt()
         lengths = sorted({min(n, len(prompt), max_length - new_tokens) for n in prompt_lengths})
-        request = json.dumps({"prompt": prompt, "prompt_lengths": lengths, "new_tokens": new_tokens,
-                              "threads": self.threads, "max_length": max_length})
+        request = json.dumps(
+            {
+                "prompt": prompt,
+                "prompt_lengths": lengths,
+                "new_tokens": new_tokens,
+                "threads": self.threads,
+                "max_length": max_length,
+            }
+        )
         best: dict[str, dict] = {}
         for _ in range(rounds):
             for name, folder in model_dirs.items():
@@ -175,8 +183,12 @@ class LMEval:
 
 
 def probe_process(folder: Path, request: str) -> str:
-    proc = subprocess.run([sys.executable, "-m", "tasks.lm.probe", str(folder), request], capture_output=True,
-                          text=True, cwd=Path(__file__).resolve().parents[2])
+    proc = subprocess.run(
+        [sys.executable, "-m", "tasks.lm.probe", str(folder), request],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[2],
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"timing {folder} failed:\n{proc.stderr[-3000:]}")
     return proc.stdout.strip().splitlines()[-1]

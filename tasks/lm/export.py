@@ -90,10 +90,17 @@ def export_lm(hf_dir: Path, out: Path, max_length: int, windows: np.ndarray, thr
     finish_folder(hf_dir, out, max_length)
     check = parity(hf_dir, out, windows, threads)
     kv = kv_cache_bytes(out)
-    print(f"[lm] FP32 ONNX for generation in {out}: parity max |ORT - PyTorch| {check.max_abs:.2e}, top-1 "
-          f"{check.top1:.4f}; KV cache at max_length {max_length}: {kv / 2**20:.1f} MiB")
-    return Candidate("baseline", out / ONNX_FILE, out, check.max_abs,
-                     {"precision": "fp32", "parity_top1": check.top1, "kv_cache_bytes": kv, "max_length": max_length})
+    print(
+        f"[lm] FP32 ONNX for generation in {out}: parity max |ORT - PyTorch| {check.max_abs:.2e}, top-1 "
+        f"{check.top1:.4f}; KV cache at max_length {max_length}: {kv / 2**20:.1f} MiB"
+    )
+    return Candidate(
+        "baseline",
+        out / ONNX_FILE,
+        out,
+        check.max_abs,
+        {"precision": "fp32", "parity_top1": check.top1, "kv_cache_bytes": kv, "max_length": max_length},
+    )
 
 
 export_lm_task = task(export_lm, name="export_lm")

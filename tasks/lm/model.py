@@ -13,16 +13,27 @@ from tasks.core.settings import ConfigError, Section
 
 
 class LMModelConfig(Section):
-    model: Path = Field(..., description="A local Hugging Face causal-LM folder (config.json, *.safetensors, tokenizer "
-                        "files; pickled weights are refused) or a .gguf file.")
+    model: Path = Field(
+        ...,
+        description="A local Hugging Face causal-LM folder (config.json, *.safetensors, tokenizer "
+        "files; pickled weights are refused) or a .gguf file.",
+    )
     max_length: int = Field(2048, ge=16, description="Context (prompt + generated tokens) the KV cache is sized for.")
 
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 # Decoder architectures the onnxruntime-genai builder exports with GQA and a KV cache (the ones tested here
 # are Llama-class; the builder's own list is longer).
-ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
-                 "Phi3ForCausalLM", "GemmaForCausalLM", "Gemma2ForCausalLM", "GraniteForCausalLM")
+ARCHITECTURES = (
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+    "Phi3ForCausalLM",
+    "GemmaForCausalLM",
+    "Gemma2ForCausalLM",
+    "GraniteForCausalLM",
+)
 
 
 def model_problems(path: Path) -> list[str]:
@@ -37,15 +48,19 @@ def model_problems(path: Path) -> list[str]:
         return [f"lm.model {path}: no such folder or .gguf file"]
     problems = []
     if pickles := sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES):
-        problems.append(f"lm.model {path}: pickled weights are refused (loading them runs code): {', '.join(pickles)}; "
-                        "save the model with safetensors (model.save_pretrained(dir, safe_serialization=True))")
+        problems.append(
+            f"lm.model {path}: pickled weights are refused (loading them runs code): {', '.join(pickles)}; "
+            "save the model with safetensors (model.save_pretrained(dir, safe_serialization=True))"
+        )
     if not any(path.glob("*.safetensors")):
         problems.append(f"lm.model {path}: no *.safetensors weights")
     try:
         architectures = json.loads((path / "config.json").read_text()).get("architectures") or ["?"]
         if architectures[0] not in ARCHITECTURES:
-            problems.append(f"lm.model {path}: architecture {architectures[0]} is not a supported causal LM "
-                            f"({', '.join(ARCHITECTURES)})")
+            problems.append(
+                f"lm.model {path}: architecture {architectures[0]} is not a supported causal LM "
+                f"({', '.join(ARCHITECTURES)})"
+            )
     except (OSError, ValueError) as err:
         problems.append(f"lm.model {path}: no readable config.json ({type(err).__name__})")
     if not (path / "tokenizer.json").is_file():

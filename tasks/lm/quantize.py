@@ -29,17 +29,26 @@ class LMRecipe(Section):
     """One weight-only quantization of the FP32 ONNX model through ONNX Runtime's MatMulNBitsQuantizer."""
 
     bits: Literal[4, 8] = Field(4, description="Weight bits of the decoder MatMuls.")
-    algorithm: LMAlgorithm = Field("rtn", description="rtn (round to nearest), k_quant (llama.cpp-style scale "
-                                   "search), hqq (half-quadratic; 4 bits).")
+    algorithm: LMAlgorithm = Field(
+        "rtn",
+        description="rtn (round to nearest), k_quant (llama.cpp-style scale search), hqq (half-quadratic; 4 bits).",
+    )
     block_size: Literal[32, 64, 128] = Field(32, description="Weights per quantization block.")
     symmetric: bool = Field(True, description="Symmetric blocks (no zero point); hqq always fits a float zero point.")
-    accuracy_level: Literal[0, 4] = Field(0, description="For 4-bit weights, 0: float activations; 4: int8 "
-                                          "activations (faster, known to flip argmax tokens on models with large "
-                                          "activations). 8-bit weights always take int8 activations.")
-    lm_head: Literal["fp32", "int8", "int4"] = Field("int8", description="Precision of the output projection "
-                                                     "(int4 hurts small tied models).")
-    int8_layers: int = Field(0, ge=0, description="Decoder layers measured most sensitive on the calibration text "
-                             "kept at INT8 (4-bit recipes).")
+    accuracy_level: Literal[0, 4] = Field(
+        0,
+        description="For 4-bit weights, 0: float activations; 4: int8 "
+        "activations (faster, known to flip argmax tokens on models with large "
+        "activations). 8-bit weights always take int8 activations.",
+    )
+    lm_head: Literal["fp32", "int8", "int4"] = Field(
+        "int8", description="Precision of the output projection (int4 hurts small tied models)."
+    )
+    int8_layers: int = Field(
+        0,
+        ge=0,
+        description="Decoder layers measured most sensitive on the calibration text kept at INT8 (4-bit recipes).",
+    )
 
 
 LM_HEAD = "/lm_head/MatMul"
@@ -82,10 +91,18 @@ def _quantize_pass(model: onnx.ModelProto, recipe: LMRecipe, bits: int, include:
     else:
         # Round to nearest through ORT's own packer: the neural-compressor RTN path mis-packs asymmetric zero
         # points when a column has an odd number of blocks (576 rows in blocks of 64 or 128, as in SmolLM2).
-        config = DefaultWeightOnlyQuantConfig(block_size=recipe.block_size, is_symmetric=recipe.symmetric,
-                                              accuracy_level=accuracy, bits=bits)
-    quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=recipe.block_size, is_symmetric=recipe.symmetric,
-                                     accuracy_level=accuracy, nodes_to_exclude=exclude, algo_config=config)
+        config = DefaultWeightOnlyQuantConfig(
+            block_size=recipe.block_size, is_symmetric=recipe.symmetric, accuracy_level=accuracy, bits=bits
+        )
+    quantizer = MatMulNBitsQuantizer(
+        model,
+        bits=bits,
+        block_size=recipe.block_size,
+        is_symmetric=recipe.symmetric,
+        accuracy_level=accuracy,
+        nodes_to_exclude=exclude,
+        algo_config=config,
+    )
     quantizer.process()
     return quantizer.model.model
 
@@ -105,8 +122,14 @@ def quantize_lm(fp32_dir: Path, recipe: LMRecipe, out: Path, sensitive: list[int
         algorithm = recipe.algorithm if bits == 4 or recipe.algorithm != "hqq" else "rtn"
         include = {n for n, b in plan.items() if b == bits}
         model = _quantize_pass(model, recipe, bits, include, algorithm)
-    onnx.save(model, str(out / ONNX_FILE), save_as_external_data=True, all_tensors_to_one_file=True,
-              location=ONNX_FILE + ".data", size_threshold=1024)
+    onnx.save(
+        model,
+        str(out / ONNX_FILE),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=ONNX_FILE + ".data",
+        size_threshold=1024,
+    )
     return out
 
 

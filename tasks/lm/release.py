@@ -12,7 +12,7 @@ import json
 import shutil
 import tempfile
 from dataclasses import replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime, timezone
 from pathlib import Path
 from typing import Literal
 
@@ -41,8 +41,12 @@ from tasks.release.validate import BASELINE, GateError, Report
 
 class LMValidateConfig(Section):
     threads: int = Field(2, ge=1, description="ONNX Runtime intra-op threads for every measurement.")
-    prompt_lengths: list[int] = Field([32, 512], min_length=1, description="Prompt tokens at which time to first "
-                                      "token and decode speed are measured (clipped to the context).")
+    prompt_lengths: list[int] = Field(
+        [32, 512],
+        min_length=1,
+        description="Prompt tokens at which time to first "
+        "token and decode speed are measured (clipped to the context).",
+    )
     new_tokens: int = Field(64, ge=4, description="Greedy tokens decoded per timing.")
     rounds: int = Field(2, ge=1, description="Timing rounds, candidates interleaved; the best round counts.")
 
@@ -57,8 +61,10 @@ class LMGateConfig(Section):
     max_peak_mb: float | None = Field(None, gt=0, description="Ceiling on peak memory generating at max_length.")
     max_size_mb: float | None = Field(None, gt=0, description="Ceiling on the model's size on disk.")
     select_by: Literal["latency_p50_ms", "size_bytes", "quality"] = Field(
-        "latency_p50_ms", description="Among passing candidates: fastest decode (latency_p50_ms = ms per token), "
-        "smallest, or best top-1 agreement.")
+        "latency_p50_ms",
+        description="Among passing candidates: fastest decode (latency_p50_ms = ms per token), "
+        "smallest, or best top-1 agreement.",
+    )
 
 
 class LMRegisterConfig(RegisterConfig):
@@ -67,17 +73,24 @@ class LMRegisterConfig(RegisterConfig):
 
 
 class LMPromoteConfig(PromoteConfig):
-    quality_tolerance: float = Field(1.0, ge=0, description="Test perplexity within this many percent of the "
-                                     "champion's counts as a match; the challenger then needs faster decode.")
-    champion_bundle_dir: Path = Field(Path("deploy/lm-champion"), description="Champion bundle; replaced atomically on promotion.")
+    quality_tolerance: float = Field(
+        1.0,
+        ge=0,
+        description="Test perplexity within this many percent of the "
+        "champion's counts as a match; the challenger then needs faster decode.",
+    )
+    champion_bundle_dir: Path = Field(
+        Path("deploy/lm-champion"), description="Champion bundle; replaced atomically on promotion."
+    )
 
 
 MODEL_DIR = "model"
 
 
 def validate_lm(candidates: list[Candidate], evaluator: LMEval, cfg: LMValidateConfig, max_length: int) -> list[Report]:
-    timings = evaluator.timings({c.name: c.checkpoint for c in candidates}, cfg.prompt_lengths, cfg.new_tokens,
-                                max_length, cfg.rounds)
+    timings = evaluator.timings(
+        {c.name: c.checkpoint for c in candidates}, cfg.prompt_lengths, cfg.new_tokens, max_length, cfg.rounds
+    )
     reports = []
     for c in candidates:
         quality = evaluator.quality(c.checkpoint)
@@ -87,9 +100,19 @@ def validate_lm(candidates: list[Candidate], evaluator: LMEval, cfg: LMValidateC
         quality |= {f"decode_{n}_tok_s": p["decode_tok_s"] for n, p in t["prompts"].items()}
         quality |= {"peak_mb": t["peak_mb"], "kv_cache_mb": kv_cache_bytes(c.checkpoint) / 2**20}
         print(f"[validate] {c.name}: " + ", ".join(f"{k} {v:.4f}" for k, v in quality.items()))
-        reports.append(Report(c.name, str(c.onnx), quality, evaluator.primary, shortest["step_p50_ms"],
-                              shortest["step_p95_ms"], shortest["decode_tok_s"], folder_size(c.checkpoint),
-                              c.parity_max_abs))
+        reports.append(
+            Report(
+                c.name,
+                str(c.onnx),
+                quality,
+                evaluator.primary,
+                shortest["step_p50_ms"],
+                shortest["step_p95_ms"],
+                shortest["decode_tok_s"],
+                folder_size(c.checkpoint),
+                c.parity_max_abs,
+            )
+        )
     return reports
 
 
@@ -120,9 +143,14 @@ def apply_lm_gates(reports: list[Report], gates: LMGateConfig) -> list[Report]:
     base = next((r for r in reports if r.name == BASELINE), None)
     if base is None:
         raise GateError("gates need the FP32 baseline candidate as reference, and it is missing")
-    return [replace(r, quality=r.quality | {"ppl_increase_pct": (r.quality["perplexity"] / base.quality["perplexity"]
-                                                                 - 1) * 100},
-                    failed_gates=lm_gate_failures(r, base, gates)) for r in reports]
+    return [
+        replace(
+            r,
+            quality=r.quality | {"ppl_increase_pct": (r.quality["perplexity"] / base.quality["perplexity"] - 1) * 100},
+            failed_gates=lm_gate_failures(r, base, gates),
+        )
+        for r in reports
+    ]
 
 
 def register_lm(model_dir: Path, cfg: LMRegisterConfig, run_id: str, metrics: dict) -> RegisteredModel:
@@ -133,9 +161,11 @@ def register_lm(model_dir: Path, cfg: LMRegisterConfig, run_id: str, metrics: di
     if not client.search_registered_models(f"name = '{cfg.model_name}'"):
         client.create_registered_model(cfg.model_name)
     source = f"{client.get_run(run_id).info.artifact_uri}/{MODEL_DIR}"
-    version = str(client.create_model_version(cfg.model_name, source, run_id,
-                                              tags={k: f"{v:.6g}" for k, v in metrics.items()
-                                                    if isinstance(v, float)}).version)
+    version = str(
+        client.create_model_version(
+            cfg.model_name, source, run_id, tags={k: f"{v:.6g}" for k, v in metrics.items() if isinstance(v, float)}
+        ).version
+    )
     client.set_registered_model_alias(cfg.model_name, cfg.alias, version)
     print(f"[register] {cfg.model_name} version {version} -> alias '{cfg.alias}'")
     return RegisteredModel(cfg.model_name, version, cfg.alias, f"models:/{cfg.model_name}@{cfg.alias}")
@@ -150,11 +180,20 @@ def ship_lm(model_dir: Path, bundle_dir: Path, max_length: int, data_version: st
     try:
         shutil.copytree(model_dir, tmp / MODEL_DIR)
         files = {str(p.relative_to(tmp)): sha256_of(p) for p in sorted((tmp / MODEL_DIR).rglob("*")) if p.is_file()}
-        manifest = {"format": BUNDLE_FORMAT, "family": "causal_lm", "model_dir": MODEL_DIR, "files": files,
-                    # the ONNX decoder's hash under the key every bundle has (rollback prints it)
-                    "model_file": f"{MODEL_DIR}/{ONNX_FILE}", "sha256": files[f"{MODEL_DIR}/{ONNX_FILE}"],
-                    "size_bytes": folder_size(tmp / MODEL_DIR), "max_length": max_length,
-                    "data_version": data_version, "created_at": datetime.now(timezone.utc).isoformat(), **details}
+        manifest = {
+            "format": BUNDLE_FORMAT,
+            "family": "causal_lm",
+            "model_dir": MODEL_DIR,
+            "files": files,
+            # the ONNX decoder's hash under the key every bundle has (rollback prints it)
+            "model_file": f"{MODEL_DIR}/{ONNX_FILE}",
+            "sha256": files[f"{MODEL_DIR}/{ONNX_FILE}"],
+            "size_bytes": folder_size(tmp / MODEL_DIR),
+            "max_length": max_length,
+            "data_version": data_version,
+            "created_at": datetime.now(UTC).isoformat(),
+            **details,
+        }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
         swap_in(tmp, bundle_dir)
     except BaseException:
@@ -169,13 +208,25 @@ def paired_perplexity(challenger: dict, champion: dict) -> dict:
     paired bootstrap interval over the same test windows (the decision rule of every pipeline takes it)."""
     gain, low, high = paired_bootstrap(np.array(champion["window_nll"]), np.array(challenger["window_nll"]), np.mean)
     pct = lambda nll: (np.exp(nll) - 1) * 100  # a mean NLL lower by d is a perplexity lower by e^d - 1
-    return {"metric": "test perplexity (%)", "challenger": challenger["perplexity"], "champion": champion["perplexity"],
-            "gain_pts": float(pct(gain)), "interval_pts": [float(pct(low)), float(pct(high))],
-            "test": "paired bootstrap over test windows"}
+    return {
+        "metric": "test perplexity (%)",
+        "challenger": challenger["perplexity"],
+        "champion": champion["perplexity"],
+        "gain_pts": float(pct(gain)),
+        "interval_pts": [float(pct(low)), float(pct(high))],
+        "test": "paired bootstrap over test windows",
+    }
 
 
-def promote_lm(registered: RegisteredModel, bundle_dir: Path, cfg: LMPromoteConfig, timing: LMValidateConfig,
-               evaluator: LMEval, max_length: int, run_id: str) -> Decision:
+def promote_lm(
+    registered: RegisteredModel,
+    bundle_dir: Path,
+    cfg: LMPromoteConfig,
+    timing: LMValidateConfig,
+    evaluator: LMEval,
+    max_length: int,
+    run_id: str,
+) -> Decision:
     """Challenger vs champion on the same test text, decode timed side by side."""
     champion_version = _alias_version(registered.name, cfg.champion_alias)
     client = MlflowClient()
@@ -185,19 +236,26 @@ def promote_lm(registered: RegisteredModel, bundle_dir: Path, cfg: LMPromoteConf
     else:
         with tempfile.TemporaryDirectory() as tmp:
             source = client.get_model_version(registered.name, champion_version).source
-            folders = {"challenger": Path(bundle_dir) / MODEL_DIR,
-                       "champion": Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=tmp))}
-            speeds = evaluator.timings(folders, timing.prompt_lengths[:1], timing.new_tokens, max_length,
-                                       timing.rounds)
+            folders = {
+                "challenger": Path(bundle_dir) / MODEL_DIR,
+                "champion": Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=tmp)),
+            }
+            speeds = evaluator.timings(folders, timing.prompt_lengths[:1], timing.new_tokens, max_length, timing.rounds)
             tests = {k: evaluator.test_score(f) for k, f in folders.items()}
-        scores = {k: {"test_perplexity": tests[k]["perplexity"],
-                      "decode_tok_s": next(iter(speeds[k]["prompts"].values()))["decode_tok_s"]} for k in folders}
+        scores = {
+            k: {
+                "test_perplexity": tests[k]["perplexity"],
+                "decode_tok_s": next(iter(speeds[k]["prompts"].values()))["decode_tok_s"],
+            }
+            for k in folders
+        }
         quality = paired_perplexity(tests["challenger"], tests["champion"])
         # tokens/s, so challenger over champion is the speed-up; one ratio per interleaved round
         ratio, low, high = ratio_interval(speeds["challenger"]["rounds_tok_s"], speeds["champion"]["rounds_tok_s"])
         speed = {"speedup": ratio, "interval": [low, high]}
-    return act_on_decision(registered, Path(bundle_dir), cfg, champion_version, scores, quality, speed,
-                           "test perplexity", run_id)
+    return act_on_decision(
+        registered, Path(bundle_dir), cfg, champion_version, scores, quality, speed, "test perplexity", run_id
+    )
 
 
 validate_lm_task = task(validate_lm, name="validate_lm")

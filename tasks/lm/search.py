@@ -31,29 +31,42 @@ class LMSearchConfig(Section):
     block_sizes: list[Literal[32, 64, 128]] = Field([32, 64, 128], min_length=1, description="Block sizes to try.")
     symmetric: list[bool] = Field([True, False], min_length=1, description="Symmetric and/or asymmetric blocks.")
     accuracy_levels: list[Literal[0, 4]] = Field([0, 4], min_length=1, description="Activation precisions to try.")
-    lm_head: list[Literal["fp32", "int8", "int4"]] = Field(["int8", "int4"], min_length=1,
-                                                          description="lm_head precisions to try.")
-    int8_layers: list[int] = Field([0, 2, 4], min_length=1, description="Numbers of most-sensitive layers kept at INT8.")
-    trial_windows: int = Field(4, ge=1, description="Windows scored per trial (validation) and per layer in the "
-                               "sensitivity measurement (calibration); the gates score all data.max_windows.")
-    keep: int = Field(3, ge=1, description="Pareto-front trials that become candidates (fastest first among those "
-                      "within the perplexity gate).")
+    lm_head: list[Literal["fp32", "int8", "int4"]] = Field(
+        ["int8", "int4"], min_length=1, description="lm_head precisions to try."
+    )
+    int8_layers: list[int] = Field(
+        [0, 2, 4], min_length=1, description="Numbers of most-sensitive layers kept at INT8."
+    )
+    trial_windows: int = Field(
+        4,
+        ge=1,
+        description="Windows scored per trial (validation) and per layer in the "
+        "sensitivity measurement (calibration); the gates score all data.max_windows.",
+    )
+    keep: int = Field(
+        3,
+        ge=1,
+        description="Pareto-front trials that become candidates (fastest first among those "
+        "within the perplexity gate).",
+    )
 
 
 class LMCompressConfig(Section):
     candidates: dict[str, LMRecipe] = Field(
         default_factory=lambda: {"int4_rtn": LMRecipe(), "int8": LMRecipe(bits=8)},
-        description="Fixed candidates (name -> recipe) measured beside the searched ones.")
+        description="Fixed candidates (name -> recipe) measured beside the searched ones.",
+    )
     search: LMSearchConfig = Field(default_factory=LMSearchConfig, description="The candidate search.")
 
     @property
     def uses_sensitivity(self) -> bool:
         """Whether any recipe keeps sensitive layers at INT8 (the per-layer measurement is then needed)."""
         return any(r.int8_layers for r in self.candidates.values()) or (
-            self.search.n_trials > 0 and any(self.search.int8_layers))
+            self.search.n_trials > 0 and any(self.search.int8_layers)
+        )
 
     @model_validator(mode="after")
-    def _names_free(self) -> "LMCompressConfig":
+    def _names_free(self) -> LMCompressConfig:
         if bad := [n for n in self.candidates if n == "baseline" or n.startswith("trial_")]:
             raise ValueError(f"candidate names {bad}: 'baseline' and 'trial_*' are the pipeline's own")
         return self
@@ -61,17 +74,28 @@ class LMCompressConfig(Section):
 
 def suggest(trial: optuna.Trial, space: LMSearchConfig) -> LMRecipe:
     bits = trial.suggest_categorical("bits", space.bits)
-    return LMRecipe(bits=bits, algorithm=trial.suggest_categorical("algorithm", space.algorithms),
-                    block_size=trial.suggest_categorical("block_size", space.block_sizes),
-                    symmetric=trial.suggest_categorical("symmetric", space.symmetric),
-                    accuracy_level=trial.suggest_categorical("accuracy_level", space.accuracy_levels),
-                    lm_head=trial.suggest_categorical("lm_head", space.lm_head),
-                    int8_layers=trial.suggest_categorical("int8_layers", space.int8_layers))
+    return LMRecipe(
+        bits=bits,
+        algorithm=trial.suggest_categorical("algorithm", space.algorithms),
+        block_size=trial.suggest_categorical("block_size", space.block_sizes),
+        symmetric=trial.suggest_categorical("symmetric", space.symmetric),
+        accuracy_level=trial.suggest_categorical("accuracy_level", space.accuracy_levels),
+        lm_head=trial.suggest_categorical("lm_head", space.lm_head),
+        int8_layers=trial.suggest_categorical("int8_layers", space.int8_layers),
+    )
 
 
-def search_lm(fp32_dir: Path, evaluator: LMEval, space: LMSearchConfig, timing: LMValidateConfig,
-              max_length: int, sensitive: list[int], max_ppl_increase_pct: float, work: Path,
-              key: str) -> list[tuple[str, LMRecipe]]:
+def search_lm(
+    fp32_dir: Path,
+    evaluator: LMEval,
+    space: LMSearchConfig,
+    timing: LMValidateConfig,
+    max_length: int,
+    sensitive: list[int],
+    max_ppl_increase_pct: float,
+    work: Path,
+    key: str,
+) -> list[tuple[str, LMRecipe]]:
     """Run (or resume) the study named by `key` + the space; return up to `space.keep` Pareto-front recipes,
     fastest first among those within `max_ppl_increase_pct` of FP32 on the trial windows (the most accurate
     ones when none is)."""
@@ -79,11 +103,19 @@ def search_lm(fp32_dir: Path, evaluator: LMEval, space: LMSearchConfig, timing: 
         return []
     work = Path(work)
     work.mkdir(parents=True, exist_ok=True)
-    name = "lm-" + hashlib.sha256(json.dumps([key, space.model_dump(mode="json"), sensitive], sort_keys=True)
-                                  .encode()).hexdigest()[:16]
-    study = optuna.create_study(study_name=name, storage=f"sqlite:///{work / 'optuna.db'}", load_if_exists=True,
-                                directions=["minimize", "maximize"],
-                                sampler=optuna.samplers.NSGAIISampler(seed=space.seed))
+    name = (
+        "lm-"
+        + hashlib.sha256(
+            json.dumps([key, space.model_dump(mode="json"), sensitive], sort_keys=True).encode()
+        ).hexdigest()[:16]
+    )
+    study = optuna.create_study(
+        study_name=name,
+        storage=f"sqlite:///{work / 'optuna.db'}",
+        load_if_exists=True,
+        directions=["minimize", "maximize"],
+        sampler=optuna.samplers.NSGAIISampler(seed=space.seed),
+    )
     base = evaluator.quality(fp32_dir, space.trial_windows)["perplexity"]
 
     def objective(trial: optuna.Trial) -> tuple[float, float]:
@@ -98,8 +130,10 @@ def search_lm(fp32_dir: Path, evaluator: LMEval, space: LMSearchConfig, timing: 
         tok_s = next(iter(speed["prompts"].values()))["decode_tok_s"]
         trial.set_user_attr("recipe", recipe.model_dump())
         trial.set_user_attr("top1", quality["top1"])
-        print(f"[lm-search] trial {trial.number}: {recipe.model_dump()} -> perplexity {quality['perplexity']:.3f} "
-              f"({(quality['perplexity'] / base - 1) * 100:+.1f}%), top-1 {quality['top1']:.3f}, {tok_s:.0f} tok/s")
+        print(
+            f"[lm-search] trial {trial.number}: {recipe.model_dump()} -> perplexity {quality['perplexity']:.3f} "
+            f"({(quality['perplexity'] / base - 1) * 100:+.1f}%), top-1 {quality['top1']:.3f}, {tok_s:.0f} tok/s"
+        )
         return quality["perplexity"], tok_s
 
     todo = space.n_trials - len([t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE])

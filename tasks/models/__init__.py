@@ -39,16 +39,25 @@ Activation = Literal["relu", "gelu", "silu", "tanh"]
 class ModelConfig(Section):
     """A user's own PyTorch module instead of the built-in families; the search then tunes its training."""
 
-    spec: str | None = Field(None, description="'package.module:function': function(num_classes, input_shape) "
-                             "returns an nn.Module mapping a float batch to [batch, num_classes] logits. Imported "
-                             "from the project folder or an installed package.")
-    weights: Path | None = Field(None, description="Pretrained weights for spec: a state_dict saved with torch.save, "
-                                 "or .safetensors (never a pickled model); every trial and the final training start "
-                                 "from them.")
-    pretrained: str | None = Field(None, description="Fine-tune a Hugging Face classifier instead: for texts 'minilm' "
-                                   "(the packaged all-MiniLM-L6-v2) or a local folder with config.json, weights and "
-                                   "tokenizer.json (data.tokenizer names it too); for an image folder a local image "
-                                   "classifier's folder (config.json and weights, e.g. a ViT at data.image_size).")
+    spec: str | None = Field(
+        None,
+        description="'package.module:function': function(num_classes, input_shape) "
+        "returns an nn.Module mapping a float batch to [batch, num_classes] logits. Imported "
+        "from the project folder or an installed package.",
+    )
+    weights: Path | None = Field(
+        None,
+        description="Pretrained weights for spec: a state_dict saved with torch.save, "
+        "or .safetensors (never a pickled model); every trial and the final training start "
+        "from them.",
+    )
+    pretrained: str | None = Field(
+        None,
+        description="Fine-tune a Hugging Face classifier instead: for texts 'minilm' "
+        "(the packaged all-MiniLM-L6-v2) or a local folder with config.json, weights and "
+        "tokenizer.json (data.tokenizer names it too); for an image folder a local image "
+        "classifier's folder (config.json and weights, e.g. a ViT at data.image_size).",
+    )
 
     @model_validator(mode="after")
     def _spec_valid(self) -> ModelConfig:
@@ -75,8 +84,16 @@ class ModelConfig(Section):
         return {"pretrained": self.pretrained} if self.pretrained else {}
 
 
-__all__ = ["FAMILIES", "Arch", "arch_from_params", "build_model", "count_params", "load_checkpoint",
-           "save_checkpoint", "vocab_of"]
+__all__ = [
+    "FAMILIES",
+    "Arch",
+    "arch_from_params",
+    "build_model",
+    "count_params",
+    "load_checkpoint",
+    "save_checkpoint",
+    "vocab_of",
+]
 
 
 @dataclass(frozen=True)
@@ -88,7 +105,9 @@ class Family:
     builtin: bool = True  # searched from the space; False: the model section names the model (spec, pretrained)
     scales: bool = True  # `Arch.scaled` describes a narrower twin, the default distillation student
     # (teacher, its Arch, depth or None) -> (student, its Arch): a shallower twin made from the teacher itself
-    shallower: Callable[[Any, Arch, int | None], tuple[nn.Module, Arch]] | None = None  # Any: the family's own model class
+    shallower: Callable[[Any, Arch, int | None], tuple[nn.Module, Arch]] | None = (
+        None  # Any: the family's own model class
+    )
 
 
 FAMILIES: dict[str, Family] = {
@@ -116,14 +135,31 @@ def build_model(arch: Arch) -> nn.Module:
 
 # Module attributes that hold a layer's size: in-place pruning changes them with the tensors, and
 # some forwards read them (LayerNorm's normalized_shape, attention's head counts).
-SIZE_ATTRS = ("in_channels", "out_channels", "in_features", "out_features", "num_features", "normalized_shape",
-              "num_embeddings", "embedding_dim", "groups", "num_heads", "num_attention_heads", "attention_head_size",
-              "all_head_size", "head_dim", "embed_dim", "hidden_size")
+SIZE_ATTRS = (
+    "in_channels",
+    "out_channels",
+    "in_features",
+    "out_features",
+    "num_features",
+    "normalized_shape",
+    "num_embeddings",
+    "embedding_dim",
+    "groups",
+    "num_heads",
+    "num_attention_heads",
+    "attention_head_size",
+    "all_head_size",
+    "head_dim",
+    "embed_dim",
+    "hidden_size",
+)
 
 
 def _sizes(model: nn.Module) -> dict[str, dict]:
-    return {name: {a: getattr(m, a) for a in SIZE_ATTRS if isinstance(getattr(m, a, None), (int, tuple))}
-            for name, m in model.named_modules()}
+    return {
+        name: {a: getattr(m, a) for a in SIZE_ATTRS if isinstance(getattr(m, a, None), (int, tuple))}
+        for name, m in model.named_modules()
+    }
 
 
 def _resize(model: nn.Module, state: dict[str, torch.Tensor], sizes: dict[str, dict]) -> None:

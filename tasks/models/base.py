@@ -23,9 +23,11 @@ def load_tensors(path: Path) -> object:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
-        raise ValueError(f"{path} holds pickled Python objects{f' ({found.group(1)})' if found else ''}, which "
-                         "modelforge never unpickles; save tensors only: torch.save(model.state_dict(), path) or "
-                         "safetensors") from None
+        raise ValueError(
+            f"{path} holds pickled Python objects{f' ({found.group(1)})' if found else ''}, which "
+            "modelforge never unpickles; save tensors only: torch.save(model.state_dict(), path) or "
+            "safetensors"
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -47,7 +49,11 @@ class Arch:
     @staticmethod
     def _optional(d: dict) -> dict:
         """The defaulted fields `d` sets: older checkpoints and narrower search spaces leave them out."""
-        found = {k: d[k] for k in ("activation", "dropout", "kernel", "vocab", "embed", "spec", "weights", "layers") if k in d}
+        found = {
+            k: d[k]
+            for k in ("activation", "dropout", "kernel", "vocab", "embed", "spec", "weights", "layers")
+            if k in d
+        }
         return {**found, "layers": tuple(found["layers"])} if "layers" in found else found
 
     def scaled(self, factor: float, depth: int | None = None) -> Arch:
@@ -66,10 +72,14 @@ class Arch:
 
     @staticmethod
     def from_dict(d: dict) -> Arch:
-        return Arch(d["family"], d["num_classes"], tuple(d["input_shape"]), tuple(d["conv"]), tuple(d["hidden"]),
-                    **Arch._optional(d))
-
-
+        return Arch(
+            d["family"],
+            d["num_classes"],
+            tuple(d["input_shape"]),
+            tuple(d["conv"]),
+            tuple(d["hidden"]),
+            **Arch._optional(d),
+        )
 
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}

@@ -40,8 +40,9 @@ def load_factory(spec: str) -> Callable[[int, tuple[int, ...]], nn.Module]:
     try:
         inspect.signature(factory).bind(2, (1,))
     except TypeError:
-        raise ValueError(f"model spec {spec!r}: {name}{inspect.signature(factory)} must take "
-                         "(num_classes, input_shape)") from None
+        raise ValueError(
+            f"model spec {spec!r}: {name}{inspect.signature(factory)} must take (num_classes, input_shape)"
+        ) from None
     return factory
 
 
@@ -59,8 +60,9 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
         else:
             state = load_tensors(path)
     except Exception as err:  # torch and safetensors raise many types for foreign or corrupt files
-        raise ValueError(f"weights {path} are not a state_dict (torch.save of model.state_dict(), or "
-                         f"safetensors): {err}") from None
+        raise ValueError(
+            f"weights {path} are not a state_dict (torch.save of model.state_dict(), or safetensors): {err}"
+        ) from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]  # a modelforge checkpoint, or a trainer's {"state_dict": ...}
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -72,8 +74,11 @@ def load_weights(model: nn.Module, path: Path) -> None:
     """Every tensor of the model from `path`, by name and shape; any difference is one clear error."""
     state, own = read_weights(path), model.state_dict()
     problems = [f"missing {k}" for k in own if k not in state] + [f"unexpected {k}" for k in state if k not in own]
-    problems += [f"{k}: {tuple(state[k].shape)} in the file, {tuple(v.shape)} in the model"
-                 for k, v in own.items() if k in state and state[k].shape != v.shape]
+    problems += [
+        f"{k}: {tuple(state[k].shape)} in the file, {tuple(v.shape)} in the model"
+        for k, v in own.items()
+        if k in state and state[k].shape != v.shape
+    ]
     if problems:
         shown = "; ".join(problems[:8]) + (f"; and {len(problems) - 8} more" if len(problems) > 8 else "")
         raise ValueError(f"weights {path} do not fit the model: {shown}")

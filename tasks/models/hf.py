@@ -58,7 +58,6 @@ def resolve_pretrained(name: str, tokenizer: bool = False) -> Path:
     weights (and `tokenizer.json` when `tokenizer`)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # weights ship in packages or folders: never ask a hub
     if name == PACKAGED:
-
         return Path(packaged_model_path())
     path = Path(name)
     if not path.is_dir():
@@ -108,8 +107,12 @@ class HFClassifier(nn.Module):
 
     def export_graph(self, example: torch.Tensor) -> ExportGraph:
         axes = {0: torch.export.Dim("batch"), 1: torch.export.Dim("tokens", max=self.hf.config.max_position_embeddings)}
-        return ExportGraph(_TokenGraph(self.hf).eval(), self.token_inputs(example),
-                           {"input_ids": axes, "attention_mask": axes}, {PAD_KEY: str(self.pad_id)})
+        return ExportGraph(
+            _TokenGraph(self.hf).eval(),
+            self.token_inputs(example),
+            {"input_ids": axes, "attention_mask": axes},
+            {PAD_KEY: str(self.pad_id)},
+        )
 
 
 def hf_arch(p: dict, num_classes: int, input_shape: tuple[int, ...], vocab: int) -> Arch:
@@ -175,8 +178,9 @@ def build_hf(arch: Arch) -> HFClassifier | HFImageClassifier:
     folder = resolve_pretrained(arch.spec, tokenizer=not images)
     auto = AutoModelForImageClassification if images else AutoModelForSequenceClassification
     # Eager attention: the exported graph keeps attention as plain MatMuls that INT8 quantizes.
-    model = auto.from_pretrained(folder, num_labels=arch.num_classes, attn_implementation="eager",
-                                 ignore_mismatched_sizes=True)
+    model = auto.from_pretrained(
+        folder, num_labels=arch.num_classes, attn_implementation="eager", ignore_mismatched_sizes=True
+    )
     if arch.layers:
         keep_layers(model, tuple(arch.layers))
     if images:

@@ -52,10 +52,19 @@ def text_arch(p: dict, num_classes: int, input_shape: tuple[int, ...], vocab: in
     """Words embedded in `width` dimensions, then `depth - 1` hidden layers; `dropout` also drops words."""
     if vocab < 3:
         raise ValueError("the text family needs a text data set (a vocabulary); this data has none")
-    return Arch("text", num_classes, input_shape, (), (p["width"],) * (p["depth"] - 1), vocab=vocab, embed=p["width"],
-                **Arch._optional(p))
+    return Arch(
+        "text",
+        num_classes,
+        input_shape,
+        (),
+        (p["width"],) * (p["depth"] - 1),
+        vocab=vocab,
+        embed=p["width"],
+        **Arch._optional(p),
+    )
 
 
 def build_text(arch: Arch) -> MeanLogits:
-    return MeanLogits([nn.Sequential(TokenBag(arch.vocab, arch.embed, arch.dropout), *head(arch.embed, arch))
-                       for _ in range(MEMBERS)])
+    return MeanLogits(
+        [nn.Sequential(TokenBag(arch.vocab, arch.embed, arch.dropout), *head(arch.embed, arch)) for _ in range(MEMBERS)]
+    )

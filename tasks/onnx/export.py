@@ -77,11 +77,19 @@ def export_onnx(model: nn.Module, path: Path, reference_x: np.ndarray) -> Export
     model = model.eval()
     example = torch.from_numpy(np.ascontiguousarray(reference_x[:2]))
     export_graph = getattr(model, "export_graph", None)  # a family's own export inputs and axes, if it has them
-    graph = (export_graph(example) if export_graph is not None else
-             ExportGraph(model, {INPUT_NAME: example}, {INPUT_NAME: {0: torch.export.Dim("batch")}}, {}))
+    graph = (
+        export_graph(example)
+        if export_graph is not None
+        else ExportGraph(model, {INPUT_NAME: example}, {INPUT_NAME: {0: torch.export.Dim("batch")}}, {})
+    )
     program = torch.onnx.export(
-        graph.module, tuple(graph.inputs.values()), input_names=list(graph.inputs), output_names=[OUTPUT_NAME],
-        dynamic_shapes=tuple(graph.dynamic_shapes[k] for k in graph.inputs), dynamo=True, verbose=False,
+        graph.module,
+        tuple(graph.inputs.values()),
+        input_names=list(graph.inputs),
+        output_names=[OUTPUT_NAME],
+        dynamic_shapes=tuple(graph.dynamic_shapes[k] for k in graph.inputs),
+        dynamo=True,
+        verbose=False,
     )
     path = save_exported(program, path, graph.metadata)
     with torch.no_grad():

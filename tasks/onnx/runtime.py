@@ -39,14 +39,23 @@ def set_session_unfused(model: onnx.ModelProto, optimizers: tuple[str, ...] | li
 def session_unfused(path: Path | bytes) -> list[str]:
     """The optimizers `set_session_unfused` recorded in the model at `path` (or in its bytes)."""
     try:
-        model = onnx.load_model_from_string(path) if isinstance(path, bytes) else onnx.load(str(path), load_external_data=False)
+        model = (
+            onnx.load_model_from_string(path)
+            if isinstance(path, bytes)
+            else onnx.load(str(path), load_external_data=False)
+        )
     except (OSError, DecodeError):
         return []  # ORT is about to refuse the same file or bytes, with its own message
     return next((p.value.split(",") for p in model.metadata_props if p.key == UNFUSED_KEY and p.value), [])
 
 
-def make_session(path: Path | bytes, device: str = "cpu", intra_op_threads: int = 0,
-                 save_optimized: Path | None = None, spin: bool = True) -> ort.InferenceSession:
+def make_session(
+    path: Path | bytes,
+    device: str = "cpu",
+    intra_op_threads: int = 0,
+    save_optimized: Path | None = None,
+    spin: bool = True,
+) -> ort.InferenceSession:
     """A session on `path`, or on the model's bytes (when the caller verified exactly those bytes),
     with the graph fusions the model opts out of disabled; `save_optimized` writes the graph ORT
     actually runs, after its own fusions, for inspection."""
@@ -59,7 +68,9 @@ def make_session(path: Path | bytes, device: str = "cpu", intra_op_threads: int 
         opts.optimized_model_filepath = str(save_optimized)
     providers = [PROVIDER_NAMES[device]] + ([PROVIDER_NAMES["cpu"]] if device != "cpu" else [])
     model = path if isinstance(path, bytes) else str(path)
-    return ort.InferenceSession(model, sess_options=opts, providers=providers, disabled_optimizers=session_unfused(path))
+    return ort.InferenceSession(
+        model, sess_options=opts, providers=providers, disabled_optimizers=session_unfused(path)
+    )
 
 
 # Hugging Face graphs take `input_ids` and `attention_mask`, as every HF runtime expects, while the
@@ -102,8 +113,14 @@ class Timing:
 
 
 def measure_speeds(
-    sessions: dict[str, ort.InferenceSession], x: np.ndarray | dict[str, np.ndarray], warmup: int, latency_runs: int,
-    batch: int, batch_runs: int, rounds: int = 10, per_session: dict[str, np.ndarray | dict] | None = None,
+    sessions: dict[str, ort.InferenceSession],
+    x: np.ndarray | dict[str, np.ndarray],
+    warmup: int,
+    latency_runs: int,
+    batch: int,
+    batch_runs: int,
+    rounds: int = 10,
+    per_session: dict[str, np.ndarray | dict] | None = None,
 ) -> dict[str, Timing]:
     """Batch-1 latency percentiles and batch-`batch` throughput for several models side by side.
 
@@ -115,6 +132,7 @@ def measure_speeds(
     run; the pause before the next model's slice lets it go idle, else it steals cores from the
     model being timed (measured: -26% throughput on an identical graph with 8 models on 2 cores).
     """
+
     def feeds_for(session: ort.InferenceSession, x: np.ndarray | dict[str, np.ndarray]) -> tuple[dict, dict]:
         arrays = x if isinstance(x, dict) else feeds(session, x)
         single = {k: v[:1] for k, v in arrays.items()}
@@ -146,7 +164,10 @@ def measure_speeds(
     for key in sessions:
         ms = np.array(latencies[key]) * 1000
         # Median batch time: one preempted batch must not move a throughput figure.
-        out[key] = Timing(float(np.percentile(ms, 50)), float(np.percentile(ms, 95)),
-                          batch / float(np.median(batch_times[key])),
-                          tuple(float(np.median(r)) for r in np.array_split(ms, rounds)))
+        out[key] = Timing(
+            float(np.percentile(ms, 50)),
+            float(np.percentile(ms, 95)),
+            batch / float(np.median(batch_times[key])),
+            tuple(float(np.median(r)) for r in np.array_split(ms, rounds)),
+        )
     return out

@@ -16,24 +16,27 @@ def compare_runs(tracking: TrackingConfig, last: int = 10) -> list[dict]:
     """The last `last` pipeline runs (trial runs excluded), newest first."""
     experiment_id = setup_tracking(tracking)
     runs = MlflowClient().search_runs(
-        [experiment_id], "tags.config_path LIKE '%'", order_by=["attributes.start_time DESC"], max_results=last)
+        [experiment_id], "tags.config_path LIKE '%'", order_by=["attributes.start_time DESC"], max_results=last
+    )
     rows = []
     for r in runs:
         tags, metrics = r.data.tags, r.data.metrics
         chosen, quality = tags.get("chosen_candidate", ""), tags.get("quality_metric", "accuracy")
         metric = partial(_candidate_metric, metrics, chosen)
-        rows.append({
-            "started": datetime.fromtimestamp(r.info.start_time / 1000, UTC).strftime("%Y-%m-%d %H:%M"),
-            "run": r.info.run_id[:8],
-            "status": r.info.status if "skipped" not in tags else "SKIPPED",
-            "data_version": tags.get("data_version", "")[:12],
-            "chosen": chosen,
-            "quality": f"{quality} {metric(quality)}" if metric(quality) else "",
-            "p50_ms": metric("latency_p50_ms", fmt="{:.3f}"),
-            "size_kb": metric("size_bytes", 1 / 1024, "{:.1f}"),
-            "version": tags.get("registered_version", ""),
-            "promotion": tags.get("promotion.decision", tags.get("skipped", tags.get("error", "")))[:40],
-        })
+        rows.append(
+            {
+                "started": datetime.fromtimestamp(r.info.start_time / 1000, UTC).strftime("%Y-%m-%d %H:%M"),
+                "run": r.info.run_id[:8],
+                "status": r.info.status if "skipped" not in tags else "SKIPPED",
+                "data_version": tags.get("data_version", "")[:12],
+                "chosen": chosen,
+                "quality": f"{quality} {metric(quality)}" if metric(quality) else "",
+                "p50_ms": metric("latency_p50_ms", fmt="{:.3f}"),
+                "size_kb": metric("size_bytes", 1 / 1024, "{:.1f}"),
+                "version": tags.get("registered_version", ""),
+                "promotion": tags.get("promotion.decision", tags.get("skipped", tags.get("error", "")))[:40],
+            }
+        )
     return rows
 
 

@@ -29,7 +29,9 @@ Inputs = np.ndarray | dict[str, np.ndarray]
 class Evaluator(Protocol):
     # read-only properties: the evaluators are frozen dataclasses
     @property
-    def primary(self) -> str: ...  # the quality metric candidates are ranked, plotted and promoted by (higher is better)
+    def primary(
+        self,
+    ) -> str: ...  # the quality metric candidates are ranked, plotted and promoted by (higher is better)
 
     @property
     def data_dir(self) -> Path: ...  # the versioned data whose held-out split it measures on
@@ -93,9 +95,13 @@ class ClassifierEval:
 
     def paired(self, challenger: np.ndarray, champion: np.ndarray) -> dict:
         """Accuracy of both on the same test samples and McNemar's exact test of the difference."""
-        return {"challenger": float(challenger.mean()), "champion": float(champion.mean()),
-                "gain_pts": float(challenger.mean() - champion.mean()) * 100,
-                "p_value": mcnemar_exact(challenger, champion), "test": "McNemar exact"}
+        return {
+            "challenger": float(challenger.mean()),
+            "champion": float(champion.mean()),
+            "gain_pts": float(challenger.mean() - champion.mean()) * 100,
+            "p_value": mcnemar_exact(challenger, champion),
+            "test": "McNemar exact",
+        }
 
     def timing_inputs(self) -> np.ndarray:
         return self._splits.test[0]
@@ -105,8 +111,11 @@ class ClassifierEval:
 
     def serving_info(self) -> dict:
         m = self._splits.manifest
-        return {"preprocessing": m["preprocessing"], "input_shape": m["input_shape"],
-                "labels": m.get("classes", list(range(m["num_classes"])))}
+        return {
+            "preprocessing": m["preprocessing"],
+            "input_shape": m["input_shape"],
+            "labels": m.get("classes", list(range(m["num_classes"]))),
+        }
 
     def attach(self, bundle: Path) -> None:
         """A classifier bundle needs nothing beside the model."""
@@ -161,8 +170,14 @@ class EncoderEval:
         a bootstrap of a minimum collapses onto the few hardest sentences and gives a zero-width
         interval (measured), so it cannot tell a difference from noise."""
         gain, low, high = paired_bootstrap(challenger, champion, np.mean)
-        return {"metric": "cosine_mean", "challenger": float(challenger.mean()), "champion": float(champion.mean()),
-                "gain_pts": gain * 100, "interval_pts": [low * 100, high * 100], "test": "paired bootstrap"}
+        return {
+            "metric": "cosine_mean",
+            "challenger": float(challenger.mean()),
+            "champion": float(champion.mean()),
+            "gain_pts": gain * 100,
+            "interval_pts": [low * 100, high * 100],
+            "test": "paired bootstrap",
+        }
 
     def encoded_as(self, bundle_manifest: dict) -> EncoderEval:
         """Sentences go through the packaged tokenizer for every encoder bundle."""
@@ -180,10 +195,13 @@ class EncoderEval:
         return tokenize(self._tokenizer, self._sentences.eval[:2], self.max_length)
 
     def serving_info(self) -> dict:
-        return {"preprocessing": f"tokenizer/ (WordPiece, lower case), truncation at {self.max_length} tokens; "
-                                 "feed input_ids and attention_mask as int64",
-                "output": "L2-normalised sentence embedding (mean pooling over unmasked tokens)",
-                "tokenizer_dir": "tokenizer", "max_length": self.max_length}
+        return {
+            "preprocessing": f"tokenizer/ (WordPiece, lower case), truncation at {self.max_length} tokens; "
+            "feed input_ids and attention_mask as int64",
+            "output": "L2-normalised sentence embedding (mean pooling over unmasked tokens)",
+            "tokenizer_dir": "tokenizer",
+            "max_length": self.max_length,
+        }
 
     def attach(self, bundle: Path) -> None:
         shutil.copytree(self.tokenizer_dir, Path(bundle) / "tokenizer")

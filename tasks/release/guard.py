@@ -54,7 +54,8 @@ def relative_paths(value: object, base: Path) -> object:
 def bundle_entries(manifest: dict) -> set[str]:
     """The names a bundle folder may hold: the manifest, the model and what the manifest points to."""
     return {MANIFEST, str(manifest.get("model_file", "model.onnx"))} | {
-        str(manifest[key]) for key in ("tokenizer_dir", "model_dir") if key in manifest}
+        str(manifest[key]) for key in ("tokenizer_dir", "model_dir") if key in manifest
+    }
 
 
 def bundle_problem(folder: Path) -> str | None:
@@ -83,8 +84,9 @@ def bundle_problem(folder: Path) -> str | None:
 
 def check_replaceable(folder: Path) -> None:
     if problem := bundle_problem(folder):
-        raise BundleError(f"{problem}: refusing to replace it; point the bundle setting at another folder "
-                          "or move this one away")
+        raise BundleError(
+            f"{problem}: refusing to replace it; point the bundle setting at another folder or move this one away"
+        )
 
 
 def clean_leftovers(*targets: Path) -> list[str]:

@@ -56,8 +56,9 @@ class PipelineBase(Section):
         root = Path(root).resolve()
         resolved = self.anchored(root)
         if problems := resolved.path_problems(root):
-            raise ConfigError(f"unsafe paths in the config ({len(problems)} problem(s)):\n"
-                              + "\n".join(f"  - {p}" for p in problems))
+            raise ConfigError(
+                f"unsafe paths in the config ({len(problems)} problem(s)):\n" + "\n".join(f"  - {p}" for p in problems)
+            )
         return resolved
 
     def path_problems(self, root: Path) -> list[str]:
@@ -66,17 +67,26 @@ class PipelineBase(Section):
         other, and if it exists it must be a bundle modelforge wrote."""
         from tasks.release.guard import bundle_problem
 
-        written = {"workdir": self.workdir, "data.dir": self.data.dir,
-                   "register.bundle_dir": self.register_.bundle_dir,
-                   "promote.champion_bundle_dir": self.promote.champion_bundle_dir}
+        written = {
+            "workdir": self.workdir,
+            "data.dir": self.data.dir,
+            "register.bundle_dir": self.register_.bundle_dir,
+            "promote.champion_bundle_dir": self.promote.champion_bundle_dir,
+        }
         where = {name: Path(path).resolve() for name, path in written.items()}
-        problems = [f"{name}: {path} is {'the project folder itself' if path == root else 'outside the project'} "
-                    f"({root}); use a folder inside it" for name, path in where.items()
-                    if path == root or not path.is_relative_to(root)]
+        problems = [
+            f"{name}: {path} is {'the project folder itself' if path == root else 'outside the project'} "
+            f"({root}); use a folder inside it"
+            for name, path in where.items()
+            if path == root or not path.is_relative_to(root)
+        ]
         for bundle in ("register.bundle_dir", "promote.champion_bundle_dir"):
-            problems += [f"{bundle}: {where[bundle]} would contain {other} ({where[other]}), which a ship "
-                         "replaces with the bundle" for other in where
-                         if other != bundle and where[other].is_relative_to(where[bundle])]
+            problems += [
+                f"{bundle}: {where[bundle]} would contain {other} ({where[other]}), which a ship "
+                "replaces with the bundle"
+                for other in where
+                if other != bundle and where[other].is_relative_to(where[bundle])
+            ]
             if where[bundle].is_relative_to(root) and where[bundle] != root and (why := bundle_problem(where[bundle])):
                 problems.append(f"{bundle}: {why}; a ship would replace it")
         return problems

@@ -34,15 +34,27 @@ class PromoteConfig(Section):
     champion_alias: str = Field("champion", min_length=1, description="Registry alias of the model in service.")
     previous_alias: str = Field("previous-champion", min_length=1, description="Alias kept for one-command rollback.")
     quality_tolerance: float = Field(
-        0.25, ge=0, description="Points (hundredths of the primary quality: accuracy, worst-case cosine) within which "
-        "a challenger 'matches' the champion; it then needs to be faster.")
+        0.25,
+        ge=0,
+        description="Points (hundredths of the primary quality: accuracy, worst-case cosine) within which "
+        "a challenger 'matches' the champion; it then needs to be faster.",
+    )
     significance: float = Field(
-        0.05, gt=0, lt=1, description="A challenger is better only if the paired test on the same test samples says so "
-        "at this level (McNemar's exact test for classifiers, a paired bootstrap otherwise).")
+        0.05,
+        gt=0,
+        lt=1,
+        description="A challenger is better only if the paired test on the same test samples says so "
+        "at this level (McNemar's exact test for classifiers, a paired bootstrap otherwise).",
+    )
     min_speedup: float = Field(
-        1.05, ge=1, description="A matching challenger is promoted only if the 95% interval of its speed-up over the "
-        "champion (timed side by side) lies above this.")
-    champion_bundle_dir: Path = Field(Path("deploy/champion"), description="Bundle the server loads; replaced atomically on promotion.")
+        1.05,
+        ge=1,
+        description="A matching challenger is promoted only if the 95% interval of its speed-up over the "
+        "champion (timed side by side) lies above this.",
+    )
+    champion_bundle_dir: Path = Field(
+        Path("deploy/champion"), description="Bundle the server loads; replaced atomically on promotion."
+    )
 
 
 class PromotionError(ValueError):
@@ -77,17 +89,26 @@ def task_mismatch(champion: dict, challenger: dict) -> list[str]:
     """How two bundle manifests differ in the task they serve: registered model, class names, input
     and output signature, data source, data folder and split rule (the test split's lineage). Facts
     a manifest lacks (an older bundle, or a challenger not exported yet) are not compared."""
+
     def facts(m: dict) -> dict:
         task = m.get("task") or {}
-        return {"registered model": (m.get("registered_model") or {}).get("name"), "classes": m.get("labels"),
-                "inputs": _signature(m.get("inputs")), "outputs": _signature(m.get("outputs")),
-                "data source": task.get("dataset"), "data folder": task.get("data_folder"),
-                "split rule": task.get("split")}
+        return {
+            "registered model": (m.get("registered_model") or {}).get("name"),
+            "classes": m.get("labels"),
+            "inputs": _signature(m.get("inputs")),
+            "outputs": _signature(m.get("outputs")),
+            "data source": task.get("dataset"),
+            "data folder": task.get("data_folder"),
+            "split rule": task.get("split"),
+        }
 
     theirs, ours = facts(champion), facts(challenger)
     shown = lambda v: str(v) if len(str(v)) <= 120 else str(v)[:117] + "..."
-    return [f"{key}: champion {shown(theirs[key])}, challenger {shown(ours[key])}" for key in theirs
-            if theirs[key] is not None and ours[key] is not None and theirs[key] != ours[key]]
+    return [
+        f"{key}: champion {shown(theirs[key])}, challenger {shown(ours[key])}"
+        for key in theirs
+        if theirs[key] is not None and ours[key] is not None and theirs[key] != ours[key]
+    ]
 
 
 def _champion_manifest(name: str, version: str) -> dict | None:
@@ -95,7 +116,9 @@ def _champion_manifest(name: str, version: str) -> dict | None:
     run_id = MlflowClient().get_model_version(name, version).run_id
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="bundle/manifest.json", dst_path=tmp)
+            path = mlflow.artifacts.download_artifacts(
+                run_id=run_id, artifact_path="bundle/manifest.json", dst_path=tmp
+            )
         except (MlflowException, OSError):
             return None
         return json.loads(Path(path).read_text())
@@ -106,8 +129,10 @@ def folder_conflict(name: str, folder: Path) -> str | None:
     manifest = Path(folder) / "manifest.json"
     other = (json.loads(manifest.read_text()).get("registered_model") or {}).get("name") if manifest.is_file() else None
     if other and other != name:
-        return (f"{folder} serves the champion of {other!r}, not {name!r}: give this model a champion bundle "
-                "folder of its own (promote.champion_bundle_dir)")
+        return (
+            f"{folder} serves the champion of {other!r}, not {name!r}: give this model a champion bundle "
+            "folder of its own (promote.champion_bundle_dir)"
+        )
     return None
 
 
@@ -119,16 +144,21 @@ def champion_conflicts(name: str, challenger: dict, cfg: PromoteConfig) -> list[
     problems = [p for p in [folder_conflict(name, cfg.champion_bundle_dir)] if p]
     version = _alias_version(name, cfg.champion_alias)
     if version is not None and (champion := _champion_manifest(name, version)) is not None:
-        problems += [f"{name} v{version} ('{cfg.champion_alias}') differs in {why}"
-                     for why in task_mismatch(champion, challenger)]
+        problems += [
+            f"{name} v{version} ('{cfg.champion_alias}') differs in {why}"
+            for why in task_mismatch(champion, challenger)
+        ]
     return problems
 
 
 def check_champion(name: str, challenger: dict, cfg: PromoteConfig) -> None:
     if problems := champion_conflicts(name, challenger, cfg):
-        raise PromotionError("the challenger cannot be compared with the champion, which serves another task "
-                             "(nothing was replaced):\n" + "\n".join(f"  - {p}" for p in problems)
-                             + "\n  A new task needs its own register.model_name and bundle folders.")
+        raise PromotionError(
+            "the challenger cannot be compared with the champion, which serves another task "
+            "(nothing was replaced):\n"
+            + "\n".join(f"  - {p}" for p in problems)
+            + "\n  A new task needs its own register.model_name and bundle folders."
+        )
 
 
 def check_champion_before_training(model_name: str, data_dir: Path, cfg: PromoteConfig) -> None:
@@ -141,8 +171,9 @@ def check_champion_before_training(model_name: str, data_dir: Path, cfg: Promote
 
 def check_champion_before_release(model_name: str, onnx_path: Path, evaluator: Evaluator, cfg: PromoteConfig) -> None:
     """`check_champion` with the chosen model's signature, before it is registered or shipped."""
-    check_champion(model_name, {**io_spec(Path(onnx_path)), **evaluator.serving_info(),
-                                "task": data_task(evaluator.data_dir)}, cfg)
+    check_champion(
+        model_name, {**io_spec(Path(onnx_path)), **evaluator.serving_info(), "task": data_task(evaluator.data_dir)}, cfg
+    )
 
 
 def decide(quality: dict | None, speed: dict | None, cfg: PromoteConfig, metric: str = "accuracy") -> tuple[bool, str]:
@@ -170,12 +201,20 @@ def decide(quality: dict | None, speed: dict | None, cfg: PromoteConfig, metric:
         return False, f"{metric} worse by {-gain:.2f} pts ({evidence})"
     if slow > cfg.min_speedup:
         return True, f"{metric} within {cfg.quality_tolerance} pts ({gain:+.2f}, {evidence}) and {timing}"
-    return False, (f"{metric} not better by the test ({gain:+.2f} pts, {evidence}) and not measurably faster: "
-                   f"{timing}, not above {cfg.min_speedup}x")
+    return False, (
+        f"{metric} not better by the test ({gain:+.2f} pts, {evidence}) and not measurably faster: "
+        f"{timing}, not above {cfg.min_speedup}x"
+    )
 
 
-def promote_model(registered: RegisteredModel, bundle_dir: Path, cfg: PromoteConfig, timing: ValidateConfig,
-                  evaluator: Evaluator, run_id: str) -> Decision:
+def promote_model(
+    registered: RegisteredModel,
+    bundle_dir: Path,
+    cfg: PromoteConfig,
+    timing: ValidateConfig,
+    evaluator: Evaluator,
+    run_id: str,
+) -> Decision:
     challenger_manifest = json.loads((Path(bundle_dir) / "manifest.json").read_text())
     check_champion(registered.name, challenger_manifest, cfg)
     champion_version = _alias_version(registered.name, cfg.champion_alias)
@@ -189,50 +228,90 @@ def promote_model(registered: RegisteredModel, bundle_dir: Path, cfg: PromoteCon
             evaluators["champion"] = evaluator.encoded_as(_champion_manifest(registered.name, champion_version) or {})
         # Each timed on the same samples in its own encoding (a table's width can differ).
         inputs = {k: e.timing_inputs() for k, e in evaluators.items()}
-        speeds = measure_speeds(sessions, inputs["challenger"], timing.warmup, timing.latency_runs,
-                                timing.throughput_batch, timing.throughput_runs, per_session=inputs)
+        speeds = measure_speeds(
+            sessions,
+            inputs["challenger"],
+            timing.warmup,
+            timing.latency_runs,
+            timing.throughput_batch,
+            timing.throughput_runs,
+            per_session=inputs,
+        )
         samples = {k: evaluators[k].per_sample(s) for k, s in sessions.items()}
-        scores = {k: {evaluator.primary: evaluators[k].quality(s)[evaluator.primary],
-                      "latency_p50_ms": speeds[k].latency_p50_ms} for k, s in sessions.items()}
+        scores = {
+            k: {
+                evaluator.primary: evaluators[k].quality(s)[evaluator.primary],
+                "latency_p50_ms": speeds[k].latency_p50_ms,
+            }
+            for k, s in sessions.items()
+        }
     quality = speed = None
     if "champion" in sessions:
         quality = evaluator.paired(samples["challenger"], samples["champion"])
         ratio, low, high = ratio_interval(speeds["champion"].latency_rounds_ms, speeds["challenger"].latency_rounds_ms)
         speed = {"speedup": ratio, "interval": [low, high]}
-    return act_on_decision(registered, Path(bundle_dir), cfg, champion_version, scores, quality, speed,
-                           evaluator.primary, run_id)
+    return act_on_decision(
+        registered, Path(bundle_dir), cfg, champion_version, scores, quality, speed, evaluator.primary, run_id
+    )
 
 
-def act_on_decision(registered: RegisteredModel, bundle_dir: Path, cfg: PromoteConfig, champion_version: str | None,
-                    scores: dict, quality: dict | None, speed: dict | None, metric: str, run_id: str) -> Decision:
+def act_on_decision(
+    registered: RegisteredModel,
+    bundle_dir: Path,
+    cfg: PromoteConfig,
+    champion_version: str | None,
+    scores: dict,
+    quality: dict | None,
+    speed: dict | None,
+    metric: str,
+    run_id: str,
+) -> Decision:
     """Decide (`decide`), then move the aliases and publish the champion bundle when promoted, and
     record the decision and its evidence on the registry version and the run."""
     promoted, reason = decide(quality, speed, cfg, metric)
-    decision = Decision(promoted, reason, registered.version, champion_version, scores["challenger"],
-                        scores.get("champion"), quality and {"quality": quality, "speed": speed})
+    decision = Decision(
+        promoted,
+        reason,
+        registered.version,
+        champion_version,
+        scores["challenger"],
+        scores.get("champion"),
+        quality and {"quality": quality, "speed": speed},
+    )
     client = MlflowClient()
     if promoted:
         if champion_version is not None:
             client.set_registered_model_alias(registered.name, cfg.previous_alias, champion_version)
         client.set_registered_model_alias(registered.name, cfg.champion_alias, registered.version)
         publish_copy(bundle_dir, cfg.champion_bundle_dir)
-    client.set_model_version_tag(registered.name, registered.version, "promotion",
-                                 f"{'promoted' if promoted else 'kept champion'}: {reason}")
+    client.set_model_version_tag(
+        registered.name, registered.version, "promotion", f"{'promoted' if promoted else 'kept champion'}: {reason}"
+    )
     _log(run_id, decision)
     verdict = "PROMOTED to" if promoted else "not promoted to"
-    print(f"[promote] version {registered.version} {verdict} '{cfg.champion_alias}': {reason} "
-          f"(challenger {scores['challenger']}, champion v{champion_version}: {scores.get('champion')})")
+    print(
+        f"[promote] version {registered.version} {verdict} '{cfg.champion_alias}': {reason} "
+        f"(challenger {scores['challenger']}, champion v{champion_version}: {scores.get('champion')})"
+    )
     return decision
 
 
 def _log(run_id: str, decision: Decision) -> None:
-    tracking.set_tags(run_id, {"promotion.decision": "promoted" if decision.promoted else "kept",
-                                "promotion.reason": decision.reason})
+    tracking.set_tags(
+        run_id, {"promotion.decision": "promoted" if decision.promoted else "kept", "promotion.reason": decision.reason}
+    )
     if decision.evidence:
         quality, speed = decision.evidence["quality"], decision.evidence["speed"]
-        tracking.log_metrics(run_id, {"promotion.gain_pts": quality["gain_pts"], "promotion.p_value": quality.get("p_value"),
-                                       "promotion.speedup": speed["speedup"], "promotion.speedup_low": speed["interval"][0],
-                                       "promotion.speedup_high": speed["interval"][1]})
+        tracking.log_metrics(
+            run_id,
+            {
+                "promotion.gain_pts": quality["gain_pts"],
+                "promotion.p_value": quality.get("p_value"),
+                "promotion.speedup": speed["speedup"],
+                "promotion.speedup_low": speed["interval"][0],
+                "promotion.speedup_high": speed["interval"][1],
+            },
+        )
     for role in ("challenger", "champion"):
         if getattr(decision, role):
             tracking.log_metrics(run_id, {f"promotion.{role}.{k}": v for k, v in getattr(decision, role).items()})
@@ -258,8 +337,10 @@ def rollback(model_name: str, cfg: PromoteConfig) -> str:
     if current is not None:
         client.set_registered_model_alias(model_name, cfg.previous_alias, current)
     client.set_model_version_tag(model_name, previous, "promotion", f"restored by rollback from v{current}")
-    print(f"[rollback] {model_name}: '{cfg.champion_alias}' v{current} -> v{previous} "
-          f"(bundle sha256 {manifest['sha256'][:12]}... at {cfg.champion_bundle_dir})")
+    print(
+        f"[rollback] {model_name}: '{cfg.champion_alias}' v{current} -> v{previous} "
+        f"(bundle sha256 {manifest['sha256'][:12]}... at {cfg.champion_bundle_dir})"
+    )
     return previous
 
 

@@ -41,8 +41,12 @@ def register_model(onnx_path: Path, cfg: RegisterConfig, run_id: str, evaluator:
     # log_model takes no run id: resume the pipeline run in this thread just for the call.
     with mlflow.start_run(run_id=run_id):
         info = mlflow.onnx.log_model(
-            onnx.load(str(onnx_path)), name="model", signature=signature, input_example=example,
-            registered_model_name=cfg.model_name, onnx_execution_providers=["CPUExecutionProvider"],
+            onnx.load(str(onnx_path)),
+            name="model",
+            signature=signature,
+            input_example=example,
+            registered_model_name=cfg.model_name,
+            onnx_execution_providers=["CPUExecutionProvider"],
         )
     version = str(info.registered_model_version)
     MlflowClient().set_registered_model_alias(cfg.model_name, cfg.alias, version)

@@ -19,18 +19,21 @@ from tasks.release.validate import Report
 
 def rows(reports: list[Report], chosen: str | None) -> list[dict]:
     """One row per candidate: its quality metrics (whichever the evaluator measured), then speed and size."""
-    return [{
-        "candidate": r.name,
-        **{k: f"{v:.4f}" for k, v in r.quality.items()},
-        "p50_ms": f"{r.latency_p50_ms:.3f}",
-        "p95_ms": f"{r.latency_p95_ms:.3f}",
-        "throughput_sps": f"{r.throughput_sps:,.0f}",
-        "size_kb": f"{r.size_bytes / 1024:.1f}",
-        "parity": "n/a" if r.parity_max_abs is None else f"{r.parity_max_abs:.1e}",
-        "passed": "yes" if r.passed else "NO",
-        "chosen": "*" if r.name == chosen else "",
-        "failed_gates": "; ".join(r.failed_gates),
-    } for r in reports]
+    return [
+        {
+            "candidate": r.name,
+            **{k: f"{v:.4f}" for k, v in r.quality.items()},
+            "p50_ms": f"{r.latency_p50_ms:.3f}",
+            "p95_ms": f"{r.latency_p95_ms:.3f}",
+            "throughput_sps": f"{r.throughput_sps:,.0f}",
+            "size_kb": f"{r.size_bytes / 1024:.1f}",
+            "parity": "n/a" if r.parity_max_abs is None else f"{r.parity_max_abs:.1e}",
+            "passed": "yes" if r.passed else "NO",
+            "chosen": "*" if r.name == chosen else "",
+            "failed_gates": "; ".join(r.failed_gates),
+        }
+        for r in reports
+    ]
 
 
 def format_table(table: list[dict]) -> str:
@@ -46,8 +49,13 @@ def plot_tradeoff(reports: list[Report], chosen: str | None, path: Path) -> Path
     largest = max(r.size_bytes for r in reports)  # marker area relative to the largest model, MB or KB alike
     for r in reports:
         marker = "*" if r.name == chosen else ("o" if r.passed else "x")
-        ax.scatter(r.latency_p50_ms, r.score, s=40 + 200 * r.size_bytes / largest, marker=marker,
-                   color="tab:green" if r.passed else "tab:red")
+        ax.scatter(
+            r.latency_p50_ms,
+            r.score,
+            s=40 + 200 * r.size_bytes / largest,
+            marker=marker,
+            color="tab:green" if r.passed else "tab:red",
+        )
         ax.annotate(r.name, (r.latency_p50_ms, r.score), textcoords="offset points", xytext=(6, 4))
     ax.set_xlabel("ONNX Runtime CPU latency p50, batch 1 (ms)")
     ax.set_ylabel(f"{reports[0].primary} (held out)")

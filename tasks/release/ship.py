@@ -27,8 +27,9 @@ from tasks.release.guard import (
 
 def io_spec(path: Path) -> dict:
     session = make_session(path)
-    spec = lambda args: [{"name": a.name, "shape": [d if isinstance(d, int) else str(d) for d in a.shape],
-                          "dtype": a.type} for a in args]
+    spec = lambda args: [
+        {"name": a.name, "shape": [d if isinstance(d, int) else str(d) for d in a.shape], "dtype": a.type} for a in args
+    ]
     return {"inputs": spec(session.get_inputs()), "outputs": spec(session.get_outputs())}
 
 

@@ -34,8 +34,9 @@ def _interval(values: np.ndarray) -> tuple[float, float]:
     return float(lo), float(hi)
 
 
-def paired_bootstrap(a: np.ndarray, b: np.ndarray, statistic: Callable[[np.ndarray], float],
-                     seed: int = 0) -> tuple[float, float, float]:
+def paired_bootstrap(
+    a: np.ndarray, b: np.ndarray, statistic: Callable[[np.ndarray], float], seed: int = 0
+) -> tuple[float, float, float]:
     """statistic(a) - statistic(b) and its 95% percentile interval, resampling the samples (rows of
     both at once, so the pairing holds)."""
     a, b = np.asarray(a, float), np.asarray(b, float)
@@ -45,14 +46,17 @@ def paired_bootstrap(a: np.ndarray, b: np.ndarray, statistic: Callable[[np.ndarr
     return float(statistic(a) - statistic(b)), *_interval(diffs)
 
 
-def ratio_interval(slow_rounds: Sequence[float] | np.ndarray, fast_rounds: Sequence[float] | np.ndarray,
-                   seed: int = 0) -> tuple[float, float, float]:
+def ratio_interval(
+    slow_rounds: Sequence[float] | np.ndarray, fast_rounds: Sequence[float] | np.ndarray, seed: int = 0
+) -> tuple[float, float, float]:
     """The median per-round ratio slow/fast of two models timed in the same interleaved rounds, with a
     95% bootstrap interval: above 1 means `slow` is the slower one. Per-round ratios cancel the drift
     (clock, other load) both models saw in that round."""
     if len(slow_rounds) != len(fast_rounds) or len(slow_rounds) == 0:
-        raise ValueError(f"a paired latency comparison needs the same timing rounds for both models; got "
-                         f"{len(slow_rounds)} and {len(fast_rounds)}")
+        raise ValueError(
+            f"a paired latency comparison needs the same timing rounds for both models; got "
+            f"{len(slow_rounds)} and {len(fast_rounds)}"
+        )
     ratios = np.asarray(slow_rounds, float) / np.asarray(fast_rounds, float)
     rng = np.random.default_rng(seed)
     medians = np.median(rng.choice(ratios, size=(BOOTSTRAP, len(ratios))), axis=1)

@@ -30,25 +30,36 @@ class ValidateConfig(Section):
 
 
 class GateConfig(Section):
-    max_accuracy_drop: float = Field(1.0, ge=0, description="Allowed test-accuracy drop vs the FP32 baseline, in points.")
+    max_accuracy_drop: float = Field(
+        1.0, ge=0, description="Allowed test-accuracy drop vs the FP32 baseline, in points."
+    )
     min_accuracy: float = Field(0.90, ge=0, le=1, description="Absolute floor on test accuracy.")
     max_parity_error: float = Field(1e-4, gt=0, description="Max |ORT - PyTorch| on test logits for exported models.")
     max_latency_ratio: float | None = Field(
-        1.1, gt=0,
+        1.1,
+        gt=0,
         description="Reject a compressed model whose p50 latency exceeds this multiple of the baseline's "
         "(1.1 leaves room for timing noise on models that run in microseconds).",
     )
-    min_cosine_worst: float = Field(0.97, ge=-1, le=1, description="Embeddings: floor on the worst per-sentence cosine to the FP32 model.")
+    min_cosine_worst: float = Field(
+        0.97, ge=-1, le=1, description="Embeddings: floor on the worst per-sentence cosine to the FP32 model."
+    )
     min_cosine_mean: float = Field(0.99, ge=-1, le=1, description="Embeddings: floor on the mean per-sentence cosine.")
-    min_top10_overlap: float = Field(0.8, ge=0, le=1, description="Embeddings: floor on top-10 retrieval overlap with the FP32 model.")
+    min_top10_overlap: float = Field(
+        0.8, ge=0, le=1, description="Embeddings: floor on top-10 retrieval overlap with the FP32 model."
+    )
     select_by: Literal["latency_p50_ms", "size_bytes", "quality"] = Field(
-        "latency_p50_ms", description="Among passing candidates pick the lowest latency/size or the best primary quality "
-        "(accuracy; worst-case cosine for embeddings)."
+        "latency_p50_ms",
+        description="Among passing candidates pick the lowest latency/size or the best primary quality "
+        "(accuracy; worst-case cosine for embeddings).",
     )
     latency_tie: float = Field(
-        1.05, ge=1, description="select_by latency: a candidate counts as slower than the fastest only when the 95% "
+        1.05,
+        ge=1,
+        description="select_by latency: a candidate counts as slower than the fastest only when the 95% "
         "interval of its latency ratio over the timing rounds lies above this; the tied ones are ranked by quality, "
-        "then size (so timing noise never decides).")
+        "then size (so timing noise never decides).",
+    )
 
 
 BASELINE = "baseline"
@@ -99,17 +110,31 @@ def validate_candidates(candidates: list[Candidate], cfg: ValidateConfig, evalua
             for name, session in sessions.items():
                 quality[name] = evaluator.quality(session)
                 print(f"[validate] {name}: " + ", ".join(f"{k} {v:.4f}" for k, v in quality[name].items()))
-        print(f"[validate] timing {len(sessions)} candidates side by side on {device} "
-              f"({cfg.latency_runs} batch-1 runs, {cfg.throughput_runs} batch-{cfg.throughput_batch} runs each)")
-        timings[device] = measure_speeds(sessions, inputs, cfg.warmup, cfg.latency_runs, cfg.throughput_batch,
-                                         cfg.throughput_runs)
+        print(
+            f"[validate] timing {len(sessions)} candidates side by side on {device} "
+            f"({cfg.latency_runs} batch-1 runs, {cfg.throughput_runs} batch-{cfg.throughput_batch} runs each)"
+        )
+        timings[device] = measure_speeds(
+            sessions, inputs, cfg.warmup, cfg.latency_runs, cfg.throughput_batch, cfg.throughput_runs
+        )
     reports = []
     for c in candidates:
         cpu = timings["cpu"][c.name]
-        reports.append(Report(c.name, str(c.onnx), quality[c.name], evaluator.primary, cpu.latency_p50_ms,
-                              cpu.latency_p95_ms, cpu.throughput_sps, Path(c.onnx).stat().st_size, c.parity_max_abs,
-                              cuda=asdict(timings["cuda"][c.name]) if "cuda" in timings else None,
-                              latency_rounds_ms=cpu.latency_rounds_ms))
+        reports.append(
+            Report(
+                c.name,
+                str(c.onnx),
+                quality[c.name],
+                evaluator.primary,
+                cpu.latency_p50_ms,
+                cpu.latency_p95_ms,
+                cpu.throughput_sps,
+                Path(c.onnx).stat().st_size,
+                c.parity_max_abs,
+                cuda=asdict(timings["cuda"][c.name]) if "cuda" in timings else None,
+                latency_rounds_ms=cpu.latency_rounds_ms,
+            )
+        )
     return reports
 
 
@@ -122,11 +147,14 @@ def _quality_failures(r: Report, base: Report, gates: GateConfig) -> list[str]:
         drop = (base.quality["accuracy"] - q["accuracy"]) * 100
         if drop > gates.max_accuracy_drop:
             failed.append(f"accuracy drop {drop:.2f} pts > {gates.max_accuracy_drop:.2f}")
-    floors = {"cosine_min": ("worst-case cosine", gates.min_cosine_worst),
-              "cosine_mean": ("mean cosine", gates.min_cosine_mean),
-              "top10_overlap": ("top-10 overlap", gates.min_top10_overlap)}
-    failed += [f"{label} {q[k]:.4f} < min {floor:.4f}" for k, (label, floor) in floors.items()
-               if k in q and not q[k] >= floor]
+    floors = {
+        "cosine_min": ("worst-case cosine", gates.min_cosine_worst),
+        "cosine_mean": ("mean cosine", gates.min_cosine_mean),
+        "top10_overlap": ("top-10 overlap", gates.min_top10_overlap),
+    }
+    failed += [
+        f"{label} {q[k]:.4f} < min {floor:.4f}" for k, (label, floor) in floors.items() if k in q and not q[k] >= floor
+    ]
     return failed
 
 
@@ -146,8 +174,9 @@ def apply_gates(reports: list[Report], gates: GateConfig) -> list[Report]:
             # must not decide whether a candidate near the limit can ship.
             ratio, low, _ = ratio_interval(r.latency_rounds_ms, base.latency_rounds_ms)
             if low > gates.max_latency_ratio:
-                failed.append(f"p50 latency {ratio:.2f}x baseline (95% interval from {low:.2f}x) > "
-                              f"{gates.max_latency_ratio:.2f}x")
+                failed.append(
+                    f"p50 latency {ratio:.2f}x baseline (95% interval from {low:.2f}x) > {gates.max_latency_ratio:.2f}x"
+                )
         gated.append(replace(r, failed_gates=failed))
     return gated
 
@@ -161,8 +190,10 @@ def latency_ties(reports: list[Report], tie: float) -> list[Report]:
         ratio, low, _ = ratio_interval(r.latency_rounds_ms, fastest.latency_rounds_ms)
         if r is fastest or low <= tie:
             tied.append(r)
-        print(f"[select] {r.name}: p50 latency {ratio:.3f}x the fastest ({fastest.name}), 95% interval from "
-              f"{low:.3f}x: {'a tie' if r in tied else 'slower'}")
+        print(
+            f"[select] {r.name}: p50 latency {ratio:.3f}x the fastest ({fastest.name}), 95% interval from "
+            f"{low:.3f}x: {'a tie' if r in tied else 'slower'}"
+        )
     return tied
 
 

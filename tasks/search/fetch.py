@@ -57,8 +57,10 @@ def fetch_data(ref: DataRef) -> Path:
             with fsspec.open(_object(ref.remote, ref.md5), "rb") as f:
                 entries = json.loads(f.read())
         except (OSError, ValueError) as err:
-            raise DataError(f"data version {ref.md5} is not in the DVC remote {ref.remote} ({err}); every worker "
-                            "must reach the remote the run pushed to (a shared folder or a URL)") from None
+            raise DataError(
+                f"data version {ref.md5} is not in the DVC remote {ref.remote} ({err}); every worker "
+                "must reach the remote the run pushed to (a shared folder or a URL)"
+            ) from None
         staging = Path(tempfile.mkdtemp(prefix=".fetch-", dir=cache))
         try:
             for entry in entries:
@@ -70,8 +72,10 @@ def fetch_data(ref: DataRef) -> Path:
                 with fsspec.open(_object(ref.remote, entry["md5"]), "rb") as src, open(dest, "wb") as out:
                     shutil.copyfileobj(src, out)
                 if (got := _md5_of(dest)) != entry["md5"]:
-                    raise DataError(f"data version {ref.md5}: {relpath} in the remote has md5 {got}, "
-                                    f"expected {entry['md5']} (a corrupt remote)")
+                    raise DataError(
+                        f"data version {ref.md5}: {relpath} in the remote has md5 {got}, "
+                        f"expected {entry['md5']} (a corrupt remote)"
+                    )
             (staging / ".complete").write_text(ref.md5 + "\n")
             shutil.rmtree(target, ignore_errors=True)  # a fetch that died half-way
             staging.rename(target)

@@ -66,7 +66,11 @@ class GreedySampler(optuna.samplers.BaseSampler):
         movable = [name for name, dist in best.distributions.items() if not dist.single()]
         if movable:
             with self._lock:
-                self._moves[trial._trial_id] = (best.params, best.distributions, movable[self._rng.randint(len(movable))])
+                self._moves[trial._trial_id] = (
+                    best.params,
+                    best.distributions,
+                    movable[self._rng.randint(len(movable))],
+                )
             study._storage.set_trial_system_attr(trial._trial_id, "greedy:from_trial", best.number)
 
     def after_trial(self, study, trial, state, values) -> None:

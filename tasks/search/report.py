@@ -28,8 +28,9 @@ def plot_study(study: optuna.Study, cfg: SearchConfig, chosen: int, path: Path) 
         x_obj: Literal["latency", "size"] = "latency" if "latency" in cfg.objectives else "size"
         xi = cfg.objectives.index(x_obj)
         front = {t.number for t in study.best_trials}
-        ax.scatter([t.values[xi] for t in complete], [t.values[0] * 100 for t in complete], c="lightgray",
-                   label="trials")
+        ax.scatter(
+            [t.values[xi] for t in complete], [t.values[0] * 100 for t in complete], c="lightgray", label="trials"
+        )
         pts = sorted((t.values[xi], t.values[0] * 100) for t in complete if t.number in front)
         ax.plot(*zip(*pts, strict=True), "o-", color="tab:blue", label="Pareto front")
         best = next(t for t in complete if t.number == chosen)
@@ -69,14 +70,26 @@ def param_importances(study: optuna.Study) -> dict[str, float]:
 
 def report_search(study: optuna.Study, cfg: SearchConfig, result, out_dir: Path, parent_run_id: str | None) -> None:
     out_dir = Path(out_dir)
-    plot = plot_study(study, cfg, result.chosen_trial, out_dir / ("pareto.png" if len(cfg.objectives) > 1 else "history.png"))
+    plot = plot_study(
+        study, cfg, result.chosen_trial, out_dir / ("pareto.png" if len(cfg.objectives) > 1 else "history.png")
+    )
     importances = param_importances(study)
     trials_csv = out_dir / "trials.csv"
     study.trials_dataframe().to_csv(trials_csv, index=False)
-    summary = {"study": result.study_name, "sampler": cfg.sampler, "pruner": cfg.pruner, "objectives": cfg.objectives,
-               "selection": cfg.selection, "chosen_trial": result.chosen_trial, "values": result.best_values,
-               "completed": result.completed_trials, "pruned": result.pruned_trials, "failed": result.failed_trials,
-               "pareto_front": result.pareto_front, "importances": importances}
+    summary = {
+        "study": result.study_name,
+        "sampler": cfg.sampler,
+        "pruner": cfg.pruner,
+        "objectives": cfg.objectives,
+        "selection": cfg.selection,
+        "chosen_trial": result.chosen_trial,
+        "values": result.best_values,
+        "completed": result.completed_trials,
+        "pruned": result.pruned_trials,
+        "failed": result.failed_trials,
+        "pareto_front": result.pareto_front,
+        "importances": importances,
+    }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     if importances:
         print("[search] parameter importance: " + ", ".join(f"{k} {v:.2f}" for k, v in importances.items()))

@@ -31,12 +31,20 @@ class RunnerConfig(Section):
     DVC md5 from the remote, the tracking store and the study storage by URL."""
 
     kind: Literal["local", "dask", "ray"] = Field(
-        "local", description="local: threads of the run's own process; dask: a Dask cluster, or with no address a "
-        "LocalCluster of `search.workers` processes on this machine; ray: a Ray cluster.")
-    address: str | None = Field(None, description="Scheduler of a running cluster (dask: tcp://host:8786; "
-                                "ray: ray://host:10001). None: dask starts a LocalCluster, ray a local instance.")
-    data_cache: str = Field("~/.cache/modelforge/data", description="Folder, on each worker's machine, where the "
-                            "worker keeps the data versions it fetched from the DVC remote.")
+        "local",
+        description="local: threads of the run's own process; dask: a Dask cluster, or with no address a "
+        "LocalCluster of `search.workers` processes on this machine; ray: a Ray cluster.",
+    )
+    address: str | None = Field(
+        None,
+        description="Scheduler of a running cluster (dask: tcp://host:8786; "
+        "ray: ray://host:10001). None: dask starts a LocalCluster, ray a local instance.",
+    )
+    data_cache: str = Field(
+        "~/.cache/modelforge/data",
+        description="Folder, on each worker's machine, where the "
+        "worker keeps the data versions it fetched from the DVC remote.",
+    )
 
     @property
     def multi_machine(self) -> bool:
@@ -54,8 +62,11 @@ def _driver_problem(key: str, url: str) -> str | None:
     except (ArgumentError, NoSuchModuleError) as err:
         return f"{key}: {url!r} is not a database URL SQLAlchemy knows ({err})"
     except ImportError as err:
-        hint = " (the cluster extra installs psycopg 3: write postgresql+psycopg://...)" \
-            if url.startswith("postgresql") else ""
+        hint = (
+            " (the cluster extra installs psycopg 3: write postgresql+psycopg://...)"
+            if url.startswith("postgresql")
+            else ""
+        )
         return f"{key}: the database driver for {url.split('://')[0]} is not installed ({err}){hint}"
     return None
 
@@ -67,21 +78,28 @@ def _prefect_api_problem(runner: RunnerConfig) -> str | None:
 
     url = PREFECT_API_URL.value()
     if not url:
-        return (f"runner.kind {runner.kind}: no Prefect API to report to (PREFECT_API_URL is unset); "
-                "`modelforge run` starts one, or start `prefect server start` and set PREFECT_API_URL")
+        return (
+            f"runner.kind {runner.kind}: no Prefect API to report to (PREFECT_API_URL is unset); "
+            "`modelforge run` starts one, or start `prefect server start` and set PREFECT_API_URL"
+        )
     local = ("127.0.0.1", "localhost", "::1")
     scheduler = urlparse(runner.address).hostname if runner.address else None
     if scheduler and scheduler not in local and urlparse(url).hostname in local:
-        return (f"runner at {runner.address}: the Prefect API {url} is local to this machine; start "
-                "`prefect server start --host 0.0.0.0` and set PREFECT_API_URL=http://<this host>:4200/api")
+        return (
+            f"runner at {runner.address}: the Prefect API {url} is local to this machine; start "
+            "`prefect server start --host 0.0.0.0` and set PREFECT_API_URL=http://<this host>:4200/api"
+        )
     return None
 
 
 def search_runner(search: SearchConfig, runner: RunnerConfig, tracking_uri: str) -> TaskRunner:
     """The task runner for `search.workers` search workers, after checking that it can work."""
     workers = search.workers
-    problems = [p for key, url in (("search.storage", search.storage), ("tracking.uri", tracking_uri))
-                if url and is_server_database(url) and (p := _driver_problem(key, url))]
+    problems = [
+        p
+        for key, url in (("search.storage", search.storage), ("tracking.uri", tracking_uri))
+        if url and is_server_database(url) and (p := _driver_problem(key, url))
+    ]
     if runner.kind != "local" and (p := _prefect_api_problem(runner)):
         problems.append(p)
     try:
@@ -109,5 +127,11 @@ def local_cluster_kwargs(workers: int) -> dict:
     code; threads of one process would serialise on the GIL between torch calls), the cores shared
     out between them instead of every worker's torch starting a thread per core."""
     threads = str(max(1, (os.cpu_count() or 1) // workers))
-    return {"n_workers": workers, "threads_per_worker": 1, "processes": True, "dashboard_address": None,
-            "silence_logs": logging.WARNING, "env": {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}}
+    return {
+        "n_workers": workers,
+        "threads_per_worker": 1,
+        "processes": True,
+        "dashboard_address": None,
+        "silence_logs": logging.WARNING,
+        "env": {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads},
+    }

@@ -39,11 +39,19 @@ def grid_space(cfg: SearchConfig) -> dict[str, list]:
         return sorted({round(v) for v in np.geomspace(lo, hi, n)})
 
     return {
-        "family": list(s.families), "lr": sorted({float(v) for v in np.geomspace(*s.lr, n)}),
-        "weight_decay": list(s.weight_decay), "batch_size": list(s.batch_sizes), "optimizer": list(s.optimizers),
-        "schedule": list(s.schedules), "depth": list(range(s.depth[0], s.depth[1] + 1)), "width": ints(*s.width),
-        "activation": list(s.activations), "dropout": sorted({float(v) for v in np.linspace(*s.dropout, n)}),
-        "channels": ints(*s.channels), "kernel": list(s.kernels), "augment": list(s.augment),
+        "family": list(s.families),
+        "lr": sorted({float(v) for v in np.geomspace(*s.lr, n)}),
+        "weight_decay": list(s.weight_decay),
+        "batch_size": list(s.batch_sizes),
+        "optimizer": list(s.optimizers),
+        "schedule": list(s.schedules),
+        "depth": list(range(s.depth[0], s.depth[1] + 1)),
+        "width": ints(*s.width),
+        "activation": list(s.activations),
+        "dropout": sorted({float(v) for v in np.linspace(*s.dropout, n)}),
+        "channels": ints(*s.channels),
+        "kernel": list(s.kernels),
+        "augment": list(s.augment),
         "freeze_epochs": list(range(s.freeze_epochs[0], s.freeze_epochs[1] + 1)),
         "backbone_lr_scale": sorted({float(v) for v in np.geomspace(*s.backbone_lr_scale, n)}),
     }
@@ -72,8 +80,9 @@ def make_sampler(cfg: SearchConfig) -> optuna.samplers.BaseSampler:
         with warnings.catch_warnings():  # stable since Optuna 3.0, still labelled experimental
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             crossover = SBXCrossover()
-        return optuna.samplers.NSGAIISampler(seed=cfg.seed, population_size=population, crossover=crossover,
-                                             mutation_prob=cfg.mutation_prob)
+        return optuna.samplers.NSGAIISampler(
+            seed=cfg.seed, population_size=population, crossover=crossover, mutation_prob=cfg.mutation_prob
+        )
     if cfg.sampler == "greedy":
         from tasks.search.greedy import GreedySampler
 
@@ -119,8 +128,14 @@ def suggest(trial: optuna.trial.BaseTrial, cfg: SearchConfig) -> dict:
 def open_study(cfg: SearchConfig, study_name: str, storage: str) -> optuna.Study:
     directions = [DIRECTIONS[o] for o in cfg.objectives]
     kwargs = {"direction": directions[0]} if len(directions) == 1 else {"directions": directions}
-    return optuna.create_study(study_name=study_name, storage=storage_of(storage), sampler=make_sampler(cfg),
-                               pruner=make_pruner(cfg), load_if_exists=True, **kwargs)
+    return optuna.create_study(
+        study_name=study_name,
+        storage=storage_of(storage),
+        sampler=make_sampler(cfg),
+        pruner=make_pruner(cfg),
+        load_if_exists=True,
+        **kwargs,
+    )
 
 
 def open_run_study(cfg: SearchConfig, out_dir: Path, study_name: str) -> optuna.Study:

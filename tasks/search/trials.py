@@ -75,26 +75,16 @@ class SearchResult:
 
     def flat(self) -> dict:
         """Scalars for MLflow: counts, chosen trial, its objective values and parameters."""
-        return {"chosen_trial": self.chosen_trial, "completed_trials": self.completed_trials,
-                "pruned_trials": self.pruned_trials, "failed_trials": self.failed_trials,
-                "study_name": self.study_name, "storage": self.storage,
-                **{f"value_{k}": v for k, v in self.best_values.items()}, **self.best_params}
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
+        return {
+            "chosen_trial": self.chosen_trial,
+            "completed_trials": self.completed_trials,
+            "pruned_trials": self.pruned_trials,
+            "failed_trials": self.failed_trials,
+            "study_name": self.study_name,
+            "storage": self.storage,
+            **{f"value_{k}": v for k, v in self.best_values.items()},
+            **self.best_params,
+        }
 
 
 def measure_trial_latency(model: torch.nn.Module, x: np.ndarray) -> float:
@@ -104,8 +94,9 @@ def measure_trial_latency(model: torch.nn.Module, x: np.ndarray) -> float:
 
     with tempfile.TemporaryDirectory() as tmp:
         exported = export_onnx(model, Path(tmp) / "trial.onnx", x[:64])
-        timing = measure_speeds({"m": make_session(exported.path)}, x, warmup=20, latency_runs=200, batch=64,
-                                batch_runs=10, rounds=1)
+        timing = measure_speeds(
+            {"m": make_session(exported.path)}, x, warmup=20, latency_runs=200, batch=64, batch_runs=10, rounds=1
+        )
     return timing["m"].latency_p50_ms
 
 
@@ -125,8 +116,11 @@ class _TrialRuns:
 
     def __init__(self, tracking: TrialTracking | None, study_name: str, data_dir: Path):
         self.tracking, self.study = tracking, study_name
-        self.where = {"modelforge.host": socket.gethostname(), "modelforge.pid": str(os.getpid()),
-                      "modelforge.data_dir": str(data_dir)}
+        self.where = {
+            "modelforge.host": socket.gethostname(),
+            "modelforge.pid": str(os.getpid()),
+            "modelforge.data_dir": str(data_dir),
+        }
         if tracking:
             import mlflow
 
@@ -135,8 +129,12 @@ class _TrialRuns:
     def start(self, trial: optuna.Trial, params: dict) -> str | None:
         if not self.tracking:
             return None
-        run_id = tracking.start_run(self.tracking.experiment_id, f"trial-{trial.number}", self.tracking.parent_run_id,
-                                     {"optuna.trial": trial.number, "optuna.study": self.study, **self.where})
+        run_id = tracking.start_run(
+            self.tracking.experiment_id,
+            f"trial-{trial.number}",
+            self.tracking.parent_run_id,
+            {"optuna.trial": trial.number, "optuna.study": self.study, **self.where},
+        )
         tracking.log_params(run_id, params)
         return run_id
 
@@ -144,8 +142,9 @@ class _TrialRuns:
         if run_id:
             tracking.log_metrics(run_id, metrics, step)
 
-    def end(self, run_id: str | None, status: str = "FINISHED", err: BaseException | None = None,
-            reason: str | None = None) -> None:
+    def end(
+        self, run_id: str | None, status: str = "FINISHED", err: BaseException | None = None, reason: str | None = None
+    ) -> None:
         if run_id:
             tracking.fail_run(run_id, err, status, reason) if err is not None else tracking.end_run(run_id, status)
 
@@ -160,9 +159,14 @@ class _Budget:
 
     def done(self, study: optuna.Study) -> bool:
         trials = study.get_trials(deepcopy=False)
-        return (sum(t.state in FINISHED for t in trials) >= self.n_trials
-                or sum(t.state == TrialState.FAIL and t.datetime_start is not None and t.datetime_start >= self.since
-                       for t in trials) >= self.n_trials)
+        return (
+            sum(t.state in FINISHED for t in trials) >= self.n_trials
+            or sum(
+                t.state == TrialState.FAIL and t.datetime_start is not None and t.datetime_start >= self.since
+                for t in trials
+            )
+            >= self.n_trials
+        )
 
     def __call__(self, study: optuna.Study, _trial: optuna.trial.FrozenTrial) -> None:
         if self.done(study):
@@ -176,12 +180,22 @@ def cv_folds(splits, k: int, seed: int) -> list[tuple[tuple, tuple]]:
     from sklearn.model_selection import StratifiedKFold
 
     x, y = (np.concatenate([a, b]) for a, b in zip(splits.train, splits.val, strict=True))
-    return [((x[tr], y[tr]), (x[va], y[va]))
-            for tr, va in StratifiedKFold(k, shuffle=True, random_state=seed).split(np.zeros(len(y)), y)]
+    return [
+        ((x[tr], y[tr]), (x[va], y[va]))
+        for tr, va in StratifiedKFold(k, shuffle=True, random_state=seed).split(np.zeros(len(y)), y)
+    ]
 
 
-def _cross_validate(params: dict, folds: list, tp: TrainParams, num_classes: int, input_shape: tuple, vocab: int,
-                    seed: int, log: Callable[[dict], None]) -> tuple[float, float]:
+def _cross_validate(
+    params: dict,
+    folds: list,
+    tp: TrainParams,
+    num_classes: int,
+    input_shape: tuple,
+    vocab: int,
+    seed: int,
+    log: Callable[[dict], None],
+) -> tuple[float, float]:
     """(best epoch of the mean fold-accuracy curve, seconds): every fold trains the same way from the
     same seed; the epochs are compared across folds, so one count fits them all, as refit needs."""
     curves, seconds = [], 0.0
@@ -196,8 +210,14 @@ def _cross_validate(params: dict, folds: list, tp: TrainParams, num_classes: int
     return float(mean.max()), seconds
 
 
-def run_trials(cfg: SearchConfig, data: Path | DataRef, out_dir: Path, study_name: str,
-               tracking: TrialTracking | None = None, worker: int = 0) -> int:
+def run_trials(
+    cfg: SearchConfig,
+    data: Path | DataRef,
+    out_dir: Path,
+    study_name: str,
+    tracking: TrialTracking | None = None,
+    worker: int = 0,
+) -> int:
     """Run trials on the shared study until it holds `cfg.n_trials` finished ones; returns how many
     this worker ran. Safe to call from several workers at once, in any process or machine: the data
     comes by reference, the tracking store and the study storage by URL (`out_dir` holds only the
@@ -235,9 +255,16 @@ def run_trials(cfg: SearchConfig, data: Path | DataRef, out_dir: Path, study_nam
                         raise optuna.TrialPruned(f"val accuracy {r['val_accuracy']:.4f} at epoch {r['epoch']}")
 
             if folds:
-                accuracy_, seconds = _cross_validate(params, folds, tp, splits.num_classes, input_shape,
-                                                     vocab_of(splits.manifest), cfg.seed + trial.number,
-                                                     lambda r: runs.log(run_id, {"val_accuracy": r["val_accuracy"]}, r["epoch"]))
+                accuracy_, seconds = _cross_validate(
+                    params,
+                    folds,
+                    tp,
+                    splits.num_classes,
+                    input_shape,
+                    vocab_of(splits.manifest),
+                    cfg.seed + trial.number,
+                    lambda r: runs.log(run_id, {"val_accuracy": r["val_accuracy"]}, r["epoch"]),
+                )
             else:
                 result = fit(model, splits.train, splits.val, tp, on_epoch=on_epoch)
                 accuracy_, seconds = result.best_val_accuracy, result.seconds
@@ -270,8 +297,10 @@ def run_trials(cfg: SearchConfig, data: Path | DataRef, out_dir: Path, study_nam
                 value = trial.state.name + (f" ({trial.user_attrs['error']})" if "error" in trial.user_attrs else "")
             complete = [t for t in trials if t.state == TrialState.COMPLETE]
             best = f"{max(t.values[0] for t in complete):.4f}" if complete else "n/a"
-            print(f"[search] trial {min(finished, cfg.n_trials)}/{cfg.n_trials} (#{trial.number}, worker {worker}): "
-                  f"{value}  best accuracy {best}  ETA {eta:.0f}s")
+            print(
+                f"[search] trial {min(finished, cfg.n_trials)}/{cfg.n_trials} (#{trial.number}, worker {worker}): "
+                f"{value}  best accuracy {best}  ETA {eta:.0f}s"
+            )
 
     # catch=Exception: a crashing trial is recorded as FAIL with its error and the study goes on.
     study.optimize(objective, n_trials=None, catch=(Exception,), callbacks=[budget, progress])
@@ -291,14 +320,17 @@ def pick_trial(study: optuna.Study, cfg: SearchConfig) -> tuple[optuna.trial.Fro
         i, budget = cfg.objectives.index("size"), cfg.size_budget_params
         feasible = [t for t in front if t.values[i] <= budget]
     if not feasible:
-        rows = "\n".join(f"  trial {t.number}: " + ", ".join(f"{o}={v:.4g}" for o, v in zip(cfg.objectives, t.values, strict=True))
-                         for t in front)
+        rows = "\n".join(
+            f"  trial {t.number}: " + ", ".join(f"{o}={v:.4g}" for o, v in zip(cfg.objectives, t.values, strict=True))
+            for t in front
+        )
         raise SearchError(f"no Pareto-optimal trial meets {cfg.selection} (budget {budget}); the front is:\n{rows}")
     return feasible[0], front
 
 
-def summarize_search(cfg: SearchConfig, out_dir: Path, study_name: str,
-                     parent_run_id: str | None = None) -> SearchResult:
+def summarize_search(
+    cfg: SearchConfig, out_dir: Path, study_name: str, parent_run_id: str | None = None
+) -> SearchResult:
     """Choose the final configuration and report the study (front, importances, plots, trials table)."""
     from tasks.search.report import report_search
 
@@ -309,59 +341,97 @@ def summarize_search(cfg: SearchConfig, out_dir: Path, study_name: str,
     trials = study.get_trials(deepcopy=False)
     count = {s: sum(t.state == s for t in trials) for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
     if not count[TrialState.COMPLETE]:
-        errors = [f"trial {t.number}: {t.user_attrs.get('error', 'failed before its objective ran')}"
-                  for t in trials if t.state == TrialState.FAIL][-5:]
-        raise SearchError(f"search: no trial completed ({count[TrialState.FAIL]} failed, "
-                          f"{count[TrialState.PRUNED]} pruned); last errors:\n  " + "\n  ".join(errors))
+        errors = [
+            f"trial {t.number}: {t.user_attrs.get('error', 'failed before its objective ran')}"
+            for t in trials
+            if t.state == TrialState.FAIL
+        ][-5:]
+        raise SearchError(
+            f"search: no trial completed ({count[TrialState.FAIL]} failed, "
+            f"{count[TrialState.PRUNED]} pruned); last errors:\n  " + "\n  ".join(errors)
+        )
     chosen, front = pick_trial(study, cfg)
     best_params = suggest(optuna.trial.FixedTrial(chosen.params), cfg)
     values = dict(zip(cfg.objectives, chosen.values, strict=True))
     path = out_dir / "best_params.json"
     path.write_text(json.dumps({"params": best_params, "values": values, "trial": chosen.number}, indent=2))
     result = SearchResult(
-        best_params, values, chosen.number, count[TrialState.COMPLETE], count[TrialState.PRUNED],
+        best_params,
+        values,
+        chosen.number,
+        count[TrialState.COMPLETE],
+        count[TrialState.PRUNED],
         count[TrialState.FAIL],
-        [{"trial": t.number, "values": dict(zip(cfg.objectives, t.values, strict=True)), "params": t.params} for t in front],
-        study_name, storage, path,
+        [
+            {"trial": t.number, "values": dict(zip(cfg.objectives, t.values, strict=True)), "params": t.params}
+            for t in front
+        ],
+        study_name,
+        storage,
+        path,
     )
     report_search(study, cfg, result, out_dir, parent_run_id)
-    print(f"[search] chosen trial #{chosen.number} ({cfg.selection}): "
-          + ", ".join(f"{k} {v:.4g}" for k, v in values.items()) + f" {best_params}")
+    print(
+        f"[search] chosen trial #{chosen.number} ({cfg.selection}): "
+        + ", ".join(f"{k} {v:.4g}" for k, v in values.items())
+        + f" {best_params}"
+    )
     return result
 
 
-def search_model(cfg: SearchConfig, data_dir: Path, out_dir: Path, study_name: str,
-                 tracking: TrialTracking | None = None) -> SearchResult:
+def search_model(
+    cfg: SearchConfig, data_dir: Path, out_dir: Path, study_name: str, tracking: TrialTracking | None = None
+) -> SearchResult:
     """Single-worker search: run the missing trials, then summarize."""
     run_trials(cfg, data_dir, out_dir, study_name, tracking)
     return summarize_search(cfg, out_dir, study_name, tracking.parent_run_id if tracking else None)
 
 
-def fit_search_to_data(cfg: SearchConfig, input_shape: tuple[int, ...], text: bool = False,
-                       model: ModelConfig | None = None) -> SearchConfig:
+def fit_search_to_data(
+    cfg: SearchConfig, input_shape: tuple[int, ...], text: bool = False, model: ModelConfig | None = None
+) -> SearchConfig:
     """The search space fitted to the data and the model. A user's module (`model.spec`) is the only
     family, with nothing architectural left to search: the trials tune its training. Otherwise the
     families that cannot take the data's samples leave: a CNN or ResNet needs C x H x W images, so a
     table's feature vectors leave only the MLP; token ids (`text`) take the text family only.
     Nothing left is a ConfigError."""
     if model is not None and model.family:
-        space = cfg.space.model_copy(update={"families": [model.family], "depth": (1, 1),
-                                             "width": (cfg.space.width[0],) * 2,
-                                             "channels": (cfg.space.channels[0],) * 2, "kernels": cfg.space.kernels[:1],
-                                             "activations": cfg.space.activations[:1], "dropout": (0.0, 0.0)})
-        print(f"[search] model {model.spec or model.pretrained}" + (f" from {model.weights}" if model.weights else "")
-              + ": searching its training only")
+        space = cfg.space.model_copy(
+            update={
+                "families": [model.family],
+                "depth": (1, 1),
+                "width": (cfg.space.width[0],) * 2,
+                "channels": (cfg.space.channels[0],) * 2,
+                "kernels": cfg.space.kernels[:1],
+                "activations": cfg.space.activations[:1],
+                "dropout": (0.0, 0.0),
+            }
+        )
+        print(
+            f"[search] model {model.spec or model.pretrained}"
+            + (f" from {model.weights}" if model.weights else "")
+            + ": searching its training only"
+        )
         return cfg.model_copy(update={"space": space, "model": model})
     images = len(input_shape) == 3
-    families = [f for f in cfg.space.families
-                if FAMILIES[f].builtin and FAMILIES[f].images <= images and (f == "text") == text]
+    families = [
+        f for f in cfg.space.families if FAMILIES[f].builtin and FAMILIES[f].images <= images and (f == "text") == text
+    ]
     if not families:
-        raise ConfigError(f"search.space.families is {cfg.space.families}, but the data's samples have shape "
-                          f"{list(input_shape)}" + (": text data needs the text family" if text else
-                                                    ": a cnn or resnet needs [channels, height, width]; add mlp"))
+        raise ConfigError(
+            f"search.space.families is {cfg.space.families}, but the data's samples have shape "
+            f"{list(input_shape)}"
+            + (
+                ": text data needs the text family"
+                if text
+                else ": a cnn or resnet needs [channels, height, width]; add mlp"
+            )
+        )
     if families != cfg.space.families:
-        print(f"[search] samples of shape {list(input_shape)}: searching {families} only (the others do not fit "
-              "this data)")
+        print(
+            f"[search] samples of shape {list(input_shape)}: searching {families} only (the others do not fit "
+            "this data)"
+        )
     return cfg.model_copy(update={"space": cfg.space.model_copy(update={"families": families})})
 
 
@@ -383,24 +453,30 @@ def prepare_study(cfg: SearchConfig, out_dir: Path, study_name: str) -> int:
     if not cfg.warm_start or study.get_trials(deepcopy=False):
         return 0
     storage = storage_of(resolve_storage(cfg, out_dir))
-    earlier = [s for s in optuna.get_all_study_summaries(storage, include_best_trial=False)
-               if s.study_name.count("-") >= 2 and _same_search(s.study_name, study_name) and s.n_trials]
+    earlier = [
+        s
+        for s in optuna.get_all_study_summaries(storage, include_best_trial=False)
+        if s.study_name.count("-") >= 2 and _same_search(s.study_name, study_name) and s.n_trials
+    ]
     if not earlier:
         return 0
     latest = max(earlier, key=lambda s: s.datetime_start or datetime.min)
     done = optuna.load_study(study_name=latest.study_name, storage=storage).get_trials(
-        deepcopy=False, states=(TrialState.COMPLETE,))
+        deepcopy=False, states=(TrialState.COMPLETE,)
+    )
     sign = -1 if DIRECTIONS[cfg.objectives[0]] == "maximize" else 1
     best = sorted(done, key=lambda t: sign * t.values[0])[: cfg.warm_start]
     for trial in best:
-        study.enqueue_trial(trial.params, user_attrs={"warm_start_from": f"{latest.study_name}#{trial.number}"},
-                            skip_if_exists=True)
+        study.enqueue_trial(
+            trial.params, user_attrs={"warm_start_from": f"{latest.study_name}#{trial.number}"}, skip_if_exists=True
+        )
     print(f"[search] warm start: queued the {len(best)} best trials of {latest.study_name} (earlier data version)")
     return len(best)
 
 
-def watch_workers(futures: list, cfg: SearchConfig, out_dir: Path, study_name: str, progress: bool,
-                  every_s: float = 10.0) -> list[int]:
+def watch_workers(
+    futures: list, cfg: SearchConfig, out_dir: Path, study_name: str, progress: bool, every_s: float = 10.0
+) -> list[int]:
     """Wait for the search workers and return how many trials each ran; the first failed worker
     raises its own exception. With `progress` (workers in other processes, whose prints stay on
     their machines) the study's progress is printed here as it grows."""
@@ -418,15 +494,18 @@ def watch_workers(futures: list, cfg: SearchConfig, out_dir: Path, study_name: s
         if finished != seen:
             seen = finished
             best = [t.values[0] for t in trials if t.state == TrialState.COMPLETE]
-            failed = [t for t in trials if t.state == TrialState.FAIL and t.datetime_start and t.datetime_start >= since]
-            print(f"[search] {min(finished, cfg.n_trials)}/{cfg.n_trials} trials finished on {len(futures)} "
-                  f"worker(s) after {time.perf_counter() - started:.0f}s; best accuracy "
-                  + (f"{max(best):.4f}" if best else "n/a")
-                  + (f"; {len(failed)} failed, last: {failed[-1].user_attrs.get('error', '?')}" if failed else ""))
+            failed = [
+                t for t in trials if t.state == TrialState.FAIL and t.datetime_start and t.datetime_start >= since
+            ]
+            print(
+                f"[search] {min(finished, cfg.n_trials)}/{cfg.n_trials} trials finished on {len(futures)} "
+                f"worker(s) after {time.perf_counter() - started:.0f}s; best accuracy "
+                + (f"{max(best):.4f}" if best else "n/a")
+                + (f"; {len(failed)} failed, last: {failed[-1].user_attrs.get('error', '?')}" if failed else "")
+            )
     return [f.result() for f in futures]
 
 
 prepare_study_task = task(name="prepare_study")(prepare_study)
 run_trials_task = task(name="run_trials", task_run_name="search-worker-{worker}")(run_trials)
 summarize_search_task = task(name="summarize_search")(summarize_search)
-

@@ -26,21 +26,39 @@ from tasks.core.stop import check_stop
 from tasks.train.loop import FitResult, TrainParams, fit
 
 
-def _rank(rank: int, world: int, port: int, model: nn.Module, train: tuple, val: tuple, params: TrainParams,
-          out: str, queue, restore_best: bool) -> None:
+def _rank(
+    rank: int,
+    world: int,
+    port: int,
+    model: nn.Module,
+    train: tuple,
+    val: tuple,
+    params: TrainParams,
+    out: str,
+    queue,
+    restore_best: bool,
+) -> None:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C reaches every rank; the driver decides
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))  # ranks share the cores, not oversubscribe
     cuda = torch.cuda.is_available() and torch.cuda.device_count() >= world
-    dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world)
+    dist.init_process_group(
+        "nccl" if cuda else "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
     try:
         device = torch.device("cuda", rank) if cuda else torch.device("cpu")
         ddp = DistributedDataParallel(model.to(device), device_ids=[rank] if cuda else None)
-        result = fit(ddp, train, val, params, on_epoch=queue.put if rank == 0 else None, shard=(rank, world),
-                     restore_best=restore_best)
+        result = fit(
+            ddp,
+            train,
+            val,
+            params,
+            on_epoch=queue.put if rank == 0 else None,
+            shard=(rank, world),
+            restore_best=restore_best,
+        )
         if rank == 0:
             state = {k: v.cpu() for k, v in ddp.module.state_dict().items()}
             torch.save({"model": state, "result": asdict(result)}, out)
@@ -48,9 +66,15 @@ def _rank(rank: int, world: int, port: int, model: nn.Module, train: tuple, val:
         dist.destroy_process_group()
 
 
-def fit_parallel(model: nn.Module, train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.ndarray],
-                 params: TrainParams, processes: int, on_epoch: Callable[[dict], None] | None = None,
-                 restore_best: bool = True) -> FitResult:
+def fit_parallel(
+    model: nn.Module,
+    train: tuple[np.ndarray, np.ndarray],
+    val: tuple[np.ndarray, np.ndarray],
+    params: TrainParams,
+    processes: int,
+    on_epoch: Callable[[dict], None] | None = None,
+    restore_best: bool = True,
+) -> FitResult:
     """`fit` over `processes` DDP ranks; returns with `model` holding the trained weights (as `fit`'s
     `restore_best` says: the best val epoch's, or the last)."""
     ctx = torch.multiprocessing.get_context("spawn")
@@ -65,8 +89,15 @@ def fit_parallel(model: nn.Module, train: tuple[np.ndarray, np.ndarray], val: tu
     with tempfile.TemporaryDirectory(prefix="modelforge-ddp-") as tmp:
         out = str(Path(tmp) / "rank0.pt")
         port = free_port()
-        ranks = [ctx.Process(target=_rank, args=(r, processes, port, model, train, val, params, out, queue, restore_best),
-                             daemon=True, name=f"ddp-rank-{r}") for r in range(processes)]
+        ranks = [
+            ctx.Process(
+                target=_rank,
+                args=(r, processes, port, model, train, val, params, out, queue, restore_best),
+                daemon=True,
+                name=f"ddp-rank-{r}",
+            )
+            for r in range(processes)
+        ]
         for p in ranks:
             p.start()
         try:
@@ -83,8 +114,10 @@ def fit_parallel(model: nn.Module, train: tuple[np.ndarray, np.ndarray], val: tu
                 p.join()
         relay_epochs()
         if failed := [(p.name, p.exitcode) for p in ranks if p.exitcode != 0]:
-            raise RuntimeError(f"data-parallel training failed: {', '.join(f'{n} exit code {c}' for n, c in failed)} "
-                               "(the rank's traceback is printed above)")
+            raise RuntimeError(
+                f"data-parallel training failed: {', '.join(f'{n} exit code {c}' for n, c in failed)} "
+                "(the rank's traceback is printed above)"
+            )
         saved = torch.load(out, weights_only=True)
     model.load_state_dict(saved["model"])
     model.eval()

@@ -67,8 +67,10 @@ def head_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 def _optimizer(model: nn.Module, p: TrainParams) -> torch.optim.Optimizer:
     head = {id(q) for q in head_parameters(model)}
-    params = [{"params": [q for q in model.parameters() if id(q) in head], "lr": p.lr},
-              {"params": [q for q in model.parameters() if id(q) not in head], "lr": p.lr * p.backbone_lr_scale}]
+    params = [
+        {"params": [q for q in model.parameters() if id(q) in head], "lr": p.lr},
+        {"params": [q for q in model.parameters() if id(q) not in head], "lr": p.lr * p.backbone_lr_scale},
+    ]
     params = [g for g in params if g["params"]]
     if p.optimizer == "sgd":
         return torch.optim.SGD(params, lr=p.lr, weight_decay=p.weight_decay)

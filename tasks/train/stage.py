@@ -42,10 +42,18 @@ class TrainConfig(Section):
     patience: int = Field(6, ge=1, description="Early stopping: epochs without val-accuracy gain before stopping.")
     init_from: Path | None = Field(None, description="Checkpoint to fine-tune from instead of a random init.")
     seed: int = Field(0, description="Torch seed for initialisation and shuffling.")
-    refit: bool = Field(False, description="Once early stopping on val has found the best epoch count, train again "
-                        "from the same start on train + val for that many epochs (small data sets gain most).")
-    processes: int = Field(1, ge=1, le=64, description="Data-parallel training (DistributedDataParallel) over this many "
-                           "processes on this machine: gloo on CPU, NCCL with one GPU each when there are enough.")
+    refit: bool = Field(
+        False,
+        description="Once early stopping on val has found the best epoch count, train again "
+        "from the same start on train + val for that many epochs (small data sets gain most).",
+    )
+    processes: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Data-parallel training (DistributedDataParallel) over this many "
+        "processes on this machine: gloo on CPU, NCCL with one GPU each when there are enough.",
+    )
 
 
 @dataclass(frozen=True)
@@ -76,8 +84,9 @@ def _load_init(cfg: TrainConfig, num_classes: int, input_shape: tuple[int, ...])
     return model, arch
 
 
-def check_model_inputs(train: TrainConfig, model: ModelConfig, num_classes: int, input_shape: tuple[int, ...],
-                       root: Path) -> None:
+def check_model_inputs(
+    train: TrainConfig, model: ModelConfig, num_classes: int, input_shape: tuple[int, ...], root: Path
+) -> None:
     """Before any training, one ConfigError with every problem of the model the run would train: a
     user's module that does not import, takes the wrong arguments, returns no module or the wrong
     logits, weights that do not fit it; a fine-tuning checkpoint that is unreadable or for other data.
@@ -88,28 +97,39 @@ def check_model_inputs(train: TrainConfig, model: ModelConfig, num_classes: int,
         try:
             check_init_checkpoint(train, num_classes, input_shape)
         except ValueError as err:
-            hint = (" (a plain state_dict: for your own module's weights set model.spec and model.weights)"
-                    if "'arch'" in str(err) else "")
+            hint = (
+                " (a plain state_dict: for your own module's weights set model.spec and model.weights)"
+                if "'arch'" in str(err)
+                else ""
+            )
             problems.append(f"train.init_from: {err}{hint}")
     if name := model.spec or model.pretrained:
         if str(root) not in sys.path:
             sys.path.insert(0, str(root))
         try:
-            net = build_model(arch_from_params({"family": model.family, **model.fixed_params()}, num_classes,
-                                               input_shape)).eval()
+            net = build_model(
+                arch_from_params({"family": model.family, **model.fixed_params()}, num_classes, input_shape)
+            ).eval()
             with torch.no_grad():
                 out = net(torch.zeros(2, *input_shape))
             if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, num_classes):
                 got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-                problems.append(f"model {name}: a batch of 2 samples of shape {list(input_shape)} gave "
-                                f"{got}; the data has {num_classes} classes, so [2, {num_classes}] logits are needed")
+                problems.append(
+                    f"model {name}: a batch of 2 samples of shape {list(input_shape)} gave "
+                    f"{got}; the data has {num_classes} classes, so [2, {num_classes}] logits are needed"
+                )
         except Exception as err:  # whatever the user's module raises is reported, with its type
-            problems.append(f"model: {err}" if isinstance(err, ValueError) else
-                            f"model {name}: running it on a batch of shape {[2, *input_shape]} "
-                            f"failed: {type(err).__name__}: {err}")
+            problems.append(
+                f"model: {err}"
+                if isinstance(err, ValueError)
+                else f"model {name}: running it on a batch of shape {[2, *input_shape]} "
+                f"failed: {type(err).__name__}: {err}"
+            )
     if problems:
-        raise ConfigError(f"the model cannot be trained on this data ({len(problems)} problem(s)):\n"
-                          + "\n".join(f"  - {p}" for p in problems))
+        raise ConfigError(
+            f"the model cannot be trained on this data ({len(problems)} problem(s)):\n"
+            + "\n".join(f"  - {p}" for p in problems)
+        )
 
 
 def _initial_model(cfg: TrainConfig, best: dict, splits) -> tuple[nn.Module, Arch]:
@@ -135,26 +155,38 @@ def train_model(cfg: TrainConfig, best: dict, data_dir: Path, data_version: str,
     params = TrainParams.from_search(best, cfg.max_epochs, cfg.patience, cfg.seed)
 
     def progress(stage: str, epochs: int) -> Callable[[dict], None]:
-        return lambda r: print(f"[{stage}] epoch {r['epoch']:3d}/{epochs} loss {r['train_loss']:.4f} "
-                               f"val_acc {r['val_accuracy']:.4f}")
+        return lambda r: print(
+            f"[{stage}] epoch {r['epoch']:3d}/{epochs} loss {r['train_loss']:.4f} val_acc {r['val_accuracy']:.4f}"
+        )
 
     def run_fit(model: nn.Module, train, p: TrainParams, stage: str, restore_best: bool = True) -> FitResult:
         if cfg.processes > 1:
             from tasks.train.ddp import fit_parallel
 
-            return fit_parallel(model, train, splits.val, p, cfg.processes, on_epoch=progress(stage, p.epochs),
-                                restore_best=restore_best)
+            return fit_parallel(
+                model,
+                train,
+                splits.val,
+                p,
+                cfg.processes,
+                on_epoch=progress(stage, p.epochs),
+                restore_best=restore_best,
+            )
         return fit(model, train, splits.val, p, on_epoch=progress(stage, p.epochs), restore_best=restore_best)
 
     result = run_fit(model, splits.train, params, "train")
-    summary = (f"best epoch {result.best_epoch}/{result.epochs_run}: val {result.best_val_accuracy:.4f} "
-               f"test {accuracy(model, *splits.test):.4f}")
+    summary = (
+        f"best epoch {result.best_epoch}/{result.epochs_run}: val {result.best_val_accuracy:.4f} "
+        f"test {accuracy(model, *splits.test):.4f}"
+    )
     if cfg.refit:
         # The end of the best plateau: a few val samples often hit their best accuracy early and hold it,
         # and the first epoch there would undertrain the refit.
         epochs = max(r["epoch"] for r in result.history if r["val_accuracy"] == result.best_val_accuracy)
-        print(f"[train] {summary}; refitting on train + val ({len(splits.train[1]) + len(splits.val[1])} samples) "
-              f"for {epochs} epochs")
+        print(
+            f"[train] {summary}; refitting on train + val ({len(splits.train[1]) + len(splits.val[1])} samples) "
+            f"for {epochs} epochs"
+        )
         model, _ = _initial_model(cfg, best, splits)
         params = dataclasses.replace(params, epochs=epochs, patience=epochs)
         both = tuple(np.concatenate([a, b]) for a, b in zip(splits.train, splits.val, strict=True))
@@ -163,22 +195,34 @@ def train_model(cfg: TrainConfig, best: dict, data_dir: Path, data_version: str,
         seconds = result.seconds + run_fit(model, both, params, "refit", restore_best=False).seconds
     test_acc = accuracy(model, *splits.test)
     out_dir = Path(out_dir) / train_cache_key(cfg, best, data_version)
-    ckpt = save_checkpoint(out_dir / "baseline.pt", model, arch,
-                           {"train": asdict(params), "search": best, "data_version": data_version,
-                            "processes": result.processes, **({"refit": refit} if cfg.refit else {})})
+    ckpt = save_checkpoint(
+        out_dir / "baseline.pt",
+        model,
+        arch,
+        {
+            "train": asdict(params),
+            "search": best,
+            "data_version": data_version,
+            "processes": result.processes,
+            **({"refit": refit} if cfg.refit else {}),
+        },
+    )
     (out_dir / "train_history.json").write_text(json.dumps(result.history, indent=1))
     ddp = f" on {result.processes} DDP processes" if result.processes > 1 else ""
     if cfg.refit:
         print(f"[train] refit: test {test_acc:.4f} ({seconds:.1f}s{ddp})")
     else:
         print(f"[train] {summary} ({result.seconds:.1f}s{ddp})")
-    return TrainedModel(ckpt, result.best_val_accuracy, test_acc, count_params(model), result.epochs_run,
-                        result.processes)
+    return TrainedModel(
+        ckpt, result.best_val_accuracy, test_acc, count_params(model), result.epochs_run, result.processes
+    )
 
 
 def train_cache_key(cfg: TrainConfig, best: dict, data_version: str) -> str:
     """Same data, config, code and user model files (module source, weights, checkpoints): same key."""
-    user = inputs_version(best.get("spec"), [best.get("weights"), cfg.init_from, pretrained_folder(best.get("pretrained"))])
+    user = inputs_version(
+        best.get("spec"), [best.get("weights"), cfg.init_from, pretrained_folder(best.get("pretrained"))]
+    )
     payload = json.dumps([cfg.model_dump(mode="json"), best, data_version, code_version(), user], sort_keys=True)
     return f"train-{data_version[:12]}-{hashlib.sha256(payload.encode()).hexdigest()[:16]}"
 
@@ -191,5 +235,6 @@ def _cached_train_key(_context, p: dict) -> str:
 check_model_inputs_task = task(name="check_model_inputs")(check_model_inputs)
 # JSON, not Prefect's default pickle: a cache hit reads this file back, and the work dir must hold
 # nothing that runs code when it is loaded.
-train_model_task = task(name="train_model", cache_key_fn=_cached_train_key, persist_result=True,
-                        result_serializer="json")(train_model)
+train_model_task = task(
+    name="train_model", cache_key_fn=_cached_train_key, persist_result=True, result_serializer="json"
+)(train_model)
