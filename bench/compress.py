@@ -23,7 +23,7 @@ from pathlib import Path
 
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
 
-import torch  # noqa: E402
+import torch
 
 from tasks.compress.binarize import Binarize
 from tasks.compress.convert_fp16 import ConvertFp16
@@ -35,13 +35,13 @@ from tasks.compress.quantize_static import QuantizeStatic
 from tasks.compress.recipe import compress_candidate
 from tasks.compress.sparsity_train import SparsityTrain
 from tasks.compress.structured_prune import StructuredPrune
-from tasks.data import load_splits  # noqa: E402
+from tasks.data import load_splits
 from tasks.data.digits import (
     DataConfig,
     materialize_digits,
 )
-from tasks.models import Arch, build_model, save_checkpoint  # noqa: E402
-from tasks.release.evaluate import ClassifierEval  # noqa: E402
+from tasks.models import Arch, build_model, save_checkpoint
+from tasks.release.evaluate import ClassifierEval
 from tasks.release.validate import (
     ValidateConfig,
     validate_candidates,

@@ -116,9 +116,7 @@ def llamacpp_row(windows: np.ndarray, prompt: list[int]) -> dict | str:
     llm.reset()
     start = time.perf_counter()
     llm.eval(prompt[: PROMPTS[0]])
-    tokens = 0
-    for token in llm.generate(prompt[: PROMPTS[0]], temp=0.0, reset=False):
-        tokens += 1
+    for tokens, _ in enumerate(llm.generate(prompt[: PROMPTS[0]], temp=0.0, reset=False), start=1):
         if tokens == NEW_TOKENS:
             break
     seconds = time.perf_counter() - start

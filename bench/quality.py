@@ -54,9 +54,16 @@ def features(data_dir: Path, splits) -> tuple[np.ndarray, np.ndarray, np.ndarray
     from tasks.data.text import split_texts
 
     texts, _, split = split_texts(data_dir, splits.manifest)
-    fit_texts = [t for t, s in zip(texts, split) if s == "train"] + [t for t, s in zip(texts, split) if s == "val"]
+    fit_texts = [t for t, s in zip(texts, split, strict=True) if s == "train"] + [
+        t for t, s in zip(texts, split, strict=True) if s == "val"
+    ]
     tfidf = TfidfVectorizer(ngram_range=(1, 2), min_df=2, max_features=5000, sublinear_tf=True).fit(fit_texts)
-    return tfidf.transform(fit_texts), y_fit, tfidf.transform([t for t, s in zip(texts, split) if s == "test"]), y_test
+    return (
+        tfidf.transform(fit_texts),
+        y_fit,
+        tfidf.transform([t for t, s in zip(texts, split, strict=True) if s == "test"]),
+        y_test,
+    )
 
 
 def baselines(x, y: np.ndarray, x_test, y_test: np.ndarray) -> dict[str, float]:

@@ -67,7 +67,7 @@ def main() -> None:
             vals = [c[n - 1] for c in curves[sampler]]
             cells.append(f"{np.mean(vals):.4f} ± {np.std(vals):.4f}")
         reach = []
-        for curve, target in zip(curves[sampler], random_best):
+        for curve, target in zip(curves[sampler], random_best, strict=True):
             hit = np.nonzero(curve >= target)[0]
             reach.append(int(hit[0]) + 1 if len(hit) else None)
         shown = [str(r) if r else f">{args.trials}" for r in reach]

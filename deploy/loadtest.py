@@ -88,7 +88,7 @@ def load(
     seconds: float,
     threads: int,
     max_requests: int,
-    halfway: Callable[[], None] | None = None,
+    halfway: Callable[[], object] | None = None,
 ) -> LoadReport:
     """Drive POST /predict from `threads` keep-alive clients until `seconds` or `max_requests`."""
     body = json.dumps(payload).encode()

@@ -36,7 +36,7 @@ class QuietUserErrors(logging.Filter):
     def __init__(self, errors: tuple[type[BaseException], ...]):
         super().__init__()
         self.errors = errors
-        self.names = re.compile(r"exception:? (%s):" % "|".join(e.__name__ for e in errors))
+        self.names = re.compile(f"exception:? ({'|'.join(e.__name__ for e in errors)}):")
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc, message = record.exc_info[1] if record.exc_info else None, record.getMessage()
@@ -398,6 +398,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.fn(args)
     except (KeyboardInterrupt, TerminationSignal) as err:
         reason = interruption(err)
+        assert reason is not None  # a Ctrl-C or a TerminationSignal is always a stop
         print(
             f"modelforge: interrupted ({reason}); the MLflow run is marked KILLED, finished trials are kept: "
             "run the same command again to resume",

@@ -15,10 +15,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
+from uuid import UUID
 
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterTags
-from prefect.events import DeploymentEventTrigger
+from prefect.client.schemas.schedules import CronSchedule
+from prefect.events import DeploymentEventTrigger, EventTrigger, ResourceSpecification
 
 from tasks.core.prefect import POOL, ensure_pool
 from tasks.data.notify import EVENT, data_resource
@@ -53,12 +56,15 @@ def list_deployments() -> list[Deployed]:
             events = [
                 a.trigger
                 for a in client.read_resource_related_automations(f"prefect.deployment.{d.id}")
-                if getattr(a.trigger, "expect", None)
-            ]  # the event triggers (not automations made elsewhere)
+                if isinstance(a.trigger, EventTrigger) and a.trigger.expect
+            ]  # not automations made elsewhere
+            # the trigger's validator turns a dict `match` into a ResourceSpecification
             triggers = [
-                f"event {' '.join(sorted(t.expect))} of {t.match.root.get('prefect.resource.id')}" for t in events
+                f"event {' '.join(sorted(t.expect))} of "
+                f"{cast(ResourceSpecification, t.match).root.get('prefect.resource.id')}"
+                for t in events
             ]
-            crons = [f"cron {s.schedule.cron}" for s in d.schedules or []]
+            crons = [f"cron {s.schedule.cron}" for s in d.schedules or [] if isinstance(s.schedule, CronSchedule)]
             model = next(t.removeprefix("model:") for t in d.tags if t.startswith("model:"))
             out.append(
                 Deployed(
@@ -79,7 +85,7 @@ def remove_model(model: str) -> list[Deployed]:
         for d in doomed:
             # The server keeps a deleted deployment's trigger automations: remove them first.
             client.delete_resource_owned_automations(f"prefect.deployment.{d.id}")
-            client.delete_deployment(d.id)
+            client.delete_deployment(UUID(d.id))
     return doomed
 
 
@@ -95,6 +101,7 @@ def deploy_model(
     fail every night fails here; a model name already deployed from another config or project is
     refused rather than silently taken over. The worker loads the flow code from this checkout."""
     from prefect import Flow, deploy
+    from prefect.deployments.runner import RunnerDeployment
 
     from tasks.config import load_config
 
@@ -120,22 +127,24 @@ def deploy_model(
             )
     ensure_pool(pool)
     source = Flow.from_source(source=str(CODE_ROOT), entrypoint=ENTRYPOINTS[cfg.family])
-    common = dict(work_pool_name=pool, parameters=params, tags=[TAG, f"model:{model}"])
+    assert isinstance(source, Flow)  # called from sync code, Prefect's async_dispatch returns the result itself
+    common: dict[str, Any] = dict(work_pool_name=pool, parameters=params, tags=[TAG, f"model:{model}"])
+    nightly = source.to_deployment(
+        deployment_name(model, NIGHTLY),
+        cron=cron,
+        **common,
+        description=f"Nightly optimisation of {model}; skips itself when nothing changed.",
+    )
+    on_new_data = source.to_deployment(
+        deployment_name(model, ON_NEW_DATA),
+        **common,
+        triggers=[DeploymentEventTrigger(expect={EVENT}, match={"prefect.resource.id": data_resource(cfg.data.dir)})],
+        description=f"Runs {model} when `modelforge data-changed` reports a new version of {cfg.data.dir}.",
+    )
+    assert isinstance(nightly, RunnerDeployment) and isinstance(on_new_data, RunnerDeployment)  # sync: see above
     deploy(
-        source.to_deployment(
-            deployment_name(model, NIGHTLY),
-            cron=cron,
-            **common,
-            description=f"Nightly optimisation of {model}; skips itself when nothing changed.",
-        ),
-        source.to_deployment(
-            deployment_name(model, ON_NEW_DATA),
-            **common,
-            triggers=[
-                DeploymentEventTrigger(expect={EVENT}, match={"prefect.resource.id": data_resource(cfg.data.dir)})
-            ],
-            description=f"Runs {model} when `modelforge data-changed` reports a new version of {cfg.data.dir}.",
-        ),
+        nightly,
+        on_new_data,
         work_pool_name=pool,
         build=False,
         push=False,

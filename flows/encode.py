@@ -10,6 +10,7 @@ from __future__ import annotations
 from prefect import flow
 
 from flows.release import validate_and_release
+from tasks.config import EncoderPipelineConfig
 from tasks.core import tracking
 from tasks.data.version import version_data_task
 from tasks.encoder.compress import compress_encoder_task, export_teacher_task
@@ -35,6 +36,7 @@ def optimize_encoder(
         overrides=tuple(overrides or ()),
     ) as run:
         cfg, work = run.cfg, run.cfg.workdir / "encoder"
+        assert isinstance(cfg, EncoderPipelineConfig)  # pipeline_run checked the family
 
         data = version_data_task(cfg.data, run.root)
         tracking.log_dataset(run.run_id, data.dir, data.md5)

@@ -12,6 +12,7 @@ from prefect import flow
 from flows.release import validate_and_release
 from flows.search import search_trials
 from tasks.compress.recipe import compress_candidate_task
+from tasks.config import PipelineConfig
 from tasks.core import tracking
 from tasks.data.version import version_data_task
 from tasks.pipeline_run import already_done, pipeline_run
@@ -34,6 +35,7 @@ def optimize(
 ) -> dict:
     with pipeline_run(config_path, root, lock_wait_s=lock_wait_s, overrides=tuple(overrides or ())) as run:
         cfg, work = run.cfg, run.cfg.workdir
+        assert isinstance(cfg, PipelineConfig)  # pipeline_run checked the family
         runner = search_runner(
             cfg.search, cfg.runner, cfg.tracking.uri
         )  # a runner that cannot work fails before any data or training
@@ -49,7 +51,7 @@ def optimize(
 
         search_cfg = fit_search_to_data(cfg.search, data.input_shape, cfg.data.dataset == "text", cfg.model)
         study = f"{cfg.tracking.experiment}-{data.md5[:12]}-{cfg.section_hash('search', 'model')}"
-        search_trials.with_options(task_runner=runner)(
+        search_trials.with_options(task_runner=runner)(  # type: ignore[arg-type]  # Prefect types TaskRunner invariant in its future; any runner serves
             search_cfg,
             worker_data(data, cfg.runner),
             work / "search",

@@ -7,6 +7,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from tasks.compress.base import Candidate
+from tasks.config import EncoderPipelineConfig, PipelineConfig
 from tasks.core import tracking
 from tasks.pipeline_run import PipelineRun
 from tasks.release.evaluate import Evaluator
@@ -26,16 +27,18 @@ def validate_and_release(
     run: PipelineRun, candidates: list[Candidate], evaluator: Evaluator, data_version: str, reports_dir: Path
 ) -> dict:
     cfg = run.cfg
+    assert isinstance(cfg, PipelineConfig | EncoderPipelineConfig)  # the causal LM releases in flows/lm.py
     reports = apply_gates(validate_candidates_task(candidates, cfg.validate_, evaluator), cfg.gates)
     chosen = best_passing(reports, cfg.gates)
-    summary = report_candidates_task(reports, chosen and chosen.name, reports_dir)
+    summary = report_candidates_task(reports, chosen.name if chosen else None, reports_dir)
     tracking.log_candidates(run.run_id, candidates, reports, summary)
-    require_passing(chosen, reports)
-    check_release_task(cfg.register_.model_name, chosen.onnx, evaluator, cfg.promote)  # before registering
+    chosen = require_passing(chosen, reports)
+    onnx = Path(chosen.onnx)
+    check_release_task(cfg.register_.model_name, onnx, evaluator, cfg.promote)  # before registering
 
-    registered = register_model_task(chosen.onnx, cfg.register_, run.run_id, evaluator)
+    registered = register_model_task(onnx, cfg.register_, run.run_id, evaluator)
     bundle = ship_bundle_task(
-        chosen.onnx,
+        onnx,
         cfg.register_.bundle_dir,
         evaluator,
         data_version,

@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import APIRouter, FastAPI
 from fastapi.responses import JSONResponse, Response
@@ -125,8 +126,9 @@ def create_app(source, settings: ServeSettings | None = None, on_fatal: Callable
     fails its sha256 check)."""
     settings = settings or ServeSettings()
     metrics = Metrics()
-    ctx = ServeContext(settings, None, metrics)
-    ctx.holder = ModelHolder(source, settings.load_options, metrics, lambda m: batch_plan(settings, m))
+    ctx = ServeContext(
+        settings, ModelHolder(source, settings.load_options, metrics, lambda m: batch_plan(settings, m)), metrics
+    )
     stop = threading.Event()
 
     def start() -> None:
@@ -171,7 +173,7 @@ def create_app(source, settings: ServeSettings | None = None, on_fatal: Callable
         if ctx.holder.model is not None and ctx.holder.model.family == LM_FAMILY:
             ctx.holder.model.session.close()  # its engine thread finishes what it admitted, then ends
 
-    docs = {} if settings.docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
+    docs: dict[str, Any] = {} if settings.docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
     app = FastAPI(title="modelforge model server", lifespan=lifespan, **docs)
     app.state.ctx = ctx
 
@@ -281,7 +283,7 @@ def uvicorn_config(app: FastAPI, host: str, port: int):
         port=port,
         log_level="warning",
         http=TimedH11,
-        timeout_graceful_shutdown=settings.drain_timeout_s,
+        timeout_graceful_shutdown=settings.drain_timeout_s,  # type: ignore[arg-type]  # uvicorn waits on it with asyncio: a float works
         timeout_keep_alive=5,
     )
 

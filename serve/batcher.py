@@ -57,7 +57,9 @@ class Batcher:
         self._jobs: deque[Job] = deque()
         self._cv = threading.Condition()
         self._stopped = False
-        self._recent = deque(maxlen=64)  # (seconds, samples) of recent batches: what Retry-After is estimated from
+        self._recent: deque[tuple[float, int]] = deque(
+            maxlen=64
+        )  # (seconds, samples) of recent batches: what Retry-After is estimated from
         self._threads = [
             threading.Thread(target=self._work, name=f"inference-{i}", daemon=True) for i in range(workers)
         ]

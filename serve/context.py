@@ -59,6 +59,7 @@ class ServeContext:
 
     async def infer(self, model: LoadedModel, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         """The model's outputs for `feeds`, run in a batch with whatever else is waiting."""
+        assert self.batcher is not None  # made at startup, before any request is served
         future = self.batcher.submit(model, feeds, self.settings.request_timeout_ms / 1000)
         return await asyncio.wrap_future(future)
 

@@ -22,6 +22,10 @@ import weakref
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import onnxruntime_genai as og
 
 LM_FAMILY = "causal_lm"
 # onnxruntime-genai 0.18's static batch scheduler decodes at most 4 sequences together (a constant in its
@@ -77,7 +81,7 @@ class Generation:
     # scheduler-thread state
     tokens: int = 0
     pending_text: str = ""
-    stream: object = None  # the tokenizer's incremental decoder
+    stream: og.TokenizerStream | None = None  # the tokenizer's incremental decoder
     finished: bool = False
 
     def cancel(self) -> None:
@@ -138,14 +142,14 @@ class _Scheduler:
         try:
             self.engine = og.Engine(self.model)  # created here: this thread owns it
             self.events = self.engine.create_event_buffer(4 * self.max_batch)
-        except BaseException as err:
+        except BaseException as err:  # handed to the loading thread
             self.failure = err
             self.ready.set()
             return
         self.ready.set()
         self.waiting: deque[Generation] = deque()
-        self.running: dict[object, tuple[Generation, int]] = {}  # engine request -> (generation, turn id)
-        self.seeded: dict[object, Generation] = {}  # generator -> generation
+        self.running: dict[og.Request, tuple[Generation, int]] = {}  # engine request -> (generation, turn id)
+        self.seeded: dict[og.Generator, Generation] = {}  # generator -> generation
         while True:
             idle = not (self.waiting or self.running or self.seeded)
             if idle and self.closed and self.inbox.empty():
@@ -271,9 +275,12 @@ class _Scheduler:
         for event in self.engine.run(self.events):
             request = event.request
             generation, turn = self.running[request]
-            if event.flags & og.EngineEventFlags.TOKEN and not generation.finished:
-                if self._on_token(generation, int(event.token)):
-                    request.cancel_turn(turn)
+            if (
+                event.flags & og.EngineEventFlags.TOKEN
+                and not generation.finished
+                and self._on_token(generation, int(event.token))
+            ):
+                request.cancel_turn(turn)
             if event.flags & og.EngineEventFlags.TURN_FINISHED:
                 del self.running[request]
                 request.close()

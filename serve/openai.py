@@ -12,6 +12,7 @@ import asyncio
 import json
 import time
 import uuid
+from typing import cast
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -32,7 +33,7 @@ COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat
 MAX_STOP_STRINGS = 4
 # Fields this server does not implement, with the value that means "not used": anything else is refused
 # rather than silently ignored.
-UNSUPPORTED = {
+UNSUPPORTED: dict[str, object] = {
     "n": 1,
     "best_of": 1,
     "echo": False,
@@ -207,6 +208,7 @@ def _chat_prompt(payload: dict, runtime: LMRuntime) -> list[int]:
 def parse_request(payload: object, runtime: LMRuntime, chat: bool) -> tuple[list[int], Sampling, dict]:
     """The prompt's token ids, the sampling and the response options, or `OpenAIError` naming the field."""
     common = _common(payload, runtime)
+    assert isinstance(payload, dict)  # _common refused anything else
     ids = (_chat_prompt if chat else _completion_prompt)(payload, runtime)
     where = "messages" if chat else "prompt"
     room = runtime.max_length - len(ids)
@@ -276,7 +278,7 @@ def router(ctx: ServeContext) -> APIRouter:
 
     def runtime_now() -> LMRuntime:
         try:
-            return ctx.model(LM_FAMILY).session
+            return cast(LMRuntime, ctx.model(LM_FAMILY).session)  # a causal LM's session is its LMRuntime
         except BadRequest as err:
             raise OpenAIError.of(err) from None
 

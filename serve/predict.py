@@ -131,6 +131,7 @@ def classifier_feeds(model: LoadedModel, body: bytes, max_batch: int) -> dict[st
     if isinstance(payload, dict) and (raw := next((k for k in RAW_INPUTS if k in payload), None)):
         x = parse_raw(payload, raw, model.manifest.get("preprocessing"), max_batch)
     else:
+        assert model.sample_shape is not None  # every classifier bundle has one
         x = parse_inputs(payload, model.sample_shape, max_batch)
     return feeds(model.session, x)
 
@@ -150,7 +151,9 @@ def classification(model: LoadedModel, logits: np.ndarray) -> dict:
     return {
         "predictions": best.tolist(),
         "labels": [names[i] for i in best],
-        "probabilities": [{str(n): round(float(p), 6) for n, p in zip(names, row)} for row in probabilities],
+        "probabilities": [
+            {str(n): round(float(p), 6) for n, p in zip(names, row, strict=True)} for row in probabilities
+        ],
         "logits": logits.tolist(),
         "model_sha256": model.sha256,
     }

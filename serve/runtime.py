@@ -26,6 +26,7 @@ def cpu_count() -> int:
 def sample_feeds(model: LoadedModel, batch: int) -> dict[str, np.ndarray] | None:
     """A batch of `batch` neutral samples in the model's graph inputs (None for families without one)."""
     if model.family == "classifier":
+        assert model.sample_shape is not None  # every classifier bundle has one
         return feeds(model.session, np.zeros((batch, *model.sample_shape), dtype=np.float32))
     if model.family == "encoder":
         from tasks.encoder.minilm import tokenize
@@ -52,7 +53,7 @@ def measure_curve(model: LoadedModel, max_batch: int, budget_s: float = 3.0) -> 
     while batch <= max_batch and time.perf_counter() < deadline:
         x = sample_feeds(model, batch)
         model.session.run(None, x)  # warm-up: first calls allocate
-        times = []
+        times: list[float] = []
         share = deadline - time.perf_counter()
         while len(times) < 50 and (len(times) < 5 or sum(times) < share / 4):
             start = time.perf_counter()
@@ -158,8 +159,9 @@ class ModelHolder:
         fingerprint = self.source.fingerprint()
         if fingerprint is None:
             raise FileNotFoundError(f"nothing to serve at {self.source}")
-        self._publish(self.source.load(self.options), fingerprint)
-        return self.model
+        model = self.source.load(self.options)
+        self._publish(model, fingerprint)
+        return model
 
     def reload_if_changed(self) -> bool:
         """Load a changed model; a broken one is reported once and the current model stays in service."""

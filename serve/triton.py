@@ -56,7 +56,7 @@ def triton_config(model: onnx.ModelProto, name: str, max_batch_size: int, max_wa
     inputs = [i for i in graph.input if i.name not in initializers]
     first = lambda v: v.type.tensor_type.shape.dim[0] if v.type.tensor_type.shape.dim else None
     batched = max_batch_size > 0 and all(
-        first(v) is not None and not first(v).HasField("dim_value") for v in [*inputs, *graph.output]
+        (d := first(v)) is not None and not d.HasField("dim_value") for v in [*inputs, *graph.output]
     )
     text = (
         f'name: "{name}"\nplatform: "onnxruntime_onnx"\nmax_batch_size: {max_batch_size if batched else 0}\n'

@@ -84,7 +84,7 @@ def _split_body(body: bytes, header_length: str | None) -> tuple[dict, bytes]:
     return request, binary
 
 
-def _bytes_elements(raw: bytes, name: str) -> list[bytes]:
+def _bytes_elements(raw: bytes, name: object) -> list[bytes]:
     """The protocol's BYTES encoding: each element a 4-byte little-endian length, then its bytes."""
     out, at = [], 0
     while at < len(raw):
@@ -107,7 +107,7 @@ def _tensor(spec: dict, expected: dict, binary: bytes, offset: int, max_batch: i
     if not isinstance(shape, list) or not shape or not all(isinstance(d, int) and d >= 0 for d in shape):
         raise BadRequest(400, f"input {name!r}: shape must be a non-empty list of sizes, got {shape!r}")
     want = expected["shape"]
-    if len(shape) != len(want) or any(w != -1 and w != d for w, d in zip(want[1:], shape[1:])):
+    if len(shape) != len(want) or any(w != -1 and w != d for w, d in zip(want[1:], shape[1:], strict=True)):
         raise BadRequest(400, f"input {name!r} has shape {shape}, the model expects {want} (-1: any)")
     if shape[0] == 0:
         raise BadRequest(400, f"input {name!r} is an empty batch")
@@ -120,18 +120,18 @@ def _tensor(spec: dict, expected: dict, binary: bytes, offset: int, max_batch: i
             raise BadRequest(400, f"input {name!r}: binary_data_size {size!r} runs past the body")
         raw, offset = binary[offset : offset + size], offset + size
         if datatype == "BYTES":
-            values = _bytes_elements(raw, name)
+            elements = _bytes_elements(raw, name)
         elif size != count * np.dtype(NUMPY[datatype]).itemsize:
             raise BadRequest(400, f"input {name!r}: {size} bytes do not hold {count} {datatype} values")
         else:
-            values = np.frombuffer(raw, dtype=NUMPY[datatype]).reshape(shape)
+            values: np.ndarray = np.frombuffer(raw, dtype=NUMPY[datatype]).reshape(shape)
     elif "data" in spec:
         data = spec["data"]
         if datatype == "BYTES":
             flat = np.asarray(data, dtype=object).ravel().tolist() if isinstance(data, list) else [data]
             if not all(isinstance(v, str) for v in flat):
                 raise BadRequest(400, f"input {name!r}: BYTES data must be strings in JSON")
-            values = [v.encode() for v in flat]
+            elements = [v.encode() for v in flat]
         else:
             if problem := numbers_problem(data, len(shape), f"input {name!r}"):
                 raise BadRequest(400, problem)
@@ -146,9 +146,9 @@ def _tensor(spec: dict, expected: dict, binary: bytes, offset: int, max_batch: i
     else:
         raise BadRequest(400, f'input {name!r} has neither "data" nor a binary_data_size parameter')
     if datatype == "BYTES":
-        if len(values) != count:
-            raise BadRequest(400, f"input {name!r}: {len(values)} BYTES elements do not fill shape {shape}")
-        return values, offset
+        if len(elements) != count:
+            raise BadRequest(400, f"input {name!r}: {len(elements)} BYTES elements do not fill shape {shape}")
+        return elements, offset
     if values.dtype.kind == "f" and not np.isfinite(values).all():
         raise BadRequest(400, f"input {name!r} contains NaN or infinity (or a number beyond {datatype}'s range)")
     return values, offset
@@ -184,7 +184,7 @@ def parse_infer(model: LoadedModel, body: bytes, header_length: str | None, max_
 def infer_response(model: LoadedModel, name: str, request: dict, outputs: list[np.ndarray]) -> Response:
     """The outputs the request asked for (all by default), in JSON or binary as it asked."""
     described = tensors(model)[1]
-    by_name = {d["name"]: (d, out) for d, out in zip(described, outputs)}
+    by_name = {d["name"]: (d, out) for d, out in zip(described, outputs, strict=True)}
     asked = request.get("outputs")
     default_binary = bool((request.get("parameters") or {}).get("binary_data_output", False))
     if asked is None:

@@ -49,7 +49,7 @@ def digits_png(dir: Path, size: int = 32) -> Path:
 
     digits = load_digits()
     dir = Path(dir)
-    for i, (image, label) in enumerate(zip(digits.images, digits.target)):
+    for i, (image, label) in enumerate(zip(digits.images, digits.target, strict=True)):
         folder = dir / str(label)
         folder.mkdir(parents=True, exist_ok=True)
         pixels = Image.fromarray((image * 255 / 16).astype(np.uint8))  # 2-D uint8: grayscale

@@ -227,7 +227,7 @@ def init_config(data: Path, label: str | None, model: str | None, out: Path, roo
     if target.exists():
         raise ConfigError(f"{target} exists; choose another --out (init never overwrites a config)")
     absolute = Path(data) if Path(data).is_absolute() else root / data
-    if is_causal_lm(model, root):
+    if model is not None and is_causal_lm(model, root):
         cfg, found = lm_config(root / model, absolute, out, root)
         return _write(
             cfg, data, found, out, target, ("family", "lm", "data", "compress", "gates"), "compress.search.n_trials=30"

@@ -13,7 +13,7 @@ from pathlib import Path
 import yaml
 from mlflow.tracking import MlflowClient
 
-from tasks.config import PipelineConfig, load_config, tracking_of
+from tasks.config import EncoderPipelineConfig, LMPipelineConfig, PipelineConfig, load_config, tracking_of
 from tasks.core.fingerprint import code_version, inputs_version
 from tasks.core.lock import lock_workdir
 from tasks.core.settings import ConfigError
@@ -31,9 +31,10 @@ from tasks.core.tracking import (
     start_run,
 )
 from tasks.release.guard import clean_leftovers
+from tasks.release.pipeline import PipelineBase
 
 
-def fingerprint(cfg: PipelineConfig, data_version: str, root: Path) -> dict[str, str]:
+def fingerprint(cfg: PipelineBase, data_version: str, root: Path) -> dict[str, str]:
     """What determines a run's outcome: the data, the whole config, the pipeline's code, and the
     user's model code and checkpoint files the config names (edited in place, they are new inputs)."""
     sections = [s for s in cfg.model_dump(by_alias=True) if s != "workdir"]
@@ -79,7 +80,7 @@ def skip_run(run_id: str, previous: str, data_version: str) -> dict:
 
 @dataclass(frozen=True)
 class PipelineRun:
-    cfg: PipelineConfig
+    cfg: PipelineConfig | EncoderPipelineConfig | LMPipelineConfig  # the one `family` names
     root: Path
     experiment_id: str
     run_id: str

@@ -13,15 +13,15 @@ _STATE = Path(tempfile.mkdtemp(prefix="modelforge-tests-"))
 os.environ["PREFECT_HOME"] = str(_STATE / "prefect")  # forced: never the developer's own Prefect state
 embedded_defaults(_STATE)
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
-from tasks.data import load_splits  # noqa: E402
+from tasks.data import load_splits
 from tasks.data.digits import (
     DataConfig,
     materialize_digits,
 )
-from tasks.models import Arch, build_model, save_checkpoint  # noqa: E402
+from tasks.models import Arch, build_model, save_checkpoint
 from tasks.train.loop import TrainParams, fit
 from tasks.train.stage import TrainConfig
 
@@ -127,7 +127,7 @@ def serve_bundle(bundle: Path, payload: dict, truth: list | None = None) -> tupl
     if truth is None:
         return body, None
     assert len(truth) == len(body["labels"])
-    return body, float(np.mean([str(got) == str(want) for got, want in zip(body["labels"], truth)]))
+    return body, float(np.mean([str(got) == str(want) for got, want in zip(body["labels"], truth, strict=True)]))
 
 
 @pytest.fixture(scope="session")

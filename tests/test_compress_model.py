@@ -96,7 +96,7 @@ def test_empty_calibration_set_is_a_clear_error(cnn_checkpoint, data_dir, train_
         return type(s)((s.train[0][:0], s.train[1][:0]), s.val, s.test, s.num_classes, s.manifest)
 
     monkeypatch.setattr(cm, "load_splits", no_train)
-    with pytest.raises(ValueError, match="calibration set .* is empty"):
+    with pytest.raises(ValueError, match=r"calibration set .* is empty"):
         compress_candidate("q", [STEPS["quantize_static"]], cnn_checkpoint, data_dir, train_cfg, tmp_path)
 
 

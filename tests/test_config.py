@@ -40,7 +40,7 @@ def test_unknown_method_and_bad_recipe_order():
 
 def test_accuracy_aware_quantization_needs_a_val_the_model_has_not_trained_on():
     tuned = {"method": "quantize_static", "max_accuracy_loss": 0.5}
-    with pytest.raises(ConfigError, match="candidates a, c: accuracy-aware quantization.*train.refit"):
+    with pytest.raises(ConfigError, match=r"candidates a, c: accuracy-aware quantization.*train\.refit"):
         parse_config(
             {
                 "train": {"refit": True},
@@ -107,7 +107,7 @@ def test_family_selects_the_pipeline_and_its_checks():
         )
     assert "queries (45) must leave at least 10" in str(err.value) and "torch steps cannot follow" in str(err.value)
     with pytest.raises(
-        ConfigError, match="structured_prune.*does not match any of the expected tags: 'distill_layers'"
+        ConfigError, match=r"structured_prune.*does not match any of the expected tags: 'distill_layers'"
     ):
         parse_config({"family": "minilm", "compress": {"candidates": {"c": [{"method": "structured_prune"}]}}})
     with pytest.raises(ConfigError, match=r"keep=\[0, 3\] but the teacher has layers 0..1"):

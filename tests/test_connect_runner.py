@@ -71,7 +71,7 @@ def test_runner_flag_is_a_validated_override(tmp_path):
     config.write_text("search: {storage: 'postgresql+psycopg://u@db/optuna'}\ntracking: {uri: 'http://mlflow:5000'}\n")
     assert load_config(config, runner_overrides("dask://10.0.0.5:8786")).runner.address == "tcp://10.0.0.5:8786"
     assert load_config(config, runner_overrides("dask")).runner.multi_machine is False
-    with pytest.raises(ConfigError, match="search.storage"):  # what the override implies is validated too
+    with pytest.raises(ConfigError, match=r"search\.storage"):  # what the override implies is validated too
         load_config(tmp_path / "c.yaml", ["search.storage=null", *runner_overrides("ray://head:10001")])
     with pytest.raises(argparse.ArgumentTypeError):
         runner_overrides("spark://x")

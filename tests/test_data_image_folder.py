@@ -66,7 +66,7 @@ def test_a_new_class_is_drift(tmp_path):
     describe_image_folder(folder_cfg(), data)
     write_images(tmp_path / "extra", per_class=8, seed=2)
     shutil.copytree(tmp_path / "extra" / "dark", data / "new_class")
-    with pytest.raises(DataError, match="label.s. not in the previous version: new_class"):
+    with pytest.raises(DataError, match=r"label\(s\) not in the previous version: new_class"):
         describe_image_folder(folder_cfg(), data)
 
 

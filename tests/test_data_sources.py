@@ -60,7 +60,9 @@ def table_served(data: Path, manifest: dict) -> tuple[np.ndarray, np.ndarray]:
 
 def table_samples(data: Path, manifest: dict) -> dict[str, str]:
     rows, split = split_rows(data, manifest)
-    return dict(zip((json.dumps(r, sort_keys=True) for r in json.loads(rows.to_json(orient="records"))), split))
+    return dict(
+        zip((json.dumps(r, sort_keys=True) for r in json.loads(rows.to_json(orient="records"))), split, strict=True)
+    )
 
 
 def wine_part(data: Path, seed: int) -> None:
@@ -119,14 +121,14 @@ def text_append(data: Path, more: Path) -> None:
 
 def text_served(data: Path, manifest: dict) -> tuple[np.ndarray, np.ndarray]:
     texts, _, split = split_texts(data, manifest)
-    return encode_texts(manifest["preprocessing"], [t for t, s in zip(texts, split) if s == "test"]), load_splits(
-        data
-    ).test[0]
+    return encode_texts(
+        manifest["preprocessing"], [t for t, s in zip(texts, split, strict=True) if s == "test"]
+    ), load_splits(data).test[0]
 
 
 def text_samples(data: Path, manifest: dict) -> dict[str, str]:
     texts, _, split = split_texts(data, manifest)
-    return dict(zip(texts, split))
+    return dict(zip(texts, split, strict=True))
 
 
 CASES = {
@@ -189,7 +191,7 @@ def test_every_problem_and_every_stray_file_are_reported_at_once(source):
 def test_a_stray_file_alone_is_refused(source):
     name, _, data = source
     (data / "stray.npy").write_bytes(b"")
-    with pytest.raises(DataError, match="stray.npy"):
+    with pytest.raises(DataError, match=r"stray\.npy"):
         describe(name, data)
 
 

@@ -43,13 +43,15 @@ def test_vocabulary_comes_from_train_and_serving_tokenises_the_same(tmp_path):
     data = write_texts(tmp_path / "data")
     manifest, counts = describe_text(text_cfg(), data)
     texts, labels, split = split_texts(data, manifest)
-    train_words = {w for t, s in zip(texts, split) if s == "train" for w in t.lower().split()}
+    train_words = {w for t, s in zip(texts, split, strict=True) if s == "train" for w in t.lower().split()}
     assert set(manifest["preprocessing"]["vocab"]) <= train_words
-    only_in_test = {w for t, s in zip(texts, split) if s == "test" for w in t.lower().split()} - train_words
+    only_in_test = {
+        w for t, s in zip(texts, split, strict=True) if s == "test" for w in t.lower().split()
+    } - train_words
     assert only_in_test and not only_in_test & set(manifest["preprocessing"]["vocab"])  # e.g. "refspace37": unseen
     splits = load_splits(data)
     assert splits.test[0].shape[1:] == (8,) and splits.test[0].dtype == np.float32
-    served = encode_texts(manifest["preprocessing"], [t for t, s in zip(texts, split) if s == "test"])
+    served = encode_texts(manifest["preprocessing"], [t for t, s in zip(texts, split, strict=True) if s == "test"])
     np.testing.assert_array_equal(served, splits.test[0])
     assert encode_texts(manifest["preprocessing"], ["ROCKET, orbit!  zzz"])[0, :3].tolist()[2] == 1  # unknown word
     with pytest.raises(ValueError, match="text 1 is not a string"):

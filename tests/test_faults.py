@@ -84,7 +84,7 @@ def test_publishing_onto_a_user_folder_is_refused_and_every_file_kept(cnn_bundle
 def test_a_bundle_holding_user_files_is_not_replaced(cnn_bundle, tmp_path):
     target = publish_copy(cnn_bundle, tmp_path / "served")
     (target / "notes.txt").write_text("mine")
-    with pytest.raises(BundleError, match="notes.txt"):
+    with pytest.raises(BundleError, match=r"notes\.txt"):
         publish_copy(cnn_bundle, target)
     assert (target / "notes.txt").read_text() == "mine"
 
@@ -446,7 +446,7 @@ def test_signals_stop_the_run_cleanly_and_a_rerun_resumes(tmp_path):
     parents = [r for r in every if "mlflow.parentRunId" not in r.data.tags]
     expected = [("KILLED", "stopped by SIGINT"), ("FAILED", "orphaned: its process"), ("KILLED", "stopped by SIGTERM")]
     assert [r.info.status for r in parents] == [status for status, _ in expected]
-    for run, (_, reason) in zip(parents, expected):
+    for run, (_, reason) in zip(parents, expected, strict=True):
         assert reason in run.data.tags["error"], run.data.tags["error"]
     assert not [r for r in every if r.info.status == "RUNNING"]  # no trial run left RUNNING either
     interrupted = [

@@ -96,10 +96,10 @@ def test_init_refuses_what_run_would_refuse(tmp_path):
         init_config(elsewhere / "data.csv", "label", None, "c.yaml", project)
     (elsewhere / "notes.txt").write_text("not data")  # a stray file the table source refuses at versioning
     shutil.copytree(elsewhere, project / "data")
-    with pytest.raises(DataError, match="notes.txt"):
+    with pytest.raises(DataError, match=r"notes\.txt"):
         init_config(project / "data/data.csv", "label", None, "c.yaml", project)
     (project / "data/notes.txt").unlink()
-    with pytest.raises(ConfigError, match="cannot import 'acme.nets'"):  # the model is checked on the data's shapes
+    with pytest.raises(ConfigError, match=r"cannot import 'acme\.nets'"):  # the model is checked on the data's shapes
         init_config(project / "data/data.csv", "label", "acme.nets:make_net", "c.yaml", project)
     assert not (project / "c.yaml").exists()  # nothing written when refused
 
@@ -123,7 +123,7 @@ def test_refusals_are_clear(tmp_path, capsys):
         ConfigError, match=r"--model minilm is a pretrained Hugging Face model \(texts or images\); .* is table data"
     ):
         init_config(tmp_path / "d/data.csv", "label", "minilm", "c.yaml", tmp_path)
-    with pytest.raises(ConfigError, match="--model resnet takes images; .* is table data"):
+    with pytest.raises(ConfigError, match=r"--model resnet takes images; .* is table data"):
         init_config(tmp_path / "d/data.csv", "label", "resnet", "c.yaml", tmp_path)
     init_config(tmp_path / "d/data.csv", "label", None, "c.yaml", tmp_path)
     with pytest.raises(ConfigError, match="never overwrites"):

@@ -216,7 +216,10 @@ def test_custom_module_loads_pretrained_weights_and_refuses_ones_that_do_not_fit
     torch.save(pretrained.state_dict(), tmp_path / "w.pt")
     for weights in ("w.safetensors", "w.pt"):
         loaded = build_model(Arch(**{**arch.to_dict(), "weights": str(tmp_path / weights)}))
-        assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), pretrained.state_dict().values()))
+        assert all(
+            torch.equal(a, b)
+            for a, b in zip(loaded.state_dict().values(), pretrained.state_dict().values(), strict=True)
+        )
     with pytest.raises(ValueError, match=r"fc.weight: \(3, 16\) in the file, \(5, 16\) in the model"):
         build_model(Arch(**{**arch.to_dict(), "num_classes": 5, "weights": str(tmp_path / "w.pt")}))
     torch.save(pretrained, tmp_path / "pickled.pt")  # a whole pickled module: refused, never unpickled

@@ -146,7 +146,7 @@ def test_bad_data_fails_before_training(tmp_path):
 def test_unreadable_init_checkpoint_fails_before_training(tmp_path):
     (tmp_path / "init.pt").write_text("garbage")
     path = write_config(tmp_path, {"train": {"init_from": "init.pt"}})
-    with pytest.raises(ValueError, match="init.pt is not a readable modelforge checkpoint"):
+    with pytest.raises(ValueError, match=r"init\.pt is not a readable modelforge checkpoint"):
         optimize(config_path=str(path), root=str(tmp_path))
     failed_run(tmp_path)
     assert not (tmp_path / ".modelforge" / "search").exists()

@@ -130,8 +130,8 @@ def test_grid_visits_exactly_the_grid(data_dir, tmp_path):
 
 
 def dominates(a, b, directions):
-    better = [(x >= y) if d == "maximize" else (x <= y) for x, y, d in zip(a, b, directions)]
-    strictly = [(x > y) if d == "maximize" else (x < y) for x, y, d in zip(a, b, directions)]
+    better = [(x >= y) if d == "maximize" else (x <= y) for x, y, d in zip(a, b, directions, strict=True)]
+    strictly = [(x > y) if d == "maximize" else (x < y) for x, y, d in zip(a, b, directions, strict=True)]
     return all(better) and any(strictly)
 
 

@@ -29,7 +29,7 @@ def test_failed_ship_keeps_the_previous_bundle(onnx_model, data_dir, tmp_path):
     before = (tmp_path / "bundle" / "manifest.json").read_text()
     corrupt = tmp_path / "corrupt.onnx"
     corrupt.write_bytes(b"not onnx")
-    with pytest.raises(Exception, match="(?i)protobuf|load|invalid"):
+    with pytest.raises(Exception, match=r"(?i)protobuf|load|invalid"):
         ship_bundle(corrupt, tmp_path / "bundle", ClassifierEval(data_dir), "v2.dir", {})
     assert (tmp_path / "bundle" / "manifest.json").read_text() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == [

@@ -172,7 +172,7 @@ def test_every_problem_of_a_model_is_named_before_training(tmp_path, monkeypatch
         check_model_inputs(
             TrainConfig(), ModelConfig(pretrained=str(tmp_path / "not_a_checkpoint")), 3, (1, 8, 8), tmp_path
         )
-    with pytest.raises(ConfigError, match="do not fit the model: missing stem.0.weight"):
+    with pytest.raises(ConfigError, match=r"do not fit the model: missing stem\.0\.weight"):
         check_model_inputs(
             TrainConfig(),
             ModelConfig(spec="user_models:small_resnet", weights=tmp_path / "plain.pt"),
@@ -252,6 +252,6 @@ def test_a_local_hugging_face_checkpoint_is_fine_tuned_pruned_by_heads_quantized
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert manifest["preprocessing"]["tokenizer"] == bert and manifest["labels"] == sorted(TOPICS)
     texts, labels, split = split_texts(tmp_path / "data", read_manifest(tmp_path / "data"))
-    test = [(t, y) for t, y, s in zip(texts, labels, split) if s == "test"]
+    test = [(t, y) for t, y, s in zip(texts, labels, split, strict=True) if s == "test"]
     acc = serve_bundle(bundle, {"texts": [t for t, _ in test]}, [y for _, y in test])[1]
     assert acc > 0.8  # raw texts in, class names out

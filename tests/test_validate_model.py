@@ -43,7 +43,7 @@ def test_measures_real_onnx_models(cnn_checkpoint, mlp_checkpoint, data_dir, spl
         cands, ValidateConfig(warmup=2, latency_runs=20, throughput_runs=4), ClassifierEval(data_dir)
     )
     assert [r.name for r in reports] == ["cnn", "mlp"]
-    for r, cand in zip(reports, cands):
+    for r, cand in zip(reports, cands, strict=True):
         logits = predict_logits(make_session(cand.onnx), splits.test[0])
         expected = float((logits.argmax(1) == splits.test[1]).mean())
         assert r.quality == {"accuracy": expected} and r.score == expected > 0.5
@@ -115,7 +115,7 @@ def test_latency_within_timing_noise_is_a_tie_broken_by_quality_then_size():
 def test_no_passing_candidate_fails_loudly():
     reports = apply_gates([report("baseline", 0.5, 1.0)], GateConfig(min_accuracy=0.9))
     assert best_passing(reports, GateConfig()) is None
-    with pytest.raises(GateError, match="baseline: accuracy 0.5000 < min"):
+    with pytest.raises(GateError, match=r"baseline: accuracy 0\.5000 < min"):
         require_passing(None, reports)
     with pytest.raises(GateError, match="baseline"):
         apply_gates([report("other", 0.99, 1.0)], GateConfig())

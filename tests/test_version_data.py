@@ -76,7 +76,7 @@ def test_a_file_the_data_set_does_not_read_is_refused_not_versioned(tmp_path):
     cfg = DataConfig()
     v1 = version_data(cfg, tmp_path)
     np.save(tmp_path / "data" / "new_batch_x.npy", np.zeros((5, 1, 8, 8), np.float32))
-    with pytest.raises(DataError, match="1 file.* this data set does not read: new_batch_x.npy"):
+    with pytest.raises(DataError, match=r"1 file.* this data set does not read: new_batch_x\.npy"):
         version_data(cfg, tmp_path)
     assert read_data_md5(tmp_path / "data.dvc") == v1.md5  # no new version for data nothing would read
 

@@ -8,12 +8,13 @@ exported graph (then the model is exported first) or on the PyTorch checkpoint.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
+import torch
 from pydantic import Field, model_validator
 from torch import nn
 from torch.nn.utils import parametrize
@@ -39,6 +40,9 @@ class Finetuned(StepConfig):
 
 class Recipes(Section):
     """Candidate name -> recipe (the subclass declares `candidates` with its pipeline's step union)."""
+
+    if TYPE_CHECKING:  # declared for the checker only: each subclass's field carries its own step union
+        candidates: dict[str, list[Any]]
 
     @model_validator(mode="after")
     def _recipes_valid(self) -> Recipes:
@@ -112,17 +116,17 @@ def train_params(ctx: CompressContext, meta: dict, epochs: int, lr_scale: float 
     return TrainParams.from_search(base, epochs, ctx.train.patience, ctx.train.seed)
 
 
-def layers_of(model: nn.Module) -> list[nn.Module]:
+def layers_of(model: nn.Module) -> list[nn.Conv2d | nn.Linear]:
     """Conv and Linear layers in forward order (build_model's order: convs, hiddens, classifier)."""
     return [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
 
 
-def prunable(model: nn.Module) -> list[nn.Parameter]:
+def prunable(model: nn.Module) -> list[torch.Tensor]:
     return [m.weight for m in layers_of(model)]
 
 
 @contextmanager
-def weights_seen_through(layers: list[nn.Module], make: Callable[[], nn.Module]) -> Iterator[None]:
+def weights_seen_through(layers: Sequence[nn.Module], make: Callable[[], nn.Module]) -> Iterator[None]:
     """Inside, every layer's weight is seen through a fresh `make()` parametrization (training updates
     the latent weight); on leaving, the parametrized value is baked into the plain weight."""
     for layer in layers:

@@ -53,7 +53,7 @@ def magnitude_prune(state: ModelState, cfg: MagnitudePrune, ctx: CompressContext
 
     def apply_masks(m: nn.Module) -> None:
         with torch.no_grad():
-            for w, mask in zip(prunable(m), masks):
+            for w, mask in zip(prunable(m), masks, strict=True):
                 w.mul_(mask)
 
     history = []

@@ -5,11 +5,13 @@ physically smaller model of the same class, not a masked one."""
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import nn
 
 
-def classifier_layers(model: nn.Module, example: torch.Tensor) -> list[nn.Module]:
+def classifier_layers(model: nn.Module, example: torch.Tensor) -> list[nn.Linear | nn.Conv2d]:
     """The layers that emit the logits: Linear or 1x1-conv outputs sized as the output's last axis.
     They keep every class."""
     with torch.no_grad():
@@ -36,11 +38,11 @@ def attention_heads(model: nn.Module) -> dict[nn.Module, int]:
 def _recount_heads(model: nn.Module) -> None:
     """A pruned attention reads its (fewer) heads from these attributes in its forward."""
     for m in model.modules():
-        if isinstance(getattr(m, "num_attention_heads", None), int) and isinstance(
-            getattr(m, "query", None), nn.Linear
-        ):
-            m.all_head_size = m.query.out_features
-            m.num_attention_heads = m.all_head_size // m.attention_head_size
+        query = getattr(m, "query", None)
+        if isinstance(getattr(m, "num_attention_heads", None), int) and isinstance(query, nn.Linear):
+            m.all_head_size = query.out_features  # type: ignore[assignment]  # torch types module attributes as tensors/modules
+            # plain ints on HF's attention; torch types any module attribute as a tensor or a module
+            m.num_attention_heads = query.out_features // cast(int, m.attention_head_size)  # type: ignore[assignment]
 
 
 def prune_channels(model: nn.Module, example: torch.Tensor, amount: float, norm: int) -> dict:

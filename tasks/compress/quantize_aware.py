@@ -50,19 +50,19 @@ class _FakeQuantWeight(nn.Module):
 def _fake_quant_inputs(layer: nn.Module, momentum: float = 0.1):
     """A pre-hook fake-quantizing the layer's input to int8 over its running min/max (what
     calibration will see), with torch's straight-through gradient."""
-    state = {"lo": None, "hi": None}
+    state: dict[str, float] = {}  # the running "lo" and "hi", from the first batch on
 
     def hook(module: nn.Module, args: tuple) -> tuple:
         x = args[0]
         lo, hi = float(x.detach().min()), float(x.detach().max())
-        if state["lo"] is None:
+        if not state:
             state["lo"], state["hi"] = lo, hi
         elif module.training:
             state["lo"] += momentum * (lo - state["lo"])
             state["hi"] += momentum * (hi - state["hi"])
         lo, hi = min(state["lo"], 0.0), max(state["hi"], 0.0)
         scale = max(hi - lo, 1e-8) / 255
-        zero = int(round(-128 - lo / scale))
+        zero = round(-128 - lo / scale)
         return (torch.fake_quantize_per_tensor_affine(x, scale, zero, -128, 127), *args[1:])
 
     return layer.register_forward_pre_hook(hook)

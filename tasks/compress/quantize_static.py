@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 
@@ -52,7 +52,7 @@ def quantize_static(state: ModelState, cfg: QuantizeStatic, ctx: CompressContext
     out = ctx.out_dir / "int8_static.onnx"
     acc = quantize([], out)
     fp32_acc = onnx_accuracy(make_session(fp32), *ctx.splits.val)
-    info = {
+    info: dict[str, Any] = {
         "calibration_samples": len(calib),
         "calibrate_method": cfg.calibrate_method,
         "per_channel": cfg.per_channel,

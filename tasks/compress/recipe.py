@@ -36,7 +36,15 @@ from tasks.data import load_splits
 from tasks.train.stage import TrainConfig
 
 Step = Annotated[
-    MagnitudePrune | StructuredPrune | Distill | Binarize | SparsityTrain | QuantizeDynamic | QuantizeStatic | QuantizeAware | ConvertFp16,
+    MagnitudePrune
+    | StructuredPrune
+    | Distill
+    | Binarize
+    | SparsityTrain
+    | QuantizeDynamic
+    | QuantizeStatic
+    | QuantizeAware
+    | ConvertFp16,
     Field(discriminator="method"),
 ]
 
@@ -78,7 +86,8 @@ def compress_candidate(
     ctx.out_dir.mkdir(parents=True, exist_ok=True)
     print(f"[compress] {name}: {' -> '.join(s.method for s in recipe) or 'export only'}")
     state = compress(baseline, copy.deepcopy(recipe), ctx)
+    assert state.onnx is not None  # `compress` ends with the export
     return Candidate(name, state.onnx, state.checkpoint, state.parity_max_abs, state.info)
 
 
-compress_candidate_task = task(compress_candidate, name="compress_candidate", task_run_name="compress-{name}")
+compress_candidate_task = task(name="compress_candidate", task_run_name="compress-{name}")(compress_candidate)

@@ -54,14 +54,16 @@ def structured_prune(state: ModelState, cfg: StructuredPrune, ctx: CompressConte
     small = build_model(small_arch)
     prev = torch.arange(arch.input_shape[0])
     with torch.no_grad():
-        for i, (old, new, rows) in enumerate(zip(layers, layers_of(small), keep)):
+        for i, (old, new, rows) in enumerate(zip(layers, layers_of(small), keep, strict=True)):
             if i == n_conv:  # first Linear after Flatten: each kept channel owns a block of spatial inputs
                 channels_in = arch.conv[-1] if n_conv else arch.input_shape[0]
+                assert isinstance(old, nn.Linear)
                 spatial = old.in_features // channels_in
                 cols = (prev[:, None] * spatial + torch.arange(spatial)).flatten()
             else:
                 cols = prev
             new.weight.copy_(old.weight[rows][:, cols])
+            assert old.bias is not None and new.bias is not None  # build_model's layers all have biases
             new.bias.copy_(old.bias[rows])
             prev = rows
     acc_pruned = accuracy(small, *ctx.splits.val)

@@ -7,18 +7,20 @@ import copy
 import math
 import os
 import typing
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Annotated, Union
+from typing import Annotated, Any, Union
 
 import yaml
 from pydantic import BaseModel, ValidationError
+from pydantic_core import ErrorDetails
 
 from tasks.core.settings import ConfigError, excerpt
 
 MAX_CONFIG_BYTES = 256 * 2**10  # configs are a few KB; parsing 1 MB of YAML took 14 s here (pure Python)
 
 
-def format_errors(errors: list[dict]) -> list[str]:
+def format_errors(errors: Sequence[Mapping[str, Any]]) -> list[str]:
     return [f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}" for e in errors]
 
 
@@ -35,7 +37,7 @@ def _expanded_size(root: yaml.Node) -> float:
             return math.inf
         open_.add(id(node))
         if isinstance(node, yaml.ScalarNode):
-            total = 8 + len(node.value)
+            total: float = 8 + len(node.value)
         elif isinstance(node, yaml.SequenceNode):
             total = 8 + sum(size(item) for item in node.value)
         else:
@@ -61,7 +63,7 @@ def _section_keys(annotation: object) -> set[str] | None:
     return None
 
 
-def _drop_unknown_keys(root: yaml.MappingNode, pipelines: dict[str, type[BaseModel]]) -> list[str]:
+def _drop_unknown_keys(root: yaml.MappingNode, pipelines: Mapping[str, type[BaseModel]]) -> list[str]:
     """Keys the pipeline and its sections do not take, removed from the parsed file before any value
     is built (a huge or alias-bombed value under a misspelt key is never expanded), one problem each."""
     family = next(
@@ -82,7 +84,9 @@ def _drop_unknown_keys(root: yaml.MappingNode, pipelines: dict[str, type[BaseMod
         node.value[:] = kept
 
     cls = pipelines[family]
-    prune(root, _section_keys(cls), "")
+    sections = _section_keys(cls)
+    assert sections is not None  # a pipeline's config is a section
+    prune(root, sections, "")
     fields = {key: f for name, f in cls.model_fields.items() for key in (name, f.alias) if key}
     for key, value in root.value:
         if (
@@ -94,7 +98,7 @@ def _drop_unknown_keys(root: yaml.MappingNode, pipelines: dict[str, type[BaseMod
     return problems
 
 
-def safe_yaml(text: str, what: str, pipelines: dict[str, type[BaseModel]] | None = None) -> tuple[object, list[str]]:
+def safe_yaml(text: str, what: str, pipelines: Mapping[str, type[BaseModel]] | None = None) -> tuple[object, list[str]]:
     """`text` as YAML, refused with a ConfigError when its aliases expand past MAX_CONFIG_BYTES (the
     nodes are checked before any value is built); given the `pipelines` (family -> config class), the unknown keys of a config's
     sections are dropped first and returned as problems."""
@@ -121,7 +125,7 @@ def safe_yaml(text: str, what: str, pipelines: dict[str, type[BaseModel]] | None
         loader.dispose()
 
 
-def read_config_file(path: str | Path, pipelines: dict[str, type[BaseModel]]) -> tuple[dict, list[str]]:
+def read_config_file(path: str | Path, pipelines: Mapping[str, type[BaseModel]]) -> tuple[dict, list[str]]:
     """The config file as a mapping, and its unknown keys as problems. Refused with a ConfigError
     before it is parsed when it is over MAX_CONFIG_BYTES, and when its aliases expand past that."""
     path = Path(path)
@@ -163,11 +167,11 @@ def _without(raw: object, loc: tuple) -> bool:
     return True
 
 
-def all_errors(cls: type[BaseModel], raw: dict) -> list[dict]:
+def all_errors(cls: type[BaseModel], raw: dict) -> list[ErrorDetails]:
     """Every problem in one pass. Pydantic runs a section's cross-field checks only once its fields
     are valid, so each failing key is dropped (falling back to its default) and the rest validated
     again, until the errors stop changing: a bad field and a cross-field conflict show together."""
-    errors: list[dict] = []
+    errors: list[ErrorDetails] = []
     work = copy.deepcopy(raw)
     for _ in range(8):  # nesting depth bounds the rounds; 8 is ample
         try:

@@ -11,6 +11,7 @@ ended.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import os
@@ -140,11 +141,8 @@ def ensure_pool(pool: str = POOL) -> None:
     from prefect.client.schemas.actions import WorkPoolCreate
     from prefect.exceptions import ObjectAlreadyExists
 
-    with get_client(sync_client=True) as client:
-        try:
-            client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
-        except ObjectAlreadyExists:
-            pass
+    with get_client(sync_client=True) as client, contextlib.suppress(ObjectAlreadyExists):
+        client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
 
 
 def _stack_file(root: Path) -> Path:

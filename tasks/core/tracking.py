@@ -58,7 +58,7 @@ def log_dataset(run_id: str, data_dir: Path, data_version: str) -> None:
     with warnings.catch_warnings():  # MLflow registers its local-folder source twice and warns that it is ambiguous
         warnings.simplefilter("ignore", UserWarning)
         source = resolve_dataset_source(str(Path(data_dir).resolve()))
-    dataset = MetaDataset(source, name=Path(data_dir).name, digest=data_version[:36])
+    dataset = MetaDataset(source, name=Path(data_dir).name, digest=data_version[:36])  # type: ignore[abstract]  # mlflow leaves `profile` unimplemented on its documented MetaDataset (Dataset is no ABC)
     MlflowClient().log_inputs(
         run_id, [DatasetInput(dataset._to_mlflow_entity(), [InputTag(MLFLOW_DATASET_CONTEXT, "training")])]
     )

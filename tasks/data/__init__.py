@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Union
+from typing import Annotated, Any
 
 from pydantic import Discriminator, Tag
 
@@ -38,16 +38,21 @@ def _dataset_of(value: object) -> str | None:
     return value.get("dataset", "digits") if isinstance(value, dict) else getattr(value, "dataset", None)
 
 
-ClassifierData = Annotated[Union[Annotated[DataConfig, Tag("digits")], Annotated[TableDataConfig, Tag("table")],
-                                 Annotated[ImageFolderConfig, Tag("image_folder")],
-                                 Annotated[TextTableConfig, Tag("text")]], Discriminator(_dataset_of)]
+ClassifierData = Annotated[
+    Annotated[DataConfig, Tag("digits")]
+    | Annotated[TableDataConfig, Tag("table")]
+    | Annotated[ImageFolderConfig, Tag("image_folder")]
+    | Annotated[TextTableConfig, Tag("text")],
+    Discriminator(_dataset_of),
+]
 
 
 @dataclass(frozen=True)
 class Source:
-    describe: Callable[[object, Path], tuple[dict, dict]]  # validate everything, write the manifest: (manifest, counts)
+    # `describe` and `materialize` take the source's own config section (Any: each source its own class)
+    describe: Callable[[Any, Path], tuple[dict, dict]]  # validate everything, write the manifest: (manifest, counts)
     load: Callable[[Path, dict], Splits] | None = None  # the classifier splits; None for sentence corpora
-    materialize: Callable[[object, Path], None] | None = None  # the built-in example, when the folder is absent
+    materialize: Callable[[Any, Path], None] | None = None  # the built-in example, when the folder is absent
 
 
 SOURCES: dict[str, Source] = {
@@ -63,8 +68,10 @@ SOURCES: dict[str, Source] = {
 def load_splits(data_dir: Path) -> Splits:
     """The versioned folder's train/val/test arrays, through the source its manifest names."""
     manifest = read_manifest(data_dir)
-    source = SOURCES.get(manifest.get("dataset"))
+    source = SOURCES.get(manifest.get("dataset", ""))
     if source is None or source.load is None:
-        raise DataError(f"{Path(data_dir) / MANIFEST}: dataset {manifest.get('dataset')!r} is not a classifier data "
-                        f"source; known: {sorted(k for k, s in SOURCES.items() if s.load)}")
+        raise DataError(
+            f"{Path(data_dir) / MANIFEST}: dataset {manifest.get('dataset')!r} is not a classifier data "
+            f"source; known: {sorted(k for k, s in SOURCES.items() if s.load)}"
+        )
     return source.load(Path(data_dir), manifest)

@@ -58,17 +58,21 @@ def hash_split(keys: list[str], val_fraction: float, test_fraction: float) -> np
 SPLIT_RULE = "sha256(key) / 2**64: < test_fraction -> test, < test_fraction + val_fraction -> val, else train"
 
 
-def split_problems(labels: list[str], split: np.ndarray, classes: list[str], min_class_samples: int,
-                   unit: str) -> tuple[dict[str, int], list[str]]:
+def split_problems(
+    labels: list[str], split: np.ndarray, classes: list[str], min_class_samples: int, unit: str
+) -> tuple[dict[str, int], list[str]]:
     """The split counts, and the problems with them: an empty split, a class with fewer than
     `min_class_samples` train samples (`unit`: rows, images)."""
     counts = {s: int((split == s).sum()) for s in SPLITS}
-    problems = [f"{s} split is empty ({len(labels)} {unit}; add more or change the fractions)"
-                for s in SPLITS if counts[s] == 0]
-    train = Counter(label for label, s in zip(labels, split) if s == "train")
+    problems = [
+        f"{s} split is empty ({len(labels)} {unit}; add more or change the fractions)" for s in SPLITS if counts[s] == 0
+    ]
+    train = Counter(label for label, s in zip(labels, split, strict=True) if s == "train")
     if few := {c: train[c] for c in classes if train[c] < min_class_samples}:
-        problems.append(f"classes with fewer than {min_class_samples} train {unit} (data.min_class_samples): "
-                        + ", ".join(f"{c} ({n})" for c, n in few.items()))
+        problems.append(
+            f"classes with fewer than {min_class_samples} train {unit} (data.min_class_samples): "
+            + ", ".join(f"{c} ({n})" for c, n in few.items())
+        )
     return counts, problems
 
 
@@ -84,8 +88,10 @@ def unseen_classes(previous: dict, classes: list[str], allow_drift: bool) -> lis
     unseen = sorted(set(classes) - set(previous.get("classes", classes)))
     if allow_drift or not unseen:
         return []
-    return [f"label(s) not in the previous version: {', '.join(unseen)}; set data.allow_drift: true if the change "
-            "is intended"]
+    return [
+        f"label(s) not in the previous version: {', '.join(unseen)}; set data.allow_drift: true if the change "
+        "is intended"
+    ]
 
 
 def file_digest(path: Path) -> str:
@@ -97,8 +103,10 @@ def unknown_files(data_dir: Path, known: set[str]) -> list[str]:
     """A file the source does not read would change the DVC version (and trigger a full new run)
     without any effect on training: the problem naming such files, to refuse them with the rest."""
     if unknown := sorted(p.name for p in Path(data_dir).iterdir() if p.name not in known):
-        return [f"{data_dir} holds {len(unknown)} file(s) this data set does not read: {', '.join(unknown[:10])}"
-                f"; it reads only {', '.join(sorted(known))}. Move the others out (new samples belong in those files)"]
+        return [
+            f"{data_dir} holds {len(unknown)} file(s) this data set does not read: {', '.join(unknown[:10])}"
+            f"; it reads only {', '.join(sorted(known))}. Move the others out (new samples belong in those files)"
+        ]
     return []
 
 
@@ -113,14 +121,18 @@ def folder_problems(data_dir: Path) -> list[str]:
             try:
                 str(rel).encode()
             except UnicodeEncodeError:
-                problems.append(f"{os.fsencode(rel)!r}: a file name that is not UTF-8 (DVC cannot version it); rename it")
+                problems.append(
+                    f"{os.fsencode(rel)!r}: a file name that is not UTF-8 (DVC cannot version it); rename it"
+                )
                 continue
             if path.is_symlink():
                 target = os.readlink(path)
                 leaves = not path.resolve().is_relative_to(root.resolve())
-                problems.append(f"{rel}: a symbolic link {'leaving the data folder ' if leaves else ''}(to {target}); "
-                                "DVC would replace it with a copy of its target, changing your folder: put the file "
-                                "itself there")
+                problems.append(
+                    f"{rel}: a symbolic link {'leaving the data folder ' if leaves else ''}(to {target}); "
+                    "DVC would replace it with a copy of its target, changing your folder: put the file "
+                    "itself there"
+                )
     return problems
 
 
@@ -130,8 +142,9 @@ def check_arrays(split: str, xs: np.ndarray, ys: np.ndarray, input_shape: tuple,
     if xs.shape[1:] != input_shape:
         problems.append(f"{split}_x: sample shape {xs.shape[1:]} != manifest input_shape {input_shape}")
     if ys.ndim != 1:
-        problems.append(f"{split}_y: labels have shape {list(ys.shape)}; they must be one class index per "
-                        f"sample, shape [{len(ys)}]")
+        problems.append(
+            f"{split}_y: labels have shape {list(ys.shape)}; they must be one class index per sample, shape [{len(ys)}]"
+        )
     if len(xs) != len(ys):
         problems.append(f"{split}: {len(xs)} samples but {len(ys)} labels")
     if len(ys) == 0:

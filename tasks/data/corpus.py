@@ -31,15 +31,23 @@ class CorpusConfig(Section):
 
     dataset: Literal["text_corpus"] = Field("text_corpus", description="A folder of plain-text documents.")
     dir: Path = Field(Path("corpus"), description="DVC-tracked corpus folder (relative to the project root).")
-    validation_fraction: float = Field(0.3, gt=0, lt=0.5, description="Share of documents (by hash) for gates "
-                                       "and candidate selection.")
-    test_fraction: float = Field(0.3, gt=0, lt=0.5, description="Share of documents (by hash) for the reported "
-                                 "figures and champion/challenger; the rest calibrates.")
+    validation_fraction: float = Field(
+        0.3, gt=0, lt=0.5, description="Share of documents (by hash) for gates and candidate selection."
+    )
+    test_fraction: float = Field(
+        0.3,
+        gt=0,
+        lt=0.5,
+        description="Share of documents (by hash) for the reported "
+        "figures and champion/challenger; the rest calibrates.",
+    )
     window: int = Field(512, ge=8, le=8192, description="Tokens per perplexity window; every split must hold one.")
     max_windows: int = Field(16, ge=1, description="Most windows scored per split (bounds evaluation time).")
     # Not a setting: the run copies lm.model here, so versioning can count tokens with its tokenizer.
     model: Path | None = Field(None, exclude=True)
-    dvc_remote: str = Field(".modelforge/dvc-remote", description="DVC remote the corpus is pushed to (a folder or a URL).")
+    dvc_remote: str = Field(
+        ".modelforge/dvc-remote", description="DVC remote the corpus is pushed to (a folder or a URL)."
+    )
 
 
 TEXT_SUFFIXES = (".txt", ".md")
@@ -65,8 +73,13 @@ def render(tokenizer, doc: Document) -> str:
 
 
 def _chat(value: object) -> list[dict] | None:
-    ok = isinstance(value, list) and value and all(
-        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value)
+    ok = (
+        isinstance(value, list)
+        and value
+        and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value
+        )
+    )
     return value if ok and any(m["role"] == "assistant" for m in value) else None
 
 
@@ -100,8 +113,10 @@ def _documents(data_dir: Path) -> tuple[dict[str, Document], list[str]]:
             if isinstance(value, list) or isinstance(value, str) and value.strip():
                 docs[f"{name}:{line_no}"] = value
             else:
-                problems.append(f"{name} line {line_no}: not an object with a non-empty \"text\" string or "
-                                "\"messages\" (a list of {\"role\", \"content\"} strings with an assistant turn)")
+                problems.append(
+                    f'{name} line {line_no}: not an object with a non-empty "text" string or '
+                    '"messages" (a list of {"role", "content"} strings with an assistant turn)'
+                )
     return docs, problems
 
 
@@ -111,27 +126,37 @@ def split_documents(docs: dict[str, Document], validation_fraction: float, test_
     text = [d if isinstance(d, str) else json.dumps(d, sort_keys=True) for d in (docs[k] for k in keys)]
     split = hash_split(text, validation_fraction, test_fraction)
     names = {"train": "calibration", "val": "validation", "test": "test"}
-    return {k: names[str(s)] for k, s in zip(keys, split)}
+    return {k: names[str(s)] for k, s in zip(keys, split, strict=True)}
 
 
 def describe_corpus(cfg, data_dir: Path) -> tuple[dict, dict]:
     data_dir = Path(data_dir)
     docs, problems = _documents(data_dir)
     if not docs and not problems:
-        problems.append("no documents: put .txt/.md files or .jsonl files of {\"text\": ...} lines here")
+        problems.append('no documents: put .txt/.md files or .jsonl files of {"text": ...} lines here')
     assignment = split_documents(docs, cfg.validation_fraction, cfg.test_fraction)
     tokens = {s: 0 for s in SPLITS}
     if docs and cfg.model is not None:
         tokenizer = load_tokenizer(cfg.model)
         for key, split in assignment.items():
             tokens[split] += len(tokenizer(render(tokenizer, docs[key]))["input_ids"])
-        problems += [f"{s} split has {n} tokens, fewer than one evaluation window of {cfg.window + 1} (data.window): "
-                     "add documents or change the fractions" for s, n in tokens.items() if n <= cfg.window]
+        problems += [
+            f"{s} split has {n} tokens, fewer than one evaluation window of {cfg.window + 1} (data.window): "
+            "add documents or change the fractions"
+            for s, n in tokens.items()
+            if n <= cfg.window
+        ]
     raise_problems(data_dir, problems)
     counts = {s: sum(v == s for v in assignment.values()) for s in SPLITS}
-    manifest = {"dataset": "text_corpus", "documents": assignment, "counts": counts, "tokens": tokens,
-                "split_rule": SPLIT_RULE.replace("train", "calibration").replace("val", "validation"),
-                "validation_fraction": cfg.validation_fraction, "test_fraction": cfg.test_fraction}
+    manifest = {
+        "dataset": "text_corpus",
+        "documents": assignment,
+        "counts": counts,
+        "tokens": tokens,
+        "split_rule": SPLIT_RULE.replace("train", "calibration").replace("val", "validation"),
+        "validation_fraction": cfg.validation_fraction,
+        "test_fraction": cfg.test_fraction,
+    }
     write_manifest(data_dir, manifest)
     return manifest, {"documents": counts, "tokens": tokens}
 

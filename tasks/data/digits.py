@@ -28,8 +28,11 @@ class DataConfig(Section):
     val_fraction: float = Field(0.15, gt=0, lt=0.5, description="Share of samples held out for validation.")
     test_fraction: float = Field(0.2, gt=0, lt=0.5, description="Share of samples held out for the final test.")
     split_seed: int = Field(0, description="Seed of the stratified train/val/test split.")
-    dvc_remote: str = Field(".modelforge/dvc-remote", description="DVC remote the data is pushed to: a folder "
-                            "(relative to the project, or a path every worker mounts) or a URL (s3://bucket/path).")
+    dvc_remote: str = Field(
+        ".modelforge/dvc-remote",
+        description="DVC remote the data is pushed to: a folder "
+        "(relative to the project, or a path every worker mounts) or a URL (s3://bucket/path).",
+    )
 
 
 def materialize_digits(cfg: DataConfig, data_dir: Path) -> None:
@@ -55,16 +58,19 @@ def materialize_digits(cfg: DataConfig, data_dir: Path) -> None:
     for split, (xs, ys) in arrays.items():
         np.save(data_dir / f"{split}_x.npy", np.ascontiguousarray(xs))
         np.save(data_dir / f"{split}_y.npy", ys)
-    write_manifest(data_dir, {
-        "dataset": "digits",
-        "source": "sklearn.datasets.load_digits",
-        "num_classes": 10,
-        "input_shape": [1, 8, 8],
-        "dtype": "float32",
-        "preprocessing": "pixel / 16.0 (raw digits are 0..16), layout NCHW",
-        "split_seed": cfg.split_seed,
-        "counts": {s: int(len(arrays[s][1])) for s in SPLITS},
-    })
+    write_manifest(
+        data_dir,
+        {
+            "dataset": "digits",
+            "source": "sklearn.datasets.load_digits",
+            "num_classes": 10,
+            "input_shape": [1, 8, 8],
+            "dtype": "float32",
+            "preprocessing": "pixel / 16.0 (raw digits are 0..16), layout NCHW",
+            "split_seed": cfg.split_seed,
+            "counts": {s: len(arrays[s][1]) for s in SPLITS},
+        },
+    )
 
 
 def load_arrays(data_dir: Path, manifest: dict) -> Splits:
@@ -75,8 +81,13 @@ def load_arrays(data_dir: Path, manifest: dict) -> Splits:
     except (KeyError, TypeError, ValueError) as err:
         raise DataError(f"{Path(data_dir) / MANIFEST}: incomplete manifest ({err})") from None
     # Later stages need it (the serving bundle states the preprocessing): fail now, not after registering.
-    problems = [] if "preprocessing" in manifest else [
-        f"{MANIFEST}: missing 'preprocessing' (what a caller must do to raw inputs; shipped in the serving bundle)"]
+    problems = (
+        []
+        if "preprocessing" in manifest
+        else [
+            f"{MANIFEST}: missing 'preprocessing' (what a caller must do to raw inputs; shipped in the serving bundle)"
+        ]
+    )
     arrays: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for split in SPLITS:
         try:

@@ -27,19 +27,25 @@ from tasks.data.base import (
 
 class TextDataConfig(Section):
     dataset: Literal["docstrings"] = Field(
-        "docstrings", description="English sentences from the Python standard library's docstrings (read offline with ast).")
+        "docstrings",
+        description="English sentences from the Python standard library's docstrings (read offline with ast).",
+    )
     dir: Path = Field(Path("corpus"), description="DVC-tracked corpus folder (relative to the project root).")
     train_sentences: int = Field(4000, ge=8, description="Sentences for distillation (never used for evaluation).")
     eval_sentences: int = Field(600, ge=12, description="Held-out sentences for fidelity and retrieval checks.")
     queries: int = Field(100, ge=1, description="Held-out sentences used as retrieval queries against the rest.")
     seed: int = Field(0, description="Seed of the sentence shuffle before the split.")
-    dvc_remote: str = Field(".modelforge/dvc-remote", description="DVC remote the corpus is pushed to (a folder or a URL).")
+    dvc_remote: str = Field(
+        ".modelforge/dvc-remote", description="DVC remote the corpus is pushed to (a folder or a URL)."
+    )
 
     @model_validator(mode="after")
-    def _queries_fit(self) -> "TextDataConfig":
+    def _queries_fit(self) -> TextDataConfig:
         if self.queries > self.eval_sentences - 10:
-            raise ValueError(f"queries ({self.queries}) must leave at least 10 of the {self.eval_sentences} "
-                             "eval_sentences to search (top-10 retrieval)")
+            raise ValueError(
+                f"queries ({self.queries}) must leave at least 10 of the {self.eval_sentences} "
+                "eval_sentences to search (top-10 retrieval)"
+            )
         return self
 
 
@@ -84,8 +90,11 @@ def offline_corpus(n: int, seed: int = 0) -> list[str]:
 
 def _corpus_settings(cfg: TextDataConfig) -> dict:
     """The config settings a corpus is built from; its manifest records them."""
-    return {"queries": cfg.queries, "seed": cfg.seed,
-            "counts": {"train": cfg.train_sentences, "eval": cfg.eval_sentences}}
+    return {
+        "queries": cfg.queries,
+        "seed": cfg.seed,
+        "counts": {"train": cfg.train_sentences, "eval": cfg.eval_sentences},
+    }
 
 
 def materialize_docstrings(cfg: TextDataConfig, data_dir: Path) -> None:
@@ -94,9 +103,14 @@ def materialize_docstrings(cfg: TextDataConfig, data_dir: Path) -> None:
     data_dir.mkdir(parents=True, exist_ok=True)
     (data_dir / "eval.txt").write_text("\n".join(corpus[: cfg.eval_sentences]) + "\n")
     (data_dir / "train.txt").write_text("\n".join(corpus[cfg.eval_sentences :]) + "\n")
-    write_manifest(data_dir, {"dataset": "docstrings",
-                              "source": f"docstrings of the Python {sys.version.split()[0]} standard library",
-                              **_corpus_settings(cfg)})
+    write_manifest(
+        data_dir,
+        {
+            "dataset": "docstrings",
+            "source": f"docstrings of the Python {sys.version.split()[0]} standard library",
+            **_corpus_settings(cfg),
+        },
+    )
 
 
 def load_sentences(data_dir: Path) -> Sentences:
@@ -119,7 +133,9 @@ def load_sentences(data_dir: Path) -> Sentences:
         texts[split] = lines
     if len(texts) == 2:
         if overlap := len(set(texts["train"]) & set(texts["eval"])):
-            problems.append(f"{overlap} sentence(s) are in both train.txt and eval.txt: the evaluation would not be held out")
+            problems.append(
+                f"{overlap} sentence(s) are in both train.txt and eval.txt: the evaluation would not be held out"
+            )
         if len(texts["eval"]) < queries + 10:
             problems.append(f"eval.txt: {len(texts['eval'])} sentences, need queries ({queries}) + 10 to search")
     if problems:
@@ -132,7 +148,9 @@ def describe_docstrings(cfg: TextDataConfig, data_dir: Path) -> tuple[dict, dict
     sentences = load_sentences(data_dir)
     asked = _corpus_settings(cfg)
     if differ := {k: (sentences.manifest.get(k), v) for k, v in asked.items() if sentences.manifest.get(k) != v}:
-        raise DataError(f"{data_dir} was built with other settings than the config asks for: "
-                        + ", ".join(f"{k}: {have} vs {want}" for k, (have, want) in differ.items())
-                        + f"; delete {data_dir} to rebuild it (the old version stays in the DVC remote)")
+        raise DataError(
+            f"{data_dir} was built with other settings than the config asks for: "
+            + ", ".join(f"{k}: {have} vs {want}" for k, (have, want) in differ.items())
+            + f"; delete {data_dir} to rebuild it (the old version stays in the DVC remote)"
+        )
     return sentences.manifest, {"train": len(sentences.train), "eval": len(sentences.eval)}

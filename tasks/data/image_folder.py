@@ -39,23 +39,37 @@ class ImageFolderConfig(Section):
     """A user's images in `dir`: one sub-folder per class of PNG/JPEG files."""
 
     dataset: Literal["image_folder"]
-    dir: Path = Field(Path("data"), description="DVC-tracked folder of class sub-folders (relative to the project root).")
+    dir: Path = Field(
+        Path("data"), description="DVC-tracked folder of class sub-folders (relative to the project root)."
+    )
     image_size: tuple[int, int] = Field((32, 32), description="Height and width every image is resized to.")
     color: Literal["gray", "rgb"] = Field("gray", description="Images are converted to 1 (gray) or 3 (rgb) channels.")
     val_fraction: float = Field(0.15, gt=0, lt=0.5, description="Share of images held out for validation (by hash).")
-    test_fraction: float = Field(0.2, gt=0, lt=0.5, description="Share of images held out for the final test (by hash).")
+    test_fraction: float = Field(
+        0.2, gt=0, lt=0.5, description="Share of images held out for the final test (by hash)."
+    )
     min_class_samples: int = Field(5, ge=1, description="Fewest train images a class may have.")
     allow_drift: bool = Field(False, description="Accept a class folder the previously versioned data did not have.")
-    max_image_pixels: int | None = Field(None, ge=1, description="Largest image (width x height, read from its header "
-                                         "before decoding) in the folder or in a served request; default 64 x "
-                                         "image_size's area, at least 1024 x 1024.")
-    max_request_pixels: int | None = Field(None, ge=1, description="Most pixels the images of one served request may "
-                                           "hold together (headers summed before any is decoded); default 16 x "
-                                           "max_image_pixels.")
-    dvc_remote: str = Field(".modelforge/dvc-remote", description="DVC remote the data is pushed to (a folder or a URL).")
+    max_image_pixels: int | None = Field(
+        None,
+        ge=1,
+        description="Largest image (width x height, read from its header "
+        "before decoding) in the folder or in a served request; default 64 x "
+        "image_size's area, at least 1024 x 1024.",
+    )
+    max_request_pixels: int | None = Field(
+        None,
+        ge=1,
+        description="Most pixels the images of one served request may "
+        "hold together (headers summed before any is decoded); default 16 x "
+        "max_image_pixels.",
+    )
+    dvc_remote: str = Field(
+        ".modelforge/dvc-remote", description="DVC remote the data is pushed to (a folder or a URL)."
+    )
 
     @model_validator(mode="after")
-    def _size_positive(self) -> "ImageFolderConfig":
+    def _size_positive(self) -> ImageFolderConfig:
         if min(self.image_size) < 4:
             raise ValueError(f"image_size {list(self.image_size)}: both sides must be at least 4 pixels")
         return self
@@ -75,8 +89,10 @@ def _files(data_dir: Path) -> tuple[list[tuple[str, Path]], list[str]]:
             continue
         images = sorted(p for p in entry.rglob("*") if p.is_file())
         if stray := [p for p in images if p.suffix.lower() not in SUFFIXES]:
-            problems.append(f"{entry.name}/: {len(stray)} file(s) that are not PNG/JPEG: "
-                            + ", ".join(str(p.relative_to(data_dir)) for p in stray[:5]))
+            problems.append(
+                f"{entry.name}/: {len(stray)} file(s) that are not PNG/JPEG: "
+                + ", ".join(str(p.relative_to(data_dir)) for p in stray[:5])
+            )
         files += [(entry.name, p) for p in images if p.suffix.lower() in SUFFIXES]
     return files, problems
 
@@ -99,8 +115,10 @@ def _header_pixels(data: bytes, max_pixels: int) -> int:
 
     with Image.open(io.BytesIO(data)) as image:
         if (pixels := image.width * image.height) > max_pixels:
-            raise TooLarge(f"{image.width}x{image.height} = {pixels:,} pixels, over the limit of {max_pixels:,} "
-                           "(data.max_image_pixels)")
+            raise TooLarge(
+                f"{image.width}x{image.height} = {pixels:,} pixels, over the limit of {max_pixels:,} "
+                "(data.max_image_pixels)"
+            )
     return pixels
 
 
@@ -111,8 +129,8 @@ def _pixels(data: bytes, size: tuple[int, int], channels: int, max_pixels: int) 
     from PIL import Image
 
     _header_pixels(data, max_pixels)
-    with Image.open(io.BytesIO(data)) as image:
-        image = image.convert("L" if channels == 1 else "RGB").resize((size[1], size[0]), Image.Resampling.BILINEAR)
+    with Image.open(io.BytesIO(data)) as opened:
+        image = opened.convert("L" if channels == 1 else "RGB").resize((size[1], size[0]), Image.Resampling.BILINEAR)
         array = np.asarray(image, dtype=np.float32) / 255.0
     return array[None] if channels == 1 else array.transpose(2, 0, 1)
 
@@ -152,8 +170,10 @@ def encode_images(preprocessing: dict, images: list[bytes]) -> np.ndarray:
     if problems:
         raise ValueError("; ".join(problems[:20]))
     if sum(counted) > per_request:
-        raise ValueError(f"the {len(images)} images hold {sum(counted):,} pixels together, over the limit of "
-                         f"{per_request:,} per request (data.max_request_pixels); send them in smaller requests")
+        raise ValueError(
+            f"the {len(images)} images hold {sum(counted):,} pixels together, over the limit of "
+            f"{per_request:,} per request (data.max_request_pixels); send them in smaller requests"
+        )
     out = np.zeros((len(images), channels, *size), dtype=np.float32)
     for i, data in enumerate(images):
         try:
@@ -174,7 +194,7 @@ def describe_image_folder(cfg: ImageFolderConfig, data_dir: Path) -> tuple[dict,
     if len(classes) < 2:
         problems.append(f"{len(classes)} class folder(s) with images; a classifier needs at least 2")
     channels = 1 if cfg.color == "gray" else 3
-    size = tuple(cfg.image_size)
+    size = cfg.image_size
     limits = {"max_pixels": cfg.max_image_pixels, "max_request_pixels": cfg.max_request_pixels}
     max_pixels, max_request_pixels = pixel_limits({"size": size, **limits})
     contents, pixels, unreadable, too_large = [], [], [], []
@@ -190,11 +210,13 @@ def describe_image_folder(cfg: ImageFolderConfig, data_dir: Path) -> tuple[dict,
     if unreadable:
         problems.append(f"{len(unreadable)} unreadable image(s): " + ", ".join(unreadable[:10]))
     if too_large:
-        problems.append(f"{len(too_large)} image(s) over the limit of {max_pixels:,} pixels (data.max_image_pixels; "
-                        "refused before decoding): " + ", ".join(too_large[:10]))
+        problems.append(
+            f"{len(too_large)} image(s) over the limit of {max_pixels:,} pixels (data.max_image_pixels; "
+            "refused before decoding): " + ", ".join(too_large[:10])
+        )
     digests = [hashlib.sha256(d).hexdigest() for d in contents]
     labels_of: dict[str, set[str]] = {}
-    for (label, _), digest in zip(files, digests):
+    for (label, _), digest in zip(files, digests, strict=True):
         labels_of.setdefault(digest, set()).add(label)
     if conflicts := [sorted(v) for v in labels_of.values() if len(v) > 1]:
         problems.append(f"{len(conflicts)} image(s) appear under several classes, e.g. in {', '.join(conflicts[0])}")
@@ -203,20 +225,42 @@ def describe_image_folder(cfg: ImageFolderConfig, data_dir: Path) -> tuple[dict,
     problems += found + unseen_classes(previous_manifest(data_dir, "image_folder"), classes, cfg.allow_drift)
     raise_problems(data_dir, problems)
 
-    train = np.stack([x for x, s in zip(pixels, split) if s == "train"])  # every image decoded: none unreadable
+    train = np.stack(
+        [x for x, s in zip(pixels, split, strict=True) if s == "train"]
+    )  # every image decoded: none unreadable
     mean, std = train.mean(axis=(0, 2, 3)), train.std(axis=(0, 2, 3))
-    _remember({(digest, size, channels): x for digest, x in zip(digests, pixels)})
-    preprocessing = {"kind": "image", "size": list(size), "channels": channels, "color": cfg.color,
-                     "mean": [float(m) for m in mean], "std": [float(max(s, 1e-6)) for s in std],
-                     "resize": "bilinear", "scale": "pixel / 255, then (x - mean) / std per channel",
-                     "max_pixels": max_pixels, "max_request_pixels": max_request_pixels}
-    manifest = {"dataset": "image_folder", "classes": classes, "num_classes": len(classes),
-                "input_shape": [channels, *size], "dtype": "float32", "preprocessing": preprocessing,
-                "files": {str(path.relative_to(data_dir)): {"class": label, "sha256": digest, "split": str(s)}
-                          for (label, path), digest, s in zip(files, digests, split)},
-                "split": {"rule": SPLIT_RULE, "key": "sha256 of the image bytes",
-                          "val_fraction": cfg.val_fraction, "test_fraction": cfg.test_fraction},
-                "counts": counts}
+    _remember({(digest, size, channels): x for digest, x in zip(digests, pixels, strict=True)})
+    preprocessing = {
+        "kind": "image",
+        "size": list(size),
+        "channels": channels,
+        "color": cfg.color,
+        "mean": [float(m) for m in mean],
+        "std": [float(max(s, 1e-6)) for s in std],
+        "resize": "bilinear",
+        "scale": "pixel / 255, then (x - mean) / std per channel",
+        "max_pixels": max_pixels,
+        "max_request_pixels": max_request_pixels,
+    }
+    manifest = {
+        "dataset": "image_folder",
+        "classes": classes,
+        "num_classes": len(classes),
+        "input_shape": [channels, *size],
+        "dtype": "float32",
+        "preprocessing": preprocessing,
+        "files": {
+            str(path.relative_to(data_dir)): {"class": label, "sha256": digest, "split": str(s)}
+            for (label, path), digest, s in zip(files, digests, split, strict=True)
+        },
+        "split": {
+            "rule": SPLIT_RULE,
+            "key": "sha256 of the image bytes",
+            "val_fraction": cfg.val_fraction,
+            "test_fraction": cfg.test_fraction,
+        },
+        "counts": counts,
+    }
     write_manifest(data_dir, manifest)
     return manifest, counts
 
@@ -240,18 +284,27 @@ def load_image_folder(data_dir: Path, manifest: dict) -> Splits:
         elif key not in decoded:
             try:
                 known = _decoded.get(key)
-                decoded[key] = known if known is not None else _pixels(data, size, channels,
-                                                                       pixel_limits(preprocessing)[0])
+                decoded[key] = (
+                    known if known is not None else _pixels(data, size, channels, pixel_limits(preprocessing)[0])
+                )
             except Exception as err:  # PIL raises many types for bad files
                 problems.append(f"{name}: {err}")
     if problems:
-        raise DataError(f"{data_dir}: the images differ from the versioned ones ({'; '.join(problems[:5])}); "
-                        "run `modelforge data-changed` (or a run) to version them")
+        raise DataError(
+            f"{data_dir}: the images differ from the versioned ones ({'; '.join(problems[:5])}); "
+            "run `modelforge data-changed` (or a run) to version them"
+        )
     _remember(decoded)
     x = np.stack([_normalise(decoded[(info["sha256"], size, channels)], preprocessing) for _, info in entries])
     y = np.array([index[info["class"]] for _, info in entries], dtype=np.int64)
     split = np.array([info["split"] for _, info in entries])
     arrays = {s: (x[split == s], y[split == s]) for s in SPLITS}
-    raise_problems(data_dir, [p for s in SPLITS for p in check_arrays(s, *arrays[s], tuple(manifest["input_shape"]),
-                                                                         manifest["num_classes"])])
+    raise_problems(
+        data_dir,
+        [
+            p
+            for s in SPLITS
+            for p in check_arrays(s, *arrays[s], tuple(manifest["input_shape"]), manifest["num_classes"])
+        ],
+    )
     return Splits(arrays["train"], arrays["val"], arrays["test"], manifest["num_classes"], manifest)

@@ -36,8 +36,10 @@ def notify_data_change(cfg: ClassifierData | TextDataConfig, root: Path, marker:
     from prefect.settings import PREFECT_API_URL
 
     if not PREFECT_API_URL.value():
-        raise ValueError("no Prefect server: run `modelforge stack start` in the project folder (or set "
-                         "PREFECT_API_URL) so the event reaches it")
+        raise ValueError(
+            "no Prefect server: run `modelforge stack start` in the project folder (or set "
+            "PREFECT_API_URL) so the event reaches it"
+        )
     root = Path(root)
     resource = data_resource(cfg.dir)
     marker = marker or root / ".modelforge" / "data-events" / hashlib.sha256(resource.encode()).hexdigest()[:16]
@@ -45,9 +47,11 @@ def notify_data_change(cfg: ClassifierData | TextDataConfig, root: Path, marker:
     previous = marker.read_text().strip() if marker.exists() else None
     if previous == version.md5:
         return DataChange(version.md5, previous, False)
-    event = emit_event(event=EVENT, resource={"prefect.resource.id": resource,
-                                              "prefect.resource.name": str(cfg.dir)},
-                       payload={"data_version": version.md5, "previous": previous})
+    event = emit_event(
+        event=EVENT,
+        resource={"prefect.resource.id": resource, "prefect.resource.name": str(cfg.dir)},
+        payload={"data_version": version.md5, "previous": previous},
+    )
     if event is None:
         raise RuntimeError("Prefect did not accept the event (events client unavailable)")
     marker.parent.mkdir(parents=True, exist_ok=True)

@@ -12,11 +12,15 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from pydantic import Field
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 from tasks.core.settings import Section
 from tasks.data.base import (
@@ -41,18 +45,29 @@ class TableDataConfig(Section):
     """A user's table (CSV, Parquet or JSONL) in `dir`: one row per sample, one label column."""
 
     dataset: Literal["table"]
-    dir: Path = Field(Path("data"), description="DVC-tracked folder holding the table file (relative to the project root).")
-    file: str | None = Field(None, description="The table's file name in `dir`; default: the one .csv/.parquet/.jsonl there.")
+    dir: Path = Field(
+        Path("data"), description="DVC-tracked folder holding the table file (relative to the project root)."
+    )
+    file: str | None = Field(
+        None, description="The table's file name in `dir`; default: the one .csv/.parquet/.jsonl there."
+    )
     label: str = Field(..., min_length=1, description="The column holding each row's class.")
     id_column: str | None = Field(None, description="A unique id per row to split by; default: the row's content.")
-    categorical: list[str] = Field([], description="Numeric-looking columns to treat as categories (text columns always are).")
+    categorical: list[str] = Field(
+        [], description="Numeric-looking columns to treat as categories (text columns always are)."
+    )
     drop: list[str] = Field([], description="Columns to ignore (free text, timestamps, leaks of the label).")
     val_fraction: float = Field(0.15, gt=0, lt=0.5, description="Share of rows held out for validation (by hash).")
     test_fraction: float = Field(0.2, gt=0, lt=0.5, description="Share of rows held out for the final test (by hash).")
     min_class_samples: int = Field(5, ge=1, description="Fewest train rows a class may have.")
-    allow_drift: bool = Field(False, description="Accept a new/missing column, a changed type or a new label "
-                              "against the previously versioned data (an error by default).")
-    dvc_remote: str = Field(".modelforge/dvc-remote", description="DVC remote the data is pushed to (a folder or a URL).")
+    allow_drift: bool = Field(
+        False,
+        description="Accept a new/missing column, a changed type or a new label "
+        "against the previously versioned data (an error by default).",
+    )
+    dvc_remote: str = Field(
+        ".modelforge/dvc-remote", description="DVC remote the data is pushed to (a folder or a URL)."
+    )
 
 
 READERS = {".csv": "csv", ".parquet": "parquet", ".jsonl": "jsonl"}
@@ -60,14 +75,16 @@ FLOAT32_MAX = float(np.finfo(np.float32).max)
 UNKNOWN = "<unknown>"  # the bucket for categories unseen in train, and for missing categories
 
 
-def find_table(cfg: TableDataConfig, data_dir: Path) -> Path:
-    """The table file: `cfg.file`, or the one CSV/Parquet/JSONL file in the folder."""
-    if cfg.file:
-        return Path(data_dir) / cfg.file
+def find_table(file: str | None, data_dir: Path) -> Path:
+    """The table file: `file` (a data section's `file`), or the one CSV/Parquet/JSONL file in the folder."""
+    if file:
+        return Path(data_dir) / file
     tables = sorted(p for p in Path(data_dir).iterdir() if p.suffix.lower() in READERS)
     if len(tables) != 1:
-        raise DataError(f"{data_dir}: found {len(tables)} table files ({', '.join(p.name for p in tables) or 'none'}); "
-                        "put exactly one CSV/Parquet/JSONL file there or name it in data.file")
+        raise DataError(
+            f"{data_dir}: found {len(tables)} table files ({', '.join(p.name for p in tables) or 'none'}); "
+            "put exactly one CSV/Parquet/JSONL file there or name it in data.file"
+        )
     return tables[0]
 
 
@@ -81,7 +98,9 @@ def read_table(path: Path):
             frame = pd.read_csv(path, keep_default_na=True)
             # pandas renames a repeated header name x to x.1: the notes say so
             header = [str(c) for c in pd.read_csv(path, header=None, nrows=1).iloc[0]]
-            frame.attrs["renamed"] = {new: old for old, new in zip(header, map(str, frame.columns)) if old != new}
+            frame.attrs["renamed"] = {
+                new: old for old, new in zip(header, map(str, frame.columns), strict=True) if old != new
+            }
             return frame
         if kind == "parquet":
             import pyarrow.parquet as pq
@@ -104,20 +123,23 @@ def nested_columns(frame) -> dict[str, str]:
     their type: a table here holds numbers and text categories only."""
     found = {}
     for name in frame.columns:
-        if frame[name].dtype == object and (kinds := sorted({type(v).__name__ for v in frame[name]
-                                                             if isinstance(v, NESTED)})):
+        if frame[name].dtype == object and (
+            kinds := sorted({type(v).__name__ for v in frame[name] if isinstance(v, NESTED)})
+        ):
             found[str(name)] = frame.attrs.get("types", {}).get(str(name)) or " / ".join(kinds)
     return found
 
 
-def table_notes(frame, schema: dict[str, str], categorical: list[str] = ()) -> list[str]:
+def table_notes(frame, schema: dict[str, str], categorical: Sequence[str] = ()) -> list[str]:
     """What reading the table decided on its own, said to the user (init's summary, the manifest):
     renamed repeated column names, and mostly-numeric columns read as categories because of a few
     values that are not numbers."""
     import pandas as pd
 
-    notes = [f"column {new!r} is a repeat of the header name {old!r} (pandas renamed it); rename one of them"
-             for new, old in frame.attrs.get("renamed", {}).items()]
+    notes = [
+        f"column {new!r} is a repeat of the header name {old!r} (pandas renamed it); rename one of them"
+        for new, old in frame.attrs.get("renamed", {}).items()
+    ]
     for name, kind in schema.items():
         values = frame[name].dropna()
         if kind != "categorical" or name in categorical or not len(values):
@@ -125,8 +147,10 @@ def table_notes(frame, schema: dict[str, str], categorical: list[str] = ()) -> l
         junk = values[pd.to_numeric(values.astype(str), errors="coerce").isna()]
         if 0 < len(junk) <= len(values) / 2:
             shown = ", ".join(repr(v) for v in list(dict.fromkeys(map(str, junk)))[:3])
-            notes.append(f"column {name!r} is read as categorical, yet {len(values) - len(junk)} of its {len(values)} "
-                         f"values are numbers: {len(junk)} are not ({shown}); fix or blank them to read it as numeric")
+            notes.append(
+                f"column {name!r} is read as categorical, yet {len(values) - len(junk)} of its {len(values)} "
+                f"values are numbers: {len(junk)} are not ({shown}); fix or blank them to read it as numeric"
+            )
     return notes
 
 
@@ -155,33 +179,56 @@ def _row_keys(frame, id_column: str | None) -> list[str]:
     """What a row is hashed by: its id, or its whole content (so a duplicate row shares its split)."""
     if id_column:
         return [_canonical(v) or "" for v in frame[id_column]]
-    return [json.dumps({k: _canonical(v) for k, v in r.items()}, sort_keys=True) for r in frame.to_dict(orient="records")]
+    return [
+        json.dumps({k: _canonical(v) for k, v in r.items()}, sort_keys=True) for r in frame.to_dict(orient="records")
+    ]
 
 
 def infer_schema(cfg: TableDataConfig, frame) -> dict[str, str]:
     """Feature column -> "numeric" | "categorical" (label, id and dropped columns excluded)."""
     skip = {cfg.label, cfg.id_column, *cfg.drop} - {None}
-    return {c: ("categorical" if c in cfg.categorical or not _is_numeric(frame[c]) else "numeric")
-            for c in frame.columns if c not in skip}
+    return {
+        c: ("categorical" if c in cfg.categorical or not _is_numeric(frame[c]) else "numeric")
+        for c in frame.columns
+        if c not in skip
+    }
 
 
 def fit_preprocessing(schema: dict[str, str], train) -> dict:
     """Standardisation and imputation statistics and the category lists, from the train rows only."""
-    columns = []
+    columns: list[dict[str, Any]] = []
     for name, kind in schema.items():
         values = train[name]
         if kind == "numeric":
             x = values.astype(float)
             mean = float(x.mean()) if x.notna().any() else 0.0
             std = float(x.std(ddof=0)) if x.notna().sum() > 1 else 0.0
-            columns.append({"name": name, "kind": "numeric", "mean": mean, "std": std if std > 1e-12 else 1.0,
-                            "missing_indicator": bool(x.isna().any())})
+            columns.append(
+                {
+                    "name": name,
+                    "kind": "numeric",
+                    "mean": mean,
+                    "std": std if std > 1e-12 else 1.0,
+                    "missing_indicator": bool(x.isna().any()),
+                }
+            )
         else:
-            seen = sorted({_canonical(v) for v in values.dropna()})
-            columns.append({"name": name, "kind": "categorical", "categories": seen + [UNKNOWN]})
-    return {"kind": "table", "columns": columns,
-            "features": sum(1 + c["missing_indicator"] if c["kind"] == "numeric" else len(c["categories"])
-                            for c in columns)}
+            seen = sorted({_present(v) for v in values.dropna()})
+            columns.append({"name": name, "kind": "categorical", "categories": [*seen, UNKNOWN]})
+    return {
+        "kind": "table",
+        "columns": columns,
+        "features": sum(
+            1 + c["missing_indicator"] if c["kind"] == "numeric" else len(c["categories"]) for c in columns
+        ),
+    }
+
+
+def _present(value) -> str:
+    """`_canonical` of a cell known not to be missing (after `dropna`/`notna`, which agree with `_missing`)."""
+    text = _canonical(value)
+    assert text is not None
+    return text
 
 
 def _missing(value) -> bool:
@@ -191,7 +238,7 @@ def _missing(value) -> bool:
     return value is None or (not isinstance(value, (*NESTED, str)) and bool(pd.isna(value)))
 
 
-def _standardised(value: int | float, col: dict) -> float | None:
+def _standardised(value: int | float | np.number, col: dict) -> float | None:
     """The value standardised with the train split's mean and std; None when it (or the result)
     lies beyond float32, which would turn into inf in the model and NaN in its answer."""
     try:
@@ -226,8 +273,9 @@ def encode_records(preprocessing: dict, records: list[dict]) -> np.ndarray:
                     problems.append(f"record {i}: column {name!r} is numeric, got {value!r}")
                 elif (scaled := _standardised(value, col)) is None:
                     text = str(value) if len(str(value)) <= 24 else f"{str(value)[:12]}... ({len(str(value))} digits)"
-                    problems.append(f"record {i}: column {name!r} holds {text}, beyond the float32 range the model "
-                                    "computes in")
+                    problems.append(
+                        f"record {i}: column {name!r} holds {text}, beyond the float32 range the model computes in"
+                    )
                 else:
                     out[i, j] = scaled
                 j += 1 + col["missing_indicator"]
@@ -254,8 +302,11 @@ def _schema_drift(previous: dict, schema: dict[str, str], allow_drift: bool) -> 
         return []
     drift = [f"new column {c!r} (not in the previous version)" for c in schema if c not in before]
     drift += [f"column {c!r} is gone (it was in the previous version)" for c in before if c not in schema]
-    drift += [f"column {c!r} changed type: {before[c]} -> {schema[c]}" for c in schema
-              if c in before and before[c] != schema[c]]
+    drift += [
+        f"column {c!r} changed type: {before[c]} -> {schema[c]}"
+        for c in schema
+        if c in before and before[c] != schema[c]
+    ]
     return [f"{d}; set data.allow_drift: true if the change is intended" for d in drift]
 
 
@@ -264,19 +315,23 @@ def describe_table(cfg: TableDataConfig, data_dir: Path) -> tuple[dict, dict]:
     and counts, preprocessing fitted on train. Compared with the folder's previous manifest, schema
     drift is an error unless `data.allow_drift` is set."""
     data_dir = Path(data_dir)
-    path = find_table(cfg, data_dir)
+    path = find_table(cfg.file, data_dir)
     problems = unknown_files(data_dir, {MANIFEST, path.name})
     frame = read_table(path)
     missing = [c for c in (cfg.label, cfg.id_column, *cfg.categorical, *cfg.drop) if c and c not in frame.columns]
     if missing:
-        raise_problems(path, [*problems, f"no column(s) {', '.join(map(repr, missing))}; it has "
-                                         f"{', '.join(map(str, frame.columns))}"])
+        raise_problems(
+            path,
+            [*problems, f"no column(s) {', '.join(map(repr, missing))}; it has {', '.join(map(str, frame.columns))}"],
+        )
     if len(frame) == 0:
         raise DataError(f"{path}: no rows")
     if nested := {c: t for c, t in nested_columns(frame).items() if c not in cfg.drop}:
-        raise DataError(f"{path}: column(s) holding nested values, not numbers or text: "
-                        + ", ".join(f"{c!r} ({t})" for c, t in nested.items())
-                        + "; list them in data.drop, or flatten them into one column per value")
+        raise DataError(
+            f"{path}: column(s) holding nested values, not numbers or text: "
+            + ", ".join(f"{c!r} ({t})" for c, t in nested.items())
+            + "; list them in data.drop, or flatten them into one column per value"
+        )
     if unlabeled := int(frame[cfg.label].isna().sum()):
         problems.append(f"label column {cfg.label!r}: {unlabeled} row(s) without a label")
     schema = infer_schema(cfg, frame)
@@ -285,32 +340,47 @@ def describe_table(cfg: TableDataConfig, data_dir: Path) -> tuple[dict, dict]:
     if cfg.id_column and (dupes := int(frame[cfg.id_column].duplicated().sum())):
         problems.append(f"id column {cfg.id_column!r}: {dupes} duplicate id(s)")
     labelled = frame[frame[cfg.label].notna()]
-    classes = sorted({_canonical(v) for v in labelled[cfg.label]})
+    classes = sorted({_present(v) for v in labelled[cfg.label]})
     if len(classes) < 2:
         problems.append(f"label column {cfg.label!r} has {len(classes)} class(es); a classifier needs at least 2")
     split = hash_split(_row_keys(labelled, cfg.id_column), cfg.val_fraction, cfg.test_fraction)
-    counts, found = split_problems([_canonical(v) for v in labelled[cfg.label]], split, classes, cfg.min_class_samples,
-                                   "rows")
+    counts, found = split_problems(
+        [_present(v) for v in labelled[cfg.label]], split, classes, cfg.min_class_samples, "rows"
+    )
     problems += found
     if cfg.id_column and schema:  # content duplicates with different ids can land in different splits
-        content = [json.dumps({k: _canonical(v) for k, v in r.items()}, sort_keys=True)
-                   for r in _records(labelled, schema)]
+        content = [
+            json.dumps({k: _canonical(v) for k, v in r.items()}, sort_keys=True) for r in _records(labelled, schema)
+        ]
         seen: dict[str, str] = {}
-        leaks = sum(1 for key, s in zip(content, split) if seen.setdefault(key, s) != s)
+        leaks = sum(1 for key, s in zip(content, split, strict=True) if seen.setdefault(key, s) != s)
         if leaks:
-            problems.append(f"{leaks} row(s) repeat the features of a row in another split (leakage); "
-                            "remove the duplicates or drop data.id_column to split by content")
+            problems.append(
+                f"{leaks} row(s) repeat the features of a row in another split (leakage); "
+                "remove the duplicates or drop data.id_column to split by content"
+            )
     previous = previous_manifest(data_dir, "table")
     problems += _schema_drift(previous, schema, cfg.allow_drift) + unseen_classes(previous, classes, cfg.allow_drift)
     raise_problems(path, problems)
 
     preprocessing = fit_preprocessing(schema, labelled[split == "train"])
     manifest = {
-        "dataset": "table", "file": path.name, "label": cfg.label, "id_column": cfg.id_column,
-        "schema": schema, "classes": classes, "num_classes": len(classes),
-        "input_shape": [preprocessing["features"]], "dtype": "float32", "preprocessing": preprocessing,
-        "split": {"rule": SPLIT_RULE, "key": cfg.id_column or "row content",
-                  "val_fraction": cfg.val_fraction, "test_fraction": cfg.test_fraction},
+        "dataset": "table",
+        "file": path.name,
+        "label": cfg.label,
+        "id_column": cfg.id_column,
+        "schema": schema,
+        "classes": classes,
+        "num_classes": len(classes),
+        "input_shape": [preprocessing["features"]],
+        "dtype": "float32",
+        "preprocessing": preprocessing,
+        "split": {
+            "rule": SPLIT_RULE,
+            "key": cfg.id_column or "row content",
+            "val_fraction": cfg.val_fraction,
+            "test_fraction": cfg.test_fraction,
+        },
         "counts": counts,
         "content_sha256": file_digest(path),
         **({"notes": notes} if (notes := table_notes(frame, schema, cfg.categorical)) else {}),
@@ -324,11 +394,13 @@ def read_versioned(data_dir: Path, manifest: dict):
     another version's splits and preprocessing)."""
     path = Path(data_dir) / manifest["file"]
     if file_digest(path) != manifest["content_sha256"]:
-        raise DataError(f"{path} changed since it was versioned; run `modelforge data-changed` (or a run) to version it")
+        raise DataError(
+            f"{path} changed since it was versioned; run `modelforge data-changed` (or a run) to version it"
+        )
     return read_table(path)
 
 
-def split_rows(data_dir: Path, manifest: dict) -> tuple[object, np.ndarray]:
+def split_rows(data_dir: Path, manifest: dict) -> tuple[pd.DataFrame, np.ndarray]:
     """The versioned table's labelled rows and the split of each, by the manifest's rule."""
     frame = read_versioned(data_dir, manifest)
     labelled = frame[frame[manifest["label"]].notna()]
@@ -344,7 +416,8 @@ def load_table(data_dir: Path, manifest: dict) -> Splits:
     index = {c: i for i, c in enumerate(manifest["classes"])}
     y = np.array([index[_canonical(v)] for v in labelled[manifest["label"]]], dtype=np.int64)
     arrays = {s: (x[split == s], y[split == s]) for s in SPLITS}
-    problems = [p for s in SPLITS for p in check_arrays(s, *arrays[s], tuple(manifest["input_shape"]),
-                                                         manifest["num_classes"])]
+    problems = [
+        p for s in SPLITS for p in check_arrays(s, *arrays[s], tuple(manifest["input_shape"]), manifest["num_classes"])
+    ]
     raise_problems(path, problems)
     return Splits(arrays["train"], arrays["val"], arrays["test"], manifest["num_classes"], manifest)

@@ -48,15 +48,20 @@ class TextTableConfig(Section):
     text: str = Field("text", min_length=1, description="The column holding each sample's text.")
     label: str = Field("label", min_length=1, description="The column holding each sample's class.")
     max_length: int = Field(64, ge=4, le=1024, description="Tokens kept per text (the rest is cut off).")
-    tokenizer: str | None = Field(None, description="None: words, with a vocabulary built on train (the text family). "
-                                  "'minilm' or a Hugging Face folder: that checkpoint's tokenizer (for model.pretrained).")
+    tokenizer: str | None = Field(
+        None,
+        description="None: words, with a vocabulary built on train (the text family). "
+        "'minilm' or a Hugging Face folder: that checkpoint's tokenizer (for model.pretrained).",
+    )
     vocab_size: int = Field(5000, ge=10, description="Most frequent train words kept; the others read as 'unknown'.")
     min_count: int = Field(2, ge=1, description="A word enters the vocabulary only if train holds it this often.")
     val_fraction: float = Field(0.15, gt=0, lt=0.5, description="Share of rows held out for validation (by hash).")
     test_fraction: float = Field(0.2, gt=0, lt=0.5, description="Share of rows held out for the final test (by hash).")
     min_class_samples: int = Field(5, ge=1, description="Fewest train rows a class may have.")
     allow_drift: bool = Field(False, description="Accept a label the previously versioned data did not have.")
-    dvc_remote: str = Field(".modelforge/dvc-remote", description="DVC remote the data is pushed to (a folder or a URL).")
+    dvc_remote: str = Field(
+        ".modelforge/dvc-remote", description="DVC remote the data is pushed to (a folder or a URL)."
+    )
 
 
 PATTERN = r"[^\W_]+"  # runs of letters and digits, lowercased
@@ -84,8 +89,14 @@ def pretrained_tokenizer(name: str, max_length: int) -> dict:
 
     text = (resolve_pretrained(name, tokenizer=True) / "tokenizer.json").read_text()
     pad = pad_token_id(text)
-    return {"kind": "text", "tokenizer": name, "tokenizer_json": text, "max_length": max_length,
-            "vocab_size": _tokenizer(text, max_length, pad).get_vocab_size(), "pad_id": pad}
+    return {
+        "kind": "text",
+        "tokenizer": name,
+        "tokenizer_json": text,
+        "max_length": max_length,
+        "vocab_size": _tokenizer(text, max_length, pad).get_vocab_size(),
+        "pad_id": pad,
+    }
 
 
 def encode_texts(preprocessing: dict, texts: list[str]) -> np.ndarray:
@@ -113,12 +124,14 @@ def _labelled(cfg_text: str, cfg_label: str, frame):
 def describe_text(cfg: TextTableConfig, data_dir: Path) -> tuple[dict, dict]:
     """Validate the rows (everything at once), build the vocabulary on train and write the manifest."""
     data_dir = Path(data_dir)
-    path = find_table(cfg, data_dir)
+    path = find_table(cfg.file, data_dir)
     problems = unknown_files(data_dir, {MANIFEST, path.name})
     frame = read_table(path)
     if missing := [c for c in (cfg.text, cfg.label) if c not in frame.columns]:
-        raise_problems(path, [*problems, f"no column(s) {', '.join(map(repr, missing))}; it has "
-                                         f"{', '.join(map(str, frame.columns))}"])
+        raise_problems(
+            path,
+            [*problems, f"no column(s) {', '.join(map(repr, missing))}; it has {', '.join(map(str, frame.columns))}"],
+        )
     for column in (cfg.text, cfg.label):
         if n := int(frame[column].isna().sum()):
             problems.append(f"column {column!r}: {n} empty value(s)")
@@ -127,7 +140,7 @@ def describe_text(cfg: TextTableConfig, data_dir: Path) -> tuple[dict, dict]:
     if blank := sum(not tokens(t) for t in texts):
         problems.append(f"{blank} text(s) without a single word")
     seen: dict[str, str] = {}
-    if conflicts := sum(1 for t, y in zip(texts, labels) if seen.setdefault(t, y) != y):
+    if conflicts := sum(1 for t, y in zip(texts, labels, strict=True) if seen.setdefault(t, y) != y):
         problems.append(f"{conflicts} text(s) appear with different labels")
     classes = sorted(set(labels))
     if len(classes) < 2:
@@ -143,16 +156,38 @@ def describe_text(cfg: TextTableConfig, data_dir: Path) -> tuple[dict, dict]:
         except (OSError, ValueError) as err:
             raise DataError(f"data.tokenizer {cfg.tokenizer}: {err}") from None
     else:
-        counted = Counter(w for t, s in zip(texts, split) if s == "train" for w in tokens(t))
-        vocab = [w for w, n in sorted(counted.items(), key=lambda kv: (-kv[1], kv[0])) if n >= cfg.min_count][: cfg.vocab_size]
-        preprocessing = {"kind": "text", "pattern": PATTERN, "lowercase": True, "max_length": cfg.max_length,
-                         "vocab": vocab, "vocab_size": len(vocab) + 2, "ids": "0 padding, 1 unknown word, 2.. vocab"}
-    manifest = {"dataset": "text", "file": path.name, "text": cfg.text, "label": cfg.label, "classes": classes,
-                "num_classes": len(classes), "input_shape": [cfg.max_length], "dtype": "float32",
-                "preprocessing": preprocessing,
-                "split": {"rule": SPLIT_RULE, "key": "the text", "val_fraction": cfg.val_fraction,
-                          "test_fraction": cfg.test_fraction},
-                "counts": counts, "content_sha256": file_digest(path)}
+        counted = Counter(w for t, s in zip(texts, split, strict=True) if s == "train" for w in tokens(t))
+        vocab = [w for w, n in sorted(counted.items(), key=lambda kv: (-kv[1], kv[0])) if n >= cfg.min_count][
+            : cfg.vocab_size
+        ]
+        preprocessing = {
+            "kind": "text",
+            "pattern": PATTERN,
+            "lowercase": True,
+            "max_length": cfg.max_length,
+            "vocab": vocab,
+            "vocab_size": len(vocab) + 2,
+            "ids": "0 padding, 1 unknown word, 2.. vocab",
+        }
+    manifest = {
+        "dataset": "text",
+        "file": path.name,
+        "text": cfg.text,
+        "label": cfg.label,
+        "classes": classes,
+        "num_classes": len(classes),
+        "input_shape": [cfg.max_length],
+        "dtype": "float32",
+        "preprocessing": preprocessing,
+        "split": {
+            "rule": SPLIT_RULE,
+            "key": "the text",
+            "val_fraction": cfg.val_fraction,
+            "test_fraction": cfg.test_fraction,
+        },
+        "counts": counts,
+        "content_sha256": file_digest(path),
+    }
     write_manifest(data_dir, manifest)
     return manifest, counts
 
@@ -173,6 +208,12 @@ def load_text(data_dir: Path, manifest: dict) -> Splits:
     index = {c: i for i, c in enumerate(manifest["classes"])}
     y = np.array([index[v] for v in labels], dtype=np.int64)
     arrays = {s: (x[split == s], y[split == s]) for s in SPLITS}
-    raise_problems(path, [p for s in SPLITS for p in check_arrays(s, *arrays[s], tuple(manifest["input_shape"]),
-                                                                     manifest["num_classes"])])
+    raise_problems(
+        path,
+        [
+            p
+            for s in SPLITS
+            for p in check_arrays(s, *arrays[s], tuple(manifest["input_shape"]), manifest["num_classes"])
+        ],
+    )
     return Splits(arrays["train"], arrays["val"], arrays["test"], manifest["num_classes"], manifest)

@@ -39,9 +39,7 @@ class DataVersion:
 
 def _dvc(root: Path, *args: str) -> str:
     env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "dvc", *args], cwd=root, env=env, capture_output=True, text=True
-    )
+    proc = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"`dvc {' '.join(args)}` failed in {root}:\n{proc.stdout}{proc.stderr}")
     return proc.stdout
@@ -92,4 +90,4 @@ def version_data(cfg: ClassifierData | TextDataConfig | CorpusConfig, root: Path
     return DataVersion(md5, data_dir, manifest, remote)
 
 
-version_data_task = task(version_data, name="version_data")
+version_data_task = task(name="version_data")(version_data)

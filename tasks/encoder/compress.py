@@ -167,6 +167,7 @@ def distill_layers(state: ModelState, cfg: DistillLayers, ctx: EncoderContext) -
 @register("ort_optimize")
 def ort_optimize(state: ModelState, cfg: OrtOptimize, ctx: EncoderContext) -> ModelState:
     out = ctx.out_dir / "optimized.onnx"
+    assert state.onnx is not None  # the encoder's recipes start from the exported teacher
     fused = optimize_encoder(state.onnx, out, opt_level=cfg.opt_level)
     print(f"[compress] ort_optimize: fused {fused}")
     return replace(state, onnx=out, parity_max_abs=None, info={**state.info, "ort_optimize": {"fused": fused}})
@@ -174,6 +175,7 @@ def ort_optimize(state: ModelState, cfg: OrtOptimize, ctx: EncoderContext) -> Mo
 
 @register("quantize_dynamic")
 def quantize_dynamic(state: ModelState, cfg: QuantizeDynamic, ctx: EncoderContext) -> ModelState:
+    assert state.onnx is not None  # the encoder's recipes start from the exported teacher
     out = quantize_encoder(state.onnx, ctx.out_dir / "int8_dynamic.onnx", per_channel=cfg.per_channel)
     return replace(
         state, onnx=out, parity_max_abs=None, info={**state.info, "quantize_dynamic": {"per_channel": cfg.per_channel}}
@@ -187,6 +189,7 @@ def export_teacher(encoder: EncoderConfig, data_dir: Path, out_dir: Path) -> tup
     state = _export_checked(model, tokenizer, Path(out_dir) / "baseline" / "model.onnx", encoder, Path(data_dir))
     tokenizer_dir = Path(out_dir) / "tokenizer"
     tokenizer.save_pretrained(str(tokenizer_dir))
+    assert state.onnx is not None  # just exported
     return Candidate("baseline", state.onnx, state.checkpoint, state.parity_max_abs, state.info), tokenizer_dir
 
 
@@ -212,8 +215,9 @@ def compress_encoder(
         if handler is None:
             raise ValueError(f"unknown encoder compression method {step.method!r}; known: {sorted(HANDLERS)}")
         state = handler(state, step, ctx)
+    assert state.onnx is not None  # every encoder step keeps an ONNX file
     return Candidate(name, state.onnx, state.checkpoint, state.parity_max_abs, state.info)
 
 
-export_teacher_task = task(export_teacher, name="export_teacher")
-compress_encoder_task = task(compress_encoder, name="compress_encoder", task_run_name="compress-{name}")
+export_teacher_task = task(name="export_teacher")(export_teacher)
+compress_encoder_task = task(name="compress_encoder", task_run_name="compress-{name}")(compress_encoder)

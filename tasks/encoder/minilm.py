@@ -11,7 +11,7 @@ import random
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import onnx
@@ -23,6 +23,9 @@ from tasks.core.settings import Section
 from tasks.models.hf import packaged_model_path
 from tasks.onnx.export import write_checked
 from tasks.onnx.runtime import make_session, set_session_unfused
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
 class EncoderConfig(Section):
@@ -46,7 +49,7 @@ NUM_HEADS, HIDDEN_SIZE = 12, 384
 class SentenceEncoder(nn.Module):
     """BERT encoder + attention-masked mean pooling + L2 normalisation (sentence-transformers' recipe)."""
 
-    def __init__(self, bert: nn.Module):
+    def __init__(self, bert: PreTrainedModel):
         super().__init__()
         self.bert = bert
 
@@ -57,13 +60,13 @@ class SentenceEncoder(nn.Module):
         return nn.functional.normalize(pooled, dim=1)
 
 
-def load_tokenizer():
+def load_tokenizer() -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(packaged_model_path())
 
 
-def load_minilm(num_layers: int | None = None) -> tuple[SentenceEncoder, object]:
+def load_minilm(num_layers: int | None = None) -> tuple[SentenceEncoder, PreTrainedTokenizerBase]:
     """(encoder, tokenizer) from the packaged weights; `num_layers` keeps only the first layers.
 
     Eager attention, not transformers' default SDPA: its explicit MatMul/Softmax pattern is what
@@ -210,7 +213,7 @@ def fidelity(reference: np.ndarray, candidate: np.ndarray, queries: int, k: int 
     cos = sentence_cosines(reference, candidate)
     top = lambda e: np.argsort(-(e[:queries] @ e[queries:].T), axis=1)[:, :k]
     ref_top, cand_top = top(reference), top(candidate)
-    overlap = np.mean([len(set(a) & set(b)) / k for a, b in zip(ref_top, cand_top)])
+    overlap = np.mean([len(set(a) & set(b)) / k for a, b in zip(ref_top, cand_top, strict=True)])
     return {"cosine_mean": float(cos.mean()), "cosine_min": float(cos.min()), f"top{k}_overlap": float(overlap)}
 
 

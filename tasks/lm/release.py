@@ -12,7 +12,7 @@ import json
 import shutil
 import tempfile
 from dataclasses import replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timezone
 from pathlib import Path
 from typing import Literal
 

@@ -12,7 +12,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import Field, model_validator
@@ -105,7 +105,9 @@ class Family:
     builtin: bool = True  # searched from the space; False: the model section names the model (spec, pretrained)
     scales: bool = True  # `Arch.scaled` describes a narrower twin, the default distillation student
     # (teacher, its Arch, depth or None) -> (student, its Arch): a shallower twin made from the teacher itself
-    shallower: Callable[[nn.Module, Arch, int | None], tuple[nn.Module, Arch]] | None = None
+    shallower: Callable[[Any, Arch, int | None], tuple[nn.Module, Arch]] | None = (
+        None  # Any: the family's own model class
+    )
 
 
 FAMILIES: dict[str, Family] = {
@@ -191,6 +193,8 @@ def load_checkpoint(path: Path) -> tuple[nn.Module, Arch, dict]:
     path = Path(path)
     try:
         ckpt = load_tensors(path)
+        if not isinstance(ckpt, dict):
+            raise TypeError(f"a {type(ckpt).__name__}, not a dict")
         arch = Arch.from_dict(ckpt["arch"])
         model = build_model(arch)
         _resize(model, ckpt["state_dict"], ckpt.get("sizes", {}))

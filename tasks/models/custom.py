@@ -51,6 +51,7 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"weights {path} do not exist")
+    state: object
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file

@@ -21,6 +21,7 @@ import copy
 import os
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -28,6 +29,9 @@ from torch import nn
 
 from tasks.models.base import Arch
 from tasks.onnx.export import ExportGraph
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 from tasks.onnx.runtime import PAD_KEY
 
 PACKAGED = "minilm"
@@ -89,7 +93,7 @@ class _TokenGraph(nn.Module):
 class HFClassifier(nn.Module):
     """Float token ids [batch, tokens] -> logits, the attention mask computed from the padding id."""
 
-    def __init__(self, hf: nn.Module, pad_id: int):
+    def __init__(self, hf: PreTrainedModel, pad_id: int):
         super().__init__()
         self.hf, self.pad_id = hf, pad_id
 
@@ -116,7 +120,7 @@ def hf_arch(p: dict, num_classes: int, input_shape: tuple[int, ...], vocab: int)
     return Arch("hf", num_classes, input_shape, (), (), spec=p["pretrained"])
 
 
-def keep_layers(model: nn.Module, keep: tuple[int, ...]) -> nn.Module:
+def keep_layers(model: PreTrainedModel, keep: tuple[int, ...]) -> PreTrainedModel:
     """`model` (a Hugging Face model, changed in place) with only its transformer layers `keep`, in
     that order and with their weights: DistilBERT's way to start a shallower student."""
     n = model.config.num_hidden_layers
@@ -124,11 +128,10 @@ def keep_layers(model: nn.Module, keep: tuple[int, ...]) -> nn.Module:
         raise ValueError(f"keep layers {list(keep)}: the model has layers 0..{n - 1}")
     # The stack is the module list as long as the config's layer count (encoder.layer in BERT, RoBERTa,
     # MiniLM; transformer.layer in DistilBERT), wherever the architecture keeps it.
-    name, layers = next(
-        ((k, m) for k, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) == n), (None, None)
-    )
-    if layers is None:
+    found = next(((k, m) for k, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) == n), None)
+    if found is None:
         raise ValueError(f"{type(model).__name__}: no list of {n} transformer layers to keep some of")
+    name, layers = found
     owner, _, attr = name.rpartition(".")
     setattr(model.get_submodule(owner), attr, nn.ModuleList([layers[i] for i in keep]))
     model.config.num_hidden_layers = len(keep)
@@ -151,7 +154,7 @@ def shallower_twin(teacher: HFClassifier | HFImageClassifier, arch: Arch, depth:
 class HFImageClassifier(nn.Module):
     """Images [batch, C, H, W] -> logits; the graph's input is named `pixel_values`, as HF runtimes feed it."""
 
-    def __init__(self, hf: nn.Module):
+    def __init__(self, hf: PreTrainedModel):
         super().__init__()
         self.hf = hf
 

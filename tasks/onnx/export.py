@@ -76,9 +76,10 @@ def export_onnx(model: nn.Module, path: Path, reference_x: np.ndarray) -> Export
     """
     model = model.eval()
     example = torch.from_numpy(np.ascontiguousarray(reference_x[:2]))
+    export_graph = getattr(model, "export_graph", None)  # a family's own export inputs and axes, if it has them
     graph = (
-        model.export_graph(example)
-        if hasattr(model, "export_graph")
+        export_graph(example)
+        if export_graph is not None
         else ExportGraph(model, {INPUT_NAME: example}, {INPUT_NAME: {0: torch.export.Dim("batch")}}, {})
     )
     program = torch.onnx.export(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from functools import partial
 
 from mlflow.tracking import MlflowClient
 
@@ -21,9 +22,7 @@ def compare_runs(tracking: TrackingConfig, last: int = 10) -> list[dict]:
     for r in runs:
         tags, metrics = r.data.tags, r.data.metrics
         chosen, quality = tags.get("chosen_candidate", ""), tags.get("quality_metric", "accuracy")
-        metric = lambda k, scale=1.0, fmt="{:.4f}": (
-            fmt.format(metrics[f"{chosen}.{k}"] * scale) if f"{chosen}.{k}" in metrics else ""
-        )
+        metric = partial(_candidate_metric, metrics, chosen)
         rows.append(
             {
                 "started": datetime.fromtimestamp(r.info.start_time / 1000, UTC).strftime("%Y-%m-%d %H:%M"),
@@ -39,6 +38,10 @@ def compare_runs(tracking: TrackingConfig, last: int = 10) -> list[dict]:
             }
         )
     return rows
+
+
+def _candidate_metric(metrics: dict[str, float], chosen: str, k: str, scale: float = 1.0, fmt: str = "{:.4f}") -> str:
+    return fmt.format(metrics[f"{chosen}.{k}"] * scale) if f"{chosen}.{k}" in metrics else ""
 
 
 def format_rows(rows: list[dict]) -> str:

@@ -27,8 +27,14 @@ Inputs = np.ndarray | dict[str, np.ndarray]
 
 
 class Evaluator(Protocol):
-    primary: str  # the quality metric candidates are ranked, plotted and promoted by (higher is better)
-    data_dir: Path  # the versioned data whose held-out split it measures on
+    # read-only properties: the evaluators are frozen dataclasses
+    @property
+    def primary(
+        self,
+    ) -> str: ...  # the quality metric candidates are ranked, plotted and promoted by (higher is better)
+
+    @property
+    def data_dir(self) -> Path: ...  # the versioned data whose held-out split it measures on
 
     def quality(self, session: ort.InferenceSession) -> dict[str, float]: ...
 

@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import overload
 
 BUNDLE_FORMAT = "modelforge-bundle/1"
 MANIFEST = "manifest.json"
@@ -33,6 +34,10 @@ def sha256_of(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
+@overload
+def relative_paths(value: dict, base: Path) -> dict: ...
+@overload
+def relative_paths(value: object, base: Path) -> object: ...
 def relative_paths(value: object, base: Path) -> object:
     """`value` with every absolute path string made relative to `base` (or cut to its file name when
     it lies elsewhere): a manifest travels to other machines and must not show this one's layout."""

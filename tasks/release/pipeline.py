@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -34,7 +35,7 @@ class PipelineBase(Section):
         `root` (the project folder), the SQLite tracking URI included."""
         root = Path(root).resolve()
         at = lambda p: root / p if isinstance(p, Path) and not p.is_absolute() else p
-        update = {}
+        update: dict[str, Any] = {}
         for name in type(self).model_fields:
             value = getattr(self, name)
             if isinstance(value, BaseModel):

@@ -194,6 +194,7 @@ def decide(quality: dict | None, speed: dict | None, cfg: PromoteConfig, metric:
         better, worse = low > 0, high < 0
     if better:
         return True, f"{metric} better by {gain:.2f} pts ({evidence})"
+    assert speed is not None  # measured whenever there is a champion to compare with
     speedup, (slow, fast) = speed["speedup"], speed["interval"]
     timing = f"{speedup:.2f}x faster (95% interval {slow:.2f}-{fast:.2f}x)"
     if gain < -cfg.quality_tolerance or worse:
@@ -343,6 +344,6 @@ def rollback(model_name: str, cfg: PromoteConfig) -> str:
     return previous
 
 
-promote_model_task = task(promote_model, name="promote_model")
-check_champion_task = task(check_champion_before_training, name="check_champion")
-check_release_task = task(check_champion_before_release, name="check_champion_signature")
+promote_model_task = task(name="promote_model")(promote_model)
+check_champion_task = task(name="check_champion")(check_champion_before_training)
+check_release_task = task(name="check_champion_signature")(check_champion_before_release)

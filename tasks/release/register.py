@@ -54,4 +54,4 @@ def register_model(onnx_path: Path, cfg: RegisterConfig, run_id: str, evaluator:
     return RegisteredModel(cfg.model_name, version, cfg.alias, f"models:/{cfg.model_name}@{cfg.alias}")
 
 
-register_model_task = task(register_model, name="register_model")
+register_model_task = task(name="register_model")(register_model)

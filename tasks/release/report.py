@@ -88,4 +88,4 @@ def report_candidates(reports: list[Report], chosen: str | None, out_dir: Path) 
     return {"md": md, "csv": csv_path, "png": png}
 
 
-report_candidates_task = task(report_candidates, name="report_candidates")
+report_candidates_task = task(name="report_candidates")(report_candidates)

@@ -100,4 +100,4 @@ def ship_bundle(onnx_path: Path, bundle_dir: Path, evaluator: Evaluator, data_ve
     return bundle_dir
 
 
-ship_bundle_task = task(ship_bundle, name="ship_bundle")
+ship_bundle_task = task(name="ship_bundle")(ship_bundle)

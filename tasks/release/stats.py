@@ -9,7 +9,7 @@ latency ratio over the timing rounds.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from scipy.stats import binomtest
@@ -47,7 +47,7 @@ def paired_bootstrap(
 
 
 def ratio_interval(
-    slow_rounds: list[float] | np.ndarray, fast_rounds: list[float] | np.ndarray, seed: int = 0
+    slow_rounds: Sequence[float] | np.ndarray, fast_rounds: Sequence[float] | np.ndarray, seed: int = 0
 ) -> tuple[float, float, float]:
     """The median per-round ratio slow/fast of two models timed in the same interleaved rounds, with a
     95% bootstrap interval: above 1 means `slow` is the slower one. Per-round ratios cancel the drift

@@ -218,4 +218,4 @@ def require_passing(chosen: Report | None, reports: list[Report]) -> Report:
     return chosen
 
 
-validate_candidates_task = task(validate_candidates, name="validate_candidates")
+validate_candidates_task = task(name="validate_candidates")(validate_candidates)

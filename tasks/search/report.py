@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import warnings
 from pathlib import Path
+from typing import Literal
 
 import matplotlib
 
@@ -24,14 +25,14 @@ def plot_study(study: optuna.Study, cfg: SearchConfig, chosen: int, path: Path) 
     complete = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     if len(cfg.objectives) > 1:
-        x_obj = "latency" if "latency" in cfg.objectives else "size"
+        x_obj: Literal["latency", "size"] = "latency" if "latency" in cfg.objectives else "size"
         xi = cfg.objectives.index(x_obj)
         front = {t.number for t in study.best_trials}
         ax.scatter(
             [t.values[xi] for t in complete], [t.values[0] * 100 for t in complete], c="lightgray", label="trials"
         )
         pts = sorted((t.values[xi], t.values[0] * 100) for t in complete if t.number in front)
-        ax.plot(*zip(*pts), "o-", color="tab:blue", label="Pareto front")
+        ax.plot(*zip(*pts, strict=True), "o-", color="tab:blue", label="Pareto front")
         best = next(t for t in complete if t.number == chosen)
         ax.scatter([best.values[xi]], [best.values[0] * 100], marker="*", s=250, color="tab:red", label="chosen")
         ax.set_xlabel(AXIS[x_obj])
@@ -40,7 +41,7 @@ def plot_study(study: optuna.Study, cfg: SearchConfig, chosen: int, path: Path) 
         ax.set_title(f"Search: accuracy vs {x_obj} ({cfg.sampler}, {len(complete)} trials)")
     else:
         numbers = [t.number for t in complete]
-        values = [t.value * 100 for t in complete]
+        values = [t.values[0] * 100 for t in complete]  # `value`, typed as possibly unset
         running = [max(values[: i + 1]) for i in range(len(values))]
         ax.scatter(numbers, values, color="lightgray", label="trial")
         ax.step(numbers, running, where="post", color="tab:blue", label="best so far")

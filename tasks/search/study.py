@@ -36,7 +36,7 @@ def grid_space(cfg: SearchConfig) -> dict[str, list]:
     s, n = cfg.space, cfg.grid_points
 
     def ints(lo: int, hi: int) -> list[int]:
-        return sorted({int(round(v)) for v in np.geomspace(lo, hi, n)})
+        return sorted({round(v) for v in np.geomspace(lo, hi, n)})
 
     return {
         "family": list(s.families),
@@ -100,7 +100,7 @@ def make_pruner(cfg: SearchConfig) -> optuna.pruners.BasePruner:
     return optuna.pruners.NopPruner()
 
 
-def suggest(trial: optuna.Trial, cfg: SearchConfig) -> dict:
+def suggest(trial: optuna.trial.BaseTrial, cfg: SearchConfig) -> dict:
     """Every parameter is drawn in every trial (channels/kernel are unused by MLPs), which keeps the
     space flat: the grid is an exact product and samplers need no conditional handling."""
     s = cfg.space

@@ -179,7 +179,7 @@ def cv_folds(splits, k: int, seed: int) -> list[tuple[tuple, tuple]]:
         return []
     from sklearn.model_selection import StratifiedKFold
 
-    x, y = (np.concatenate([a, b]) for a, b in zip(splits.train, splits.val))
+    x, y = (np.concatenate([a, b]) for a, b in zip(splits.train, splits.val, strict=True))
     return [
         ((x[tr], y[tr]), (x[va], y[va]))
         for tr, va in StratifiedKFold(k, shuffle=True, random_state=seed).split(np.zeros(len(y)), y)
@@ -321,7 +321,8 @@ def pick_trial(study: optuna.Study, cfg: SearchConfig) -> tuple[optuna.trial.Fro
         feasible = [t for t in front if t.values[i] <= budget]
     if not feasible:
         rows = "\n".join(
-            f"  trial {t.number}: " + ", ".join(f"{o}={v:.4g}" for o, v in zip(cfg.objectives, t.values)) for t in front
+            f"  trial {t.number}: " + ", ".join(f"{o}={v:.4g}" for o, v in zip(cfg.objectives, t.values, strict=True))
+            for t in front
         )
         raise SearchError(f"no Pareto-optimal trial meets {cfg.selection} (budget {budget}); the front is:\n{rows}")
     return feasible[0], front
@@ -351,7 +352,7 @@ def summarize_search(
         )
     chosen, front = pick_trial(study, cfg)
     best_params = suggest(optuna.trial.FixedTrial(chosen.params), cfg)
-    values = dict(zip(cfg.objectives, chosen.values))
+    values = dict(zip(cfg.objectives, chosen.values, strict=True))
     path = out_dir / "best_params.json"
     path.write_text(json.dumps({"params": best_params, "values": values, "trial": chosen.number}, indent=2))
     result = SearchResult(
@@ -361,7 +362,10 @@ def summarize_search(
         count[TrialState.COMPLETE],
         count[TrialState.PRUNED],
         count[TrialState.FAIL],
-        [{"trial": t.number, "values": dict(zip(cfg.objectives, t.values)), "params": t.params} for t in front],
+        [
+            {"trial": t.number, "values": dict(zip(cfg.objectives, t.values, strict=True)), "params": t.params}
+            for t in front
+        ],
         study_name,
         storage,
         path,
@@ -484,6 +488,7 @@ def watch_workers(
         done, pending = wait(futures, timeout=every_s)
         if not pending or any(f.state.is_failed() or f.state.is_crashed() for f in done):
             break
+        assert study is not None  # opened above whenever progress is shown
         trials = study.get_trials(deepcopy=False)  # read from the storage each time: the workers' progress
         finished = sum(t.state in FINISHED for t in trials)
         if finished != seen:
@@ -501,6 +506,6 @@ def watch_workers(
     return [f.result() for f in futures]
 
 
-prepare_study_task = task(prepare_study, name="prepare_study")
-run_trials_task = task(run_trials, name="run_trials", task_run_name="search-worker-{worker}")
-summarize_search_task = task(summarize_search, name="summarize_search")
+prepare_study_task = task(name="prepare_study")(prepare_study)
+run_trials_task = task(name="run_trials", task_run_name="search-worker-{worker}")(run_trials)
+summarize_search_task = task(name="summarize_search")(summarize_search)

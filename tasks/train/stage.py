@@ -74,6 +74,7 @@ def check_init_checkpoint(cfg: TrainConfig, num_classes: int, input_shape: tuple
 
 
 def _load_init(cfg: TrainConfig, num_classes: int, input_shape: tuple[int, ...]) -> tuple[nn.Module, Arch]:
+    assert cfg.init_from is not None  # both callers check it first
     model, arch, _ = load_checkpoint(cfg.init_from)
     if arch.num_classes != num_classes or tuple(arch.input_shape) != tuple(input_shape):
         raise ValueError(
@@ -188,7 +189,7 @@ def train_model(cfg: TrainConfig, best: dict, data_dir: Path, data_version: str,
         )
         model, _ = _initial_model(cfg, best, splits)
         params = dataclasses.replace(params, epochs=epochs, patience=epochs)
-        both = tuple(np.concatenate([a, b]) for a, b in zip(splits.train, splits.val))
+        both = tuple(np.concatenate([a, b]) for a, b in zip(splits.train, splits.val, strict=True))
         refit = {"epochs": epochs, "samples": len(both[1])}
         # Val is now training data: its accuracy cannot pick an epoch, so the last one is kept.
         seconds = result.seconds + run_fit(model, both, params, "refit", restore_best=False).seconds
@@ -231,9 +232,9 @@ def _cached_train_key(_context, p: dict) -> str:
     return f"{train_cache_key(p['cfg'], p['best'], p['data_version'])}-{hashlib.sha256(str(p['out_dir']).encode()).hexdigest()[:8]}"
 
 
-check_model_inputs_task = task(check_model_inputs, name="check_model_inputs")
+check_model_inputs_task = task(name="check_model_inputs")(check_model_inputs)
 # JSON, not Prefect's default pickle: a cache hit reads this file back, and the work dir must hold
 # nothing that runs code when it is loaded.
 train_model_task = task(
-    train_model, name="train_model", cache_key_fn=_cached_train_key, persist_result=True, result_serializer="json"
-)
+    name="train_model", cache_key_fn=_cached_train_key, persist_result=True, result_serializer="json"
+)(train_model)
