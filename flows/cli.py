@@ -27,22 +27,41 @@ def embedded_defaults(root: Path) -> None:
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
 
 
+# The errors the `modelforge:` line fully explains, by the module that defines each. A command raises
+# only those of modules it imported: `serve` and `ui` need not import torch, Optuna and Prefect to
+# catch them (seconds at every start of a server).
+EXPLAINED = {
+    "ConfigError": "tasks.core.settings",
+    "DataError": "tasks.data.base",
+    "GateError": "tasks.release.validate",
+    "SearchError": "tasks.search.trials",
+    "WorkdirBusy": "tasks.core.lock",
+    "BundleError": "tasks.release.guard",
+    "PromotionError": "tasks.release.promote",
+}
+STOPS = {"TerminationSignal": "prefect.exceptions"}  # Prefect's SIGTERM inside a flow
+
+
+def loaded(errors: dict[str, str]) -> tuple[type[BaseException], ...]:
+    """The classes of `errors` whose modules are imported (an except clause evaluates it when it is reached)."""
+    return tuple(getattr(sys.modules[module], name) for name, module in errors.items() if module in sys.modules)
+
+
 class QuietUserErrors(logging.Filter):
     """Prefect logs a failing task and flow with its traceback (twice per error) before the CLI
     prints its own clean `modelforge:` line. For the errors that line fully explains (bad config,
     bad data, failed gates, a busy work dir...) those records go to DEBUG: shown only when
     PREFECT_LOGGING_LEVEL=DEBUG asks for them."""
 
-    def __init__(self, errors: tuple[type[BaseException], ...]):
+    def __init__(self, errors: dict[str, str]):
         super().__init__()
         self.errors = errors
-        self.names = re.compile(f"exception:? ({'|'.join(e.__name__ for e in errors)}):")
+        self.names = re.compile(f"exception:? ({'|'.join(errors)}):")
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc, message = record.exc_info[1] if record.exc_info else None, record.getMessage()
-        if isinstance(exc, self.errors) or (
-            message.startswith("Finished in state Failed") and self.names.search(message)
-        ):
+        failed = message.startswith("Finished in state Failed") and self.names.search(message)
+        if isinstance(exc, loaded(self.errors)) or failed:
             record.levelno, record.levelname = logging.DEBUG, "DEBUG"
             return logging.getLogger("prefect").isEnabledFor(logging.DEBUG)
         return True
@@ -379,24 +398,14 @@ def main(argv: list[str] | None = None) -> int:
     args.set = [*args.set, *getattr(args, "runner", [])]
 
     embedded_defaults(args.root)
-    from prefect.exceptions import TerminationSignal
-
-    from tasks.core.lock import WorkdirBusy
-    from tasks.core.settings import ConfigError
     from tasks.core.stop import exit_code, interruption
-    from tasks.data import DataError
-    from tasks.release.guard import BundleError
-    from tasks.release.promote import PromotionError
-    from tasks.release.validate import GateError
-    from tasks.search.trials import SearchError
 
-    explained = (ConfigError, DataError, GateError, SearchError, WorkdirBusy, BundleError, PromotionError)
-    quiet = QuietUserErrors(explained)
+    quiet = QuietUserErrors(EXPLAINED)
     for name in ("prefect.flow_runs", "prefect.task_runs"):
         logging.getLogger(name).addFilter(quiet)
     try:
         return args.fn(args)
-    except (KeyboardInterrupt, TerminationSignal) as err:
+    except (KeyboardInterrupt, *loaded(STOPS)) as err:
         reason = interruption(err)
         assert reason is not None  # a Ctrl-C or a TerminationSignal is always a stop
         print(
@@ -405,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return exit_code(reason)
-    except (*explained, ValueError, FileNotFoundError) as err:
+    except (*loaded(EXPLAINED), ValueError, FileNotFoundError) as err:
         logging.getLogger("modelforge").debug("the error's traceback", exc_info=True)
         print(f"modelforge: {type(err).__name__}: {err}", file=sys.stderr)
         return 2

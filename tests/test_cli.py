@@ -185,3 +185,14 @@ def test_family_minilm_runs_the_encoder_flow(tmp_path, api_in_env, monkeypatch):
         ("optimize-encoder", str(tmp_path / "minilm.yaml")),
         ("optimize", str(tmp_path / "classifier.yaml")),
     ]
+
+
+def test_every_error_the_result_line_explains_is_found_where_the_cli_looks():
+    # The CLI names them by module (so that `serve` and `ui` start without torch, Optuna and Prefect):
+    # a module moved or an error renamed must be renamed there too, or its clean message is lost.
+    import importlib
+
+    from flows.cli import EXPLAINED, STOPS
+
+    for name, module in {**EXPLAINED, **STOPS}.items():
+        assert issubclass(getattr(importlib.import_module(module), name), BaseException), (name, module)

@@ -198,6 +198,17 @@ def topic_texts(n_per_topic: int = 60) -> list[dict]:
     ]
 
 
+def test_the_tiny_hugging_face_checkpoint_is_the_same_in_every_build(tmp_path):
+    # The fine-tuning test below reached 0.73 once and 1.0 in other runs: its checkpoint's token ids
+    # came in a different order from each build, so the same random embedding rows met other tokens.
+    from user_models import tiny_bert
+
+    texts = [r["text"] for r in topic_texts()]
+    first, second = tiny_bert(tmp_path / "first", texts), tiny_bert(tmp_path / "second", texts)
+    for name in ("tokenizer.json", "config.json", "model.safetensors"):
+        assert (first / name).read_bytes() == (second / name).read_bytes(), name
+
+
 @pytest.mark.e2e
 def test_a_local_hugging_face_checkpoint_is_fine_tuned_pruned_by_heads_quantized_and_serves_texts(
     tmp_path, prefect_api
@@ -243,15 +254,17 @@ def test_a_local_hugging_face_checkpoint_is_fine_tuned_pruned_by_heads_quantized
     )
     report = run_project(tmp_path, config)
     table = candidates(tmp_path, report)
-    assert float(table["baseline"]["accuracy"]) > 0.8
+    assert (
+        float(table["baseline"]["accuracy"]) > 0.9
+    )  # 1.0 in every run since the checkpoint is the same in every build
     assert float(table["heads"]["size_kb"]) < 0.9 * float(table["baseline"]["size_kb"])
     assert float(table["int8_dynamic"]["size_kb"]) < 0.6 * float(table["baseline"]["size_kb"])
     assert float(table["student"]["size_kb"]) < 0.6 * float(table["baseline"]["size_kb"])
-    assert float(table["student"]["accuracy"]) > 0.8
+    assert float(table["student"]["accuracy"]) > 0.9
     bundle = tmp_path / "deploy" / "bundle"
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert manifest["preprocessing"]["tokenizer"] == bert and manifest["labels"] == sorted(TOPICS)
     texts, labels, split = split_texts(tmp_path / "data", read_manifest(tmp_path / "data"))
     test = [(t, y) for t, y, s in zip(texts, labels, split, strict=True) if s == "test"]
     acc = serve_bundle(bundle, {"texts": [t for t, _ in test]}, [y for _, y in test])[1]
-    assert acc > 0.8  # raw texts in, class names out
+    assert acc > 0.9  # raw texts in, class names out

@@ -46,15 +46,8 @@ def ten_logits(num_classes, input_shape):
 
 def tiny_bert(folder, texts):
     """A user's local Hugging Face checkpoint, tiny and random-initialised: a 2-layer BERT with a
-    WordPiece tokenizer trained on `texts` (config.json, model.safetensors, tokenizer.json)."""
-    from tokenizers import (
-        Tokenizer,
-        models,
-        normalizers,
-        pre_tokenizers,
-        processors,
-        trainers,
-    )
+    WordPiece tokenizer over `texts`' words (config.json, model.safetensors, tokenizer.json)."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import (
         BertConfig,
         BertForSequenceClassification,
@@ -65,7 +58,14 @@ def tiny_bert(folder, texts):
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=300, special_tokens=specials))
+    # The vocabulary: the texts' words, then their characters (and as word pieces), each sorted. A trained
+    # WordPiece vocabulary breaks ties between merges in hash-map order, which differs from process to
+    # process: the same "pretrained" embedding rows then meet other tokens, and fine-tuning lands elsewhere.
+    words = {w for t in texts for w, _ in tok.pre_tokenizer.pre_tokenize_str(tok.normalizer.normalize_str(t))}
+    chars = sorted(set("".join(words)))
+    vocab = specials + sorted(words - set(chars)) + chars + [f"##{c}" for c in chars]
+    tok.model = models.WordPiece({t: i for i, t in enumerate(vocab)}, unk_token="[UNK]")
+    tok.add_special_tokens(specials)
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
     )
