@@ -56,7 +56,7 @@ def test_mixed_formats_and_sizes_load_as_one_normalised_tensor(tmp_path):
     assert splits.train[0].shape[1:] == (1, 16, 16)
     assert abs(float(splits.train[0].mean())) < 1e-4  # normalised with train statistics
     # serving prepares a file exactly like training did
-    name, info = next((n, i) for n, i in manifest["files"].items() if i["split"] == "test")
+    name, _info = next((n, i) for n, i in manifest["files"].items() if i["split"] == "test")
     served = encode_images(manifest["preprocessing"], [(data / name).read_bytes()])
     assert any(np.allclose(served[0], row, atol=1e-6) for row in splits.test[0])
 

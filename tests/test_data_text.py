@@ -41,8 +41,8 @@ def text_cfg(**kw):
 
 def test_vocabulary_comes_from_train_and_serving_tokenises_the_same(tmp_path):
     data = write_texts(tmp_path / "data")
-    manifest, counts = describe_text(text_cfg(), data)
-    texts, labels, split = split_texts(data, manifest)
+    manifest, _counts = describe_text(text_cfg(), data)
+    texts, _labels, split = split_texts(data, manifest)
     train_words = {w for t, s in zip(texts, split, strict=True) if s == "train" for w in t.lower().split()}
     assert set(manifest["preprocessing"]["vocab"]) <= train_words
     only_in_test = {

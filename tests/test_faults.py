@@ -2,6 +2,7 @@
 the code before its fix. Grouped by what the project guarantees (README, "Reliability")."""
 
 import ast
+import contextlib
 import dataclasses
 import http.client
 import json
@@ -160,7 +161,7 @@ def test_tampered_model_at_reload_keeps_the_verified_one_serving(cnn_bundle, tmp
         before = request(host, port, "POST", "/predict", x)[1]
         tamper(served / "model.onnx")  # the manifest is unchanged: only the model file says so
         time.sleep(0.5)
-        status, reload = request(host, port, "POST", "/reload")
+        _status, _reload = request(host, port, "POST", "/reload")
         health = request(host, port, "GET", "/health")[1]
         after = request(host, port, "POST", "/predict", x)[1]
     assert "does not match the manifest" in (health["last_reload_error"] or ""), health
@@ -393,10 +394,8 @@ class Run:
         return rc, took
 
     def kill(self) -> None:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 def finished_trials(root: Path) -> int:

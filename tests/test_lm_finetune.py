@@ -76,7 +76,7 @@ def test_lora_learns_the_text_and_merges_into_a_plain_folder(lm, data, tmp_path)
         adapted = model(input_ids=ids).logits
     folder = merge(model, lm / "model", tmp_path / "merged")
     with safe_open(str(folder / "model.safetensors"), "pt") as f:
-        assert not [k for k in f.keys() if "lora" in k]
+        assert not [k for k in f if "lora" in k]
     assert (folder / "tokenizer.json").is_file() and (folder / "generation_config.json").is_file()
     with torch.no_grad():
         merged = AutoModelForCausalLM.from_pretrained(str(folder)).eval()(input_ids=ids).logits
@@ -94,7 +94,7 @@ def test_chats_train_on_assistant_tokens_only(lm, tmp_path):
     ids, learn = encode(tokenizer, chat)
     assert tokenizer.decode(ids) == render(tokenizer, chat)
     assert (
-        tokenizer.decode([i for i, keep in zip(ids, learn) if keep])
+        tokenizer.decode([i for i, keep in zip(ids, learn, strict=True) if keep])
         == "A mutable sequence.<|im_end|>\nAn immutable one.<|im_end|>\n"
     )
     corpus = tmp_path / "chats"
@@ -173,7 +173,7 @@ def test_bad_input_is_one_error_before_training(lm, data):
     message = str(err.value)
     assert "3 problem(s)" in message and "['query']" in message and "'q_proj'" in message
     assert "fewer than one training window of 100000 tokens" in message and "one validation window" in message
-    with pytest.raises(FloatingPointError, match="diverged .* lower finetune.lr"):
+    with pytest.raises(FloatingPointError, match=r"diverged .* lower finetune\.lr"):
         train_lora(lm / "model", data.train, data.val, FT.model_copy(update={"lr": 1e20, "warmup": 0.0}))
 
 

@@ -12,7 +12,7 @@ import shutil
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -336,7 +336,7 @@ def test_a_tampered_bundle_is_refused_at_start_and_at_reload(server, lm_bundle, 
     assert "BundleError" in str(err.value) and "model/tokenizer.json: sha256" in str(err.value)
     assert "model/extra.onnx is not in the manifest" in str(err.value)
 
-    host, port, app, served = server
+    _host, _port, _app, served = server
     api = client(server)
     engines = engine_threads()
     before = api.completions.create(model=MODEL, prompt="Modules", max_tokens=8, temperature=0).choices[0].text

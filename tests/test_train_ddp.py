@@ -68,6 +68,6 @@ def test_train_model_on_two_processes(data_dir, tmp_path):
         "batch_size": 64,
     }
     trained = train_model(TrainConfig(max_epochs=6, patience=6, processes=2), best, data_dir, "v" * 32, tmp_path)
-    model, _, meta = load_checkpoint(trained.checkpoint)
+    _model, _, meta = load_checkpoint(trained.checkpoint)
     assert trained.test_accuracy >= 0.85 and meta["train"]["epochs"] == 6
     assert trained.processes == meta["processes"] == 2  # the ranks' world size, recorded (and logged to MLflow)

@@ -34,7 +34,7 @@ def test_train_model_writes_checkpoint_and_finetunes(data_dir, tmp_path):
     best = {"family": "cnn", "depth": 1, "width": 16, "channels": 4, "lr": 0.01, "optimizer": "adam"}
     cfg = TrainConfig(max_epochs=3, patience=3)
     trained = train_model(cfg, best, data_dir, "md5.dir", tmp_path)
-    model, arch, meta = load_checkpoint(trained.checkpoint)
+    _model, arch, meta = load_checkpoint(trained.checkpoint)
     assert arch.conv == (4,) and meta["data_version"] == "md5.dir"
     assert trained.test_accuracy > 0.5
     # Fine-tuning starts from the checkpoint's weights, not a fresh init.

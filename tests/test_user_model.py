@@ -74,7 +74,7 @@ def first_epoch_losses(root: Path, report: dict) -> list[float]:
     )
     losses = [client.get_metric_history(t.info.run_id, "train_loss")[0].value for t in trials]
     [history] = (root / ".modelforge").rglob("train_history.json")
-    return losses + [json.loads(history.read_text())[0]["train_loss"]]
+    return [*losses, json.loads(history.read_text())[0]["train_loss"]]
 
 
 @pytest.mark.e2e
