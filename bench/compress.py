@@ -5,7 +5,8 @@
 Trains a digits CNN for real, builds each compressed variant through the pipeline's own
 `compress_candidate`, then times all of them interleaved in one `validate_candidates` call, so the
 ratios compare like with like; once per `--threads` setting (all cores, and one thread per session
-as when serving one replica per core: FP32 and INT8 kernels scale differently across cores). Prints the table and checks the targets from issue #4:
+as when serving one replica per core: FP32 and INT8 kernels scale differently across cores). Prints the table
+and checks the targets from issue #4:
   INT8: >= 3.5x smaller and >= 1.5x batch-64 throughput vs FP32 at <= 1 point accuracy drop
   structured pruning (50% channels): >= 1.5x throughput at <= 1 point drop after fine-tuning
 and the comparisons of issue #16: binarized weights (packed size vs what ORT stores and runs),
@@ -145,7 +146,10 @@ def print_techniques(info: dict[str, dict], reports: dict) -> None:
 def print_table(reports, threads: int) -> None:
     base = reports[0]
     print(f"\nintra-op threads per session: {threads or 'all cores'}")
-    header = f"{'candidate':<20}{'acc':>8}{'drop pts':>10}{'size KB':>10}{'size x':>8}{'p50 us':>9}{'p50 x':>8}{'thr/s b64':>12}{'thr x':>8}"
+    header = (
+        f"{'candidate':<20}{'acc':>8}{'drop pts':>10}{'size KB':>10}{'size x':>8}"
+        f"{'p50 us':>9}{'p50 x':>8}{'thr/s b64':>12}{'thr x':>8}"
+    )
     print(header + "\n" + "-" * len(header))
     for r in reports:
         print(

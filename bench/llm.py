@@ -13,7 +13,8 @@ in its own process, interleaved over rounds, best round), peak memory generating
 llama.cpp runs the package's original Q4_1 GGUF when `llama_cpp` imports (bench only: it is never a
 dependency of the product); otherwise its row is skipped with a message. It ends with one line:
 
-    RESULT lm_ppl_increase_pct=<> lm_top1=<> lm_decode_vs_builder_int4=<> lm_decode_vs_llamacpp=<> lm_concurrency8_speedup=<>
+    RESULT lm_ppl_increase_pct=<> lm_top1=<> lm_decode_vs_builder_int4=<> lm_decode_vs_llamacpp=<>
+           lm_concurrency8_speedup=<>
 
 (concurrency is the server's figure: measured by the serving benchmark, n/a here).
 Not a test: it takes about half an hour on 2 cores.

@@ -29,13 +29,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tasks.data.corpus import (
-    CorpusConfig,
-    describe_corpus,
-)
+from tasks.data.corpus import CorpusConfig, describe_corpus  # noqa: E402
 from tasks.lm.finetune import FinetuneConfig  # noqa: E402
 from tasks.lm.lora import merge, train_lora  # noqa: E402
-from tasks.lm.quantize import LMRecipe
+from tasks.lm.quantize import LMRecipe  # noqa: E402
 from tasks.lm.train import check_finetune  # noqa: E402
 
 INT4 = LMRecipe(bits=4, algorithm="rtn", block_size=32, symmetric=True, accuracy_level=0, lm_head="int8")
@@ -77,7 +74,8 @@ def parallelism(model: Path, corpus: Path, steps: int, names: list[str]) -> dict
         rows[name] = result.shards
         for s in result.shards:
             print(
-                f"[bench] {name} rank {s['rank']}: peak {s['peak_rss_mb']:.0f} MB, step {s['step_seconds_median']:.2f} s, "
+                f"[bench] {name} rank {s['rank']}: peak {s['peak_rss_mb']:.0f} MB, "
+                f"step {s['step_seconds_median']:.2f} s, "
                 f"params held {s['params_held'] / s['params_total']:.3f}, optimizer state held "
                 f"{s['optimizer_state_held'] / max(1, s['optimizer_state_total']):.3f}",
                 flush=True,

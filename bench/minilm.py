@@ -1,7 +1,8 @@
 """MiniLM benchmark: the pipeline's FP32 / optimised / INT8 encoders and a distilled 3-layer student,
 beside INT8 encoders built the way the peers build theirs, side by side on ORT CPU.
 
-    .venv/bin/python bench/minilm.py [--sentences 600] [--queries 100] [--train-sentences 5200] [--epochs 8] [--no-student]
+    .venv/bin/python bench/minilm.py [--sentences 600] [--queries 100] [--train-sentences 5200] [--epochs 8]
+                                     [--no-student]
 
 The pipeline's rows go through its own code path (tasks.encoder.minilm: TorchScript export of eager
 attention, attention-only fusion, dynamic INT8, sessions with the fusions the model opts out of).

@@ -4,7 +4,8 @@
 
 Runs real Optuna studies (the pipeline's own `run_trials`) on the digits task for every sampler and
 seed, then prints the mean best-so-far validation accuracy at several trial counts and how many
-trials each sampler needed to reach random search's 50-trial best (per seed, then averaged), and at which N the seed-averaged curve reaches random's averaged final best.
+trials each sampler needed to reach random search's 50-trial best (per seed, then averaged), and at which N
+the seed-averaged curve reaches random's averaged final best.
 Not a test: it takes minutes and its figures are what it reports.
 """
 
