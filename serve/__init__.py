@@ -5,7 +5,8 @@ bundle or a registry alias.
     modelforge serve --model-uri models:/digits-classifier@champion
 
 Modules, lowest first: `lm` (a causal LM's generation runtime: batched decoding behind a bounded
-queue), `sources` (where a verified model comes from: a bundle folder or a registry alias), `body` (request bodies within limits), `runtime` (the served model, its readiness, the
+queue), `sources` (where a verified model comes from: a bundle folder or a registry alias), `body` (request
+bodies within limits), `runtime` (the served model, its readiness, the
 thread budget and the batch-size/latency curve), `batcher` (adaptive batching behind a bounded queue
 with deadlines), `metrics` (Prometheus), one module per protocol (`predict`: the project's own
 /predict and /embed; `v2`: the Open Inference Protocol; `openai`: OpenAI-compatible /v1 for causal

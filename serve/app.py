@@ -19,6 +19,8 @@ from collections.abc import Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
+import numpy as np
+import onnxruntime as ort
 from fastapi import APIRouter, FastAPI
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -28,7 +30,7 @@ from serve import openai, predict, v2
 from serve.batcher import Batcher
 from serve.body import BadRequest
 from serve.context import ServeContext
-from serve.lm import BATCH_GAP_SECONDS, LM_FAMILY
+from serve.lm import BATCH_GAP_SECONDS, LM_FAMILY, LMRuntime
 from serve.metrics import Metrics
 from serve.runtime import (
     BatchPlan,
@@ -146,7 +148,8 @@ def create_app(source, settings: ServeSettings | None = None, on_fatal: Callable
         how = (
             f"{len(model.verified_files)} files verified"
             if model.family == LM_FAMILY
-            else f"sha256 {model.sha256[:12]}..., {settings.workers} worker(s) x {settings.threads_per_worker} thread(s)"
+            else f"sha256 {str(model.sha256)[:12]}..., "
+            f"{settings.workers} worker(s) x {settings.threads_per_worker} thread(s)"
         )
         print(
             f"[serve] serving {source} ({model.family}, {how}) on {cpu_count()} cores; {ctx.holder.plan.reason}",
@@ -156,10 +159,15 @@ def create_app(source, settings: ServeSettings | None = None, on_fatal: Callable
         while not stop.wait(settings.poll_seconds):
             ctx.holder.reload_if_changed()
 
+    def run_batch(model: object, feeds: dict) -> list[np.ndarray]:
+        # the batcher holds the LoadedModel a request was checked against; causal LMs never batch through it
+        assert isinstance(model, LoadedModel) and isinstance(model.session, ort.InferenceSession)
+        return model.session.run(None, feeds)
+
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
         ctx.batcher = Batcher(
-            lambda model, feeds: model.session.run(None, feeds),
+            run_batch,
             metrics,
             settings.workers,
             settings.max_queue,
@@ -170,7 +178,7 @@ def create_app(source, settings: ServeSettings | None = None, on_fatal: Callable
         yield
         stop.set()
         ctx.batcher.stop()
-        if ctx.holder.model is not None and ctx.holder.model.family == LM_FAMILY:
+        if ctx.holder.model is not None and isinstance(ctx.holder.model.session, LMRuntime):
             ctx.holder.model.session.close()  # its engine thread finishes what it admitted, then ends
 
     docs: dict[str, Any] = {} if settings.docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
@@ -207,6 +215,7 @@ def create_app(source, settings: ServeSettings | None = None, on_fatal: Callable
     async def model_info() -> dict:
         m = ctx.model()
         if m.family == LM_FAMILY:  # onnxruntime-genai runs its own threads; what it did since loading instead
+            assert isinstance(m.session, LMRuntime)  # a causal LM's session is its LMRuntime
             return {**m.manifest, **m.identity(), "batching": ctx.holder.plan.to_dict(), "generation": m.session.stats}
         return {
             **m.manifest,

@@ -16,7 +16,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from serve.lm import ENGINE_STATIC_BATCH, LM_FAMILY, open_lm
+import onnxruntime as ort
+
+from serve.lm import ENGINE_STATIC_BATCH, LM_FAMILY, LMRuntime, open_lm
 from tasks.onnx.runtime import make_session
 from tasks.release.guard import BUNDLE_FORMAT, BundleError, relative_paths
 
@@ -38,7 +40,7 @@ class LoadOptions:
 
 @dataclass(frozen=True)
 class LoadedModel:
-    session: object  # an ONNX Runtime session; a causal LM's `serve.lm.LMRuntime`
+    session: ort.InferenceSession | LMRuntime  # a causal LM's is its LMRuntime
     manifest: dict
     family: str
     sample_shape: tuple[int, ...] | None  # classifier bundles
