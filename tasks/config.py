@@ -207,8 +207,11 @@ class LMPipelineConfig(PipelineBase):
     lm: LMModelConfig
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     compress: LMCompressConfig = Field(default_factory=LMCompressConfig)
-    validate_: LMValidateConfig = Field(default_factory=LMValidateConfig, alias="validate")
-    gates: LMGateConfig = Field(default_factory=LMGateConfig)
+    # judged by its own measures (perplexity, agreement with FP32, decode speed), not the classifiers' ones
+    validate_: LMValidateConfig = Field(  # type: ignore[assignment]  # its own section, by design
+        default_factory=LMValidateConfig, alias="validate"
+    )
+    gates: LMGateConfig = Field(default_factory=LMGateConfig)  # type: ignore[assignment]  # its own section
     register_: LMRegisterConfig = Field(default_factory=LMRegisterConfig, alias="register")
     promote: LMPromoteConfig = Field(default_factory=LMPromoteConfig)
 
@@ -226,7 +229,7 @@ class LMPipelineConfig(PipelineBase):
         return self
 
 
-PIPELINES: dict[str, type[PipelineBase]] = {
+PIPELINES: dict[str, type[PipelineConfig] | type[EncoderPipelineConfig] | type[LMPipelineConfig]] = {
     "classifier": PipelineConfig,
     "minilm": EncoderPipelineConfig,
     "causal_lm": LMPipelineConfig,
@@ -249,6 +252,7 @@ def parse_config(
         cfg, errors = None, all_errors(PIPELINES[family], raw)
     if problems := [*unknown, *format_errors(errors)]:
         raise ConfigError(problem_list(f"invalid config {source}", problems))
+    assert cfg is not None  # no problems: it validated
     return cfg
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -17,9 +17,22 @@ from tasks.release.register import RegisterConfig
 from tasks.release.validate import GateConfig, ValidateConfig
 
 
+class DataSection(Protocol):
+    """What every family's data section has (each pipeline declares its own `data`)."""
+
+    @property
+    def dir(self) -> Path: ...
+
+    @property
+    def dvc_remote(self) -> str: ...
+
+
 class PipelineBase(Section):
     """What every pipeline shares: where it writes, how candidates are judged, registered,
     promoted and tracked."""
+
+    if TYPE_CHECKING:  # a field of each pipeline, of its family's own section type
+        data: DataSection
 
     workdir: Path = Field(Path(".modelforge"), description="Everything a run writes (checkpoints, ONNX, studies).")
     validate_: ValidateConfig = Field(default_factory=ValidateConfig, alias="validate")
