@@ -36,7 +36,7 @@ def run_ranks(
     target: Callable,
     args: tuple,
     processes: int,
-    on_record: Callable[[object], None] | None = None,
+    on_record: Callable[[dict], None] | None = None,
     kind: str = "ddp",
     what: str = "data-parallel training",
     preload: list[str] | None = None,
@@ -47,7 +47,8 @@ def run_ranks(
 
     With `preload` (module names) the ranks fork from a server process that imported those modules once (the
     first call pays for it): importing peft and transformers takes each spawned rank 10-15 s here."""
-    ctx = torch.multiprocessing.get_context("forkserver" if preload else "spawn")
+    mp = torch.multiprocessing
+    ctx = mp.get_context("forkserver") if preload else mp.get_context("spawn")
     if preload:
         ctx.set_forkserver_preload(preload)
     queue = ctx.SimpleQueue()

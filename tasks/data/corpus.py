@@ -73,19 +73,17 @@ def render(tokenizer, doc: Document) -> str:
 
 
 def _chat(value: object) -> list[dict] | None:
-    ok = (
-        isinstance(value, list)
-        and value
-        and all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value
-        )
-    )
-    return value if ok and any(m["role"] == "assistant" for m in value) else None
+    if not isinstance(value, list) or not all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value
+    ):
+        return None
+    return value if any(m["role"] == "assistant" for m in value) else None  # an empty list has none
 
 
 def _documents(data_dir: Path) -> tuple[dict[str, Document], list[str]]:
     """Document key -> text, and the problems found reading them."""
-    docs, problems = {}, []
+    docs: dict[str, Document] = {}
+    problems: list[str] = []
     for path in sorted(p for p in data_dir.rglob("*") if p.is_file() and p.name != MANIFEST):
         name = str(path.relative_to(data_dir))
         if path.suffix not in (*TEXT_SUFFIXES, ".jsonl"):
@@ -110,7 +108,7 @@ def _documents(data_dir: Path) -> tuple[dict[str, Document], list[str]]:
                 value = _chat(row["messages"]) if "messages" in row else row.get("text")
             except (ValueError, AttributeError, TypeError):
                 value = None
-            if isinstance(value, list) or isinstance(value, str) and value.strip():
+            if isinstance(value, list) or (isinstance(value, str) and value.strip()):
                 docs[f"{name}:{line_no}"] = value
             else:
                 problems.append(
@@ -164,7 +162,7 @@ def describe_corpus(cfg, data_dir: Path) -> tuple[dict, dict]:
 def load_corpus(data_dir: Path) -> dict[str, list[Document]]:
     """Split -> documents of the versioned corpus, in the manifest's order."""
     docs, _ = _documents(Path(data_dir))
-    out = {s: [] for s in SPLITS}
+    out: dict[str, list[Document]] = {s: [] for s in SPLITS}
     for key, split in read_manifest(data_dir)["documents"].items():
         out[split].append(docs[key])
     return out
