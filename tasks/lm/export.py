@@ -103,4 +103,4 @@ def export_lm(hf_dir: Path, out: Path, max_length: int, windows: np.ndarray, thr
     )
 
 
-export_lm_task = task(export_lm, name="export_lm")
+export_lm_task = task(name="export_lm")(export_lm)

@@ -15,6 +15,7 @@ folder the ONNX export reads.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import resource
 import shutil
@@ -23,6 +24,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 import torch
@@ -34,9 +36,12 @@ from tasks.core.stop import check_stop
 from tasks.data.corpus import Document
 from tasks.lm.finetune import FinetuneConfig
 
+if TYPE_CHECKING:
+    from peft import PeftModel
+
 # Linear layer names of the decoder architectures tasks/lm/model.py accepts (Phi-3 fuses qkv and gate_up).
-ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj")
-MLP = ("gate_proj", "up_proj", "down_proj", "gate_up_proj")
+ATTENTION: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj")
+MLP: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj", "gate_up_proj")
 IGNORE = -100  # a label without loss
 
 
@@ -114,28 +119,31 @@ def target_modules(model: nn.Module, cfg: FinetuneConfig) -> list[str]:
     found = [[n for n in names if n in part] for part in parts]
     if not all(found):
         raise ConfigError(
-            f"finetune.target {cfg.target}: the model has none of {[p for p, f in zip(parts, found) if not f]} "
+            f"finetune.target {cfg.target}: the model has none of "
+            f"{[p for p, f in zip(parts, found, strict=True) if not f]} "
             f"(its linear layers: {names}); name the layers to adapt in finetune.modules"
         )
     return [n for f in found for n in f]
 
 
-def lora_model(hf_dir: Path, cfg: FinetuneConfig) -> nn.Module:
+def lora_model(hf_dir: Path, cfg: FinetuneConfig) -> PeftModel:
     """The FP32 model with a fresh LoRA adapter (seeded: every rank builds the same one)."""
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32)
     torch.manual_seed(cfg.seed)
     lora = LoraConfig(
         r=cfg.rank,
-        lora_alpha=cfg.alpha,
+        lora_alpha=cfg.alpha,  # type: ignore[arg-type]  # peft annotates int; it only scales by alpha / rank
         lora_dropout=cfg.dropout,
         bias="none",
         target_modules=target_modules(base, cfg),
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(base, lora)
+    model = get_peft_model(base, lora)
+    assert isinstance(model, PeftModel)  # a mixed model only when asked for
+    return model
 
 
 def nll(net: nn.Module, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -186,10 +194,8 @@ def _peak_rss_mb() -> float:
 
 
 def _reset_peak_rss() -> None:
-    try:
+    with contextlib.suppress(OSError):  # not Linux: the lifetime peak is reported
         Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass  # not Linux: the lifetime peak is reported
 
 
 @dataclass
@@ -272,7 +278,7 @@ def train_loop(
         elif epoch - best_epoch >= cfg.patience:
             break
     with torch.no_grad():
-        for p, kept in zip(trainable, best_state):
+        for p, kept in zip(trainable, best_state, strict=True):
             p.copy_(kept)
     states = [v for s in opt.state.values() for v in s.values() if torch.is_tensor(v) and v.dim()]
     shard = {
@@ -303,10 +309,10 @@ def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return {k: v for k, v in state.items() if "lora_" in k}
+    return cast(dict[str, torch.Tensor], {k: v for k, v in state.items() if "lora_" in k})  # full: plain tensors
 
 
-def shard_model(model: nn.Module, world: int, device: torch.device) -> None:
+def shard_model(model: PeftModel, world: int, device: torch.device) -> None:
     """FSDP2: every decoder layer its own unit (gathered one at a time), then the rest."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -336,7 +342,7 @@ def fit_rank(
     model = lora_model(hf_dir, cfg).to(device)
     if cfg.parallel == "fsdp":
         shard_model(model, world, device)
-        net = model
+        net: nn.Module = model
     else:
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     return model, train_loop(net, model, train, val, cfg, rank, world, on_record)
@@ -362,7 +368,7 @@ def _rank(
 
 def train_lora(
     hf_dir: Path, train: Windows, val: Windows, cfg: FinetuneConfig, on_record: Callable[[dict], None] | None = None
-) -> tuple[nn.Module, FinetuneResult]:
+) -> tuple[PeftModel, FinetuneResult]:
     """The adapted model and its result, trained here or on `cfg.processes` ranks (`cfg.parallel`)."""
     model = lora_model(hf_dir, cfg)
     if cfg.processes == 1:
@@ -394,7 +400,7 @@ def train_lora(
     return model, FinetuneResult(**saved["result"] | {"shards": sorted(shards, key=lambda s: s["rank"])})
 
 
-def merge(model: nn.Module, hf_dir: Path, out: Path) -> Path:
+def merge(model: PeftModel, hf_dir: Path, out: Path) -> Path:
     """The adapter folded into the base weights: a plain Hugging Face folder (safetensors, tokenizer and
     generation files of the base)."""
     out = Path(out)

@@ -106,4 +106,4 @@ def prepare_model(path: Path, work: Path) -> Path:
     return out
 
 
-prepare_model_task = task(prepare_model, name="prepare_model")
+prepare_model_task = task(name="prepare_model")(prepare_model)

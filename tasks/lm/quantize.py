@@ -165,4 +165,4 @@ def layer_sensitivity(fp32_dir: Path, windows: np.ndarray, threads: int) -> list
     return sorted(out, key=lambda r: -r["perplexity"])
 
 
-layer_sensitivity_task = task(layer_sensitivity, name="layer_sensitivity")
+layer_sensitivity_task = task(name="layer_sensitivity")(layer_sensitivity)

@@ -12,7 +12,7 @@ import json
 import shutil
 import tempfile
 from dataclasses import replace
-from datetime import UTC, datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
@@ -258,7 +258,7 @@ def promote_lm(
     )
 
 
-validate_lm_task = task(validate_lm, name="validate_lm")
-register_lm_task = task(register_lm, name="register_lm")
-ship_lm_task = task(ship_lm, name="ship_lm")
-promote_lm_task = task(promote_lm, name="promote_lm")
+validate_lm_task = task(name="validate_lm")(validate_lm)
+register_lm_task = task(name="register_lm")(register_lm)
+ship_lm_task = task(name="ship_lm")(ship_lm)
+promote_lm_task = task(name="promote_lm")(promote_lm)

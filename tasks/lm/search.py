@@ -151,5 +151,5 @@ def make_candidate(name: str, recipe: LMRecipe, fp32_dir: Path, out: Path, sensi
     return Candidate(name, folder / ONNX_FILE, folder, None, recipe.model_dump() | {"sensitive_layers": sensitive})
 
 
-search_lm_task = task(search_lm, name="search_lm")
-make_candidate_task = task(make_candidate, name="quantize_lm", task_run_name="quantize-{name}")
+search_lm_task = task(name="search_lm")(search_lm)
+make_candidate_task = task(name="quantize_lm", task_run_name="quantize-{name}")(make_candidate)

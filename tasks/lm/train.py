@@ -62,7 +62,7 @@ def check_finetune(hf_dir: Path, data_dir: Path, cfg: FinetuneConfig) -> Finetun
     return data
 
 
-def suggest(trial: optuna.Trial, cfg: FinetuneConfig) -> FinetuneConfig:
+def suggest(trial: optuna.trial.BaseTrial, cfg: FinetuneConfig) -> FinetuneConfig:
     s = cfg.search
     rank = trial.suggest_categorical("rank", s.ranks)
     return cfg.model_copy(
@@ -168,7 +168,7 @@ def finetune_lm(
             print(f"[finetune] epoch {r['epoch']} (step {r['step']}): validation perplexity {r['val_perplexity']:.3f}")
 
     model, result = train_lora(hf_dir, data.train, data.val, cfg, on_record=record)
-    model.save_pretrained(out / "adapter")
+    model.save_pretrained(str(out / "adapter"))
     merged = merge(model, hf_dir, out / "merged")
     (out / "finetune.json").write_text(json.dumps({"settings": _tuned(cfg), "result": asdict(result)}, indent=1))
     if run_id:
@@ -202,4 +202,4 @@ def mark_reference(reports: list[Report]) -> list[Report]:
     ]
 
 
-finetune_lm_task = task(finetune_lm, name="finetune_lm")
+finetune_lm_task = task(name="finetune_lm")(finetune_lm)
