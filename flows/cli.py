@@ -42,9 +42,10 @@ EXPLAINED = {
 STOPS = {"TerminationSignal": "prefect.exceptions"}  # Prefect's SIGTERM inside a flow
 
 
-def loaded(errors: dict[str, str]) -> tuple[type[BaseException], ...]:
-    """The classes of `errors` whose modules are imported (an except clause evaluates it when it is reached)."""
-    return tuple(getattr(sys.modules[module], name) for name, module in errors.items() if module in sys.modules)
+def loaded(errors: dict[str, str], *also: type[BaseException]) -> tuple[type[BaseException], ...]:
+    """`also` and the classes of `errors` whose modules are imported (an except clause evaluates it when it
+    is reached)."""
+    return (*also, *(getattr(sys.modules[module], name) for name, module in errors.items() if module in sys.modules))
 
 
 class QuietUserErrors(logging.Filter):
@@ -405,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(name).addFilter(quiet)
     try:
         return args.fn(args)
-    except (KeyboardInterrupt, *loaded(STOPS)) as err:
+    except loaded(STOPS, KeyboardInterrupt) as err:
         reason = interruption(err)
         assert reason is not None  # a Ctrl-C or a TerminationSignal is always a stop
         print(
@@ -414,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return exit_code(reason)
-    except (*loaded(EXPLAINED), ValueError, FileNotFoundError) as err:
+    except loaded(EXPLAINED, ValueError, FileNotFoundError) as err:
         logging.getLogger("modelforge").debug("the error's traceback", exc_info=True)
         print(f"modelforge: {type(err).__name__}: {err}", file=sys.stderr)
         return 2
