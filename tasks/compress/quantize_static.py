@@ -71,7 +71,8 @@ def quantize_static(state: ModelState, cfg: QuantizeStatic, ctx: CompressContext
             trial = ctx.out_dir / f"int8_fallback_{len(excluded)}.onnx"
             trial_acc = quantize(list(excluded), trial)
             print(
-                f"[compress] quantize_static: FP32 fallback of {node} (loses {sqnr:.1f} dB SQNR): val acc {trial_acc:.4f} "
+                f"[compress] quantize_static: FP32 fallback of {node} (loses {sqnr:.1f} dB SQNR): "
+                f"val acc {trial_acc:.4f} "
                 f"(loss {loss(trial_acc):.2f} pts, allowed {cfg.max_accuracy_loss:.2f})"
             )
             if trial_acc > best_acc:

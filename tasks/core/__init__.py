@@ -1,1 +1,2 @@
-"""Infrastructure every stage uses: settings base, MLflow tracking, fingerprints, stop signals, the work-dir lock, Prefect."""
+"""Infrastructure every stage uses: settings base, MLflow tracking, fingerprints, stop signals, the work-dir lock,
+Prefect."""

@@ -100,8 +100,8 @@ def _drop_unknown_keys(root: yaml.MappingNode, pipelines: Mapping[str, type[Base
 
 def safe_yaml(text: str, what: str, pipelines: Mapping[str, type[BaseModel]] | None = None) -> tuple[object, list[str]]:
     """`text` as YAML, refused with a ConfigError when its aliases expand past MAX_CONFIG_BYTES (the
-    nodes are checked before any value is built); given the `pipelines` (family -> config class), the unknown keys of a config's
-    sections are dropped first and returned as problems."""
+    nodes are checked before any value is built); given the `pipelines` (family -> config class), the unknown keys
+    of a config's sections are dropped first and returned as problems."""
     loader = yaml.SafeLoader(text)
     try:
         node = loader.get_single_node()

@@ -246,7 +246,8 @@ def distill_encoder(
     The teacher's embeddings are computed once (they do not change), which halves the cost of an
     epoch; the learning rate warms up linearly over the first `warmup` share of steps, then decays
     on a cosine to zero. It trains on a GPU when one is present. Measured on 800 sentences x 3 epochs
-    (held-out mean / worst cosine): keeping the teacher's last layer matters most, keep=(0, 2, 5) 0.851 / 0.669 against (0, 2, 4) 0.700 / 0.468;
+    (held-out mean / worst cosine): keeping the teacher's last layer matters most, keep=(0, 2, 5) 0.851 / 0.669
+    against (0, 2, 4) 0.700 / 0.468;
     lr 1e-3, or a token-state loss beside the embedding loss, did not help.
     """
     torch.manual_seed(seed)

@@ -229,7 +229,8 @@ def train_cache_key(cfg: TrainConfig, best: dict, data_version: str) -> str:
 
 def _cached_train_key(_context, p: dict) -> str:
     # out_dir is part of the key: a result cached for another work dir points at files elsewhere.
-    return f"{train_cache_key(p['cfg'], p['best'], p['data_version'])}-{hashlib.sha256(str(p['out_dir']).encode()).hexdigest()[:8]}"
+    where = hashlib.sha256(str(p["out_dir"]).encode()).hexdigest()[:8]
+    return f"{train_cache_key(p['cfg'], p['best'], p['data_version'])}-{where}"
 
 
 check_model_inputs_task = task(name="check_model_inputs")(check_model_inputs)
