@@ -20,7 +20,6 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import numpy as np
-import onnxruntime as ort
 from fastapi import APIRouter, FastAPI
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -161,7 +160,7 @@ def create_app(source, settings: ServeSettings | None = None, on_fatal: Callable
 
     def run_batch(model: object, feeds: dict) -> list[np.ndarray]:
         # the batcher holds the LoadedModel a request was checked against; causal LMs never batch through it
-        assert isinstance(model, LoadedModel) and isinstance(model.session, ort.InferenceSession)
+        assert isinstance(model, LoadedModel) and not isinstance(model.session, LMRuntime)
         return model.session.run(None, feeds)
 
     @asynccontextmanager

@@ -7,12 +7,12 @@ import base64
 import json
 
 import numpy as np
-import onnxruntime as ort
 from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 
 from serve.body import BadRequest, parse_json
 from serve.context import ServeContext, check_finite
+from serve.lm import LMRuntime
 from serve.sources import LoadedModel
 from tasks.onnx.runtime import feeds
 
@@ -134,7 +134,7 @@ def classifier_feeds(model: LoadedModel, body: bytes, max_batch: int) -> dict[st
     else:
         assert model.sample_shape is not None  # every classifier bundle has one
         x = parse_inputs(payload, model.sample_shape, max_batch)
-    assert isinstance(model.session, ort.InferenceSession)  # a classifier runs on ONNX Runtime
+    assert not isinstance(model.session, LMRuntime)  # a classifier runs on ONNX Runtime
     return feeds(model.session, x)
 
 

@@ -11,8 +11,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import numpy as np
-import onnxruntime as ort
 
+from serve.lm import LMRuntime
 from serve.metrics import Metrics
 from serve.sources import LoadedModel, LoadOptions
 from tasks.onnx.runtime import feeds
@@ -28,7 +28,7 @@ def sample_feeds(model: LoadedModel, batch: int) -> dict[str, np.ndarray] | None
     """A batch of `batch` neutral samples in the model's graph inputs (None for families without one)."""
     if model.family == "classifier":
         assert model.sample_shape is not None  # every classifier bundle has one
-        assert isinstance(model.session, ort.InferenceSession)  # a classifier runs on ONNX Runtime
+        assert not isinstance(model.session, LMRuntime)  # a classifier runs on ONNX Runtime
         return feeds(model.session, np.zeros((batch, *model.sample_shape), dtype=np.float32))
     if model.family == "encoder":
         from tasks.encoder.minilm import tokenize
@@ -50,7 +50,7 @@ class CurvePoint:
 def measure_curve(model: LoadedModel, max_batch: int, budget_s: float = 3.0) -> list[CurvePoint]:
     """Latency of one ORT call at batch 1, 2, 4, ... `max_batch` on this CPU, within about `budget_s`."""
     session = model.session
-    assert isinstance(session, ort.InferenceSession)  # only ONNX Runtime families batch (causal LMs decode)
+    assert not isinstance(session, LMRuntime)  # only ONNX Runtime families batch (causal LMs decode)
     points: list[CurvePoint] = []
     deadline = time.perf_counter() + budget_s
     batch = 1
