@@ -34,7 +34,7 @@ EXPLAINED = {
     "ConfigError": "tasks.core.settings",
     "DataError": "tasks.data.base",
     "GateError": "tasks.release.validate",
-    "SearchError": "tasks.search.trials",
+    "SearchError": "tasks.search.summary",
     "WorkdirBusy": "tasks.core.lock",
     "BundleError": "tasks.release.guard",
     "PromotionError": "tasks.release.promote",

@@ -113,9 +113,7 @@ def optimize_lm(
                 validate_lm_task(candidates + references, evaluator, cfg.validate_, cfg.lm.max_length), cfg.gates
             )
         )
-        # BUG (pre-existing): LMGateConfig has no latency_tie and LM reports no timing rounds, so the
-        # default select_by latency_p50_ms fails in best_passing once a candidate passes
-        chosen = best_passing(reports, cfg.gates)  # type: ignore[arg-type]  # see the BUG note above
+        chosen = best_passing(reports, cfg.gates)
         summary = report_candidates_task(reports, chosen.name if chosen else None, work / "reports" / run.run_id)
         tracking.log_candidates(run.run_id, candidates + references, reports, summary)
         chosen = require_passing(chosen, reports)

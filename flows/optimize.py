@@ -21,7 +21,8 @@ from tasks.release.promote import check_champion_task
 from tasks.release.validate import BASELINE
 from tasks.search.fetch import worker_data
 from tasks.search.runner import search_runner
-from tasks.search.trials import TrialTracking, fit_search_to_data, summarize_search_task
+from tasks.search.summary import summarize_search_task
+from tasks.search.trials import TrialTracking, fit_search_to_data
 from tasks.train.stage import check_model_inputs_task, train_model_task
 
 

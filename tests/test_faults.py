@@ -43,7 +43,8 @@ from tasks.release.guard import BundleError
 from tasks.release.ship import publish_copy
 from tasks.search.space import SearchConfig
 from tasks.search.study import open_study, resolve_storage
-from tasks.search.trials import SearchError, TrialTracking, run_trials, summarize_search
+from tasks.search.summary import SearchError, summarize_search
+from tasks.search.trials import TrialTracking, run_trials
 from tasks.train.stage import train_model_task
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -20,9 +20,10 @@ from tasks.data.base import DataError
 from tasks.data.corpus import CorpusConfig, describe_corpus, load_corpus
 from tasks.init_config import init_config
 from tasks.lm.quantize import LMRecipe, node_bits
-from tasks.lm.release import LMPromoteConfig, paired_perplexity
+from tasks.lm.release import LMGateConfig, LMPromoteConfig, paired_perplexity
 from tasks.release.guard import bundle_problem, sha256_of
 from tasks.release.promote import decide
+from tasks.release.validate import Report, best_passing
 from tests.tiny_llm import make_tiny_llama
 
 TINY = {
@@ -237,3 +238,27 @@ def test_init_writes_a_causal_lm_config(project, tmp_path):
     cfg = load_config(out)
     assert (cfg.family == "causal_lm" and cfg.lm.model == project / "model") or str(cfg.lm.model) == "model"
     assert "max_ppl_increase_pct" in out.read_text() and "# " in out.read_text()
+
+
+def test_lm_candidates_are_picked_by_decode_latency_with_the_tie_rule():
+    """The LM gates' default (select_by latency_p50_ms, ms per token over the interleaved rounds) picks
+    like every family's: clearly faster wins, within the tie the better top-1 agreement wins."""
+
+    def report(name, top1, rounds_ms):
+        return Report(
+            name,
+            name,
+            {"top1": top1},
+            "top1",
+            min(rounds_ms),
+            max(rounds_ms),
+            1000 / min(rounds_ms),
+            1000,
+            None,
+            latency_rounds_ms=tuple(rounds_ms),
+        )
+
+    fp32, int8 = report("fp32", 1.0, [10.0, 10.4, 9.8, 10.1]), report("int8", 0.96, [6.0, 6.2, 5.9, 6.1])
+    assert best_passing([fp32, int8], LMGateConfig()).name == "int8"
+    near = report("int4", 0.93, [5.9, 6.3, 5.8, 6.2])  # a tie with int8: its better top-1 decides
+    assert best_passing([fp32, int8, near], LMGateConfig()).name == "int8"

@@ -10,6 +10,7 @@ from tasks.config import parse_config
 from tasks.core.settings import ConfigError
 from tasks.core.tracking import TrackingConfig, setup_tracking, start_run
 from tasks.search import study as study_mod
+from tasks.search import summary as summary_mod
 from tasks.search import trials as search_mod
 from tasks.search.space import SearchConfig
 
@@ -107,7 +108,7 @@ def test_crashing_trial_does_not_kill_the_study(data_dir, tmp_path, tracking, mo
 
 def test_all_trials_failing_is_an_error(data_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(search_mod, "fit", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
-    with pytest.raises(search_mod.SearchError, match=r"(?s)no trial completed \(3 failed.*RuntimeError: boom"):
+    with pytest.raises(summary_mod.SearchError, match=r"(?s)no trial completed \(3 failed.*RuntimeError: boom"):
         search_mod.search_model(small(), data_dir, tmp_path, "dead")
 
 
@@ -161,8 +162,8 @@ def test_multi_objective_front_is_non_dominated_and_selection_respects_budget(da
     assert result.best_values["size"] <= 1500
     arts = {a.path for a in MlflowClient().list_artifacts(tracking.parent_run_id, "search")}
     assert {"search/pareto.png", "search/trials.csv", "search/summary.json"} <= arts
-    with pytest.raises(search_mod.SearchError, match="no Pareto-optimal trial meets accuracy_under_size"):
-        search_mod.summarize_search(cfg.model_copy(update={"size_budget_params": 1}), tmp_path, "mo")
+    with pytest.raises(summary_mod.SearchError, match="no Pareto-optimal trial meets accuracy_under_size"):
+        summary_mod.summarize_search(cfg.model_copy(update={"size_budget_params": 1}), tmp_path, "mo")
 
 
 def test_latency_objective_is_measured_on_onnx_runtime(data_dir, tmp_path, monkeypatch):
@@ -207,7 +208,7 @@ def test_concurrent_workers_fill_one_study(data_dir, tmp_path):
         t.join()
     assert not errors
     assert ran[0] >= 1 and ran[1] >= 1, ran  # both workers took trials from the one study
-    result = search_mod.summarize_search(cfg, tmp_path, "par")
+    result = summary_mod.summarize_search(cfg, tmp_path, "par")
     assert 4 <= result.completed_trials <= 5  # at most one overshoot per extra worker
     assert sum(ran.values()) == result.completed_trials
     assert result.failed_trials == 0

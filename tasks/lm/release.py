@@ -65,6 +65,13 @@ class LMGateConfig(Section):
         description="Among passing candidates: fastest decode (latency_p50_ms = ms per token), "
         "smallest, or best top-1 agreement.",
     )
+    latency_tie: float = Field(
+        1.05,
+        ge=1,
+        description="select_by latency: a candidate counts as slower than the fastest only when the 95% "
+        "interval of its ms-per-token ratio over the interleaved timing rounds lies above this; the tied ones "
+        "are ranked by top-1 agreement, then size (so timing noise never decides).",
+    )
 
 
 class LMRegisterConfig(RegisterConfig):
@@ -111,6 +118,7 @@ def validate_lm(candidates: list[Candidate], evaluator: LMEval, cfg: LMValidateC
                 shortest["decode_tok_s"],
                 folder_size(c.checkpoint),
                 c.parity_max_abs,
+                latency_rounds_ms=tuple(1000 / tok_s for tok_s in t["rounds_tok_s"]),
             )
         )
     return reports

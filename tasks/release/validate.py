@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Protocol
 
 from prefect import task
 from pydantic import Field
@@ -181,6 +181,16 @@ def apply_gates(reports: list[Report], gates: GateConfig) -> list[Report]:
     return gated
 
 
+class Selection(Protocol):
+    """How a pipeline's gates section picks among passing candidates (every family's gates have these)."""
+
+    @property
+    def select_by(self) -> str: ...
+
+    @property
+    def latency_tie(self) -> float: ...
+
+
 def latency_ties(reports: list[Report], tie: float) -> list[Report]:
     """The reports not measurably slower than the fastest: the 95% interval of their latency ratio to
     it, over the interleaved timing rounds, reaches down to `tie` (a ratio of 1.05: within 5%)."""
@@ -197,7 +207,7 @@ def latency_ties(reports: list[Report], tie: float) -> list[Report]:
     return tied
 
 
-def best_passing(reports: list[Report], gates: GateConfig) -> Report | None:
+def best_passing(reports: list[Report], gates: Selection) -> Report | None:
     """The passing candidate ranked first by `gates.select_by`, or None. Latency: among the candidates
     the fastest is not measurably faster than (`latency_ties`), the best primary quality, then the
     smallest file. Size: the smallest (ties: better quality). Quality: the best (ties: faster)."""
