@@ -133,16 +133,7 @@ def optimize_lm(
                 "mlflow_run_id": run.run_id,
             },
         )
-        tracking.log_artifacts(run.run_id, bundle, "bundle")  # what rollback republishes
-        tracking.set_tags(
-            run.run_id,
-            {
-                "chosen_candidate": chosen.name,
-                "bundle": str(bundle),
-                "registered_version": registered.version,
-                "quality_metric": "top1",
-            },
-        )
+        tracking.log_release(run.run_id, bundle, chosen.name, registered.version, "top1")
         decision = promote_lm_task(
             registered, bundle, cfg.promote, cfg.validate_, evaluator, cfg.lm.max_length, run.run_id
         )

@@ -49,16 +49,7 @@ def validate_and_release(
             "registered_model": asdict(registered),
         },
     )
-    tracking.log_artifacts(run.run_id, bundle, "bundle")  # what rollback republishes
-    tracking.set_tags(
-        run.run_id,
-        {
-            "chosen_candidate": chosen.name,
-            "bundle": str(bundle),
-            "registered_version": registered.version,
-            "quality_metric": evaluator.primary,
-        },
-    )
+    tracking.log_release(run.run_id, bundle, chosen.name, registered.version, evaluator.primary)
 
     decision = promote_model_task(registered, bundle, cfg.promote, cfg.validate_, evaluator, run.run_id)
     tracking.name_run(

@@ -182,3 +182,17 @@ def log_candidates(run_id: str, candidates: list, reports: list, summary: dict[s
     log_json(run_id, [r.to_dict() for r in reports], "candidates/reports.json")
     for path in summary.values():
         log_artifact(run_id, path, "candidates")
+
+
+def log_release(run_id: str, bundle: Path, candidate: str, version: str, quality_metric: str) -> None:
+    """The shipped bundle as the run's artifact (what rollback republishes) and the tags that say what shipped."""
+    log_artifacts(run_id, bundle, "bundle")
+    set_tags(
+        run_id,
+        {
+            "chosen_candidate": candidate,
+            "bundle": str(bundle),
+            "registered_version": version,
+            "quality_metric": quality_metric,
+        },
+    )
