@@ -19,6 +19,7 @@ from tasks.core.settings import ConfigError
 from tasks.data.base import DataError
 from tasks.data.corpus import CorpusConfig, describe_corpus, load_corpus
 from tasks.init_config import init_config
+from tasks.lm.evaluate import make_lm_session, window_logits
 from tasks.lm.quantize import LMRecipe, node_bits
 from tasks.lm.release import LMPromoteConfig, paired_perplexity
 from tasks.release.guard import bundle_problem, sha256_of
@@ -237,3 +238,41 @@ def test_init_writes_a_causal_lm_config(project, tmp_path):
     cfg = load_config(out)
     assert (cfg.family == "causal_lm" and cfg.lm.model == project / "model") or str(cfg.lm.model) == "model"
     assert "max_ppl_increase_pct" in out.read_text() and "# " in out.read_text()
+
+
+def test_minmax_int4_is_exact_on_a_q4_1_grid(tmp_path):
+    """Weights snapped onto llama.cpp's Q4_1 grid (per 32 inputs: fp16 minimum and step, 16 levels), as the
+    GGUF's dequantized weights are, come back exactly through minmax INT4 (the fast symmetric kernel plus the
+    per-block offset); symmetric RTN cannot represent them."""
+    from safetensors.numpy import load_file, save_file
+
+    from tasks.lm.export import build_genai, finish_folder
+    from tasks.lm.quantize import quantize_lm
+
+    hf = make_tiny_llama(tmp_path / "hf")
+    weights = load_file(hf / "model.safetensors")
+    for name, w in weights.items():
+        if name.endswith("proj.weight"):  # [out, in]: blocks of 32 along the input
+            blocks = w.reshape(w.shape[0], -1, 32)
+            low = blocks.min(-1, keepdims=True).astype(np.float16).astype(np.float32)
+            step = ((blocks.max(-1, keepdims=True) - low) / 15).astype(np.float16).astype(np.float32)
+            weights[name] = (low + np.clip(np.round((blocks - low) / step), 0, 15) * step).reshape(w.shape)
+    save_file(weights, hf / "model.safetensors", metadata={"format": "pt"})
+    fp32 = build_genai(hf, tmp_path / "fp32")
+    finish_folder(hf, fp32, 64)
+    ids = np.arange(5, 45, dtype=np.int64)
+    reference = window_logits(make_lm_session(fp32, 1), ids)
+    diffs = {}
+    for name, recipe in {
+        "minmax": LMRecipe(algorithm="minmax", lm_head="fp32"),
+        "minmax_acc4": LMRecipe(algorithm="minmax", accuracy_level=4, lm_head="fp32"),
+        "rtn": LMRecipe(algorithm="rtn", symmetric=True, lm_head="fp32"),
+    }.items():
+        folder = quantize_lm(fp32, recipe, tmp_path / name, sensitive=[])
+        graph = onnx.load(str(folder / "model.onnx"), load_external_data=False).graph
+        assert sum(n.op_type == "MatMulNBits" for n in graph.node) == 2 * 5  # qkv, o, gate, up, down
+        diffs[name] = np.abs(window_logits(make_lm_session(folder, 1), ids) - reference).max()
+    assert diffs["minmax"] < 1e-3 < diffs["rtn"], diffs
+    assert diffs["minmax_acc4"] < diffs["rtn"], diffs  # int8 activations: close, not exact
+    with pytest.raises(ValueError, match="4 bits in blocks of 32"):
+        LMRecipe(algorithm="minmax", block_size=64)
