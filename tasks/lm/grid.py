@@ -3,7 +3,7 @@
 Per output column n and block b of 32 inputs: d = (max - min) / 15 and q = round((w - min) / d) in 0..15, so
 w ~ min + q d. MatMulNBits without zero points dequantizes d (q - 8); the rest, c = min + 8 d, is the same for
 the whole block, so x @ W = MatMulNBits(x, q, d) + blocksum(x) @ C with blocksum(x) the sums of x over each
-block of 32 inputs and C[b, n] = c (1/32 of the weights, FP32). Weights already on a Q4_1 grid (a GGUF's
+block of 32 inputs (x @ a 0/1 [K, K/32] matrix) and C[b, n] = c (1/32 of the weights, FP32). Weights already on a Q4_1 grid (a GGUF's
 dequantized Q4_1 tensors) come back exactly; float zero points (HQQ) would do the same but take ORT's slow
 path.
 """
@@ -61,14 +61,16 @@ def minmax_pass(model: onnx.ModelProto, include: set[str], accuracy_level: int) 
             ]
         )
         if x not in sums:
-            shape = numpy_helper.from_array(np.array([0, 0, k // BLOCK, BLOCK], np.int64), f"{p}_blocks_shape")
-            axis = numpy_helper.from_array(np.array([-1], np.int64), f"{p}_blocks_axis")
-            graph.initializer.extend([shape, axis])
+            # The block sums as a MatMul with a 0/1 matrix (shared by every weight with K inputs): one node,
+            # where Reshape + ReduceSum take two (each node costs a dispatch per decoded token).
+            ones = f"minmax_blocksum_{k}"
+            if ones not in inits:
+                e = np.zeros((k, k // BLOCK), np.float32)
+                e[np.arange(k), np.arange(k) // BLOCK] = 1
+                inits[ones] = numpy_helper.from_array(e, ones)
+                graph.initializer.append(inits[ones])
             sums[x] = f"{p}_blocksum"
-            nodes += [
-                helper.make_node("Reshape", [x, shape.name], [f"{p}_blocks"], name=f"{p}_blocks"),
-                helper.make_node("ReduceSum", [f"{p}_blocks", axis.name], [sums[x]], name=f"{p}_blocksum", keepdims=0),
-            ]
+            nodes.append(helper.make_node("MatMul", [x, ones], [sums[x]], name=sums[x]))
         extra = {"accuracy_level": accuracy_level} if accuracy_level else {}
         nodes += [
             helper.make_node(
