@@ -22,6 +22,7 @@ from tasks.init_config import init_config
 from tasks.lm.evaluate import make_lm_session, window_logits
 from tasks.lm.quantize import LMRecipe, node_bits
 from tasks.lm.release import LMPromoteConfig, paired_perplexity
+from tasks.lm.search import LMCompressConfig
 from tasks.release.guard import bundle_problem, sha256_of
 from tasks.release.promote import decide
 from tests.tiny_llm import make_tiny_llama
@@ -276,3 +277,5 @@ def test_minmax_int4_is_exact_on_a_q4_1_grid(tmp_path):
     assert diffs["minmax_acc4"] < diffs["rtn"], diffs  # int8 activations: close, not exact
     with pytest.raises(ValueError, match="4 bits in blocks of 32"):
         LMRecipe(algorithm="minmax", block_size=64)
+    with pytest.raises(ValueError, match=r"minmax needs search\.bits"):
+        LMCompressConfig(search={"algorithms": ["rtn", "minmax"]})

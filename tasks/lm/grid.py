@@ -3,9 +3,9 @@
 Per output column n and block b of 32 inputs: d = (max - min) / 15 and q = round((w - min) / d) in 0..15, so
 w ~ min + q d. MatMulNBits without zero points dequantizes d (q - 8); the rest, c = min + 8 d, is the same for
 the whole block, so x @ W = MatMulNBits(x, q, d) + blocksum(x) @ C with blocksum(x) the sums of x over each
-block of 32 inputs (x @ a 0/1 [K, K/32] matrix) and C[b, n] = c (1/32 of the weights, FP32). Weights already on a Q4_1 grid (a GGUF's
-dequantized Q4_1 tensors) come back exactly; float zero points (HQQ) would do the same but take ORT's slow
-path.
+block of 32 inputs (x @ a 0/1 [K, K/32] matrix) and C[b, n] = c (1/32 of the weights, FP32). Weights already
+on a Q4_1 grid (a GGUF's dequantized Q4_1 tensors) come back exactly; float zero points (HQQ) would do the same
+but take ORT's slow path.
 """
 
 from __future__ import annotations

@@ -56,7 +56,9 @@ class LMRecipe(Section):
     @model_validator(mode="after")
     def _minmax_shape(self) -> LMRecipe:
         if self.algorithm == "minmax" and (self.bits, self.block_size) != (4, 32):
-            raise ValueError(f"algorithm minmax: 4 bits in blocks of 32 only (got {self.bits} bits, block {self.block_size})")
+            raise ValueError(
+                f"algorithm minmax: 4 bits in blocks of 32 only (got {self.bits} bits, block {self.block_size})"
+            )
         return self
 
 
