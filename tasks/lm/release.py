@@ -65,6 +65,12 @@ class LMGateConfig(Section):
         description="Among passing candidates: fastest decode (latency_p50_ms = ms per token), "
         "smallest, or best top-1 agreement.",
     )
+    latency_tie: float = Field(
+        1.05,
+        ge=1,
+        description="select_by latency: slower than the fastest only when the 95% interval of the per-round "
+        "ms-per-token ratio lies above this; tied candidates are ranked by quality (top-1), then size.",
+    )
 
 
 class LMRegisterConfig(RegisterConfig):
@@ -111,6 +117,7 @@ def validate_lm(candidates: list[Candidate], evaluator: LMEval, cfg: LMValidateC
                 shortest["decode_tok_s"],
                 folder_size(c.checkpoint),
                 c.parity_max_abs,
+                latency_rounds_ms=tuple(1000 / tok_s for tok_s in t["rounds_tok_s"]),
             )
         )
     return reports
