@@ -115,6 +115,8 @@ def test_lm_gates_registry_and_search(project, shipped):
         for r in json.loads(mlflow.artifacts.load_text(f"runs:/{shipped['run_id']}/candidates/reports.json"))
     }
     assert any(g.startswith("top-1 agreement") for g in reports["int4"]["failed_gates"])
+    # select_by latency's paired tie rule compares candidates round by round (validate.rounds is 1 here)
+    assert len(reports["int8"]["latency_rounds_ms"]) == 1
     # The KV cache sized to max_length: 2 (k, v) x 2 layers x 2 KV heads x 16 dims x 128 positions x 4 bytes.
     assert m["baseline.kv_cache_mb"] == pytest.approx(2 * 2 * 2 * 16 * 128 * 4 / 2**20)
 
