@@ -19,8 +19,10 @@ from tasks.core.settings import ConfigError
 from tasks.data.base import DataError
 from tasks.data.corpus import CorpusConfig, describe_corpus, load_corpus
 from tasks.init_config import init_config
+from tasks.lm.evaluate import make_lm_session, window_logits
 from tasks.lm.quantize import LMRecipe, node_bits
 from tasks.lm.release import LMGateConfig, LMPromoteConfig, paired_perplexity
+from tasks.lm.search import LMCompressConfig
 from tasks.release.guard import bundle_problem, sha256_of
 from tasks.release.promote import decide
 from tasks.release.validate import Report, best_passing
@@ -114,6 +116,8 @@ def test_lm_gates_registry_and_search(project, shipped):
         for r in json.loads(mlflow.artifacts.load_text(f"runs:/{shipped['run_id']}/candidates/reports.json"))
     }
     assert any(g.startswith("top-1 agreement") for g in reports["int4"]["failed_gates"])
+    # select_by latency's paired tie rule compares candidates round by round (validate.rounds is 1 here)
+    assert len(reports["int8"]["latency_rounds_ms"]) == 1
     # The KV cache sized to max_length: 2 (k, v) x 2 layers x 2 KV heads x 16 dims x 128 positions x 4 bytes.
     assert m["baseline.kv_cache_mb"] == pytest.approx(2 * 2 * 2 * 16 * 128 * 4 / 2**20)
 
@@ -262,3 +266,43 @@ def test_lm_candidates_are_picked_by_decode_latency_with_the_tie_rule():
     assert best_passing([fp32, int8], LMGateConfig()).name == "int8"
     near = report("int4", 0.93, [5.9, 6.3, 5.8, 6.2])  # a tie with int8: its better top-1 decides
     assert best_passing([fp32, int8, near], LMGateConfig()).name == "int8"
+
+
+def test_minmax_int4_is_exact_on_a_q4_1_grid(tmp_path):
+    """Weights snapped onto llama.cpp's Q4_1 grid (per 32 inputs: fp16 minimum and step, 16 levels), as the
+    GGUF's dequantized weights are, come back exactly through minmax INT4 (the fast symmetric kernel plus the
+    per-block offset); symmetric RTN cannot represent them."""
+    from safetensors.numpy import load_file, save_file
+
+    from tasks.lm.export import build_genai, finish_folder
+    from tasks.lm.quantize import quantize_lm
+
+    hf = make_tiny_llama(tmp_path / "hf")
+    weights = load_file(hf / "model.safetensors")
+    for name, w in weights.items():
+        if name.endswith("proj.weight"):  # [out, in]: blocks of 32 along the input
+            blocks = w.reshape(w.shape[0], -1, 32)
+            low = blocks.min(-1, keepdims=True).astype(np.float16).astype(np.float32)
+            step = ((blocks.max(-1, keepdims=True) - low) / 15).astype(np.float16).astype(np.float32)
+            weights[name] = (low + np.clip(np.round((blocks - low) / step), 0, 15) * step).reshape(w.shape)
+    save_file(weights, hf / "model.safetensors", metadata={"format": "pt"})
+    fp32 = build_genai(hf, tmp_path / "fp32")
+    finish_folder(hf, fp32, 64)
+    ids = np.arange(5, 45, dtype=np.int64)
+    reference = window_logits(make_lm_session(fp32, 1), ids)
+    diffs = {}
+    for name, recipe in {
+        "minmax": LMRecipe(algorithm="minmax", lm_head="fp32"),
+        "minmax_acc4": LMRecipe(algorithm="minmax", accuracy_level=4, lm_head="fp32"),
+        "rtn": LMRecipe(algorithm="rtn", symmetric=True, lm_head="fp32"),
+    }.items():
+        folder = quantize_lm(fp32, recipe, tmp_path / name, sensitive=[])
+        graph = onnx.load(str(folder / "model.onnx"), load_external_data=False).graph
+        assert sum(n.op_type == "MatMulNBits" for n in graph.node) == 2 * 5  # qkv, o, gate, up, down
+        diffs[name] = np.abs(window_logits(make_lm_session(folder, 1), ids) - reference).max()
+    assert diffs["minmax"] < 1e-3 < diffs["rtn"], diffs
+    assert diffs["minmax_acc4"] < diffs["rtn"], diffs  # int8 activations: close, not exact
+    with pytest.raises(ValueError, match="4 bits in blocks of 32"):
+        LMRecipe(algorithm="minmax", block_size=64)
+    with pytest.raises(ValueError, match=r"minmax needs search\.bits"):
+        LMCompressConfig(search={"algorithms": ["rtn", "minmax"]})

@@ -17,12 +17,13 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 from prefect import task
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from tasks.core.settings import Section
 from tasks.lm.evaluate import ONNX_FILE, make_lm_session, score
+from tasks.lm.grid import minmax_pass
 
-LMAlgorithm = Literal["rtn", "k_quant", "hqq"]
+LMAlgorithm = Literal["rtn", "k_quant", "hqq", "minmax"]
 
 
 class LMRecipe(Section):
@@ -31,7 +32,9 @@ class LMRecipe(Section):
     bits: Literal[4, 8] = Field(4, description="Weight bits of the decoder MatMuls.")
     algorithm: LMAlgorithm = Field(
         "rtn",
-        description="rtn (round to nearest), k_quant (llama.cpp-style scale search), hqq (half-quadratic; 4 bits).",
+        description="rtn (round to nearest), k_quant (llama.cpp-style scale search), hqq (half-quadratic; 4 bits), "
+        "minmax (asymmetric min/max blocks, llama.cpp's Q4_1 rule, on the symmetric int4 kernel plus a per-block "
+        "offset term; exact for weights already on a Q4_1 grid; 4 bits, blocks of 32).",
     )
     block_size: Literal[32, 64, 128] = Field(32, description="Weights per quantization block.")
     symmetric: bool = Field(True, description="Symmetric blocks (no zero point); hqq always fits a float zero point.")
@@ -49,6 +52,14 @@ class LMRecipe(Section):
         ge=0,
         description="Decoder layers measured most sensitive on the calibration text kept at INT8 (4-bit recipes).",
     )
+
+    @model_validator(mode="after")
+    def _minmax_shape(self) -> LMRecipe:
+        if self.algorithm == "minmax" and (self.bits, self.block_size) != (4, 32):
+            raise ValueError(
+                f"algorithm minmax: 4 bits in blocks of 32 only (got {self.bits} bits, block {self.block_size})"
+            )
+        return self
 
 
 LM_HEAD = "/lm_head/MatMul"
@@ -117,11 +128,14 @@ def quantize_lm(fp32_dir: Path, recipe: LMRecipe, out: Path, sensitive: list[int
     model = onnx.load(str(fp32_dir / ONNX_FILE))
     plan = node_bits(model, recipe, sensitive)
     logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)
-    # HQQ writes 4 bits only: the INT8 nodes go first through RTN, then HQQ takes the rest.
+    # HQQ and minmax write 4 bits only: the INT8 nodes go first through RTN, then they take the rest.
     for bits in sorted({b for b in plan.values() if b is not None}, reverse=True):
-        algorithm = recipe.algorithm if bits == 4 or recipe.algorithm != "hqq" else "rtn"
+        algorithm = recipe.algorithm if bits == 4 or recipe.algorithm not in ("hqq", "minmax") else "rtn"
         include = {n for n, b in plan.items() if b == bits}
-        model = _quantize_pass(model, recipe, bits, include, algorithm)
+        if algorithm == "minmax":
+            model = minmax_pass(model, include, recipe.accuracy_level)
+        else:
+            model = _quantize_pass(model, recipe, bits, include, algorithm)
     onnx.save(
         model,
         str(out / ONNX_FILE),

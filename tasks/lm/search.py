@@ -69,6 +69,9 @@ class LMCompressConfig(Section):
     def _names_free(self) -> LMCompressConfig:
         if bad := [n for n in self.candidates if n == "baseline" or n.startswith(("trial_", "base_"))]:
             raise ValueError(f"candidate names {bad}: 'baseline', 'trial_*' and 'base_*' are the pipeline's own")
+        space = self.search
+        if "minmax" in space.algorithms and (space.bits, space.block_sizes) != ([4], [32]):
+            raise ValueError("search.algorithms with minmax needs search.bits [4] and search.block_sizes [32]")
         return self
 
 
