@@ -8,7 +8,6 @@ the shortest prompt; time to first token per prompt length and peak memory sit b
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 from dataclasses import replace
@@ -34,7 +33,7 @@ from tasks.release.promote import (
     act_on_decision,
 )
 from tasks.release.register import RegisterConfig, RegisteredModel
-from tasks.release.ship import staging_folder, swap_in
+from tasks.release.ship import staged, write_manifest
 from tasks.release.stats import paired_bootstrap, ratio_interval
 from tasks.release.validate import BASELINE, GateError, Report
 
@@ -183,9 +182,7 @@ def ship_lm(model_dir: Path, bundle_dir: Path, max_length: int, data_version: st
     """The contract's LM bundle: `model/` (the whole generation folder) and a manifest hashing every file in it,
     assembled beside the target and swapped in atomically."""
     bundle_dir = Path(bundle_dir)
-    bundle_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = staging_folder(bundle_dir)
-    try:
+    with staged(bundle_dir) as tmp:
         shutil.copytree(model_dir, tmp / MODEL_DIR)
         files = {str(p.relative_to(tmp)): sha256_of(p) for p in sorted((tmp / MODEL_DIR).rglob("*")) if p.is_file()}
         manifest = {
@@ -202,11 +199,7 @@ def ship_lm(model_dir: Path, bundle_dir: Path, max_length: int, data_version: st
             "created_at": datetime.now(UTC).isoformat(),
             **details,
         }
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
-        swap_in(tmp, bundle_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write_manifest(tmp, manifest)
     print(f"[ship] LM bundle {bundle_dir} ({len(files)} files hashed)")
     return bundle_dir
 

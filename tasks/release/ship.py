@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -56,16 +58,28 @@ def swap_in(ready: Path, target: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def publish_copy(source: Path, target: Path) -> Path:
-    """Atomically make `target` a copy of the bundle folder `source`."""
+@contextmanager
+def staged(target: Path) -> Iterator[Path]:
+    """A marked staging folder beside `target` to fill inside the block; swapped in for `target` when
+    the block ends, deleted when it raises (a stop included), so a half-written bundle is never served."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = staging_folder(target)
     try:
-        shutil.copytree(source, tmp, dirs_exist_ok=True)
+        yield tmp
         swap_in(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def write_manifest(folder: Path, manifest: dict) -> None:
+    (folder / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def publish_copy(source: Path, target: Path) -> Path:
+    """Atomically make `target` a copy of the bundle folder `source`."""
+    with staged(target) as tmp:
+        shutil.copytree(source, tmp, dirs_exist_ok=True)
     return target
 
 
@@ -73,9 +87,7 @@ def ship_bundle(onnx_path: Path, bundle_dir: Path, evaluator: Evaluator, data_ve
     """`details`: candidate name, metrics, registry info, run id — copied into the manifest. The
     evaluator says what serving must know (preprocessing, labels) and adds what it needs (a tokenizer)."""
     bundle_dir = Path(bundle_dir)
-    bundle_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = staging_folder(bundle_dir)
-    try:
+    with staged(bundle_dir) as tmp:
         model = tmp / "model.onnx"
         shutil.copyfile(onnx_path, model)
         manifest = {
@@ -91,11 +103,7 @@ def ship_bundle(onnx_path: Path, bundle_dir: Path, evaluator: Evaluator, data_ve
             **relative_paths(details, bundle_dir),
         }
         evaluator.attach(tmp)
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
-        swap_in(tmp, bundle_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write_manifest(tmp, manifest)
     print(f"[ship] bundle {bundle_dir} (model sha256 {manifest['sha256'][:12]}...)")
     return bundle_dir
 
