@@ -26,6 +26,26 @@ from tasks.train.loop import TrainParams, fit
 from tasks.train.stage import TrainConfig
 
 
+def pytest_xdist_make_scheduler(config, log):
+    """With pytest-xdist (`make test` runs two workers): a test module that builds a module-scoped fixture (a
+    shipped project, a running server) goes to one worker whole, so the fixture is built once as in a serial
+    run; every other test goes to whichever worker is free. Biggest units first (xdist's scope reorder)."""
+    import functools
+
+    from xdist.scheduler import LoadScopeScheduling
+
+    @functools.cache
+    def shares_a_module_fixture(path: str) -> bool:
+        return 'scope="module"' in (config.rootpath / path).read_text()
+
+    class ModuleFixtureScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return path if shares_a_module_fixture(path) else nodeid
+
+    return ModuleFixtureScheduling(config, log)
+
+
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("data") / "data"

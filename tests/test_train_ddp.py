@@ -26,8 +26,10 @@ def test_two_ddp_processes_train_as_well_as_one(splits):
     two = fit_parallel(model, splits.train, splits.val, PARAMS, processes=2, on_epoch=epochs.append)
     assert one.processes == 1 and two.processes == 2  # the process group's world size, as the ranks saw it
     assert [e["epoch"] for e in epochs] == list(range(1, two.epochs_run + 1))  # rank 0's progress reached us
-    # The weights came back from rank 0 and match the accuracy the ranks measured.
-    assert accuracy(model, *splits.val) == pytest.approx(two.best_val_accuracy)
+    # The weights came back from rank 0 and match the accuracy the ranks measured. Within one sample: a
+    # rank ran its matmuls on fewer threads than this process (other blocking, other float sums), and CI
+    # measured a borderline sample's argmax flipping between the two (0.9556 here vs 0.9519 in the rank).
+    assert abs(accuracy(model, *splits.val) - two.best_val_accuracy) <= 1 / len(splits.val[1]) + 1e-9
     assert abs(accuracy(model, *splits.test) - accuracy(single, *splits.test)) <= 0.03
     assert accuracy(model, *splits.test) >= 0.9
 

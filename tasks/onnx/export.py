@@ -22,6 +22,23 @@ OUTPUT_NAME = "logits"
 logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
 
 
+def _cache_torchlib_ops() -> None:
+    """Every `torch.onnx.export` rebuilds its op registry, and onnxscript parses the Python source of each of
+    its ~1,000 ATen functions again to list them: ~0.4 s of each small model's ~0.9 s export, measured, and a run
+    exports every candidate. The list depends on nothing but the installed onnxscript, so it is read once per
+    process. (torch looks the function up on this module at each export; where a future torch or onnxscript
+    has moved it, nothing is cached and exports stay correct, only slower.)"""
+    import functools
+    import importlib
+
+    try:
+        apis = importlib.import_module(torch.onnx._internal._lazy_import.onnxscript_apis._name)
+    except (AttributeError, ImportError):
+        return
+    if callable(ops := getattr(apis, "get_torchlib_ops", None)) and not hasattr(ops, "cache_info"):
+        apis.get_torchlib_ops = functools.cache(ops)
+
+
 class ExportGraph(NamedTuple):
     """What a model's ONNX graph computes when it is not the model's own forward on one tensor
     (a model offers it as `export_graph(example)`): the module to export, its named example inputs,
@@ -74,6 +91,7 @@ def export_onnx(model: nn.Module, path: Path, reference_x: np.ndarray) -> Export
     onto them. The example batch has 2 samples: with 1 the exporter specialises the batch axis to a
     constant.
     """
+    _cache_torchlib_ops()
     model = model.eval()
     example = torch.from_numpy(np.ascontiguousarray(reference_x[:2]))
     export_graph = getattr(model, "export_graph", None)  # a family's own export inputs and axes, if it has them

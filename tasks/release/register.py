@@ -47,6 +47,9 @@ def register_model(onnx_path: Path, cfg: RegisterConfig, run_id: str, evaluator:
             input_example=example,
             registered_model_name=cfg.model_name,
             onnx_execution_providers=["CPUExecutionProvider"],
+            # The flavor's own pins, stated: left to infer them, MLflow maps every installed package's modules
+            # and loads the model again in a subprocess (~4 s of CPU per registration) to arrive at the same two.
+            pip_requirements=mlflow.onnx.get_default_pip_requirements(),
         )
     version = str(info.registered_model_version)
     MlflowClient().set_registered_model_alias(cfg.model_name, cfg.alias, version)
