@@ -21,3 +21,18 @@ def test_onnx_matches_pytorch_on_any_batch(fixture, request, splits, tmp_path):
         with torch.no_grad():
             expected = model(torch.from_numpy(x)).numpy()
         np.testing.assert_allclose(predict_logits(session, x), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_the_exporters_op_list_is_read_once_per_process(mlp_checkpoint, splits, tmp_path):
+    """The registry cache applies to the installed torch/onnxscript (a version that moved the function would
+    leave exports slower, silently: this fails instead), and cached exports still match PyTorch."""
+    import importlib
+
+    model, _, _ = load_checkpoint(mlp_checkpoint)
+    first = export_onnx(model, tmp_path / "a.onnx", splits.val[0][:16])
+    lazy = importlib.import_module("torch.onnx._internal._lazy_import")
+    ops = importlib.import_module(lazy.onnxscript_apis._name).get_torchlib_ops
+    before = ops.cache_info().hits
+    second = export_onnx(model, tmp_path / "b.onnx", splits.val[0][:16])
+    assert ops.cache_info().hits == before + 1 and ops.cache_info().currsize == 1
+    assert max(first.parity_max_abs, second.parity_max_abs) < 1e-4

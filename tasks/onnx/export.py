@@ -32,11 +32,12 @@ def _cache_torchlib_ops() -> None:
     import importlib
 
     try:
-        apis = importlib.import_module(torch.onnx._internal._lazy_import.onnxscript_apis._name)
+        lazy = importlib.import_module("torch.onnx._internal._lazy_import")
+        apis = importlib.import_module(lazy.onnxscript_apis._name)
     except (AttributeError, ImportError):
         return
     if callable(ops := getattr(apis, "get_torchlib_ops", None)) and not hasattr(ops, "cache_info"):
-        apis.get_torchlib_ops = functools.cache(ops)
+        setattr(apis, "get_torchlib_ops", functools.cache(ops))  # noqa: B010 (a module attribute mypy cannot see)
 
 
 class ExportGraph(NamedTuple):
