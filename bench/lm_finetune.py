@@ -10,8 +10,10 @@ process, on 2 DDP ranks and on 2 FSDP2 ranks (gloo on CPU), each rank measuring 
 during training (VmHWM reset after the model is loaded), its median step time, and the share of the
 parameters and of the optimizer state it holds.
 Part 2, quality (skipped with --skip-gain): the pipeline's fine-tune (one process) on the calibration topics,
-then base and fine-tuned exported to ONNX (FP32) and quantized with the pipeline's INT4 candidate recipe
-(int4_rtn32 of configs/smollm2.yaml), all scored by the pipeline's evaluator on the same test windows.
+then base and fine-tuned exported to ONNX (FP32) and quantized with the INT4 recipes below (the merged
+weights; and the base weights with the adapter kept beside them at FP32), all scored by the pipeline's
+evaluator on the same test windows. ft_int4_keeps_gain is the share of the FP32 fine-tune's gain over the
+base FP32 model that the separate-adapter INT4 candidate keeps.
 It ends with one line (ft_cpu_minutes: wall-clock minutes of the fine-tune on this 2-core machine):
 
     RESULT ft_ppl_gain_pct=<> ft_int4_keeps_gain=<> ft_cpu_minutes=<> fsdp2_rank_param_share=<> ...
@@ -35,7 +37,13 @@ from tasks.lm.lora import merge, train_lora  # noqa: E402
 from tasks.lm.quantize import LMRecipe  # noqa: E402
 from tasks.lm.train import check_finetune  # noqa: E402
 
-INT4 = LMRecipe(bits=4, algorithm="rtn", block_size=32, symmetric=True, accuracy_level=0, lm_head="int8")
+# The INT4 recipes of configs/smollm2.yaml: symmetric RTN and minmax (Q4_1 min/max blocks) on the merged weights,
+# and minmax on the base weights with the LoRA update kept beside them at FP32 (the fine-tuned config's shipped one).
+INT4 = {
+    "int4_rtn32": LMRecipe(bits=4, algorithm="rtn", block_size=32, symmetric=True, accuracy_level=0, lm_head="int8"),
+    "int4_minmax32": LMRecipe(bits=4, algorithm="minmax", block_size=32, lm_head="int8"),
+    "int4_minmax32_lora": LMRecipe(bits=4, algorithm="minmax", block_size=32, lm_head="int8", adapter="separate"),
+}
 
 
 def example(project: Path) -> tuple[Path, Path]:
@@ -113,28 +121,37 @@ def quality(model: Path, corpus: Path, work: Path, args) -> dict:
     )
     minutes = (time.perf_counter() - start) / 60
     merged = merge(tuned, model, work / "merged")
-    scores = {}
+    tuned.save_pretrained(str(work / "adapter"))
+    scores: dict[str, dict[str, float]] = {}
+    fp32_dirs = {}
     for name, hf in (("base", model), ("tuned", merged)):
         windows = LMEval(corpus, hf, 512, 2, 2).windows("validation")
-        fp32 = export_lm(hf, work / f"{name}_fp32", 2048, windows, 2).checkpoint
-        int4 = quantize_lm(fp32, INT4, work / f"{name}_int4", [])
-        evaluator = LMEval(corpus, fp32, 512, 8, 2)
-        scores[name] = {"fp32": evaluator.test_perplexity(fp32), "int4": evaluator.test_perplexity(int4)}
-        print(
-            f"[bench] {name}: test perplexity FP32 {scores[name]['fp32']:.3f}, INT4 {scores[name]['int4']:.3f}",
-            flush=True,
-        )
-    gain = (1 - scores["tuned"]["fp32"] / scores["base"]["fp32"]) * 100
-    int4_gain = (1 - scores["tuned"]["int4"] / scores["base"]["fp32"]) * 100
+        fp32_dirs[name] = export_lm(hf, work / f"{name}_fp32", 2048, windows, 2).checkpoint
+    evaluator = LMEval(corpus, fp32_dirs["base"], 512, 8, 2)
+    for name in ("base", "tuned"):
+        scores[name] = {"fp32": evaluator.test_perplexity(fp32_dirs[name])}
+        for recipe_name, recipe in INT4.items():
+            if recipe.adapter == "separate":  # the base weights quantized, the tuned model's update beside them
+                if name == "base":
+                    continue
+                folder = quantize_lm(fp32_dirs["base"], recipe, work / f"{name}_{recipe_name}", [], work / "adapter")
+            else:
+                folder = quantize_lm(fp32_dirs[name], recipe, work / f"{name}_{recipe_name}", [])
+            scores[name][recipe_name] = evaluator.test_perplexity(folder)
+        print(f"[bench] {name}: test perplexity " + ", ".join(f"{k} {v:.3f}" for k, v in scores[name].items()))
+    base = scores["base"]["fp32"]
+    gain = (1 - scores["tuned"]["fp32"] / base) * 100
+    kept = {k: (1 - v / base) * 100 / gain if gain > 0 else float("nan") for k, v in scores["tuned"].items()}
     return {
         "ft_ppl_gain_pct": f"{gain:.1f}",
-        "ft_int4_keeps_gain": f"{int4_gain / gain:.2f}" if gain > 0 else "n/a",
+        "ft_int4_keeps_gain": f"{kept['int4_minmax32_lora']:.2f}",  # the fine-tuned config's INT4 candidate
         "ft_cpu_minutes": f"{minutes:.1f}",
         "ft_train_windows": len(data.train),
         "ft_best_epoch": result.best_epoch,
-        "base_test_ppl": f"{scores['base']['fp32']:.2f}",
-        "ft_test_ppl": f"{scores['tuned']['fp32']:.2f}",
-        "ft_int4_test_ppl": f"{scores['tuned']['int4']:.2f}",
+        "base_test_ppl": f"{base:.2f}",
+        **{f"ft_{k}_test_ppl": f"{v:.2f}" for k, v in scores["tuned"].items()},
+        **{f"base_{k}_test_ppl": f"{v:.2f}" for k, v in scores["base"].items() if k != "fp32"},
+        **{f"ft_{k}_keeps_gain": f"{v:.2f}" for k, v in kept.items() if k != "fp32"},
     }
 
 

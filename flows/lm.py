@@ -15,6 +15,7 @@ from tasks.config import LMPipelineConfig
 from tasks.core import tracking
 from tasks.core.fingerprint import code_version
 from tasks.data.version import version_data_task
+from tasks.lm.adapter import Adapted
 from tasks.lm.evaluate import LMEval
 from tasks.lm.export import export_lm_task
 from tasks.lm.model import prepare_model_task
@@ -57,7 +58,7 @@ def optimize_lm(
         key = f"{data.md5}/{code_version()}/{cfg.section_hash('lm', 'finetune')}"
         base_dir = hf_dir
         if cfg.finetune.enabled:
-            hf_dir = finetune_lm_task(
+            tuned = finetune_lm_task(
                 base_dir,
                 data.dir,
                 cfg.finetune,
@@ -66,9 +67,19 @@ def optimize_lm(
                 key,
                 TrialTracking(cfg.tracking.uri, run.experiment_id, run.run_id),
             )
+            hf_dir = tuned.merged
         evaluator = LMEval(data.dir, out / "baseline", cfg.data.window, cfg.data.max_windows, cfg.validate_.threads)
         parity_windows = LMEval(data.dir, hf_dir, cfg.data.window, 2, cfg.validate_.threads).windows("validation")
         baseline = export_lm_task(hf_dir, out / "baseline", cfg.lm.max_length, parity_windows, cfg.validate_.threads)
+        base, adapted = None, None
+        if cfg.finetune.enabled:  # the base model at FP32: a reference row, and the weights a separate adapter uses
+            base = replace(
+                export_lm_task(
+                    base_dir, out / f"{REFERENCE}fp32", cfg.lm.max_length, parity_windows, cfg.validate_.threads
+                ),
+                name=f"{REFERENCE}fp32",
+            )
+            adapted = Adapted(base.checkpoint, tuned.adapter)
         ranked = (
             layer_sensitivity_task(
                 baseline.checkpoint,
@@ -93,19 +104,14 @@ def optimize_lm(
         )
         recipes = [*cfg.compress.candidates.items(), *searched]
         candidates = [baseline] + [
-            make_candidate_task(name, recipe, baseline.checkpoint, out, sensitive) for name, recipe in recipes
+            make_candidate_task(name, recipe, baseline.checkpoint, out, sensitive, adapted) for name, recipe in recipes
         ]
         references = []
-        if cfg.finetune.enabled:  # the base model on the same text, at FP32 and the fixed recipes: never shipped
-            base = replace(
-                export_lm_task(
-                    base_dir, out / f"{REFERENCE}fp32", cfg.lm.max_length, parity_windows, cfg.validate_.threads
-                ),
-                name=f"{REFERENCE}fp32",
-            )
+        if base is not None:  # the base model on the same text, at FP32 and the fixed recipes: never shipped
             references = [base] + [
                 make_candidate_task(f"{REFERENCE}{name}", recipe, base.checkpoint, out, sensitive)
                 for name, recipe in cfg.compress.candidates.items()
+                if recipe.adapter == "merged"  # on the base model a separate adapter's recipe is its merged twin
             ]
 
         reports = mark_reference(

@@ -226,6 +226,9 @@ class LMPipelineConfig(PipelineBase):
     def _fits_context(self) -> LMPipelineConfig:
         if self.data.window > self.lm.max_length:
             raise ValueError(f"data.window ({self.data.window}) exceeds lm.max_length ({self.lm.max_length})")
+        separate = [n for n, r in self.compress.candidates.items() if r.adapter == "separate"]
+        if separate and not self.finetune.enabled:
+            raise ValueError(f"compress.candidates {separate}: adapter 'separate' needs finetune.enabled (no adapter)")
         return self
 
 

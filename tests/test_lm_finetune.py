@@ -9,6 +9,7 @@ from pydoc_data.topics import topics
 
 import mlflow
 import numpy as np
+import onnx
 import pytest
 import torch
 import yaml
@@ -17,6 +18,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from flows.lm import optimize_lm
+from tasks.config import parse_config
 from tasks.core.settings import ConfigError
 from tasks.core.stop import RunInterrupted, clear_stop, request_stop
 from tasks.data.base import DataError
@@ -81,6 +83,56 @@ def test_lora_learns_the_text_and_merges_into_a_plain_folder(lm, data, tmp_path)
     with torch.no_grad():
         merged = AutoModelForCausalLM.from_pretrained(str(folder)).eval()(input_ids=ids).logits
     torch.testing.assert_close(merged, adapted, atol=1e-4, rtol=1e-4)
+
+
+def on_q4_1_grid(src, out):
+    """`src`'s decoder weights moved onto a Q4_1 grid (min/max blocks of 32), as a GGUF's dequantized weights lie."""
+    from tasks.lm.grid import BLOCK, minmax_int4
+
+    model = AutoModelForCausalLM.from_pretrained(str(src)).eval()
+    for name, layer in model.model.layers.named_modules():
+        if isinstance(layer, torch.nn.Linear):
+            w = layer.weight.detach().numpy().T  # [in, out], as the ONNX MatMul holds it
+            q, d, c = minmax_int4(w)
+            grid = (d[..., None] * (q.astype(np.float32) - 8) + c.T[..., None]).reshape(w.shape[1], w.shape[0])
+            layer.weight.data = torch.from_numpy(grid.astype(np.float32))
+            assert w.shape[0] % BLOCK == 0, name
+    model.save_pretrained(out)
+    for f in src.iterdir():
+        if f.suffix != ".safetensors" and not (out / f.name).exists():
+            (out / f.name).write_bytes(f.read_bytes())
+    return out
+
+
+def test_a_separate_adapter_beside_int4_base_weights_is_the_fine_tuned_model(lm, data, tmp_path):
+    """On a base whose weights lie on a Q4_1 grid, minmax INT4 of the base plus the LoRA update at FP32 computes
+    the fine-tuned model (to float error); INT4 of the merged weights does not (the update is off the grid)."""
+    from tasks.lm.adapter import LORA_TAG, lora_pass
+    from tasks.lm.evaluate import make_lm_session, window_logits
+    from tasks.lm.export import build_genai
+    from tasks.lm.quantize import LMRecipe, quantize_lm
+
+    base = on_q4_1_grid(lm / "model", tmp_path / "grid")
+    model, _ = train_lora(base, data.train, data.val, FT.model_copy(update={"epochs": 1}))
+    model.save_pretrained(str(tmp_path / "adapter"))
+    ids = data.val.ids[0]
+    model.eval()
+    with torch.no_grad():
+        tuned = model(input_ids=torch.from_numpy(ids[None])).logits[0].numpy()
+    build_genai(base, tmp_path / "base_fp32")
+    build_genai(merge(model, base, tmp_path / "merged"), tmp_path / "merged_fp32")
+    recipe = LMRecipe(bits=4, algorithm="minmax", block_size=32, lm_head="fp32")
+    separate = quantize_lm(tmp_path / "base_fp32", recipe, tmp_path / "separate", [], tmp_path / "adapter")
+    merged = quantize_lm(tmp_path / "merged_fp32", recipe, tmp_path / "merged_int4", [])
+    got = {k: window_logits(make_lm_session(d, 2), ids) for k, d in (("separate", separate), ("merged", merged))}
+    assert np.abs(got["separate"] - tuned).max() < 1e-3
+    assert np.abs(got["merged"] - tuned).max() > 10 * np.abs(got["separate"] - tuned).max()
+    # Each adapted MatMul got one rank-r detour (q, k and v share the builder's packed projection), kept at FP32.
+    fp32 = lora_pass(onnx.load(str(tmp_path / "base_fp32" / "model.onnx")), tmp_path / "base_fp32", tmp_path / "adapter")
+    nodes = [n for n in onnx.load(str(separate / "model.onnx"), load_external_data=False).graph.node]
+    detours = [n for n in nodes if LORA_TAG in n.name]
+    assert len(detours) == 3 * 5 * 2 == len([n for n in fp32.graph.node if LORA_TAG in n.name])
+    assert {n.op_type for n in detours} == {"MatMul", "Add"}
 
 
 def test_chats_train_on_assistant_tokens_only(lm, tmp_path):
@@ -175,6 +227,9 @@ def test_bad_input_is_one_error_before_training(lm, data):
     assert "fewer than one training window of 100000 tokens" in message and "one validation window" in message
     with pytest.raises(FloatingPointError, match=r"diverged .* lower finetune\.lr"):
         train_lora(lm / "model", data.train, data.val, FT.model_copy(update={"lr": 1e20, "warmup": 0.0}))
+    no_adapter = {**FINETUNED, "finetune": {"enabled": False}}
+    with pytest.raises(ConfigError, match=r"\['int4_lora'\]: adapter 'separate' needs finetune.enabled"):
+        parse_config(no_adapter)
 
 
 FINETUNED = {
@@ -184,7 +239,10 @@ FINETUNED = {
         **FT.model_dump(exclude={"search"}),
         "search": {"n_trials": 2, "epochs": [1, 2], "ranks": [8], "lr": [1e-2, 4e-2], "targets": ["attention+mlp"]},
     },
-    "compress": {"candidates": {"int8": {"bits": 8}}, "search": {"n_trials": 0}},
+    "compress": {
+        "candidates": {"int8": {"bits": 8}, "int4_lora": {"algorithm": "minmax", "adapter": "separate"}},
+        "search": {"n_trials": 0},
+    },
     "validate": {"prompt_lengths": [8], "new_tokens": 4, "rounds": 1},
     "register": {"model_name": "tiny-lm-ft"},
     "tracking": {"experiment": "e2e-lm-ft"},
@@ -210,7 +268,9 @@ def test_fine_tune_then_compress_gate_and_ship_beside_the_base_model(prefect_api
         r["name"]: r
         for r in json.loads(mlflow.artifacts.load_text(f"runs:/{shipped['run_id']}/candidates/reports.json"))
     }
-    assert set(reports) == {"baseline", "int8", "base_fp32", "base_int8"}
+    # The separate adapter's candidate has no base twin (on the base model it would be plain INT4).
+    assert set(reports) == {"baseline", "int8", "int4_lora", "base_fp32", "base_int8"}
+    assert m["int4_lora.test_perplexity"] < 0.9 * m["base_fp32.test_perplexity"]
     assert all(any(g.startswith("reference") for g in reports[n]["failed_gates"]) for n in ("base_fp32", "base_int8"))
     assert m["finetune.best_val_perplexity"] < m["finetune.base_val_perplexity"]
     assert {"adapter_config.json", "adapter_model.safetensors"} <= {

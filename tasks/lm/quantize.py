@@ -20,6 +20,7 @@ from prefect import task
 from pydantic import Field, model_validator
 
 from tasks.core.settings import Section
+from tasks.lm.adapter import LORA_TAG, lora_pass
 from tasks.lm.evaluate import ONNX_FILE, make_lm_session, score
 from tasks.lm.grid import minmax_pass
 
@@ -52,6 +53,11 @@ class LMRecipe(Section):
         ge=0,
         description="Decoder layers measured most sensitive on the calibration text kept at INT8 (4-bit recipes).",
     )
+    adapter: Literal["merged", "separate"] = Field(
+        "merged",
+        description="With finetune enabled: quantize the merged weights, or the base model's with the LoRA update "
+        "kept beside them at FP32 (separate: the base's grid survives; two small MatMuls per adapted projection).",
+    )
 
     @model_validator(mode="after")
     def _minmax_shape(self) -> LMRecipe:
@@ -76,10 +82,13 @@ def node_bits(model: onnx.ModelProto, recipe: LMRecipe, sensitive: list[int]) ->
     """MatMul name -> weight bits (None: left in FP32)."""
     keep8 = set(sensitive[: recipe.int8_layers]) if recipe.bits == 4 else set()
     head = {"fp32": None, "int8": 8, "int4": 4}[recipe.lm_head]
-    out = {}
+    out: dict[str, int | None] = {}
     for node in _matmuls(model):
         layer = _LAYER.search(node.name)
-        out[node.name] = head if node.name == LM_HEAD else 8 if layer and int(layer[1]) in keep8 else recipe.bits
+        if LORA_TAG in node.name:  # a separate adapter's detour stays FP32
+            out[node.name] = None
+        else:
+            out[node.name] = head if node.name == LM_HEAD else 8 if layer and int(layer[1]) in keep8 else recipe.bits
     return out
 
 
@@ -118,14 +127,19 @@ def _quantize_pass(model: onnx.ModelProto, recipe: LMRecipe, bits: int, include:
     return quantizer.model.model
 
 
-def quantize_lm(fp32_dir: Path, recipe: LMRecipe, out: Path, sensitive: list[int]) -> Path:
-    """`out`: the FP32 folder's genai config and tokenizer files beside the quantized model.onnx (+ data)."""
+def quantize_lm(
+    fp32_dir: Path, recipe: LMRecipe, out: Path, sensitive: list[int], adapter_dir: Path | None = None
+) -> Path:
+    """`out`: the FP32 folder's genai config and tokenizer files beside the quantized model.onnx (+ data);
+    with `adapter_dir` (a peft LoRA folder), its update added beside the weights of `fp32_dir` at FP32."""
     fp32_dir, out = Path(fp32_dir), Path(out)
     out.mkdir(parents=True, exist_ok=True)
     for path in fp32_dir.iterdir():
         if not path.name.startswith(ONNX_FILE):
             shutil.copyfile(path, out / path.name)
     model = onnx.load(str(fp32_dir / ONNX_FILE))
+    if adapter_dir is not None:
+        model = lora_pass(model, fp32_dir, adapter_dir)
     plan = node_bits(model, recipe, sensitive)
     logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)
     # HQQ and minmax write 4 bits only: the INT8 nodes go first through RTN, then they take the rest.

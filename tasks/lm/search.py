@@ -16,6 +16,7 @@ from pydantic import Field, model_validator
 
 from tasks.compress.base import Candidate
 from tasks.core.settings import Section
+from tasks.lm.adapter import Adapted
 from tasks.lm.evaluate import ONNX_FILE, LMEval
 from tasks.lm.quantize import LMAlgorithm, LMRecipe, quantize_lm
 from tasks.lm.release import LMValidateConfig
@@ -149,8 +150,17 @@ def search_lm(
     return [(f"trial_{t.number}", LMRecipe(**t.user_attrs["recipe"])) for t in ranked[: space.keep]]
 
 
-def make_candidate(name: str, recipe: LMRecipe, fp32_dir: Path, out: Path, sensitive: list[int]) -> Candidate:
-    folder = quantize_lm(fp32_dir, recipe, Path(out) / name, sensitive)
+def make_candidate(
+    name: str, recipe: LMRecipe, fp32_dir: Path, out: Path, sensitive: list[int], adapted: Adapted | None = None
+) -> Candidate:
+    """The recipe applied to `fp32_dir` (the merged model's, for a fine-tuned run); `adapter: separate` applies it
+    to the base model's weights of `adapted` instead, its LoRA update kept beside them."""
+    if recipe.adapter == "separate":
+        if adapted is None:
+            raise ValueError(f"candidate {name}: adapter 'separate' needs a fine-tuned model (finetune.enabled)")
+        folder = quantize_lm(adapted.base_fp32, recipe, Path(out) / name, sensitive, adapted.adapter)
+    else:
+        folder = quantize_lm(fp32_dir, recipe, Path(out) / name, sensitive)
     return Candidate(name, folder / ONNX_FILE, folder, None, recipe.model_dump() | {"sensitive_layers": sensitive})
 
 

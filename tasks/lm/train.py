@@ -8,6 +8,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import optuna
 import torch
@@ -144,6 +145,11 @@ def search_finetune(
     return best
 
 
+class Finetuned(NamedTuple):
+    merged: Path  # the adapter folded into the base weights: a plain Hugging Face folder
+    adapter: Path  # the peft LoRA folder on its own
+
+
 def finetune_lm(
     hf_dir: Path,
     data_dir: Path,
@@ -152,9 +158,9 @@ def finetune_lm(
     search_dir: Path,
     key: str,
     tracking: TrialTracking | None = None,
-) -> Path:
+) -> Finetuned:
     """Fine-tune (searching first when `cfg.search.n_trials`, the study under `search_dir` named by `key`), log
-    the adapter and the curves to the pipeline run, and return the merged Hugging Face folder."""
+    the adapter and the curves to the pipeline run; returns the merged Hugging Face folder and the adapter's."""
     data = check_finetune(hf_dir, data_dir, cfg)
     out, run_id = Path(out), tracking and tracking.parent_run_id
     print(f"[finetune] {len(data.train)} training / {len(data.val)} validation windows of {cfg.window} tokens")
@@ -189,7 +195,7 @@ def finetune_lm(
         f"{result.best_epoch}/{result.epochs_run}, {result.seconds:.0f}s on {result.processes} process(es), "
         f"{result.parallel}); merged into {merged}"
     )
-    return merged
+    return Finetuned(merged, out / "adapter")
 
 
 def mark_reference(reports: list[Report]) -> list[Report]:
