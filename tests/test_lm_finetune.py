@@ -128,7 +128,8 @@ def test_a_separate_adapter_beside_int4_base_weights_is_the_fine_tuned_model(lm,
     assert np.abs(got["separate"] - tuned).max() < 1e-3
     assert np.abs(got["merged"] - tuned).max() > 10 * np.abs(got["separate"] - tuned).max()
     # Each adapted MatMul got one rank-r detour (q, k and v share the builder's packed projection), kept at FP32.
-    fp32 = lora_pass(onnx.load(str(tmp_path / "base_fp32" / "model.onnx")), tmp_path / "base_fp32", tmp_path / "adapter")
+    base_fp32 = tmp_path / "base_fp32"
+    fp32 = lora_pass(onnx.load(str(base_fp32 / "model.onnx")), base_fp32, tmp_path / "adapter")
     nodes = [n for n in onnx.load(str(separate / "model.onnx"), load_external_data=False).graph.node]
     detours = [n for n in nodes if LORA_TAG in n.name]
     assert len(detours) == 3 * 5 * 2 == len([n for n in fp32.graph.node if LORA_TAG in n.name])

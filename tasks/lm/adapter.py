@@ -18,8 +18,6 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from tasks.lm.evaluate import ONNX_FILE
-
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
@@ -114,8 +112,3 @@ def lora_pass(model: onnx.ModelProto, model_dir: Path, adapter_dir: Path) -> onn
     del graph.node[:]
     graph.node.extend(ordered)
     return model
-
-
-def load_with_adapter(model_dir: Path, adapter_dir: Path) -> onnx.ModelProto:
-    """The FP32 generation model of `model_dir` with `adapter_dir`'s update beside its weights."""
-    return lora_pass(onnx.load(str(Path(model_dir) / ONNX_FILE)), model_dir, adapter_dir)
