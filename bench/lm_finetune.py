@@ -49,6 +49,7 @@ INT4 = {
 def example(project: Path) -> tuple[Path, Path]:
     folder = project / "datasets" / "smollm2"
     if not (folder / "model" / "config.json").is_file():
+        project.mkdir(parents=True, exist_ok=True)
         subprocess.run(
             [sys.executable, "-m", "flows.cli", "example", "smollm2", "datasets/smollm2", "--root", str(project)],
             check=True,
@@ -120,8 +121,8 @@ def quality(model: Path, corpus: Path, work: Path, args) -> dict:
         ),
     )
     minutes = (time.perf_counter() - start) / 60
+    tuned.save_pretrained(str(work / "adapter"))  # before merging: merge_and_unload folds the adapter away
     merged = merge(tuned, model, work / "merged")
-    tuned.save_pretrained(str(work / "adapter"))
     scores: dict[str, dict[str, float]] = {}
     fp32_dirs = {}
     for name, hf in (("base", model), ("tuned", merged)):

@@ -134,6 +134,14 @@ def test_a_separate_adapter_beside_int4_base_weights_is_the_fine_tuned_model(lm,
     detours = [n for n in nodes if LORA_TAG in n.name]
     assert len(detours) == 3 * 5 * 2 == len([n for n in fp32.graph.node if LORA_TAG in n.name])
     assert {n.op_type for n in detours} == {"MatMul", "Add"}
+    # An adapter folder saved after merge_and_unload holds no LoRA weights: an error, not the base model.
+    from safetensors.numpy import save_file
+
+    (empty := tmp_path / "emptied").mkdir()
+    (empty / "adapter_config.json").write_bytes((tmp_path / "adapter" / "adapter_config.json").read_bytes())
+    save_file({}, str(empty / "adapter_model.safetensors"))
+    with pytest.raises(ValueError, match="no LoRA weights"):
+        quantize_lm(base_fp32, recipe, tmp_path / "from-emptied", [], empty)
 
 
 def test_chats_train_on_assistant_tokens_only(lm, tmp_path):
