@@ -9,6 +9,7 @@ import contextlib
 import io
 import json
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,9 +36,16 @@ def build_genai(hf_dir: Path, out: Path, precision: str = "fp32", options: dict 
     out = Path(out)
     cache = out.parent / f".{out.name}-cache"
     extra = [f"{k}={v}" for k, v in {"filename": ONNX_FILE, **(options or {})}.items()]
-    with contextlib.redirect_stdout(io.StringIO()):  # it prints every tensor it writes
-        parsed = parse_extra_options(None, str(hf_dir), str(out), precision, "cpu", str(cache), extra)
-        create_model(None, str(hf_dir), str(out), precision, "cpu", str(cache), **parsed)
+    # It prints every tensor it writes, and a progress bar per tensor on stderr (one line of ~60 KB per model
+    # in a run's log): kept here, and shown only if the build fails.
+    said = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(said), contextlib.redirect_stderr(said):
+            parsed = parse_extra_options(None, str(hf_dir), str(out), precision, "cpu", str(cache), extra)
+            create_model(None, str(hf_dir), str(out), precision, "cpu", str(cache), **parsed)
+    except BaseException:
+        print(said.getvalue()[-4000:], file=sys.stderr)
+        raise
     shutil.rmtree(cache, ignore_errors=True)
     return out
 
