@@ -52,7 +52,7 @@ lint: $(STAMP)
 # on, a subprocess). On the 2-core machine the suite took 15.6 minutes serially, 9.3 in two workers; the
 # scheduler (tests/conftest.py) keeps a module that shares a module-scoped fixture on one worker.
 test: $(STAMP) browser postgres lint
-	$(BIN)/python -m pytest -n auto --maxprocesses 4
+	$(BIN)/python -m pytest -n auto --maxprocesses 4 --durations=15
 
 # The reference pages are generated from the code as the site builds (docs/hooks/reference.py).
 docs: $(STAMP)
