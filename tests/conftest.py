@@ -26,6 +26,7 @@ from tasks.train.loop import TrainParams, fit
 from tasks.train.stage import TrainConfig
 
 
+@pytest.hookimpl(optionalhook=True)  # a run without pytest-xdist (`-p no:xdist`) has no such hook
 def pytest_xdist_make_scheduler(config, log):
     """With pytest-xdist (`make test` runs two workers): a test module that builds a module-scoped fixture (a
     shipped project, a running server) goes to one worker whole, so the fixture is built once as in a serial
