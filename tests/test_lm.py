@@ -26,7 +26,7 @@ from tasks.lm.search import LMCompressConfig
 from tasks.release.guard import bundle_problem, sha256_of
 from tasks.release.promote import decide
 from tasks.release.validate import Report, best_passing
-from tests.tiny_llm import make_tiny_llama
+from tests.tiny_llm import make_tiny_llama, snap_to_q4_1
 
 TINY = {
     "family": "causal_lm",
@@ -272,20 +272,10 @@ def test_minmax_int4_is_exact_on_a_q4_1_grid(tmp_path):
     """Weights snapped onto llama.cpp's Q4_1 grid (per 32 inputs: fp16 minimum and step, 16 levels), as the
     GGUF's dequantized weights are, come back exactly through minmax INT4 (the fast symmetric kernel plus the
     per-block offset); symmetric RTN cannot represent them."""
-    from safetensors.numpy import load_file, save_file
-
     from tasks.lm.export import build_genai, finish_folder
     from tasks.lm.quantize import quantize_lm
 
-    hf = make_tiny_llama(tmp_path / "hf")
-    weights = load_file(hf / "model.safetensors")
-    for name, w in weights.items():
-        if name.endswith("proj.weight"):  # [out, in]: blocks of 32 along the input
-            blocks = w.reshape(w.shape[0], -1, 32)
-            low = blocks.min(-1, keepdims=True).astype(np.float16).astype(np.float32)
-            step = ((blocks.max(-1, keepdims=True) - low) / 15).astype(np.float16).astype(np.float32)
-            weights[name] = (low + np.clip(np.round((blocks - low) / step), 0, 15) * step).reshape(w.shape)
-    save_file(weights, hf / "model.safetensors", metadata={"format": "pt"})
+    hf = snap_to_q4_1(make_tiny_llama(tmp_path / "hf"))
     fp32 = build_genai(hf, tmp_path / "fp32")
     finish_folder(hf, fp32, 64)
     ids = np.arange(5, 45, dtype=np.int64)

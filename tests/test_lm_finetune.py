@@ -4,6 +4,7 @@ loss curve (FSDP holding half of everything per rank), a stop ends the ranks in 
 bad input is one error, and the flow fine-tunes -> compresses -> gates -> ships with the base model beside."""
 
 import json
+import shutil
 import time
 from pydoc_data.topics import topics
 
@@ -27,7 +28,7 @@ from tasks.lm.finetune import FinetuneConfig, FinetuneSearchConfig
 from tasks.lm.lora import encode, merge, train_lora
 from tasks.lm.train import check_finetune, search_finetune
 from tests.test_lm import TINY
-from tests.tiny_llm import make_tiny_llama
+from tests.tiny_llm import make_tiny_llama, snap_to_q4_1
 
 # At the default init (std 0.02) the tiny model's logits are nearly flat and LoRA gains ~5% at most; at std 0.1
 # it gains ~25% in one epoch (661 -> 494) and overshoots in the second, which early stopping undoes.
@@ -85,25 +86,6 @@ def test_lora_learns_the_text_and_merges_into_a_plain_folder(lm, data, tmp_path)
     torch.testing.assert_close(merged, adapted, atol=1e-4, rtol=1e-4)
 
 
-def on_q4_1_grid(src, out):
-    """`src`'s decoder weights moved onto a Q4_1 grid (min/max blocks of 32), as a GGUF's dequantized weights lie."""
-    from tasks.lm.grid import BLOCK, minmax_int4
-
-    model = AutoModelForCausalLM.from_pretrained(str(src)).eval()
-    for name, layer in model.model.layers.named_modules():
-        if isinstance(layer, torch.nn.Linear):
-            w = layer.weight.detach().numpy().T  # [in, out], as the ONNX MatMul holds it
-            q, d, c = minmax_int4(w)
-            grid = (d[..., None] * (q.astype(np.float32) - 8) + c.T[..., None]).reshape(w.shape[1], w.shape[0])
-            layer.weight.data = torch.from_numpy(grid.astype(np.float32))
-            assert w.shape[0] % BLOCK == 0, name
-    model.save_pretrained(out)
-    for f in src.iterdir():
-        if f.suffix != ".safetensors" and not (out / f.name).exists():
-            (out / f.name).write_bytes(f.read_bytes())
-    return out
-
-
 def test_a_separate_adapter_beside_int4_base_weights_is_the_fine_tuned_model(lm, data, tmp_path):
     """On a base whose weights lie on a Q4_1 grid, minmax INT4 of the base plus the LoRA update at FP32 computes
     the fine-tuned model (to float error); INT4 of the merged weights does not (the update is off the grid)."""
@@ -112,7 +94,7 @@ def test_a_separate_adapter_beside_int4_base_weights_is_the_fine_tuned_model(lm,
     from tasks.lm.export import build_genai
     from tasks.lm.quantize import LMRecipe, quantize_lm
 
-    base = on_q4_1_grid(lm / "model", tmp_path / "grid")
+    base = snap_to_q4_1(shutil.copytree(lm / "model", tmp_path / "grid"))
     model, _ = train_lora(base, data.train, data.val, FT.model_copy(update={"epochs": 1}))
     model.save_pretrained(str(tmp_path / "adapter"))
     ids = data.val.ids[0]

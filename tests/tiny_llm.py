@@ -83,3 +83,20 @@ def make_tiny_llama(folder: Path, *, seed: int = 0, init_std: float = 0.02) -> P
     tokenizer_config["chat_template"] = CHAT_TEMPLATE
     config_path.write_text(json.dumps(tokenizer_config, indent=2))
     return folder
+
+
+def snap_to_q4_1(folder: Path) -> Path:
+    """The decoder projections in `folder`'s model.safetensors moved onto llama.cpp's Q4_1 grid (per 32 inputs: an
+    fp16 minimum and step, 16 levels), in place: the grid a GGUF's dequantized weights lie on."""
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+
+    weights = load_file(folder / "model.safetensors")
+    for name, w in weights.items():
+        if name.endswith("proj.weight"):  # [out, in]: blocks of 32 along the input
+            blocks = w.reshape(w.shape[0], -1, 32)
+            low = blocks.min(-1, keepdims=True).astype(np.float16).astype(np.float32)
+            step = ((blocks.max(-1, keepdims=True) - low) / 15).astype(np.float16).astype(np.float32)
+            weights[name] = (low + np.clip(np.round((blocks - low) / step), 0, 15) * step).reshape(w.shape)
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder

@@ -155,12 +155,12 @@ def make_candidate(
 ) -> Candidate:
     """The recipe applied to `fp32_dir` (the merged model's, for a fine-tuned run); `adapter: separate` applies it
     to the base model's weights of `adapted` instead, its LoRA update kept beside them."""
+    source, adapter = fp32_dir, None
     if recipe.adapter == "separate":
         if adapted is None:
             raise ValueError(f"candidate {name}: adapter 'separate' needs a fine-tuned model (finetune.enabled)")
-        folder = quantize_lm(adapted.base_fp32, recipe, Path(out) / name, sensitive, adapted.adapter)
-    else:
-        folder = quantize_lm(fp32_dir, recipe, Path(out) / name, sensitive)
+        source, adapter = adapted.base_fp32, adapted.adapter
+    folder = quantize_lm(source, recipe, Path(out) / name, sensitive, adapter)
     return Candidate(name, folder / ONNX_FILE, folder, None, recipe.model_dump() | {"sensitive_layers": sensitive})
 
 

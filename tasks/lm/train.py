@@ -174,7 +174,8 @@ def finetune_lm(
             print(f"[finetune] epoch {r['epoch']} (step {r['step']}): validation perplexity {r['val_perplexity']:.3f}")
 
     model, result = train_lora(hf_dir, data.train, data.val, cfg, on_record=record)
-    model.save_pretrained(str(out / "adapter"))
+    adapter = out / "adapter"
+    model.save_pretrained(str(adapter))
     merged = merge(model, hf_dir, out / "merged")
     (out / "finetune.json").write_text(json.dumps({"settings": _tuned(cfg), "result": asdict(result)}, indent=1))
     if run_id:
@@ -188,14 +189,14 @@ def finetune_lm(
                 "finetune.seconds": result.seconds,
             },
         )
-        log_artifacts(run_id, out / "adapter", "finetune/adapter")
+        log_artifacts(run_id, adapter, "finetune/adapter")
         log_artifact(run_id, out / "finetune.json", "finetune")
     print(
         f"[finetune] validation perplexity {result.base_perplexity:.3f} -> {result.best_perplexity:.3f} (best epoch "
         f"{result.best_epoch}/{result.epochs_run}, {result.seconds:.0f}s on {result.processes} process(es), "
         f"{result.parallel}); merged into {merged}"
     )
-    return Finetuned(merged, out / "adapter")
+    return Finetuned(merged, adapter)
 
 
 def mark_reference(reports: list[Report]) -> list[Report]:
