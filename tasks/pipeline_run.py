@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
-from mlflow.tracking import MlflowClient
 
 from tasks.config import EncoderPipelineConfig, LMPipelineConfig, PipelineConfig, load_config, tracking_of
 from tasks.core.fingerprint import code_version, inputs_version
@@ -20,6 +19,7 @@ from tasks.core.settings import ConfigError
 from tasks.core.stop import clear_stop, interruption, request_stop
 from tasks.core.tracking import (
     PIPELINE_TAG,
+    client,
     end_run,
     fail_run,
     log_params,
@@ -50,7 +50,7 @@ def fingerprint(cfg: PipelineBase, data_version: str, root: Path) -> dict[str, s
 def find_equivalent_run(experiment_id: str, tags: dict[str, str], exclude: str) -> str | None:
     """A FINISHED run with the same fingerprint that shipped a model, if any."""
     query = " and ".join(f"tags.{k} = '{v}'" for k, v in tags.items())
-    for run in MlflowClient().search_runs(
+    for run in client().search_runs(
         [experiment_id],
         f"{query} and attributes.status = 'FINISHED'",
         order_by=["attributes.start_time DESC"],
@@ -90,20 +90,20 @@ def close_orphans(experiment_id: str, workdir: Path, closer: str) -> list[str]:
     """Mark FAILED the runs of this work dir on this host that are still RUNNING: with the work dir
     locked by the caller, no live process can own them (their process was SIGKILLed, or the machine
     went down). Their RUNNING trial runs go with them. Returns the ids closed."""
-    client = MlflowClient()
+    store = client()
     query = (
         f"attributes.status = 'RUNNING' and tags.`modelforge.workdir` = '{workdir}' "
         f"and tags.`modelforge.host` = '{socket.gethostname()}'"
     )
     closed = []
-    for run in client.search_runs([experiment_id], query, max_results=1000):
+    for run in store.search_runs([experiment_id], query, max_results=1000):
         if run.info.run_id == closer:
             continue
         note = (
             f"orphaned: its process (pid {run.data.tags.get('modelforge.pid', '?')}) ended without closing "
             f"the run (killed?); marked FAILED by run {closer}"
         )
-        children = client.search_runs(
+        children = store.search_runs(
             [experiment_id],
             f"attributes.status = 'RUNNING' and tags.mlflow.parentRunId = '{run.info.run_id}'",
             max_results=1000,

@@ -394,6 +394,10 @@ class Run:
             pytest.fail(f"the temporary Prefect server (pid {server}) outlived the run")
         return rc, took
 
+    def said(self, rc: int, took: float) -> str:
+        """The exit code, the seconds it took and the run's last lines (what a failed assertion shows)."""
+        return f"exit code {rc} after {took:.1f} s; the run's last lines:\n" + "".join(self.lines[-60:])
+
     def kill(self) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGKILL)
@@ -421,7 +425,7 @@ def test_signals_stop_the_run_cleanly_and_a_rerun_resumes(tmp_path):
     first = Run(tmp_path, config)
     first.wait_for(r"\[search\] trial 2/1000")
     rc, took = first.stop(signal.SIGINT, group=True)
-    assert rc == 130 and took < 15, (rc, took)
+    assert rc == 130 and took < 15, first.said(rc, took)
     assert "interrupted (stopped by SIGINT)" in "".join(first.lines)
     kept = finished_trials(tmp_path)
     assert kept >= 2
@@ -436,7 +440,7 @@ def test_signals_stop_the_run_cleanly_and_a_rerun_resumes(tmp_path):
     third = Run(tmp_path, config)
     third.wait_for(r"marked 1 orphaned run\(s\) FAILED")
     rc, took = third.stop(signal.SIGTERM, group=False)
-    assert rc == 143 and took < 15, (rc, took)
+    assert rc == 143 and took < 15, third.said(rc, took)
 
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/.modelforge/mlflow.db")
     client = MlflowClient()
@@ -455,6 +459,38 @@ def test_signals_stop_the_run_cleanly_and_a_rerun_resumes(tmp_path):
         if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id and r.info.status != "FINISHED"
     ]
     assert [r.info.status for r in interrupted] == ["KILLED"]  # the trial that was training
+
+
+def test_a_signal_in_the_middle_of_a_tracking_write_leaves_the_store_writable(tmp_path):
+    """A signal's exception lands in the main thread between any two bytecodes, SQLAlchemy transactions
+    included; the run must still close at once (CI saw SQLite left locked: the closing write waited 20 s, then
+    failed, and the stopped run exited 1 with its MLflow run left RUNNING)."""
+    from tasks.core.stop import RunInterrupted
+
+    experiment = tracking.setup_tracking(
+        tracking.TrackingConfig(uri=f"sqlite:///{tmp_path}/mlflow.db", experiment="x", artifact_dir=tmp_path / "a")
+    )
+
+    def interrupt(_signum, _frame):
+        raise RunInterrupted("stopped by SIGALRM")
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        for i in range(40):
+            run_id = tracking.start_run(experiment, f"run {i}")
+            with contextlib.suppress(RunInterrupted):
+                # Alarms spread over the writes' own timing (~1-10 ms each), so they land in every part of it.
+                signal.setitimer(signal.ITIMER_REAL, 0.001 + 0.0007 * i)
+                for step in range(10_000):  # until the alarm
+                    tracking.log_params(run_id, {f"p{step}.{j}": j for j in range(20)})
+                    tracking.log_text(run_id, "x" * 1000, f"t{step}.txt")
+            start = time.monotonic()
+            tracking.fail_run(run_id, RunInterrupted("stopped by SIGALRM"), "KILLED")
+            assert time.monotonic() - start < 5
+            assert MlflowClient().get_run(run_id).info.status == "KILLED"
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 # --- 5. Failures surface with their real exception and do not eat the next run's budget --------------

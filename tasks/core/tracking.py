@@ -1,18 +1,24 @@
 """MLflow bookkeeping through explicit run ids.
 
-Stages log through `MlflowClient` with the run id they are handed instead of mlflow's thread-local
+Stages log through `client()` with the run id they are handed instead of mlflow's thread-local
 "active run", so logging works the same from any Prefect worker thread.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import os
 import subprocess
 import tempfile
+import threading
 import time
 import traceback
 import warnings
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import ParamSpec, TypeVar, cast
 
 import mlflow
 from mlflow.entities import Metric, Param, RunTag
@@ -46,6 +52,42 @@ class TrackingConfig(Section):
 _MAX_PARAM_LEN = 6000
 PIPELINE_TAG = "modelforge.pipeline"
 
+P = ParamSpec("P")
+R = TypeVar("R")
+_threads: dict[int, ThreadPoolExecutor] = {}  # by process id: a forked child cannot use its parent's thread
+
+
+def uninterrupted(call: Callable[P, R]) -> Callable[P, R]:
+    """`call` run, when called from the main thread, on the process's one tracking thread.
+
+    Python raises a signal's exception (Ctrl-C, SIGTERM: `tasks.core.stop`) in the main thread between any
+    two bytecodes. Raised inside an SQLAlchemy transaction it left SQLite locked: the run's closing write
+    waited 20 s for the lock and failed, so a stopped run ended with exit code 1 instead of 143 and stayed
+    RUNNING (seen in CI). A call on the tracking thread always completes; an interrupted main thread stops
+    waiting for it at once, and its next call (the closing write) queues behind it."""
+
+    @functools.wraps(call)
+    def run(*args: P.args, **kwargs: P.kwargs) -> R:
+        if threading.current_thread() is not threading.main_thread():
+            return call(*args, **kwargs)
+        pool = _threads.get(os.getpid())
+        if pool is None:
+            pool = _threads[os.getpid()] = ThreadPoolExecutor(1, thread_name_prefix="modelforge-tracking")
+        return pool.submit(call, *args, **kwargs).result()
+
+    return run
+
+
+class _Client:
+    def __getattr__(self, name: str) -> Callable:
+        # The client is made on the tracking thread too: a store's first use creates its tables.
+        return uninterrupted(lambda *args, **kwargs: getattr(MlflowClient(), name)(*args, **kwargs))
+
+
+def client() -> MlflowClient:
+    """An `MlflowClient` whose calls are `uninterrupted`."""
+    return cast(MlflowClient, _Client())
+
 
 def log_dataset(run_id: str, data_dir: Path, data_version: str) -> None:
     """The run's data as an MLflow dataset input: the UI's Dataset column then shows the folder and
@@ -59,14 +101,14 @@ def log_dataset(run_id: str, data_dir: Path, data_version: str) -> None:
         warnings.simplefilter("ignore", UserWarning)
         source = resolve_dataset_source(str(Path(data_dir).resolve()))
     dataset = MetaDataset(source, name=Path(data_dir).name, digest=data_version[:36])  # type: ignore[abstract]  # mlflow leaves `profile` unimplemented on its documented MetaDataset (Dataset is no ABC)
-    MlflowClient().log_inputs(
+    client().log_inputs(
         run_id, [DatasetInput(dataset._to_mlflow_entity(), [InputTag(MLFLOW_DATASET_CONTEXT, "training")])]
     )
 
 
 def name_run(run_id: str, name: str) -> None:
     """Rename a run for what it did, once that is known (the runs table lists names)."""
-    MlflowClient().update_run(run_id, name=name)
+    client().update_run(run_id, name=name)
 
 
 def source_tags(config_path: str | Path, root: Path) -> dict[str, str]:
@@ -92,15 +134,15 @@ def setup_tracking(cfg: TrackingConfig) -> str:
         Path(cfg.uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(cfg.uri)
     mlflow.set_registry_uri(cfg.uri)
-    client = MlflowClient()
-    exp = client.get_experiment_by_name(cfg.experiment)
+    store = client()
+    exp = store.get_experiment_by_name(cfg.experiment)
     if exp is not None:
         return exp.experiment_id
     if cfg.uri.startswith(("http://", "https://")):  # the server's own artifact store (--artifacts-destination)
-        return client.create_experiment(cfg.experiment)
+        return store.create_experiment(cfg.experiment)
     artifact_dir = cfg.artifact_dir.resolve()
     artifact_dir.mkdir(parents=True, exist_ok=True)
-    return client.create_experiment(cfg.experiment, artifact_location=artifact_dir.as_uri())
+    return store.create_experiment(cfg.experiment, artifact_location=artifact_dir.as_uri())
 
 
 def start_run(experiment_id: str, name: str, parent_id: str | None = None, tags: dict | None = None) -> str:
@@ -108,36 +150,36 @@ def start_run(experiment_id: str, name: str, parent_id: str | None = None, tags:
     tags = {MLFLOW_RUN_NAME: name, **{k: str(v) for k, v in (tags or {}).items()}}
     if parent_id:
         tags[MLFLOW_PARENT_RUN_ID] = parent_id
-    return MlflowClient().create_run(experiment_id, tags=tags, run_name=name).info.run_id
+    return client().create_run(experiment_id, tags=tags, run_name=name).info.run_id
 
 
 def log_params(run_id: str, params: dict) -> None:
     items = [Param(str(k), str(v)[:_MAX_PARAM_LEN]) for k, v in params.items()]
     for i in range(0, len(items), 100):  # the store caps one batch at 100 params
-        MlflowClient().log_batch(run_id, params=items[i : i + 100])
+        client().log_batch(run_id, params=items[i : i + 100])
 
 
 def log_metrics(run_id: str, metrics: dict, step: int = 0) -> None:
     now = int(time.time() * 1000)
     items = [Metric(str(k), float(v), now, step) for k, v in metrics.items() if v is not None]
     if items:
-        MlflowClient().log_batch(run_id, metrics=items)
+        client().log_batch(run_id, metrics=items)
 
 
 def set_tags(run_id: str, tags: dict) -> None:
-    MlflowClient().log_batch(run_id, tags=[RunTag(str(k), str(v)) for k, v in tags.items()])
+    client().log_batch(run_id, tags=[RunTag(str(k), str(v)) for k, v in tags.items()])
 
 
 def log_artifact(run_id: str, path: Path, artifact_path: str | None = None) -> None:
-    MlflowClient().log_artifact(run_id, str(path), artifact_path)
+    client().log_artifact(run_id, str(path), artifact_path)
 
 
 def log_artifacts(run_id: str, folder: Path, artifact_path: str) -> None:
-    MlflowClient().log_artifacts(run_id, str(folder), artifact_path)
+    client().log_artifacts(run_id, str(folder), artifact_path)
 
 
 def log_text(run_id: str, text: str, artifact_file: str) -> None:
-    MlflowClient().log_text(run_id, text, artifact_file)
+    client().log_text(run_id, text, artifact_file)
 
 
 def log_json(run_id: str, obj: object, artifact_file: str) -> None:
@@ -145,9 +187,10 @@ def log_json(run_id: str, obj: object, artifact_file: str) -> None:
 
 
 def end_run(run_id: str, status: str = "FINISHED") -> None:
-    MlflowClient().set_terminated(run_id, status)
+    client().set_terminated(run_id, status)
 
 
+@uninterrupted  # a second signal cannot leave the run half closed
 def fail_run(run_id: str, err: BaseException, status: str = "FAILED", reason: str | None = None) -> None:
     """End the run FAILED (or KILLED, for a stop request) with the error, or `reason`, as a tag (visible
     in the runs table) and a full traceback."""

@@ -17,11 +17,11 @@ from typing import Literal
 
 import mlflow
 import numpy as np
-from mlflow.tracking import MlflowClient
 from prefect import task
 from pydantic import Field
 
 from tasks.compress.base import Candidate
+from tasks.core import tracking
 from tasks.core.settings import Section
 from tasks.lm.evaluate import ONNX_FILE, LMEval, folder_size
 from tasks.lm.export import kv_cache_bytes
@@ -163,7 +163,7 @@ def apply_lm_gates(reports: list[Report], gates: LMGateConfig) -> list[Report]:
 def register_lm(model_dir: Path, cfg: LMRegisterConfig, run_id: str, metrics: dict) -> RegisteredModel:
     """The model folder (ONNX, genai config, tokenizer, chat template, generation config) logged to the run as
     artifact `model` and registered as a new version carrying the metrics as tags."""
-    client = MlflowClient()
+    client = tracking.client()
     client.log_artifacts(run_id, str(model_dir), MODEL_DIR)
     if not client.search_registered_models(f"name = '{cfg.model_name}'"):
         client.create_registered_model(cfg.model_name)
@@ -230,7 +230,7 @@ def promote_lm(
 ) -> Decision:
     """Challenger vs champion on the same test text, decode timed side by side."""
     champion_version = _alias_version(registered.name, cfg.champion_alias)
-    client = MlflowClient()
+    client = tracking.client()
     quality = speed = None
     if champion_version is None or champion_version == registered.version:
         scores = {"challenger": {"test_perplexity": evaluator.test_perplexity(Path(bundle_dir) / MODEL_DIR)}}

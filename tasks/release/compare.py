@@ -5,9 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from functools import partial
 
-from mlflow.tracking import MlflowClient
-
-from tasks.core.tracking import TrackingConfig, setup_tracking
+from tasks.core.tracking import TrackingConfig, client, setup_tracking
 
 COLUMNS = ["started", "run", "status", "data_version", "chosen", "quality", "p50_ms", "size_kb", "version", "promotion"]
 
@@ -15,7 +13,7 @@ COLUMNS = ["started", "run", "status", "data_version", "chosen", "quality", "p50
 def compare_runs(tracking: TrackingConfig, last: int = 10) -> list[dict]:
     """The last `last` pipeline runs (trial runs excluded), newest first."""
     experiment_id = setup_tracking(tracking)
-    runs = MlflowClient().search_runs(
+    runs = client().search_runs(
         [experiment_id], "tags.config_path LIKE '%'", order_by=["attributes.start_time DESC"], max_results=last
     )
     rows = []

@@ -15,7 +15,6 @@ from pathlib import Path
 import mlflow
 import onnx
 from mlflow.exceptions import MlflowException
-from mlflow.tracking import MlflowClient
 from prefect import task
 from pydantic import Field
 
@@ -74,7 +73,7 @@ class Decision:
 
 def _alias_version(name: str, alias: str) -> str | None:
     try:
-        return str(MlflowClient().get_model_version_by_alias(name, alias).version)
+        return str(tracking.client().get_model_version_by_alias(name, alias).version)
     except MlflowException:
         return None
 
@@ -113,7 +112,7 @@ def task_mismatch(champion: dict, challenger: dict) -> list[str]:
 
 def _champion_manifest(name: str, version: str) -> dict | None:
     """The manifest of the bundle a registered version shipped with (logged to its run)."""
-    run_id = MlflowClient().get_model_version(name, version).run_id
+    run_id = tracking.client().get_model_version(name, version).run_id
     with tempfile.TemporaryDirectory() as tmp:
         try:
             path = mlflow.artifacts.download_artifacts(
@@ -278,7 +277,7 @@ def act_on_decision(
         scores.get("champion"),
         quality and {"quality": quality, "speed": speed},
     )
-    client = MlflowClient()
+    client = tracking.client()
     if promoted:
         if champion_version is not None:
             client.set_registered_model_alias(registered.name, cfg.previous_alias, champion_version)
@@ -321,7 +320,7 @@ def _log(run_id: str, decision: Decision) -> None:
 def rollback(model_name: str, cfg: PromoteConfig) -> str:
     """Point the champion alias back at the previous champion and republish its bundle; the current
     champion becomes the 'previous' one, so a second rollback undoes the first."""
-    client = MlflowClient()
+    client = tracking.client()
     previous = _alias_version(model_name, cfg.previous_alias)
     current = _alias_version(model_name, cfg.champion_alias)
     if previous is None:

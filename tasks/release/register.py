@@ -8,10 +8,10 @@ from pathlib import Path
 import mlflow
 import onnx
 from mlflow.models import infer_signature
-from mlflow.tracking import MlflowClient
 from prefect import task
 from pydantic import Field
 
+from tasks.core import tracking
 from tasks.core.settings import Section
 from tasks.onnx.runtime import feeds, make_session
 from tasks.release.evaluate import Evaluator
@@ -38,21 +38,27 @@ def register_model(onnx_path: Path, cfg: RegisterConfig, run_id: str, evaluator:
     inputs = sample_x if isinstance(sample_x, dict) else feeds(session, sample_x)
     example = inputs if len(inputs) > 1 else next(iter(inputs.values()))
     signature = infer_signature(example, session.run(None, inputs)[0])
-    # log_model takes no run id: resume the pipeline run in this thread just for the call.
-    with mlflow.start_run(run_id=run_id):
-        info = mlflow.onnx.log_model(
-            onnx.load(str(onnx_path)),
-            name="model",
-            signature=signature,
-            input_example=example,
-            registered_model_name=cfg.model_name,
-            onnx_execution_providers=["CPUExecutionProvider"],
-            # The flavor's own pins, stated: left to infer them, MLflow maps every installed package's modules
-            # and loads the model again in a subprocess (~4 s of CPU per registration) to arrive at the same two.
-            pip_requirements=mlflow.onnx.get_default_pip_requirements(),
-        )
-    version = str(info.registered_model_version)
-    MlflowClient().set_registered_model_alias(cfg.model_name, cfg.alias, version)
+
+    @tracking.uninterrupted
+    def log_model() -> str:
+        # log_model takes no run id: resume the pipeline run in this thread just for the call.
+        with mlflow.start_run(run_id=run_id):
+            info = mlflow.onnx.log_model(
+                onnx.load(str(onnx_path)),
+                name="model",
+                signature=signature,
+                input_example=example,
+                registered_model_name=cfg.model_name,
+                onnx_execution_providers=["CPUExecutionProvider"],
+                # The flavor's own pins, stated: left to infer them, MLflow maps every installed package's
+                # modules and loads the model again in a subprocess (~4 s of CPU per registration) to arrive at
+                # the same two.
+                pip_requirements=mlflow.onnx.get_default_pip_requirements(),
+            )
+        return str(info.registered_model_version)
+
+    version = log_model()
+    tracking.client().set_registered_model_alias(cfg.model_name, cfg.alias, version)
     print(f"[register] {cfg.model_name} version {version} -> alias '{cfg.alias}'")
     return RegisteredModel(cfg.model_name, version, cfg.alias, f"models:/{cfg.model_name}@{cfg.alias}")
 
