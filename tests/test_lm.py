@@ -296,3 +296,59 @@ def test_minmax_int4_is_exact_on_a_q4_1_grid(tmp_path):
         LMRecipe(algorithm="minmax", block_size=64)
     with pytest.raises(ValueError, match=r"minmax needs search\.bits"):
         LMCompressConfig(search={"algorithms": ["rtn", "minmax"]})
+
+
+@pytest.mark.e2e
+def test_a_tied_embedding_is_gathered_from_the_quantized_lm_head(tmp_path):
+    """A checkpoint that ties its token embedding to the lm_head keeps one quantized copy: the embedding rows
+    are gathered from the head's blocks (no FP32 table left in the file), each row exactly the head's row
+    dequantized; a minmax head (an offset the gather cannot read) and an FP32 head keep the FP32 table."""
+    from onnx import helper, numpy_helper
+
+    from tasks.lm.export import build_genai, finish_folder
+    from tasks.lm.quantize import quantize_lm
+
+    hf = make_tiny_llama(tmp_path / "hf", tied=True)
+    fp32 = build_genai(hf, tmp_path / "base")
+    finish_folder(hf, fp32, 64)
+    ids = np.arange(5, 45, dtype=np.int64)
+    sizes = {}
+    for name, recipe in {
+        "int8": LMRecipe(lm_head="int8"),
+        "int4": LMRecipe(lm_head="int4"),
+        "minmax4": LMRecipe(algorithm="minmax", lm_head="int4"),
+        "fp32": LMRecipe(lm_head="fp32"),
+    }.items():
+        folder = quantize_lm(fp32, recipe, tmp_path / name, sensitive=[])
+        sizes[name] = (folder / "model.onnx.data").stat().st_size
+        model = onnx.load(str(folder / "model.onnx"))
+        weights = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+        tables = [w for w in weights.values() if w.dtype == np.float32 and sorted(w.shape) == [64, 512]]
+        gathers = [n for n in model.graph.node if n.op_type == "GatherBlockQuantized"]
+        if name in ("minmax4", "fp32"):
+            assert len(tables) == 1 and not gathers, name
+            continue
+        assert not tables and len(gathers) == 1, name
+        [head] = [n for n in model.graph.node if n.op_type == "MatMulNBits" and n.name.startswith("/lm_head/")]
+        blocks, scales = weights[head.input[1]], weights[head.input[2]].reshape(512, 2, 1)
+        if recipe.lm_head == "int8":
+            levels = blocks.astype(np.float32) - 128
+        else:  # two 4-bit values a byte, the even one in the low nibble
+            levels = np.stack([blocks & 15, blocks >> 4], -1).reshape(512, 2, 32).astype(np.float32) - 8
+        rows = (levels * scales).reshape(512, 64)[ids]
+        # The gathered rows, read as an extra output of the same graph.
+        model.graph.output.append(helper.make_tensor_value_info(gathers[0].output[0], onnx.TensorProto.FLOAT, None))
+        probe = tmp_path / f"{name}-probe"
+        probe.mkdir()
+        for path in folder.iterdir():
+            if path.name != "model.onnx":
+                (probe / path.name).symlink_to(path)
+        onnx.save(model, str(probe / "model.onnx"), save_as_external_data=True, location="probe.onnx.data")
+        lm = make_lm_session(probe, 1)
+        feeds = {"input_ids": ids[None], "attention_mask": np.ones((1, len(ids)), np.int64)}
+        for arg in lm.session.get_inputs():
+            if arg.name.startswith("past_key_values"):
+                feeds[arg.name] = np.zeros((1, lm.kv_heads, 0, lm.head_size), np.float32)
+        gathered = lm.session.run([gathers[0].output[0]], feeds)[0][0]
+        assert np.array_equal(gathered, rows), name
+    assert sizes["int8"] < 512 * 64 * 4 < sizes["minmax4"], sizes  # the whole int8 file is smaller than the table

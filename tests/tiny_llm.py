@@ -22,10 +22,11 @@ def _corpus() -> list[str]:
     return [topics[key] for key in sorted(topics)[:40]]  # a few hundred KB of offline English
 
 
-def make_tiny_llama(folder: Path, *, seed: int = 0, init_std: float = 0.02) -> Path:
+def make_tiny_llama(folder: Path, *, seed: int = 0, init_std: float = 0.02, tied: bool = False) -> Path:
     """Write a 2-layer LlamaForCausalLM (hidden 64, 4 heads / 2 KV heads, vocab 512, context 256) with a
     byte-level BPE tokenizer trained here, a chat template and a generation config; returns `folder`.
-    `init_std` above the default gives it logits far from flat, which fine-tuning can then sharpen."""
+    `init_std` above the default gives it logits far from flat, which fine-tuning can then sharpen; `tied`
+    shares the embedding table with the lm_head, as SmolLM2 does."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import (
@@ -70,7 +71,7 @@ def make_tiny_llama(folder: Path, *, seed: int = 0, init_std: float = 0.02) -> P
         bos_token_id=bos,
         eos_token_id=eos,
         pad_token_id=pad,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tied,
         initializer_range=init_std,
     )
     torch.manual_seed(seed)

@@ -138,6 +138,7 @@ def quantize_lm(
         if not path.name.startswith(ONNX_FILE):
             shutil.copyfile(path, out / path.name)
     model = onnx.load(str(fp32_dir / ONNX_FILE))
+    [head] = [n for n in model.graph.node if n.name == LM_HEAD]
     if adapter_dir is not None:
         model = lora_pass(model, fp32_dir, adapter_dir)
     plan = node_bits(model, recipe, sensitive)
@@ -150,6 +151,7 @@ def quantize_lm(
             model = minmax_pass(model, include, recipe.accuracy_level)
         else:
             model = _quantize_pass(model, recipe, bits, include, algorithm)
+    model = tie_embedding_pass(model, head)
     onnx.save(
         model,
         str(out / ONNX_FILE),
@@ -159,6 +161,62 @@ def quantize_lm(
         size_threshold=1024,
     )
     return out
+
+
+def tie_embedding_pass(model: onnx.ModelProto, head: onnx.NodeProto) -> onnx.ModelProto:
+    """The token embedding read from the quantized lm_head's blocks (GatherBlockQuantized, as the model builder
+    does for its INT4 models) when the checkpoint ties the two: the builder's FP32 graph gathers from a
+    Transpose of the lm_head weight, a copy that stayed FP32 beside the quantized head (113 of SmolLM2's
+    220 MB at INT4). `head` is the FP32 graph's lm_head MatMul. An untied table, an FP32 lm_head or a minmax
+    one (its offset is a second term the gather cannot read) stay as they are."""
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    producer = {o: n for n in graph.node for o in n.output}
+    quantized = [n for n in graph.node if n.op_type == "MatMulNBits" and n.input[0] == head.input[0]]
+    tied = [
+        n
+        for n in graph.node
+        if n.op_type == "Gather"
+        and n.input[0] in producer
+        and producer[n.input[0]].op_type == "Transpose"
+        and producer[n.input[0]].input[0] == head.input[1]
+    ]
+    if len(quantized) != 1 or len(tied) != 1 or f"{head.name}_offsets" in inits:
+        return model
+    (q,), (gather,) = quantized, tied
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in q.attribute}
+    bits, block, k, n = attrs["bits"], attrs["block_size"], attrs["K"], attrs["N"]
+    if k % block:  # the head's rows are padded to whole blocks: the gathered rows would need a Slice
+        return model
+    shape = f"{head.name}_as_table_shape"
+    graph.initializer.append(numpy_helper.from_array(np.array([n, k * bits // 8], np.int64), shape))
+    table = f"{head.name}_as_table"
+    lookup = [
+        onnx.helper.make_node("Reshape", [q.input[1], shape], [table], name=f"{gather.name}_table"),
+        onnx.helper.make_node(
+            "GatherBlockQuantized",
+            [table, gather.input[1], *q.input[2:4]],  # scales, and the zero points when the head has them
+            list(gather.output),
+            name=f"{gather.name}BlockQuantized",
+            domain="com.microsoft",
+            bits=bits,
+            block_size=block,
+            gather_axis=0,
+            quantize_axis=1,
+        ),
+    ]
+    transpose = producer[gather.input[0]]
+    nodes = []
+    for m in graph.node:  # nodes are told apart by their outputs (protobuf hands out fresh wrappers)
+        if m.output == gather.output:
+            nodes += lookup
+        elif m.output != transpose.output:
+            nodes.append(m)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    if not any(head.input[1] in m.input for m in graph.node):
+        graph.initializer.remove(inits[head.input[1]])
+    return model
 
 
 def _fake_int4(w: np.ndarray, block: int = 32) -> np.ndarray:
