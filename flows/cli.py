@@ -204,7 +204,7 @@ def cmd_init(args: argparse.Namespace) -> int:
 def cmd_example(args: argparse.Namespace) -> int:
     from tasks.examples import EXAMPLES
 
-    path = EXAMPLES[args.name](args.dir)
+    path = EXAMPLES[args.name](args.root / args.dir)  # a relative folder is in the project, as for every path
     print(f"modelforge: wrote the {args.name} example to {path}")
     return 0
 
@@ -362,7 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="write an example data set, offline, as a user would bring it (e.g. modelforge example wine data)",
     )
     example.add_argument("name", choices=sorted(EXAMPLES))
-    example.add_argument("dir", type=Path, help="folder to write it to")
+    example.add_argument("dir", type=Path, help="folder to write it to (relative: under --root)")
     example.set_defaults(fn=cmd_example)
     dep = sub.add_parser(
         "deploy",

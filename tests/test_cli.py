@@ -156,9 +156,9 @@ def test_force_reruns_what_would_be_nothing_new(project, api_in_env, capsys):
 
 
 def test_example_writes_a_data_set_a_config_can_use(tmp_path, capsys):
-    assert main(["example", "wine", str(tmp_path / "wine"), "--root", str(tmp_path)]) == 0
-    assert f"modelforge: wrote the wine example to {tmp_path / 'wine'}" in capsys.readouterr().out
-    table = pd.read_csv(tmp_path / "wine" / "data.csv")
+    assert main(["example", "wine", "data/wine", "--root", str(tmp_path)]) == 0  # relative: in the project
+    assert f"modelforge: wrote the wine example to {tmp_path / 'data' / 'wine'}" in capsys.readouterr().out
+    table = pd.read_csv(tmp_path / "data" / "wine" / "data.csv")
     assert len(table) == 178 and sorted(table["label"].unique()) == ["class_0", "class_1", "class_2"]
 
 
