@@ -19,7 +19,7 @@ from tasks.core.settings import ConfigError
 from tasks.data.base import DataError
 from tasks.data.corpus import CorpusConfig, describe_corpus, load_corpus
 from tasks.init_config import init_config
-from tasks.lm.evaluate import make_lm_session, window_logits
+from tasks.lm.evaluate import make_lm_session, window_feeds, window_logits
 from tasks.lm.quantize import LMRecipe, node_bits
 from tasks.lm.release import LMGateConfig, LMPromoteConfig, paired_perplexity
 from tasks.lm.search import LMCompressConfig
@@ -345,10 +345,6 @@ def test_a_tied_embedding_is_gathered_from_the_quantized_lm_head(tmp_path):
                 (probe / path.name).symlink_to(path)
         onnx.save(model, str(probe / "model.onnx"), save_as_external_data=True, location="probe.onnx.data")
         lm = make_lm_session(probe, 1)
-        feeds = {"input_ids": ids[None], "attention_mask": np.ones((1, len(ids)), np.int64)}
-        for arg in lm.session.get_inputs():
-            if arg.name.startswith("past_key_values"):
-                feeds[arg.name] = np.zeros((1, lm.kv_heads, 0, lm.head_size), np.float32)
-        gathered = lm.session.run([gathers[0].output[0]], feeds)[0][0]
+        gathered = lm.session.run([gathers[0].output[0]], window_feeds(lm, ids))[0][0]
         assert np.array_equal(gathered, rows), name
     assert sizes["int8"] < 512 * 64 * 4 < sizes["minmax4"], sizes  # the whole int8 file is smaller than the table

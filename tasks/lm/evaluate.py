@@ -54,13 +54,18 @@ def make_lm_session(model_dir: Path, threads: int, weights: dict[str, np.ndarray
     return LMSession(session, decoder["num_key_value_heads"], decoder["head_size"])
 
 
-def window_logits(lm: LMSession, ids: np.ndarray) -> np.ndarray:
-    """[T, vocab] logits of one window, from an empty KV cache."""
+def window_feeds(lm: LMSession, ids: np.ndarray) -> dict[str, np.ndarray]:
+    """The decoder's inputs for one window of token ids, from an empty KV cache."""
     feeds = {"input_ids": ids[None], "attention_mask": np.ones((1, len(ids)), np.int64)}
     for arg in lm.session.get_inputs():
         if arg.name.startswith("past_key_values"):
             feeds[arg.name] = np.zeros((1, lm.kv_heads, 0, lm.head_size), np.float32)
-    return lm.session.run(["logits"], feeds)[0][0]
+    return feeds
+
+
+def window_logits(lm: LMSession, ids: np.ndarray) -> np.ndarray:
+    """[T, vocab] logits of one window, from an empty KV cache."""
+    return lm.session.run(["logits"], window_feeds(lm, ids))[0][0]
 
 
 def log_softmax(x: np.ndarray) -> np.ndarray:

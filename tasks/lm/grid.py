@@ -34,6 +34,11 @@ def pack_int4(q: np.ndarray) -> np.ndarray:
     return (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
 
 
+def offsets_name(matmul: str) -> str:
+    """The initializer holding the per-block offsets C of the MatMul named `matmul`, once minmax replaced it."""
+    return f"{matmul}_offsets"
+
+
 def minmax_pass(model: onnx.ModelProto, include: set[str], accuracy_level: int) -> onnx.ModelProto:
     """Replace the MatMuls named in `include` (constant weight [K, N]) by MatMulNBits + the block offset term.
     MatMuls reading the same activation share its block sums."""
@@ -57,7 +62,7 @@ def minmax_pass(model: onnx.ModelProto, include: set[str], accuracy_level: int) 
             [
                 numpy_helper.from_array(pack_int4(q), f"{p}_Q4"),
                 numpy_helper.from_array(d, f"{p}_scales"),
-                numpy_helper.from_array(c, f"{p}_offsets"),
+                numpy_helper.from_array(c, offsets_name(p)),
             ]
         )
         if x not in sums:
@@ -84,7 +89,7 @@ def minmax_pass(model: onnx.ModelProto, include: set[str], accuracy_level: int) 
                 block_size=BLOCK,
                 accuracy_level=accuracy_level,  # 0 is the op's default: float activations
             ),
-            helper.make_node("MatMul", [sums[x], f"{p}_offsets"], [f"{p}_offset"], name=f"{p}_offset"),
+            helper.make_node("MatMul", [sums[x], offsets_name(p)], [f"{p}_offset"], name=f"{p}_offset"),
             helper.make_node("Add", [f"{p}_int4", f"{p}_offset"], [node.output[0]], name=f"{p}_add"),
         ]
     still = {i for node in nodes for i in node.input}

@@ -22,7 +22,7 @@ from pydantic import Field, model_validator
 from tasks.core.settings import Section
 from tasks.lm.adapter import LORA_TAG, lora_pass
 from tasks.lm.evaluate import ONNX_FILE, make_lm_session, score
-from tasks.lm.grid import minmax_pass
+from tasks.lm.grid import minmax_pass, offsets_name
 
 LMAlgorithm = Literal["rtn", "k_quant", "hqq", "minmax"]
 
@@ -181,7 +181,7 @@ def tie_embedding_pass(model: onnx.ModelProto, head: onnx.NodeProto) -> onnx.Mod
         and producer[n.input[0]].op_type == "Transpose"
         and producer[n.input[0]].input[0] == head.input[1]
     ]
-    if len(quantized) != 1 or len(tied) != 1 or f"{head.name}_offsets" in inits:
+    if len(quantized) != 1 or len(tied) != 1 or offsets_name(head.name) in inits:
         return model
     (q,), (gather,) = quantized, tied
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in q.attribute}
