@@ -88,7 +88,8 @@ def test_lora_learns_the_text_and_merges_into_a_plain_folder(lm, data, tmp_path)
 
 def test_a_separate_adapter_beside_int4_base_weights_is_the_fine_tuned_model(lm, data, tmp_path):
     """On a base whose weights lie on a Q4_1 grid, minmax INT4 of the base plus the LoRA update at FP32 computes
-    the fine-tuned model (to float error); INT4 of the merged weights does not (the update is off the grid)."""
+    the fine-tuned model (to the offsets' two int4 stages); INT4 of the merged weights does not (the update is
+    off the grid)."""
     from tasks.lm.adapter import LORA_TAG, lora_pass
     from tasks.lm.evaluate import make_lm_session, window_logits
     from tasks.lm.export import build_genai
@@ -107,7 +108,7 @@ def test_a_separate_adapter_beside_int4_base_weights_is_the_fine_tuned_model(lm,
     separate = quantize_lm(tmp_path / "base_fp32", recipe, tmp_path / "separate", [], tmp_path / "adapter")
     merged = quantize_lm(tmp_path / "merged_fp32", recipe, tmp_path / "merged_int4", [])
     got = {k: window_logits(make_lm_session(d, 2), ids) for k, d in (("separate", separate), ("merged", merged))}
-    assert np.abs(got["separate"] - tuned).max() < 1e-3
+    assert np.abs(got["separate"] - tuned).max() < 2e-3
     assert np.abs(got["merged"] - tuned).max() > 10 * np.abs(got["separate"] - tuned).max()
     # Each adapted MatMul got one rank-r detour (q, k and v share the builder's packed projection), kept at FP32.
     base_fp32 = tmp_path / "base_fp32"

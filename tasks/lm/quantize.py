@@ -22,7 +22,7 @@ from pydantic import Field, model_validator
 from tasks.core.settings import Section
 from tasks.lm.adapter import LORA_TAG, lora_pass
 from tasks.lm.evaluate import ONNX_FILE, make_lm_session, score
-from tasks.lm.grid import minmax_pass, offsets_name
+from tasks.lm.grid import minmax_pass
 
 LMAlgorithm = Literal["rtn", "k_quant", "hqq", "minmax"]
 
@@ -168,7 +168,7 @@ def tie_embedding_pass(model: onnx.ModelProto, head: onnx.NodeProto) -> onnx.Mod
     does for its INT4 models) when the checkpoint ties the two: the builder's FP32 graph gathers from a
     Transpose of the lm_head weight, a copy that stayed FP32 beside the quantized head (113 of SmolLM2's
     220 MB at INT4). `head` is the FP32 graph's lm_head MatMul. An untied table, an FP32 lm_head or a minmax
-    one (its offset is a second term the gather cannot read) stay as they are."""
+    one (its rows carry the block offsets, read through the block sums appended to its input) stay as they are."""
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
     producer = {o: n for n in graph.node for o in n.output}
@@ -181,7 +181,7 @@ def tie_embedding_pass(model: onnx.ModelProto, head: onnx.NodeProto) -> onnx.Mod
         and producer[n.input[0]].op_type == "Transpose"
         and producer[n.input[0]].input[0] == head.input[1]
     ]
-    if len(quantized) != 1 or len(tied) != 1 or offsets_name(head.name) in inits:
+    if len(quantized) != 1 or len(tied) != 1:
         return model
     (q,), (gather,) = quantized, tied
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in q.attribute}
