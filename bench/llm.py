@@ -16,7 +16,9 @@ dependency of the product); otherwise its row is skipped with a message. It ends
     RESULT lm_ppl_increase_pct=<> lm_top1=<> lm_decode_vs_builder_int4=<> lm_decode_vs_llamacpp=<>
            lm_concurrency8_speedup=<>
 
-(concurrency is the server's figure: measured by the serving benchmark, n/a here).
+Concurrency: `modelforge serve` on the run's shipped bundle, the official `openai` client streaming greedy
+completions of 128 tokens, aggregate decode tokens/s at 8 concurrent streams over 1 stream (median of the
+rounds, interleaved; bench/llm_serve.py compares batched and unbatched serving in more detail).
 Not a test: it takes about half an hour on 2 cores.
 """
 
@@ -25,8 +27,10 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import logging
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -124,6 +128,28 @@ def llamacpp_row(windows: np.ndarray, prompt: list[int]) -> dict | str:
     return {f"decode_{PROMPTS[0]}_tok_s": NEW_TOKENS / seconds, "size_mb": gguf.stat().st_size / 2**20}
 
 
+def concurrency(bundle: Path, rounds: int) -> tuple[float, float]:
+    """(aggregate decode tokens/s at 1 stream, at 8 concurrent streams) of a real server on `bundle`."""
+    import openai
+
+    from bench.llm_serve import aggregate, start_server
+
+    for name in ("httpx", "httpx2"):  # one INFO line per request otherwise
+        logging.getLogger(name).setLevel(logging.WARNING)
+    proc, url = start_server(bundle, 4)
+    try:
+        model = openai.OpenAI(base_url=url, api_key="unused").models.list().data[0].id
+        aggregate(url, model, 1, 8)  # warm-up
+        one, eight = [], []
+        for _ in range(rounds):
+            one.append(aggregate(url, model, 1, NEW_TOKENS)[0])
+            eight.append(aggregate(url, model, 8, NEW_TOKENS)[0])
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    return statistics.median(one), statistics.median(eight)
+
+
 def fmt(v, spec=".2f") -> str:
     return "" if v is None else format(v, spec)
 
@@ -188,12 +214,14 @@ def main() -> None:
             f"{fmt(r.get('ttft_32_ms'), '.0f')} / {fmt(r.get('ttft_512_ms'), '.0f')} | "
             f"{fmt(r.get(d), '.0f')} / {fmt(r.get('decode_512_tok_s'), '.0f')} | {fmt(r.get('peak_mb'), '.0f')} |"
         )
+    one, eight = concurrency(project / "deploy" / "lm-bundle", max(args.rounds, 3))
+    print(f"\nserver on the shipped bundle: {one:.0f} tok/s at 1 stream, {eight:.0f} tok/s over 8 concurrent streams")
     shipped = rows[run["chosen"]]
     vs_llama = f"{shipped[d] / rows['llama.cpp_q4_1_gguf'][d]:.2f}" if "llama.cpp_q4_1_gguf" in rows else "skipped"
     print(
         f"\nRESULT lm_ppl_increase_pct={(shipped['test_perplexity'] / base - 1) * 100:.2f} "
         f"lm_top1={shipped['top1']:.3f} lm_decode_vs_builder_int4={shipped[d] / rows['builder_int4'][d]:.2f} "
-        f"lm_decode_vs_llamacpp={vs_llama} lm_concurrency8_speedup=n/a"
+        f"lm_decode_vs_llamacpp={vs_llama} lm_concurrency8_speedup={eight / one:.2f}"
     )
 
 
