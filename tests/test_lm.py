@@ -306,7 +306,8 @@ def test_minmax_int4_is_exact_on_a_q4_1_grid(tmp_path):
 def test_a_tied_embedding_is_gathered_from_the_quantized_lm_head(tmp_path):
     """A checkpoint that ties its token embedding to the lm_head keeps one quantized copy: the embedding rows
     are gathered from the head's blocks (no FP32 table left in the file), each row exactly the head's row
-    dequantized; a minmax head (an offset the gather cannot read) and an FP32 head keep the FP32 table."""
+    dequantized; a minmax head (an offset the gather cannot read), an HQQ one (float zero points, which the
+    gather does not take) and an FP32 head keep the FP32 table, and each model loads."""
     from onnx import helper, numpy_helper
 
     from tasks.lm.export import build_genai, finish_folder
@@ -321,6 +322,7 @@ def test_a_tied_embedding_is_gathered_from_the_quantized_lm_head(tmp_path):
         "int8": LMRecipe(lm_head="int8"),
         "int4": LMRecipe(lm_head="int4"),
         "minmax4": LMRecipe(algorithm="minmax", lm_head="int4"),
+        "hqq4": LMRecipe(algorithm="hqq", lm_head="int4"),
         "fp32": LMRecipe(lm_head="fp32"),
     }.items():
         folder = quantize_lm(fp32, recipe, tmp_path / name, sensitive=[])
@@ -329,8 +331,9 @@ def test_a_tied_embedding_is_gathered_from_the_quantized_lm_head(tmp_path):
         weights = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
         tables = [w for w in weights.values() if w.dtype == np.float32 and sorted(w.shape) == [64, 512]]
         gathers = [n for n in model.graph.node if n.op_type == "GatherBlockQuantized"]
-        if name in ("minmax4", "fp32"):
+        if name in ("minmax4", "hqq4", "fp32"):
             assert len(tables) == 1 and not gathers, name
+            window_logits(make_lm_session(folder, 1), ids)
             continue
         assert not tables and len(gathers) == 1, name
         [head] = [n for n in model.graph.node if n.op_type == "MatMulNBits" and n.name.startswith("/lm_head/")]

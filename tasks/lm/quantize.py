@@ -167,8 +167,9 @@ def tie_embedding_pass(model: onnx.ModelProto, head: onnx.NodeProto) -> onnx.Mod
     """The token embedding read from the quantized lm_head's blocks (GatherBlockQuantized, as the model builder
     does for its INT4 models) when the checkpoint ties the two: the builder's FP32 graph gathers from a
     Transpose of the lm_head weight, a copy that stayed FP32 beside the quantized head (113 of SmolLM2's
-    220 MB at INT4). `head` is the FP32 graph's lm_head MatMul. An untied table, an FP32 lm_head or a minmax
-    one (its rows carry the block offsets, read through the block sums appended to its input) stay as they are."""
+    220 MB at INT4). `head` is the FP32 graph's lm_head MatMul. An untied table, an FP32 lm_head, a minmax
+    one (its rows carry the block offsets, read through the block sums appended to its input) or one with
+    float zero points (HQQ's: GatherBlockQuantized takes integer ones only) stay as they are."""
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
     producer = {o: n for n in graph.node for o in n.output}
@@ -184,6 +185,8 @@ def tie_embedding_pass(model: onnx.ModelProto, head: onnx.NodeProto) -> onnx.Mod
     if len(quantized) != 1 or len(tied) != 1:
         return model
     (q,), (gather,) = quantized, tied
+    if len(q.input) > 3 and q.input[3] and inits[q.input[3]].data_type != onnx.TensorProto.UINT8:
+        return model
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in q.attribute}
     bits, block, k, n = attrs["bits"], attrs["block_size"], attrs["K"], attrs["N"]
     if k % block:  # the head's rows are padded to whole blocks: the gathered rows would need a Slice
