@@ -34,8 +34,8 @@ class LMRecipe(Section):
     algorithm: LMAlgorithm = Field(
         "rtn",
         description="rtn (round to nearest), k_quant (llama.cpp-style scale search), hqq (half-quadratic; 4 bits), "
-        "minmax (asymmetric min/max blocks, llama.cpp's Q4_1 rule, on the symmetric int4 kernel plus a per-block "
-        "offset term; exact for weights already on a Q4_1 grid; 4 bits, blocks of 32).",
+        "minmax (asymmetric min/max blocks, llama.cpp's Q4_1 rule, on the symmetric int4 kernel, each block's "
+        "offset in extra rows of the same call; weights already on a Q4_1 grid stay on it; 4 bits, blocks of 32).",
     )
     block_size: Literal[32, 64, 128] = Field(32, description="Weights per quantization block.")
     symmetric: bool = Field(True, description="Symmetric blocks (no zero point); hqq always fits a float zero point.")
