@@ -54,7 +54,8 @@ def test_describe_fits_on_train_and_load_encodes_with_it(wine_dir):
     # standardised on train (indicator and one-hot columns are 0/1): mean 0, std 1 on train only
     columns = manifest["preprocessing"]["columns"]
     first = next(c for c in columns if c["name"] == "alcohol")
-    assert first["missing_indicator"] and abs(x_train[:, 0].mean()) < 1e-5
+    present = x_train[:, 1] == 0  # alcohol's missing indicator
+    assert first["missing_indicator"] and abs(x_train[present, 0].mean()) < 1e-5
     assert not np.allclose(splits.test[0][:, 0].mean(), 0, atol=1e-6)  # test was not used to fit
     assert splits.train[0].shape[1] == manifest["input_shape"][0] == 13 + 6 + 5  # numerics, indicators, sites + unknown
     # the serving path: raw records through the same function give the training rows exactly
@@ -62,6 +63,33 @@ def test_describe_fits_on_train_and_load_encodes_with_it(wine_dir):
     records = json.loads(frame.drop(columns="label").to_json(orient="records"))  # what a JSON client sends
     encoded = encode_records(manifest["preprocessing"], records)
     assert {tuple(r) for r in np.round(x_train, 5)} <= {tuple(r) for r in np.round(encoded, 5)}
+
+
+def test_a_gap_is_filled_from_the_rows_other_numbers(tmp_path):
+    """A gap in a column with gaps in train is the ridge regression on the row's other numbers (fitted on train,
+    recorded in the manifest, the same when serving); a column without gaps in train takes its mean."""
+    rng = np.random.default_rng(0)
+    a = rng.normal(10, 2, 300)
+    frame = pd.DataFrame({"a": a, "b": 3 * a + rng.normal(0, 0.3, 300), "c": rng.normal(0, 1, 300)})
+    frame["label"] = np.where(frame.c > 0, "up", "down")
+    truth = frame.b.copy()
+    gaps = np.arange(300) % 7 == 0
+    frame.loc[gaps, "b"] = np.nan
+    (tmp_path / "t").mkdir()
+    frame.to_csv(tmp_path / "t" / "data.csv", index=False)
+    manifest, _ = describe_table(table_cfg(), tmp_path / "t")
+    pre = manifest["preprocessing"]
+    b = next(c for c in pre["columns"] if c["name"] == "b")
+    assert "impute" in b and not any("impute" in c for c in pre["columns"] if c["name"] != "b")
+    records = json.loads(frame.drop(columns="label").to_json(orient="records"))
+    encoded = encode_records(pre, records)
+    filled = encoded[gaps, 1] * b["std"] + b["mean"]  # columns: a, b, b's indicator, c
+    assert np.abs(filled - truth[gaps]).max() < 1.5  # 3 a's spread is 6: the mean would be off by up to ~18
+    assert (encoded[gaps, 2] == 1).all() and (encoded[~gaps, 2] == 0).all()
+    both = encode_records(pre, [{"a": None, "b": None, "c": 0.5}])  # a at its mean, so b at its mean too
+    assert abs(both[0, 1]) < 0.05 and both[0, 0] == 0
+    splits = load_splits(tmp_path / "t")
+    assert {tuple(r) for r in np.round(splits.train[0], 5)} <= {tuple(r) for r in np.round(encoded, 5)}
 
 
 def test_schema_drift_against_the_previous_version_is_an_error(wine_dir):
