@@ -2,10 +2,9 @@
 
 The raw file stays as the user wrote it, under the DVC-tracked data folder. Versioning writes the
 manifest beside it: the schema, the class names, the split rule and counts, and the preprocessing
-fitted on the train split only (standardisation; a gap in a column that has gaps in train filled by a
-ridge regression on the row's other numbers, with a missing indicator; one-hot categories with an
-"unknown" bucket). Loading recomputes the same splits and applies that recorded
-preprocessing; the server applies the very same function (`encode_records`) to the records it is
+fitted on the train split only (standardisation; in a column with gaps in train, a missing indicator
+and each gap filled from the row's other numbers, see `impute`; one-hot categories with an "unknown"
+bucket). Loading recomputes the same splits and applies that recorded preprocessing; the server applies the very same function (`encode_records`) to the records it is
 sent, so training and serving cannot drift apart.
 """
 
@@ -40,6 +39,7 @@ from tasks.data.base import (
     unseen_classes,
     write_manifest,
 )
+from tasks.data.impute import fill_gaps, fit_gap_regressions
 
 
 class TableDataConfig(Section):
@@ -216,7 +216,7 @@ def fit_preprocessing(schema: dict[str, str], train) -> dict:
         else:
             seen = sorted({_present(v) for v in values.dropna()})
             columns.append({"name": name, "kind": "categorical", "categories": [*seen, UNKNOWN]})
-    _fit_imputation(columns, train)
+    fit_gap_regressions(columns, train)
     return {
         "kind": "table",
         "columns": columns,
@@ -227,30 +227,6 @@ def fit_preprocessing(schema: dict[str, str], train) -> dict:
 def _width(col: dict) -> int:
     """The column's features: a number (and its missing indicator), or one per category."""
     return 1 + col["missing_indicator"] if col["kind"] == "numeric" else len(col["categories"])
-
-
-def _fit_imputation(columns: list[dict[str, Any]], train) -> None:
-    """For each numeric column with gaps in train, a ridge regression of its standardised value on the other
-    numeric columns' (a gap there read as their mean), fitted on the train rows where it is present; recorded
-    in the column as `impute` (one weight per numeric column, in order, its own 0) and `impute_bias`. The mean
-    ignores what the row says: in wine, a class_1 sample missing its alcohol got the train mean of 13.0, where
-    class_1 wines sit near 12.3, and every model family took it for class_0."""
-    numeric = [c for c in columns if c["kind"] == "numeric"]
-    z = np.stack([((train[c["name"]].astype(float) - c["mean"]) / c["std"]).to_numpy() for c in numeric], 1)
-    present = ~np.isnan(z)
-    z = np.where(present, z, 0.0)
-    for k, col in enumerate(numeric):
-        rows = present[:, k]
-        if not col["missing_indicator"] or len(numeric) < 2 or rows.sum() < 2:
-            continue
-        x = np.delete(z[rows], k, axis=1)
-        y = z[rows, k]
-        mx, my = x.mean(0), y.mean()
-        xc = x - mx
-        # alpha 1 on standardised inputs: a small table's collinear columns cannot blow the weights up
-        w = np.linalg.solve(xc.T @ xc + np.eye(x.shape[1]), xc.T @ (y - my))
-        col["impute"] = np.insert(w, k, 0.0).round(8).tolist()
-        col["impute_bias"] = round(float(my - mx @ w), 8)
 
 
 def _present(value) -> str:
@@ -317,10 +293,7 @@ def encode_records(preprocessing: dict, records: list[dict]) -> np.ndarray:
                 out[i, j + (categories.index(key) if key in categories else len(categories) - 1)] = 1.0
     if problems:
         raise ValueError("; ".join(problems[:20]) + (f" (and {len(problems) - 20} more)" if len(problems) > 20 else ""))
-    # Every fill reads the row as the regressions were fitted on: its other gaps at their means.
-    fills = [out[i, numeric_at] @ np.asarray(col["impute"], np.float32) + col["impute_bias"] for i, _, col in gaps]
-    for (i, j, _), value in zip(gaps, fills, strict=True):
-        out[i, j] = value
+    fill_gaps(out, gaps, numeric_at)
     return out
 
 
