@@ -4,8 +4,9 @@ The raw file stays as the user wrote it, under the DVC-tracked data folder. Vers
 manifest beside it: the schema, the class names, the split rule and counts, and the preprocessing
 fitted on the train split only (standardisation; in a column with gaps in train, a missing indicator
 and each gap filled from the row's other numbers, see `impute`; one-hot categories with an "unknown"
-bucket). Loading recomputes the same splits and applies that recorded preprocessing; the server applies the very same function (`encode_records`) to the records it is
-sent, so training and serving cannot drift apart.
+bucket). Loading recomputes the same splits and applies that recorded preprocessing; the server
+applies the very same function (`encode_records`) to the records it is sent, so training and serving
+cannot drift apart.
 """
 
 from __future__ import annotations
