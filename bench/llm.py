@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import logging
 import os
 import shutil
 import statistics
@@ -132,10 +131,9 @@ def concurrency(bundle: Path, rounds: int) -> tuple[float, float]:
     """(aggregate decode tokens/s at 1 stream, at 8 concurrent streams) of a real server on `bundle`."""
     import openai
 
-    from bench.llm_serve import aggregate, start_server
+    from bench.llm_serve import aggregate, quiet_http_logs, start_server
 
-    for name in ("httpx", "httpx2"):  # one INFO line per request otherwise
-        logging.getLogger(name).setLevel(logging.WARNING)
+    quiet_http_logs()
     proc, url = start_server(bundle, 4)
     try:
         model = openai.OpenAI(base_url=url, api_key="unused").models.list().data[0].id

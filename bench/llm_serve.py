@@ -64,6 +64,11 @@ def smollm2_folder(out: Path) -> Path | None:
     return out
 
 
+def quiet_http_logs() -> None:
+    for name in ("httpx", "httpx2"):  # one INFO line per request otherwise
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -150,8 +155,7 @@ def main() -> None:
     args = parser.parse_args()
     from tests.test_serve_openai import build_lm_bundle
 
-    for name in ("httpx", "httpx2"):  # one INFO line per request otherwise
-        logging.getLogger(name).setLevel(logging.WARNING)
+    quiet_http_logs()
 
     with tempfile.TemporaryDirectory(prefix="llm-serve-bench-") as tmp:
         work = Path(tmp)

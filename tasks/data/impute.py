@@ -33,9 +33,13 @@ def fit_gap_regressions(columns: list[dict[str, Any]], train) -> None:
         col["impute_bias"] = round(float(my - mx @ w), 8)
 
 
-def fill_gaps(out: np.ndarray, gaps: list[tuple[int, int, dict]], numeric_at: list[int]) -> None:
-    """Fill `out[i, j]` for each (record i, feature j, column) gap, `numeric_at` the feature of each numeric
-    column's value. Every fill reads the row as the regressions were fitted on: its other gaps at their means."""
-    fills = [out[i, numeric_at] @ np.asarray(col["impute"], np.float32) + col["impute_bias"] for i, _, col in gaps]
-    for (i, j, _), value in zip(gaps, fills, strict=True):
-        out[i, j] = value
+def fill_gaps(out: np.ndarray, columns: list[dict[str, Any]], starts: list[int]) -> None:
+    """Fill the gaps of encoded rows `out` (each at its column's mean, its missing indicator set) in every
+    column with a regression; `starts[i]` is the first feature of `columns[i]`. Every fill reads the row as
+    the regressions were fitted on: its other gaps at their means."""
+    numeric = [j for col, j in zip(columns, starts, strict=True) if col["kind"] == "numeric"]
+    values = out[:, numeric].copy()
+    for col, j in zip(columns, starts, strict=True):
+        if "impute" in col:
+            rows = out[:, j + 1] == 1  # regressions are fitted for columns with a missing indicator only
+            out[rows, j] = values[rows] @ np.asarray(col["impute"], np.float32) + col["impute_bias"]

@@ -259,9 +259,7 @@ def encode_records(preprocessing: dict, records: list[dict]) -> np.ndarray:
     at versioning time. Used for training data and by the server alike. A record missing a column,
     or a numeric column holding a non-number, is a ValueError naming the record and the column."""
     out = np.zeros((len(records), preprocessing["features"]), dtype=np.float32)
-    gaps: list[tuple[int, int, dict]] = []  # (record, feature, column) filled once the row's numbers are in
     starts = np.cumsum([0, *map(_width, preprocessing["columns"])])[:-1].tolist()
-    numeric_at = [j for j, c in zip(starts, preprocessing["columns"], strict=True) if c["kind"] == "numeric"]
     problems = []
     for i, record in enumerate(records):
         if not isinstance(record, dict):
@@ -274,11 +272,9 @@ def encode_records(preprocessing: dict, records: list[dict]) -> np.ndarray:
             value = record.get(name)
             if col["kind"] == "numeric":
                 if _missing(value):
-                    out[i, j] = 0.0  # the train mean, standardised (a column without gaps in train keeps it)
+                    out[i, j] = 0.0  # the train mean, standardised (a column with gaps in train: see fill_gaps)
                     if col["missing_indicator"]:
                         out[i, j + 1] = 1.0
-                    if "impute" in col:
-                        gaps.append((i, j, col))
                 elif isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
                     problems.append(f"record {i}: column {name!r} is numeric, got {value!r}")
                 elif (scaled := _standardised(value, col)) is None:
@@ -294,7 +290,7 @@ def encode_records(preprocessing: dict, records: list[dict]) -> np.ndarray:
                 out[i, j + (categories.index(key) if key in categories else len(categories) - 1)] = 1.0
     if problems:
         raise ValueError("; ".join(problems[:20]) + (f" (and {len(problems) - 20} more)" if len(problems) > 20 else ""))
-    fill_gaps(out, gaps, numeric_at)
+    fill_gaps(out, preprocessing["columns"], starts)
     return out
 
 
