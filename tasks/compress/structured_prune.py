@@ -66,26 +66,13 @@ def structured_prune(state: ModelState, cfg: StructuredPrune, ctx: CompressConte
             assert old.bias is not None and new.bias is not None  # build_model's layers all have biases
             new.bias.copy_(old.bias[rows])
             prev = rows
-    acc_pruned = accuracy(small, *ctx.splits.val)
-    if cfg.finetune_epochs:
-        fit(
-            small, ctx.splits.train, ctx.splits.val, train_params(ctx, meta, cfg.finetune_epochs, cfg.finetune_lr_scale)
-        )
     info = {
-        "amount": cfg.amount,
         "params_before": count_params(model),
         "params_after": count_params(small),
         "arch_after": small_arch.to_dict(),
-        "val_acc_pruned": acc_pruned,
-        "val_acc_finetuned": accuracy(small, *ctx.splits.val),
     }
-    ckpt = save_checkpoint(ctx.out_dir / "structured.pt", small, small_arch, {**meta, "structured_prune": info})
-    print(
-        f"[compress] structured_prune: conv {arch.conv}->{small_arch.conv} hidden {arch.hidden}->{small_arch.hidden}, "
-        f"params {info['params_before']}->{info['params_after']}, val acc {acc_pruned:.4f} -> "
-        f"{info['val_acc_finetuned']:.4f} after {cfg.finetune_epochs} fine-tune epochs"
-    )
-    return replace(state, checkpoint=ckpt, info={**state.info, "structured_prune": info})
+    what = f"conv {arch.conv}->{small_arch.conv} hidden {arch.hidden}->{small_arch.hidden}"
+    return _finetune_and_save(small, small_arch, meta, state, cfg, ctx, info, what)
 
 
 def _prune_in_place(
@@ -95,6 +82,20 @@ def _prune_in_place(
     removes coupled channel groups in place; the checkpoint records the pruned shapes."""
     example = torch.from_numpy(ctx.splits.val[0][:2])
     info = prune_channels(model, example, cfg.amount, cfg.norm)
+    return _finetune_and_save(model, arch, meta, state, cfg, ctx, info, f"{arch.family}, dependency graph")
+
+
+def _finetune_and_save(
+    model: nn.Module,
+    arch,
+    meta: dict,
+    state: ModelState,
+    cfg: StructuredPrune,
+    ctx: CompressContext,
+    info: dict,
+    what: str,
+) -> ModelState:
+    """The pruned `model` (`info`: its parameter counts before and after) fine-tuned and checkpointed."""
     acc_pruned = accuracy(model, *ctx.splits.val)
     if cfg.finetune_epochs:
         fit(
@@ -108,8 +109,7 @@ def _prune_in_place(
     }
     ckpt = save_checkpoint(ctx.out_dir / "structured.pt", model, arch, {**meta, "structured_prune": info})
     print(
-        f"[compress] structured_prune ({arch.family}, dependency graph): params {info['params_before']}->"
-        f"{info['params_after']}, val acc {acc_pruned:.4f} -> {info['val_acc_finetuned']:.4f} after "
-        f"{cfg.finetune_epochs} fine-tune epochs"
+        f"[compress] structured_prune ({what}): params {info['params_before']}->{info['params_after']}, "
+        f"val acc {acc_pruned:.4f} -> {info['val_acc_finetuned']:.4f} after {cfg.finetune_epochs} fine-tune epochs"
     )
     return replace(state, checkpoint=ckpt, info={**state.info, "structured_prune": info})

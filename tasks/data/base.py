@@ -136,6 +136,15 @@ def folder_problems(data_dir: Path) -> list[str]:
     return problems
 
 
+def split_arrays(where: object, x: np.ndarray, y: np.ndarray, split: np.ndarray, manifest: dict) -> Splits:
+    """Samples `x`, labels `y` and each one's split name as `Splits`, every split checked against the manifest
+    (one DataError naming `where` and every problem)."""
+    arrays = {s: (x[split == s], y[split == s]) for s in SPLITS}
+    shape, classes = tuple(manifest["input_shape"]), manifest["num_classes"]
+    raise_problems(where, [p for s in SPLITS for p in check_arrays(s, *arrays[s], shape, classes)])
+    return Splits(arrays["train"], arrays["val"], arrays["test"], classes, manifest)
+
+
 def check_arrays(split: str, xs: np.ndarray, ys: np.ndarray, input_shape: tuple, num_classes: int) -> list[str]:
     """Problems with one split's arrays, as the classifier stages need them."""
     problems = []

@@ -22,13 +22,12 @@ from tasks.core.settings import Section
 from tasks.data.base import (
     MANIFEST,
     SPLIT_RULE,
-    SPLITS,
     DataError,
     Splits,
-    check_arrays,
     hash_split,
     previous_manifest,
     raise_problems,
+    split_arrays,
     split_problems,
     unseen_classes,
     write_manifest,
@@ -298,13 +297,4 @@ def load_image_folder(data_dir: Path, manifest: dict) -> Splits:
     x = np.stack([_normalise(decoded[(info["sha256"], size, channels)], preprocessing) for _, info in entries])
     y = np.array([index[info["class"]] for _, info in entries], dtype=np.int64)
     split = np.array([info["split"] for _, info in entries])
-    arrays = {s: (x[split == s], y[split == s]) for s in SPLITS}
-    raise_problems(
-        data_dir,
-        [
-            p
-            for s in SPLITS
-            for p in check_arrays(s, *arrays[s], tuple(manifest["input_shape"]), manifest["num_classes"])
-        ],
-    )
-    return Splits(arrays["train"], arrays["val"], arrays["test"], manifest["num_classes"], manifest)
+    return split_arrays(data_dir, x, y, split, manifest)

@@ -27,14 +27,13 @@ from tasks.core.settings import Section
 from tasks.data.base import (
     MANIFEST,
     SPLIT_RULE,
-    SPLITS,
     DataError,
     Splits,
-    check_arrays,
     file_digest,
     hash_split,
     previous_manifest,
     raise_problems,
+    split_arrays,
     split_problems,
     unknown_files,
     unseen_classes,
@@ -420,9 +419,4 @@ def load_table(data_dir: Path, manifest: dict) -> Splits:
     x = encode_records(manifest["preprocessing"], _records(labelled, manifest["schema"]))
     index = {c: i for i, c in enumerate(manifest["classes"])}
     y = np.array([index[_canonical(v)] for v in labelled[manifest["label"]]], dtype=np.int64)
-    arrays = {s: (x[split == s], y[split == s]) for s in SPLITS}
-    problems = [
-        p for s in SPLITS for p in check_arrays(s, *arrays[s], tuple(manifest["input_shape"]), manifest["num_classes"])
-    ]
-    raise_problems(path, problems)
-    return Splits(arrays["train"], arrays["val"], arrays["test"], manifest["num_classes"], manifest)
+    return split_arrays(path, x, y, split, manifest)

@@ -23,14 +23,13 @@ from tasks.core.settings import Section
 from tasks.data.base import (
     MANIFEST,
     SPLIT_RULE,
-    SPLITS,
     DataError,
     Splits,
-    check_arrays,
     file_digest,
     hash_split,
     previous_manifest,
     raise_problems,
+    split_arrays,
     split_problems,
     unknown_files,
     unseen_classes,
@@ -207,13 +206,4 @@ def load_text(data_dir: Path, manifest: dict) -> Splits:
     x = encode_texts(manifest["preprocessing"], texts)
     index = {c: i for i, c in enumerate(manifest["classes"])}
     y = np.array([index[v] for v in labels], dtype=np.int64)
-    arrays = {s: (x[split == s], y[split == s]) for s in SPLITS}
-    raise_problems(
-        path,
-        [
-            p
-            for s in SPLITS
-            for p in check_arrays(s, *arrays[s], tuple(manifest["input_shape"]), manifest["num_classes"])
-        ],
-    )
-    return Splits(arrays["train"], arrays["val"], arrays["test"], manifest["num_classes"], manifest)
+    return split_arrays(path, x, y, split, manifest)
