@@ -302,6 +302,52 @@ def test_minmax_int4_is_exact_on_a_q4_1_grid(tmp_path):
         LMCompressConfig(search={"algorithms": ["rtn", "minmax"]})
 
 
+def test_k_quant_blocks_pack_for_every_block_count(tmp_path):
+    """k-quant INT4 at every block size computes what its own blocks say: the model's logits equal those of the
+    FP32 model with each weight replaced by its k-quant blocks dequantized. The tiny model's 64 and 128 inputs
+    make one block per column at block 128 (and at 64 for 64 inputs): an odd count, whose zero points ORT's
+    packer runs together across columns (a ValueError at quantization before)."""
+    from onnx import numpy_helper
+    from onnxruntime.quantization.neural_compressor.weight_only import quant_tensor_k_quant_cpu
+
+    from tasks.lm.export import build_genai, finish_folder
+    from tasks.lm.quantize import LM_HEAD, quantize_lm
+
+    ids = np.arange(5, 45, dtype=np.int64)
+    bases = {}
+    for tied in (False, True):  # tied: the embedding is gathered from the head's blocks (the reference's: its table)
+        hf = make_tiny_llama(tmp_path / f"hf-{tied}", tied=tied)
+        bases[tied] = build_genai(hf, tmp_path / f"fp32-{tied}")
+        finish_folder(hf, bases[tied], 64)
+    for block, tied in ((32, False), (64, False), (128, False), (64, True)):
+        fp32 = bases[tied]
+        recipe = LMRecipe(algorithm="k_quant", block_size=block, lm_head="int4")
+        folder = quantize_lm(fp32, recipe, tmp_path / f"k{block}-{tied}", sensitive=[])
+        expected = onnx.load(str(fp32 / "model.onnx"))
+        weights = {i.name: i for i in expected.graph.initializer}
+        plan = node_bits(expected, recipe, [])
+        for node in expected.graph.node:
+            if plan.get(node.name) != 4:
+                continue
+            w = numpy_helper.to_array(weights[node.input[1]])
+            k, n = w.shape
+            padded = np.zeros((-(-k // block) * block, n), np.float32)
+            padded[:k] = w
+            q, scale, zero = quant_tensor_k_quant_cpu(padded.T, 4, block)
+            dequantized = ((q - zero) * scale).reshape(n, -1)[:, :k].T.astype(np.float32)
+            weights[node.input[1]].CopyFrom(numpy_helper.from_array(dequantized, node.input[1]))
+        assert LM_HEAD in plan and plan[LM_HEAD] == 4
+        reference = tmp_path / f"k{block}-{tied}-dequantized"
+        reference.mkdir()
+        for path in fp32.iterdir():
+            if not path.name.startswith("model.onnx"):
+                (reference / path.name).symlink_to(path)
+        onnx.save(expected, str(reference / "model.onnx"), save_as_external_data=True, location="model.onnx.data")
+        got = window_logits(make_lm_session(folder, 1), ids)
+        want = window_logits(make_lm_session(reference, 1), ids)
+        assert np.abs(got - want).max() < 1e-4, (block, tied)
+
+
 @pytest.mark.e2e
 def test_a_tied_embedding_is_gathered_from_the_quantized_lm_head(tmp_path):
     """A checkpoint that ties its token embedding to the lm_head keeps one quantized copy: the embedding rows

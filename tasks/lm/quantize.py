@@ -22,7 +22,7 @@ from pydantic import Field, model_validator
 from tasks.core.settings import Section
 from tasks.lm.adapter import LORA_TAG, lora_pass
 from tasks.lm.evaluate import ONNX_FILE, make_lm_session, score
-from tasks.lm.grid import minmax_pass
+from tasks.lm.grid import kquant_pass, minmax_pass
 
 LMAlgorithm = Literal["rtn", "k_quant", "hqq", "minmax"]
 
@@ -38,7 +38,10 @@ class LMRecipe(Section):
         "offset in extra rows of the same call; weights already on a Q4_1 grid stay on it; 4 bits, blocks of 32).",
     )
     block_size: Literal[32, 64, 128] = Field(32, description="Weights per quantization block.")
-    symmetric: bool = Field(True, description="Symmetric blocks (no zero point); hqq always fits a float zero point.")
+    symmetric: bool = Field(
+        True,
+        description="Symmetric blocks (no zero point); hqq always fits a float zero point, k_quant an integer one.",
+    )
     accuracy_level: Literal[0, 4] = Field(
         0,
         description="For 4-bit weights, 0: float activations; 4: int8 "
@@ -92,22 +95,23 @@ def node_bits(model: onnx.ModelProto, recipe: LMRecipe, sensitive: list[int]) ->
     return out
 
 
+def activation_level(recipe: LMRecipe, bits: int) -> int:
+    """MatMulNBits' accuracy_level for `bits`-bit weights. 8-bit weights always take int8 activations: ORT has no
+    fast kernel for them with float activations (measured on SmolLM2: 1 decode token/s against 30+ for FP32)."""
+    return 4 if bits == 8 else recipe.accuracy_level
+
+
 def _quantize_pass(model: onnx.ModelProto, recipe: LMRecipe, bits: int, include: set[str], algorithm: str):
     from onnxruntime.quantization.matmul_nbits_quantizer import (
         DefaultWeightOnlyQuantConfig,
         HQQWeightOnlyQuantConfig,
-        KQuantWeightOnlyQuantConfig,
         MatMulNBitsQuantizer,
     )
 
     exclude = [n.name for n in _matmuls(model) if n.name not in include]
-    # 8-bit weights always take int8 activations: ORT has no fast kernel for them with float activations
-    # (measured on SmolLM2: 1 decode token/s against 30+ for the FP32 model).
-    accuracy = 4 if bits == 8 else recipe.accuracy_level or None
+    accuracy = activation_level(recipe, bits) or None
     if algorithm == "hqq":
         config = HQQWeightOnlyQuantConfig(block_size=recipe.block_size, bits=bits)
-    elif algorithm == "k_quant":
-        config = KQuantWeightOnlyQuantConfig(customized_weight_config={n: {"bits": bits} for n in include})
     else:
         # Round to nearest through ORT's own packer: the neural-compressor RTN path mis-packs asymmetric zero
         # points when a column has an odd number of blocks (576 rows in blocks of 64 or 128, as in SmolLM2).
@@ -149,6 +153,8 @@ def quantize_lm(
         include = {n for n, b in plan.items() if b == bits}
         if algorithm == "minmax":
             model = minmax_pass(model, include, recipe.accuracy_level)
+        elif algorithm == "k_quant":
+            model = kquant_pass(model, include, bits, recipe.block_size, activation_level(recipe, bits))
         else:
             model = _quantize_pass(model, recipe, bits, include, algorithm)
     model = tie_embedding_pass(model, head)
