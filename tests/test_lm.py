@@ -302,6 +302,24 @@ def test_minmax_int4_is_exact_on_a_q4_1_grid(tmp_path):
         LMCompressConfig(search={"algorithms": ["rtn", "minmax"]})
 
 
+def test_minmax_takes_rtn_where_a_matmul_has_no_whole_blocks(tmp_path):
+    """An MLP 144 wide: the down projections' 144 inputs are not whole blocks of 32, so they take symmetric RTN
+    while every other projection keeps minmax (the default candidate must finish on any model)."""
+    from tasks.lm.export import build_genai, finish_folder
+    from tasks.lm.quantize import quantize_lm
+
+    hf = make_tiny_llama(tmp_path / "hf", intermediate_size=144)
+    fp32 = build_genai(hf, tmp_path / "fp32")
+    finish_folder(hf, fp32, 64)
+    folder = quantize_lm(fp32, LMRecipe(algorithm="minmax", accuracy_level=4), tmp_path / "minmax", sensitive=[])
+    graph = onnx.load(str(folder / "model.onnx"), load_external_data=False).graph
+    reads = {n.name: n.input[0] for n in graph.node if n.op_type == "MatMulNBits" and "/layers." in n.name}
+    plain = sorted(name for name, x in reads.items() if not x.endswith("_with_blocksums"))
+    assert len(reads) == 2 * 5 and plain == [f"/model/layers.{i}/mlp/down_proj/MatMul_Q4" for i in range(2)], plain
+    ids = np.arange(5, 45, dtype=np.int64)
+    assert np.isfinite(window_logits(make_lm_session(folder, 1), ids)).all()
+
+
 def test_k_quant_blocks_pack_for_every_block_count(tmp_path):
     """k-quant INT4 at every block size computes what its own blocks say: the model's logits equal those of the
     FP32 model with each weight replaced by its k-quant blocks dequantized. The tiny model's 64 and 128 inputs

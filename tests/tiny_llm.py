@@ -22,11 +22,13 @@ def _corpus() -> list[str]:
     return [topics[key] for key in sorted(topics)[:40]]  # a few hundred KB of offline English
 
 
-def make_tiny_llama(folder: Path, *, seed: int = 0, init_std: float = 0.02, tied: bool = False) -> Path:
+def make_tiny_llama(
+    folder: Path, *, seed: int = 0, init_std: float = 0.02, tied: bool = False, intermediate_size: int = 128
+) -> Path:
     """Write a 2-layer LlamaForCausalLM (hidden 64, 4 heads / 2 KV heads, vocab 512, context 256) with a
     byte-level BPE tokenizer trained here, a chat template and a generation config; returns `folder`.
     `init_std` above the default gives it logits far from flat, which fine-tuning can then sharpen; `tied`
-    shares the embedding table with the lm_head, as SmolLM2 does."""
+    shares the embedding table with the lm_head, as SmolLM2 does; `intermediate_size` is the MLP's width."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import (
@@ -63,7 +65,7 @@ def make_tiny_llama(folder: Path, *, seed: int = 0, init_std: float = 0.02, tied
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=64,
-        intermediate_size=128,
+        intermediate_size=intermediate_size,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,

@@ -22,7 +22,7 @@ from pydantic import Field, model_validator
 from tasks.core.settings import Section
 from tasks.lm.adapter import LORA_TAG, lora_pass
 from tasks.lm.evaluate import ONNX_FILE, make_lm_session, score
-from tasks.lm.grid import kquant_pass, minmax_pass
+from tasks.lm.grid import BLOCK, kquant_pass, minmax_pass
 
 LMAlgorithm = Literal["rtn", "k_quant", "hqq", "minmax"]
 
@@ -152,7 +152,13 @@ def quantize_lm(
         algorithm = recipe.algorithm if bits == 4 or recipe.algorithm not in ("hqq", "minmax") else "rtn"
         include = {n for n, b in plan.items() if b == bits}
         if algorithm == "minmax":
-            model = minmax_pass(model, include, recipe.accuracy_level)
+            # minmax reads whole blocks of 32 inputs; a MatMul with other sizes (none in Llama, Qwen or SmolLM
+            # shapes) takes symmetric RTN in blocks of 32 instead
+            rows = {i.name: i.dims[0] for i in model.graph.initializer}
+            whole = {n.name for n in _matmuls(model) if n.name in include and rows[n.input[1]] % BLOCK == 0}
+            model = minmax_pass(model, whole, recipe.accuracy_level)
+            if include - whole:
+                model = _quantize_pass(model, recipe, bits, include - whole, "rtn")
         elif algorithm == "k_quant":
             model = kquant_pass(model, include, bits, recipe.block_size, activation_level(recipe, bits))
         else:
