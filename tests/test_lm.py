@@ -302,6 +302,40 @@ def test_minmax_int4_is_exact_on_a_q4_1_grid(tmp_path):
         LMCompressConfig(search={"algorithms": ["rtn", "minmax"]})
 
 
+def test_lm_search_measures_each_model_once(project, tmp_path):
+    """HQQ does not read `symmetric` (it always fits a zero point), and the lm_head stays FP32: the space below
+    writes one model however a trial is drawn. The first trial measures it; the others reuse its scores (no second timing) and
+    the search returns one candidate, not three copies of it."""
+    from tasks.lm.evaluate import LMEval
+    from tasks.lm.export import build_genai, finish_folder
+    from tasks.lm.release import LMValidateConfig
+    from tasks.lm.search import LMSearchConfig, search_lm
+
+    corpus = write_corpus(tmp_path / "corpus")
+    describe_corpus(CorpusConfig(window=64, model=project / "model"), corpus)
+    fp32 = build_genai(project / "model", tmp_path / "fp32")
+    finish_folder(project / "model", fp32, 64)
+    space = LMSearchConfig(
+        n_trials=3,
+        bits=[4],
+        algorithms=["hqq"],
+        block_sizes=[32],
+        symmetric=[True, False],
+        accuracy_levels=[0],
+        lm_head=["fp32"],
+        int8_layers=[0],
+        trial_windows=1,
+        keep=3,
+    )
+    timing = LMValidateConfig(prompt_lengths=[8], new_tokens=4, rounds=1)
+    found = search_lm(fp32, LMEval(corpus, fp32, 64, 1, 1), space, timing, 64, [], 100.0, tmp_path / "work", "k")
+    study = optuna.load_study(study_name=None, storage=f"sqlite:///{tmp_path / 'work' / 'optuna.db'}")
+    trials = study.get_trials()
+    assert len(trials) == 3 and len({t.user_attrs["weights"] for t in trials}) == 1
+    assert [t.values for t in trials[1:]] == [trials[0].values] * 2  # reused: timings never repeat exactly
+    assert [name for name, _ in found] == ["trial_0"]
+
+
 def test_minmax_takes_rtn_where_a_matmul_has_no_whole_blocks(tmp_path):
     """An MLP 144 wide: the down projections' 144 inputs are not whole blocks of 32, so they take symmetric RTN
     while every other projection keeps minmax (the default candidate must finish on any model)."""

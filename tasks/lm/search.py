@@ -20,6 +20,7 @@ from tasks.lm.adapter import Adapted
 from tasks.lm.evaluate import ONNX_FILE, LMEval
 from tasks.lm.quantize import LMAlgorithm, LMRecipe, quantize_lm
 from tasks.lm.release import LMValidateConfig
+from tasks.release.guard import sha256_of
 
 
 class LMSearchConfig(Section):
@@ -131,14 +132,21 @@ def search_lm(
     def objective(trial: optuna.Trial) -> tuple[float, float]:
         recipe = suggest(trial, space)
         folder = work / f"trial_{trial.number}"
+        trial.set_user_attr("recipe", recipe.model_dump())
         try:
             quantize_lm(fp32_dir, recipe, folder, sensitive)
+            # Settings a recipe does not read (symmetry for hqq and k_quant, accuracy level for 8 bits, ...) make
+            # the same model again: its scores are reused, not measured twice.
+            trial.set_user_attr("weights", _digest(folder))
+            if same := _same_model(study, trial):
+                print(f"[lm-search] trial {trial.number}: the same model as trial {same.number}; its scores reused")
+                trial.set_user_attr("top1", same.user_attrs["top1"])
+                return same.values[0], same.values[1]
             quality = evaluator.quality(folder, space.trial_windows)
             speed = evaluator.timings({"t": folder}, timing.prompt_lengths[:1], timing.new_tokens, max_length, 1)["t"]
         finally:
             shutil.rmtree(folder, ignore_errors=True)
         tok_s = next(iter(speed["prompts"].values()))["decode_tok_s"]
-        trial.set_user_attr("recipe", recipe.model_dump())
         trial.set_user_attr("top1", quality["top1"])
         print(
             f"[lm-search] trial {trial.number}: {recipe.model_dump()} -> perplexity {quality['perplexity']:.3f} "
@@ -148,12 +156,26 @@ def search_lm(
 
     todo = space.n_trials - len([t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE])
     if todo > 0:
-        # k_quant's packer fails on asymmetric blocks in odd numbers per column: a failed trial, not a failed run.
+        # a recipe the quantizer cannot write is a failed trial (Optuna records why), not a failed run
         study.optimize(objective, n_trials=todo, catch=(ValueError,))
-    front = [t for t in study.best_trials if t.state == optuna.trial.TrialState.COMPLETE]
+    front = [t for t in study.best_trials if t.state == optuna.trial.TrialState.COMPLETE and not _same_model(study, t)]
     within = [t for t in front if (t.values[0] / base - 1) * 100 <= max_ppl_increase_pct]
     ranked = sorted(within, key=lambda t: -t.values[1]) or sorted(front, key=lambda t: t.values[0])
     return [(f"trial_{t.number}", LMRecipe(**t.user_attrs["recipe"])) for t in ranked[: space.keep]]
+
+
+def _digest(folder: Path) -> str:
+    """The quantized model's files, hashed: two recipes that write the same model have the same digest."""
+    files = sorted(p for p in folder.iterdir() if p.name.startswith(ONNX_FILE))
+    return hashlib.sha256("".join(sha256_of(p) for p in files).encode()).hexdigest()
+
+
+def _same_model(study: optuna.Study, trial: optuna.trial.FrozenTrial | optuna.Trial) -> optuna.trial.FrozenTrial | None:
+    """An earlier finished trial that wrote the same model as `trial`, if any."""
+    if (weights := trial.user_attrs.get("weights")) is None:  # a trial from before digests were kept
+        return None
+    done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    return next((t for t in done if t.number < trial.number and t.user_attrs.get("weights") == weights), None)
 
 
 def make_candidate(
