@@ -7,7 +7,7 @@ Wiring only; each stage lives in `tasks/lm/` (the candidate table and MLflow log
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 from prefect import flow
 
@@ -31,6 +31,8 @@ from tasks.lm.release import (
 from tasks.lm.search import make_candidate_task, search_lm_task
 from tasks.lm.train import REFERENCE, finetune_lm_task, mark_reference
 from tasks.pipeline_run import already_done, pipeline_run
+from tasks.release.evaluate import data_task
+from tasks.release.promote import check_champion_task
 from tasks.release.report import report_candidates_task
 from tasks.release.validate import best_passing, require_passing
 from tasks.search.trials import TrialTracking
@@ -53,6 +55,7 @@ def optimize_lm(
         data = version_data_task(cfg.data, run.root)
         if skipped := already_done(run, data.md5, force):
             return skipped
+        check_champion_task(cfg.register_.model_name, data.dir, cfg.promote)
 
         out = work / "candidates" / run.run_id
         key = f"{data.md5}/{code_version()}/{cfg.section_hash('lm', 'finetune')}"
@@ -135,6 +138,8 @@ def optimize_lm(
                 "candidate": chosen.name,
                 "model_name": registered.name,
                 "version": registered.version,
+                "registered_model": asdict(registered),
+                "task": data_task(data.dir),
                 "metrics": chosen.to_dict(),
                 "mlflow_run_id": run.run_id,
             },

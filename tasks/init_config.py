@@ -194,7 +194,8 @@ def lm_config(model: Path, data: Path, out: Path, root: Path) -> tuple[BaseModel
         {
             "lm": {"model": inside(model)},
             "data": {"dir": inside(data)},
-            "register": {"model_name": f"{name}-lm"},
+            "register": {"model_name": f"{name}-lm", "bundle_dir": f"deploy/{name}-bundle"},
+            "promote": {"champion_bundle_dir": f"deploy/{name}-champion"},
             "tracking": {"experiment": name},
         }
     )

@@ -3,6 +3,7 @@ searched and fixed weight-only candidates -> gates -> registry -> contract bundl
 up-front refusals (bad corpus, bad model folder, pickled weights)."""
 
 import json
+from pathlib import Path
 from pydoc_data.topics import topics
 
 import mlflow
@@ -195,6 +196,28 @@ def test_champion_challenger_rule_is_a_paired_test_on_the_same_windows():
     assert not decide(paired_perplexity(window(0.05, 0.01), champion), faster, cfg)[0]  # 5% worse: no speed-up pays
 
 
+@pytest.mark.e2e
+def test_another_model_never_replaces_the_champion_folder(project, shipped, tmp_path):
+    """A second LM config that names its own model but keeps the default champion folder is refused right after
+    its data is versioned (before any export or quantization), and the champion folder keeps tiny-lm's bundle;
+    `init` names the folders after the config, so its configs never share them."""
+    from tasks.release.promote import PromotionError
+
+    champion = project / "deploy" / "lm-champion" / "manifest.json"
+    before = champion.read_text()
+    assert json.loads(before)["registered_model"]["name"] == "tiny-lm"
+    other = tmp_path / "other.yaml"
+    other.write_text(yaml.safe_dump({**TINY, "register": {"model_name": "other-lm"}}))
+    with pytest.raises(PromotionError, match="serves the champion of 'tiny-lm', not 'other-lm'"):
+        optimize_lm(config_path=str(other), root=str(project))
+    assert champion.read_text() == before
+    cfg = load_config(init_config(project / "corpus", None, "model", project / "configs" / "second.yaml", project))
+    assert (cfg.register_.bundle_dir, cfg.promote.champion_bundle_dir) == (
+        Path("deploy/second-bundle"),
+        Path("deploy/second-champion"),
+    )
+
+
 def test_bad_corpus_is_one_data_error(project, tmp_path):
     corpus = tmp_path / "corpus"
     corpus.mkdir()
@@ -304,8 +327,8 @@ def test_minmax_int4_is_exact_on_a_q4_1_grid(tmp_path):
 
 def test_lm_search_measures_each_model_once(project, tmp_path):
     """HQQ does not read `symmetric` (it always fits a zero point), and the lm_head stays FP32: the space below
-    writes one model however a trial is drawn. The first trial measures it; the others reuse its scores (no second timing) and
-    the search returns one candidate, not three copies of it."""
+    writes one model however a trial is drawn. The first trial measures it; the others reuse its scores (no
+    second timing) and the search returns one candidate, not three copies of it."""
     from tasks.lm.evaluate import LMEval
     from tasks.lm.export import build_genai, finish_folder
     from tasks.lm.release import LMValidateConfig
