@@ -201,16 +201,23 @@ def test_another_model_never_replaces_the_champion_folder(project, shipped, tmp_
     """A second LM config that names its own model but keeps the default champion folder is refused right after
     its data is versioned (before any export or quantization), and the champion folder keeps tiny-lm's bundle;
     `init` names the folders after the config, so its configs never share them."""
-    from tasks.release.promote import PromotionError
+    from tasks.release.promote import PromotionError, folder_conflict
 
     champion = project / "deploy" / "lm-champion" / "manifest.json"
     before = champion.read_text()
+    assert json.loads(before)["task"]["split"]["test_fraction"] == CorpusConfig.model_fields["test_fraction"].default
+    runs = project / ".modelforge" / "lm" / "candidates"
+    candidates = set(runs.iterdir())
     assert json.loads(before)["registered_model"]["name"] == "tiny-lm"
     other = tmp_path / "other.yaml"
     other.write_text(yaml.safe_dump({**TINY, "register": {"model_name": "other-lm"}}))
     with pytest.raises(PromotionError, match="serves the champion of 'tiny-lm', not 'other-lm'"):
         optimize_lm(config_path=str(other), root=str(project))
-    assert champion.read_text() == before
+    assert champion.read_text() == before and set(runs.iterdir()) == candidates  # nothing exported for that run
+    older = tmp_path / "older-champion"  # an LM bundle shipped before manifests named the registered model
+    older.mkdir()
+    (older / "manifest.json").write_text(json.dumps({"family": "causal_lm", "model_name": "tiny-lm"}))
+    assert "serves the champion of 'tiny-lm'" in (folder_conflict("other-lm", older) or "")
     cfg = load_config(init_config(project / "corpus", None, "model", project / "configs" / "second.yaml", project))
     assert (cfg.register_.bundle_dir, cfg.promote.champion_bundle_dir) == (
         Path("deploy/second-bundle"),
@@ -370,57 +377,74 @@ def test_minmax_takes_rtn_where_a_matmul_has_no_whole_blocks(tmp_path):
     finish_folder(hf, fp32, 64)
     folder = quantize_lm(fp32, LMRecipe(algorithm="minmax", accuracy_level=4), tmp_path / "minmax", sensitive=[])
     graph = onnx.load(str(folder / "model.onnx"), load_external_data=False).graph
-    reads = {n.name: n.input[0] for n in graph.node if n.op_type == "MatMulNBits" and "/layers." in n.name}
-    plain = sorted(name for name, x in reads.items() if not x.endswith("_with_blocksums"))
+    reads = {n.name: n.input for n in graph.node if n.op_type == "MatMulNBits" and "/layers." in n.name}
+    plain = sorted(name for name, inputs in reads.items() if not inputs[0].endswith("_with_blocksums"))
     assert len(reads) == 2 * 5 and plain == [f"/model/layers.{i}/mlp/down_proj/MatMul_Q4" for i in range(2)], plain
+    assert all(len(reads[name]) == 3 for name in plain)  # symmetric: no zero points
     ids = np.arange(5, 45, dtype=np.int64)
     assert np.isfinite(window_logits(make_lm_session(folder, 1), ids)).all()
 
 
 def test_k_quant_blocks_pack_for_every_block_count(tmp_path):
-    """k-quant INT4 at every block size computes what its own blocks say: the model's logits equal those of the
-    FP32 model with each weight replaced by its k-quant blocks dequantized. The tiny model's 64 and 128 inputs
-    make one block per column at block 128 (and at 64 for 64 inputs): an odd count, whose zero points ORT's
-    packer runs together across columns (a ValueError at quantization before)."""
+    """k-quant at every block size computes what its own blocks say: the model's logits equal those of the FP32
+    model with each weight replaced by its k-quant blocks dequantized. The tiny model's 64, 96 and 128 inputs
+    make 1 or 3 blocks per column at some sizes: odd counts, whose 4-bit zero points ORT's packer ran together
+    across columns (a ValueError at quantization before). 8 bits (uint8 zero points, one per block) is checked
+    at float activations, which `quantize_lm` never uses for 8 bits but the layout is the same."""
     from onnx import numpy_helper
     from onnxruntime.quantization.neural_compressor.weight_only import quant_tensor_k_quant_cpu
 
     from tasks.lm.export import build_genai, finish_folder
+    from tasks.lm.grid import kquant_pass
     from tasks.lm.quantize import LM_HEAD, quantize_lm
+
+    def saved(model: onnx.ModelProto, fp32: Path, name: str) -> Path:
+        folder = tmp_path / name
+        folder.mkdir()
+        for path in fp32.iterdir():
+            if not path.name.startswith("model.onnx"):
+                (folder / path.name).symlink_to(path)
+        onnx.save(model, str(folder / "model.onnx"), save_as_external_data=True, location="model.onnx.data")
+        return folder
 
     ids = np.arange(5, 45, dtype=np.int64)
     bases = {}
-    for tied in (False, True):  # tied: the embedding is gathered from the head's blocks (the reference's: its table)
-        hf = make_tiny_llama(tmp_path / f"hf-{tied}", tied=tied)
-        bases[tied] = build_genai(hf, tmp_path / f"fp32-{tied}")
-        finish_folder(hf, bases[tied], 64)
-    for block, tied in ((32, False), (64, False), (128, False), (64, True)):
-        fp32 = bases[tied]
-        recipe = LMRecipe(algorithm="k_quant", block_size=block, lm_head="int4")
-        folder = quantize_lm(fp32, recipe, tmp_path / f"k{block}-{tied}", sensitive=[])
+    # tied: the embedding is gathered from the head's blocks (the reference's: its table); 96: 3 blocks of 32
+    for tied, width in ((False, 128), (True, 128), (False, 96)):
+        hf = make_tiny_llama(tmp_path / f"hf-{tied}-{width}", tied=tied, intermediate_size=width)
+        bases[tied, width] = build_genai(hf, tmp_path / f"fp32-{tied}-{width}")
+        finish_folder(hf, bases[tied, width], 64)
+    for bits, block, tied, width in (
+        (4, 32, False, 128),
+        (4, 64, False, 128),
+        (4, 128, False, 128),
+        (4, 64, True, 128),
+        (4, 32, False, 96),
+        (8, 64, False, 96),
+    ):
+        case, fp32 = f"{bits}-{block}-{tied}-{width}", bases[tied, width]
+        recipe = LMRecipe(algorithm="k_quant", bits=bits, block_size=block, lm_head=f"int{bits}")
         expected = onnx.load(str(fp32 / "model.onnx"))
-        weights = {i.name: i for i in expected.graph.initializer}
         plan = node_bits(expected, recipe, [])
+        assert plan[LM_HEAD] == bits
+        if bits == 4:
+            folder = quantize_lm(fp32, recipe, tmp_path / case, sensitive=[])
+        else:
+            include = {name for name, b in plan.items() if b}
+            folder = saved(kquant_pass(onnx.load(str(fp32 / "model.onnx")), include, bits, block, 0), fp32, case)
+        weights = {i.name: i for i in expected.graph.initializer}
         for node in expected.graph.node:
-            if plan.get(node.name) != 4:
-                continue
-            w = numpy_helper.to_array(weights[node.input[1]])
-            k, n = w.shape
-            padded = np.zeros((-(-k // block) * block, n), np.float32)
-            padded[:k] = w
-            q, scale, zero = quant_tensor_k_quant_cpu(padded.T, 4, block)
-            dequantized = ((q - zero) * scale).reshape(n, -1)[:, :k].T.astype(np.float32)
-            weights[node.input[1]].CopyFrom(numpy_helper.from_array(dequantized, node.input[1]))
-        assert LM_HEAD in plan and plan[LM_HEAD] == 4
-        reference = tmp_path / f"k{block}-{tied}-dequantized"
-        reference.mkdir()
-        for path in fp32.iterdir():
-            if not path.name.startswith("model.onnx"):
-                (reference / path.name).symlink_to(path)
-        onnx.save(expected, str(reference / "model.onnx"), save_as_external_data=True, location="model.onnx.data")
+            if plan.get(node.name) == bits:
+                w = numpy_helper.to_array(weights[node.input[1]])
+                k, n = w.shape
+                padded = np.zeros((-(-k // block) * block, n), np.float32)
+                padded[:k] = w
+                q, scale, zero = quant_tensor_k_quant_cpu(padded.T, bits, block)
+                dequantized = ((q - zero) * scale).reshape(n, -1)[:, :k].T.astype(np.float32)
+                weights[node.input[1]].CopyFrom(numpy_helper.from_array(dequantized, node.input[1]))
         got = window_logits(make_lm_session(folder, 1), ids)
-        want = window_logits(make_lm_session(reference, 1), ids)
-        assert np.abs(got - want).max() < 1e-4, (block, tied)
+        want = window_logits(make_lm_session(saved(expected, fp32, f"{case}-dequantized"), 1), ids)
+        assert np.abs(got - want).max() < 1e-4, case
 
 
 @pytest.mark.e2e

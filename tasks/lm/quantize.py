@@ -158,7 +158,8 @@ def quantize_lm(
             whole = {n.name for n in _matmuls(model) if n.name in include and rows[n.input[1]] % BLOCK == 0}
             model = minmax_pass(model, whole, recipe.accuracy_level)
             if include - whole:
-                model = _quantize_pass(model, recipe, bits, include - whole, "rtn")
+                rtn = recipe.model_copy(update={"symmetric": True})
+                model = _quantize_pass(model, rtn, bits, include - whole, "rtn")
         elif algorithm == "k_quant":
             model = kquant_pass(model, include, bits, recipe.block_size, activation_level(recipe, bits))
         else:

@@ -8,6 +8,7 @@ the shortest prompt; time to first token per prompt length and peak memory sit b
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 from dataclasses import replace
@@ -31,6 +32,7 @@ from tasks.release.promote import (
     PromoteConfig,
     _alias_version,
     act_on_decision,
+    check_champion,
 )
 from tasks.release.register import RegisterConfig, RegisteredModel
 from tasks.release.ship import staged, write_manifest
@@ -228,7 +230,9 @@ def promote_lm(
     max_length: int,
     run_id: str,
 ) -> Decision:
-    """Challenger vs champion on the same test text, decode timed side by side."""
+    """Challenger vs champion on the same test text, decode timed side by side; refused (nothing replaced) when
+    the champion folder or the registered champion serves another model or task, as checked at the start."""
+    check_champion(registered.name, json.loads((Path(bundle_dir) / "manifest.json").read_text()), cfg)
     champion_version = _alias_version(registered.name, cfg.champion_alias)
     client = tracking.client()
     quality = speed = None

@@ -158,7 +158,10 @@ def search_lm(
     if todo > 0:
         # a recipe the quantizer cannot write is a failed trial (Optuna records why), not a failed run
         study.optimize(objective, n_trials=todo, catch=(ValueError,))
-    front = [t for t in study.best_trials if t.state == optuna.trial.TrialState.COMPLETE and not _same_model(study, t)]
+    front: list[optuna.trial.FrozenTrial] = []
+    for t in study.best_trials:  # each model once
+        if t.state == optuna.trial.TrialState.COMPLETE and not any(_twins(t, f) for f in front):
+            front.append(t)
     within = [t for t in front if (t.values[0] / base - 1) * 100 <= max_ppl_increase_pct]
     ranked = sorted(within, key=lambda t: -t.values[1]) or sorted(front, key=lambda t: t.values[0])
     return [(f"trial_{t.number}", LMRecipe(**t.user_attrs["recipe"])) for t in ranked[: space.keep]]
@@ -170,12 +173,15 @@ def _digest(folder: Path) -> str:
     return hashlib.sha256("".join(sha256_of(p) for p in files).encode()).hexdigest()
 
 
-def _same_model(study: optuna.Study, trial: optuna.trial.FrozenTrial | optuna.Trial) -> optuna.trial.FrozenTrial | None:
+def _twins(a: optuna.trial.FrozenTrial | optuna.Trial, b: optuna.trial.FrozenTrial) -> bool:
+    """Whether two trials wrote the same model (a trial from before digests were kept has no twin)."""
+    return a.user_attrs.get("weights") is not None and a.user_attrs.get("weights") == b.user_attrs.get("weights")
+
+
+def _same_model(study: optuna.Study, trial: optuna.Trial) -> optuna.trial.FrozenTrial | None:
     """An earlier finished trial that wrote the same model as `trial`, if any."""
-    if (weights := trial.user_attrs.get("weights")) is None:  # a trial from before digests were kept
-        return None
     done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-    return next((t for t in done if t.number < trial.number and t.user_attrs.get("weights") == weights), None)
+    return next((t for t in done if t.number < trial.number and _twins(trial, t)), None)
 
 
 def make_candidate(

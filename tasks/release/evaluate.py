@@ -58,7 +58,10 @@ def data_task(data_dir: Path) -> dict:
     the source, the folder and the split rule (so a champion and a challenger are compared on the
     same test split's lineage, however the data has grown)."""
     manifest = read_manifest(data_dir)
-    return {"dataset": manifest.get("dataset"), "data_folder": Path(data_dir).name, "split": manifest.get("split")}
+    # a text corpus records its rule and fractions at the top level
+    corpus_split = {k: manifest[k] for k in ("split_rule", "validation_fraction", "test_fraction") if k in manifest}
+    split = manifest.get("split", corpus_split or None)
+    return {"dataset": manifest.get("dataset"), "data_folder": Path(data_dir).name, "split": split}
 
 
 @dataclass(frozen=True)

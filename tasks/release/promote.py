@@ -126,7 +126,9 @@ def _champion_manifest(name: str, version: str) -> dict | None:
 def folder_conflict(name: str, folder: Path) -> str | None:
     """Why registered model `name` may not replace the bundle in `folder`: it is another model's."""
     manifest = Path(folder) / "manifest.json"
-    other = (json.loads(manifest.read_text()).get("registered_model") or {}).get("name") if manifest.is_file() else None
+    shipped = json.loads(manifest.read_text()) if manifest.is_file() else {}
+    # LM bundles shipped before they named their registered model carry only its `model_name`
+    other = (shipped.get("registered_model") or {}).get("name") or shipped.get("model_name")
     if other and other != name:
         return (
             f"{folder} serves the champion of {other!r}, not {name!r}: give this model a champion bundle "
