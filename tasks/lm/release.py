@@ -8,7 +8,6 @@ the shortest prompt; time to first token per prompt length and peak memory sit b
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 from dataclasses import replace
@@ -32,7 +31,7 @@ from tasks.release.promote import (
     PromoteConfig,
     _alias_version,
     act_on_decision,
-    check_champion,
+    check_shipped_against_champion,
 )
 from tasks.release.register import RegisterConfig, RegisteredModel
 from tasks.release.ship import staged, write_manifest
@@ -232,7 +231,7 @@ def promote_lm(
 ) -> Decision:
     """Challenger vs champion on the same test text, decode timed side by side; refused (nothing replaced) when
     the champion folder or the registered champion serves another model or task, as checked at the start."""
-    check_champion(registered.name, json.loads((Path(bundle_dir) / "manifest.json").read_text()), cfg)
+    check_shipped_against_champion(registered.name, bundle_dir, cfg)
     champion_version = _alias_version(registered.name, cfg.champion_alias)
     client = tracking.client()
     quality = speed = None

@@ -162,6 +162,11 @@ def check_champion(name: str, challenger: dict, cfg: PromoteConfig) -> None:
         )
 
 
+def check_shipped_against_champion(name: str, bundle_dir: Path, cfg: PromoteConfig) -> None:
+    """`check_champion` with the shipped challenger bundle's manifest, before anything is compared or replaced."""
+    check_champion(name, json.loads((Path(bundle_dir) / "manifest.json").read_text()), cfg)
+
+
 def check_champion_before_training(model_name: str, data_dir: Path, cfg: PromoteConfig) -> None:
     """`check_champion` on what the versioned data already says (classes, source, folder, split rule),
     so a run for another task stops before search and training, not after."""
@@ -216,8 +221,7 @@ def promote_model(
     evaluator: Evaluator,
     run_id: str,
 ) -> Decision:
-    challenger_manifest = json.loads((Path(bundle_dir) / "manifest.json").read_text())
-    check_champion(registered.name, challenger_manifest, cfg)
+    check_shipped_against_champion(registered.name, bundle_dir, cfg)
     champion_version = _alias_version(registered.name, cfg.champion_alias)
     evaluators = {"challenger": evaluator}
     with tempfile.TemporaryDirectory() as tmp:
