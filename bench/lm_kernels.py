@@ -22,9 +22,7 @@ free). When a new ORT release brings float zero points near 1.00, `minmax` shoul
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 from tasks.lm.grid import BLOCK, kquant_pass, minmax_pass  # noqa: E402
 from tasks.lm.quantize import LMRecipe, _quantize_pass  # noqa: E402
+from tasks.onnx.runtime import make_session, measure_speeds  # noqa: E402
 
 HIDDEN, QKV, INTER = 576, 960, 1536
 
@@ -75,9 +74,7 @@ def fp32_stack(layers: int, seed: int = 0) -> onnx.ModelProto:
 
 
 def variants(layers: int) -> dict[str, onnx.ModelProto]:
-    names = {n.name for n in fp32_stack(1).graph.node if n.op_type == "MatMul"}
     include = {n.name for n in fp32_stack(layers).graph.node if n.op_type == "MatMul"}
-    assert len(include) == 5 * layers and len(names) == 5
     rtn = LMRecipe(accuracy_level=4)
     return {
         "symmetric": _quantize_pass(fp32_stack(layers), rtn, 4, include, "rtn"),
@@ -88,21 +85,7 @@ def variants(layers: int) -> dict[str, onnx.ModelProto]:
 
 
 def session(model: onnx.ModelProto, threads: int) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-
-
-def time_once(sess: ort.InferenceSession, x: np.ndarray, seconds: float = 0.5) -> float:
-    """Median seconds per run over about `seconds` of back-to-back runs."""
-    sess.run(None, {"x": x})
-    times: list[float] = []
-    start = time.perf_counter()
-    while time.perf_counter() - start < seconds or len(times) < 10:
-        t = time.perf_counter()
-        sess.run(None, {"x": x})
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return make_session(model.SerializeToString(), intra_op_threads=threads)
 
 
 def fused_cpu_kernels() -> dict[str, bool]:
@@ -156,13 +139,9 @@ def main() -> None:
     print(f"onnxruntime {ort.__version__}; {args.layers} layers of SmolLM2's projections, batch 1", flush=True)
     sessions = {name: session(model, args.threads) for name, model in variants(args.layers).items()}
     x = np.random.default_rng(1).standard_normal((1, HIDDEN)).astype(np.float32)
-    times: dict[str, list[float]] = {name: [] for name in sessions}
-    for r in range(args.rounds):
-        for name, sess in sessions.items():
-            time.sleep(0.05)  # the previous session's threads stop spin-waiting (see the timing method)
-            times[name].append(time_once(sess, x) / args.layers * 1e6)
-        print(f"round {r + 1}: " + ", ".join(f"{n} {v[-1]:.0f}" for n, v in times.items()), flush=True)
-    median = {name: statistics.median(v) for name, v in times.items()}
+    print(f"timing {len(sessions)} variants in {args.rounds} interleaved rounds ...", flush=True)
+    timings = measure_speeds(sessions, x, 3, 20 * args.rounds, 1, args.rounds, rounds=args.rounds)
+    median = {name: t.latency_p50_ms * 1000 / args.layers for name, t in timings.items()}
     base = median["symmetric"]
     print("\n| kernel path | us per decoder layer (5 projections) | vs symmetric |\n|---|---|---|")
     for name, us in median.items():

@@ -45,6 +45,15 @@ TINY = {
 }
 
 
+def genai_fp32(hf: Path, out: Path) -> Path:
+    """`hf`'s FP32 generation folder (context 64), as the flow exports it before anything is quantized."""
+    from tasks.lm.export import build_genai, finish_folder
+
+    build_genai(hf, out)
+    finish_folder(hf, out, 64)
+    return out
+
+
 def write_corpus(folder, n=60):
     folder.mkdir(parents=True, exist_ok=True)
     for key in sorted(topics)[:n]:
@@ -303,12 +312,10 @@ def test_minmax_int4_is_exact_on_a_q4_1_grid(tmp_path):
     GGUF's dequantized weights are, come back through minmax INT4 (the fast symmetric kernel, the per-block
     offsets in rows read through the input's appended block sums) to float error; symmetric RTN cannot
     represent them."""
-    from tasks.lm.export import build_genai, finish_folder
     from tasks.lm.quantize import quantize_lm
 
     hf = snap_to_q4_1(make_tiny_llama(tmp_path / "hf"))
-    fp32 = build_genai(hf, tmp_path / "fp32")
-    finish_folder(hf, fp32, 64)
+    fp32 = genai_fp32(hf, tmp_path / "fp32")
     ids = np.arange(5, 45, dtype=np.int64)
     reference = window_logits(make_lm_session(fp32, 1), ids)
     diffs = {}
@@ -337,14 +344,12 @@ def test_lm_search_measures_each_model_once(project, tmp_path):
     writes one model however a trial is drawn. The first trial measures it; the others reuse its scores (no
     second timing) and the search returns one candidate, not three copies of it."""
     from tasks.lm.evaluate import LMEval
-    from tasks.lm.export import build_genai, finish_folder
     from tasks.lm.release import LMValidateConfig
     from tasks.lm.search import LMSearchConfig, search_lm
 
     corpus = write_corpus(tmp_path / "corpus")
     describe_corpus(CorpusConfig(window=64, model=project / "model"), corpus)
-    fp32 = build_genai(project / "model", tmp_path / "fp32")
-    finish_folder(project / "model", fp32, 64)
+    fp32 = genai_fp32(project / "model", tmp_path / "fp32")
     space = LMSearchConfig(
         n_trials=3,
         bits=[4],
@@ -369,12 +374,10 @@ def test_lm_search_measures_each_model_once(project, tmp_path):
 def test_minmax_takes_rtn_where_a_matmul_has_no_whole_blocks(tmp_path):
     """An MLP 144 wide: the down projections' 144 inputs are not whole blocks of 32, so they take symmetric RTN
     while every other projection keeps minmax (the default candidate must finish on any model)."""
-    from tasks.lm.export import build_genai, finish_folder
     from tasks.lm.quantize import quantize_lm
 
     hf = make_tiny_llama(tmp_path / "hf", intermediate_size=144)
-    fp32 = build_genai(hf, tmp_path / "fp32")
-    finish_folder(hf, fp32, 64)
+    fp32 = genai_fp32(hf, tmp_path / "fp32")
     folder = quantize_lm(fp32, LMRecipe(algorithm="minmax", accuracy_level=4), tmp_path / "minmax", sensitive=[])
     graph = onnx.load(str(folder / "model.onnx"), load_external_data=False).graph
     reads = {n.name: n.input for n in graph.node if n.op_type == "MatMulNBits" and "/layers." in n.name}
@@ -394,7 +397,6 @@ def test_k_quant_blocks_pack_for_every_block_count(tmp_path):
     from onnx import numpy_helper
     from onnxruntime.quantization.neural_compressor.weight_only import quant_tensor_k_quant_cpu
 
-    from tasks.lm.export import build_genai, finish_folder
     from tasks.lm.grid import kquant_pass
     from tasks.lm.quantize import LM_HEAD, quantize_lm
 
@@ -412,8 +414,7 @@ def test_k_quant_blocks_pack_for_every_block_count(tmp_path):
     # tied: the embedding is gathered from the head's blocks (the reference's: its table); 96: 3 blocks of 32
     for tied, width in ((False, 128), (True, 128), (False, 96)):
         hf = make_tiny_llama(tmp_path / f"hf-{tied}-{width}", tied=tied, intermediate_size=width)
-        bases[tied, width] = build_genai(hf, tmp_path / f"fp32-{tied}-{width}")
-        finish_folder(hf, bases[tied, width], 64)
+        bases[tied, width] = genai_fp32(hf, tmp_path / f"fp32-{tied}-{width}")
     for bits, block, tied, width in (
         (4, 32, False, 128),
         (4, 64, False, 128),
@@ -455,12 +456,10 @@ def test_a_tied_embedding_is_gathered_from_the_quantized_lm_head(tmp_path):
     gather does not take) and an FP32 head keep the FP32 table, and each model loads."""
     from onnx import helper, numpy_helper
 
-    from tasks.lm.export import build_genai, finish_folder
     from tasks.lm.quantize import quantize_lm
 
     hf = make_tiny_llama(tmp_path / "hf", tied=True)
-    fp32 = build_genai(hf, tmp_path / "base")
-    finish_folder(hf, fp32, 64)
+    fp32 = genai_fp32(hf, tmp_path / "base")
     ids = np.arange(5, 45, dtype=np.int64)
     sizes = {}
     for name, recipe in {
